@@ -1,5 +1,793 @@
-"""FLUX.1 in one file: transformer, autoencoder, text conditioning and weight loading."""
+"""FLUX.1 in one file: the transformer, the autoencoder, text conditioning and weight loading.
+
+Read top to bottom: configs, the transformer's pieces (embeddings, RoPE, attention, double and single blocks),
+the transformer, the autoencoder, text conditioning, then loading and saving weights in the two released layouts
+(diffusers folders and BFL single files). Module names follow black-forest-labs/flux; diffusers' key names are
+mapped on load and on save by one table (`transformer_links`), so both directions share a single definition.
+
+Shapes: B batch, L image tokens, T text tokens, H heads, D head width, h hidden width.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class InputError(Exception):
     """Bad user input (a missing file, a wrong key or shape, a bad flag): srpo.py prints it on one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class FluxConfig:
+    in_channels: int = 64  # 16 latent channels packed 2x2
+    vec_in_dim: int = 768  # CLIP-L pooled
+    context_in_dim: int = 4096  # T5-XXL
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple = (16, 56, 56)
+    theta: int = 10000
+    guidance_embed: bool = True
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def preset(cls, name):
+        return {"flux-dev": cls(), "tiny": cls(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2,
+                                               depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14))}[name]
+
+
+@dataclass
+class AutoEncoderConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    groups: int = 32
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @classmethod
+    def preset(cls, name):
+        return {"flux-dev": cls(), "tiny": cls(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=8)}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer pieces
+
+
+def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
+    """Sinusoidal embedding of t in [0, 1]: [cos(1000 t w_i), sin(1000 t w_i)], w_i = max_period^(-i/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (time_factor * t)[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+def rope_freqs(ids, axes_dim, theta):
+    """RoPE angles for position ids (N, n_axes): axis i rotates pair j by pos_i * theta^(-2j/d_i).
+
+    Returns (cos, sin), each (N, D/2) float32, the axes' frequencies concatenated (FLUX: 8 + 28 + 28 = 64 pairs).
+    """
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
+        angles.append(ids[:, i].double()[:, None] * omega[None])
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def norm_rope_reference(x, scale, cos, sin, eps=1e-6):
+    """QK RMSNorm then RoPE, in fp32: y = x / sqrt(mean(x^2) + eps) * scale, then each interleaved pair
+    (y[2j], y[2j+1]) rotated by its angle: (cos y0 - sin y1, sin y0 + cos y1). x: (B, H, N, D)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale.float()
+    y0, y1 = y.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([cos * y0 - sin * y1, sin * y0 + cos * y1], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def norm_rope(x, scale, cos, sin, backend):
+    if backend == "triton":
+        from kernels.rope import norm_rope as fused
+
+        return fused(x, scale, cos, sin)
+    return norm_rope_reference(x, scale, cos, sin)
+
+
+def attention(q, k, v, backend):
+    """softmax(q k^T / sqrt(D)) v over the joint [txt, img] sequence, no mask. (B, H, N, D) -> (B, N, H*D)."""
+    if backend == "triton":
+        from kernels.attention import attention as flash
+
+        out = flash(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def split_heads(qkv, num_heads):
+    """(B, N, 3*H*D) laid out (3, H, D) -> q, k, v each (B, H, N, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class Modulation(nn.Module):
+    """adaLN: Linear(silu(vec)) chunked into n (shift, scale, gate) groups of width h."""
+
+    def __init__(self, dim, n):
+        super().__init__()
+        self.lin = nn.Linear(dim, n * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.lin.out_features // self.lin.in_features, dim=-1)
+
+
+def layer_norm(x):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x, shift, scale):
+    return (1 + scale) * layer_norm(x) + shift
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.query_norm = nn.ParameterDict({"scale": nn.Parameter(torch.ones(dim))})
+        self.key_norm = nn.ParameterDict({"scale": nn.Parameter(torch.ones(dim))})
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+
+def mlp(dim, hidden):
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, joined only inside attention ([txt, img] order)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h, self.num_heads, self.backend = cfg.hidden_size, cfg.num_heads, "sdpa"
+        self.img_mod, self.txt_mod = Modulation(h, 6), Modulation(h, 6)
+        self.img_attn, self.txt_attn = SelfAttention(h, cfg.num_heads), SelfAttention(h, cfg.num_heads)
+        self.img_mlp, self.txt_mlp = mlp(h, cfg.mlp_hidden), mlp(h, cfg.mlp_hidden)
+
+    def qkv(self, attn, x, cos, sin):
+        q, k, v = split_heads(attn.qkv(x), self.num_heads)
+        norm = attn.norm
+        q = norm_rope(q, norm.query_norm.scale, cos, sin, self.backend)
+        k = norm_rope(k, norm.key_norm.scale, cos, sin, self.backend)
+        return q, k, v
+
+    def forward(self, img, txt, vec, pe):
+        cos, sin = pe
+        T = txt.shape[1]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        tq, tk, tv = self.qkv(self.txt_attn, modulate(txt, t_shift1, t_scale1), cos[:T], sin[:T])
+        iq, ik, iv = self.qkv(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
+        out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
+        txt_out, img_out = out[:, :T], out[:, T:]
+        img = img + i_gate1 * self.img_attn.proj(img_out)
+        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
+        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [txt, img]: attention and MLP in parallel from one fused input projection (linear1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h, self.num_heads, self.backend = cfg.hidden_size, cfg.num_heads, "sdpa"
+        self.modulation = Modulation(h, 3)
+        self.linear1 = nn.Linear(h, 3 * h + cfg.mlp_hidden)
+        self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)
+        self.norm = QKNorm(cfg.head_dim)
+
+    def forward(self, x, vec, pe):
+        shift, scale, gate = self.modulation(vec)
+        h = x.shape[-1]
+        qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * h, self.linear1.out_features - 3 * h], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q = norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
+        k = norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
+        out = self.linear2(torch.cat([attention(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    def __init__(self, h, out_channels):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+        self.linear = nn.Linear(h, out_channels)
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
+class Flux(nn.Module):
+    """The FLUX.1 transformer on packed latents. Predicts the flow velocity v ~ eps - x0 at noise level sigma."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        if sum(cfg.axes_dim) != cfg.head_dim:
+            raise InputError(f"axes_dim {cfg.axes_dim} must sum to the head width {cfg.head_dim}")
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, h)
+        self.time_in = MLPEmbedder(256, h)
+        self.vector_in = MLPEmbedder(cfg.vec_in_dim, h)
+        self.guidance_in = MLPEmbedder(256, h) if cfg.guidance_embed else None
+        self.txt_in = nn.Linear(cfg.context_in_dim, h)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
+        self.final_layer = LastLayer(h, cfg.in_channels)
+
+    def set_attention_backend(self, backend):
+        """'sdpa' (torch) or 'triton' (kernels/: fused QK-norm + RoPE and flash attention)."""
+        if backend not in ("sdpa", "triton"):
+            raise InputError(f"unknown attention backend {backend!r}: expected 'sdpa' or 'triton'")
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.backend = backend
+
+    def forward(self, img, img_ids, txt, txt_ids, y, timesteps, guidance=None):
+        """img (B, L, in), txt (B, T, ctx), ids (L, 3) / (T, 3), y pooled (B, vec), timesteps sigma (B,)."""
+        vec = self.time_in(timestep_embedding(timesteps).to(img.dtype))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        pe = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dim, self.cfg.theta)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat([txt, img], 1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+def pack(z):
+    """(B, C, 2h, 2w) latents -> (B, h*w, C*4) tokens; within a token the index is c*4 + ph*2 + pw."""
+    B, C, H, W = z.shape
+    return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack(x, height, width):
+    """Inverse of pack for an image of height x width pixels (16 pixels per token side)."""
+    B, _, D = x.shape
+    h, w = height // 16, width // 16
+    return x.view(B, h, w, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, 2 * h, 2 * w)
+
+
+def image_ids(height, width, device=None):
+    """Position id [0, row, col] of each packed token of a height x width image, row-major: (h*w, 3)."""
+    h, w = height // 16, width // 16
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autoencoder (16 latent channels, 8x downsampling)
+
+
+def group_norm(channels, groups):
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest resolution."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = group_norm(c, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as the released weights were trained
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def mid_block(c, groups):
+    return nn.ModuleDict({"block_1": ResnetBlock(c, c, groups), "attn_1": AttnBlock(c, groups),
+                          "block_2": ResnetBlock(c, c, groups)})
+
+
+def run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoEncoderConfig):
+        super().__init__()
+        chans = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, c in enumerate(chans):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, cfg.groups)
+                                        for j in range(cfg.num_res_blocks))
+            if i < len(chans) - 1:
+                level.downsample = Downsample(c)
+            self.down.append(level)
+            cin = c
+        self.mid = mid_block(cin, cfg.groups)
+        self.norm_out = group_norm(cin, cfg.groups)
+        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoEncoderConfig):
+        super().__init__()
+        chans = [cfg.ch * m for m in cfg.ch_mult]
+        cin = chans[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = mid_block(cin, cfg.groups)
+        levels = []
+        for i in reversed(range(len(chans))):  # up[i] works at the resolution of down[i]
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else chans[i], chans[i], cfg.groups)
+                                        for j in range(cfg.num_res_blocks + 1))
+            if i > 0:
+                level.upsample = Upsample(chans[i])
+            levels.insert(0, level)
+            cin = chans[i]
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(cin, cfg.groups)
+        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """Pixels in [-1, 1] <-> latents normalised as z = scale * (mean - shift)."""
+
+    def __init__(self, cfg: AutoEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def encode(self, x):
+        """The posterior mean, normalised: deterministic, which is what reward fine-tuning needs."""
+        mean = self.encoder(x)[:, : self.cfg.z_channels]
+        return self.cfg.scale_factor * (mean - self.cfg.shift_factor)
+
+    def decode(self, z):
+        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text conditioning: T5 token embeddings (txt) and the CLIP-L pooled embedding (y), as FluxPipeline computes them
+
+
+class ByteTokenizer:
+    """Offline stand-in tokenizer for the tiny built-in models: UTF-8 bytes + 2, end token 1, padding 0."""
+
+    vocab_size = 258
+
+    def __call__(self, prompts, max_length, **_):
+        rows = [list(p.encode("utf-8")[: max_length - 1]) for p in prompts]
+        ids = [[b + 2 for b in r] + [1] + [0] * (max_length - 1 - len(r)) for r in rows]
+        return {"input_ids": torch.tensor(ids)}
+
+
+class TextConditioner(nn.Module):
+    def __init__(self, t5, t5_tokenizer, clip, clip_tokenizer, max_length=512):
+        super().__init__()
+        self.t5, self.clip = t5.eval().requires_grad_(False), clip.eval().requires_grad_(False)
+        self.t5_tokenizer, self.clip_tokenizer, self.max_length = t5_tokenizer, clip_tokenizer, max_length
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        """prompts -> (txt (B, max_length, ctx) from T5, y (B, vec) CLIP pooled), both padded to max length."""
+        def ids(tokenizer, n):
+            out = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+            return out["input_ids"].to(self.t5.device)
+
+        txt = self.t5(ids(self.t5_tokenizer, self.max_length), output_hidden_states=False)[0]
+        y = self.clip(ids(self.clip_tokenizer, 77), output_hidden_states=False).pooler_output
+        return txt, y
+
+    @classmethod
+    def from_folder(cls, flux_dir, dtype=torch.bfloat16, device="cpu", max_length=512):
+        """Read text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ of a diffusers FLUX folder."""
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        check_folder(flux_dir, "a diffusers FLUX.1 folder")
+        parts = {}
+        for name, kind in [("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer),
+                           ("text_encoder_2", T5EncoderModel), ("tokenizer_2", T5TokenizerFast)]:
+            sub = os.path.join(flux_dir, name)
+            if not os.path.isdir(sub):
+                raise InputError(f"{flux_dir}: no {name}/ folder (expected the diffusers FLUX.1 layout)")
+            extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
+            try:
+                parts[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
+            except (OSError, ValueError) as e:
+                raise InputError(f"{sub}: cannot load {kind.__name__}: {str(e).splitlines()[0]}") from None
+        return cls(parts["text_encoder_2"].to(device), parts["tokenizer_2"], parts["text_encoder"].to(device),
+                   parts["tokenizer"], max_length)
+
+    @classmethod
+    def tiny(cls, context_dim=32, pooled_dim=32, max_length=32, seed=0):
+        """Random tiny T5 and CLIP text models with byte tokenizers: the offline demo and the tests."""
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        torch.manual_seed(seed)
+        v = ByteTokenizer.vocab_size
+        t5 = T5EncoderModel(T5Config(vocab_size=v, d_model=context_dim, d_kv=8, d_ff=2 * context_dim, num_layers=2,
+                                     num_heads=4, pad_token_id=0, eos_token_id=1))
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=v, hidden_size=pooled_dim, intermediate_size=2 * pooled_dim,
+                                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=1))
+        return cls(t5, ByteTokenizer(), clip, ByteTokenizer(), max_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: one table of links per model maps our (BFL) names to diffusers names; loading reads the links one way,
+# saving writes them the other way. A link says: rows ours_rows of our tensor are rows theirs_rows of theirs.
+
+
+@dataclass(frozen=True)
+class Link:
+    ours: str
+    theirs: str
+    ours_rows: tuple = None
+    theirs_rows: tuple = None
+    conv1x1: bool = False  # ours is a (C, C, 1, 1) conv weight, theirs the (C, C) linear weight
+
+
+def transformer_links(cfg: FluxConfig):
+    """BFL <-> diffusers names of every transformer tensor; split sizes from cfg (q, k, v are h rows each)."""
+    h, links = cfg.hidden_size, []
+
+    def same(ours, theirs, params=("weight", "bias")):
+        links.extend(Link(f"{ours}.{p}", f"{theirs}.{p}") for p in params)
+
+    def split(ours, parts):  # rows of ours, in order, are the parts (name, rows)
+        for p in ("weight", "bias"):
+            start = 0
+            for theirs, n in parts:
+                links.append(Link(f"{ours}.{p}", f"{theirs}.{p}", (start, start + n)))
+                start += n
+
+    tte = "time_text_embed"
+    for ours, theirs in [("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                         ("guidance_in", "guidance_embedder")][: 3 if cfg.guidance_embed else 2]:
+        same(f"{ours}.in_layer", f"{tte}.{theirs}.linear_1")
+        same(f"{ours}.out_layer", f"{tte}.{theirs}.linear_2")
+    same("txt_in", "context_embedder")
+    same("img_in", "x_embedder")
+    for i in range(cfg.depth):
+        o, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        same(f"{o}.img_mod.lin", f"{t}.norm1.linear")
+        same(f"{o}.txt_mod.lin", f"{t}.norm1_context.linear")
+        split(f"{o}.img_attn.qkv", [(f"{t}.attn.to_{x}", h) for x in "qkv"])
+        split(f"{o}.txt_attn.qkv", [(f"{t}.attn.add_{x}_proj", h) for x in "qkv"])
+        for stream, sfx in [("img", ""), ("txt", "added_")]:
+            for qk in ("query", "key"):
+                links.append(Link(f"{o}.{stream}_attn.norm.{qk}_norm.scale", f"{t}.attn.norm_{sfx}{qk[0]}.weight"))
+        same(f"{o}.img_attn.proj", f"{t}.attn.to_out.0")
+        same(f"{o}.txt_attn.proj", f"{t}.attn.to_add_out")
+        for stream, ff in [("img", "ff"), ("txt", "ff_context")]:
+            same(f"{o}.{stream}_mlp.0", f"{t}.{ff}.net.0.proj")
+            same(f"{o}.{stream}_mlp.2", f"{t}.{ff}.net.2")
+    for i in range(cfg.depth_single_blocks):
+        o, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        same(f"{o}.modulation.lin", f"{t}.norm.linear")
+        split(f"{o}.linear1", [(f"{t}.attn.to_{x}", h) for x in "qkv"] + [(f"{t}.proj_mlp", cfg.mlp_hidden)])
+        same(f"{o}.linear2", f"{t}.proj_out")
+        for qk in ("query", "key"):
+            links.append(Link(f"{o}.norm.{qk}_norm.scale", f"{t}.attn.norm_{qk[0]}.weight"))
+    same("final_layer.linear", "proj_out")
+    for p in ("weight", "bias"):  # BFL's adaLN rows are (shift, scale); diffusers' are (scale, shift)
+        links.append(Link(f"final_layer.adaLN_modulation.1.{p}", f"norm_out.linear.{p}", (0, h), (h, 2 * h)))
+        links.append(Link(f"final_layer.adaLN_modulation.1.{p}", f"norm_out.linear.{p}", (h, 2 * h), (0, h)))
+    return links
+
+
+AE_RENAMES = [  # (ours, diffusers) substring rules, applied in order
+    ("nin_shortcut", "conv_shortcut"), (".block.", ".resnets."), ("downsample.", "downsamplers.0."),
+    ("upsample.", "upsamplers.0."), ("mid.block_1", "mid_block.resnets.0"), ("mid.block_2", "mid_block.resnets.1"),
+    ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"), ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0"),
+    ("mid.attn_1.", "mid_block.attentions.0.to_"), ("norm_out", "conv_norm_out"), ("encoder.down.", "encoder.down_blocks."),
+]
+
+
+def autoencoder_links(model: AutoEncoder):
+    """Our (BFL) autoencoder names <-> diffusers AutoencoderKL names; diffusers numbers decoder levels top-down."""
+    n = len(model.cfg.ch_mult)
+    links = []
+    for key in model.state_dict():
+        theirs = key
+        for a, b in AE_RENAMES:
+            theirs = theirs.replace(a, b)
+        if theirs.startswith("decoder.up."):
+            level, rest = theirs[len("decoder.up."):].split(".", 1)
+            theirs = f"decoder.up_blocks.{n - 1 - int(level)}.{rest}"
+        links.append(Link(key, theirs, conv1x1=".attentions.0.to_" in theirs and key.endswith("weight")))
+    return links
+
+
+def identity_links(model, prefix=""):
+    return [Link(k, prefix + k) for k in model.state_dict()]
+
+
+def to_theirs(state, links):
+    """Our state dict -> theirs (views where possible: rows of a contiguous tensor need no copy)."""
+    pieces = {}
+    for link in links:
+        t = state[link.ours]
+        t = t[slice(*link.ours_rows)] if link.ours_rows else t
+        pieces.setdefault(link.theirs, []).append((link.theirs_rows or (0, 0), t[..., 0, 0] if link.conv1x1 else t))
+    return {k: v[0][1] if len(v) == 1 else torch.cat([t for _, t in sorted(v, key=lambda p: p[0])])
+            for k, v in pieces.items()}
+
+
+def check_folder(path, what):
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: no such folder (expected {what})")
+
+
+def open_safetensors(path):
+    """A lazy handle on a .safetensors file; bad files become one-line errors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_sources(paths):
+    """{key: handle} over one or more safetensors shards, opened lazily (memory-mapped, nothing read yet)."""
+    sources = {}
+    for path in paths:
+        f = open_safetensors(path)
+        sources.update({k: (f, path) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
+    return sources
+
+
+def shape_of(handle, key):
+    return tuple(handle.get_slice(key).get_shape())
+
+
+def load_into(model_fn, links, sources, where, dtype, device):
+    """Build model_fn() on the meta device, then fill each parameter straight from the mapped files, cast on the
+    way, so memory holds one copy of the weights. Checks keys and shapes before reading any data."""
+    with torch.device("meta"):
+        model = model_fn()
+    expected = {k: tuple(v.shape) for k, v in to_theirs(model.state_dict(), links).items()}
+    missing = sorted(set(expected) - set(sources))
+    unexpected = sorted(set(sources) - set(expected))
+    if missing or unexpected:
+        msg = [f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}" if missing else "",
+               f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}" if unexpected else ""]
+        raise InputError(f"{where}: " + "; ".join(m for m in msg if m))
+    for key, shape in expected.items():
+        got = shape_of(sources[key][0], key)
+        if got != shape:
+            raise InputError(f"{where}: {key} has shape {list(got)} but the config expects {list(shape)} "
+                             f"(in {sources[key][1]})")
+    state = {k: torch.empty(v.shape, dtype=dtype, device=device) for k, v in model.state_dict().items()}
+    for link in links:
+        src = sources[link.theirs][0].get_slice(link.theirs)
+        src = src[slice(*link.theirs_rows)] if link.theirs_rows else src[:]
+        dst = state[link.ours][slice(*link.ours_rows)] if link.ours_rows else state[link.ours]
+        dst.copy_(src[..., None, None] if link.conv1x1 else src)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def weight_files(folder):
+    """The safetensors shard paths of a diffusers model folder (sharded with an index, or one file)."""
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise InputError(f"{index}: empty weight_map")
+        return [os.path.join(folder, s) for s in shards]
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(single):
+        raise InputError(f"{folder}: no diffusion_pytorch_model.safetensors (or its .index.json)")
+    return [single]
+
+
+def flux_config_from_diffusers(d, where):
+    try:
+        return FluxConfig(in_channels=d["in_channels"], vec_in_dim=d["pooled_projection_dim"],
+                          context_in_dim=d["joint_attention_dim"],
+                          hidden_size=d["num_attention_heads"] * d["attention_head_dim"],
+                          num_heads=d["num_attention_heads"], depth=d["num_layers"],
+                          depth_single_blocks=d["num_single_layers"], axes_dim=tuple(d["axes_dims_rope"]),
+                          guidance_embed=d["guidance_embeds"])
+    except KeyError as e:
+        raise InputError(f"{where}: missing config entry {e}") from None
+
+
+def flux_config_to_diffusers(cfg: FluxConfig):
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
+            "out_channels": None, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
+            "attention_head_dim": cfg.head_dim, "num_attention_heads": cfg.num_heads,
+            "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
+            "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim)}
+
+
+BFL_PREFIX = "model.diffusion_model."
+
+
+def file_links(sources, cfg, model_fn, where):
+    """Links for a single file, its layout told by its keys: diffusers names or BFL names (maybe prefixed)."""
+    keys = set(sources)
+    if "x_embedder.weight" in keys:
+        return transformer_links(cfg)
+    prefix = BFL_PREFIX if all(k.startswith(BFL_PREFIX) for k in keys) else ""
+    if prefix + "img_in.weight" in keys:
+        with torch.device("meta"):
+            return identity_links(model_fn(), prefix)
+    raise InputError(f"{where}: not a FLUX transformer (no x_embedder.weight or img_in.weight; "
+                     f"keys look like {', '.join(sorted(keys)[:3])})")
+
+
+def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """A FLUX transformer from a diffusers `transformer/` folder, or from one .safetensors file with diffusers or
+    BFL keys (`flux1-dev.safetensors`, the SRPO release). cfg defaults to the folder's config.json, else flux-dev."""
+    if os.path.isdir(path):
+        cfg = cfg or flux_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        files = weight_files(path)
+    elif os.path.exists(path):
+        cfg, files = cfg or FluxConfig(), [path]
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    sources = read_sources(files)
+    links = file_links(sources, cfg, lambda: Flux(cfg), path)
+    return load_into(lambda: Flux(cfg), links, sources, path, dtype, device)
+
+
+def save_transformer(model: Flux, folder):
+    """Write folder/diffusion_pytorch_model.safetensors in diffusers keys (loads strictly into diffusers'
+    FluxTransformer2DModel) and folder/config.json, each atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in to_theirs(model.state_dict(), transformer_links(model.cfg)).items()}
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    save_file(state, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    write_json(os.path.join(folder, "config.json"), flux_config_to_diffusers(model.cfg))
+    return path
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def ae_config_from_diffusers(d, where):
+    try:
+        chans = d["block_out_channels"]
+        if d.get("use_quant_conv", True) or d.get("use_post_quant_conv", True):
+            raise InputError(f"{where}: a FLUX autoencoder has no quant convs (use_quant_conv must be false)")
+        return AutoEncoderConfig(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+                                 num_res_blocks=d["layers_per_block"], z_channels=d["latent_channels"],
+                                 groups=d["norm_num_groups"], scale_factor=d["scaling_factor"],
+                                 shift_factor=d["shift_factor"])
+    except KeyError as e:
+        raise InputError(f"{where}: missing config entry {e}") from None
+
+
+def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """The FLUX autoencoder from a diffusers `vae/` folder or BFL's `ae.safetensors` (cfg: flux-dev by default)."""
+    if os.path.isdir(path):
+        cfg = cfg or ae_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        sources = read_sources(weight_files(path))
+        with torch.device("meta"):
+            links = autoencoder_links(AutoEncoder(cfg))
+    else:
+        cfg = cfg or AutoEncoderConfig()
+        sources = read_sources([path])
+        with torch.device("meta"):
+            links = identity_links(AutoEncoder(cfg))
+    return load_into(lambda: AutoEncoder(cfg), links, sources, path, dtype, device)
