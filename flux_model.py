@@ -481,6 +481,9 @@ class TextConditioner(nn.Module):
     def from_folder(cls, flux_dir, dtype=torch.bfloat16, device="cpu", max_length=512):
         """Read text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ of a diffusers FLUX folder."""
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
 
         check_folder(flux_dir, "a diffusers FLUX.1 folder")
         parts = {}
@@ -578,8 +581,9 @@ def transformer_links(cfg: FluxConfig):
 AE_RENAMES = [  # (ours, diffusers) substring rules, applied in order
     ("nin_shortcut", "conv_shortcut"), (".block.", ".resnets."), ("downsample.", "downsamplers.0."),
     ("upsample.", "upsamplers.0."), ("mid.block_1", "mid_block.resnets.0"), ("mid.block_2", "mid_block.resnets.1"),
-    ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"), ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0"),
-    ("mid.attn_1.", "mid_block.attentions.0.to_"), ("norm_out", "conv_norm_out"), ("encoder.down.", "encoder.down_blocks."),
+    ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"),
+    ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0"), ("mid.attn_1.", "mid_block.attentions.0.to_"),
+    ("norm_out", "conv_norm_out"), ("encoder.down.", "encoder.down_blocks."),
 ]
 
 
@@ -635,7 +639,7 @@ def read_sources(paths):
     sources = {}
     for path in paths:
         f = open_safetensors(path)
-        sources.update({k: (f, path) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
+        sources.update(dict.fromkeys(f.keys(), (f, path)))  # noqa: SIM118 (safe_open is not iterable)
     return sources
 
 
@@ -660,6 +664,8 @@ def load_into(model_fn, links, sources, where, dtype, device):
         if got != shape:
             raise InputError(f"{where}: {key} has shape {list(got)} but the config expects {list(shape)} "
                              f"(in {sources[key][1]})")
+    if torch.device(device).type == "meta":  # a dry run: keys and shapes checked, no weights read
+        return model
     state = {k: torch.empty(v.shape, dtype=dtype, device=device) for k, v in model.state_dict().items()}
     for link in links:
         src = sources[link.theirs][0].get_slice(link.theirs)

@@ -124,6 +124,10 @@ def check_size(height, width):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Direct-Align with SRPO's relative reward (python srpo.py train)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Commands
 
 
@@ -138,6 +142,7 @@ def cmd_sample(args):
     dtype = parse_dtype(args.dtype, device)
     prompts = [args.prompt] * args.batch
     if args.flux:
+        load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
         text = fm.TextConditioner.from_folder(args.flux, dtype, device)
         txt, y = text(prompts)
         del text  # the text encoders (10 GB for T5-XXL) are not needed past this point

@@ -1,0 +1,411 @@
+"""flux_model.py and `srpo.py sample` against diffusers (the independent reference), on random tiny models.
+
+Tolerance: float32, relative error max|ours - theirs| / max|theirs| <= 1e-5.
+"""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import single_file_utils
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import flux_model as fm
+import srpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+
+CONFIGS = {  # (config, height, width, text tokens, batch)
+    "3heads-guidance": (fm.FluxConfig(vec_in_dim=24, context_in_dim=40, hidden_size=96, num_heads=3, depth=2,
+                                      depth_single_blocks=3, axes_dim=(8, 12, 12)), 48, 80, 7, 2),
+    "no-guidance": (fm.FluxConfig(vec_in_dim=16, context_in_dim=24, hidden_size=64, num_heads=2, depth=1,
+                                  depth_single_blocks=2, axes_dim=(4, 14, 14), guidance_embed=False), 32, 16, 5, 1),
+    "head16": (fm.FluxConfig(vec_in_dim=8, context_in_dim=8, hidden_size=64, num_heads=4, depth=1,
+                             depth_single_blocks=1, axes_dim=(4, 6, 6)), 80, 48, 3, 3),
+}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def randomize(module, std=0.05, seed=0):
+    """Every parameter random, so that a wrong mapping of any one of them shows up in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = "norm" in name and not name.endswith("bias") and p.ndim == 1  # norm scales stay near 1
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if scale else 0.0))
+    return module
+
+
+def diffusers_transformer(cfg, seed=0):
+    kwargs = {k: v for k, v in fm.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return randomize(FluxTransformer2DModel(**kwargs).eval(), seed=seed)
+
+
+def transformer_inputs(cfg, height, width, T, B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    L = (height // 16) * (width // 16)
+    return {"img": torch.randn(B, L, cfg.in_channels, generator=g), "img_ids": fm.image_ids(height, width),
+                "txt": torch.randn(B, T, cfg.context_in_dim, generator=g), "txt_ids": torch.zeros(T, 3),
+                "y": torch.randn(B, cfg.vec_in_dim, generator=g), "timesteps": torch.rand(B, generator=g),
+                "guidance": torch.full((B,), 3.5) if cfg.guidance_embed else None}
+
+
+@torch.no_grad()
+def run_diffusers(model, x):
+    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                 timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"]).sample
+
+
+@torch.no_grad()
+def run_ours(model, x):
+    return model(**x)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformer_from_diffusers_folder_matches_diffusers(name, tmp_path):
+    cfg, height, width, T, B = CONFIGS[name]
+    ref = diffusers_transformer(cfg)
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index, as the released folder is
+    assert os.path.isfile(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
+    ours = fm.load_transformer(str(tmp_path))
+    assert ours.cfg == cfg
+    x = transformer_inputs(cfg, height, width, T, B)
+    assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) <= TOL
+
+
+def diffusers_flux_converter(hidden_size):
+    """diffusers' own BFL -> diffusers converter. It hard-codes the single blocks' split at 3072 (FLUX.1's width);
+    the tiny models are narrower, so the test runs the same source with that one constant set to the tiny width."""
+    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in src
+    namespace = dict(vars(single_file_utils))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {hidden_size}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+@pytest.mark.parametrize("prefix", ["", fm.BFL_PREFIX])
+def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
+    cfg, height, width, T, B = CONFIGS["3heads-guidance"]
+    ref = diffusers_transformer(cfg, seed=3)
+    ref.save_pretrained(tmp_path / "diffusers")
+    ours = fm.load_transformer(str(tmp_path / "diffusers"))
+    bfl = {prefix + k: v.clone() for k, v in ours.state_dict().items()}  # our names are BFL's
+    assert len(bfl) == 20 + 24 * cfg.depth + 8 * cfg.depth_single_blocks  # as BFL: 780 keys at 19 + 38 blocks
+    converted = diffusers_flux_converter(cfg.hidden_size)({k: v.clone() for k, v in bfl.items()})
+    expected = ref.state_dict()
+    assert sorted(converted) == sorted(expected)
+    for k in expected:
+        assert torch.equal(converted[k], expected[k]), k
+    save_file(bfl, tmp_path / "flux1.safetensors")
+    loaded = fm.load_transformer(str(tmp_path / "flux1.safetensors"), cfg)
+    x = transformer_inputs(cfg, height, width, T, B)
+    assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL
+
+
+def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
+    cfg, height, width, T, B = CONFIGS["3heads-guidance"]
+    ours = randomize(fm.Flux(cfg), seed=5).eval()
+    path = fm.save_transformer(ours, str(tmp_path))
+    ref = FluxTransformer2DModel.from_pretrained(str(tmp_path)).eval()
+    ref.load_state_dict(load_file(path), strict=True)  # what the seed's snippet does with SRPO's file
+    x = transformer_inputs(cfg, height, width, T, B)
+    assert torch.equal(run_ours(ours, x), run_diffusers(ref, x))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_wrong_weights_are_caught(tmp_path):
+    """The parity tests can fail: one swapped row block (q and k of one block) changes the output."""
+    cfg, height, width, T, B = CONFIGS["3heads-guidance"]
+    ref = diffusers_transformer(cfg)
+    ref.save_pretrained(tmp_path)
+    ours = fm.load_transformer(str(tmp_path))
+    with torch.no_grad():
+        qkv = ours.double_blocks[1].img_attn.qkv.weight
+        qkv[: cfg.hidden_size], qkv[cfg.hidden_size: 2 * cfg.hidden_size] = (
+            qkv[cfg.hidden_size: 2 * cfg.hidden_size].clone(), qkv[: cfg.hidden_size].clone())
+    x = transformer_inputs(cfg, height, width, T, B)
+    assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) > 1e-3
+
+
+AE_CONFIGS = [fm.AutoEncoderConfig.preset("tiny"),
+              fm.AutoEncoderConfig(ch=8, ch_mult=(1, 2, 3, 3), num_res_blocks=2, groups=4)]
+
+
+def diffusers_vae(cfg, seed=0):
+    n = len(cfg.ch_mult)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+                        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
+                        norm_num_groups=cfg.groups, scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    return randomize(vae, std=0.1, seed=seed).eval()
+
+
+@pytest.mark.parametrize("cfg", AE_CONFIGS, ids=["tiny", "wide-mult"])
+@torch.no_grad()
+def test_autoencoder_matches_diffusers(cfg, tmp_path):
+    vae = diffusers_vae(cfg)
+    vae.save_pretrained(tmp_path)
+    ae = fm.load_autoencoder(str(tmp_path))
+    assert ae.cfg == cfg
+    x = torch.rand(2, 3, 48, 80) * 2 - 1
+    z = ae.encode(x)
+    z_ref = (vae.encode(x).latent_dist.mode() - cfg.shift_factor) * cfg.scale_factor
+    assert rel_err(z, z_ref) <= TOL
+    assert rel_err(ae.decode(z), vae.decode(z / cfg.scale_factor + cfg.shift_factor).sample) <= TOL
+    # BFL's ae.safetensors layout, checked through diffusers' own LDM-VAE converter
+    converted = single_file_utils.convert_ldm_vae_checkpoint(dict(ae.state_dict()), dict(vae.config))
+    expected = vae.state_dict()
+    assert sorted(converted) == sorted(expected)
+    assert all(torch.equal(converted[k].reshape(expected[k].shape), expected[k]) for k in expected)
+    save_file(dict(ae.state_dict()), tmp_path / "ae.safetensors")
+    assert torch.equal(fm.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+@pytest.mark.parametrize("size", [(64, 64), (512, 768), (1024, 1024), (1360, 768)])
+def test_schedule_matches_diffusers(steps, size):
+    seq_len = (size[0] // 16) * (size[1] // 16)
+    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                            max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len))
+    ours = srpo.flux_schedule(steps, seq_len)
+    assert ours.dtype == torch.float32 and ours.shape == sched.sigmas.shape
+    assert rel_err(ours, sched.sigmas) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: a tiny diffusers FLUX folder written by FluxPipeline.save_pretrained, sampled by both
+
+
+def clip_tokenizer(folder):
+    """A CLIP BPE tokenizer with the byte-level alphabet and no merges: real BPE code, made offline."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2's printable stand-ins for the 256 bytes, in byte order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b if b in printable else next(extra)) for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513, "ca": 514, "cat</w>": 515}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+
+
+def t5_tokenizer(folder):
+    """A T5 (unigram) tokenizer trained offline with sentencepiece on the PartiPrompts."""
+    import csv
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    with open(os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")) as f:
+        rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
+    prefix = os.path.join(folder, "spm")
+    os.makedirs(folder, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=prefix, vocab_size=300, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    tok = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                                   unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("flux")
+    cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
+                        depth_single_blocks=2, axes_dim=(4, 14, 14))
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
+                                        eos_token_id=513, pad_token_id=513)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                            max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    pipe = FluxPipeline(scheduler=sched, vae=diffusers_vae(fm.AutoEncoderConfig.preset("tiny")), text_encoder=clip,
+                        tokenizer=clip_tokenizer(str(root / "clip_tok")), text_encoder_2=t5,
+                        tokenizer_2=t5_tokenizer(str(root / "t5_tok")), transformer=diffusers_transformer(cfg))
+    pipe.save_pretrained(root / "flux")
+    return str(root / "flux")
+
+
+def pipeline_image(folder, prompt, height, width, steps, seed, batch=1, transformer_file=None):
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    if transformer_file:  # the seed's snippet: SRPO weights into a stock pipeline, strictly
+        pipe.transformer.load_state_dict(load_file(transformer_file), strict=True)
+    out = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=3.5,
+               generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch, output_type="np")
+    return out.images  # (B, H, W, 3) float in [0, 1]
+
+
+def read_png(path):
+    return np.asarray(Image.open(path)).astype(np.int32)
+
+
+def to_uint8(images):
+    """diffusers' numpy_to_pil rounding of [0, 1] floats."""
+    return (images * 255).round().astype(np.int32)
+
+
+@pytest.mark.parametrize("height,width,batch", [(64, 96, 1), (48, 32, 2)])
+def test_sample_gives_the_same_image_as_flux_pipeline(flux_folder, tmp_path, height, width, batch):
+    prompt, steps, seed = "a red cat, on a mat!", 4, 1234
+    expected = pipeline_image(flux_folder, prompt, height, width, steps, seed, batch)
+    out = str(tmp_path / "ours.png")
+    srpo.main(["sample", "--flux", flux_folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
+               "--steps", str(steps), "--seed", str(seed), "--batch", str(batch), "--out", out])
+    paths = [out] if batch == 1 else [str(tmp_path / f"ours-{i}.png") for i in range(batch)]
+    for i, path in enumerate(paths):
+        ours = read_png(path)
+        assert ours.shape == (height, width, 3)
+        # the same 8-bit image; a float32 tie at a rounding boundary may move one level in a rare pixel
+        assert np.abs(ours - to_uint8(expected[i])).max() <= 1
+        assert np.mean(ours != to_uint8(expected[i])) < 1e-3
+
+
+@torch.no_grad()
+def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
+    prompt, height, width, steps, seed = "two dogs", 32, 64, 3, 7
+    expected = pipeline_image(flux_folder, prompt, height, width, steps, seed)
+    text = fm.TextConditioner.from_folder(flux_folder, torch.float32)
+    model, ae = srpo.load_flux_folder(flux_folder, None, torch.float32, "cpu")
+    txt, y = text([prompt])
+    x = srpo.initial_noise(1, height, width, seed, torch.float32)
+    cond = (fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
+    x = srpo.euler_sample(model, x, srpo.flux_schedule(steps, x.shape[1]), cond, 3.5)
+    ours = srpo.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
+    assert rel_err(ours, torch.from_numpy(expected[0])) <= TOL
+
+
+def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tmp_path):
+    """--transformer FILE (diffusers keys, as SRPO's release) gives the image of a FluxPipeline whose transformer
+    got that file through a strict load_state_dict."""
+    cfg = fm.flux_config_from_diffusers(fm.read_json(os.path.join(flux_folder, "transformer", "config.json")), "")
+    path = fm.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
+    expected = pipeline_image(flux_folder, "a tree", 32, 32, 2, 0, transformer_file=path)
+    out = str(tmp_path / "srpo.png")
+    srpo.main(["sample", "--flux", flux_folder, "--transformer", path, "--prompt", "a tree", "--height", "32",
+               "--width", "32", "--steps", "2", "--seed", "0", "--out", out])
+    ours = read_png(out)
+    assert np.abs(ours - to_uint8(expected[0])).max() <= 1 and np.mean(ours != to_uint8(expected[0])) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_tiny_default_sample_runs(tmp_path):
+    out = str(tmp_path / "tiny.png")
+    srpo.main(["sample", "--out", out, "--steps", "3"])
+    img = read_png(out)
+    assert img.shape == (64, 64, 3) and img.std() > 0
+
+
+def test_help_documents_every_flag():
+    sample = build_sample_parser()
+    for action in sample._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    text = sample.format_help()
+    for flag in ["--flux", "--transformer", "--prompt", "--height", "--width", "--steps", "--guidance", "--seed",
+                 "--batch", "--out", "--device", "--dtype", "--attn"]:
+        assert flag in text
+
+
+def build_sample_parser():
+    parser = srpo.build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices["sample"]
+
+
+def bad_files(flux_folder, tmp):
+    """Transformer files that must be refused, each with the words the error must contain."""
+    good = load_file(os.path.join(flux_folder, "transformer", "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(flux_folder, "transformer", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        data = f.read()
+    cases = {}
+
+    def write(name, tensors=None, raw=None):
+        path = os.path.join(tmp, name)
+        if raw is not None:
+            with open(path, "wb") as f:
+                f.write(raw)
+        else:
+            save_file(tensors, path)
+        return path
+
+    cases["truncated"] = (write("truncated.safetensors", raw=data[: len(data) // 2]), ["not a readable safetensors"])
+    cases["not safetensors"] = (write("model.pt", raw=b"PK\x03\x04 a zip, not safetensors" * 10),
+                                ["not a readable safetensors"])
+    cases["missing keys"] = (write("missing.safetensors", {k: v for k, v in good.items() if "proj_out" not in k}),
+                             ["missing keys", "proj_out"])
+    cases["unexpected keys"] = (write("extra.safetensors", good | {"lora.down.weight": torch.zeros(2)}),
+                                ["unexpected keys", "lora.down.weight"])
+    wrong = dict(good)
+    wrong["context_embedder.weight"] = torch.zeros(64, 48)
+    cases["shape"] = (write("shape.safetensors", wrong), ["context_embedder.weight", "[64, 48]", "[64, 32]"])
+    cases["missing file"] = (os.path.join(tmp, "nope.safetensors"), ["no such file"])
+    cases["not flux"] = (write("other.safetensors", {"foo.weight": torch.zeros(2)}), ["not a FLUX transformer"])
+    return cases
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def test_bad_transformer_files_give_one_line_errors(flux_folder, tmp_path, capsys):
+    for name, (path, words) in bad_files(flux_folder, str(tmp_path)).items():
+        code, err = run_cli(["sample", "--flux", flux_folder, "--transformer", path, "--steps", "1", "--height",
+                             "32", "--width", "32", "--out", str(tmp_path / "x.png")], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (name, err)
+        assert all(w in err[0] for w in words), (name, err)
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--height", "50"], ["multiples of 16", "50x64"]),
+    (["--width", "0"], ["multiples of 16"]),
+    (["--steps", "0"], ["--steps", "at least 1"]),
+    (["--batch", "0"], ["--batch"]),
+    (["--device", "tpu9"], ["unknown device", "tpu9"]),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "bogus"], ["device"]),
+    (["--dtype", "int8"], ["unknown dtype", "int8"]),
+    (["--flux", "/no/such/folder"], ["/no/such/folder", "no such folder"]),
+    (["--transformer", "x.safetensors"], ["--transformer needs --flux"]),
+])
+def test_bad_flags_give_one_line_errors(args, words, capsys):
+    code, err = run_cli(["sample", *args], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    """The real command line: one line on stderr, exit code 2."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "srpo.py"), "sample", "--height", "24"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: height and width must be positive multiples of 16, got 24x64"]
