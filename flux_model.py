@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention as flash_attention
+from kernels.rope import norm_rope as fused_norm_rope
+from kernels.rope import norm_rope_reference
+
 
 class InputError(Exception):
     """Bad user input (a missing file, a wrong key or shape, a bad flag): srpo.py prints it on one line, exit 2."""
@@ -104,32 +108,14 @@ def rope_freqs(ids, axes_dim, theta):
     return angles.cos().float(), angles.sin().float()
 
 
-def norm_rope_reference(x, scale, cos, sin, eps=1e-6):
-    """QK RMSNorm then RoPE, in fp32: y = x / sqrt(mean(x^2) + eps) * scale, then each interleaved pair
-    (y[2j], y[2j+1]) rotated by its angle: (cos y0 - sin y1, sin y0 + cos y1). x: (B, H, N, D)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale.float()
-    y0, y1 = y.unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([cos * y0 - sin * y1, sin * y0 + cos * y1], dim=-1).flatten(-2)
-    return out.to(x.dtype)
-
-
 def norm_rope(x, scale, cos, sin, backend):
-    if backend == "triton":
-        from kernels.rope import norm_rope as fused
-
-        return fused(x, scale, cos, sin)
-    return norm_rope_reference(x, scale, cos, sin)
+    """QK RMSNorm (learnable scale, eps 1e-6) then RoPE on interleaved pairs, in fp32 (kernels/rope.py)."""
+    return (fused_norm_rope if backend == "triton" else norm_rope_reference)(x, scale, cos, sin)
 
 
 def attention(q, k, v, backend):
     """softmax(q k^T / sqrt(D)) v over the joint [txt, img] sequence, no mask. (B, H, N, D) -> (B, N, H*D)."""
-    if backend == "triton":
-        from kernels.attention import attention as flash
-
-        out = flash(q, k, v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
+    out = flash_attention(q, k, v) if backend == "triton" else F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -154,7 +140,7 @@ def layer_norm(x):
 
 
 def modulate(x, shift, scale):
-    return (1 + scale) * layer_norm(x) + shift
+    return torch.addcmul(shift, layer_norm(x), 1 + scale)  # (1 + scale) * LN(x) + shift
 
 
 class QKNorm(nn.Module):
@@ -202,10 +188,10 @@ class DoubleStreamBlock(nn.Module):
         iq, ik, iv = self.qkv(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
         out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
         txt_out, img_out = out[:, :T], out[:, T:]
-        img = img + i_gate1 * self.img_attn.proj(img_out)
-        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
-        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_out))  # img + gate * f(img)
+        img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2)))
+        txt = torch.addcmul(txt, t_gate1, self.txt_attn.proj(txt_out))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2)))
         return img, txt
 
 
@@ -228,7 +214,7 @@ class SingleStreamBlock(nn.Module):
         q = norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
         k = norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
         out = self.linear2(torch.cat([attention(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
-        return x + gate * out
+        return torch.addcmul(x, gate, out)  # x + gate * out
 
 
 class LastLayer(nn.Module):

@@ -1,0 +1,6 @@
+"""Triton kernels for the FLUX transformer: `kernels.attention.attention` (fused attention) and
+`kernels.rope.norm_rope` (fused per-head RMSNorm + interleaved RoPE), each with a plain-PyTorch `*_reference`.
+
+The functions are not re-exported here: `kernels.attention` must stay the module, not its function of that name.
+Benchmarks: `python -m kernels.bench`.
+"""

@@ -1,0 +1,22 @@
+"""On a machine without a GPU, import `kernels` (and with it triton) in Triton-interpreter mode.
+
+Triton fixes compiled vs interpreted when a function is decorated with `@triton.jit`: its own library at
+`import triton`, our kernels at `import kernels`. transformers/diffusers import triton early, so this must run
+before any test module is collected. TRITON_INTERPRET is then restored, so CPU calls keep running the torch
+references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); see kernels/attention.py.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import kernels.attention  # noqa: F401
+    import kernels.rope  # noqa: F401
+
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous

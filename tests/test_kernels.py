@@ -1,0 +1,211 @@
+"""The Triton kernels against float64 math written here (not the modules' references).
+
+On a CPU-only machine the kernels run in the Triton interpreter: conftest.py imports triton and `kernels` in
+interpreter mode, and the autouse fixture sets TRITON_INTERPRET=1 at call time, which is what routes CPU tensors to
+the kernels. With a GPU they run compiled on it.
+
+Error = max|ours - ref| / max|ref|, where for gradients max|ref| is taken over dQ, dK, dV (resp. dx, dscale)
+together: at N = 1 dQ and dK are exactly 0 and have no scale of their own. Tolerance: 1e-5 for fp32, 1e-2 for
+fp16/bf16. Every kernel output is NaN-poisoned before the kernel runs (KERNELS_POISON_OUTPUTS=1), so an element
+the kernel fails to write fails the comparison. Inputs are fresh random normals each run; the seed is in the
+failure message and KERNELS_TEST_SEED=<seed> replays it.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import attention as attention_module
+from kernels import rope as rope_module
+from kernels.attention import attention, attention_reference, new_output
+from kernels.rope import norm_rope, norm_rope_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KERNELS_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture
+def seed():
+    seed = int(os.environ["KERNELS_TEST_SEED"]) if "KERNELS_TEST_SEED" in os.environ else torch.seed()
+    torch.manual_seed(seed)
+    return seed
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def check(name, ours, refs, tol, seed):
+    """Each of `ours` against float64 `refs`, errors relative to the largest reference magnitude among `refs`."""
+    scale = max(r.abs().max().item() for r in refs)
+    for i, (a, r) in enumerate(zip(ours, refs, strict=True)):
+        assert torch.isfinite(a).all(), f"{name}[{i}]: non-finite (unwritten?) elements, seed {seed}"
+        err = ((a.double() - r).abs().max() / scale).item()
+        assert err <= tol, f"{name}[{i}]: relative error {err:.3g} > {tol}, seed {seed}"
+
+
+def attention_float64(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def run_attention(q, k, v, do):
+    """Ours (out, dq, dk, dv) and the float64 autograd of the same, on the same (possibly strided) inputs."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = attention(*leaves)
+    out.backward(do)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out64 = attention_float64(*leaves64)
+    out64.backward(do.double())
+    return (out, *(x.grad for x in leaves)), (out64, *(x.grad for x in leaves64))
+
+
+ATTENTION_CASES = [
+    (1, 2, 1, 16, torch.float32),
+    (2, 1, 7, 32, torch.float32),
+    (1, 2, 77, 64, torch.float32),
+    (1, 1, 100, 16, torch.float32),
+    (1, 2, 257, 32, torch.float32),
+    (1, 2, 1, 32, torch.bfloat16),
+    (2, 1, 7, 64, torch.bfloat16),
+    (1, 2, 77, 32, torch.bfloat16),
+    (1, 1, 100, 64, torch.bfloat16),
+    (1, 1, 257, 16, torch.bfloat16),
+    (1, 2, 7, 16, torch.float16),
+    (2, 1, 77, 64, torch.float16),
+    (1, 1, 100, 32, torch.float16),
+    (1, 1, 257, 64, torch.float16),
+    (1, 1, 77, 128, torch.bfloat16),
+    (2, 2, 300, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,D,dtype", ATTENTION_CASES)
+def test_attention(B, H, N, D, dtype, seed):
+    q, k, v, do = (randn(B, H, N, D, dtype=dtype) for _ in range(4))
+    ours, refs = run_attention(q, k, v, do)
+    assert ours[0].dtype == dtype and ours[0].shape == (B, H, N, D)
+    check("out", ours[:1], refs[:1], TOL[dtype], seed)
+    check("dq,dk,dv", ours[1:], refs[1:], TOL[dtype], seed)
+
+
+def test_attention_strided_inputs(seed):
+    B, H, N, D = 2, 2, 77, 32
+    q = randn(B, N, H, D).transpose(1, 2)  # the layout of a (B, N, H*D) projection viewed per head
+    k = randn(B, H, D, N).transpose(-1, -2)  # D not unit-stride: must be copied
+    v = randn(B, H, N, 2 * D)[..., :D]  # token stride 2D
+    do = randn(B, N, H, D).transpose(1, 2)
+    ours, refs = run_attention(q, k, v, do)
+    check("out", ours[:1], refs[:1], TOL[torch.float32], seed)
+    check("dq,dk,dv", ours[1:], refs[1:], TOL[torch.float32], seed)
+
+
+@pytest.mark.parametrize("N", [7, 77])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy exp2 on lanes masked afterwards
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # in padded rows, never stored
+def test_attention_very_negative_scores(N, seed):
+    # Every score near -120: lse is so negative that a padded key (score 0) would get p = exp(120) = inf in fp32
+    # unless the tail is masked, and inf * 0 would then turn dQ into NaN. fp32 scores of magnitude 120 carry
+    # absolute errors near 1e-5, hence the looser tolerance.
+    B, H, D = 1, 2, 16
+    k = 1 + 0.1 * randn(B, H, N, D)
+    q = -30 + 0.1 * randn(B, H, N, D)
+    v, do = randn(B, H, N, D), randn(B, H, N, D)
+    ours, refs = run_attention(q, k, v, do)
+    check("out", ours[:1], refs[:1], 1e-4, seed)
+    check("dq,dk,dv", ours[1:], refs[1:], 1e-4, seed)
+
+
+def norm_rope_float64(x, scale, cos, sin, eps):
+    """RMSNorm then RoPE written as a complex product: pair (y[2j], y[2j+1]) times (cos + i sin)."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+    pairs = torch.view_as_complex(y.reshape(*y.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+
+
+def run_norm_rope(x, scale, g, eps=1e-6):
+    N, D = x.shape[-2:]
+    angle = torch.rand(N, D // 2, device=DEVICE) * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    xl, sl = x.detach().requires_grad_(), scale.detach().requires_grad_()
+    out = norm_rope(xl, sl, cos, sin, eps)
+    out.backward(g)
+    x64, s64 = x.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
+    out64 = norm_rope_float64(x64, s64, cos.double(), sin.double(), eps)
+    out64.backward(g.double())
+    return (out, xl.grad, sl.grad), (out64, x64.grad, s64.grad)
+
+
+NORM_ROPE_CASES = [
+    (2, 2, 1, 16, torch.float32),
+    (1, 2, 7, 64, torch.float32),
+    (1, 1, 77, 128, torch.float32),
+    (2, 1, 257, 16, torch.float32),
+    (1, 2, 1, 64, torch.bfloat16),
+    (2, 1, 7, 128, torch.bfloat16),
+    (1, 2, 77, 16, torch.bfloat16),
+    (1, 1, 257, 64, torch.bfloat16),
+    (1, 1, 1, 128, torch.float16),
+    (1, 2, 7, 16, torch.float16),
+    (2, 1, 77, 64, torch.float16),
+    (1, 1, 257, 128, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,D,dtype", NORM_ROPE_CASES)
+def test_norm_rope(B, H, N, D, dtype, seed):
+    x, g = randn(B, H, N, D, dtype=dtype), randn(B, H, N, D, dtype=dtype)
+    scale = (1 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
+    ours, refs = run_norm_rope(x, scale, g)
+    assert ours[0].dtype == dtype and ours[0].is_contiguous() and ours[2].dtype == dtype
+    check("out", ours[:1], refs[:1], TOL[dtype], seed)
+    check("dx,dscale", ours[1:], refs[1:], TOL[dtype], seed)
+
+
+def test_norm_rope_strided_inputs(seed):
+    B, H, N, D = 2, 3, 77, 64
+    x = randn(B, N, H, D).transpose(1, 2)  # q as sliced out of FLUX's (B, N, 3, H, D) projection
+    g = randn(B, N, H, D).transpose(1, 2)
+    ours, refs = run_norm_rope(x, 1 + 0.5 * randn(D), g)
+    check("out", ours[:1], refs[:1], TOL[torch.float32], seed)
+    check("dx,dscale", ours[1:], refs[1:], TOL[torch.float32], seed)
+
+
+def test_outputs_are_poisoned():
+    assert torch.isnan(new_output((4, 4), torch.bfloat16, DEVICE)).all()
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
+    assert torch.equal(attention(q, k, v), attention_reference(q, k, v))
+    x, scale, cos, sin = torch.randn(1, 2, 33, 16), torch.randn(16), torch.randn(33, 8), torch.randn(33, 8)
+    assert torch.equal(norm_rope(x, scale, cos, sin), norm_rope_reference(x, scale, cos, sin))
+
+
+@pytest.mark.skipif(not attention_module.INTERPRETED, reason="kernels compiled for the GPU in this process")
+def test_cpu_with_interpreter_runs_triton(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the reference ran instead of the Triton kernel")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(attention_module, "attention_reference", fail)
+    monkeypatch.setattr(rope_module, "norm_rope_reference", fail)
+    q = torch.randn(1, 1, 5, 16)
+    attention(q, q, q)
+    norm_rope(q, torch.ones(16), torch.ones(5, 8), torch.zeros(5, 8))
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError):
+        attention(randn(1, 2, 8, 16), randn(1, 2, 9, 16), randn(1, 2, 9, 16))
+    with pytest.raises(ValueError):
+        norm_rope(randn(1, 2, 8, 16), randn(16), randn(8, 4), randn(8, 4))
