@@ -125,14 +125,14 @@ def split_heads(qkv, num_heads):
 
 
 class Modulation(nn.Module):
-    """adaLN: Linear(silu(vec)) chunked into n (shift, scale, gate) groups of width h."""
+    """adaLN: Linear(silu(vec)) chunked into n vectors of width h (shift, scale, gate, ...), one per token row."""
 
     def __init__(self, dim, n):
         super().__init__()
-        self.lin = nn.Linear(dim, n * dim)
+        self.n, self.lin = n, nn.Linear(dim, n * dim)
 
     def forward(self, vec):
-        return self.lin(F.silu(vec))[:, None, :].chunk(self.lin.out_features // self.lin.in_features, dim=-1)
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
 
 
 def layer_norm(x):
@@ -143,11 +143,18 @@ def modulate(x, shift, scale):
     return torch.addcmul(shift, layer_norm(x), 1 + scale)  # (1 + scale) * LN(x) + shift
 
 
+class RMSNorm(nn.Module):
+    """The learnable scale of a per-head RMSNorm; the norm itself runs fused with RoPE in norm_rope."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
 class QKNorm(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.query_norm = nn.ParameterDict({"scale": nn.Parameter(torch.ones(dim))})
-        self.key_norm = nn.ParameterDict({"scale": nn.Parameter(torch.ones(dim))})
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 
 class SelfAttention(nn.Module):
