@@ -4,6 +4,7 @@ Tolerance: float32, relative error max|ours - theirs| / max|theirs| <= 1e-5.
 """
 
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -217,12 +218,19 @@ def t5_tokenizer(folder):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    with open(os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")) as f:
-        rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
+    parti = os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")
+    if os.path.isfile(parti):
+        with open(parti) as f:
+            rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
+    else:  # a checkout without ../shared: any varied English will do for a 300-piece vocabulary
+        words = [["a", "the", "one red", "two big", "an old"], ["cat", "dog", "tree", "house", "bird", "fox"],
+                 ["sits on", "runs past", "flies over", "waits by"], ["the mat.", "a road!", "hills", "the lake?"]]
+        rows = [" ".join(w) for w in itertools.product(*words)]
     prefix = os.path.join(folder, "spm")
     os.makedirs(folder, exist_ok=True)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=prefix, vocab_size=300, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False)
     sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
     tok = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
                                    unk_id=2))
