@@ -1,5 +1,7 @@
 """SRPO on FLUX.1-dev in one script.
 
+    python srpo.py train                                                    # SRPO; no flags: tiny offline demo
+    python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts FILE --out DIR
     python srpo.py sample --flux FLUX_DIR --prompt "a cat" --out cat.png    # FLUX.1-dev, same image as diffusers
     python srpo.py sample                                                   # tiny built-in model, offline, seconds
 
@@ -7,11 +9,22 @@ Every command runs offline. Bad input ends in one line on stderr and exit code 2
 """
 
 import argparse
+import functools
+import hashlib
+import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 import flux_model as fm
 from flux_model import InputError
@@ -125,6 +138,579 @@ def check_size(height, width):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Direct-Align with SRPO's relative reward (python srpo.py train)
+#
+# One optimizer step (REFERENCE.md §4, the official FLUX.1-dev script), for each prompt of the global batch:
+#   eps ~ N(0, I), one draw shared by every prompt and rank          shared_noise
+#   x0 = Euler rollout of the current model from eps, no gradient    online_rollout
+#   sel -> sigma_hi > sigma_t > sigma_lo inside the window           timestep_window, draw_timestep, sigma_pair
+#   denoise branch:   sigma_hi -> sigma_t, SRP reward with (P, N)    direct_align, k_schedule, direct_align_loss
+#   inversion branch: sigma_lo -> sigma_t, SRP reward with (N, P)
+#   loss = relu(0.7 - r_d) / 2 + relu(0.7 - r_i) / 2                 hinge_loss
+# then the gradient norm is clipped and AdamW steps. Only the two branch model calls carry gradient.
+
+TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS reward.
+
+    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, about a minute)
+    python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
+    torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: one prompt per GPU per step
+    python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
+
+Every hyperparameter defaults to the official run; the demo only changes --lr, --height/--width and the length."""
+WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
+CHECKPOINT = "checkpoint-{:06d}"
+GRID_STEPS = 28  # the sample grids use FluxPipeline's default inference steps
+DEMO_PROMPTS = ("a photo of a red fox in the snow", "a portrait of an old fisherman in natural light",
+                "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
+                "a city street in the rain at night", "a honeybee on a sunflower, close-up",
+                "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
+
+
+def option(default, help):
+    """A TrainConfig field that is also a flag of `srpo.py train` (--name-with-dashes), with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # The official run (Tencent-Hunyuan/SRPO on FLUX.1-dev with HPSv2.1).
+    lr: float = option(5e-6, "AdamW learning rate, constant")
+    betas: tuple = option((0.9, 0.999), "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    grad_clip: float = option(0.1, "clip the gradient norm to this")
+    height: int = option(720, "training image height, a multiple of 16")
+    width: int = option(720, "training image width, a multiple of 16")
+    rollout_steps: int = option(25, "Euler steps of the online rollout")
+    shift: float = option(3.0, "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)")
+    rollout_guidance: float = option(1.0, "guidance of the online rollout")
+    guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids")
+    window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))")
+    window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)")
+    max_gap: int = option(101, "largest gap K, in window points, between sigma_t and each branch's start")
+    k_denoise: tuple = option((0.1, 0.25), "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]")
+    k_inversion: tuple = option((0.3, 0.01), "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]")
+    margin: float = option(0.7, "hinge margin m: loss = relu(m - r) / 2 per branch")
+    # The run.
+    steps: int = option(20, "optimizer steps in all (a resumed run stops there too)")
+    save_every: int = option(5, "save a checkpoint every N steps (and after the last one)")
+    keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete")
+    grad_accum: int = option(1, "prompts per process per step: the global batch is processes x this")
+    seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws")
+    samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none")
+
+
+# The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
+# reward within a minute or two; everything else keeps the official values.
+DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
+
+
+def derive_seed(seed, *keys):
+    """A 63-bit seed for the stream named by keys: the same numbers on every rank and after a resume."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def shifted_schedule(steps, shift):
+    """sigma_i = s t_i / (1 + (s - 1) t_i), t = linspace(1, 0, steps + 1): SD3's time shift (SRPO: s = 3)."""
+    t = torch.linspace(1, 0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, the weights staying fp32 (the master copy AdamW updates); the CPU runs in fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def shared_noise(cfg, step, device):
+    """eps ~ N(0, I), one draw per step used by the rollout, the noise injection and the recovery of every prompt
+    on every rank. The official script draws it on rank 0 and broadcasts it; seeding by (seed, step) gives every
+    rank the same tensor with no communication, and gives it again after a resume."""
+    seed = derive_seed(cfg.seed, "noise", step)
+    return initial_noise(1, cfg.height, cfg.width, seed, torch.float32).to(device)
+
+
+@torch.no_grad()
+def online_rollout(model, eps, cond, cfg):
+    """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the clean image that
+    Direct-Align noises and recovers is the current model's own sample (online)."""
+    with autocast(eps.device):
+        return euler_sample(model, eps, shifted_schedule(cfg.rollout_steps, cfg.shift), cond, cfg.rollout_guidance)
+
+
+def timestep_window(cfg):
+    """sigmas_l = linspace(S[A], S[B], N), S = shift(linspace(1, 0, 51)), (A, B) = (5, 25): sigma 0.964 .. 0.75.
+    Training stays off the late, low-noise steps, where optimizing the reward invites reward hacking."""
+    S = shifted_schedule(WINDOW_GRID, cfg.shift)
+    return torch.linspace(S[cfg.window[0]].item(), S[cfg.window[1]].item(), cfg.window_points)
+
+
+def draw_timestep(cfg, step, j):
+    """sel ~ U{5 .. N - 5} for prompt j of the global batch, drawn from (seed, step, j): the same on any number
+    of ranks."""
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "timestep", step, j))
+    return int(torch.randint(5, cfg.window_points - 4, (), generator=g))
+
+
+def sigma_pair(window, sel, max_gap):
+    """K = min(K_max, N - sel, sel); sigma_t = w[N - sel], sigma_hi = w[N - sel - K] (the denoise branch starts
+    noisier), sigma_lo = w[min(N - sel + K, N - 1)] (the inversion branch starts cleaner). -> (t, hi, lo, K)."""
+    n = len(window)
+    gap = min(max_gap, n - sel, sel)
+    return window[n - sel].item(), window[n - sel - gap].item(), window[min(n - sel + gap, n - 1)].item(), gap
+
+
+def k_schedule(cfg, sel, gap):
+    """k_d = linspace(0.1, 0.25, N)[sel], k_i = linspace(0.3, 0.01, N)[max(sel - K, 1)]: how much the positive
+    caption outweighs the negative one in each branch's SRP reward."""
+    n = cfg.window_points
+    return torch.linspace(*cfg.k_denoise, n)[sel].item(), torch.linspace(*cfg.k_inversion, n)[max(sel - gap, 1)].item()
+
+
+def inject_noise(x0, eps, sigma):
+    """x_sigma = sigma eps + (1 - sigma) x0: the flow-matching interpolation, with the step's shared eps."""
+    return sigma * eps + (1 - sigma) * x0
+
+
+def model_step(model, x, sigma_from, sigma_to, cond, guidance):
+    """x' = x + (sigma_to - sigma_from) v(x, sigma_from): one Euler step, one model call (with gradient when
+    enabled). Down in sigma for the denoise branch, up (an inversion step) for the inversion branch."""
+    img_ids, txt, txt_ids, y = cond
+    b = x.shape[0]
+    v = model(x, img_ids, txt, txt_ids, y, x.new_full((b,), sigma_from), x.new_full((b,), guidance))
+    return x + (sigma_to - sigma_from) * v.float()
+
+
+def recover_x0(x, eps, sigma):
+    """x0_hat = (x_sigma - sigma eps) / (1 - sigma): the clean image by interpolation with the known noise, in
+    place of the remaining denoising steps (Direct-Align's noise prior)."""
+    return (x - sigma * eps) / (1 - sigma)
+
+
+def direct_align(model, x0, eps, sigma_from, sigma_t, cond, guidance):
+    """Inject noise at sigma_from, one model step to sigma_t, recover x0_hat. A perfect model (v = eps - x0) gives
+    back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_t in a clean image."""
+    with autocast(x0.device):
+        x = model_step(model, inject_noise(x0, eps, sigma_from), sigma_from, sigma_t, cond, guidance)
+    return recover_x0(x, eps, sigma_t)
+
+
+def hinge_loss(r, margin):
+    """L = relu(m - r) / 2 per branch (ReFL's hinge): pushes the reward up until it passes the margin."""
+    return F.relu(margin - r).mean() / 2
+
+
+def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, scale):
+    """Both branches for one prompt, each backpropagated as soon as it is built so one graph is alive at a time:
+
+        denoise:   x0_d = direct_align(sigma_hi -> sigma_t),  r_d = SRP(img(x0_d), "P. prompt", "N. prompt", k_d)
+        inversion: x0_i = direct_align(sigma_lo -> sigma_t),  r_i = SRP(img(x0_i), "N. prompt", "P. prompt", k_i)
+        L = relu(m - r_d) / 2 + relu(m - r_i) / 2,  its gradient scaled by `scale`
+
+    with SRP(img, pos, neg, k) = img . ((1 + k) t_pos - t_neg) (reward.py) and the control words (P, N) of this
+    step; the words go to the reward only, never to the model. The inversion step goes up in sigma, so its x0_hat
+    moves with +v where the denoise branch's moves with -v: rewarding N there pushes the denoising direction away
+    from N. Returns (L, r_d, r_i) as floats."""
+    from reward import control_words
+
+    sigma_t, sigma_hi, sigma_lo, gap = sigma_pair(timestep_window(cfg), sel, cfg.max_gap)
+    k_d, k_i = k_schedule(cfg, sel, gap)
+    pos, neg = control_words(step)
+    loss, rewards = 0.0, []
+    for sigma_from, k, words in ((sigma_hi, k_d, (pos, neg)), (sigma_lo, k_i, (neg, pos))):
+        x0_hat = direct_align(model, x0, eps, sigma_from, sigma_t, cond, cfg.guidance)
+        with autocast(x0.device):
+            images = decode_images(ae, x0_hat, cfg.height, cfg.width)
+            r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
+        branch = hinge_loss(r, cfg.margin)
+        (branch * scale).backward()
+        loss += branch.item()
+        rewards.append(r.mean().item())
+    return loss, *rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: processes, prompts, the models, checkpoints, the loop
+
+
+@dataclass
+class Ranks:
+    """This process in the run: rank of world (torchrun: one process per GPU), and the device it computes on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def mean(self, values):
+        """The mean over all ranks of a list of floats (every rank gets it)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def from_main(self, obj):
+        """Rank 0's value of obj on every rank (what rank 0 decided: the checkpoint to resume, or an error)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_ranks(device_name):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo."""
+    device = parse_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), world, device)
+
+
+def read_prompts(path):
+    """One prompt per line; blank lines skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the prompt file ({e.strerror or e})") from None
+    if not prompts:
+        raise InputError(f"{path}: no prompts (expected one prompt per line)")
+    return prompts
+
+
+def prompt_schedule(prompts, cfg, world):
+    """Prompt j of the global batch at step s: prompts[perm[(s G + j) mod n]], G = world x grad_accum, perm a
+    permutation seeded by --seed: each pass visits every prompt once, and a resumed run sees what it would have."""
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
+    size = world * cfg.grad_accum
+    return lambda step, j: prompts[perm[(step * size + j) % len(prompts)]]
+
+
+def encode_prompts(text, prompts):
+    """{prompt: (txt (1, T, ctx), y (1, vec))} on the CPU: each prompt through the text encoders once, so that
+    they can be freed before the transformer is loaded (T5-XXL alone is 9.5 GB in bf16)."""
+    return {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
+
+
+def conditioning(embedding, cfg, device):
+    """(img_ids, txt, txt_ids, y) for one prompt, as euler_sample and model_step take it."""
+    txt, y = (t.to(device) for t in embedding)
+    return fm.image_ids(cfg.height, cfg.width, device), txt, torch.zeros(txt.shape[1], 3, device=device), y
+
+
+def build_transformer(load, flux_cfg, ranks, attn):
+    """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
+    torchrun FSDP2. `load(device)` gives the full fp32 model; under FSDP only rank 0 calls it."""
+    from torch.distributed._composable import checkpoint
+
+    if ranks.world == 1:
+        model = load(ranks.device)
+    else:
+        with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
+            model = fm.Flux(flux_cfg)
+    model.set_attention_backend(attn)
+    for block in [*model.double_blocks, *model.single_blocks]:
+        checkpoint(block)  # keep each block's input only; recompute its inside during the backward
+    if ranks.world > 1:
+        fsdp_shard(model, load, ranks)
+    return model
+
+
+def fsdp_shard(model, load, ranks):
+    """FSDP2: `fully_shard` each block, then the root (embedders, final layer); each rank holds 1/world of the
+    weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights on its CPU and
+    every rank receives its shards by broadcast, so one process reads the files."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    full = load("cpu").state_dict() if ranks.main else {}
+    # The velocity the model returns is a view; nothing here modifies it in place, which is what FSDP warns about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    # On CUDA the shards are gathered in bf16 (half the traffic; autocast computes in bf16 anyway) and gradients
+    # are reduced in fp32. Inputs are left as they are: sigma must not be rounded to bf16 on its way in.
+    cuda = ranks.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
+    for block in [*model.double_blocks, *model.single_blocks]:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=ranks.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def state_dict_options(ranks, load=False):
+    """Full (unsharded) state dicts keyed by parameter name: gathered to rank 0's CPU to save; to load, a single
+    process takes its own and under FSDP rank 0's is broadcast into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if load:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if ranks.world > 1 else None
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoints(out):
+    """{step: folder} of the complete checkpoints in out (state.json is written last: no state.json, no save)."""
+    found = {}
+    for name in os.listdir(out):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(out, name, "state.json")):
+            found[int(m[1])] = os.path.join(out, name)
+    return found
+
+
+def save_checkpoint(model, opt, step, cfg, out, ranks):
+    """out/checkpoint-STEP/ holding, each written to a temp file then renamed:
+      diffusion_pytorch_model.safetensors + config.json  the transformer in diffusers format, fp32 (the model
+                                                         card's snippet loads it; the exact weights for resume)
+      training.pt                                        AdamW state (parameter names as keys) and RNG state
+      state.json                                         step and config, written last: it marks the save complete
+    Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
+    deleted only after this one is complete, so a crash during a save leaves the previous one loadable."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=state_dict_options(ranks))
+    optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
+    if ranks.main:
+        folder = os.path.join(out, CHECKPOINT.format(step))
+        with torch.device("meta"):
+            full = fm.Flux(model.cfg)
+        full.load_state_dict(weights, assign=True)
+        fm.save_transformer(full, folder)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+        torch.save({"optimizer": optim, "rng": rng}, os.path.join(folder, "training.pt.tmp"))
+        os.replace(os.path.join(folder, "training.pt.tmp"), os.path.join(folder, "training.pt"))
+        fm.write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
+        for old in sorted(checkpoints(out))[: -cfg.keep]:
+            shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def load_training_state(model, opt, folder, ranks):
+    """AdamW and RNG state of a checkpoint (the weights were loaded with the model): read by rank 0 only."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = {"optimizer": {}, "rng": None}  # under FSDP the other ranks get rank 0's by broadcast
+    if ranks.main:
+        state = torch.load(os.path.join(folder, "training.pt"), weights_only=True)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=state_dict_options(ranks, load=True))
+    rng = ranks.from_main(state["rng"])
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+RUN_LENGTH = ("steps", "save_every", "keep", "samples")  # what --resume may change: not the trajectory
+
+
+def resume_point(out, cfg, resume):
+    """(step, folder) to start from: (0, None) for a new run, else the latest complete checkpoint. Refuses to mix a
+    new run into a folder that holds checkpoints, or to resume with settings that change the trajectory."""
+    found = checkpoints(out)
+    if not found:
+        if resume:
+            print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+        return 0, None
+    step = max(found)
+    if not resume:
+        raise InputError(f"{out} already holds checkpoints (latest: step {step}): pass --resume to continue, or "
+                         f"choose another --out")
+    saved = fm.read_json(os.path.join(found[step], "state.json"))["config"]
+    ours = json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in saved if k not in RUN_LENGTH and saved[k] != ours.get(k)]
+    if changed:
+        raise InputError(f"--resume with other settings than the checkpoint's: {', '.join(changed)} (the "
+                         f"checkpoint has {', '.join(f'{k}={saved[k]}' for k in changed)})")
+    return step, found[step]
+
+
+@torch.no_grad()
+def sample_grid(model, ae, conds, cfg, path, ranks):
+    """One row of images for the fixed grid prompts, the i-th from seed i (as `srpo.py sample --seed i`), at
+    FLUX.1-dev's inference settings (28 steps of flux_schedule, the branch guidance): the before/after view."""
+    images = []
+    for i, cond in enumerate(conds):
+        x = initial_noise(1, cfg.height, cfg.width, i, torch.float32).to(ranks.device)
+        with autocast(ranks.device):
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1]), cond, cfg.guidance)
+            images.append(decode_images(ae, x, cfg.height, cfg.width).float())
+    if ranks.main and images:
+        save_png(torch.cat(images, dim=3), path)
+
+
+def append_log(path, record):
+    """One JSON line per step (log.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
+    """The loop: per step, this rank's prompts (rollout + both branches each, gradients averaged over the global
+    batch), a finite-loss check, gradient clipping, AdamW, the log, and the checkpoints."""
+    from tqdm import tqdm
+
+    ae.requires_grad_(False)  # frozen: gradients flow through the VAE and the reward to the image, never into them
+    reward.requires_grad_(False)
+    # fused: one kernel over all parameters and no temporary copies of the (sharded) state
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay, fused=True)
+    if resume_from:
+        load_training_state(model, opt, resume_from, ranks)
+    log = os.path.join(out, "log.jsonl")
+    if ranks.main:
+        trim_log(log, start)
+    grid = [conditioning(embeddings[p], cfg, ranks.device) for p in grid_prompts]
+    if start == 0:
+        sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-before.png"), ranks)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
+    for step in bar:
+        t0 = time.time()
+        eps = shared_noise(cfg, step, ranks.device)
+        totals = [0.0, 0.0, 0.0]
+        for a in range(cfg.grad_accum):
+            j = ranks.rank * cfg.grad_accum + a  # this prompt's place in the global batch
+            prompt = prompt_of(step, j)
+            cond = conditioning(embeddings[prompt], cfg, ranks.device)
+            x0 = online_rollout(model, eps, cond, cfg)
+            values = direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j), step,
+                                       cfg, scale=1 / cfg.grad_accum)  # FSDP averages over ranks: a global mean
+            totals = [t + v / cfg.grad_accum for t, v in zip(totals, values, strict=True)]
+        loss, r_d, r_i = ranks.mean(totals)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
+            last = checkpoints(out).get(max(checkpoints(out), default=-1), "none (no step was saved)")
+            raise InputError(f"step {step + 1}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped "
+                             f"before updating the weights. Last good checkpoint: {last} (--resume continues from it)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
+                  "lr": cfg.lr, "seconds": round(time.time() - t0, 3)}
+        if ranks.main:
+            append_log(log, record)
+            bar.set_postfix(reward=f"{r_d:.4f}", loss=f"{loss:.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(model, opt, step + 1, cfg, out, ranks)
+    if start < cfg.steps:
+        sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-after.png"), ranks)
+
+
+def run_training(args, cfg, prompts, demo, start, folder, ranks):
+    """Load the parts (the text encoders only long enough to embed this rank's prompts), train, report."""
+    from reward import HPSReward
+
+    cuda = ranks.device.type == "cuda"
+    frozen = torch.bfloat16 if cuda else torch.float32  # text encoders and VAE: frozen, no master weights needed
+    prompt_of = prompt_schedule(prompts, cfg, ranks.world)
+    mine = [prompt_of(s, ranks.rank * cfg.grad_accum + a) for s in range(start, cfg.steps)
+            for a in range(cfg.grad_accum)]
+    grid_prompts = prompts[: cfg.samples]
+    if demo:
+        tiny, ae, text = tiny_models()
+        flux_cfg, text = tiny.cfg, text.to(ranks.device)
+        reward = HPSReward.tiny(device=ranks.device)
+        load = tiny.to  # the same random start on every rank (rank 0's is broadcast under FSDP anyway)
+    else:
+        reward = HPSReward.load(args.hps, args.flux, ranks.device)  # fp32 weights, run under bf16 autocast
+        text = fm.TextConditioner.from_folder(args.flux, frozen, ranks.device)
+        sub = os.path.join(args.flux, "transformer")
+        flux_cfg = fm.flux_config_from_diffusers(fm.read_json(os.path.join(sub, "config.json")), sub)
+        ae = fm.load_autoencoder(os.path.join(args.flux, "vae"), None, frozen, ranks.device)
+        load = functools.partial(fm.load_transformer, sub, flux_cfg, torch.float32)  # load(device)
+    embeddings = encode_prompts(text, mine + grid_prompts)
+    del text
+    if cuda:
+        torch.cuda.empty_cache()
+    if folder:
+        load = functools.partial(fm.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
+    ae = ae.to(ranks.device, frozen)
+    model = build_transformer(load, flux_cfg, ranks, args.attn or ("triton" if cuda else "sdpa"))
+    train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, args.out, start, folder, ranks)
+    if ranks.main:
+        report(args.out)
+
+
+def report(out):
+    """Where the results are, and the reward curve in two numbers."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rewards = [json.loads(line)["reward_denoise"] for line in f if line.strip()]
+    if rewards:
+        # The control words cycle every 20 steps (4 x 5) and move the reward by more than training does in a
+        # short run: compare whole cycles.
+        n = max(1, min(20, len(rewards) // 2))
+        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        print(f"denoise-branch reward, mean of the first {n} steps -> last {n}: {first:.4f} -> {last:.4f}")
+    latest = checkpoints(out)
+    grids = [os.path.join(out, f"samples-{when}.png") for when in ("before", "after")]
+    print(f"checkpoint: {latest[max(latest)] if latest else 'none'}; log: {os.path.join(out, 'log.jsonl')}; "
+          f"samples: {', '.join(g for g in grids if os.path.exists(g)) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The train command's inputs
+
+
+def add_config_flags(parser):
+    """One flag per TrainConfig field; default None so that cmd_train can tell the demo's defaults apart."""
+    for f in fields(TrainConfig):
+        demo = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kind = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            nargs=len(f.default) if isinstance(f.default, tuple) else None,
+                            metavar=("A", "B") if isinstance(f.default, tuple) else None,
+                            help=f"{f.metadata['help']} (default {default}{demo})")
+
+
+def train_config(args, demo):
+    """TrainConfig from the flags: the official values, or the demo's where it has its own; then checked."""
+    values = {}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is None:
+            value = DEMO_DEFAULTS.get(f.name, f.default) if demo else f.default
+        values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
+    cfg = TrainConfig(**values)
+    check_size(cfg.height, cfg.width)
+    for name in ("steps", "save_every", "keep", "grad_accum", "rollout_steps", "max_gap"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.window[0] < cfg.window[1] <= WINDOW_GRID:
+        raise InputError(f"--window A B must satisfy 0 <= A < B <= {WINDOW_GRID}, got {cfg.window[0]} {cfg.window[1]}")
+    if cfg.window_points < 11:
+        raise InputError(f"--window-points must be at least 11, got {cfg.window_points}")
+    if cfg.samples < 0 or cfg.lr <= 0:
+        raise InputError(f"--samples must be >= 0 and --lr > 0, got {cfg.samples} and {cfg.lr}")
+    return cfg
+
+
+def check_writable(out):
+    """Make the output folder and try a file in it, before anything is loaded."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"{out}: cannot write the output folder ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +749,43 @@ def cmd_sample(args):
         print(path)
 
 
+def cmd_train(args):
+    demo = args.flux is None
+    cfg = train_config(args, demo)
+    if demo and args.hps:
+        raise InputError("--hps needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
+    if not demo:
+        fm.check_folder(args.flux, "a diffusers FLUX.1 folder")
+        if not args.hps:
+            raise InputError("--hps CKPT is required with --flux (HPSv2.1's HPS_v2.1_compressed.pt)")
+        if not os.path.isfile(args.hps):
+            raise InputError(f"{args.hps}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
+    prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    check_writable(args.out)
+    ranks = init_ranks(args.device)
+    threads = torch.get_num_threads()
+    if demo and ranks.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny tensors gain nothing from threads, and lose much when the cores are shared
+    try:
+        decision = None
+        if ranks.main:
+            try:
+                decision = resume_point(args.out, cfg, args.resume)
+            except InputError as e:
+                decision = e
+        decision = ranks.from_main(decision)  # every rank stops, or every rank starts from the same step
+        if isinstance(decision, InputError):
+            raise decision
+        start, folder = decision
+        run_training(args, cfg, prompts, demo, start, folder, ranks)
+        if ranks.world > 1:
+            dist.barrier()
+    finally:
+        torch.set_num_threads(threads)
+        if ranks.world > 1:
+            dist.destroy_process_group()
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="srpo.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +809,22 @@ def build_parser():
     p.add_argument("--attn", choices=["triton", "sdpa"], default=None,
                    help="attention and QK-norm+RoPE kernels (default: triton on CUDA, sdpa elsewhere)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_USAGE)
+    p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
+                   "and the CLIP tokenizer HPS uses (without it: the tiny demo)")
+    p.add_argument("--hps", help="HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors (needs --flux)")
+    p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
+    p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
+                   "(default runs/srpo)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--attn", choices=["triton", "sdpa"], default=None,
+                   help="attention and QK-norm+RoPE kernels (default: triton on CUDA, sdpa elsewhere)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -8,6 +8,7 @@ references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); se
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,3 +21,11 @@ if not torch.cuda.is_available():
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture(scope="session")
+def flux_folder(tmp_path_factory):
+    """A tiny diffusers-format FLUX.1 folder (tests/tiny_diffusers.py), written once per session."""
+    from tiny_diffusers import flux_folder as make
+
+    return make(tmp_path_factory.mktemp("flux"))

@@ -4,8 +4,6 @@ Tolerance: float32, relative error max|ours - theirs| / max|theirs| <= 1e-5.
 """
 
 import inspect
-import itertools
-import json
 import os
 import subprocess
 import sys
@@ -13,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders import single_file_utils
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_diffusers import diffusers_transformer, diffusers_vae, randomize
 
 import flux_model as fm
 import srpo
@@ -37,21 +36,6 @@ CONFIGS = {  # (config, height, width, text tokens, batch)
 
 def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def randomize(module, std=0.05, seed=0):
-    """Every parameter random, so that a wrong mapping of any one of them shows up in the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = "norm" in name and not name.endswith("bias") and p.ndim == 1  # norm scales stay near 1
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if scale else 0.0))
-    return module
-
-
-def diffusers_transformer(cfg, seed=0):
-    kwargs = {k: v for k, v in fm.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
-    return randomize(FluxTransformer2DModel(**kwargs).eval(), seed=seed)
 
 
 def transformer_inputs(cfg, height, width, T, B, seed=1):
@@ -145,16 +129,6 @@ AE_CONFIGS = [fm.AutoEncoderConfig.preset("tiny"),
               fm.AutoEncoderConfig(ch=8, ch_mult=(1, 2, 3, 3), num_res_blocks=2, groups=4)]
 
 
-def diffusers_vae(cfg, seed=0):
-    n = len(cfg.ch_mult)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
-                        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
-                        norm_num_groups=cfg.groups, scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    return randomize(vae, std=0.1, seed=seed).eval()
-
-
 @pytest.mark.parametrize("cfg", AE_CONFIGS, ids=["tiny", "wide-mult"])
 @torch.no_grad()
 def test_autoencoder_matches_diffusers(cfg, tmp_path):
@@ -190,75 +164,6 @@ def test_schedule_matches_diffusers(steps, size):
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: a tiny diffusers FLUX folder written by FluxPipeline.save_pretrained, sampled by both
-
-
-def clip_tokenizer(folder):
-    """A CLIP BPE tokenizer with the byte-level alphabet and no merges: real BPE code, made offline."""
-    from transformers import CLIPTokenizer
-
-    # GPT-2's printable stand-ins for the 256 bytes, in byte order
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    chars = [chr(b if b in printable else next(extra)) for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513, "ca": 514, "cat</w>": 515}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\nc a\nca t</w>\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
-
-
-def t5_tokenizer(folder):
-    """A T5 (unigram) tokenizer trained offline with sentencepiece on the PartiPrompts."""
-    import csv
-
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    parti = os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")
-    if os.path.isfile(parti):
-        with open(parti) as f:
-            rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
-    else:  # a checkout without ../shared: any varied English will do for a 300-piece vocabulary
-        words = [["a", "the", "one red", "two big", "an old"], ["cat", "dog", "tree", "house", "bird", "fox"],
-                 ["sits on", "runs past", "flies over", "waits by"], ["the mat.", "a road!", "hills", "the lake?"]]
-        rows = [" ".join(w) for w in itertools.product(*words)]
-    prefix = os.path.join(folder, "spm")
-    os.makedirs(folder, exist_ok=True)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=prefix, vocab_size=300, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
-                                   hard_vocab_limit=False)
-    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    tok = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                   unk_id=2))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
-
-
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("flux")
-    cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
-                        depth_single_blocks=2, axes_dim=(4, 14, 14))
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
-                                        eos_token_id=513, pad_token_id=513)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 pad_token_id=0, eos_token_id=1)).eval()
-    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                            max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
-    pipe = FluxPipeline(scheduler=sched, vae=diffusers_vae(fm.AutoEncoderConfig.preset("tiny")), text_encoder=clip,
-                        tokenizer=clip_tokenizer(str(root / "clip_tok")), text_encoder_2=t5,
-                        tokenizer_2=t5_tokenizer(str(root / "t5_tok")), transformer=diffusers_transformer(cfg))
-    pipe.save_pretrained(root / "flux")
-    return str(root / "flux")
 
 
 def pipeline_image(folder, prompt, height, width, steps, seed, batch=1, transformer_file=None):

@@ -1,0 +1,374 @@
+"""`srpo.py train`: Direct-Align and SRPO's relative reward against their definitions (REFERENCE.md §4, the formulas
+written out again here), FSDP2 against gradient accumulation, checkpoints, resume and bad input. Tiny models only.
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file, save_file
+
+import flux_model as fm
+import srpo
+from reward import HPSReward, control_words
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]  # seconds per run
+
+
+def shift3(t):
+    return 3 * t / (1 + 2 * t)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, ae, text = srpo.tiny_models()
+    return model, ae, text, HPSReward.tiny()
+
+
+def weights(out, step):
+    return load_file(os.path.join(out, srpo.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+
+
+def log_lines(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm against its definition
+
+
+def test_recovery_returns_x0_for_any_sigma_pair():
+    """With the ideal model v = eps - x0, inject -> one step -> recover gives x0 back, whichever the direction."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
+    ideal = lambda x, img_ids, txt, txt_ids, y, t, guidance: eps - x0  # noqa: E731
+    for sigma_from, sigma_t in [(0.964, 0.75), (0.75, 0.964), (0.9, 0.85), (0.3, 0.99), (0.99, 0.01)]:
+        x0_hat = srpo.direct_align(ideal, x0, eps, sigma_from, sigma_t, (None,) * 4, 3.5)
+        assert rel_err(x0_hat, x0) < 1e-5, (sigma_from, sigma_t)
+
+
+def test_window_sigma_pairs_and_k_schedules_equal_the_reference():
+    cfg = srpo.TrainConfig()
+    S = shift3(torch.linspace(1, 0, 51))
+    sigmas_l = torch.linspace(S[5].item(), S[25].item(), 1000)
+    window = srpo.timestep_window(cfg)
+    assert torch.allclose(window, sigmas_l) and abs(window[0] - 0.964) < 1e-3 and abs(window[-1] - 0.75) < 1e-6
+    k_d, k_i = torch.linspace(0.1, 0.25, 1000), torch.linspace(0.3, 0.01, 1000)
+    for sel in [5, 6, 50, 101, 102, 500, 898, 899, 900, 994, 995]:
+        K = min(101, 1000 - sel, sel)
+        expected = (*sigmas_l[[1000 - sel, 1000 - sel - K, min(1000 - sel + K, 999)]].tolist(), K)
+        assert srpo.sigma_pair(window, sel, cfg.max_gap) == expected, sel
+        assert srpo.k_schedule(cfg, sel, K) == (k_d[sel].item(), k_i[max(sel - K, 1)].item()), sel
+        t, hi, lo, _ = expected
+        assert hi >= t >= lo  # the denoise branch starts noisier, the inversion branch cleaner
+    draws = {srpo.draw_timestep(cfg, step, j) for step in range(300) for j in range(4)}
+    assert min(draws) >= 5 and max(draws) <= 995 and len(draws) > 500
+    assert torch.allclose(srpo.shifted_schedule(25, 3.0), shift3(torch.linspace(1, 0, 26)))
+
+
+def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
+    cfg = srpo.TrainConfig(height=32, width=48)
+    eps = srpo.shared_noise(cfg, 7, CPU)
+    assert eps.shape == (1, 6, 64) and torch.equal(eps, srpo.shared_noise(cfg, 7, CPU))
+    assert not torch.equal(eps, srpo.shared_noise(cfg, 8, CPU))
+
+
+def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
+    cfg = srpo.TrainConfig()
+    calls = []
+
+    def model(x, img_ids, txt, txt_ids, y, t, guidance):
+        calls.append((t.item(), guidance.item(), torch.is_grad_enabled()))
+        return torch.ones_like(x)
+
+    x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), (None,) * 4, cfg)
+    sigmas = shift3(torch.linspace(1, 0, 26))
+    assert [c[0] for c in calls] == pytest.approx(sigmas[:-1].tolist())
+    assert {c[1:] for c in calls} == {(1.0, False)}
+    assert torch.allclose(x0, torch.full_like(x0, -1.0))  # integral of v = 1 from sigma 1 to 0
+
+
+def branch_setup(tiny, prompt="a red fox"):
+    model, ae, text, reward = tiny
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4)
+    cond = srpo.conditioning(text([prompt]), cfg, CPU)
+    eps = srpo.shared_noise(cfg, 0, CPU)
+    return copy.deepcopy(model), ae, reward, cfg, cond, eps, srpo.online_rollout(model, eps, cond, cfg)
+
+
+def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
+    model, ae, reward, cfg, cond, eps, x0 = branch_setup(tiny)
+    reward = copy.deepcopy(reward)
+    captions, calls = [], []
+    text_features = reward.text_features
+    monkeypatch.setattr(reward, "text_features", lambda prompts: captions.append(prompts) or text_features(prompts))
+    relative = reward.relative_reward
+
+    def recording(images, prompts, k, positive, negative, preprocess_mode=None):
+        calls.append((k, positive, negative))
+        return relative(images, prompts, k, positive, negative, preprocess_mode)
+
+    monkeypatch.setattr(reward, "relative_reward", recording)
+    step, sel = 6, 300
+    srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", sel, step, cfg, scale=1.0)
+    P, N = control_words(step)
+    K = min(101, 1000 - sel, sel)
+    k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[sel - K].item()
+    assert calls == [(pytest.approx(k_d), P, N), (pytest.approx(k_i), N, P)]
+    assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
+
+
+def test_exactly_two_transformer_calls_carry_gradient_per_step(tiny, tmp_path):
+    model, ae, text, reward = tiny
+    cfg = srpo.TrainConfig(height=32, width=32, steps=1, samples=0)
+    ranks = srpo.Ranks(0, 1, CPU)
+    model = srpo.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    prompts = ["a red fox"]
+    srpo.train(model, ae, reward, srpo.encode_prompts(text, prompts), srpo.prompt_schedule(prompts, cfg, 1), [], cfg,
+               str(tmp_path), 0, None, ranks)
+    assert calls.count(True) == 2 and calls.count(False) == cfg.rollout_steps
+    assert all(p.grad is None for p in model.parameters())  # the step consumed them
+    assert all(not p.requires_grad for p in [*ae.parameters(), *reward.parameters()])  # frozen: no wasted gradient
+
+
+def test_reward_and_loss_have_the_expected_signs(tiny):
+    """The hinge falls as the reward rises, and a small gradient step raises the denoise-branch reward."""
+    r = torch.tensor([-0.3, 0.2, 0.69, 0.71, 1.0], requires_grad=True)
+    losses = [srpo.hinge_loss(x, 0.7).item() for x in r]
+    assert losses == pytest.approx([0.5, 0.25, 0.005, 0.0, 0.0], abs=1e-6)
+    srpo.hinge_loss(r[:2], 0.7).backward()
+    assert (r.grad[:2] < 0).all()
+
+    model, ae, reward, cfg, cond, eps, x0 = branch_setup(tiny)
+    P, N = control_words(0)
+    sigma_t, sigma_hi, _, K = srpo.sigma_pair(srpo.timestep_window(cfg), 400, cfg.max_gap)
+    k_d, _ = srpo.k_schedule(cfg, 400, K)
+
+    def denoise_reward():
+        x0_hat = srpo.direct_align(model, x0, eps, sigma_hi, sigma_t, cond, cfg.guidance)
+        return reward.relative_reward(srpo.decode_images(ae, x0_hat, 32, 32), ["a red fox"], k_d, P, N, "crop")
+
+    before = denoise_reward()
+    srpo.hinge_loss(before, cfg.margin).backward()
+    grads = [p.grad for p in model.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    step = 0.05 / norm  # a step of length 0.05 down the loss gradient; dL/dr = -1/2, so r should gain 0.1 |dL/dw|
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p -= step * g
+    gain = (denoise_reward() - before).item()
+    assert 0.5 < gain / (0.1 * norm.item()) < 1.5, (gain, norm.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: FSDP2, checkpoints, resume
+
+
+def cli(*args):
+    """`srpo.py train` in a fresh process, single-threaded like torchrun's workers (same float rounding)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_fsdp_two_processes_match_one_process_accumulating_both_prompts(tmp_path):
+    """torchrun, 2 gloo processes with one prompt each == 1 process with --grad-accum 2 over the same prompts."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["train", "--device", "cpu", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
+    cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "srpo.py", *args, "--out", two)
+    cli("srpo.py", *args, "--grad-accum", "2", "--out", one)
+    a, b = weights(one, 2), weights(two, 2)
+    assert a.keys() == b.keys()
+    assert max(rel_err(b[k], a[k]) for k in a) <= 1e-5
+    assert max(rel_err(a[k], weights(one, 1)[k]) for k in a) > 1e-3  # the weights did move
+    for x, y in zip(log_lines(one), log_lines(two), strict=True):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
+    opt_one, opt_two = (torch.load(os.path.join(out, srpo.CHECKPOINT.format(2), "training.pt"),
+                                   weights_only=True)["optimizer"]["state"] for out in (one, two))
+    names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
+    assert opt_one.keys() == opt_two.keys() == names  # the full AdamW state, gathered from the shards
+    assert all(torch.allclose(opt_two[n]["exp_avg"], opt_one[n]["exp_avg"], rtol=1e-4, atol=1e-9) for n in names)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 3-step run, checkpoint after every step."""
+    out = str(tmp_path_factory.mktemp("straight"))
+    srpo.main(["train", "--steps", "3", "--save-every", "1", "--keep", "3", *SMALL, "--out", out])
+    return out
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
+    out = str(tmp_path)
+    srpo.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
+    assert sorted(srpo.checkpoints(out)) == [2]  # --keep 1
+    srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
+    a, b = weights(straight, 3), weights(out, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_lines(out) == log_lines(straight)
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(straight, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    save = torch.save
+
+    def crash_at_step_2(obj, path, *args, **kwargs):
+        if srpo.CHECKPOINT.format(2) in str(path):
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_at_step_2)
+    with pytest.raises(OSError):
+        srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out])
+    monkeypatch.setattr(torch, "save", save)
+    assert sorted(srpo.checkpoints(out)) == [1]  # step 2's folder has weights but no state.json
+    assert os.path.exists(os.path.join(out, srpo.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors"))
+    fm.load_transformer(os.path.join(out, srpo.CHECKPOINT.format(1)))
+    srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
+    a, b = weights(straight, 3), weights(out, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_transformer_loads_strictly_into_diffusers(straight):
+    folder = os.path.join(straight, srpo.CHECKPOINT.format(3))
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    theirs = FluxTransformer2DModel.from_pretrained(folder)  # config.json written beside the weights
+    theirs.load_state_dict(state, strict=True)  # the model card's snippet
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in state.items())
+    ours = fm.Flux(fm.FluxConfig.preset("tiny"))
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
+    names = set(os.listdir(straight))
+    assert {"log.jsonl", "samples-before.png", "samples-after.png", srpo.CHECKPOINT.format(3)} <= names
+    assert [line["step"] for line in log_lines(straight)] == [1, 2, 3]
+    line = log_lines(straight)[0]
+    assert {"loss", "reward_denoise", "reward_inversion", "grad_norm", "lr"} <= line.keys()
+    state = fm.read_json(os.path.join(straight, srpo.CHECKPOINT.format(3), "state.json"))
+    assert state["step"] == 3 and state["config"]["lr"] == srpo.DEMO_DEFAULTS["lr"]
+
+
+def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(flux_folder, tmp_path):
+    """--flux/--hps/--prompts: diffusers FLUX folder (test_flux's tiny one, with a CLIP vocabulary whose end token is
+    the last id, as CLIP's), an HPS checkpoint in transformers keys; then a resume through the same path."""
+    flux = str(tmp_path / "flux")
+    shutil.copytree(flux_folder, flux)
+    vocab = HPSReward.tiny().tokenizer.bpe.get_vocab()
+    with open(os.path.join(flux, "tokenizer", "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(flux, "tokenizer", "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    hps = str(tmp_path / "hps.safetensors")
+    save_file(HPSReward.tiny(seed=1).clip.state_dict(), hps)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a mat\n\na dog in the fog\na tree\n")
+    out = str(tmp_path / "out")
+    args = ["train", "--flux", flux, "--hps", hps, "--prompts", str(prompts), "--out", out, *SMALL]
+    srpo.main([*args, "--steps", "1"])
+    srpo.main([*args, "--steps", "2", "--resume"])
+    assert [line["step"] for line in log_lines(out)] == [1, 2]
+    theirs = FluxTransformer2DModel.from_pretrained(os.path.join(flux, "transformer"))
+    theirs.load_state_dict(weights(out, 2), strict=True)
+
+
+@pytest.mark.slow
+def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
+    """`python srpo.py train` with no flags (but --out): the whole demo, in a fresh process."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "srpo.py"), "train", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rewards = [line["reward_denoise"] for line in log_lines(str(tmp_path))]
+    assert len(rewards) == srpo.DEMO_DEFAULTS["steps"]
+    assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
+    assert sorted(srpo.checkpoints(str(tmp_path))) == [srpo.DEMO_DEFAULTS["steps"]]
+    assert os.path.exists(tmp_path / "samples-after.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing lost
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    empty, flux, a_file = tmp_path / "empty.txt", tmp_path / "flux", tmp_path / "file"
+    empty.write_text("\n  \n")
+    flux.mkdir()
+    a_file.write_text("x")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--prompts", str(tmp_path / "none.txt")], ["none.txt", "cannot read the prompt file"]),
+        (["--prompts", str(empty)], ["empty.txt", "no prompts"]),
+        (["--flux", str(flux), "--hps", str(tmp_path / "hps.pt")], ["hps.pt", "no such file"]),
+        (["--flux", str(flux)], ["--hps", "required"]),
+        (["--hps", str(a_file)], ["--hps needs --flux"]),
+        (["--height", "50"], ["multiples of 16", "50x64"]),
+        (["--out", str(a_file / "sub")], ["cannot write the output folder"]),
+        (["--steps", "0"], ["--steps", "at least 1"]),
+        (["--window", "25", "5"], ["--window"]),
+    ]
+    for args, words in cases:
+        code, err = run_cli(["train", "--out", out, *args], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (args, err)
+        assert all(w in err[0] for w in words), (args, err)
+
+
+def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
+    before = weights(straight, 3)
+    code, err = run_cli(["train", "--steps", "4", *SMALL, "--out", straight], capsys)
+    assert code == 2 and len(err) == 1 and "--resume" in err[0] and "step 3" in err[0]
+    code, err = run_cli(["train", "--steps", "4", *SMALL, "--lr", "0.5", "--out", straight, "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "lr" in err[0]
+    after = weights(straight, 3)
+    assert sorted(srpo.checkpoints(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    calls = []
+    relative = HPSReward.relative_reward
+
+    def nan_from_step_3(self, *args, **kwargs):
+        calls.append(1)
+        r = relative(self, *args, **kwargs)
+        return r * float("nan") if len(calls) > 4 else r  # two branches per step
+
+    monkeypatch.setattr(HPSReward, "relative_reward", nan_from_step_3)
+    out = str(tmp_path)
+    code, err = run_cli(["train", "--steps", "5", "--save-every", "1", "--keep", "5", *SMALL, "--out", out], capsys)
+    errors = [line for line in err if line.startswith("error: ")]  # after the progress bar's lines
+    assert code == 2 and len(errors) == 1 and errors[0] == err[-1], err
+    assert "step 3" in err[-1] and "not finite" in err[-1] and srpo.CHECKPOINT.format(2) in err[-1], err
+    assert sorted(srpo.checkpoints(out)) == [1, 2]
+    model = fm.load_transformer(os.path.join(out, srpo.CHECKPOINT.format(2)))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_help_documents_every_flag():
+    parser = srpo.build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    assert all(action.help for action in train._actions)
+    text = train.format_help()
+    for flag in ["--flux", "--hps", "--prompts", "--out", "--steps", "--save-every", "--seed", "--resume", "--lr",
+                 "--betas", "--adam-eps", "--weight-decay", "--grad-clip", "--height", "--width", "--guidance",
+                 "--rollout-guidance", "--rollout-steps", "--grad-accum", "--attn", "--device"]:
+        assert flag in text, flag

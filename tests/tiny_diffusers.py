@@ -1,0 +1,106 @@
+"""Tiny random diffusers models and a tiny diffusers-format FLUX.1 folder: the references the tests compare with."""
+
+import itertools
+import json
+import os
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+import flux_model as fm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def randomize(module, std=0.05, seed=0):
+    """Every parameter random, so that a wrong mapping of any one of them shows up in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = "norm" in name and not name.endswith("bias") and p.ndim == 1  # norm scales stay near 1
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if scale else 0.0))
+    return module
+
+
+def diffusers_transformer(cfg, seed=0):
+    kwargs = {k: v for k, v in fm.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return randomize(FluxTransformer2DModel(**kwargs).eval(), seed=seed)
+
+
+def diffusers_vae(cfg, seed=0):
+    n = len(cfg.ch_mult)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+                        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
+                        norm_num_groups=cfg.groups, scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    return randomize(vae, std=0.1, seed=seed).eval()
+
+
+def clip_tokenizer(folder):
+    """A CLIP BPE tokenizer with the byte-level alphabet and no merges: real BPE code, made offline."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2's printable stand-ins for the 256 bytes, in byte order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b if b in printable else next(extra)) for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
+    vocab |= {"ca": 512, "cat</w>": 513, "<|startoftext|>": 514, "<|endoftext|>": 515}  # end token last, as CLIP
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+
+
+def t5_tokenizer(folder):
+    """A T5 (unigram) tokenizer trained offline with sentencepiece on the PartiPrompts."""
+    import csv
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    parti = os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")
+    if os.path.isfile(parti):
+        with open(parti) as f:
+            rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
+    else:  # a checkout without ../shared: any varied English will do for a 300-piece vocabulary
+        words = [["a", "the", "one red", "two big", "an old"], ["cat", "dog", "tree", "house", "bird", "fox"],
+                 ["sits on", "runs past", "flies over", "waits by"], ["the mat.", "a road!", "hills", "the lake?"]]
+        rows = [" ".join(w) for w in itertools.product(*words)]
+    prefix = os.path.join(folder, "spm")
+    os.makedirs(folder, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=prefix, vocab_size=300, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    tok = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                                   unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+def flux_folder(root):
+    """A tiny diffusers-format FLUX.1 folder written by FluxPipeline.save_pretrained: random tiny T5, CLIP, VAE and
+    transformer, tokenizers made offline. Returns its path."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
+                        depth_single_blocks=2, axes_dim=(4, 14, 14))
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=514,
+                                        eos_token_id=515, pad_token_id=515)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                            max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    pipe = FluxPipeline(scheduler=sched, vae=diffusers_vae(fm.AutoEncoderConfig.preset("tiny")), text_encoder=clip,
+                        tokenizer=clip_tokenizer(str(root / "clip_tok")), text_encoder_2=t5,
+                        tokenizer_2=t5_tokenizer(str(root / "t5_tok")), transformer=diffusers_transformer(cfg))
+    pipe.save_pretrained(root / "flux")
+    return str(root / "flux")
