@@ -4,6 +4,7 @@
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts FILE --out DIR
     python srpo.py sample --flux FLUX_DIR --prompt "a cat" --out cat.png    # FLUX.1-dev, same image as diffusers
     python srpo.py sample                                                   # tiny built-in model, offline, seconds
+    python srpo.py score --hps HPS_v2.1_compressed.pt --tokenizer FLUX_DIR --prompt "a cat" cat.png   # HPS score
 
 Every command runs offline. Bad input ends in one line on stderr and exit code 2.
 """
@@ -786,6 +787,38 @@ def cmd_train(args):
             dist.destroy_process_group()
 
 
+@torch.no_grad()
+def cmd_score(args):
+    import reward
+
+    if (args.hps is None) == (args.pickscore is None):
+        raise InputError("give one of --hps CKPT (HPSv2/2.1) and --pickscore DIR")
+    if args.save_safetensors:
+        if not args.hps:
+            raise InputError("--save-safetensors converts an --hps checkpoint")
+        reward.convert_checkpoint(args.hps, args.save_safetensors)
+        print(args.save_safetensors)
+        args.hps = args.save_safetensors
+        if not args.images:
+            return
+    if not args.images:
+        raise InputError("no images to score")
+    if args.tokenizer is None or args.prompt is None:
+        raise InputError("--tokenizer DIR (vocab.json + merges.txt, or a FLUX.1 folder) and --prompt are required")
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    images = [reward.load_image(path) for path in args.images]  # every file is checked before the model loads
+    tokenizer = reward.ClipTokenizer.from_folder(args.tokenizer)
+    scorer = (reward.HPSReward.load(args.hps, tokenizer, device, dtype) if args.hps
+              else reward.PickScoreReward.load(args.pickscore, tokenizer, device, dtype))
+    for path, image in zip(args.images, images, strict=True):  # one at a time: sizes may differ
+        if args.relative:
+            value = scorer.relative_reward(image[None], args.prompt, args.k, *args.relative, args.preprocess)
+        else:
+            value = scorer.score(image[None], args.prompt, args.preprocess)
+        print(f"{value.item():.6f}\t{path}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="srpo.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -825,6 +858,29 @@ def build_parser():
                    help="attention and QK-norm+RoPE kernels (default: triton on CUDA, sdpa elsewhere)")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore), or SRPO's relative reward",
+                       description="Print one score per image (score, tab, path): the HPS score <img, txt> of "
+                       "L2-normalised CLIP features (PickScore: times exp(logit_scale)); with --relative POS NEG, "
+                       "SRPO's reward img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')).")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode (converted to RGB)")
+    p.add_argument("--hps", help="HPS checkpoint: HPS_v2(.1)_compressed.pt (open_clip) or its converted .safetensors")
+    p.add_argument("--pickscore", help="PickScore model folder in transformers format (config.json + weights)")
+    p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
+                   "folder (its tokenizer/)")
+    p.add_argument("--prompt", help="the prompt the images were made for")
+    p.add_argument("--relative", nargs=2, metavar=("POS", "NEG"), help="SRP reward with these control words, e.g. "
+                   "Real Painting")
+    p.add_argument("--k", type=float, default=0.0, help="k of the SRP reward (default 0)")
+    p.add_argument("--preprocess", choices=["hpsv2", "crop"], default=None,
+                   help="hpsv2: longest side to 224 + zero pad (HPS default); crop: short side to 224 + centre crop "
+                   "(SRPO training, PickScore default)")
+    p.add_argument("--save-safetensors", metavar="PATH", help="convert --hps to a safetensors file first (later "
+                   "loads are fast and pickle-free), then score from it; IMAGE may be omitted")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
+                   "float32)")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
