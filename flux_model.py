@@ -752,16 +752,32 @@ def save_transformer(model: Flux, folder):
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in to_theirs(model.state_dict(), transformer_links(model.cfg)).items()}
     path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    save_file(state, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(folder, "config.json"), flux_config_to_diffusers(model.cfg))
     return path
 
 
+def atomic_write(path, write):
+    """write(tmp) then rename tmp to path, both flushed to disk first: after a crash or a power loss, path holds
+    the old file or the whole new one, never a part."""
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
 
 
 def ae_config_from_diffusers(d, where):
