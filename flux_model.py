@@ -152,12 +152,16 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
+    """The q and k norm scales of one attention (parameters only, named as in BFL's checkpoints)."""
+
     def __init__(self, dim):
         super().__init__()
         self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
 
 class SelfAttention(nn.Module):
+    """One stream's attention weights (parameters only: the joint attention runs in the block)."""
+
     def __init__(self, dim, num_heads):
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -179,7 +183,8 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = SelfAttention(h, cfg.num_heads), SelfAttention(h, cfg.num_heads)
         self.img_mlp, self.txt_mlp = mlp(h, cfg.mlp_hidden), mlp(h, cfg.mlp_hidden)
 
-    def qkv(self, attn, x, cos, sin):
+    def heads(self, attn, x, cos, sin):
+        """q, k, v (B, H, N, D) of one stream, q and k normalised and rotated."""
         q, k, v = split_heads(attn.qkv(x), self.num_heads)
         norm = attn.norm
         q = norm_rope(q, norm.query_norm.scale, cos, sin, self.backend)
@@ -191,8 +196,8 @@ class DoubleStreamBlock(nn.Module):
         T = txt.shape[1]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        tq, tk, tv = self.qkv(self.txt_attn, modulate(txt, t_shift1, t_scale1), cos[:T], sin[:T])
-        iq, ik, iv = self.qkv(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
+        tq, tk, tv = self.heads(self.txt_attn, modulate(txt, t_shift1, t_scale1), cos[:T], sin[:T])
+        iq, ik, iv = self.heads(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
         out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
         txt_out, img_out = out[:, :T], out[:, T:]
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_out))  # img + gate * f(img)
@@ -478,18 +483,26 @@ class TextConditioner(nn.Module):
 
         logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
 
+        from safetensors import SafetensorError
+
         check_folder(flux_dir, "a diffusers FLUX.1 folder")
         parts = {}
-        for name, kind in [("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer),
-                           ("text_encoder_2", T5EncoderModel), ("tokenizer_2", T5TokenizerFast)]:
+        # the files each part cannot do without: transformers would build an empty tokenizer without complaint
+        for name, kind, needs in [("text_encoder", CLIPTextModel, ["config.json"]),
+                                  ("tokenizer", CLIPTokenizer, ["tokenizer.json|vocab.json"]),
+                                  ("text_encoder_2", T5EncoderModel, ["config.json"]),
+                                  ("tokenizer_2", T5TokenizerFast, ["tokenizer.json|spiece.model"])]:
             sub = os.path.join(flux_dir, name)
             if not os.path.isdir(sub):
                 raise InputError(f"{flux_dir}: no {name}/ folder (expected the diffusers FLUX.1 layout)")
+            for need in needs:
+                if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
+                    raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
             extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
             try:
                 parts[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
-            except (OSError, ValueError) as e:
-                raise InputError(f"{sub}: cannot load {kind.__name__}: {str(e).splitlines()[0]}") from None
+            except (OSError, ValueError, TypeError, SafetensorError) as e:
+                raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
         return cls(parts["text_encoder_2"].to(device), parts["tokenizer_2"], parts["text_encoder"].to(device),
                    parts["tokenizer"], max_length)
 
@@ -610,6 +623,11 @@ def to_theirs(state, links):
             for k, v in pieces.items()}
 
 
+def first_line(error):
+    """The first line of an exception's message, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def check_folder(path, what):
     if not os.path.isdir(path):
         raise InputError(f"{path}: no such folder (expected {what})")
@@ -670,22 +688,29 @@ def load_into(model_fn, links, sources, where, dtype, device):
 
 
 def read_json(path):
+    """A JSON object (dict) from path; anything else is a one-line error."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def weight_files(folder):
     """The safetensors shard paths of a diffusers model folder (sharded with an index, or one file)."""
     index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
     if os.path.isfile(index):
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise InputError(f"{index}: empty weight_map")
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index}: expected a non-empty weight_map object of key -> shard file")
+        shards = sorted(set(map(str, weight_map.values())))
         return [os.path.join(folder, s) for s in shards]
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     if not os.path.isfile(single):
@@ -694,15 +719,26 @@ def weight_files(folder):
 
 
 def flux_config_from_diffusers(d, where):
+    """FluxConfig from a diffusers FluxTransformer2DModel config.json (FLUX's MLP ratio 4 is not in it)."""
+    ints = ["in_channels", "pooled_projection_dim", "joint_attention_dim", "num_attention_heads",
+            "attention_head_dim", "num_layers", "num_single_layers"]
     try:
+        least = {"num_layers": 0, "num_single_layers": 0}  # a model may have no blocks of one kind
+        bad = [k for k in ints if not isinstance(d[k], int) or d[k] < least.get(k, 1)]
+        axes = tuple(d["axes_dims_rope"])
+        if bad or not all(isinstance(a, int) and a > 0 for a in axes):
+            raise InputError(f"{where}: config entries must be positive integers: "
+                             f"{', '.join(f'{k}={d[k]!r}' for k in bad) or f'axes_dims_rope={axes!r}'}")
         return FluxConfig(in_channels=d["in_channels"], vec_in_dim=d["pooled_projection_dim"],
                           context_in_dim=d["joint_attention_dim"],
                           hidden_size=d["num_attention_heads"] * d["attention_head_dim"],
                           num_heads=d["num_attention_heads"], depth=d["num_layers"],
-                          depth_single_blocks=d["num_single_layers"], axes_dim=tuple(d["axes_dims_rope"]),
-                          guidance_embed=d["guidance_embeds"])
+                          depth_single_blocks=d["num_single_layers"], axes_dim=axes,
+                          guidance_embed=bool(d["guidance_embeds"]))
     except KeyError as e:
         raise InputError(f"{where}: missing config entry {e}") from None
+    except TypeError as e:
+        raise InputError(f"{where}: malformed config ({e})") from None
 
 
 def flux_config_to_diffusers(cfg: FluxConfig):
@@ -740,6 +776,8 @@ def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
     else:
         raise InputError(f"{path}: no such file or folder")
     sources = read_sources(files)
+    if any(k.startswith(BFL_PREFIX) for k in sources):  # an all-in-one file: the transformer is what is prefixed
+        sources = {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
     links = file_links(sources, cfg, lambda: Flux(cfg), path)
     return load_into(lambda: Flux(cfg), links, sources, path, dtype, device)
 
@@ -761,10 +799,14 @@ def atomic_write(path, write):
     """write(tmp) then rename tmp to path, both flushed to disk first: after a crash or a power loss, path holds
     the old file or the whole new one, never a part."""
     tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: leave no half file behind
+            os.remove(tmp)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself
@@ -774,7 +816,7 @@ def atomic_write(path, write):
 
 def write_json(path, obj):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
 
     atomic_write(path, write)

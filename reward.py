@@ -2,29 +2,37 @@
 
 Everything the training loop needs from a reward lives here:
 - loading: open_clip checkpoints (`{'state_dict': ...}`, fp16) converted on load into a `CLIPModel`, or a converted
-  safetensors file; depth and widths come from the weights' shapes, head counts from ViT-H-14's head widths;
-- the CLIP BPE tokenizer with open_clip's text cleaning and token layout;
+  safetensors file read lazily; depth and widths come from the weights' shapes, head counts from ViT-H-14's head
+  widths;
+- the CLIP BPE tokenizer with open_clip's text cleaning (ftfy's fixes but mojibake repair) and token layout;
 - differentiable preprocessing of (B, 3, H, W) images in [0, 1];
 - the HPS score s = <img, txt> of L2-normalised features and SRPO's relative reward r = img . ((1 + k) t+ - t-).
 """
 
 import html
-import json
+import html.entities
+import os
 import pickle
 import re
 import unicodedata
 from collections import OrderedDict
+from itertools import groupby
 from math import isqrt
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import regex
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
+import flux_model as fm
 from flux_model import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,9 +40,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONTEXT_LENGTH = 77
 VISION_HEAD_WIDTH = 80  # ViT-H-14: 1280 wide, 16 heads
 TEXT_HEAD_WIDTH = 64  # ViT-H-14 text tower: 1024 wide, 16 heads
-VIT_H_14 = {"vision_width": 1280, "vision_layers": 32, "text_width": 1024, "text_layers": 24, "embed_dim": 1024}
 TINY = {"vision_width": 160, "vision_layers": 2, "text_width": 128, "text_layers": 2, "embed_dim": 64}
 PREPROCESS_MODES = ("hpsv2", "crop")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # SRPO's control words: the training step picks POSITIVE_WORDS[i % 4] and NEGATIVE_WORDS[i % 5] (see control_words).
 POSITIVE_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")
@@ -55,7 +63,7 @@ def clip_config(vision_width, vision_layers, text_width, text_layers, embed_dim,
     """
     for name, width, head_width in (("vision", vision_width, vision_head_width), ("text", text_width, text_head_width)):
         if width % head_width:
-            raise InputError(f"{name} width {width} is not a multiple of the head width {head_width}")
+            raise InputError(f"{name} width {width} is not a multiple of the ViT-H-14 head width {head_width}")
     common = {"hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": embed_dim}
     text = dict(common, vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_mlp or 4 * text_width,
                 num_hidden_layers=text_layers, num_attention_heads=text_width // text_head_width,
@@ -102,34 +110,41 @@ def _hf_name(key):
     return module and f"{tower}.encoder.layers.{m[2]}.{module}.{m[4]}"
 
 
-def open_clip_to_hf(state_dict):
-    """Rename open_clip CLIP keys to `CLIPModel` keys: split `in_proj` into q, k, v, transpose the two projections.
+class Piece(NamedTuple):
+    """Where one `CLIPModel` tensor lies in a checkpoint: rows `rows` of tensor `source`, transposed or not."""
 
-    Consumes `state_dict` (pops each key) so the source can be freed while the result grows. The results are views of
-    the source tensors (no copy). Returns (weights, origin): origin maps each new key to "'open_clip key' (shape)"
-    for error messages.
-    """
-    weights, origin = {}, {}
-    for key in list(state_dict):
-        tensor = state_dict.pop(key)
+    source: str  # the checkpoint's key
+    rows: slice | None  # q, k or v: a third of open_clip's fused in_proj (first dim)
+    transposed: bool  # open_clip's x @ P projections, nn.Linear's x @ W.T
+    shape: tuple  # the `CLIPModel` tensor's shape
+    origin: str  # "'source key' (its shape)", for error messages
+
+
+def _describe(key, shape):
+    return f"'{key}' {tuple(shape)}"
+
+
+def open_clip_to_hf(shapes):
+    """{`CLIPModel` key: Piece} for an open_clip CLIP checkpoint's {key: shape}: keys renamed, `in_proj` split into q,
+    k, v (thirds of its rows), the two projections transposed; open_clip's unused `attn_mask` buffer dropped."""
+    pieces = {}
+    for key, shape in shapes.items():
         if key == "attn_mask":  # the causal mask buffer some open_clip versions saved; transformers builds its own
             continue
-        name, source = _hf_name(key), _describe(key, tensor)
+        name, origin = _hf_name(key), _describe(key, shape)
         if name is None:
-            raise InputError(f"unexpected key {source}: not an open_clip ViT-H-14 CLIP checkpoint")
-        if key in _TRANSPOSED and tensor.ndim == 2:
-            tensor = tensor.T
-        pieces = {name: tensor}
-        if ".in_proj." in name:  # open_clip fuses q, k, v along the output dim: in_proj_weight is (3W, W)
-            pieces = dict(zip((name.replace("in_proj", p) for p in ("q_proj", "k_proj", "v_proj")), tensor.chunk(3),
-                              strict=False))
-        weights |= pieces
-        origin |= dict.fromkeys(pieces, source)
-    return weights, origin
-
-
-def _describe(key, tensor):
-    return f"'{key}' {tuple(tensor.shape)}"
+            raise InputError(f"unexpected key {origin}: not an open_clip ViT-H-14 CLIP checkpoint")
+        transposed = key in _TRANSPOSED and len(shape) == 2
+        if ".in_proj." not in name:
+            pieces[name] = Piece(key, None, transposed, tuple(reversed(shape)) if transposed else tuple(shape), origin)
+            continue
+        if not shape or shape[0] % 3:  # open_clip fuses q, k, v along the output dim: in_proj_weight is (3W, W)
+            raise InputError(f"key {origin}: a fused q, k, v projection needs a first dimension divisible by 3")
+        n = shape[0] // 3
+        for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+            pieces[name.replace("in_proj", part)] = Piece(key, slice(i * n, (i + 1) * n), False, (n, *shape[1:]),
+                                                          origin)
+    return pieces
 
 
 def _torch_load(path):
@@ -138,101 +153,120 @@ def _torch_load(path):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise InputError(f"{path}: not a torch checkpoint ({_first_line(e)})") from None
+            raise InputError(f"{path}: not a torch checkpoint ({fm.first_line(e)})") from None
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         why = f"it pickles {found[1]}" if found else "pickled objects"
         raise InputError(f"{path}: torch.load(weights_only=True) refused it ({why}); save a plain state_dict") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(f"{path}: not a torch checkpoint ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a torch checkpoint ({fm.first_line(e)})") from None
     state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if (not isinstance(state_dict, dict) or not state_dict
+            or not all(isinstance(v, torch.Tensor) for v in state_dict.values())):
         raise InputError(f"{path}: expected a state_dict of tensors or a dict with one under 'state_dict'")
     return state_dict
 
 
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def read_clip_weights(path):
-    """(weights, origin) in `CLIPModel` key names from an open_clip `.pt`/`.bin` or a `.safetensors` file.
+    """(pieces, fetch) for an open_clip `.pt`/`.bin` or a `.safetensors` file, either key naming (open_clip keys are
+    converted): pieces is {`CLIPModel` key: Piece}, known from the file's header or its memory map before any weight
+    is read; fetch(piece) -> that CPU tensor, in the file's dtype.
 
-    A `.safetensors` file may hold either naming (open_clip keys are converted); origin describes each key's source.
+    Torch checkpoints are memory-mapped (fetch gives views of the map); safetensors files are read lazily, one
+    tensor per fetch (q, k and v each read only their rows).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a checkpoint")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            state_dict = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"{path}: not a safetensors file ({_first_line(e)})") from None
+        handle = fm.open_safetensors(str(path))
+        shapes = {key: fm.shape_of(handle, key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+        def read(key, rows):
+            try:
+                return handle.get_slice(key)[rows] if rows is not None else handle.get_tensor(key)
+            except (SafetensorError, OSError, ValueError, TypeError) as e:
+                raise InputError(f"{path}: cannot read '{key}' ({fm.first_line(e)})") from None
     else:
         state_dict = _torch_load(path)
-    if any(key.startswith(("vision_model.", "text_model.")) for key in state_dict):
-        return state_dict, {key: _describe(key, t) for key, t in state_dict.items()}
-    return open_clip_to_hf(state_dict)
+        shapes = {key: tuple(t.shape) for key, t in state_dict.items()}
+
+        def read(key, rows):
+            return state_dict[key] if rows is None else state_dict[key][rows]
+
+    if any(key.startswith(("vision_model.", "text_model.")) for key in shapes):
+        pieces = {key: Piece(key, None, False, shape, _describe(key, shape)) for key, shape in shapes.items()}
+    else:
+        pieces = open_clip_to_hf(shapes)
+
+    def fetch(piece):
+        tensor = read(piece.source, piece.rows)
+        return tensor.T if piece.transposed else tensor
+
+    return pieces, fetch
 
 
-def _layer_count(weights, tower):
-    indices = {int(m[1]) for key in weights if (m := re.match(rf"{tower}\.encoder\.layers\.(\d+)\.", key))}
+def _layer_count(pieces, tower):
+    indices = {int(m[1]) for key in pieces if (m := re.match(rf"{tower}\.encoder\.layers\.(\d+)\.", key))}
     return max(indices) + 1 if indices else 0
 
 
-def config_from_weights(weights, origin):
-    """Infer the ViT-H-14-family `CLIPConfig` (depths, widths, patch, image size, vocab) from weight shapes."""
-    def shape(key):
-        if key not in weights:
+def config_from_weights(pieces):
+    """Infer the ViT-H-14-family `CLIPConfig` (depths, widths, patch, image size, vocab) from the pieces' shapes."""
+    def shape(key, ndim=2):
+        if key not in pieces:
             raise InputError(f"missing key '{key}': not a CLIP ViT checkpoint")
-        return tuple(weights[key].shape)
+        if len(pieces[key].shape) != ndim:
+            raise InputError(f"key {pieces[key].origin}: expected {ndim} dimensions for {key}")
+        return pieces[key].shape
 
     patch_key = "vision_model.embeddings.patch_embedding.weight"
-    vision_width, _, patch_size, _ = shape(patch_key)
+    token_key = "text_model.embeddings.token_embedding.weight"
+    vision_width, _, patch_size, _ = shape(patch_key, 4)
     positions = shape("vision_model.embeddings.position_embedding.weight")[0]
     grid = isqrt(max(positions - 1, 0))  # positions = grid^2 + 1 (the class token)
-    token_key = "text_model.embeddings.token_embedding.weight"
     vocab_size, text_width = shape(token_key)
-    for name, width, head_width, key in (("vision", vision_width, VISION_HEAD_WIDTH, patch_key),
-                                         ("text", text_width, TEXT_HEAD_WIDTH, token_key)):
-        if width % head_width:
-            raise InputError(f"key {origin[key]}: {name} width {width} is not a multiple of ViT-H-14's head "
-                             f"width {head_width}")
-    return clip_config(
-        vision_width, _layer_count(weights, "vision_model"), text_width, _layer_count(weights, "text_model"),
-        shape("visual_projection.weight")[0],
-        vision_mlp=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-        text_mlp=shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
-        vocab_size=vocab_size, context_length=shape("text_model.embeddings.position_embedding.weight")[0],
-        image_size=grid * patch_size, patch_size=patch_size)
+    try:
+        return clip_config(
+            vision_width, _layer_count(pieces, "vision_model"), text_width, _layer_count(pieces, "text_model"),
+            shape("visual_projection.weight")[0],
+            vision_mlp=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+            text_mlp=shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
+            vocab_size=vocab_size, context_length=shape("text_model.embeddings.position_embedding.weight")[0],
+            image_size=grid * patch_size, patch_size=patch_size)
+    except InputError as e:  # a width that is no multiple of ViT-H-14's head width
+        raise InputError(f"{e} (widths from keys {pieces[patch_key].origin} and {pieces[token_key].origin})") from None
 
 
-def _meta_clip(weights, origin):
-    """A shape-only `CLIPModel` for the inferred config, after checking every key and shape of `weights` against it."""
+def _meta_clip(pieces):
+    """A shape-only `CLIPModel` for the inferred config, after checking every key and shape of `pieces` against it."""
     with torch.device("meta"):
-        model = CLIPModel(config_from_weights(weights, origin))
+        model = CLIPModel(config_from_weights(pieces))
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     for key, want in expected.items():
-        if key not in weights:
+        if key not in pieces:
             raise InputError(f"missing key '{key}' {want} for the inferred ViT-H-14-family config")
-        if tuple(weights[key].shape) != want:
-            raise InputError(f"key {origin[key]} does not fit the ViT-H-14-family config inferred from the other "
-                             f"keys ({key} needs {want})")
-    extra = next((key for key in weights if key not in expected), None)
+        if pieces[key].shape != want:
+            raise InputError(f"key {pieces[key].origin} does not fit the ViT-H-14-family config inferred from the "
+                             f"other keys ({key} needs {want})")
+    extra = next((key for key in pieces if key not in expected), None)
     if extra:
-        raise InputError(f"unexpected key {origin[extra]} for the inferred ViT-H-14-family config")
+        raise InputError(f"unexpected key {pieces[extra].origin} for the inferred ViT-H-14-family config")
     return model
 
 
 def load_clip(path, device="cpu", dtype=torch.float32):
     """Frozen `CLIPModel` from an open_clip checkpoint or a converted safetensors file.
 
-    The model is built on the meta device and the checkpoint's tensors are moved in one at a time (popped from the
-    source dict), so no second full copy exists: torch checkpoints are memory-mapped, and with a matching dtype on the
-    CPU the weights stay views of the mapped file.
+    Keys and shapes are checked, and the model built on the meta device, before any weight is read; then the weights
+    are read one tensor at a time, cast and moved, so no second full copy exists: torch checkpoints are
+    memory-mapped (with a matching dtype on the CPU the weights stay views of the mapped file), safetensors files are
+    read tensor by tensor.
     """
-    weights, origin = read_clip_weights(path)
-    model = _meta_clip(weights, origin)
-    tensors = {key: weights.pop(key).to(device=device, dtype=dtype).contiguous() for key in list(weights)}
+    pieces, fetch = read_clip_weights(path)
+    model = _meta_clip(pieces)
+    tensors = {key: fetch(piece).to(device=device, dtype=dtype).contiguous() for key, piece in pieces.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     for embeddings in (model.vision_model.embeddings, model.text_model.embeddings):
         # position_ids is a non-persistent buffer, absent from the checkpoint and still on the meta device
@@ -243,13 +277,20 @@ def load_clip(path, device="cpu", dtype=torch.float32):
 def convert_checkpoint(src, dst):
     """Write an open_clip checkpoint as a safetensors file in `CLIPModel` key names, same dtype (fp16 for HPS).
 
-    One-time step: later loads read it without pickle or key mapping. Checked against the inferred config first.
+    One-time step: later loads read it without pickle or key mapping. Checked against the inferred config first;
+    written atomically (a temporary file renamed over `dst`), so `dst` is never left half written.
     """
-    weights, origin = read_clip_weights(src)
-    _meta_clip(weights, origin)
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: weights.pop(key).contiguous() for key in list(weights)}, dst, metadata={"format": "pt"})
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a folder, not a file to write")
+    pieces, fetch = read_clip_weights(src)
+    _meta_clip(pieces)
+    tensors = {key: fetch(piece).contiguous() for key, piece in pieces.items()}
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fm.atomic_write(str(dst), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{dst}: cannot write ({fm.first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,31 +305,115 @@ def _byte_symbols():
     return [table[b] for b in range(256)]
 
 
-# The part of ftfy.fix_text that matters for prompts and needs no heuristics: curly quotes, fullwidth forms and
-# latin ligatures. Mojibake repair, terminal escapes and C1 controls are not reproduced (ftfy is not a runtime dep).
-_QUOTES = dict.fromkeys("ʼ‘’‚‛", "'") | dict.fromkeys("“”„‟", '"')
-_WIDE = {chr(c): unicodedata.normalize("NFKC", chr(c)) for c in [0x3000, *range(0xFF01, 0xFFF0)]}
-_LIGATURES = {"ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬆ": "st", "Ĳ": "IJ", "ĳ": "ij"}
-_FTFY_LITE = str.maketrans(_QUOTES | {k: v for k, v in _WIDE.items() if v != k} | _LIGATURES)
+# ftfy.fix_text (ftfy 6.3, default settings), which open_clip runs on every prompt, in the standard library (ftfy is
+# not a runtime dependency): every fix but mojibake repair (fix_encoding), in ftfy's order, repeated to a fixed
+# point, on ftfy's segments (lines, cut every 10^6 characters), with its HTML rule (no unescaping from the first
+# segment holding a '<' on). The tables are built as ftfy builds them (ftfy/chardata.py).
+def _html_entities():
+    """ftfy's HTML5 entities: the ones ending in ';', plus upper-case spellings of lower-case names (&EACUTE; -> É)
+    that are no entity of their own."""
+    table = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            table["&" + name] = char
+            if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
+                table["&" + name.upper()] = char.upper()
+    return table
+
+
+def _cp1252(byte):
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:  # ftfy's sloppy-windows-1252 keeps the 5 unassigned bytes as they are
+        return chr(byte)
+
+
+_ENTITIES = _html_entities()
+_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+_C1_CONTROLS = str.maketrans({chr(c): _cp1252(c) for c in range(0x80, 0xA0)})
+_LIGATURES = str.maketrans({"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž",
+                            "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff",
+                            "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"})
+_WIDTH = str.maketrans({"\u3000": " "} | {c: w for c in map(chr, range(0xFF01, 0xFFF0))
+                                         if (w := unicodedata.normalize("NFKC", c)) != c})
+_SINGLE_QUOTES, _DOUBLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]"), re.compile("[\u201c-\u201f]")
+_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
+_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
+_TERMINAL_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
+_CONTROLS = dict.fromkeys([*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                           *range(0xFFF9, 0xFFFD)])
+
+
+def _unescape_entity(match):
+    entity = match[0]
+    if entity in _ENTITIES:
+        return _ENTITIES[entity]
+    if entity.startswith("&#"):
+        unescaped = html.unescape(entity)
+        return entity if ";" in unescaped else unescaped
+    return entity
+
+
+def _join_surrogates(match):
+    high, low = map(ord, match[0])
+    return chr(0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00))
+
+
+def _fix_segment(text, unescape):
+    while True:
+        before = text
+        if unescape:
+            text = _ENTITY.sub(_unescape_entity, text)
+        text = text.translate(_C1_CONTROLS).translate(_LIGATURES).translate(_WIDTH)
+        text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
+        text = _LINE_BREAKS.sub("\n", text)
+        text = _SURROGATE.sub("\ufffd", _SURROGATE_PAIR.sub(_join_surrogates, text))
+        text = _TERMINAL_ESCAPE.sub("", text).translate(_CONTROLS)
+        text = unicodedata.normalize("NFC", text)
+        if text == before:
+            return text
+
+
+def fix_text(text, max_segment=1_000_000):
+    """ftfy.fix_text(text) with ftfy's defaults, without its mojibake repair: HTML entities (not after a '<'), C1
+    controls as Windows-1252, latin ligatures, fullwidth forms, curly quotes, line breaks, surrogates, terminal
+    escapes, control characters and the BOM removed, NFC."""
+    out, pos, unescape = [], 0, True
+    while pos < len(text):
+        end = text.find("\n", pos) + 1 or len(text)
+        end = min(end, pos + max_segment)
+        segment = text[pos:end]
+        unescape = unescape and "<" not in segment
+        out.append(_fix_segment(segment, unescape))
+        pos = end
+    return "".join(out)
 
 
 def clean_prompt(text):
-    """open_clip's 'lower' cleaning: ftfy, html.unescape twice, whitespace collapsed, lower case.
-
-    ftfy itself unescapes HTML once more when the text has no '<' (its unescape_html="auto"); of ftfy's other fixes
-    only quotes, character width and ligatures are applied (see _FTFY_LITE). NFC comes from the tokenizer.
-    """
-    if "<" not in text:
-        text = html.unescape(text)
-    text = html.unescape(html.unescape(text.translate(_FTFY_LITE)))
+    """open_clip's 'lower' cleaning: fix_text (ftfy's, see above), html.unescape twice, whitespace collapsed, lower
+    case."""
+    text = html.unescape(html.unescape(fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+# open_clip's split of cleaned text into BPE words, run as open_clip runs it (the `regex` module, IGNORECASE). Its
+# special tokens are spelled <start_of_text> and <end_of_text>: text that spells them gets their ids.
+_SPECIAL_WORDS = ("<start_of_text>", "<end_of_text>")
+_PIECES = regex.compile("|".join(_SPECIAL_WORDS) + r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+                        regex.IGNORECASE)
 
 
 class ClipTokenizer:
     """CLIP BPE tokens laid out as open_clip does: [start] bpe(clean(text))[:75] [end] 0 ... 0, 77 long.
 
-    BPE runs in transformers' `CLIPTokenizer` (tokenizers backend); cleaning and layout are ours. Text that spells a
-    special token ("<|endoftext|>") is tokenized as plain text.
+    Cleaning (clean_prompt), the split into words (_PIECES) and the layout are open_clip's, in Python; transformers'
+    `CLIPTokenizer` (tokenizers backend, its normalizer and pre-split switched off) runs the byte-level BPE of each
+    word. The ids are open_clip's (with ftfy 6.3) but for one thing: ftfy repairs mojibake, text decoded with the
+    wrong codec ('cafÃ©' -> 'café': its fix_encoding step, with restore_byte_a0, replace_lossy_sequences and
+    decode_inconsistent_utf8), and we tokenize such text as it is. A fuzz with that step off (every code point alone
+    and between letters; random mixes of controls, escapes, entities, ligatures, quotes, fullwidth forms,
+    surrogates) found no other difference; tests/test_reward.py keeps a sample. As in open_clip, text spelling
+    its special tokens, '<start_of_text>' or '<end_of_text>', gets their ids, and '<|endoftext|>' is plain text.
     """
 
     def __init__(self, vocab, merges, context_length=CONTEXT_LENGTH):
@@ -299,6 +424,11 @@ class ClipTokenizer:
         self.vocab_size = len(vocab)
         self.context_length = context_length
         self.bpe = CLIPTokenizer(vocab=vocab, merges=merges)
+        # Its normalizer (NFC, whitespace, lower case) and pre-split give way to clean_prompt and _PIECES: its NFC
+        # would run after clean_prompt's html.unescape, where open_clip has none, and its Rust regex splits some text
+        # unlike open_clip's `regex` (no IGNORECASE, which lets 's match 'ſ; other Unicode tables).
+        self.bpe.backend_tokenizer.normalizer = None
+        self.bpe.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path):
@@ -306,11 +436,13 @@ class ClipTokenizer:
         for path in (vocab_path, merges_path):
             if not Path(path).is_file():
                 raise InputError(f"tokenizer file not found: {path}")
+        vocab = fm.read_json(vocab_path)
+        if not all(isinstance(i, int) for i in vocab.values()):
+            raise InputError(f"{vocab_path}: not a vocabulary (expected integer token ids)")
         try:
-            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{vocab_path}: not a JSON vocabulary ({e})") from None
-        lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{merges_path}: cannot read the merges as UTF-8 text ({fm.first_line(e)})") from None
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         if any(len(m) != 2 for m in merges):
             raise InputError(f"{merges_path}: each merge line must hold two symbols")
@@ -337,11 +469,17 @@ class ClipTokenizer:
     def __call__(self, prompts):
         """(B, 77) int64 token ids; an empty prompt is an InputError."""
         ids = torch.zeros(len(prompts), self.context_length, dtype=torch.long)  # pad id 0, as open_clip
+        special = dict(zip(_SPECIAL_WORDS, (self.start_id, self.end_id), strict=True)).get
         for row, text in enumerate(prompts):
             cleaned = clean_prompt(text)
             if not cleaned:
                 raise InputError(f"empty prompt: {text!r}")
-            bpe = self.bpe(cleaned, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            bpe = []
+            for special_id, group in groupby(_PIECES.findall(cleaned), key=special):
+                words = list(group)
+                bpe += ([special_id] * len(words) if special_id is not None else
+                        self.bpe(words, is_split_into_words=True, add_special_tokens=False,
+                                 split_special_tokens=True)["input_ids"])
             tokens = [self.start_id, *bpe[: self.context_length - 2], self.end_id]  # truncation keeps the end token
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids
@@ -361,9 +499,10 @@ def _resize(x, height, width):
 def preprocess(images, size=224, mode="hpsv2"):
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised with the CLIP mean/std; differentiable, in float32.
 
-    hpsv2: s = size / max(H, W); resize to (round(H s), round(W s)) as PIL does for hpsv2: width pass, clamp to
-           [0, 1], height pass, clamp (PIL stores each pass in 8 bits); zero-pad to size x size, left/top getting
-           floor(pad / 2). Matches hpsv2 on 8-bit images to about one grey level (PIL's rounding).
+    hpsv2: s = size / max(H, W); resize to (round(H s), round(W s)) as PIL does for hpsv2 (at least 1 pixel: hpsv2
+           itself fails on a side thinner than 1:448): width pass, clamp to [0, 1], height pass, clamp (PIL stores
+           each pass in 8 bits); zero-pad to size x size, left/top getting floor(pad / 2). Matches hpsv2 on 8-bit
+           images to about one grey level (PIL's rounding).
     crop:  SRPO's training transform, Resize(size) + CenterCrop(size) on the tensor: short side to size, long side
            floor(size * long / short); crop offset round((L - size) / 2); no clamp.
     """
@@ -375,7 +514,7 @@ def preprocess(images, size=224, mode="hpsv2"):
     h, w = x.shape[-2:]
     if mode == "hpsv2":
         scale = size / max(h, w)
-        new_h, new_w = round(h * scale), round(w * scale)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))  # a side thinner than 1:448 keeps 1 pixel
         x = _resize(_resize(x, h, new_w).clamp(0, 1), new_h, new_w).clamp(0, 1)
         pad_h, pad_w = size - new_h, size - new_w
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
@@ -393,13 +532,15 @@ def preprocess(images, size=224, mode="hpsv2"):
 def load_image(path):
     """(3, H, W) float32 in [0, 1] from an image file; any mode (RGBA, L, P, CMYK) converted to RGB as hpsv2 does."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image")
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read image ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot read image ({fm.first_line(e)})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
 
 
@@ -523,13 +664,39 @@ class PickScoreReward(HPSReward):
 
     @classmethod
     def load(cls, folder, tokenizer, device="cpu", dtype=torch.float32):
-        """From a local `save_pretrained` folder (config.json + weights) and a tokenizer or its folder."""
-        if not (Path(folder) / "config.json").is_file():
-            raise InputError(f"PickScore folder with config.json not found: {folder}")
+        """From a local `save_pretrained` folder (config.json + weights) and a tokenizer or its folder.
+
+        Every weight of the config must be in the files with its shape (transformers would initialise a missing one
+        at random); extra keys are ignored, as transformers does.
+        """
+        folder = str(folder)
+        fm.check_folder(folder, "a PickScore model folder in transformers format: config.json + weights")
+        config = fm.read_json(os.path.join(folder, "config.json"))
+        if config.get("model_type") != "clip":
+            raise InputError(f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 'clip'")
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in _HF_WEIGHTS):
+            raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
         if not isinstance(tokenizer, ClipTokenizer):
             tokenizer = ClipTokenizer.from_folder(tokenizer)
-        clip = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device)
-        return cls(clip, tokenizer)
+        verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # no missing/mismatched-key report nor progress bar: one-line errors below
+        hf_logging.disable_progress_bar()
+        try:
+            clip, info = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+            raise InputError(f"{folder}: cannot load the CLIP model ({fm.first_line(e)})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
+        problems = [*(f"missing key '{key}'" for key in sorted(info["missing_keys"])),
+                    *(f"key '{key}' {tuple(theirs)} does not fit the config ({tuple(ours)})"
+                      for key, theirs, ours in sorted(info["mismatched_keys"]))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise InputError(f"{folder}: {problems[0]}{more}")
+        return cls(clip.to(device), tokenizer)
 
     def score(self, images, prompts, preprocess_mode=None):
         """s_i = exp(logit_scale) <img_i, txt_i>, (B,) float32, differentiable in images."""

@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,14 +45,16 @@ def flux_schedule(steps, seq_len, base_shift=0.5, max_shift=1.15, base_len=256, 
     with mu linear in seq_len (0.5 at 256 tokens, 1.15 at 4096), then 0 appended. float32, as diffusers computes."""
     m = (max_shift - base_shift) / (max_len - base_len)
     mu = seq_len * m + (base_shift - m * base_len)
-    sigmas = time_shift(mu, torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float())
-    return torch.cat([sigmas, torch.zeros(1)])
+    sigmas = time_shift(mu, np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))  # numpy's linspace, as diffusers
+    return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
 
 
 def euler_sample(model, x, sigmas, cond, guidance, progress=False):
     """Integrate dx/dsigma = v from sigmas[0] to sigmas[-1]: x += (sigma_next - sigma) * v, in float32.
 
-    cond = (img_ids, txt, txt_ids, y). The model sees sigma rounded through its dtype as diffusers passes it."""
+    cond = (img_ids, txt, txt_ids, y). The latents keep their dtype (bf16 when sampling in bf16, as diffusers does;
+    fp32 in training, whatever autocast makes of v) and the model sees sigma rounded through it, as diffusers
+    passes it."""
     from tqdm import tqdm
 
     img_ids, txt, txt_ids, y = cond
@@ -59,7 +62,7 @@ def euler_sample(model, x, sigmas, cond, guidance, progress=False):
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         t = (sigmas[i] * 1000).to(x.dtype).expand(x.shape[0]) / 1000
         v = model(x, img_ids, txt, txt_ids, y, t.to(x.device), g.to(x.dtype))
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
     return x
 
 
@@ -72,6 +75,17 @@ def initial_noise(batch, height, width, seed, dtype):
 def decode_images(ae, x, height, width):
     """Packed latents -> images in [0, 1], (B, 3, H, W)."""
     return (ae.decode(fm.unpack(x, height, width)) / 2 + 0.5).clamp(0, 1)
+
+
+def check_png_path(out):
+    """Fail before any work if the image cannot be written there."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise InputError(f"{out}: the folder {folder} does not exist or is not writable")
+    if os.path.splitext(out)[1].lower() not in Image.registered_extensions():
+        raise InputError(f"{out}: needs an image extension such as .png")
 
 
 def save_png(images, out):
@@ -118,6 +132,8 @@ def parse_device(name):
         raise InputError(f"device {name!r} requested but CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -153,10 +169,11 @@ TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-de
 
     python srpo.py train                       # tiny offline demo on the CPU (random tiny models, about a minute)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
-    torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: one prompt per GPU per step
+    torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
     python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
 
-Every hyperparameter defaults to the official run; the demo only changes --lr, --height/--width and the length."""
+Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes);
+the demo only changes --lr, --height/--width, --batch (1) and the length."""
 WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
 CHECKPOINT = "checkpoint-{:06d}"
 GRID_STEPS = 28  # the sample grids use FluxPipeline's default inference steps
@@ -195,14 +212,15 @@ class TrainConfig:
     steps: int = option(20, "optimizer steps in all (a resumed run stops there too)")
     save_every: int = option(5, "save a checkpoint every N steps (and after the last one)")
     keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete")
-    grad_accum: int = option(1, "prompts per process per step: the global batch is processes x this")
+    batch: int = option(32, "prompts per optimizer step (global batch), split over the processes: each runs "
+                        "batch / world of them")
     seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws")
     samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none")
 
 
 # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
 # reward within a minute or two; everything else keeps the official values.
-DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
+DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20, "batch": 1}
 
 
 def derive_seed(seed, *keys):
@@ -310,7 +328,12 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
     with SRP(img, pos, neg, k) = img . ((1 + k) t_pos - t_neg) (reward.py) and the control words (P, N) of this
     step; the words go to the reward only, never to the model. The inversion step goes up in sigma, so its x0_hat
     moves with +v where the denoise branch's moves with -v: rewarding N there pushes the denoising direction away
-    from N. Returns (L, r_d, r_i) as floats."""
+    from N. Returns (L, r_d, r_i) as floats.
+
+    Each branch feeds the model the exact fp32 sigma of the window grid (REFERENCE.md §4 gives sigma; how the
+    official FLUX script rounds the timestep on its way into the model is unknown). Under FSDP every backward
+    reduce-scatters its gradients: deferring the reduction to the step's last backward would hold a full unsharded
+    fp32 gradient (47.6 GB for FLUX.1-dev) on every GPU, for a few percent of step time."""
     from reward import control_words
 
     sigma_t, sigma_hi, sigma_lo, gap = sigma_pair(timestep_window(cfg), sel, cfg.max_gap)
@@ -319,7 +342,7 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
     loss, rewards = 0.0, []
     for sigma_from, k, words in ((sigma_hi, k_d, (pos, neg)), (sigma_lo, k_i, (neg, pos))):
         x0_hat = direct_align(model, x0, eps, sigma_from, sigma_t, cond, cfg.guidance)
-        with autocast(x0.device):
+        with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see run_training)
             images = decode_images(ae, x0_hat, cfg.height, cfg.width)
             r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
         branch = hinge_loss(r, cfg.margin)
@@ -363,6 +386,8 @@ class Ranks:
 
 def init_ranks(device_name):
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo."""
+    from datetime import timedelta
+
     device = parse_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -370,7 +395,9 @@ def init_ranks(device_name):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
+    # others wait at the barrier: far longer than the default 10-minute collective timeout.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return Ranks(dist.get_rank(), world, device)
 
 
@@ -386,12 +413,20 @@ def read_prompts(path):
     return prompts
 
 
-def prompt_schedule(prompts, cfg, world):
-    """Prompt j of the global batch at step s: prompts[perm[(s G + j) mod n]], G = world x grad_accum, perm a
-    permutation seeded by --seed: each pass visits every prompt once, and a resumed run sees what it would have."""
+def prompt_schedule(prompts, cfg):
+    """Prompt j of the global batch at step s: prompts[perm[(s B + j) mod n]], B = --batch, perm a permutation
+    seeded by --seed: each pass visits every prompt once, whatever the number of processes, and a resumed run sees
+    what it would have."""
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
-    size = world * cfg.grad_accum
-    return lambda step, j: prompts[perm[(step * size + j) % len(prompts)]]
+    return lambda step, j: prompts[perm[(step * cfg.batch + j) % len(prompts)]]
+
+
+def local_batch(cfg, world):
+    """Prompts per process per step: --batch / world. Rank r runs prompts r b .. r b + b - 1 of the global batch."""
+    if cfg.batch % world:
+        raise InputError(f"--batch {cfg.batch} is not a multiple of the {world} processes (each runs batch / world "
+                         f"prompts per step)")
+    return cfg.batch // world
 
 
 def encode_prompts(text, prompts):
@@ -565,9 +600,12 @@ def trim_log(path, step):
 
 
 def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
-    """The loop: per step, this rank's prompts (rollout + both branches each, gradients averaged over the global
-    batch), a finite-loss check, gradient clipping, AdamW, the log, and the checkpoints."""
+    """The loop: per step, this rank's --batch / world prompts (rollout + both branches each, gradients averaged
+    over the global batch and reduced once, after the step's last backward), a finite-loss check, gradient
+    clipping, AdamW, the log, and the checkpoints."""
     from tqdm import tqdm
+
+    per = local_batch(cfg, ranks.world)
 
     ae.requires_grad_(False)  # frozen: gradients flow through the VAE and the reward to the image, never into them
     reward.requires_grad_(False)
@@ -587,14 +625,14 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
         t0 = time.time()
         eps = shared_noise(cfg, step, ranks.device)
         totals = [0.0, 0.0, 0.0]
-        for a in range(cfg.grad_accum):
-            j = ranks.rank * cfg.grad_accum + a  # this prompt's place in the global batch
+        for a in range(per):
+            j = ranks.rank * per + a  # this prompt's place in the global batch
             prompt = prompt_of(step, j)
             cond = conditioning(embeddings[prompt], cfg, ranks.device)
             x0 = online_rollout(model, eps, cond, cfg)
             values = direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j), step,
-                                       cfg, scale=1 / cfg.grad_accum)  # FSDP averages over ranks: a global mean
-            totals = [t + v / cfg.grad_accum for t, v in zip(totals, values, strict=True)]
+                                       cfg, scale=1 / per)  # FSDP averages over ranks: 1 / batch
+            totals = [t + v / per for t, v in zip(totals, values, strict=True)]
         loss, r_d, r_i = ranks.mean(totals)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
@@ -616,14 +654,18 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
 
 
 def run_training(args, cfg, prompts, demo, start, folder, ranks):
-    """Load the parts (the text encoders only long enough to embed this rank's prompts), train, report."""
+    """Load the parts (the text encoders only long enough to embed this rank's prompts), train, report.
+
+    The reward model keeps fp32 weights and runs under bf16 autocast, like the transformer and the VAE decode it
+    backpropagates through; the official script ran its reward under fp16 autocast, whose narrow exponent range
+    lets the small gradients of the backward underflow (bf16 has fp32's range)."""
     from reward import HPSReward
 
     cuda = ranks.device.type == "cuda"
     frozen = torch.bfloat16 if cuda else torch.float32  # text encoders and VAE: frozen, no master weights needed
-    prompt_of = prompt_schedule(prompts, cfg, ranks.world)
-    mine = [prompt_of(s, ranks.rank * cfg.grad_accum + a) for s in range(start, cfg.steps)
-            for a in range(cfg.grad_accum)]
+    prompt_of = prompt_schedule(prompts, cfg)
+    per = local_batch(cfg, ranks.world)
+    mine = [prompt_of(s, ranks.rank * per + a) for s in range(start, cfg.steps) for a in range(per)]
     grid_prompts = prompts[: cfg.samples]
     if demo:
         tiny, ae, text = tiny_models()
@@ -692,7 +734,7 @@ def train_config(args, demo):
         values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     cfg = TrainConfig(**values)
     check_size(cfg.height, cfg.width)
-    for name in ("steps", "save_every", "keep", "grad_accum", "rollout_steps", "max_gap"):
+    for name in ("steps", "save_every", "keep", "batch", "rollout_steps", "max_gap"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.window[0] < cfg.window[1] <= WINDOW_GRID:
@@ -727,6 +769,7 @@ def cmd_sample(args):
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
+    check_png_path(args.out)
     prompts = [args.prompt] * args.batch
     if args.flux:
         load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
@@ -763,6 +806,7 @@ def cmd_train(args):
             raise InputError(f"{args.hps}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     check_writable(args.out)
+    local_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group: --batch splits evenly
     ranks = init_ranks(args.device)
     threads = torch.get_num_threads()
     if demo and ranks.device.type == "cpu":
@@ -806,7 +850,7 @@ def cmd_score(args):
     if args.tokenizer is None or args.prompt is None:
         raise InputError("--tokenizer DIR (vocab.json + merges.txt, or a FLUX.1 folder) and --prompt are required")
     device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    dtype = parse_dtype(args.dtype or "float32", device)  # scores print 6 decimals: float32 unless asked
     images = [reward.load_image(path) for path in args.images]  # every file is checked before the model loads
     tokenizer = reward.ClipTokenizer.from_folder(args.tokenizer)
     scorer = (reward.HPSReward.load(args.hps, tokenizer, device, dtype) if args.hps
@@ -878,8 +922,8 @@ def build_parser():
     p.add_argument("--save-safetensors", metavar="PATH", help="convert --hps to a safetensors file first (later "
                    "loads are fast and pickle-free), then score from it; IMAGE may be omitted")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
-                   "float32)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on every device, "
+                   "as scores print with 6 decimals)")
     p.set_defaults(func=cmd_score)
     return parser
 

@@ -6,17 +6,18 @@ Tolerances, float32:
 - gradient of the score w.r.t. the [0, 1] image: |ours - ref| / |ref| (L2 norms) <= 1e-4;
 - "crop" preprocessing vs torchvision's Resize + CenterCrop on tensors: <= 1e-6 absolute;
 - "hpsv2" preprocessing vs hpsv2's PIL transform: <= 1.5 grey levels (PIL rounds each resampling pass to 8 bits,
-  our differentiable pipeline stays in float), padding exact;
-- token ids: equal.
+  our differentiable pipeline stays in float), padding exact; the whole scorer in "hpsv2" mode: against open_clip
+  fed by hpsv2's PIL transform where it only pads (longest side 224), by our preprocessing where it resamples;
+- token ids: equal (text that ftfy would repair as mojibake aside, see reward.ClipTokenizer).
 """
 
 import argparse
 import gzip
 import json
 import os
-import subprocess
-import sys
+import weakref
 
+import ftfy
 import numpy as np
 import open_clip
 import pytest
@@ -26,13 +27,15 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transform import image_transform
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 from transformers import CLIPModel
 
+import flux_model as fm
 import reward
+import srpo
 from flux_model import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "v160x2-t128x1": {"vision_width": 160, "vision_layers": 2, "text_width": 128, "text_layers": 1, "embed_dim": 64},
     "v240x1-t192x2": {"vision_width": 240, "vision_layers": 1, "text_width": 192, "text_layers": 2, "embed_dim": 96},
@@ -45,6 +48,19 @@ PROMPTS = [
     "  tabs\tand\nnewlines   ",
     "a very long prompt " * 30,  # > 77 tokens: truncated, end token kept
     "a <b>bold</b> &amp;amp; move <|endoftext|> x²³ ½ Ⅻ 1,000,000.5",
+]
+# What ftfy.fix_text changes besides mojibake, and open_clip's word split (a fuzz found them apart before
+# reward.fix_text and reward._PIECES)
+TRICKY_PROMPTS = [
+    "\ufeffa cat with a\ufeffbom",  # BOM
+    "c0\x00con\x01trol\x07s\x7f a\x1cb\x1fc",  # C0 controls (\x1c-\x1f are whitespace to str.split, not to ftfy)
+    "\x1b[31mred\x1b[0m ansi \x1b[1;4mescape",  # terminal escapes
+    "Ǆ ǅ ǆ Ǳ ǈ ǋ ﬅ ﬆ ŉ Ĳ it'ſ",  # ligatures (ﬅ -> ſt, ŉ -> 'n), and 'ſ, a contraction to open_clip's IGNORECASE
+    "c1 \x80 \x85 \x9f \x81 x\u2028y\u2029z a\r\nb\rc",  # C1 controls as Windows-1252, line breaks
+    "\u206aa\ufff9b\ufffcc \ud83d\ude00 lone \ud800 surrogate e\u0301",  # format chars, surrogates, NFC
+    "&amp;amp;amp;amp; &NTILDE; &EACUTE; &eacute &#x1F600; &#x65;&#x301;",  # ftfy unescapes to a fixed point
+    "line &amp;amp;amp;\n<b> then &amp;amp;amp; &#x65;&#x301;",  # ... but not from a line with a '<' on
+    "open_clip's special words <END_OF_TEXT> and <start_of_text>, not <|endoftext|>",
 ]
 
 
@@ -177,19 +193,45 @@ def test_relative_reward_is_srp_formula(pair):
         assert rel_err(ours.relative_reward(x, prompts, 0.3, positive, negative, "crop"), expected_scalar_k) <= 1e-5
 
 
-def test_hpsv2_mode_gradient_reaches_the_image(pair):
-    _, ours, _ = pair
-    x = random_images(2, 180, 300).requires_grad_()
-    ours.score(x, "a cat").sum().backward()
-    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+@pytest.mark.parametrize("height,width", [(160, 224), (224, 100)])
+def test_hpsv2_mode_matches_open_clip_with_hpsv2_transform(pair, height, width):
+    """The whole scorer in its default `hpsv2` mode against open_clip fed by hpsv2's own PIL transform, on 8-bit
+    images whose longest side is already 224: no resampling, so both pipelines only pad (zeros) and normalise, and
+    agree to float32 rounding."""
+    ref, ours, _ = pair
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    transform = image_transform(224, is_train=False, resize_mode="longest", fill_color=0)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    prompt = ["a cat on a mat"]
+    with torch.no_grad():
+        img_ref = F.normalize(ref.encode_image(transform(Image.fromarray(pixels))[None]), dim=-1)
+        assert rel_err(ours.image_features(x), img_ref) <= 1e-5
+        assert rel_err(ours.score(x, prompt), (img_ref * ref_text_features(ref, prompt)).sum(-1)) <= 1e-5
+
+
+def test_hpsv2_mode_scores_and_gradients_match_open_clip_on_our_preprocessing(pair):
+    """Where `hpsv2` resamples (PIL's 8-bit passes and our float ones differ by <= 1.5 grey levels, see
+    test_hpsv2_preprocessing_matches_hpsv2_transform), open_clip is fed our own differentiable preprocessing: the
+    scorer's hpsv2 route, features, scores and image gradients, against open_clip's model."""
+    ref, ours, _ = pair
+    prompts = ["a cat", "a red fox in the snow"]
+    x_ref = random_images(2, 180, 300, seed=2).requires_grad_()
+    x_ours = x_ref.detach().clone().requires_grad_()
+    img_ref = F.normalize(ref.encode_image(reward.preprocess(x_ref, 224, "hpsv2")), dim=-1)
+    score_ref = (img_ref * ref_text_features(ref, prompts)).sum(-1)
+    score_ref.sum().backward()
+    score = ours.score(x_ours, prompts)  # hpsv2: HPSReward's default
+    score.sum().backward()
+    assert rel_err(ours.image_features(x_ours.detach()), img_ref) <= 1e-5
+    assert rel_err(score, score_ref) <= 1e-5
+    assert grad_err(x_ours.grad, x_ref.grad) <= 1e-4
 
 
 def test_vit_h_14_geometry_converts_to_the_reference_config():
     """The real architecture on the meta device: keys, shapes, heads and parameter count of the conversion."""
     with torch.device("meta"):
         ref = CLIP(**open_clip.get_model_config("ViT-H-14"))
-    weights, origin = reward.open_clip_to_hf(dict(ref.state_dict()))
-    model = reward._meta_clip(weights, origin)
+    model = reward._meta_clip(reward.open_clip_to_hf({k: tuple(v.shape) for k, v in ref.state_dict().items()}))
     vision, text = model.config.vision_config, model.config.text_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
             vision.patch_size, vision.image_size) == (1280, 32, 16, 5120, 14, 224)
@@ -204,9 +246,16 @@ def test_vit_h_14_geometry_converts_to_the_reference_config():
 
 
 def test_token_ids_match_open_clip(bpe_dir):
-    tokens = reward.ClipTokenizer.from_folder(bpe_dir)(PROMPTS)
-    assert torch.equal(tokens, open_clip.tokenize(PROMPTS))
+    tokens = reward.ClipTokenizer.from_folder(bpe_dir)(PROMPTS + TRICKY_PROMPTS)
+    assert torch.equal(tokens, open_clip.tokenize(PROMPTS + TRICKY_PROMPTS))
     assert tokens[5, -1] == 49407 and tokens[0, 0] == 49406 and tokens[0, -1] == 0
+
+
+def test_fix_text_is_ftfy_without_mojibake_repair():
+    for text in [*PROMPTS, *TRICKY_PROMPTS, "cafÃ©", "a" * 30 + "\r\n" + "&amp;amp;" * 3]:
+        assert reward.fix_text(text) == ftfy.fix_text(text, fix_encoding=False), text
+    long = "&amp;amp; " * 3 + "<" + "x" * 20 + " &amp;amp;"  # ftfy's segments: 10^6 characters, here 16
+    assert reward.fix_text(long, max_segment=16) == ftfy.fix_text(long, fix_encoding=False, max_decode_length=16)
 
 
 def test_flux_layout_and_files(bpe_dir, tmp_path):
@@ -258,6 +307,19 @@ def test_crop_preprocessing_matches_torchvision(height, width):
     assert (reward.preprocess(x, 224, "crop") - ref_crop(x)).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("height,width", [(1, 500), (700, 1), (1, 1)])
+def test_hpsv2_keeps_a_pixel_of_images_thinner_than_1_to_448(height, width):
+    """round(224 / 500) = 0 would be an empty resize: the thin side keeps one pixel, the rest is padding."""
+    x = random_images(1, height, width).requires_grad_()
+    pixels = reward.preprocess(x, 224, "hpsv2")
+    image = pixels[0] * torch.tensor(reward.CLIP_STD).view(3, 1, 1) + torch.tensor(reward.CLIP_MEAN).view(3, 1, 1)
+    rows, cols = (image.abs().amax(0) > 1e-6).nonzero().unbind(1)
+    kept = [max(1, round(side * 224 / max(height, width))) for side in (height, width)]
+    assert pixels.shape == (1, 3, 224, 224) and [rows.unique().numel(), cols.unique().numel()] == kept
+    reward.HPSReward.tiny().score(x, "a cat").sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_image_files_in_any_mode_are_converted_to_rgb(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     for mode in ("RGBA", "L", "P", "CMYK"):
@@ -273,16 +335,77 @@ def test_image_files_in_any_mode_are_converted_to_rgb(tmp_path):
 # Loading, conversion, tiny scorer, cache
 
 
+def same_weights(a, b):
+    """Equal keys and tensors (scores of one scorer can differ in the last bit with the batch a caption was cached
+    in, so the weights are compared)."""
+    a, b = a.clip.state_dict(), b.clip.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_safetensors_conversion_gives_the_same_scorer(pair, tmp_path):
     _, ours, path = pair
     converted = tmp_path / "hps.safetensors"
     reward.convert_checkpoint(path, converted)
-    again = reward.HPSReward.load(converted, ours.tokenizer)
+    assert same_weights(reward.HPSReward.load(converted, ours.tokenizer), ours)
     x = random_images(1, 224, 224)
-    with torch.no_grad():
-        assert torch.equal(again.score(x, "a cat"), ours.score(x, "a cat"))
     half = reward.HPSReward.load(converted, ours.tokenizer, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.score(x, "a cat").dtype == torch.float32
+
+
+def test_open_clip_keys_in_a_safetensors_file_give_the_same_scorer(pair, tmp_path):
+    """open_clip naming in a .safetensors file: q, k, v read as row slices of the fused in_proj, projections
+    transposed."""
+    _, ours, path = pair
+    state = torch.load(path, weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "open_clip.safetensors")
+    assert same_weights(reward.HPSReward.load(tmp_path / "open_clip.safetensors", ours.tokenizer), ours)
+
+
+def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monkeypatch):
+    """fp16 file, fp32 model: each tensor comes through fm.open_safetensors' lazy handle and is gone (cast, freed)
+    before the next is read, so memory never holds the file's weights next to the model's."""
+    _, _, path = pair
+    converted = tmp_path / "hps.safetensors"
+    reward.convert_checkpoint(path, converted)
+    open_safetensors, alive, reads = fm.open_safetensors, [], []
+
+    class Handle:
+        def __init__(self, path):
+            self.handle = open_safetensors(path)
+
+        def __getattr__(self, name):  # keys(), get_slice() for the shapes
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            assert all(ref() is None for ref in alive), f"a tensor read before {key} is still alive"
+            tensor = self.handle.get_tensor(key)
+            alive.append(weakref.ref(tensor))
+            reads.append(key)
+            return tensor
+
+    monkeypatch.setattr(fm, "open_safetensors", Handle)
+    clip = reward.load_clip(converted, dtype=torch.float32)
+    assert sorted(reads) == sorted(load_file(converted)) == sorted(clip.state_dict())
+    assert all(t.dtype == torch.float32 for t in clip.state_dict().values() if t.is_floating_point())
+
+
+def test_conversion_writes_atomically(pair, tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous file whole and no temporary file."""
+    _, _, path = pair
+    dst = tmp_path / "hps.safetensors"
+    dst.write_bytes(b"previous")
+
+    def fail_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(reward, "save_file", fail_half_way)
+    assert "No space left on device" in error_of(reward.convert_checkpoint, path, dst)
+    assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["hps.safetensors"]
+    monkeypatch.undo()
+    reward.convert_checkpoint(path, dst)
+    assert os.listdir(tmp_path) == ["hps.safetensors"] and len(load_file(dst)) > 0
 
 
 def test_tiny_scorer_builds_from_nothing_and_caches_text():
@@ -310,6 +433,30 @@ def test_pickscore_is_logit_scaled_clip(bpe_dir, tmp_path):
     with torch.no_grad():
         logits = clip.eval()(input_ids=open_clip.tokenize(prompts), pixel_values=ref_crop(x)).logits_per_image
         assert rel_err(scorer.score(x, prompts), logits.diagonal()) <= 1e-5
+
+
+def test_bad_pickscore_folders_are_one_line_errors(bpe_dir, tmp_path):
+    torch.manual_seed(0)
+    CLIPModel(reward.clip_config(**CONFIGS["v160x2-t128x1"])).save_pretrained(tmp_path / "good")
+    weights = load_file(tmp_path / "good" / "model.safetensors")
+    cases = {"bad-json": ("not valid JSON", "{not json", weights), "list-json": ("expected a JSON object", "[]", None),
+             "bert": ("model_type 'bert'", json.dumps({"model_type": "bert"}), weights),
+             "no-weights": ("no weights", None, None),
+             "missing-key": ("missing key 'text_projection.weight'", None,
+                             {k: v for k, v in weights.items() if k != "text_projection.weight"}),
+             "wrong-shape": ("key 'text_projection.weight' (64, 100) does not fit", None,
+                             weights | {"text_projection.weight": torch.zeros(64, 100)}),
+             "garbage": ("cannot load the CLIP model", None, "garbage")}
+    for name, (words, config, files) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(config or (tmp_path / "good" / "config.json").read_text())
+        if isinstance(files, dict):
+            save_file(files, folder / "model.safetensors", metadata={"format": "pt"})
+        elif files:
+            (folder / "model.safetensors").write_text(files)
+        assert words in error_of(reward.PickScoreReward.load, folder, bpe_dir), name
+    assert "no such folder" in error_of(reward.PickScoreReward.load, tmp_path / "nope", bpe_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,57 +506,118 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path, bpe_dir):
     real_vocab = reward.ClipTokenizer.from_folder(bpe_dir)
     assert "does not fit the model" in error_of(reward.HPSReward, scorer.clip, real_vocab)
 
+    torch.save({"state_dict": [torch.zeros(1)]}, tmp_path / "list.pt")
+    assert "expected a state_dict of tensors" in error_of(reward.load_clip, tmp_path / "list.pt")
+    assert "is a folder, not an image" in error_of(reward.load_image, tmp_path)
+    assert "is a folder, not a checkpoint" in error_of(reward.load_clip, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["merges-latin1", "vocab-list", "vocab-string-ids", "vocab-bad-json"])
+def test_bad_tokenizer_files_name_the_file(case, bpe_dir, tmp_path):
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
+    bad, content = {"merges-latin1": ("merges.txt", "#version: 0.2\nc af\u00e9\n".encode("latin-1")),
+                    "vocab-list": ("vocab.json", b'["a", "b"]'), "vocab-string-ids": ("vocab.json", b'{"a": "1"}'),
+                    "vocab-bad-json": ("vocab.json", b'{"a": 1')}[case]
+    (tmp_path / bad).write_bytes(content)
+    assert bad in error_of(reward.ClipTokenizer.from_folder, tmp_path)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: python srpo.py score
 
 
-def run_score(*args):
-    return subprocess.run([sys.executable, "srpo.py", "score", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+def run_score(capsys, *args):
+    """`python srpo.py score ARGS` in this process (no interpreter start): its stdout lines."""
+    srpo.main(["score", *map(str, args)])
+    return capsys.readouterr().out.splitlines()
 
 
-def test_cli_scores_images(cli_pair, bpe_dir, tmp_path):
+def score_error(capsys, *args):
+    """The one stderr line of a `score` run that must exit 2 with nothing on stdout."""
+    with pytest.raises(SystemExit) as info:
+        srpo.main(["score", *map(str, args)])
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert info.value.code == 2 and out.out == "" and len(err) == 1 and err[0].startswith("error: "), out.err
+    return err[0]
+
+
+def test_cli_scores_images(cli_pair, bpe_dir, tmp_path, capsys):
     _, ours, path = cli_pair
     rgb = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png")
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "b.png")  # converted to RGB: same score
     converted = tmp_path / "hps.safetensors"
-    out = run_score("--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", "--save-safetensors", converted,
-                    tmp_path / "a.png", tmp_path / "b.png")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    lines = run_score(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", "--save-safetensors",
+                      converted, tmp_path / "a.png", tmp_path / "b.png")
     expected = ours.score(reward.load_image(tmp_path / "a.png")[None], "a cat").item()
     assert lines[0] == str(converted) and len(lines) == 3
     for line, image in zip(lines[1:], ("a.png", "b.png"), strict=True):
         value, name = line.split("\t")
         assert len(value.split(".")[1]) >= 6 and name.endswith(image) and abs(float(value) - expected) < 1e-6
 
-    out = run_score("--hps", converted, "--tokenizer", bpe_dir, "--prompt", "a cat", "--relative", "Real", "Oil",
-                    "--k", "0.2", tmp_path / "a.png")
+    lines = run_score(capsys, "--hps", converted, "--tokenizer", bpe_dir, "--prompt", "a cat", "--relative", "Real",
+                      "Oil", "--k", "0.2", tmp_path / "a.png")
     expected = ours.relative_reward(reward.load_image(tmp_path / "a.png")[None], "a cat", 0.2, "Real", "Oil").item()
-    assert out.returncode == 0 and abs(float(out.stdout.split()[0]) - expected) < 1e-6
+    assert abs(float(lines[0].split()[0]) - expected) < 1e-6
 
 
-@pytest.mark.parametrize("case", ["missing", "architecture", "pickle", "empty-prompt", "not-an-image"])
-def test_cli_bad_input_exits_2(case, cli_pair, bpe_dir, tmp_path):
+def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monkeypatch, capsys):
+    """Scores print 6 decimals: float32 is the default on CUDA too (a CUDA device is faked; loading stops)."""
+    _, _, path = cli_pair
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    seen = []
+
+    def load(checkpoint, tokenizer, device, dtype):
+        seen.append((device.type, dtype))
+        raise InputError("stop here")
+
+    monkeypatch.setattr(srpo, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(reward.HPSReward, "load", staticmethod(load))
+    for dtype in ([], ["--dtype", "bfloat16"]):
+        score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", *dtype, tmp_path / "a.png")
+    assert seen == [("cuda", torch.float32), ("cuda", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", ["missing", "architecture", "pickle", "state-dict-list", "empty-prompt",
+                                  "not-an-image", "image-folder", "merges-latin1", "vocab-list", "pickscore-bad-json",
+                                  "pickscore-no-weights", "save-to-folder", "save-unwritable"])
+def test_cli_bad_input_exits_2(case, cli_pair, bpe_dir, tmp_path, capsys):
     _, _, path = cli_pair
     Image.new("L", (30, 20)).save(tmp_path / "gray.png")
-    image = tmp_path / "gray.png"
-    prompt = "a cat"
+    model, tokenizer, prompt, image, extra = ["--hps", path], bpe_dir, "a cat", tmp_path / "gray.png", []
     if case == "missing":
-        path = tmp_path / "missing.pt"
-    elif case == "architecture":
-        path = tmp_path / "flux.pt"
-        torch.save({"img_in.weight": torch.zeros(4, 4)}, path)
-    elif case == "pickle":
-        path = tmp_path / "pickled.pt"
-        torch.save({"args": argparse.Namespace(lr=1e-5)}, path)
+        model, words = ["--hps", tmp_path / "missing.pt"], "checkpoint not found"
+    elif case in ("architecture", "pickle", "state-dict-list"):
+        content, words = {"architecture": ({"img_in.weight": torch.zeros(4, 4)}, "unexpected key 'img_in.weight'"),
+                          "pickle": ({"args": argparse.Namespace(lr=1e-5)}, "weights_only=True) refused"),
+                          "state-dict-list": ({"state_dict": [torch.zeros(1)]}, "expected a state_dict")}[case]
+        torch.save(content, tmp_path / "bad.pt")
+        model = ["--hps", tmp_path / "bad.pt"]
     elif case == "empty-prompt":
-        prompt = ""
-    else:
-        image = tmp_path / "text.png"
+        prompt, words = "", "empty prompt"
+    elif case == "not-an-image":
+        image, words = tmp_path / "text.png", "cannot read image"
         image.write_text("hello")
-    out = run_score("--hps", path, "--tokenizer", bpe_dir, "--prompt", prompt, image)
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    elif case == "image-folder":
+        image, words = tmp_path, "is a folder, not an image"
+    elif case in ("merges-latin1", "vocab-list"):
+        tokenizer = tmp_path / "tokenizer"
+        tokenizer.mkdir()
+        for name in ("vocab.json", "merges.txt"):
+            (tokenizer / name).write_bytes((bpe_dir / name).read_bytes())
+        words = "merges.txt" if case == "merges-latin1" else "vocab.json"
+        (tokenizer / words).write_bytes("#version: 0.2\ncaf\u00e9 x\n".encode("latin-1") if case == "merges-latin1"
+                                        else b"[1, 2]")
+    elif case.startswith("pickscore"):
+        folder = tmp_path / "pickscore"
+        folder.mkdir()
+        (folder / "config.json").write_text("{oops" if case == "pickscore-bad-json" else '{"model_type": "clip"}')
+        model, words = ["--pickscore", folder], "not valid JSON" if case == "pickscore-bad-json" else "no weights"
+    elif case == "save-to-folder":
+        extra, words = ["--save-safetensors", tmp_path], "is a folder"
+    else:
+        extra, words = ["--save-safetensors", tmp_path / "gray.png" / "hps.safetensors"], "cannot write"
+    message = score_error(capsys, *model, "--tokenizer", tokenizer, "--prompt", prompt, *extra, image)
+    assert words in message, message

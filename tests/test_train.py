@@ -1,5 +1,6 @@
 """`srpo.py train`: Direct-Align and SRPO's relative reward against their definitions (REFERENCE.md §4, the formulas
-written out again here), FSDP2 against gradient accumulation, checkpoints, resume and bad input. Tiny models only.
+written out again here), FSDP2 against one process running the whole batch, checkpoints, resume and bad input.
+Tiny models only.
 """
 
 import copy
@@ -29,6 +30,16 @@ def shift3(t):
 
 def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and two threads spin-waiting on shared cores turn a 1 s run into a
+    minute (the --flux run: the demo already runs single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +91,26 @@ def test_window_sigma_pairs_and_k_schedules_equal_the_reference():
         assert srpo.k_schedule(cfg, sel, K) == (k_d[sel].item(), k_i[max(sel - K, 1)].item()), sel
         t, hi, lo, _ = expected
         assert hi >= t >= lo  # the denoise branch starts noisier, the inversion branch cleaner
-    draws = {srpo.draw_timestep(cfg, step, j) for step in range(300) for j in range(4)}
-    assert min(draws) >= 5 and max(draws) <= 995 and len(draws) > 500
     assert torch.allclose(srpo.shifted_schedule(25, 3.0), shift3(torch.linspace(1, 0, 26)))
+
+
+def test_timestep_draws_cover_exactly_5_to_995():
+    """sel ~ U{5..995}: both ends drawn (a miss has probability (990/991)^n, ~1e-9 at n = 20000), nothing outside."""
+    cfg = srpo.TrainConfig()
+    draws = torch.tensor([srpo.draw_timestep(cfg, step, j) for step in range(2500) for j in range(8)])
+    assert draws.min() == 5 and draws.max() == 995
+    counts = torch.bincount(draws, minlength=1000)[5:996].float()
+    assert (counts > 0).float().mean() > 0.99 and counts.std() / counts.mean() < 0.3  # uniform, roughly 20 each
+
+
+def test_defaults_are_the_official_run():
+    cfg = srpo.TrainConfig()
+    official = {"lr": 5e-6, "betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 1e-4, "grad_clip": 0.1,
+                "margin": 0.7, "guidance": 3.5, "rollout_guidance": 1.0, "height": 720, "width": 720,
+                "rollout_steps": 25, "shift": 3.0, "window": (5, 25), "window_points": 1000, "max_gap": 101,
+                "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01), "batch": 32}
+    assert {name: getattr(cfg, name) for name in official} == official
+    assert set(srpo.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every", "batch"}  # nothing else
 
 
 def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
@@ -137,19 +165,96 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
 
 
-def test_exactly_two_transformer_calls_carry_gradient_per_step(tiny, tmp_path):
+def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: None):
+    """srpo.train, one process, on a fresh copy of the tiny transformer; prepare(model) first (hooks). -> model."""
     model, ae, text, reward = tiny
-    cfg = srpo.TrainConfig(height=32, width=32, steps=1, samples=0)
     ranks = srpo.Ranks(0, 1, CPU)
     model = srpo.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
+    prepare(model)
+    prompts = list(prompts)
+    srpo.train(model, ae, reward, srpo.encode_prompts(text, prompts), srpo.prompt_schedule(prompts, cfg), [], cfg,
+               str(out), 0, None, ranks)
+    return model
+
+
+def test_exactly_two_transformer_calls_carry_gradient_per_step(tiny, tmp_path):
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1)
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
-    prompts = ["a red fox"]
-    srpo.train(model, ae, reward, srpo.encode_prompts(text, prompts), srpo.prompt_schedule(prompts, cfg, 1), [], cfg,
-               str(tmp_path), 0, None, ranks)
+    hook = lambda module, args: calls.append(torch.is_grad_enabled())  # noqa: E731
+    model = train_tiny(tiny, tmp_path, cfg, prepare=lambda model: model.register_forward_pre_hook(hook))
     assert calls.count(True) == 2 and calls.count(False) == cfg.rollout_steps
     assert all(p.grad is None for p in model.parameters())  # the step consumed them
+    _, ae, _, reward = tiny
     assert all(not p.requires_grad for p in [*ae.parameters(), *reward.parameters()])  # frozen: no wasted gradient
+
+
+def test_branches_start_at_sigma_hi_and_sigma_lo_from_the_rollout_with_the_shared_noise(tiny, tmp_path, monkeypatch):
+    """Every transformer call of one step: the rollout from eps at guidance 1, then the denoise branch at
+    x = sigma_hi eps + (1 - sigma_hi) x0 and the inversion branch at sigma_lo, guidance 3.5, with the step's eps and
+    the rollout's x0; sigmas from REFERENCE.md §4's index formulas."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1)
+    draws, calls = [], []
+    draw = srpo.draw_timestep
+    monkeypatch.setattr(srpo, "draw_timestep", lambda *args: draws.append(draw(*args)) or draws[-1])
+
+    def record(module, args, v):
+        x, *_, t, guidance = args
+        calls.append((x.detach().clone(), t.tolist(), guidance.tolist(), v.detach().float().clone()))
+
+    train_tiny(tiny, tmp_path, cfg, prepare=lambda model: model.register_forward_hook(record))
+    (sel,) = draws
+    S = shift3(torch.linspace(1, 0, 51))
+    sigmas_l = torch.linspace(S[5].item(), S[25].item(), 1000)
+    K = min(101, 1000 - sel, sel)
+    sigma_hi, sigma_lo = sigmas_l[1000 - sel - K].item(), sigmas_l[min(1000 - sel + K, 999)].item()
+    assert sigma_hi > sigma_lo
+
+    rollout, (denoise, inversion) = calls[: cfg.rollout_steps], calls[cfg.rollout_steps :]
+    eps = srpo.shared_noise(cfg, 0, CPU)
+    assert torch.equal(rollout[0][0], eps)
+    assert all(guidance == [1.0] for _, _, guidance, _ in rollout)
+    schedule = shift3(torch.linspace(1, 0, cfg.rollout_steps + 1))
+    x, *_, v = rollout[-1]
+    x0 = x + (0 - schedule[-2].item()) * v  # the rollout's last Euler step, to sigma 0
+    for (x, t, guidance, _), sigma in [(denoise, sigma_hi), (inversion, sigma_lo)]:
+        assert t == [pytest.approx(sigma, rel=1e-6)] and guidance == [3.5]
+        assert torch.allclose(x, sigma * eps + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_step_is_clip_then_adamw(tiny, tmp_path, monkeypatch):
+    """One step's update equals one written out: g clipped to norm c, then AdamW's first step
+    w' = w (1 - lr wd) - lr g / (|g| + eps), m = (1 - b1) g, v = (1 - b2) g^2. Non-default values, each chosen to
+    show: the clip is active (|g| ~ 3 c) and eps is of the size of g, so Adam's scale invariance does not hide it."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, lr=1e-3,
+                           betas=(0.8, 0.95), adam_eps=1e-7, weight_decay=0.5, grad_clip=0.005)
+    before, raw, opts = {}, {}, []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opts.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+
+    def prepare(model):
+        for name, p in model.named_parameters():
+            before[name] = p.detach().clone()
+            p.register_post_accumulate_grad_hook(lambda p, name=name: raw.__setitem__(name, p.grad.clone()))
+
+    model = train_tiny(tiny, tmp_path, cfg, prepare=prepare)
+    (opt,) = opts
+    assert raw.keys() == before.keys()
+    norm = torch.cat([g.flatten() for g in raw.values()]).norm()
+    assert norm > 2 * cfg.grad_clip
+    coef = cfg.grad_clip / (norm + 1e-6)  # torch's clip_grad_norm_
+    (b1, b2), lr = cfg.betas, cfg.lr
+    for name, p in model.named_parameters():
+        g = raw[name] * coef
+        expected = before[name] * (1 - lr * cfg.weight_decay) - lr * g / (g.abs() + cfg.adam_eps)
+        assert (p.detach() - expected).abs().max() < 1e-3 * lr, name
+        state = opt.state[p]
+        assert torch.allclose(state["exp_avg"], (1 - b1) * g, rtol=1e-4, atol=1e-12), name
+        assert torch.allclose(state["exp_avg_sq"], (1 - b2) * g * g, rtol=1e-4, atol=1e-20), name
 
 
 def test_reward_and_loss_have_the_expected_signs(tiny):
@@ -192,12 +297,23 @@ def cli(*args):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_fsdp_two_processes_match_one_process_accumulating_both_prompts(tmp_path):
-    """torchrun, 2 gloo processes with one prompt each == 1 process with --grad-accum 2 over the same prompts."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["train", "--device", "cpu", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
-    cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "srpo.py", *args, "--out", two)
-    cli("srpo.py", *args, "--grad-accum", "2", "--out", one)
+FSDP_ARGS = ["train", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "srpo.py"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """--batch 2 for 2 steps, checkpoint after each: (one process running both prompts, two gloo processes under
+    torchrun running one each)."""
+    one, two = str(tmp_path_factory.mktemp("one")), str(tmp_path_factory.mktemp("two"))
+    cli(*TORCHRUN, *FSDP_ARGS, "--out", two)
+    srpo.main([*FSDP_ARGS, "--out", one])  # in this process: the demo runs single-threaded, as torchrun's workers
+    return one, two
+
+
+def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs):
+    """torchrun, 2 gloo processes with one prompt each == 1 process with both prompts: --batch 2 either way."""
+    one, two = fsdp_runs
     a, b = weights(one, 2), weights(two, 2)
     assert a.keys() == b.keys()
     assert max(rel_err(b[k], a[k]) for k in a) <= 1e-5
@@ -209,6 +325,23 @@ def test_fsdp_two_processes_match_one_process_accumulating_both_prompts(tmp_path
     names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
     assert opt_one.keys() == opt_two.keys() == names  # the full AdamW state, gathered from the shards
     assert all(torch.allclose(opt_two[n]["exp_avg"], opt_one[n]["exp_avg"], rtol=1e-4, atol=1e-9) for n in names)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs, tmp_path):
+    """The 2-process run's step-1 checkpoint (and log), resumed by 2 processes to step 2: the sharded weights and
+    AdamW state broadcast from rank 0's files give the uninterrupted 2-process run's step 2."""
+    _, two = fsdp_runs
+    out = str(tmp_path)
+    shutil.copytree(os.path.join(two, srpo.CHECKPOINT.format(1)), os.path.join(out, srpo.CHECKPOINT.format(1)))
+    shutil.copy(os.path.join(two, "log.jsonl"), out)
+    cli(*TORCHRUN, *FSDP_ARGS, "--out", out, "--resume")
+    a, b = weights(two, 2), weights(out, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log_lines(out) == log_lines(two)
+    opt_straight, opt_resumed = (torch.load(os.path.join(folder, srpo.CHECKPOINT.format(2), "training.pt"),
+                                            weights_only=True)["optimizer"]["state"] for folder in (two, out))
+    assert all(torch.equal(opt_straight[n][k], opt_resumed[n][k]) for n in opt_straight for k in opt_straight[n])
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +418,7 @@ def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(flux_folder, tmp_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat on a mat\n\na dog in the fog\na tree\n")
     out = str(tmp_path / "out")
-    args = ["train", "--flux", flux, "--hps", hps, "--prompts", str(prompts), "--out", out, *SMALL]
+    args = ["train", "--flux", flux, "--hps", hps, "--prompts", str(prompts), "--out", out, "--batch", "1", *SMALL]
     srpo.main([*args, "--steps", "1"])
     srpo.main([*args, "--steps", "2", "--resume"])
     assert [line["step"] for line in log_lines(out)] == [1, 2]
@@ -326,11 +459,19 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
         (["--out", str(a_file / "sub")], ["cannot write the output folder"]),
         (["--steps", "0"], ["--steps", "at least 1"]),
         (["--window", "25", "5"], ["--window"]),
+        (["--batch", "0"], ["--batch", "at least 1"]),
     ]
     for args, words in cases:
         code, err = run_cli(["train", "--out", out, *args], capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (args, err)
         assert all(w in err[0] for w in words), (args, err)
+
+
+def test_batch_must_split_evenly_over_the_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets it; the check comes before any process group
+    code, err = run_cli(["train", "--batch", "6", "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "--batch 6" in err[0] and "multiple of the 4 processes" in err[0], err
+    assert srpo.local_batch(srpo.TrainConfig(), 8) == 4 and srpo.local_batch(srpo.TrainConfig(batch=6), 3) == 2
 
 
 def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
@@ -370,5 +511,5 @@ def test_help_documents_every_flag():
     text = train.format_help()
     for flag in ["--flux", "--hps", "--prompts", "--out", "--steps", "--save-every", "--seed", "--resume", "--lr",
                  "--betas", "--adam-eps", "--weight-decay", "--grad-clip", "--height", "--width", "--guidance",
-                 "--rollout-guidance", "--rollout-steps", "--grad-accum", "--attn", "--device"]:
+                 "--rollout-guidance", "--rollout-steps", "--batch", "--attn", "--device"]:
         assert flag in text, flag

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (the device tool): the kernel tests compiled, the FLUX model with the kernels, then the
+# benchmark table for BENCHMARKS.md. Needs only torch + triton beyond the repository for the bench; the tests use
+# requirements-dev.txt when it is installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python -m pytest -q -x tests/test_kernels.py 2>&1 | tail -5
+python - <<'PY'  # the tiny FLUX (fp32 and bf16) with the kernels vs torch SDPA, forward and weight gradients
+import torch
+import flux_model as fm
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    torch.manual_seed(0)
+    cfg = fm.FluxConfig.preset("tiny")
+    model = fm.Flux(cfg).cuda().to(dtype)
+    x = (torch.randn(2, 24, 64), fm.image_ids(64, 96), torch.randn(2, 7, 32), torch.zeros(7, 3), torch.randn(2, 32),
+         torch.rand(2), torch.full((2,), 3.5))
+    x = [t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for t in x]
+    out = {}
+    for backend in ("sdpa", "triton"):
+        model.set_attention_backend(backend)
+        model.zero_grad()
+        y = model(*x)
+        y.float().square().mean().backward()
+        out[backend] = (y.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    err = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out["triton"], out["sdpa"])]
+    ok = err[0] <= tol and err[1] <= 10 * tol  # gradients sum over many tokens: looser
+    print(f"tiny FLUX {dtype}: triton vs sdpa rel. err. output {err[0]:.1e}, weight grads {err[1]:.1e}:",
+          "OK" if ok else "FAIL")
+PY
+python -m kernels.bench
