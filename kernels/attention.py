@@ -93,6 +93,16 @@ _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 6
 
 
 @triton.jit
+def _load(ptrs, mask, MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile, masked only where it may cross the end of the sequence (the common path pays nothing), and upcast to
+    fp32 when interpreting (the interpreter's 16-bit arithmetic is broken)."""
+    x = tl.load(ptrs, mask=mask, other=0.0) if MASK else tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, N, qk_scale,
                D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -101,15 +111,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, N, qk_scale,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
-        if MASK:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < N, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < N, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
+        kt = _load(kt_ptrs, offs_n[None, :] < N, MASK, UPCAST)
+        v = _load(v_ptrs, offs_n[:, None] < N, MASK, UPCAST)
         qk = tl.dot(q, kt, input_precision=PRECISION)
         if MASK:
             qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
@@ -137,9 +140,7 @@ def _fwd_kernel(Q, K, V, Out, LSE,
     offs_d = tl.arange(0, D)
     rows = offs_m[:, None] < N
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], rows, True, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -182,19 +183,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdn, l
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt_ptrs = q_base + offs_m[None, :] * sqn + offs_d[:, None]
         do_ptrs = do_base + offs_m[:, None] * sdn + offs_d[None, :]
-        if MASK:
-            qt = tl.load(qt_ptrs, mask=offs_m[None, :] < N, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_m[:, None] < N, other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
-        else:
-            qt = tl.load(qt_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            do = do.to(tl.float32)
+        qt = _load(qt_ptrs, offs_m[None, :] < N, MASK, UPCAST)
+        do = _load(do_ptrs, offs_m[:, None] < N, MASK, UPCAST)
+        lse = _load(lse_base + offs_m, offs_m < N, MASK, False)
+        delta = _load(delta_base + offs_m, offs_m < N, MASK, False)
         pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])
         if MASK:
             pt = tl.where(offs_m[None, :] < N, pt, 0.0)
@@ -219,11 +211,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     offs_d = tl.arange(0, D)
     rows = offs_n[:, None] < N
 
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=rows, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=rows, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], rows, True, UPCAST)
+    v = _load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], rows, True, UPCAST)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
 
@@ -251,15 +240,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, lo, hi, N, qk_sca
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None]
         vt_ptrs = v_base + offs_n[None, :] * svn + offs_d[:, None]
-        if MASK:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < N, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_n[None, :] < N, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _load(kt_ptrs, offs_n[None, :] < N, MASK, UPCAST)
+        vt = _load(vt_ptrs, offs_n[None, :] < N, MASK, UPCAST)
         p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASK:
             # A padded key scores 0, so p = exp2(-lse) there, which can overflow; zero K alone would not cancel inf.
@@ -284,11 +266,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     offs_d = tl.arange(0, D)
     rows = offs_m[:, None] < N
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=rows, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], rows, True, UPCAST)
+    do = _load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], rows, True, UPCAST)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)

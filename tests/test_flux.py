@@ -95,23 +95,13 @@ def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
     for k in expected:
         assert torch.equal(converted[k], expected[k]), k
     save_file(bfl, tmp_path / "flux1.safetensors")
-    loaded = fm.load_transformer(str(tmp_path / "flux1.safetensors"), cfg)
-    x = transformer_inputs(cfg, height, width, T, B)
-    assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL
-
-
-def test_all_in_one_bfl_file_reads_only_the_transformer(tmp_path):
-    """A single-file checkpoint with the VAE and text encoders beside the prefixed transformer (ComfyUI's layout)."""
-    cfg, height, width, T, B = CONFIGS["no-guidance"]
-    ref = diffusers_transformer(cfg, seed=4)
-    ref.save_pretrained(tmp_path / "diffusers")
-    ours = fm.load_transformer(str(tmp_path / "diffusers"))
-    tensors = {fm.BFL_PREFIX + k: v for k, v in ours.state_dict().items()}
-    tensors |= {"vae.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3), "text_encoders.t5xxl.w": torch.zeros(3)}
-    save_file(tensors, tmp_path / "all_in_one.safetensors")
-    loaded = fm.load_transformer(str(tmp_path / "all_in_one.safetensors"), cfg)
-    x = transformer_inputs(cfg, height, width, T, B)
-    assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL
+    # an all-in-one file (ComfyUI's layout): the VAE and the text encoders beside the prefixed transformer
+    others = {"vae.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3), "text_encoders.t5xxl.w": torch.zeros(3)}
+    save_file(bfl | others, tmp_path / "all_in_one.safetensors")
+    for name in ["flux1.safetensors"] + (["all_in_one.safetensors"] if prefix else []):
+        loaded = fm.load_transformer(str(tmp_path / name), cfg)
+        x = transformer_inputs(cfg, height, width, T, B)
+        assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL, name
 
 
 def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
