@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def flux_folder(tmp_path_factory):
-    """A tiny diffusers-format FLUX.1 folder (tests/tiny_diffusers.py), written once per session."""
-    from tiny_diffusers import flux_folder as make
+    """A tiny diffusers-format FLUX.1 folder (tests/references.py), written once per session."""
+    from references import flux_folder as make
 
     return make(tmp_path_factory.mktemp("flux"))

@@ -16,8 +16,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.loaders import single_file_utils
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
+from references import diffusers_transformer, diffusers_vae, randomize, rel_err
 from safetensors.torch import load_file, save_file
-from tiny_diffusers import diffusers_transformer, diffusers_vae, randomize
 
 import flux_model as fm
 import srpo
@@ -33,10 +33,6 @@ CONFIGS = {  # (config, height, width, text tokens, batch)
     "head16": (fm.FluxConfig(vec_in_dim=8, context_in_dim=8, hidden_size=64, num_heads=4, depth=1,
                              depth_single_blocks=1, axes_dim=(4, 6, 6)), 80, 48, 3, 3),
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def transformer_inputs(cfg, height, width, T, B, seed=1):

@@ -27,6 +27,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transform import image_transform
 from PIL import Image
+from references import rel_err
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 from transformers import CLIPModel
@@ -62,10 +63,6 @@ TRICKY_PROMPTS = [
     "line &amp;amp;amp;\n<b> then &amp;amp;amp; &#x65;&#x301;",  # ... but not from a line with a '<' on
     "open_clip's special words <END_OF_TEXT> and <start_of_text>, not <|endoftext|>",
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def grad_err(a, b):

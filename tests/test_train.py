@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from references import rel_err
 from safetensors.torch import load_file, save_file
 
 import flux_model as fm
@@ -26,10 +27,6 @@ SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples",
 
 def shift3(t):
     return 3 * t / (1 + 2 * t)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module", autouse=True)

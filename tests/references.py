@@ -1,4 +1,5 @@
-"""Tiny random diffusers models and a tiny diffusers-format FLUX.1 folder: the references the tests compare with."""
+"""What the tests compare with: tiny random diffusers models, a tiny diffusers-format FLUX.1 folder, and the error
+metric."""
 
 import itertools
 import json
@@ -10,6 +11,11 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 import flux_model as fm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64: the relative error every tolerance of the tests is stated in."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def randomize(module, std=0.05, seed=0):
