@@ -167,7 +167,7 @@ def check_size(height, width):
 
 TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS reward.
 
-    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, about a minute)
+    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~20 s)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
     torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
     python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
