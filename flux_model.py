@@ -741,6 +741,11 @@ def flux_config_from_diffusers(d, where):
         raise InputError(f"{where}: malformed config ({e})") from None
 
 
+def read_flux_config(folder):
+    """The FluxConfig of a diffusers `transformer/` folder, from its config.json."""
+    return flux_config_from_diffusers(read_json(os.path.join(folder, "config.json")), folder)
+
+
 def flux_config_to_diffusers(cfg: FluxConfig):
     return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
             "out_channels": None, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
@@ -769,7 +774,7 @@ def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
     """A FLUX transformer from a diffusers `transformer/` folder, or from one .safetensors file with diffusers or
     BFL keys (`flux1-dev.safetensors`, the SRPO release). cfg defaults to the folder's config.json, else flux-dev."""
     if os.path.isdir(path):
-        cfg = cfg or flux_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        cfg = cfg or read_flux_config(path)
         files = weight_files(path)
     elif os.path.exists(path):
         cfg, files = cfg or FluxConfig(), [path]

@@ -117,7 +117,7 @@ def load_flux_folder(flux_dir, transformer_file, dtype, device):
     """A diffusers FLUX.1 folder, optionally with replacement transformer weights (e.g. SRPO's file)."""
     fm.check_folder(flux_dir, "a diffusers FLUX.1 folder")
     sub = os.path.join(flux_dir, "transformer")
-    cfg = fm.flux_config_from_diffusers(fm.read_json(os.path.join(sub, "config.json")), sub)
+    cfg = fm.read_flux_config(sub)
     model = fm.load_transformer(transformer_file or sub, cfg, dtype, device)
     ae = fm.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
     return model, ae
@@ -521,8 +521,8 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
         fm.save_transformer(full, folder)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
-        torch.save({"optimizer": optim, "rng": rng}, os.path.join(folder, "training.pt.tmp"))
-        os.replace(os.path.join(folder, "training.pt.tmp"), os.path.join(folder, "training.pt"))
+        state = {"optimizer": optim, "rng": rng}
+        fm.atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
         fm.write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
         for old in sorted(checkpoints(out))[: -cfg.keep]:
             shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
@@ -594,9 +594,11 @@ def trim_log(path, step):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+
+    fm.atomic_write(path, write)
 
 
 def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
@@ -676,7 +678,7 @@ def run_training(args, cfg, prompts, demo, start, folder, ranks):
         reward = HPSReward.load(args.hps, args.flux, ranks.device)  # fp32 weights, run under bf16 autocast
         text = fm.TextConditioner.from_folder(args.flux, frozen, ranks.device)
         sub = os.path.join(args.flux, "transformer")
-        flux_cfg = fm.flux_config_from_diffusers(fm.read_json(os.path.join(sub, "config.json")), sub)
+        flux_cfg = fm.read_flux_config(sub)
         ae = fm.load_autoencoder(os.path.join(args.flux, "vae"), None, frozen, ranks.device)
         load = functools.partial(fm.load_transformer, sub, flux_cfg, torch.float32)  # load(device)
     embeddings = encode_prompts(text, mine + grid_prompts)

@@ -230,7 +230,7 @@ def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
 def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tmp_path):
     """--transformer FILE (diffusers keys, as SRPO's release) gives the image of a FluxPipeline whose transformer
     got that file through a strict load_state_dict."""
-    cfg = fm.flux_config_from_diffusers(fm.read_json(os.path.join(flux_folder, "transformer", "config.json")), "")
+    cfg = fm.read_flux_config(os.path.join(flux_folder, "transformer"))
     path = fm.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
     expected = pipeline_image(flux_folder, "a tree", 32, 32, 2, 0, transformer_file=path)
     out = str(tmp_path / "srpo.png")
