@@ -73,23 +73,40 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _configs(tiles):
-    """Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) on the GPU; one fixed config when interpreting.
-
-    Autotuning several configs needs a GPU driver, and the interpreter wants small tiles (its cost grows with the
-    tile) that still leave several full blocks plus a tail at the tests' sequence lengths.
-    """
-    if INTERPRETED:
-        tiles = [(32, 16, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
+def _autotune(tiles_16bit, tiles_fp32):
+    """Autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, the 16-bit or the fp32 list by Q's dtype;
+    one fixed config when interpreting (autotuning needs a GPU driver; the interpreter wants small tiles, its cost
+    grows with the tile, that still leave several full blocks plus a tail at the tests' sequence lengths).
+
+    Two lists because fp32 is a different machine: its tl.dot runs on FMA units (input_precision "ieee", as the
+    1e-5 tolerance needs), with operands in registers, and anything but small tiles spills; 16-bit runs on tensor
+    cores, where those small tiles would waste the MMA.
+    """
+    if INTERPRETED:
+        return triton.autotune(configs=_configs([(32, 16, 4, 1)]), key=["N", "D"])
+    half, full = _configs(tiles_16bit), _configs(tiles_fp32)
+
+    def by_dtype(configs, named_args, **kwargs):
+        return full if named_args["Q"].dtype == torch.float32 else half
+
+    return triton.autotune(configs=half + full, key=["N", "D"], prune_configs_by={"early_config_prune": by_dtype})
+
+
 # H100, D = 128, bf16: the forward wants a tall query tile (Q stays in registers, K/V stream through shared memory);
-# dK/dV holds a key tile and streams thin query tiles, dQ the reverse (the Triton tutorial's 32/128 and 128/32).
-# The last, small candidate keeps fp32 at D = 128 within shared memory when every larger one runs out.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 4),
-                         (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 4, 3), (32, 32, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 3), (32, 32, 4, 2)])
+# dK/dV holds a key tile and streams thin query tiles, dQ the reverse. `python -m kernels.compile_report` shows what
+# ptxas makes of each: every candidate below compiles for sm_90 without register spills, within shared memory, and
+# the 16-bit ones on wgmma (tests/test_kernels.py holds them to it). Among those dropped: 4 warps on a 128-row tile
+# at D = 128 (spills), and for fp32 nearly every tile larger than these (spills kilobytes per thread).
+_fwd_autotune = _autotune([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
+                           (64, 32, 4, 2)],
+                          [(32, 64, 8, 2), (16, 16, 4, 1)])
+_dkdv_autotune = _autotune([(32, 128, 8, 3), (32, 128, 8, 4), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)],
+                           [(64, 16, 4, 1), (16, 16, 4, 1)])
+_dq_autotune = _autotune([(128, 32, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+                         [(32, 64, 8, 2), (16, 16, 4, 1)])
 
 
 @triton.jit
@@ -126,7 +143,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, N, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D"])
+@_fwd_autotune
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -197,7 +214,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdn, l
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "D"])
+@_dkdv_autotune
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
@@ -252,7 +269,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, lo, hi, N, qk_sca
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "D"])
+@_dq_autotune
 @triton.jit
 def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,

@@ -3,7 +3,8 @@
 On a CUDA GPU it prints a markdown report to paste into BENCHMARKS.md: attention (ours vs the SDPA backends)
 correctness and speed, then fused RMSNorm+RoPE vs PyTorch with a device copy as the bandwidth roof. Every
 measurement is guarded, so a backend that refuses a shape or a failing torch.compile shows up as an error cell.
-Without a GPU it runs a tiny correctness pass of the kernels in the Triton interpreter instead.
+Without a GPU it runs a tiny correctness pass of the kernels in the Triton interpreter instead, then prints
+what the compiler makes of them for an H100 (`kernels.compile_report`: registers, spills, shared memory, MMA).
 """
 
 import datetime
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from kernels import attention as attention_module
+from kernels import compile_report
 from kernels.attention import attention, attention_reference
 from kernels.rope import norm_rope, norm_rope_reference
 
@@ -230,12 +232,15 @@ def main() -> int:
     if torch.cuda.is_available():
         gpu_report()
         return 0
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton picks compiled vs interpreted when it is imported (as it was, above): start over with it on.
-        return subprocess.call([sys.executable, "-m", "kernels.bench"], env={**os.environ, "TRITON_INTERPRET": "1"})
-    print("no CUDA GPU: running a tiny interpreter correctness pass")
-    interpreter_pass()
-    return 0
+    if attention_module.INTERPRETED:
+        print("no CUDA GPU: a tiny correctness pass in the Triton interpreter")
+        interpreter_pass()
+        return 0
+    # Triton picks compiled vs interpreted when it is imported (as it was, above): the pass runs in a fresh process.
+    code = subprocess.call([sys.executable, "-m", "kernels.bench"], env={**os.environ, "TRITON_INTERPRET": "1"})
+    print("\nand what the compiler makes of the kernels for an H100, at the first shape (no timing without the card):\n")
+    print("\n".join(compile_report.report(90, DTYPE, HEAD_DIM, SHAPES[0][1])[0]))
+    return code
 
 
 if __name__ == "__main__":

@@ -29,4 +29,5 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
     print(f"tiny FLUX {dtype}: triton vs sdpa rel. err. output {err[0]:.1e}, weight grads {err[1]:.1e}:",
           "OK" if ok else "FAIL")
 PY
+python -m kernels.compile_report  # registers / spills / shared memory per autotune config, to read beside the timings
 python -m kernels.bench

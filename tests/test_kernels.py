@@ -11,8 +11,12 @@ the kernel fails to write fails the comparison. Inputs are fresh random normals 
 failure message and KERNELS_TEST_SEED=<seed> replays it.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +213,34 @@ def test_bad_shapes_are_rejected():
         attention(randn(1, 2, 8, 16), randn(1, 2, 9, 16), randn(1, 2, 9, 16))
     with pytest.raises(ValueError):
         norm_rope(randn(1, 2, 8, 16), randn(16), randn(8, 4), randn(8, 4))
+
+
+COMPILE_REPORT = """
+import dataclasses, json, sys, torch
+from kernels.compile_report import report
+_, results = report(90, getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+print(json.dumps([dataclasses.asdict(r) for r in results]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,D,N", [("bfloat16", 128, 4608), ("float16", 64, 2537), ("float32", 128, 2537)])
+def test_kernels_compile_for_h100(dtype, D, N):
+    """The compiled path, checked where no GPU is: Triton + ptxas build every autotune config for sm_90 exactly as the
+    launchers would launch it (kernels/compile_report.py). Every config must compile, fit in an H100's shared memory
+    and not spill registers; the attention matmuls must be Hopper's wgmma in 16 bits and plain FMA in fp32 (exact
+    fp32 products, which the 1e-5 tolerance needs; TF32 would not meet it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # decorate the kernels for compiling
+    done = subprocess.run([sys.executable, "-c", COMPILE_REPORT, dtype, str(D), str(N)], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert {r["kernel"] for r in results} == {"_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel",
+                                              "_norm_rope_fwd_kernel", "_norm_rope_bwd_kernel"}
+    for r in results:
+        where = f"{r['kernel']} {r['config']}"
+        assert not r["error"], f"{where}: {r['error']}"
+        assert r["shared"] <= 227 * 1024, f"{where}: {r['shared']} B of shared memory"
+        assert r["spilled"] == 0, f"{where}: {r['spilled']} B spilled per thread"
+        if r["kernel"] in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+            assert r["mma"] == ("none" if dtype == "float32" else "wgmma"), f"{where}: {r['mma']}"
