@@ -238,7 +238,7 @@ def main() -> int:
         return 0
     # Triton picks compiled vs interpreted when it is imported (as it was, above): the pass runs in a fresh process.
     code = subprocess.call([sys.executable, "-m", "kernels.bench"], env={**os.environ, "TRITON_INTERPRET": "1"})
-    print("\nand what the compiler makes of the kernels for an H100, at the first shape (no timing without the card):\n")
+    print("\nand what the compiler makes of the kernels for an H100 at the first shape (untimed without the card):\n")
     print("\n".join(compile_report.report(90, DTYPE, HEAD_DIM, SHAPES[0][1])[0]))
     return code
 

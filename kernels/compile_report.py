@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import native_specialize_impl
 
 from kernels import attention as attention_module
 from kernels import rope as rope_module
@@ -45,7 +46,6 @@ class Card:
 
 CARDS = {90: Card("H100 (sm_90)", 227 * 1024, 228 * 1024), 80: Card("A100 (sm_80)", 163 * 1024, 164 * 1024)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclasses.dataclass
@@ -96,26 +96,23 @@ def _named(fn, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(fn.arg_names, args, strict=False)), **kwargs}  # the constexprs come as keywords
 
 
-def _source(fn, args: tuple, kwargs: dict) -> ASTSource:
-    """What `fn[grid](*args, **kwargs)` hands the compiler: argument types, constexpr values, and the divisibility by
-    16 that Triton's launcher detects in pointers and integers (it lets loads vectorize)."""
+def _source(fn, args: tuple, kwargs: dict, backend) -> ASTSource:
+    """What `fn[grid](*args, **kwargs)` hands the compiler, specialized by Triton's own launcher rule: argument types,
+    constexprs (declared ones, and integers equal to 1), and divisibility by 16 of pointers and integers (it lets
+    loads vectorize; the meta tensors here count as aligned, as real allocations are)."""
     values = _named(fn, args, kwargs)
     signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        value = values[name]
-        if fn.params[i].is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-            continue
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TRITON_TYPES[value.dtype]
-            aligned = True  # allocations are 256-byte aligned; the meta tensors here have no address
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            aligned = value % 16 == 0
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        if param.is_constexpr:
+            kind, spec = "constexpr", values[name]
         else:
-            signature[name], aligned = "fp32", False
-        if aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            kind, spec = native_specialize_impl(backend, values[name], param.is_const, not param.do_not_specialize,
+                                                not param.do_not_specialize_on_alignment)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = backend.parse_attr(spec)
     return ASTSource(fn, signature, constexprs, attrs)
 
 
@@ -169,13 +166,14 @@ def compile_launch(launch: Launch, arch: int) -> list[Compiled]:
         fn = kernel
         configs = [triton.Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))]
     card, results = CARDS[arch], []
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
     for config in configs:
         tiles = {k: v for k, v in {**kwargs, **config.kwargs}.items() if k.startswith("BLOCK_")}
         meta = {**tiles, "num_warps": config.num_warps, "num_stages": config.num_stages}
         result = Compiled(fn.__name__, meta)
         try:
-            compiled = triton.compile(_source(fn, launch.args, {**kwargs, **config.kwargs}),
-                                      target=GPUTarget("cuda", arch, 32),
+            compiled = triton.compile(_source(fn, launch.args, {**kwargs, **config.kwargs}, backend), target=target,
                                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
         except Exception as exc:  # noqa: BLE001 - one failing config is a row of the report, not the end of it
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
@@ -189,8 +187,8 @@ def compile_launch(launch: Launch, arch: int) -> list[Compiled]:
 
 
 def report(arch: int, dtype: torch.dtype, head_dim: int, tokens: int) -> tuple[list[str], list[Compiled]]:
-    card = CARDS[arch]
-    lines = [f"### Compiled for {card.name}: {TRITON_TYPES[dtype]}, D {head_dim}, N {tokens} (no GPU involved)", "",
+    card, dtype_name = CARDS[arch], str(dtype).removeprefix("torch.")
+    lines = [f"### Compiled for {card.name}: {dtype_name}, D {head_dim}, N {tokens} (no GPU involved)", "",
              "| kernel | tiles | warps | stages | registers | spilled B | shared KB | MMA | CTAs/SM | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     results = []
