@@ -98,8 +98,8 @@ def _autotune(tiles_16bit, tiles_fp32):
 # H100, D = 128, bf16: the forward wants a tall query tile (Q stays in registers, K/V stream through shared memory);
 # dK/dV holds a key tile and streams thin query tiles, dQ the reverse. `python -m kernels.compile_report` shows what
 # ptxas makes of each: every candidate below compiles for sm_90 without register spills, within shared memory, and
-# the 16-bit ones on wgmma (tests/test_kernels.py holds them to it). Among those dropped: 4 warps on a 128-row tile
-# at D = 128 (spills), and for fp32 nearly every tile larger than these (spills kilobytes per thread).
+# the 16-bit ones on wgmma (tests/test_kernels.py holds them to it). Dropped for spilling at D = 128: 4 warps on the
+# 128 x 64 forward, 128 x 32 dQ and 32 x 128 dK/dV tiles, and for fp32 nearly every tile larger than these.
 _fwd_autotune = _autotune([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
                            (64, 32, 4, 2)],
                           [(32, 64, 8, 2), (16, 16, 4, 1)])
