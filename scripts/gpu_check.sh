@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 python -m pytest -q -x tests/test_kernels.py 2>&1 | tail -5
-python - <<'PY'  # the tiny FLUX (fp32 and bf16) with the kernels vs torch SDPA, forward and weight gradients
+python - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
 import torch
 import flux_model as fm
-for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+# (weights, autocast): fp32; bf16; fp32 master weights under bf16 autocast, as training runs
+for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2), (torch.float32, True, 2e-2)):
     torch.manual_seed(0)
     cfg = fm.FluxConfig.preset("tiny")
     model = fm.Flux(cfg).cuda().to(dtype)
@@ -21,13 +22,14 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
     for backend in ("sdpa", "triton"):
         model.set_attention_backend(backend)
         model.zero_grad()
-        y = model(*x)
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            y = model(*x)
         y.float().square().mean().backward()
         out[backend] = (y.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
     err = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out["triton"], out["sdpa"])]
     ok = err[0] <= tol and err[1] <= 10 * tol  # gradients sum over many tokens: looser
-    print(f"tiny FLUX {dtype}: triton vs sdpa rel. err. output {err[0]:.1e}, weight grads {err[1]:.1e}:",
-          "OK" if ok else "FAIL")
+    print(f"tiny FLUX {dtype}{' + bf16 autocast' if autocast else ''}: triton vs sdpa rel. err. output "
+          f"{err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
 PY
 python -m kernels.compile_report  # registers / spills / shared memory per autotune config, to read beside the timings
 python -m kernels.bench

@@ -394,7 +394,10 @@ def test_cli_error_has_no_traceback(tmp_path):
 # The attention switch: kernels/ (Triton; interpreted on a CPU) and torch SDPA give the same model
 
 
-def test_triton_and_sdpa_backends_agree_on_the_tiny_model(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_triton_and_sdpa_backends_agree_on_the_tiny_model(monkeypatch, autocast):
+    """fp32: the same model to fp32 rounding. bf16 autocast over fp32 weights is how training runs: the kernels then
+    get bf16 q, k, v from the projections and an fp32 norm scale, and the two backends round at different places."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest imported the kernels in interpreter mode
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -405,9 +408,11 @@ def test_triton_and_sdpa_backends_agree_on_the_tiny_model(monkeypatch):
     for backend in ("sdpa", "triton"):
         model.set_attention_backend(backend)
         model.zero_grad()
-        outs[backend] = model(**x)
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
+            outs[backend] = model(**x).float()
         (outs[backend] * torch.linspace(-1, 1, outs[backend].numel(), device=device).view_as(outs[backend])).sum() \
             .backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert rel_err(outs["triton"], outs["sdpa"]) <= TOL
-    assert rel_err(grads["triton"], grads["sdpa"]) <= 1e-4  # sums over many tokens: fp32 reordering
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert rel_err(outs["triton"], outs["sdpa"]) <= (1e-2 if autocast else TOL)  # bf16: the kernels' tolerance
+    assert rel_err(grads["triton"], grads["sdpa"]) <= (1e-2 if autocast else 1e-4)  # many-token sums: reordering
