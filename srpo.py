@@ -4,6 +4,7 @@
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts FILE --out DIR
     python srpo.py sample --flux FLUX_DIR --prompt "a cat" --out cat.png    # FLUX.1-dev, same image as diffusers
     python srpo.py sample                                                   # tiny built-in model, offline, seconds
+    python srpo.py sample --flux FLUX_DIR --prompts prompts.txt --out DIR   # one image per line, models loaded once
     python srpo.py score --hps HPS_v2.1_compressed.pt --tokenizer FLUX_DIR --prompt "a cat" cat.png   # HPS score
 
 Every command runs offline. Bad input ends in one line on stderr and exit code 2.
@@ -33,6 +34,9 @@ from flux_model import InputError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: flow matching, x_sigma = sigma * eps + (1 - sigma) * x0, the model predicts v ~ eps - x0.
+
+DEFAULT_PROMPT = "a photo of a red fox in the snow"
+MANIFEST = "images.jsonl"  # in a `sample --prompts` folder: every image with its prompt
 
 
 def time_shift(mu, sigmas):
@@ -88,15 +92,21 @@ def check_png_path(out):
         raise InputError(f"{out}: needs an image extension such as .png")
 
 
-def save_png(images, out):
-    """Write images (B, 3, H, W) in [0, 1]: `out` for one image, `stem-i.png` for several. Returns the paths."""
+def png_paths(out, n):
+    """Where `sample` writes n images for one prompt: `out` itself for one, `stem-i.ext` for several."""
+    stem, ext = os.path.splitext(out)
+    return [out] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def save_png(images, paths):
+    """Write images (B, 3, H, W) in [0, 1], one file each, atomically: a file that exists is a whole image (what
+    a resumed `sample --prompts` run relies on to skip it)."""
     from PIL import Image
 
-    stem, ext = os.path.splitext(out)
-    paths = [out] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
     for img, path in zip(images, paths, strict=True):
         pixels = (img.permute(1, 2, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
-        Image.fromarray(pixels).save(path)
+        image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temporary name has none
+        fm.atomic_write(path, functools.partial(Image.fromarray(pixels).save, format=image_format))
     return paths
 
 
@@ -177,7 +187,7 @@ the demo only changes --lr, --height/--width, --batch (1) and the length."""
 WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
 CHECKPOINT = "checkpoint-{:06d}"
 GRID_STEPS = 28  # the sample grids use FluxPipeline's default inference steps
-DEMO_PROMPTS = ("a photo of a red fox in the snow", "a portrait of an old fisherman in natural light",
+DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
@@ -579,7 +589,7 @@ def sample_grid(model, ae, conds, cfg, path, ranks):
             x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1]), cond, cfg.guidance)
             images.append(decode_images(ae, x, cfg.height, cfg.width).float())
     if ranks.main and images:
-        save_png(torch.cat(images, dim=3), path)
+        save_png(torch.cat(images, dim=3), [path])
 
 
 def append_log(path, record):
@@ -762,8 +772,39 @@ def check_writable(out):
 # Commands
 
 
+def sample_jobs(args):
+    """(prompt, image paths) pairs: --prompt into --out (with --batch N, OUT-0 .. OUT-(N-1)), or each line i of
+    --prompts into --out/i.png (i zero-padded to 5 digits)."""
+    if args.prompts is None:
+        check_png_path(args.out)
+        return [(args.prompt or DEFAULT_PROMPT, png_paths(args.out, args.batch))]
+    if args.prompt is not None:
+        raise InputError("give --prompt or --prompts, not both")
+    if os.path.splitext(args.out)[1]:
+        raise InputError(f"--out {args.out}: with --prompts, --out is a folder (images 00000.png, ... go in it)")
+    prompts = read_prompts(args.prompts)
+    check_writable(args.out)
+    return [(p, png_paths(os.path.join(args.out, f"{i:05d}.png"), args.batch)) for i, p in enumerate(prompts)]
+
+
+def write_manifest(folder, jobs, seed):
+    """folder/images.jsonl: one {"image", "prompt", "seed"} line per image, what `score --manifest` reads."""
+    lines = [json.dumps({"image": os.path.basename(path), "prompt": p, "seed": seed}) + "\n"
+             for p, paths in jobs for path in paths]
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    fm.atomic_write(os.path.join(folder, MANIFEST), write)
+
+
 @torch.no_grad()
 def cmd_sample(args):
+    """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
+    alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch."""
+    from tqdm import tqdm
+
     check_size(args.height, args.width)
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
@@ -771,28 +812,38 @@ def cmd_sample(args):
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
-    check_png_path(args.out)
-    prompts = [args.prompt] * args.batch
+    if args.transformer and not args.flux:
+        raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
+    jobs = sample_jobs(args)
     if args.flux:
         load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
+    if args.prompts:
+        write_manifest(args.out, jobs, args.seed)
+        jobs = [(p, paths) for p, paths in jobs if not all(os.path.exists(path) for path in paths)]  # resumed
+        if not jobs:
+            print(f"{args.out}: every image already exists")
+            return
+    if args.flux:
         text = fm.TextConditioner.from_folder(args.flux, dtype, device)
-        txt, y = text(prompts)
+        embeddings = encode_prompts(text, [p for p, _ in jobs])  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
         del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
         model, ae = load_flux_folder(args.flux, args.transformer, dtype, device)
     else:
-        if args.transformer:
-            raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
         model, ae, text = tiny_models()
-        txt, y = text(prompts)
+        embeddings = encode_prompts(text, [p for p, _ in jobs])
         model, ae = model.to(device, dtype), ae.to(device, dtype)
     model.set_attention_backend(args.attn or ("triton" if device.type == "cuda" else "sdpa"))
-    x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
-    sigmas = flux_schedule(args.steps, x.shape[1])
-    cond = (fm.image_ids(args.height, args.width, device).to(dtype), txt.to(dtype), torch.zeros(
-        txt.shape[1], 3, device=device, dtype=dtype), y.to(dtype))
-    x = euler_sample(model, x, sigmas, cond, args.guidance, progress=True)
-    for path in save_png(decode_images(ae, x, args.height, args.width), args.out):
-        print(path)
+    sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16))
+    img_ids = fm.image_ids(args.height, args.width, device).to(dtype)
+    for prompt, paths in tqdm(jobs, desc="prompts", disable=len(jobs) == 1):
+        # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
+        txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
+        x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
+        cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
+                y.to(device, dtype))
+        x = euler_sample(model, x, sigmas, cond, args.guidance, progress=len(jobs) == 1)
+        for path in save_png(decode_images(ae, x, args.height, args.width), paths):
+            tqdm.write(path)  # above the progress bar, not through it
 
 
 def cmd_train(args):
@@ -833,6 +884,26 @@ def cmd_train(args):
             dist.destroy_process_group()
 
 
+def read_manifest(path):
+    """(image paths, prompts) from a `sample --prompts` folder's images.jsonl, paths relative to its folder."""
+    folder, paths, prompts = os.path.dirname(os.path.abspath(path)), [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    paths.append(os.path.join(folder, row["image"]))
+                    prompts.append(str(row["prompt"]))
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(f"{path}, line {number}: expected a JSON object with \"image\" and "
+                                     f"\"prompt\"") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    return paths, prompts
+
+
 @torch.no_grad()
 def cmd_score(args):
     import reward
@@ -847,22 +918,29 @@ def cmd_score(args):
         args.hps = args.save_safetensors
         if not args.images:
             return
-    if not args.images:
+    if args.manifest and (args.images or args.prompt is not None):
+        raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
+    paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
+    if not paths:
         raise InputError("no images to score")
-    if args.tokenizer is None or args.prompt is None:
+    if args.tokenizer is None or None in prompts:
         raise InputError("--tokenizer DIR (vocab.json + merges.txt, or a FLUX.1 folder) and --prompt are required")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or "float32", device)  # scores print 6 decimals: float32 unless asked
-    images = [reward.load_image(path) for path in args.images]  # every file is checked before the model loads
+    images = [reward.load_image(path) for path in paths]  # every file is checked before the model loads
     tokenizer = reward.ClipTokenizer.from_folder(args.tokenizer)
     scorer = (reward.HPSReward.load(args.hps, tokenizer, device, dtype) if args.hps
               else reward.PickScoreReward.load(args.pickscore, tokenizer, device, dtype))
-    for path, image in zip(args.images, images, strict=True):  # one at a time: sizes may differ
+    values = []
+    for path, image, prompt in zip(paths, images, prompts, strict=True):  # one at a time: sizes may differ
         if args.relative:
-            value = scorer.relative_reward(image[None], args.prompt, args.k, *args.relative, args.preprocess)
+            value = scorer.relative_reward(image[None], prompt, args.k, *args.relative, args.preprocess)
         else:
-            value = scorer.score(image[None], args.prompt, args.preprocess)
-        print(f"{value.item():.6f}\t{path}")
+            value = scorer.score(image[None], prompt, args.preprocess)
+        values.append(value.item())
+        print(f"{values[-1]:.6f}\t{path}")
+    if args.manifest:
+        print(f"{sum(values) / len(values):.6f}\tmean of {len(values)} images")
 
 
 def build_parser():
@@ -874,14 +952,18 @@ def build_parser():
     p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors)")
-    p.add_argument("--prompt", default="a photo of a red fox in the snow", help="text prompt")
+    p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
+                   "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
+                   "run started again skips the prompts whose images exist")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (1024; tiny: 64)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (1024; tiny: 64)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
     p.add_argument("--guidance", type=float, default=3.5, help="distilled guidance scale (default 3.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives diffusers' image")
     p.add_argument("--batch", type=int, default=1, help="images for the prompt (diffusers' num_images_per_prompt)")
-    p.add_argument("--out", default="sample.png", help="output PNG; with --batch N, OUT-0.png .. OUT-(N-1).png")
+    p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
+                   "OUT-(N-1).png; with --prompts, a folder (default samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
                    "float32)")
@@ -915,6 +997,8 @@ def build_parser():
     p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
                    "folder (its tokenizer/)")
     p.add_argument("--prompt", help="the prompt the images were made for")
+    p.add_argument("--manifest", help="images.jsonl of a `sample --prompts` folder: scores each image against its "
+                   "own prompt, then prints the mean (instead of IMAGE and --prompt)")
     p.add_argument("--relative", nargs=2, metavar=("POS", "NEG"), help="SRP reward with these control words, e.g. "
                    "Real Painting")
     p.add_argument("--k", type=float, default=0.0, help="k of the SRP reward (default 0)")
@@ -936,6 +1020,8 @@ def main(argv=None):
         args.height = 1024 if args.flux else 64
     if args.command == "sample" and args.width is None:
         args.width = 1024 if args.flux else 64
+    if args.command == "sample" and args.out is None:
+        args.out = "samples" if args.prompts else "sample.png"
     try:
         args.func(args)
     except InputError as e:

@@ -200,6 +200,50 @@ def test_sample_gives_the_same_image_as_flux_pipeline(flux_folder, tmp_path, hei
         assert np.mean(ours != to_uint8(expected[i])) < 1e-3
 
 
+def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp_path, monkeypatch):
+    """--prompts: every line's images are FluxPipeline's for that prompt, seed and num_images_per_prompt, listed
+    with their prompts in images.jsonl; the models load once."""
+    loads = []
+    load = srpo.load_flux_folder
+    monkeypatch.setattr(srpo, "load_flux_folder", lambda *a: loads.append(a[-1]) or load(*a))
+    prompts, height, width, steps, seed, batch = ["a red cat, on a mat!", "two dogs", "a red cat, on a mat!"], 32, 48, \
+        3, 5, 2
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")  # blank line: skipped
+    out = tmp_path / "eval"
+    srpo.main(["sample", "--flux", flux_folder, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+               "--height", str(height), "--width", str(width), "--steps", str(steps), "--seed", str(seed), "--batch",
+               str(batch)])
+    assert [str(device) for device in loads] == ["meta", "cpu"]  # checked, then loaded once for all prompts
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert rows == [{"image": f"{i:05d}-{j}.png", "prompt": p, "seed": seed} for i, p in enumerate(prompts)
+                    for j in range(batch)]
+    for prompt in dict.fromkeys(prompts):
+        expected = to_uint8(pipeline_image(flux_folder, prompt, height, width, steps, seed, batch))
+        for row in (r for r in rows if r["prompt"] == prompt):
+            ours = read_png(out / row["image"])
+            j = int(row["image"][-5])
+            assert np.abs(ours - expected[j]).max() <= 1 and np.mean(ours != expected[j]) < 1e-3, row
+
+
+def test_prompt_file_run_resumes_where_it_stopped(tmp_path, capsys):
+    """A second run skips the prompts whose images exist (files are written atomically, so an existing file is a
+    whole image) and makes the missing ones again, the same bytes."""
+    (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
+    args = ["sample", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "s"), "--steps", "2"]
+    srpo.main(args)
+    first = {name: (tmp_path / "s" / name).read_bytes() for name in ("00000.png", "00001.png", "00002.png")}
+    assert len(set(first.values())) == 3
+    (tmp_path / "s" / "00001.png").unlink()
+    (tmp_path / "s" / "00000.png").write_bytes(b"kept")  # a run that regenerated it would overwrite this
+    capsys.readouterr()
+    srpo.main(args)
+    assert capsys.readouterr().out.split() == [str(tmp_path / "s" / "00001.png")]
+    assert (tmp_path / "s" / "00001.png").read_bytes() == first["00001.png"]
+    assert (tmp_path / "s" / "00000.png").read_bytes() == b"kept"
+    srpo.main(args)
+    assert "every image already exists" in capsys.readouterr().out
+
+
 def test_bfloat16_sample_is_as_close_to_diffusers_as_diffusers_is_to_itself(flux_folder, tmp_path):
     """In bf16 the two differ in rounding order (we fuse the modulation and the norm + RoPE in fp32), so the images
     are not bit-identical; they must be closer than diffusers' own bf16 image is to its fp32 one, and never far."""
@@ -257,7 +301,7 @@ def test_help_documents_every_flag():
         assert action.help, f"{action.option_strings} has no help"
     text = sample.format_help()
     for flag in ["--flux", "--transformer", "--prompt", "--height", "--width", "--steps", "--guidance", "--seed",
-                 "--batch", "--out", "--device", "--dtype", "--attn"]:
+                 "--batch", "--out", "--device", "--dtype", "--attn", "--prompts"]:
         assert flag in text
 
 
@@ -380,6 +424,31 @@ def test_bad_flags_give_one_line_errors(args, words, capsys):
     code, err = run_cli(["sample", *args], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert all(w in err[0] for w in words), err
+
+
+@pytest.mark.parametrize("case,words", [
+    ("both", ["--prompt or --prompts"]),
+    ("missing", ["none.txt", "cannot read the prompt file"]),
+    ("empty", ["empty.txt", "no prompts"]),
+    ("out-file", ["out.png", "is a folder"]),
+    ("out-unwritable", ["cannot write the output folder"]),
+])
+def test_bad_prompt_file_flags_give_one_line_errors(case, words, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a fox\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    prompts, out, extra = tmp_path / "p.txt", tmp_path / "s", []
+    if case == "both":
+        extra = ["--prompt", "a cat"]
+    elif case in ("missing", "empty"):
+        prompts = tmp_path / ("none.txt" if case == "missing" else "empty.txt")
+    elif case == "out-file":
+        out = tmp_path / "out.png"
+    else:
+        out = tmp_path / "p.txt" / "s"  # under a file: cannot be made
+    code, err = run_cli(["sample", "--prompts", str(prompts), "--out", str(out), *extra], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err
+    assert not os.path.exists(out / "images.jsonl")
 
 
 def test_cli_error_has_no_traceback(tmp_path):

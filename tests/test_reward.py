@@ -560,6 +560,48 @@ def test_cli_scores_images(cli_pair, bpe_dir, tmp_path, capsys):
     assert abs(float(lines[0].split()[0]) - expected) < 1e-6
 
 
+def test_cli_scores_a_sample_folder_by_its_manifest(cli_pair, bpe_dir, tmp_path, capsys):
+    """--manifest (images.jsonl of `sample --prompts`): each image against its own prompt, then the mean."""
+    _, ours, path = cli_pair
+    rng = np.random.default_rng(2)
+    rows = [("00000.png", "a cat"), ("00001-0.png", "a dog on a beach"), ("00001-1.png", "a dog on a beach")]
+    for name, _ in rows:
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_text("".join(json.dumps({"image": name, "prompt": prompt, "seed": 0}) + "\n"
+                                for name, prompt in rows))
+    lines = run_score(capsys, "--hps", path, "--tokenizer", bpe_dir, "--manifest", manifest)
+    expected = [ours.score(reward.load_image(tmp_path / name)[None], prompt).item() for name, prompt in rows]
+    assert len(lines) == 4 and len({round(v, 4) for v in expected}) == 3  # distinct scores: a mix-up would show
+    for line, (name, _), value in zip(lines, rows, expected, strict=False):
+        assert line.split("\t")[1] == str(tmp_path / name) and abs(float(line.split("\t")[0]) - value) < 1e-6
+    assert lines[3].endswith("\tmean of 3 images") and abs(float(lines[3].split("\t")[0]) - np.mean(expected)) < 1e-6
+
+
+@pytest.mark.parametrize("content,words", [
+    (None, ["missing.jsonl", "cannot read the manifest"]),
+    ('{"image": "a.png"}\n', ["line 1", '"prompt"']),
+    ('{"image": "a.png", "prompt": "a cat"}\nnot json\n', ["line 2"]),
+    ('{"image": "missing.png", "prompt": "a cat"}\n', ["missing.png"]),
+    ("", ["no images to score"]),
+])
+def test_cli_bad_manifest_exits_2(content, words, cli_pair, bpe_dir, tmp_path, capsys):
+    _, _, path = cli_pair
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    manifest = tmp_path / ("missing.jsonl" if content is None else "images.jsonl")
+    if content is not None:
+        manifest.write_text(content)
+    message = score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--manifest", manifest)
+    assert all(w in message for w in words), message
+
+
+def test_cli_manifest_excludes_images_and_prompt(cli_pair, bpe_dir, tmp_path, capsys):
+    _, _, path = cli_pair
+    for extra in (["--prompt", "a cat"], [tmp_path / "a.png"]):
+        message = score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--manifest", tmp_path / "m.jsonl", *extra)
+        assert "without IMAGE and --prompt" in message
+
+
 def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monkeypatch, capsys):
     """Scores print 6 decimals: float32 is the default on CUDA too (a CUDA device is faked; loading stops)."""
     _, _, path = cli_pair
