@@ -819,12 +819,17 @@ def atomic_write(path, write):
         os.close(fd)
 
 
-def write_json(path, obj):
+def write_text(path, text):
+    """A UTF-8 text file, written atomically."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
 
     atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def ae_config_from_diffusers(d, where):

@@ -602,13 +602,9 @@ def trim_log(path, step):
     """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-
-    fm.atomic_write(path, write)
+    fm.write_text(path, "".join(lines))
 
 
 def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
@@ -789,14 +785,9 @@ def sample_jobs(args):
 
 def write_manifest(folder, jobs, seed):
     """folder/images.jsonl: one {"image", "prompt", "seed"} line per image, what `score --manifest` reads."""
-    lines = [json.dumps({"image": os.path.basename(path), "prompt": p, "seed": seed}) + "\n"
-             for p, paths in jobs for path in paths]
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-
-    fm.atomic_write(os.path.join(folder, MANIFEST), write)
+    fm.write_text(os.path.join(folder, MANIFEST), "".join(
+        json.dumps({"image": os.path.basename(path), "prompt": p, "seed": seed}) + "\n"
+        for p, paths in jobs for path in paths))
 
 
 @torch.no_grad()
