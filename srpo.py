@@ -394,17 +394,24 @@ class Ranks:
         return box[0]
 
 
+def this_process(device_name):
+    """(rank, world, device): torchrun's RANK and WORLD_SIZE (0 and 1 without it), and on CUDA under torchrun the
+    GPU of this process's LOCAL_RANK."""
+    device = parse_device(device_name)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def init_ranks(device_name):
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo."""
     from datetime import timedelta
 
-    device = parse_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, world, device = this_process(device_name)
     if world == 1:
         return Ranks(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
     # others wait at the barrier: far longer than the default 10-minute collective timeout.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
@@ -801,18 +808,22 @@ def cmd_sample(args):
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
-    device = parse_device(args.device)
+    rank, world, device = this_process(args.device)
     dtype = parse_dtype(args.dtype, device)
     if args.transformer and not args.flux:
         raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
+    if world > 1 and not args.prompts:
+        raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
     jobs = sample_jobs(args)
     if args.flux:
         load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
     if args.prompts:
-        write_manifest(args.out, jobs, args.seed)
-        jobs = [(p, paths) for p, paths in jobs if not all(os.path.exists(path) for path in paths)]  # resumed
+        if rank == 0:
+            write_manifest(args.out, jobs, args.seed)
+        # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
+        jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
         if not jobs:
-            print(f"{args.out}: every image already exists")
+            print(f"{args.out}: nothing left to make, the images exist")
             return
     if args.flux:
         text = fm.TextConditioner.from_folder(args.flux, dtype, device)
@@ -955,7 +966,9 @@ def build_parser():
     p.add_argument("--batch", type=int, default=1, help="images for the prompt (diffusers' num_images_per_prompt)")
     p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
                    "OUT-(N-1).png; with --prompts, a folder (default samples)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
+                   "--prompts)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
                    "float32)")
     p.add_argument("--attn", choices=["triton", "sdpa"], default=None,

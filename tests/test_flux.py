@@ -241,7 +241,29 @@ def test_prompt_file_run_resumes_where_it_stopped(tmp_path, capsys):
     assert (tmp_path / "s" / "00001.png").read_bytes() == first["00001.png"]
     assert (tmp_path / "s" / "00000.png").read_bytes() == b"kept"
     srpo.main(args)
-    assert "every image already exists" in capsys.readouterr().out
+    assert "nothing left to make" in capsys.readouterr().out
+
+
+def test_prompt_file_is_split_over_torchrun_processes(tmp_path, monkeypatch, capsys):
+    """Under torchrun, process r of w makes lines r, r + w, ... (no process group: prompts are independent) and
+    process 0 writes images.jsonl; together they make the single process's images, byte for byte."""
+    (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
+    sample = ["sample", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--out"]
+    srpo.main([*sample, str(tmp_path / "one")])
+    names = ["00000.png", "00001.png", "00002.png"]
+    for rank, made in ((1, ["00001.png"]), (0, ["00000.png", "00002.png"])):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        capsys.readouterr()
+        srpo.main([*sample, str(tmp_path / "two")])
+        assert capsys.readouterr().out.split() == [str(tmp_path / "two" / name) for name in made]
+        assert (tmp_path / "two" / "images.jsonl").exists() == (rank == 0)
+    for name in names:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert (tmp_path / "two" / "images.jsonl").read_text() == (tmp_path / "one" / "images.jsonl").read_text()
+    code, err = run_cli(["sample", "--out", str(tmp_path / "x.png")], capsys)  # one prompt: nothing to split
+    assert code == 2 and len(err) == 1 and "give --prompts" in err[0]
 
 
 def test_bfloat16_sample_is_as_close_to_diffusers_as_diffusers_is_to_itself(flux_folder, tmp_path):
