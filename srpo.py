@@ -912,16 +912,16 @@ def cmd_score(args):
 
     if (args.hps is None) == (args.pickscore is None):
         raise InputError("give one of --hps CKPT (HPSv2/2.1) and --pickscore DIR")
+    if args.manifest and (args.images or args.prompt is not None):
+        raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
     if args.save_safetensors:
         if not args.hps:
             raise InputError("--save-safetensors converts an --hps checkpoint")
         reward.convert_checkpoint(args.hps, args.save_safetensors)
         print(args.save_safetensors)
         args.hps = args.save_safetensors
-        if not args.images:
+        if not args.images and not args.manifest:
             return
-    if args.manifest and (args.images or args.prompt is not None):
-        raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
     paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
     if not paths:
         raise InputError("no images to score")
@@ -929,12 +929,16 @@ def cmd_score(args):
         raise InputError("--tokenizer DIR (vocab.json + merges.txt, or a FLUX.1 folder) and --prompt are required")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or "float32", device)  # scores print 6 decimals: float32 unless asked
-    images = [reward.load_image(path) for path in paths]  # every file is checked before the model loads
+    # every file is checked before the model loads, and read again when scored: a manifest's thousands of images
+    # never sit in memory together
+    for path in paths:
+        reward.load_image(path)
     tokenizer = reward.ClipTokenizer.from_folder(args.tokenizer)
     scorer = (reward.HPSReward.load(args.hps, tokenizer, device, dtype) if args.hps
               else reward.PickScoreReward.load(args.pickscore, tokenizer, device, dtype))
     values = []
-    for path, image, prompt in zip(paths, images, prompts, strict=True):  # one at a time: sizes may differ
+    for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ
+        image = reward.load_image(path)
         if args.relative:
             value = scorer.relative_reward(image[None], prompt, args.k, *args.relative, args.preprocess)
         else:

@@ -576,6 +576,13 @@ def test_cli_scores_a_sample_folder_by_its_manifest(cli_pair, bpe_dir, tmp_path,
     for line, (name, _), value in zip(lines, rows, expected, strict=False):
         assert line.split("\t")[1] == str(tmp_path / name) and abs(float(line.split("\t")[0]) - value) < 1e-6
     assert lines[3].endswith("\tmean of 3 images") and abs(float(lines[3].split("\t")[0]) - np.mean(expected)) < 1e-6
+    converted = tmp_path / "hps.safetensors"  # convert first, then score the manifest with the converted file
+    again = run_score(capsys, "--hps", path, "--tokenizer", bpe_dir, "--save-safetensors", converted, "--manifest",
+                      manifest)
+    assert again[0] == str(converted) and len(again) == 5
+    for ours_line, line in zip(again[1:], lines, strict=True):
+        assert ours_line.split("\t")[1] == line.split("\t")[1]
+        assert abs(float(ours_line.split("\t")[0]) - float(line.split("\t")[0])) < 2e-6
 
 
 @pytest.mark.parametrize("content,words", [
