@@ -503,7 +503,8 @@ def test_triton_and_sdpa_backends_agree_on_the_tiny_model(monkeypatch, autocast)
             outs[backend] = model(**x).float()
         (outs[backend] * torch.linspace(-1, 1, outs[backend].numel(), device=device).view_as(outs[backend])).sum() \
             .backward()
-        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        grads[backend] = {name: p.grad.clone() for name, p in model.named_parameters()}
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
     assert rel_err(outs["triton"], outs["sdpa"]) <= (1e-2 if autocast else TOL)  # bf16: the kernels' tolerance
-    assert rel_err(grads["triton"], grads["sdpa"]) <= (1e-2 if autocast else 1e-4)  # many-token sums: reordering
+    for name, grad in grads["sdpa"].items():  # each tensor on its own scale (measured: fp32 7e-7, autocast 1.3e-2)
+        assert rel_err(grads["triton"][name], grad) <= (3e-2 if autocast else TOL), name

@@ -162,6 +162,25 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
 
 
+def test_direct_align_gradient_is_the_same_with_the_triton_kernels(tiny, monkeypatch):
+    """One prompt's two branches through the checkpointed blocks of `build_transformer`, with the Triton kernels
+    (interpreted on a CPU; compiled on a GPU) and with SDPA: the same loss, rewards and weight gradient."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest imported the kernels in interpreter mode
+    model, ae, reward, cfg, cond, eps, x0 = branch_setup(tiny)
+    model = srpo.build_transformer(lambda device: model, model.cfg, srpo.Ranks(0, 1, CPU), "sdpa")
+    results = {}
+    for attn in ("sdpa", "triton"):
+        model.set_attention_backend(attn)
+        model.zero_grad()
+        values = srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", 300, 6, cfg, scale=1.0)
+        results[attn] = torch.tensor(values), {name: p.grad.clone() for name, p in model.named_parameters()}
+    (ours, ours_grads), (ref, ref_grads) = results["triton"], results["sdpa"]
+    assert rel_err(ours, ref) <= 1e-5
+    for name, grad in ref_grads.items():  # each tensor on its own scale: the q/k path's gradients are small
+        assert grad.abs().max() > 0 and rel_err(ours_grads[name], grad) <= 2e-5, name  # measured <= 3.5e-6
+
+
 def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: None):
     """srpo.train, one process, on a fresh copy of the tiny transformer; prepare(model) first (hooks). -> model."""
     model, ae, text, reward = tiny
