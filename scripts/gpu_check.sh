@@ -7,12 +7,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 exec > >(tee "${OUT:-/tmp}/gpu_check.log") 2>&1
 stamp() { echo "--- $(date -u +%H:%M:%S) $*"; }
+py="${PYTHON:-python3}"  # the device image's python3 holds torch; `python` may not exist there
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 stamp bench
-python -m kernels.bench
+"$py" -m kernels.bench
 stamp tiny FLUX
-python - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
+"$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
 import torch
 import flux_model as fm
 # (weights, autocast): fp32; bf16; fp32 master weights under bf16 autocast, as training runs
@@ -37,7 +38,7 @@ for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, Fals
           f"{err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
 PY
 stamp compile report
-python -m kernels.compile_report  # registers / spills / shared memory per autotune config, to read beside the timings
+"$py" -m kernels.compile_report  # registers / spills / shared memory per autotune config, to read beside the timings
 stamp kernel tests  # compiled; the slow CPU-only compile checks are left out (the report above covers them)
-python -m pytest -q -m "not slow" tests/test_kernels.py 2>&1 | tail -5
+"$py" -m pytest -q -m "not slow" tests/test_kernels.py 2>&1 | tail -5
 stamp done
