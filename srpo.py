@@ -780,7 +780,7 @@ def sample_jobs(args):
     --prompts into --out/i.png (i zero-padded to 5 digits)."""
     if args.prompts is None:
         check_png_path(args.out)
-        return [(args.prompt or DEFAULT_PROMPT, png_paths(args.out, args.batch))]
+        return [(DEFAULT_PROMPT if args.prompt is None else args.prompt, png_paths(args.out, args.batch))]
     if args.prompt is not None:
         raise InputError("give --prompt or --prompts, not both")
     if os.path.splitext(args.out)[1]:
