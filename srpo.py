@@ -925,8 +925,10 @@ def cmd_score(args):
     paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
     if not paths:
         raise InputError("no images to score")
-    if args.tokenizer is None or None in prompts:
-        raise InputError("--tokenizer DIR (vocab.json + merges.txt, or a FLUX.1 folder) and --prompt are required")
+    if args.tokenizer is None:
+        raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder)")
+    if None in prompts:
+        raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or "float32", device)  # scores print 6 decimals: float32 unless asked
     # every file is checked before the model loads, and read again when scored: a manifest's thousands of images

@@ -609,6 +609,13 @@ def test_cli_manifest_excludes_images_and_prompt(cli_pair, bpe_dir, tmp_path, ca
         assert "without IMAGE and --prompt" in message
 
 
+def test_cli_names_what_is_missing(cli_pair, bpe_dir, tmp_path, capsys):
+    _, _, path = cli_pair
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    assert "--tokenizer DIR is required" in score_error(capsys, "--hps", path, "--prompt", "a cat", tmp_path / "a.png")
+    assert "--prompt is required" in score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, tmp_path / "a.png")
+
+
 def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monkeypatch, capsys):
     """Scores print 6 decimals: float32 is the default on CUDA too (a CUDA device is faked; loading stops)."""
     _, _, path = cli_pair
