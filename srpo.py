@@ -969,7 +969,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
     p.add_argument("--guidance", type=float, default=3.5, help="distilled guidance scale (default 3.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives diffusers' image")
-    p.add_argument("--batch", type=int, default=1, help="images for the prompt (diffusers' num_images_per_prompt)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (diffusers' num_images_per_prompt)")
     p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
                    "OUT-(N-1).png; with --prompts, a folder (default samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
