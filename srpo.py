@@ -53,19 +53,22 @@ def flux_schedule(steps, seq_len, base_shift=0.5, max_shift=1.15, base_len=256, 
     return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
 
 
-def euler_sample(model, x, sigmas, cond, guidance, progress=False):
+def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=False):
     """Integrate dx/dsigma = v from sigmas[0] to sigmas[-1]: x += (sigma_next - sigma) * v, in float32.
 
     cond = (img_ids, txt, txt_ids, y). The latents keep their dtype (bf16 when sampling in bf16, as diffusers does;
-    fp32 in training, whatever autocast makes of v) and the model sees sigma rounded through it, as diffusers
-    passes it."""
+    fp32 in training, whatever autocast makes of v). timesteps[i] is what the model is told at sigmas[i]; by
+    default FluxPipeline's: sigma * 1000 rounded to the latents' dtype, then / 1000 (training passes the official
+    script's truncation, `official_timestep`). The Euler update itself always uses the exact sigmas."""
     from tqdm import tqdm
 
     img_ids, txt, txt_ids, y = cond
-    g = torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32)
+    if timesteps is None:
+        timesteps = (sigmas * 1000).to(x.dtype) / 1000
+    timesteps = timesteps.to(x.device)  # one copy to the device, not one per step
+    g = torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        t = (sigmas[i] * 1000).to(x.dtype).expand(x.shape[0]) / 1000
-        v = model(x, img_ids, txt, txt_ids, y, t.to(x.device), g.to(x.dtype))
+        v = model(x, img_ids, txt, txt_ids, y, timesteps[i].expand(x.shape[0]), g)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
     return x
 
@@ -166,10 +169,11 @@ def check_size(height, width):
 # ----------------------------------------------------------------------------------------------------------------
 # Direct-Align with SRPO's relative reward (python srpo.py train)
 #
-# One optimizer step (REFERENCE.md §4, the official FLUX.1-dev script), for each prompt of the global batch:
+# One optimizer step as the official FLUX.1-dev script (Tencent-Hunyuan/SRPO, fastvideo/SRPO.py) takes it, for each
+# prompt of the global batch:
 #   eps ~ N(0, I), one draw shared by every prompt and rank          shared_noise
 #   x0 = Euler rollout of the current model from eps, no gradient    online_rollout
-#   sel -> sigma_hi > sigma_t > sigma_lo inside the window           timestep_window, draw_timestep, sigma_pair
+#   sel -> each branch's (sigma_from, sigma_to) inside the window    timestep_window, draw_timestep, branch_sigmas
 #   denoise branch:   sigma_hi -> sigma_t, SRP reward with (P, N)    direct_align, k_schedule, direct_align_loss
 #   inversion branch: sigma_lo -> sigma_t, SRP reward with (N, P)
 #   loss = relu(0.7 - r_d) / 2 + relu(0.7 - r_i) / 2                 hinge_loss
@@ -182,9 +186,13 @@ TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-de
     torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
     python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
 
-Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes);
-the demo only changes --lr, --height/--width, --batch (1) and the length."""
+Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
+updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
+process) and the length."""
 WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
+# The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
+# point: its K_max is 100.
+K_MAX = int((1 - 0.9) * 1000) + 1
 CHECKPOINT = "checkpoint-{:06d}"
 GRID_STEPS = 28  # the sample grids use FluxPipeline's default inference steps
 DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
@@ -214,23 +222,27 @@ class TrainConfig:
     guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids")
     window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))")
     window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)")
-    max_gap: int = option(101, "largest gap K, in window points, between sigma_t and each branch's start")
+    max_gap: int = option(K_MAX, "K_max, the largest gap in window points between a branch's start and sigma_t "
+                          "(the official int((1 - 0.9) * 1000) + 1, which is 100 in floating point)")
     k_denoise: tuple = option((0.1, 0.25), "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]")
     k_inversion: tuple = option((0.3, 0.01), "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]")
     margin: float = option(0.7, "hinge margin m: loss = relu(m - r) / 2 per branch")
     # The run.
-    steps: int = option(20, "optimizer steps in all (a resumed run stops there too)")
-    save_every: int = option(5, "save a checkpoint every N steps (and after the last one)")
+    steps: int = option(19, "optimizer updates, numbered 1..N; update s uses the control words of step s. The "
+                        "official loop counts to 20 but its step 20 only saves, so its released checkpoint holds "
+                        "19 updates: the default (a resumed run stops at N too)")
+    save_every: int = option(5, "save a checkpoint every N updates (and after the last one)")
     keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete")
     batch: int = option(32, "prompts per optimizer step (global batch), split over the processes: each runs "
-                        "batch / world of them")
+                        "batch / world of them (tiny demo: one per process)")
     seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws")
     samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none")
 
 
 # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
-# reward within a minute or two; everything else keeps the official values.
-DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20, "batch": 1}
+# reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
+# so that the demo runs under torchrun with any number of processes).
+DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
 
 
 def derive_seed(seed, *keys):
@@ -240,9 +252,17 @@ def derive_seed(seed, *keys):
 
 
 def shifted_schedule(steps, shift):
-    """sigma_i = s t_i / (1 + (s - 1) t_i), t = linspace(1, 0, steps + 1): SD3's time shift (SRPO: s = 3)."""
+    """sigma_i = s t_i / (1 + (s - 1) t_i), t = linspace(1, 0, steps + 1): SD3's time shift (SRPO: s = 3). float32."""
     t = torch.linspace(1, 0, steps + 1)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def official_timestep(sigma):
+    """The timestep the official script hands the transformer at sigma: int(1000 sigma) / 1000, in float32.
+
+    The truncation is what the released SRPO checkpoint was trained with: the rollout and both branches feed it to
+    the model, while the Euler updates, the noise injection and the recovery use the exact sigma."""
+    return torch.floor(sigma * 1000) / 1000
 
 
 def autocast(device):
@@ -251,19 +271,21 @@ def autocast(device):
 
 
 def shared_noise(cfg, step, device):
-    """eps ~ N(0, I), one draw per step used by the rollout, the noise injection and the recovery of every prompt
-    on every rank. The official script draws it on rank 0 and broadcasts it; seeding by (seed, step) gives every
-    rank the same tensor with no communication, and gives it again after a resume."""
+    """eps ~ N(0, I) in bf16 values, one draw per step used by the rollout, the noise injection and the recovery of
+    every prompt on every rank. The official script draws it in bf16 on rank 0 and broadcasts it; here a float32
+    draw seeded by (seed, step) is rounded to bf16: every rank makes the same tensor with no communication, and
+    makes it again after a resume."""
     seed = derive_seed(cfg.seed, "noise", step)
-    return initial_noise(1, cfg.height, cfg.width, seed, torch.float32).to(device)
+    return initial_noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float().to(device)
 
 
 @torch.no_grad()
 def online_rollout(model, eps, cond, cfg):
     """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the clean image that
     Direct-Align noises and recovers is the current model's own sample (online)."""
+    sigmas = shifted_schedule(cfg.rollout_steps, cfg.shift)
     with autocast(eps.device):
-        return euler_sample(model, eps, shifted_schedule(cfg.rollout_steps, cfg.shift), cond, cfg.rollout_guidance)
+        return euler_sample(model, eps, sigmas, cond, cfg.rollout_guidance, official_timestep(sigmas))
 
 
 def timestep_window(cfg):
@@ -280,12 +302,22 @@ def draw_timestep(cfg, step, j):
     return int(torch.randint(5, cfg.window_points - 4, (), generator=g))
 
 
-def sigma_pair(window, sel, max_gap):
-    """K = min(K_max, N - sel, sel); sigma_t = w[N - sel], sigma_hi = w[N - sel - K] (the denoise branch starts
-    noisier), sigma_lo = w[min(N - sel + K, N - 1)] (the inversion branch starts cleaner). -> (t, hi, lo, K)."""
+def branch_sigmas(window, sel, max_gap):
+    """Each branch's (sigma_from, sigma_to) on the window w (N points, sigma falling), as the official script:
+
+        K = min(K_max, N - sel, sel)
+        denoise:   w[N - sel - K] -> w[N - sel]      (sigma_hi, noisier, down to sigma_t)
+        inversion: w[N - mid] -> w[N - start],  mid = max(sel - K, 1), start = min(mid + K, N)
+
+    For sel > K the inversion branch is w[N - sel + K] -> w[N - sel], up to the same sigma_t. For sel <= K (about
+    10 % of draws) mid = 1: it starts at w[N - 1] and ends one window point noisier than the denoise branch's
+    sigma_t, and recovers there; the official script does this, so it is kept. -> (denoise, inversion, K), each
+    branch a pair of 0-d float32 tensors."""
     n = len(window)
     gap = min(max_gap, n - sel, sel)
-    return window[n - sel].item(), window[n - sel - gap].item(), window[min(n - sel + gap, n - 1)].item(), gap
+    mid = max(sel - gap, 1)
+    start = min(mid + gap, n)
+    return (window[n - sel - gap], window[n - sel]), (window[n - mid], window[n - start]), gap
 
 
 def k_schedule(cfg, sel, gap):
@@ -301,11 +333,13 @@ def inject_noise(x0, eps, sigma):
 
 
 def model_step(model, x, sigma_from, sigma_to, cond, guidance):
-    """x' = x + (sigma_to - sigma_from) v(x, sigma_from): one Euler step, one model call (with gradient when
-    enabled). Down in sigma for the denoise branch, up (an inversion step) for the inversion branch."""
+    """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)): one Euler step, one model call (with gradient when
+    enabled), t the official truncated timestep. Down in sigma for the denoise branch, up (an inversion step) for
+    the inversion branch."""
     img_ids, txt, txt_ids, y = cond
     b = x.shape[0]
-    v = model(x, img_ids, txt, txt_ids, y, x.new_full((b,), sigma_from), x.new_full((b,), guidance))
+    t = official_timestep(sigma_from).to(x.device).expand(b)
+    v = model(x, img_ids, txt, txt_ids, y, t, x.new_full((b,), guidance))
     return x + (sigma_to - sigma_from) * v.float()
 
 
@@ -315,12 +349,12 @@ def recover_x0(x, eps, sigma):
     return (x - sigma * eps) / (1 - sigma)
 
 
-def direct_align(model, x0, eps, sigma_from, sigma_t, cond, guidance):
-    """Inject noise at sigma_from, one model step to sigma_t, recover x0_hat. A perfect model (v = eps - x0) gives
-    back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_t in a clean image."""
+def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance):
+    """Inject noise at sigma_from, one model step to sigma_to, recover x0_hat there. A perfect model (v = eps - x0)
+    gives back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_to in a clean image."""
     with autocast(x0.device):
-        x = model_step(model, inject_noise(x0, eps, sigma_from), sigma_from, sigma_t, cond, guidance)
-    return recover_x0(x, eps, sigma_t)
+        x = model_step(model, inject_noise(x0, eps, sigma_from), sigma_from, sigma_to, cond, guidance)
+    return recover_x0(x, eps, sigma_to)
 
 
 def hinge_loss(r, margin):
@@ -335,23 +369,22 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
         inversion: x0_i = direct_align(sigma_lo -> sigma_t),  r_i = SRP(img(x0_i), "N. prompt", "P. prompt", k_i)
         L = relu(m - r_d) / 2 + relu(m - r_i) / 2,  its gradient scaled by `scale`
 
-    with SRP(img, pos, neg, k) = img . ((1 + k) t_pos - t_neg) (reward.py) and the control words (P, N) of this
-    step; the words go to the reward only, never to the model. The inversion step goes up in sigma, so its x0_hat
+    with SRP(img, pos, neg, k) = img . ((1 + k) t_pos - t_neg) (reward.py) and the control words (P, N) of update
+    `step`; the words go to the reward only, never to the model. The inversion step goes up in sigma, so its x0_hat
     moves with +v where the denoise branch's moves with -v: rewarding N there pushes the denoising direction away
     from N. Returns (L, r_d, r_i) as floats.
 
-    Each branch feeds the model the exact fp32 sigma of the window grid (REFERENCE.md §4 gives sigma; how the
-    official FLUX script rounds the timestep on its way into the model is unknown). Under FSDP every backward
-    reduce-scatters its gradients: deferring the reduction to the step's last backward would hold a full unsharded
-    fp32 gradient (47.6 GB for FLUX.1-dev) on every GPU, for a few percent of step time."""
+    Under FSDP every backward reduce-scatters its gradients: deferring the reduction to the step's last backward
+    would hold a full unsharded fp32 gradient (47.6 GB for FLUX.1-dev) on every GPU, for a few percent of step
+    time."""
     from reward import control_words
 
-    sigma_t, sigma_hi, sigma_lo, gap = sigma_pair(timestep_window(cfg), sel, cfg.max_gap)
+    denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
     pos, neg = control_words(step)
     loss, rewards = 0.0, []
-    for sigma_from, k, words in ((sigma_hi, k_d, (pos, neg)), (sigma_lo, k_i, (neg, pos))):
-        x0_hat = direct_align(model, x0, eps, sigma_from, sigma_t, cond, cfg.guidance)
+    for (sigma_from, sigma_to), k, words in ((denoise, k_d, (pos, neg)), (inversion, k_i, (neg, pos))):
+        x0_hat = direct_align(model, x0, eps, sigma_from, sigma_to, cond, cfg.guidance)
         with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see run_training)
             images = decode_images(ae, x0_hat, cfg.height, cfg.width)
             r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
@@ -431,11 +464,11 @@ def read_prompts(path):
 
 
 def prompt_schedule(prompts, cfg):
-    """Prompt j of the global batch at step s: prompts[perm[(s B + j) mod n]], B = --batch, perm a permutation
-    seeded by --seed: each pass visits every prompt once, whatever the number of processes, and a resumed run sees
-    what it would have."""
+    """Prompt j of the global batch at update s (from 1): prompts[perm[((s - 1) B + j) mod n]], B = --batch, perm a
+    permutation seeded by --seed: each pass visits every prompt once, whatever the number of processes, and a
+    resumed run sees what it would have."""
     perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
-    return lambda step, j: prompts[perm[(step * cfg.batch + j) % len(prompts)]]
+    return lambda step, j: prompts[perm[((step - 1) * cfg.batch + j) % len(prompts)]]
 
 
 def local_batch(cfg, world):
@@ -615,10 +648,11 @@ def trim_log(path, step):
 
 
 def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
-    """The loop: per step, this rank's --batch / world prompts (rollout + both branches each, gradients averaged
-    over the global batch and reduced once, after the step's last backward), a finite-loss check, gradient
-    clipping, AdamW, the log, and the checkpoints."""
+    """The loop: per update, this rank's --batch / world prompts (rollout + both branches each, gradients averaged
+    over the global batch), a finite-loss check, gradient clipping, AdamW, the log, and the checkpoints."""
     from tqdm import tqdm
+
+    from reward import control_words
 
     per = local_batch(cfg, ranks.world)
 
@@ -635,8 +669,8 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
     grid = [conditioning(embeddings[p], cfg, ranks.device) for p in grid_prompts]
     if start == 0:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-before.png"), ranks)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
-    for step in bar:
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
+    for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
         t0 = time.time()
         eps = shared_noise(cfg, step, ranks.device)
         totals = [0.0, 0.0, 0.0]
@@ -653,17 +687,17 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
             last = checkpoints(out).get(max(checkpoints(out), default=-1), "none (no step was saved)")
-            raise InputError(f"step {step + 1}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped "
+            raise InputError(f"step {step}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped "
                              f"before updating the weights. Last good checkpoint: {last} (--resume continues from it)")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
-                  "lr": cfg.lr, "seconds": round(time.time() - t0, 3)}
+        record = {"step": step, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
+                  "lr": cfg.lr, "words": control_words(step), "seconds": round(time.time() - t0, 3)}
         if ranks.main:
             append_log(log, record)
             bar.set_postfix(reward=f"{r_d:.4f}", loss=f"{loss:.4f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(model, opt, step + 1, cfg, out, ranks)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(model, opt, step, cfg, out, ranks)
     if start < cfg.steps:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-after.png"), ranks)
 
@@ -680,7 +714,7 @@ def run_training(args, cfg, prompts, demo, start, folder, ranks):
     frozen = torch.bfloat16 if cuda else torch.float32  # text encoders and VAE: frozen, no master weights needed
     prompt_of = prompt_schedule(prompts, cfg)
     per = local_batch(cfg, ranks.world)
-    mine = [prompt_of(s, ranks.rank * per + a) for s in range(start, cfg.steps) for a in range(per)]
+    mine = [prompt_of(s, ranks.rank * per + a) for s in range(start + 1, cfg.steps + 1) for a in range(per)]
     grid_prompts = prompts[: cfg.samples]
     if demo:
         tiny, ae, text = tiny_models()
@@ -739,13 +773,15 @@ def add_config_flags(parser):
                             help=f"{f.metadata['help']} (default {default}{demo})")
 
 
-def train_config(args, demo):
-    """TrainConfig from the flags: the official values, or the demo's where it has its own; then checked."""
+def train_config(args, demo, world):
+    """TrainConfig from the flags: the official values, or the demo's where it has its own (its --batch: one prompt
+    per process of the `world`); then checked."""
     values = {}
+    demo_defaults = {**DEMO_DEFAULTS, "batch": world} if demo else {}
     for f in fields(TrainConfig):
         value = getattr(args, f.name)
         if value is None:
-            value = DEMO_DEFAULTS.get(f.name, f.default) if demo else f.default
+            value = demo_defaults.get(f.name, f.default)
         values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     cfg = TrainConfig(**values)
     check_size(cfg.height, cfg.width)
@@ -850,7 +886,8 @@ def cmd_sample(args):
 
 def cmd_train(args):
     demo = args.flux is None
-    cfg = train_config(args, demo)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = train_config(args, demo, world)
     if demo and args.hps:
         raise InputError("--hps needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
     if not demo:
@@ -861,7 +898,7 @@ def cmd_train(args):
             raise InputError(f"{args.hps}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     check_writable(args.out)
-    local_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group: --batch splits evenly
+    local_batch(cfg, world)  # before any process group: --batch splits evenly
     ranks = init_ranks(args.device)
     threads = torch.get_num_threads()
     if demo and ranks.device.type == "cpu":

@@ -1,5 +1,6 @@
-"""`srpo.py train`: Direct-Align and SRPO's relative reward against their definitions (REFERENCE.md §4, the formulas
-written out again here), FSDP2 against one process running the whole batch, checkpoints, resume and bad input.
+"""`srpo.py train`: Direct-Align and SRPO's relative reward against their definitions (the paper's equations and the
+official FLUX.1-dev script, fastvideo/SRPO.py, written out again here: one whole official step is re-implemented in
+`official_step`), FSDP2 against one process running the whole batch, checkpoints, resume and bad input.
 Tiny models only.
 """
 
@@ -27,6 +28,22 @@ SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples",
 
 def shift3(t):
     return 3 * t / (1 + 2 * t)
+
+
+def official_t(sigma):
+    """The official script's timestep for the model: int(1000 sigma) / 1000, sigma a float32 tensor element."""
+    return int(sigma * 1000) / 1000
+
+
+SIGMAS_L = torch.linspace(shift3(torch.linspace(1, 0, 51))[5].item(), shift3(torch.linspace(1, 0, 51))[25].item(), 1000)
+
+
+def official_branches(sel):
+    """(K, (denoise from, to), (inversion from, to), mid) as the official script indexes its 1000-point window."""
+    K = min(100, 1000 - sel, sel)  # int((1 - 0.9) * 1000) + 1 == 100 in floating point
+    mid = max(sel - K, 1)
+    start = min(mid + K, 1000)
+    return K, (SIGMAS_L[1000 - sel - K], SIGMAS_L[1000 - sel]), (SIGMAS_L[1000 - mid], SIGMAS_L[1000 - start]), mid
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,24 +87,26 @@ def test_recovery_returns_x0_for_any_sigma_pair():
     x0, eps = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
     ideal = lambda x, img_ids, txt, txt_ids, y, t, guidance: eps - x0  # noqa: E731
     for sigma_from, sigma_t in [(0.964, 0.75), (0.75, 0.964), (0.9, 0.85), (0.3, 0.99), (0.99, 0.01)]:
+        sigma_from, sigma_t = torch.tensor(sigma_from), torch.tensor(sigma_t)
         x0_hat = srpo.direct_align(ideal, x0, eps, sigma_from, sigma_t, (None,) * 4, 3.5)
         assert rel_err(x0_hat, x0) < 1e-5, (sigma_from, sigma_t)
 
 
-def test_window_sigma_pairs_and_k_schedules_equal_the_reference():
+def test_window_branch_sigmas_and_k_schedules_equal_the_official_indexing():
     cfg = srpo.TrainConfig()
-    S = shift3(torch.linspace(1, 0, 51))
-    sigmas_l = torch.linspace(S[5].item(), S[25].item(), 1000)
     window = srpo.timestep_window(cfg)
-    assert torch.allclose(window, sigmas_l) and abs(window[0] - 0.964) < 1e-3 and abs(window[-1] - 0.75) < 1e-6
+    assert torch.equal(window, SIGMAS_L) and abs(window[0] - 0.964) < 1e-3 and abs(window[-1] - 0.75) < 1e-6
     k_d, k_i = torch.linspace(0.1, 0.25, 1000), torch.linspace(0.3, 0.01, 1000)
-    for sel in [5, 6, 50, 101, 102, 500, 898, 899, 900, 994, 995]:
-        K = min(101, 1000 - sel, sel)
-        expected = (*sigmas_l[[1000 - sel, 1000 - sel - K, min(1000 - sel + K, 999)]].tolist(), K)
-        assert srpo.sigma_pair(window, sel, cfg.max_gap) == expected, sel
-        assert srpo.k_schedule(cfg, sel, K) == (k_d[sel].item(), k_i[max(sel - K, 1)].item()), sel
-        t, hi, lo, _ = expected
-        assert hi >= t >= lo  # the denoise branch starts noisier, the inversion branch cleaner
+    for sel in [5, 6, 50, 99, 100, 101, 102, 500, 898, 899, 900, 994, 995]:
+        K, denoise, inversion, mid = official_branches(sel)
+        ours = srpo.branch_sigmas(window, sel, cfg.max_gap)
+        assert ours[2] == K and [[s.item() for s in b] for b in ours[:2]] == [[s.item() for s in denoise],
+                                                                              [s.item() for s in inversion]], sel
+        assert srpo.k_schedule(cfg, sel, K) == (k_d[sel].item(), k_i[mid].item()), sel
+        (hi, t), (lo, t_inv) = denoise, inversion
+        assert hi > t > lo  # the denoise branch starts noisier, the inversion branch cleaner
+        # the inversion branch ends at the denoise branch's sigma_t, except for sel <= K: one point noisier
+        assert t_inv == (SIGMAS_L[999 - sel] if sel <= K else t), sel
     assert torch.allclose(srpo.shifted_schedule(25, 3.0), shift3(torch.linspace(1, 0, 26)))
 
 
@@ -104,16 +123,18 @@ def test_defaults_are_the_official_run():
     cfg = srpo.TrainConfig()
     official = {"lr": 5e-6, "betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 1e-4, "grad_clip": 0.1,
                 "margin": 0.7, "guidance": 3.5, "rollout_guidance": 1.0, "height": 720, "width": 720,
-                "rollout_steps": 25, "shift": 3.0, "window": (5, 25), "window_points": 1000, "max_gap": 101,
-                "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01), "batch": 32}
+                "rollout_steps": 25, "shift": 3.0, "window": (5, 25), "window_points": 1000, "max_gap": 100,
+                "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01), "batch": 32, "steps": 19}
     assert {name: getattr(cfg, name) for name in official} == official
-    assert set(srpo.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every", "batch"}  # nothing else
+    assert set(srpo.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every"}  # nothing else
 
 
 def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
     cfg = srpo.TrainConfig(height=32, width=48)
     eps = srpo.shared_noise(cfg, 7, CPU)
     assert eps.shape == (1, 6, 64) and torch.equal(eps, srpo.shared_noise(cfg, 7, CPU))
+    assert eps.dtype == torch.float32 and torch.equal(eps.bfloat16().float(), eps)  # bf16 values, as drawn officially
+    assert 0.9 < eps.std() < 1.1
     assert not torch.equal(eps, srpo.shared_noise(cfg, 8, CPU))
 
 
@@ -127,7 +148,7 @@ def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
 
     x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), (None,) * 4, cfg)
     sigmas = shift3(torch.linspace(1, 0, 26))
-    assert [c[0] for c in calls] == pytest.approx(sigmas[:-1].tolist())
+    assert [c[0] for c in calls] == [pytest.approx(official_t(s), rel=1e-7) for s in sigmas[:-1]]
     assert {c[1:] for c in calls} == {(1.0, False)}
     assert torch.allclose(x0, torch.full_like(x0, -1.0))  # integral of v = 1 from sigma 1 to 0
 
@@ -156,7 +177,7 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     step, sel = 6, 300
     srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", sel, step, cfg, scale=1.0)
     P, N = control_words(step)
-    K = min(101, 1000 - sel, sel)
+    K = min(100, 1000 - sel, sel)
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[sel - K].item()
     assert calls == [(pytest.approx(k_d), P, N), (pytest.approx(k_i), N, P)]
     assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
@@ -204,37 +225,100 @@ def test_exactly_two_transformer_calls_carry_gradient_per_step(tiny, tmp_path):
     assert all(not p.requires_grad for p in [*ae.parameters(), *reward.parameters()])  # frozen: no wasted gradient
 
 
-def test_branches_start_at_sigma_hi_and_sigma_lo_from_the_rollout_with_the_shared_noise(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sel", [50, 500])  # sel <= K: the inversion branch ends one point noisier; sel > K
+def test_every_timestep_and_guidance_the_model_receives_in_one_step(tiny, tmp_path, monkeypatch, sel):
     """Every transformer call of one step: the rollout from eps at guidance 1, then the denoise branch at
-    x = sigma_hi eps + (1 - sigma_hi) x0 and the inversion branch at sigma_lo, guidance 3.5, with the step's eps and
-    the rollout's x0; sigmas from REFERENCE.md §4's index formulas."""
+    x = s eps + (1 - s) x0 from its start sigma and the inversion branch from its own, guidance 3.5, each told the
+    official truncated timestep int(1000 sigma) / 1000 of the sigma it starts from; eps is the step's, x0 the
+    rollout's."""
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1)
-    draws, calls = [], []
-    draw = srpo.draw_timestep
-    monkeypatch.setattr(srpo, "draw_timestep", lambda *args: draws.append(draw(*args)) or draws[-1])
+    monkeypatch.setattr(srpo, "draw_timestep", lambda *args: sel)
+    calls = []
 
     def record(module, args, v):
         x, *_, t, guidance = args
         calls.append((x.detach().clone(), t.tolist(), guidance.tolist(), v.detach().float().clone()))
 
     train_tiny(tiny, tmp_path, cfg, prepare=lambda model: model.register_forward_hook(record))
-    (sel,) = draws
-    S = shift3(torch.linspace(1, 0, 51))
-    sigmas_l = torch.linspace(S[5].item(), S[25].item(), 1000)
-    K = min(101, 1000 - sel, sel)
-    sigma_hi, sigma_lo = sigmas_l[1000 - sel - K].item(), sigmas_l[min(1000 - sel + K, 999)].item()
-    assert sigma_hi > sigma_lo
+    schedule = shift3(torch.linspace(1, 0, cfg.rollout_steps + 1))
+    _, (sigma_hi, _), (sigma_lo, _), _ = official_branches(sel)
+    expected = [(official_t(s), 1.0) for s in schedule[:-1]] + [(official_t(sigma_hi), 3.5),
+                                                                (official_t(sigma_lo), 3.5)]
+    assert [(t, g) for _, (t,), (g,), _ in calls] == [(pytest.approx(t, rel=1e-7), g) for t, g in expected]
 
     rollout, (denoise, inversion) = calls[: cfg.rollout_steps], calls[cfg.rollout_steps :]
-    eps = srpo.shared_noise(cfg, 0, CPU)
+    eps = srpo.shared_noise(cfg, 1, CPU)
     assert torch.equal(rollout[0][0], eps)
-    assert all(guidance == [1.0] for _, _, guidance, _ in rollout)
-    schedule = shift3(torch.linspace(1, 0, cfg.rollout_steps + 1))
     x, *_, v = rollout[-1]
-    x0 = x + (0 - schedule[-2].item()) * v  # the rollout's last Euler step, to sigma 0
-    for (x, t, guidance, _), sigma in [(denoise, sigma_hi), (inversion, sigma_lo)]:
-        assert t == [pytest.approx(sigma, rel=1e-6)] and guidance == [3.5]
+    x0 = x + (0 - schedule[-2]) * v  # the rollout's last Euler step, to sigma 0
+    for (x, *_), sigma in [(denoise, sigma_hi), (inversion, sigma_lo)]:
         assert torch.allclose(x, sigma * eps + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
+
+
+POSITIVE, NEGATIVE = ["Natural-lighting", "Detail", "Detailed", "Real"], ["Concept art", "Painting", "Anime", "Flat",
+                                                                          "Oil"]
+
+
+def official_step(model, ae, reward, text, prompt, eps, sel, step, cfg):
+    """One prompt's step of the official script, written out from its description (not from srpo.py), in float32:
+    rollout, the two branches, decode, SRP reward on SRPO's crop, hinge; backpropagated into `model`. -> loss."""
+    from torchvision.transforms.v2 import CenterCrop, InterpolationMode, Normalize, Resize
+
+    txt, y = text([prompt])
+    img_ids, txt_ids = fm.image_ids(cfg.height, cfg.width), torch.zeros(txt.shape[1], 3)
+    call = lambda x, sigma, g: model(x, img_ids, txt, txt_ids, y, torch.tensor([official_t(sigma)]),  # noqa: E731
+                                     torch.tensor([g]))
+    schedule = shift3(torch.linspace(1, 0, cfg.rollout_steps + 1))
+    x0 = eps
+    with torch.no_grad():
+        for i in range(cfg.rollout_steps):
+            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], 1.0)
+    _, denoise, inversion, mid = official_branches(sel)
+    k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel], torch.linspace(0.3, 0.01, 1000)[mid]
+    P, N = POSITIVE[step % 4], NEGATIVE[step % 5]
+    size = reward.image_size
+    crop = lambda im: Normalize([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])(  # noqa: E731
+        CenterCrop(size)(Resize(size, InterpolationMode.BICUBIC, antialias=True)(im)))
+    clip = reward.clip
+
+    def text_feature(caption):
+        pooled = clip.text_model(input_ids=reward.tokenizer([caption])).pooler_output
+        return torch.nn.functional.normalize(clip.text_projection(pooled), dim=-1)
+
+    loss = 0
+    for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
+        x = s_from * eps + (1 - s_from) * x0
+        x = x + (s_to - s_from) * call(x, s_from, 3.5)
+        x0_hat = (x - s_to * eps) / (1 - s_to)
+        image = (ae.decode(fm.unpack(x0_hat, cfg.height, cfg.width)) / 2 + 0.5).clamp(0, 1)
+        img = torch.nn.functional.normalize(clip.visual_projection(clip.vision_model(
+            pixel_values=crop(image)).pooler_output), dim=-1)
+        r = (img * ((1 + k) * text_feature(f"{pos}. {prompt}") - text_feature(f"{neg}. {prompt}"))).sum()
+        loss = loss + torch.relu(0.7 - r) / 2
+    loss.backward()
+    return loss.item()
+
+
+@pytest.mark.parametrize("sel", [5, 50, 100, 101, 500, 899, 995])
+def test_train_step_equals_the_official_step_written_out(tiny, tmp_path, monkeypatch, sel):
+    """`train`'s first update against `official_step` on the same tiny models, eps, sel and prompt: the loss and
+    every parameter gradient (before clipping) to 1e-5 relative in float32."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1)
+    monkeypatch.setattr(srpo, "draw_timestep", lambda *args: sel)
+    grads = {}
+
+    def prepare(model):
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
+
+    model, ae, text, reward = tiny
+    reference = copy.deepcopy(model)
+    train_tiny(tiny, tmp_path, cfg, prepare=prepare)
+    (line,) = log_lines(str(tmp_path))
+    loss = official_step(reference, ae, reward, text, "a red fox", srpo.shared_noise(cfg, 1, CPU), sel, 1, cfg)
+    assert line["loss"] == pytest.approx(loss, rel=1e-5) and line["words"] == ["Detail", "Painting"]
+    for name, p in reference.named_parameters():
+        assert p.grad.abs().max() > 0 and rel_err(grads[name], p.grad) <= 1e-5, name
 
 
 def test_optimizer_step_is_clip_then_adamw(tiny, tmp_path, monkeypatch):
@@ -283,7 +367,7 @@ def test_reward_and_loss_have_the_expected_signs(tiny):
 
     model, ae, reward, cfg, cond, eps, x0 = branch_setup(tiny)
     P, N = control_words(0)
-    sigma_t, sigma_hi, _, K = srpo.sigma_pair(srpo.timestep_window(cfg), 400, cfg.max_gap)
+    (sigma_hi, sigma_t), _, K = srpo.branch_sigmas(srpo.timestep_window(cfg), 400, cfg.max_gap)
     k_d, _ = srpo.k_schedule(cfg, 400, K)
 
     def denoise_reward():
@@ -335,7 +419,8 @@ def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs)
     assert max(rel_err(b[k], a[k]) for k in a) <= 1e-5
     assert max(rel_err(a[k], weights(one, 1)[k]) for k in a) > 1e-3  # the weights did move
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
-        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
+        assert x.keys() == y.keys() and x.pop("words") == y.pop("words")
+        assert all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
     opt_one, opt_two = (torch.load(os.path.join(out, srpo.CHECKPOINT.format(2), "training.pt"),
                                    weights_only=True)["optimizer"]["state"] for out in (one, two))
     names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
@@ -419,9 +504,10 @@ def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
     assert state["step"] == 3 and state["config"]["lr"] == srpo.DEMO_DEFAULTS["lr"]
 
 
-def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(flux_folder, tmp_path):
-    """--flux/--hps/--prompts: diffusers FLUX folder (test_flux's tiny one, with a CLIP vocabulary whose end token is
-    the last id, as CLIP's), an HPS checkpoint in transformers keys; then a resume through the same path."""
+@pytest.fixture
+def real_args(flux_folder, tmp_path):
+    """`train` arguments for a real run on files: test_flux's tiny diffusers FLUX folder (with a CLIP vocabulary
+    whose end token is the last id, as CLIP's), an HPS checkpoint in transformers keys, a prompt file."""
     flux = str(tmp_path / "flux")
     shutil.copytree(flux_folder, flux)
     vocab = HPSReward.tiny().tokenizer.bpe.get_vocab()
@@ -433,13 +519,29 @@ def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(flux_folder, tmp_path
     save_file(HPSReward.tiny(seed=1).clip.state_dict(), hps)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat on a mat\n\na dog in the fog\na tree\n")
+    return ["train", "--flux", flux, "--hps", hps, "--prompts", str(prompts), "--batch", "1", *SMALL]
+
+
+def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(real_args, flux_folder, tmp_path):
+    """--flux/--hps/--prompts, then a resume through the same path; the result loads strictly into diffusers."""
     out = str(tmp_path / "out")
-    args = ["train", "--flux", flux, "--hps", hps, "--prompts", str(prompts), "--out", out, "--batch", "1", *SMALL]
-    srpo.main([*args, "--steps", "1"])
-    srpo.main([*args, "--steps", "2", "--resume"])
+    srpo.main([*real_args, "--out", out, "--steps", "1"])
+    srpo.main([*real_args, "--out", out, "--steps", "2", "--resume"])
     assert [line["step"] for line in log_lines(out)] == [1, 2]
-    theirs = FluxTransformer2DModel.from_pretrained(os.path.join(flux, "transformer"))
+    theirs = FluxTransformer2DModel.from_pretrained(os.path.join(flux_folder, "transformer"))
     theirs.load_state_dict(weights(out, 2), strict=True)
+
+
+def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args, tmp_path):
+    """The official loop counts steps 1..20 and its step 20 only saves: without --steps a real run applies 19
+    updates, update s with positive[s % 4] and negative[s % 5], and its last checkpoint is step 19."""
+    out = str(tmp_path / "out")
+    srpo.main([*real_args, "--out", out, "--save-every", "10"])
+    lines = log_lines(out)
+    assert [line["step"] for line in lines] == list(range(1, 20))
+    assert [line["words"] for line in lines] == [[POSITIVE[s % 4], NEGATIVE[s % 5]] for s in range(1, 20)]
+    assert sorted(srpo.checkpoints(out)) == [19]
+    assert fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(19), "state.json"))["step"] == 19
 
 
 @pytest.mark.slow
@@ -453,6 +555,17 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
     assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
     assert sorted(srpo.checkpoints(str(tmp_path))) == [srpo.DEMO_DEFAULTS["steps"]]
     assert os.path.exists(tmp_path / "samples-after.png")
+
+
+@pytest.mark.slow
+def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 srpo.py train`, no flags but --out: the demo's --batch is one prompt per
+    process, so it runs under any process count."""
+    cli(*TORCHRUN, "train", "--out", str(tmp_path))
+    lines = log_lines(str(tmp_path))
+    assert len(lines) == srpo.DEMO_DEFAULTS["steps"] and sorted(srpo.checkpoints(str(tmp_path))) == [len(lines)]
+    state = fm.read_json(os.path.join(str(tmp_path), srpo.CHECKPOINT.format(len(lines)), "state.json"))
+    assert state["config"]["batch"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
