@@ -800,12 +800,22 @@ def save_transformer(model: Flux, folder):
     return path
 
 
+def new_file_mode():
+    """0o666 & ~umask, the mode open() gives a new file. The umask can only be read by setting it: the moment between
+    the two calls sets a stricter one, never a looser."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write):
     """write(tmp) then rename tmp to path, both flushed to disk first: after a crash or a power loss, path holds
-    the old file or the whole new one, never a part."""
+    the old file or the whole new one, never a part. The file gets the umask's mode (safetensors writes 0600), so
+    that a checkpoint can be shared like any other file."""
     tmp = path + ".tmp"
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

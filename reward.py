@@ -499,10 +499,11 @@ def _resize(x, height, width):
 def preprocess(images, size=224, mode="hpsv2"):
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised with the CLIP mean/std; differentiable, in float32.
 
-    hpsv2: s = size / max(H, W); resize to (round(H s), round(W s)) as PIL does for hpsv2 (at least 1 pixel: hpsv2
-           itself fails on a side thinner than 1:448): width pass, clamp to [0, 1], height pass, clamp (PIL stores
-           each pass in 8 bits); zero-pad to size x size, left/top getting floor(pad / 2). Matches hpsv2 on 8-bit
-           images to about one grey level (PIL's rounding).
+    hpsv2: hpsv2's eval transform (its open_clip's image_transform(size, resize_longest_max=True)): ToTensor first,
+           then ResizeMaxSize on the float tensor: s = size / max(H, W), one bicubic antialiased resize to
+           (round(H s), round(W s)), no clamp (torchvision clamps only uint8), at least 1 pixel (hpsv2 itself fails
+           on a side thinner than 1:448); zero-pad to size x size, left/top getting floor(pad / 2). hpsv2 skips
+           both steps when s = 1, leaving a non-square image unpadded (its ViT then fails): here it is padded.
     crop:  SRPO's training transform, Resize(size) + CenterCrop(size) on the tensor: short side to size, long side
            floor(size * long / short); crop offset round((L - size) / 2); no clamp.
     """
@@ -515,7 +516,7 @@ def preprocess(images, size=224, mode="hpsv2"):
     if mode == "hpsv2":
         scale = size / max(h, w)
         new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))  # a side thinner than 1:448 keeps 1 pixel
-        x = _resize(_resize(x, h, new_w).clamp(0, 1), new_h, new_w).clamp(0, 1)
+        x = _resize(x, new_h, new_w)
         pad_h, pad_w = size - new_h, size - new_w
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     else:

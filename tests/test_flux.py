@@ -112,6 +112,21 @@ def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_get_the_mode_of_the_umask(umask, mode, tmp_path):
+    """0o666 & ~umask, as any new file: a checkpoint can be shared (safetensors alone writes 0600)."""
+    old = os.umask(umask)
+    try:
+        fm.write_text(str(tmp_path / "a.txt"), "a")
+        fm.write_json(str(tmp_path / "b.json"), {"b": 1})
+        fm.atomic_write(str(tmp_path / "c.safetensors"), lambda tmp: save_file({"c": torch.zeros(1)}, tmp))
+        fm.save_transformer(fm.Flux(CONFIGS["no-guidance"][0]), str(tmp_path / "checkpoint"))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(modes) == 5 and set(modes.values()) == {mode}, {name: oct(m) for name, m in modes.items()}
+
+
 def test_wrong_weights_are_caught(tmp_path):
     """The parity tests can fail: one swapped row block (q and k of one block) changes the output."""
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]

@@ -5,9 +5,9 @@ Tolerances, float32:
 - image features, text features, HPS scores, SRP rewards: max|ours - ref| / max|ref| <= 1e-5;
 - gradient of the score w.r.t. the [0, 1] image: |ours - ref| / |ref| (L2 norms) <= 1e-4;
 - "crop" preprocessing vs torchvision's Resize + CenterCrop on tensors: <= 1e-6 absolute;
-- "hpsv2" preprocessing vs hpsv2's PIL transform: <= 1.5 grey levels (PIL rounds each resampling pass to 8 bits,
-  our differentiable pipeline stays in float), padding exact; the whole scorer in "hpsv2" mode: against open_clip
-  fed by hpsv2's PIL transform where it only pads (longest side 224), by our preprocessing where it resamples;
+- "hpsv2" preprocessing vs hpsv2's eval transform rebuilt from torchvision (ToTensor, then the float resize, pad,
+  Normalize): <= 1e-6 absolute; the scorer in "hpsv2" mode (and `srpo.py score` on PNG files) against open_clip fed
+  by that transform: features and scores 1e-5 (the printed score: 1e-5 absolute), image gradients 1e-4;
 - token ids: equal (text that ftfy would repair as mojibake aside, see reward.ClipTokenizer).
 """
 
@@ -23,13 +23,15 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transform import image_transform
 from PIL import Image
 from references import rel_err
 from safetensors.torch import load_file, save_file
-from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+from torchvision.transforms import functional as TF
 from transformers import CLIPModel
 
 import flux_model as fm
@@ -132,6 +134,21 @@ def ref_crop(images):
                     Normalize(reward.CLIP_MEAN, reward.CLIP_STD)])(images)
 
 
+def hpsv2_transform(image):
+    """hpsv2's eval transform (its open_clip's image_transform(224, is_train=False, resize_longest_max=True)) with
+    torchvision: RGB, ToTensor, then ResizeMaxSize(224) on the float tensor, Normalize. A tensor input (..., 3, H, W)
+    in [0, 1] stands for ToTensor's output, so that gradients can flow."""
+    x = image if torch.is_tensor(image) else ToTensor()(image.convert("RGB"))
+    height, width = x.shape[-2:]
+    scale = 224 / float(max(height, width))
+    if scale != 1.0:  # as hpsv2: at scale 1 it neither resizes nor pads
+        new_size = [round(dim * scale) for dim in (height, width)]
+        x = TF.resize(x, new_size, InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = 224 - new_size[0], 224 - new_size[1]
+        x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)(x)
+
+
 def ref_image_features(ref, images):
     return F.normalize(ref.encode_image(ref_crop(images)), dim=-1)
 
@@ -191,10 +208,10 @@ def test_relative_reward_is_srp_formula(pair):
 
 
 @pytest.mark.parametrize("height,width", [(160, 224), (224, 100)])
-def test_hpsv2_mode_matches_open_clip_with_hpsv2_transform(pair, height, width):
-    """The whole scorer in its default `hpsv2` mode against open_clip fed by hpsv2's own PIL transform, on 8-bit
-    images whose longest side is already 224: no resampling, so both pipelines only pad (zeros) and normalise, and
-    agree to float32 rounding."""
+def test_hpsv2_mode_pads_images_whose_longest_side_is_224(pair, height, width):
+    """hpsv2 passes such an image on unpadded (its ViT then fails on the shape); we pad it, as open_clip's own
+    resize_mode='longest' transform does: the whole scorer in `hpsv2` mode against open_clip fed by that transform
+    (no resampling on either side: pad and normalise only)."""
     ref, ours, _ = pair
     pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
     transform = image_transform(224, is_train=False, resize_mode="longest", fill_color=0)
@@ -206,15 +223,14 @@ def test_hpsv2_mode_matches_open_clip_with_hpsv2_transform(pair, height, width):
         assert rel_err(ours.score(x, prompt), (img_ref * ref_text_features(ref, prompt)).sum(-1)) <= 1e-5
 
 
-def test_hpsv2_mode_scores_and_gradients_match_open_clip_on_our_preprocessing(pair):
-    """Where `hpsv2` resamples (PIL's 8-bit passes and our float ones differ by <= 1.5 grey levels, see
-    test_hpsv2_preprocessing_matches_hpsv2_transform), open_clip is fed our own differentiable preprocessing: the
-    scorer's hpsv2 route, features, scores and image gradients, against open_clip's model."""
+def test_hpsv2_mode_scores_and_gradients_match_open_clip_with_hpsv2_transform(pair):
+    """The scorer's default `hpsv2` route where it resamples: features, scores and image gradients against open_clip
+    fed by hpsv2's transform (rebuilt from torchvision, differentiable on the float tensor)."""
     ref, ours, _ = pair
     prompts = ["a cat", "a red fox in the snow"]
     x_ref = random_images(2, 180, 300, seed=2).requires_grad_()
     x_ours = x_ref.detach().clone().requires_grad_()
-    img_ref = F.normalize(ref.encode_image(reward.preprocess(x_ref, 224, "hpsv2")), dim=-1)
+    img_ref = F.normalize(ref.encode_image(hpsv2_transform(x_ref)), dim=-1)
     score_ref = (img_ref * ref_text_features(ref, prompts)).sum(-1)
     score_ref.sum().backward()
     score = ours.score(x_ours, prompts)  # hpsv2: HPSReward's default
@@ -282,20 +298,14 @@ def test_byte_level_tokenizer_needs_no_files():
 # Preprocessing
 
 
-@pytest.mark.parametrize("height,width", [(300, 500), (500, 300), (720, 720), (576, 1024), (150, 200), (97, 311),
-                                          (224, 224)])
+@pytest.mark.parametrize("height,width", [(300, 200), (200, 300), (97, 513), (224, 224), (1024, 768), (150, 201)])
 def test_hpsv2_preprocessing_matches_hpsv2_transform(height, width):
-    """hpsv2's val transform is image_transform(224, resize_longest_max=True): ResizeMaxSize (longest side to 224,
-    bicubic PIL, zero pad with floor(pad/2) left/top). open_clip 3 spells it resize_mode='longest'
-    (ResizeKeepRatio(longest=1) + CenterCropOrPad(fill=0)); these sizes have no rounding ties between the two."""
+    """8-bit images through hpsv2's transform (float resize, no rounding or clamping in between) and through ours."""
     pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    expected = image_transform(224, is_train=False, resize_mode="longest", fill_color=0)(Image.fromarray(pixels))
+    expected = hpsv2_transform(Image.fromarray(pixels))
     ours = reward.preprocess(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, 224, "hpsv2")[0]
-    std = torch.tensor(reward.CLIP_STD).view(3, 1, 1)
-    assert ours.shape == expected.shape == (3, 224, 224)
-    assert ((ours - expected) * std).abs().max() <= 1.5 / 255
-    padding = (expected * std + torch.tensor(reward.CLIP_MEAN).view(3, 1, 1)).abs().amax(0) == 0
-    assert torch.equal(ours[:, padding], expected[:, padding])
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape == (3, 224, 224)
+    assert (ours - expected).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("height,width", [(300, 500), (500, 301), (720, 720), (200, 150)])
@@ -558,6 +568,22 @@ def test_cli_scores_images(cli_pair, bpe_dir, tmp_path, capsys):
                       "Oil", "--k", "0.2", tmp_path / "a.png")
     expected = ours.relative_reward(reward.load_image(tmp_path / "a.png")[None], "a cat", 0.2, "Real", "Oil").item()
     assert abs(float(lines[0].split()[0]) - expected) < 1e-6
+
+
+def test_cli_score_matches_open_clip_with_hpsv2_transform(cli_pair, bpe_dir, tmp_path, capsys):
+    """`srpo.py score` (default hpsv2 mode) on PNG files that need resampling, against open_clip's model fed by
+    hpsv2's transform of the same files."""
+    ref, _, path = cli_pair
+    rng = np.random.default_rng(3)
+    files = [tmp_path / "wide.png", tmp_path / "thin.png"]
+    for file, (height, width) in zip(files, [(200, 300), (513, 97)], strict=True):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(file)
+    lines = run_score(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", *files)
+    with torch.no_grad():
+        images = torch.stack([hpsv2_transform(Image.open(file)) for file in files])
+        expected = (F.normalize(ref.encode_image(images), dim=-1) * ref_text_features(ref, ["a cat"])).sum(-1)
+    printed = torch.tensor([float(line.split("\t")[0]) for line in lines])
+    assert (printed - expected).abs().max() <= 1e-5
 
 
 def test_cli_scores_a_sample_folder_by_its_manifest(cli_pair, bpe_dir, tmp_path, capsys):
