@@ -3,6 +3,7 @@
     python srpo.py train                                                    # SRPO; no flags: tiny offline demo
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts FILE --out DIR
     python srpo.py sample --flux FLUX_DIR --prompt "a cat" --out cat.png    # FLUX.1-dev, same image as diffusers
+    python srpo.py sample --flux SCHNELL_DIR --steps 4 --max-sequence-length 256 --prompt "a cat"  # FLUX.1-schnell
     python srpo.py sample                                                   # tiny built-in model, offline, seconds
     python srpo.py sample --flux FLUX_DIR --prompts prompts.txt --out DIR   # one image per line, models loaded once
     python srpo.py score --hps HPS_v2.1_compressed.pt --tokenizer FLUX_DIR --prompt "a cat" cat.png   # HPS score
@@ -44,12 +45,87 @@ def time_shift(mu, sigmas):
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
-def flux_schedule(steps, seq_len, base_shift=0.5, max_shift=1.15, base_len=256, max_len=4096):
-    """The FLUX.1-dev sigmas for `steps` Euler steps on seq_len packed tokens: linspace(1, 1/steps, steps), shifted
-    with mu linear in seq_len (0.5 at 256 tokens, 1.15 at 4096), then 0 appended. float32, as diffusers computes."""
-    m = (max_shift - base_shift) / (max_len - base_len)
-    mu = seq_len * m + (base_shift - m * base_len)
-    sigmas = time_shift(mu, np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))  # numpy's linspace, as diffusers
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The settings of diffusers' FlowMatchEulerDiscreteScheduler that FluxPipeline's sigmas depend on, at that
+    scheduler's defaults (what it takes for a key its config file leaves out)."""
+    shift: float = 1.0  # static shift s (FLUX.1-schnell: 1, no shift)
+    use_dynamic_shifting: bool = False  # FLUX.1-dev: mu from the image length instead of s
+    base_shift: float = 0.5  # mu at base_image_seq_len packed tokens
+    max_shift: float = 1.15  # mu at max_image_seq_len
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float = None  # stretch the shifted sigmas so that the last one is this (None or 0: off)
+
+
+FLUX_DEV = FlowSchedule(shift=3.0, use_dynamic_shifting=True)  # FLUX.1-dev's scheduler_config.json
+# Keys accepted at these values only: any other changes FluxPipeline's sigmas or steps in a way not implemented here.
+SCHEDULER_FIXED = {"num_train_timesteps": 1000, "invert_sigmas": False, "use_karras_sigmas": False,
+                   "use_exponential_sigmas": False, "use_beta_sigmas": False, "time_shift_type": "exponential",
+                   "stochastic_sampling": False}
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def schedule_from_config(config, path):
+    """FlowSchedule from a FlowMatchEulerDiscreteScheduler config (a dict read from path). A key this sampler does
+    not know, or a setting it does not implement, is refused rather than ignored: the image would not be
+    FluxPipeline's."""
+    if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        raise InputError(f"{path}: _class_name {config['_class_name']!r}: expected FlowMatchEulerDiscreteScheduler")
+    known = {f.name for f in fields(FlowSchedule)}
+    for key, value in config.items():
+        if key in SCHEDULER_FIXED and value != SCHEDULER_FIXED[key]:
+            raise InputError(f"{path}: {key}={json.dumps(value)} is not supported (only "
+                             f"{json.dumps(SCHEDULER_FIXED[key])}, FLUX.1's)")
+        if not key.startswith("_") and key not in known and key not in SCHEDULER_FIXED:  # _diffusers_version, ...
+            raise InputError(f"{path}: unknown key {key!r} (not a FlowMatchEulerDiscreteScheduler setting this "
+                             f"sampler implements)")
+    schedule = FlowSchedule(**{k: v for k, v in config.items() if k in known})
+    for key in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
+        if not is_number(getattr(schedule, key)):
+            raise InputError(f"{path}: {key}={json.dumps(getattr(schedule, key))}: expected a number")
+    if not isinstance(schedule.use_dynamic_shifting, bool):
+        raise InputError(f"{path}: use_dynamic_shifting={json.dumps(schedule.use_dynamic_shifting)}: expected "
+                         f"true or false")
+    if schedule.shift <= 0 or schedule.base_image_seq_len == schedule.max_image_seq_len:
+        raise InputError(f"{path}: expected shift > 0 and base_image_seq_len != max_image_seq_len (mu's slope "
+                         f"divides by their difference)")
+    if schedule.shift_terminal is not None and not (is_number(schedule.shift_terminal)
+                                                    and 0 <= schedule.shift_terminal < 1):
+        raise InputError(f"{path}: shift_terminal={json.dumps(schedule.shift_terminal)}: expected null or a "
+                         f"number in [0, 1)")
+    return schedule
+
+
+def read_schedule(flux_dir):
+    """A FLUX folder's scheduler/scheduler_config.json as a FlowSchedule; FLUX.1-dev's when the file is absent."""
+    path = os.path.join(flux_dir, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        return FLUX_DEV
+    return schedule_from_config(fm.read_json(path), path)
+
+
+def flux_schedule(steps, seq_len, schedule=FLUX_DEV):
+    """FluxPipeline's sigmas for `steps` Euler steps on seq_len packed tokens: t = linspace(1, 1/steps, steps),
+    shifted, then 0 appended, in float32 as diffusers computes them (numpy, bit for bit). The shift is dynamic
+    (time_shift with mu linear in seq_len: 0.5 at 256 tokens, 1.15 at 4096 for FLUX.1-dev) or static,
+    sigma = s t / (1 + (s - 1) t); shift_terminal then stretches 1 - sigma so that the last sigma is that value."""
+    s = schedule
+    t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)  # numpy's linspace, as diffusers
+    if s.use_dynamic_shifting:
+        m = (s.max_shift - s.base_shift) / (s.max_image_seq_len - s.base_image_seq_len)
+        sigmas = time_shift(seq_len * m + (s.base_shift - m * s.base_image_seq_len), t)
+    else:
+        sigmas = s.shift * t / (1 + (s.shift - 1) * t)
+    if s.shift_terminal:
+        if steps == 1:
+            raise InputError("a schedule with shift_terminal needs --steps 2 or more (its one sigma is 1: nothing "
+                             "to stretch)")
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - s.shift_terminal))
     return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
 
 
@@ -452,9 +528,9 @@ def init_ranks(device_name):
 
 
 def read_prompts(path):
-    """One prompt per line; blank lines skipped."""
+    """One prompt per line (LF or CRLF); blank lines skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a Windows editor's byte-order mark is not text
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the prompt file ({e.strerror or e})") from None
@@ -833,24 +909,56 @@ def write_manifest(folder, jobs, seed):
         for p, paths in jobs for path in paths))
 
 
-@torch.no_grad()
-def cmd_sample(args):
-    """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
-    alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch."""
-    from tqdm import tqdm
-
+def check_sample_flags(args):
+    """The flags that need no file, before anything is read."""
     check_size(args.height, args.width)
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
-    rank, world, device = this_process(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    if not 1 <= args.max_sequence_length <= 512:
+        raise InputError(f"--max-sequence-length must be in 1..512 (T5 tokens, FluxPipeline's limit), got "
+                         f"{args.max_sequence_length}")
     if args.transformer and not args.flux:
         raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
+
+
+def sample_models(args, prompts, dtype, device):
+    """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny built-in ones; the prompts are encoded first."""
+    if not args.flux:
+        model, ae, text = tiny_models()
+        text.max_length = args.max_sequence_length
+        return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
+    text = fm.TextConditioner.from_folder(args.flux, dtype, device, args.max_sequence_length)
+    embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
+    del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
+    return *load_flux_folder(args.flux, args.transformer, dtype, device), embeddings
+
+
+def sample_guidance(args, cfg, rank):
+    """--guidance, 3.5 unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
+    guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""
+    if not cfg.guidance_embed and args.guidance is not None and rank == 0:
+        print("note: this transformer has no guidance embedding (e.g. FLUX.1-schnell): --guidance is ignored",
+              file=sys.stderr)
+    return 3.5 if args.guidance is None else args.guidance
+
+
+@torch.no_grad()
+def cmd_sample(args):
+    """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
+    alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
+    folder's scheduler config (FLUX.1-dev's without one)."""
+    from tqdm import tqdm
+
+    check_sample_flags(args)
+    rank, world, device = this_process(args.device)
+    dtype = parse_dtype(args.dtype, device)
     if world > 1 and not args.prompts:
         raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
     jobs = sample_jobs(args)
+    sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
+                           read_schedule(args.flux) if args.flux else FLUX_DEV)
     if args.flux:
         load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
     if args.prompts:
@@ -861,17 +969,9 @@ def cmd_sample(args):
         if not jobs:
             print(f"{args.out}: nothing left to make, the images exist")
             return
-    if args.flux:
-        text = fm.TextConditioner.from_folder(args.flux, dtype, device)
-        embeddings = encode_prompts(text, [p for p, _ in jobs])  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
-        del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
-        model, ae = load_flux_folder(args.flux, args.transformer, dtype, device)
-    else:
-        model, ae, text = tiny_models()
-        embeddings = encode_prompts(text, [p for p, _ in jobs])
-        model, ae = model.to(device, dtype), ae.to(device, dtype)
+    model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
+    guidance = sample_guidance(args, model.cfg, rank)
     model.set_attention_backend(args.attn or ("triton" if device.type == "cuda" else "sdpa"))
-    sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16))
     img_ids = fm.image_ids(args.height, args.width, device).to(dtype)
     for prompt, paths in tqdm(jobs, desc="prompts", disable=len(jobs) == 1):
         # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
@@ -879,7 +979,7 @@ def cmd_sample(args):
         x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
         cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
                 y.to(device, dtype))
-        x = euler_sample(model, x, sigmas, cond, args.guidance, progress=len(jobs) == 1)
+        x = euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1)
         for path in save_png(decode_images(ae, x, args.height, args.width), paths):
             tqdm.write(path)  # above the progress bar, not through it
 
@@ -896,6 +996,10 @@ def cmd_train(args):
             raise InputError("--hps CKPT is required with --flux (HPSv2.1's HPS_v2.1_compressed.pt)")
         if not os.path.isfile(args.hps):
             raise InputError(f"{args.hps}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
+        if not fm.read_flux_config(os.path.join(args.flux, "transformer")).guidance_embed:
+            raise InputError(f"{args.flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's "
+                             f"recipe feeds FLUX.1-dev's distilled guidance (3.5 to the branches, 1 to the rollout): "
+                             f"train a guidance-distilled model such as FLUX.1-dev")
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     check_writable(args.out)
     local_batch(cfg, world)  # before any process group: --batch splits evenly
@@ -992,9 +1096,10 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="srpo.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", help="generate images with FLUX.1-dev (or the tiny built-in model)",
+    p = sub.add_parser("sample", help="generate images with a FLUX.1 model (or the tiny built-in one)",
                        description="Generate images. Without --flux, a tiny random model built in code runs offline.")
-    p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/)")
+    p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; "
+                   "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors)")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
@@ -1003,8 +1108,12 @@ def build_parser():
                    "run started again skips the prompts whose images exist")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (1024; tiny: 64)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (1024; tiny: 64)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance", type=float, default=3.5, help="distilled guidance scale (default 3.5)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50; FLUX.1-schnell: 4)")
+    p.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (default 3.5; ignored, "
+                   "with a note, by a transformer without a guidance embedding such as FLUX.1-schnell's)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 prompt tokens, 1..512 (default 512, as FluxPipeline; tiny: 32; FLUX.1-schnell is run with "
+                   "256)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives diffusers' image")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (diffusers' num_images_per_prompt)")
     p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
@@ -1067,6 +1176,8 @@ def main(argv=None):
         args.height = 1024 if args.flux else 64
     if args.command == "sample" and args.width is None:
         args.width = 1024 if args.flux else 64
+    if args.command == "sample" and args.max_sequence_length is None:
+        args.max_sequence_length = 512 if args.flux else 32
     if args.command == "sample" and args.out is None:
         args.out = "samples" if args.prompts else "sample.png"
     try:

@@ -1,9 +1,11 @@
 """What the tests compare with: tiny random diffusers models, a tiny diffusers-format FLUX.1 folder, and the error
 metric."""
 
+import dataclasses
 import itertools
 import json
 import os
+import shutil
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -110,3 +112,17 @@ def flux_folder(root):
                         tokenizer_2=t5_tokenizer(str(root / "t5_tok")), transformer=diffusers_transformer(cfg))
     pipe.save_pretrained(root / "flux")
     return str(root / "flux")
+
+
+def flux_variant(folder, root, scheduler, guidance_embed=True):
+    """A copy of a tiny FLUX folder with another scheduler/scheduler_config.json (a dict written as it is, as the
+    released files are: the keys it leaves out take the scheduler's defaults) and, without guidance_embed, a
+    transformer with no guidance embedding (FLUX.1-schnell's). Returns its path."""
+    shutil.copytree(folder, root)
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0"} | scheduler, f)
+    if not guidance_embed:
+        cfg = dataclasses.replace(fm.read_flux_config(os.path.join(folder, "transformer")), guidance_embed=False)
+        shutil.rmtree(os.path.join(root, "transformer"))
+        diffusers_transformer(cfg, seed=4).save_pretrained(os.path.join(root, "transformer"))
+    return str(root)

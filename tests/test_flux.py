@@ -6,6 +6,7 @@ Tolerance: float32, relative error max|ours - theirs| / max|theirs| <= 1e-5.
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.loaders import single_file_utils
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
-from references import diffusers_transformer, diffusers_vae, randomize, rel_err
+from references import diffusers_transformer, diffusers_vae, flux_variant, randomize, rel_err
 from safetensors.torch import load_file, save_file
 
 import flux_model as fm
@@ -166,27 +167,58 @@ def test_autoencoder_matches_diffusers(cfg, tmp_path):
     assert torch.equal(fm.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
 
 
+SCHEDULERS = {  # FlowMatchEulerDiscreteScheduler settings, beside its defaults
+    "dev": {"shift": 3.0, "use_dynamic_shifting": True},
+    "schnell": {"shift": 1.0, "use_dynamic_shifting": False},
+    "shift3-static": {"shift": 3.0, "use_dynamic_shifting": False},
+    "dev-other-mu": {"use_dynamic_shifting": True, "base_shift": 0.3, "max_shift": 1.5, "base_image_seq_len": 64,
+                     "max_image_seq_len": 2048},
+    "dev-terminal": {"use_dynamic_shifting": True, "shift_terminal": 0.1},
+    "static-terminal": {"shift": 2.0, "shift_terminal": 0.05},
+}
+
+
 @pytest.mark.parametrize("steps", [1, 4, 28, 50])
 @pytest.mark.parametrize("size", [(64, 64), (512, 768), (1024, 1024), (1360, 768)])
-def test_schedule_matches_diffusers(steps, size):
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedule_matches_diffusers(name, steps, size, tmp_path):
+    """FluxPipeline's sigmas: linspace(1, 1/steps, steps) through set_timesteps, mu from the config's lengths."""
     seq_len = (size[0] // 16) * (size[1] // 16)
-    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                            max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len))
-    ours = srpo.flux_schedule(steps, seq_len)
-    assert ours.dtype == torch.float32 and torch.equal(ours, sched.sigmas)  # bit for bit
+    sched = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name])
+    sched.save_pretrained(tmp_path / "scheduler")  # read back as a folder's file, every key written
+    ours = srpo.read_schedule(str(tmp_path))
+    if sched.config.shift_terminal and steps == 1:  # diffusers divides 0 by 0 there
+        with pytest.raises(fm.InputError, match="shift_terminal"):
+            srpo.flux_schedule(steps, seq_len, ours)
+        return
+    c = sched.config
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(
+        seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
+    sigmas = srpo.flux_schedule(steps, seq_len, ours)
+    assert sigmas.dtype == torch.float32 and torch.equal(sigmas, sched.sigmas)  # bit for bit
+    if name == "dev":
+        assert ours == srpo.FLUX_DEV and torch.equal(srpo.flux_schedule(steps, seq_len), sched.sigmas)
+
+
+def test_folder_without_scheduler_file_gets_flux_dev_schedule(flux_folder, tmp_path):
+    """The fallback is FLUX.1-dev's config, as the tiny folder's (written by diffusers with dev's settings) says."""
+    shutil.copytree(flux_folder, tmp_path / "flux")
+    shutil.rmtree(tmp_path / "flux" / "scheduler")
+    assert srpo.read_schedule(str(tmp_path / "flux")) == srpo.FLUX_DEV == srpo.read_schedule(flux_folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: a tiny diffusers FLUX folder written by FluxPipeline.save_pretrained, sampled by both
 
 
-def pipeline_image(folder, prompt, height, width, steps, seed, batch=1, transformer_file=None, dtype=torch.float32):
+def pipeline_image(folder, prompt, height, width, steps, seed, batch=1, transformer_file=None, dtype=torch.float32,
+                   max_sequence_length=512):
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     if transformer_file:  # the seed's snippet: SRPO weights into a stock pipeline, strictly
         pipe.transformer.load_state_dict(load_file(transformer_file), strict=True)
     out = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=3.5,
-               generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch, output_type="np")
+               generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=batch, output_type="np",
+               max_sequence_length=max_sequence_length)
     return out.images  # (B, H, W, 3) float in [0, 1]
 
 
@@ -199,13 +231,41 @@ def to_uint8(images):
     return (images * 255).round().astype(np.int32)
 
 
+# The FLUX.1 family's folders: (scheduler config as released, or None for the fixture's dev one; guidance
+# embedding; T5 tokens, as each is run). schnell's file is FLUX.1-schnell's scheduler_config.json.
+VARIANTS = {
+    "dev": (None, True, 512),
+    "schnell": ({"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                 "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}, False, 256),
+    "shift3-static": ({k: v for k, v in FlowMatchEulerDiscreteScheduler(shift=3.0).config.items()
+                       if not k.startswith("_")}, True, 512),  # every key, as diffusers writes it
+}
+
+
+@pytest.fixture(scope="module")
+def flux_variants(flux_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    return {name: flux_folder if sched is None else flux_variant(flux_folder, root / name, sched, guidance)
+            for name, (sched, guidance, _) in VARIANTS.items()}
+
+
 @pytest.mark.parametrize("height,width,batch", [(64, 96, 1), (48, 32, 2)])
-def test_sample_gives_the_same_image_as_flux_pipeline(flux_folder, tmp_path, height, width, batch):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sample_gives_the_same_image_as_flux_pipeline(flux_variants, variant, tmp_path, height, width, batch,
+                                                      capsys):
+    """The folder's scheduler, guidance embedding (or none) and T5 length give FluxPipeline's image; a --guidance
+    given to a model without a guidance embedding is ignored (as FluxPipeline does), with one note."""
+    folder, (_, guidance_embed, tokens) = flux_variants[variant], VARIANTS[variant]
     prompt, steps, seed = "a red cat, on a mat!", 4, 1234
-    expected = pipeline_image(flux_folder, prompt, height, width, steps, seed, batch)
+    expected = pipeline_image(folder, prompt, height, width, steps, seed, batch, max_sequence_length=tokens)
     out = str(tmp_path / "ours.png")
-    srpo.main(["sample", "--flux", flux_folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
-               "--steps", str(steps), "--seed", str(seed), "--batch", str(batch), "--out", out])
+    capsys.readouterr()
+    srpo.main(["sample", "--flux", folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
+               "--steps", str(steps), "--seed", str(seed), "--batch", str(batch), "--out", out,
+               "--max-sequence-length", str(tokens), "--guidance", "3.5" if guidance_embed else "0"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ([] if guidance_embed else ["note: this transformer has no guidance embedding (e.g. "
+                                                "FLUX.1-schnell): --guidance is ignored"])
     paths = [out] if batch == 1 else [str(tmp_path / f"ours-{i}.png") for i in range(batch)]
     for i, path in enumerate(paths):
         ours = read_png(path)
@@ -238,6 +298,23 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
             ours = read_png(out / row["image"])
             j = int(row["image"][-5])
             assert np.abs(ours - expected[j]).max() <= 1 and np.mean(ours != expected[j]) < 1e-3, row
+
+
+def test_prompt_file_with_bom_and_crlf_gives_the_same_prompts_and_images(tmp_path):
+    """A Windows editor's file (UTF-8 byte-order mark, CRLF line ends) reads as the plain file, and its first line's
+    image is --prompt's."""
+    prompts = ["a red fox in snow", "two dogs"]
+    (tmp_path / "plain.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    (tmp_path / "windows.txt").write_bytes(("\r\n".join(prompts) + "\r\n").encode("utf-8-sig"))
+    assert (tmp_path / "windows.txt").read_bytes().startswith(b"\xef\xbb\xbfa red fox in snow\r\n")
+    assert srpo.read_prompts(str(tmp_path / "windows.txt")) == srpo.read_prompts(str(tmp_path / "plain.txt")) == prompts
+    for name in ("plain", "windows"):
+        srpo.main(["sample", "--prompts", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--steps", "2"])
+    srpo.main(["sample", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
+    assert (tmp_path / "windows" / "images.jsonl").read_text() == (tmp_path / "plain" / "images.jsonl").read_text()
+    for image in ("00000.png", "00001.png"):
+        assert (tmp_path / "windows" / image).read_bytes() == (tmp_path / "plain" / image).read_bytes()
+    assert (tmp_path / "windows" / "00000.png").read_bytes() == (tmp_path / "one.png").read_bytes()
 
 
 def test_prompt_file_run_resumes_where_it_stopped(tmp_path, capsys):
@@ -338,7 +415,7 @@ def test_help_documents_every_flag():
         assert action.help, f"{action.option_strings} has no help"
     text = sample.format_help()
     for flag in ["--flux", "--transformer", "--prompt", "--height", "--width", "--steps", "--guidance", "--seed",
-                 "--batch", "--out", "--device", "--dtype", "--attn", "--prompts"]:
+                 "--batch", "--out", "--device", "--dtype", "--attn", "--prompts", "--max-sequence-length"]:
         assert flag in text
 
 
@@ -412,6 +489,10 @@ def broken_folders(flux_folder, tmp):
         path = os.path.join(folder, "transformer", "config.json")
         write(path, json.dumps(fm.read_json(path) | changes))
 
+    def scheduler(folder, **changes):
+        path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        write(path, json.dumps(fm.read_json(path) | changes))
+
     def shard(folder):  # a sharded folder whose index has a list where the key -> file map should be
         write(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors.index.json"),
               json.dumps({"weight_map": ["diffusion_pytorch_model.safetensors"]}))
@@ -432,6 +513,16 @@ def broken_folders(flux_folder, tmp):
         "heads as text": (copy("d", lambda f: config(f, num_layers="two")), ["num_layers='two'"]),
         "index is a list": (copy("e", shard), ["weight_map"]),
         "empty tokenizer": (copy("f", empty_tokenizer), ["tokenizer_2", "tokenizer.json or spiece.model"]),
+        "karras sigmas": (copy("g", lambda f: scheduler(f, use_karras_sigmas=True)),
+                          ["scheduler_config.json", "use_karras_sigmas=true", "not supported"]),
+        "linear time shift": (copy("h", lambda f: scheduler(f, time_shift_type="linear")),
+                              ["time_shift_type=\"linear\"", "not supported"]),
+        "stochastic": (copy("i", lambda f: scheduler(f, stochastic_sampling=True)), ["stochastic_sampling=true"]),
+        "unknown key": (copy("j", lambda f: scheduler(f, use_flow_sigmas=True)), ["unknown key", "use_flow_sigmas"]),
+        "shift as text": (copy("k", lambda f: scheduler(f, shift="three")), ["shift=\"three\"", "a number"]),
+        "other scheduler": (copy("l", lambda f: scheduler(f, _class_name="EulerDiscreteScheduler")),
+                            ["_class_name", "EulerDiscreteScheduler"]),
+        "timesteps": (copy("m", lambda f: scheduler(f, num_train_timesteps=500)), ["num_train_timesteps=500"]),
     }
 
 
@@ -444,6 +535,15 @@ def test_broken_flux_folders_give_one_line_errors(flux_folder, tmp_path, capsys)
     assert not os.path.exists(tmp_path / "x.png")
 
 
+def test_train_refuses_a_transformer_without_guidance_embedding(flux_variants, tmp_path, capsys):
+    """SRPO's recipe feeds FLUX.1-dev's distilled guidance to the model: a schnell-like folder is refused."""
+    (tmp_path / "hps.pt").write_bytes(b"not read: the folder is refused first")
+    code, err = run_cli(["train", "--flux", flux_variants["schnell"], "--hps", str(tmp_path / "hps.pt"), "--out",
+                         str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in ["no guidance embedding", "3.5", "FLUX.1-dev"]), err
+
+
 @pytest.mark.parametrize("args,words", [
     (["--height", "50"], ["multiples of 16", "50x64"]),
     (["--width", "0"], ["multiples of 16"]),
@@ -452,6 +552,8 @@ def test_broken_flux_folders_give_one_line_errors(flux_folder, tmp_path, capsys)
     (["--device", "tpu9"], ["unknown device", "tpu9"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "bogus"], ["device"]),
     (["--dtype", "int8"], ["unknown dtype", "int8"]),
+    (["--max-sequence-length", "0"], ["--max-sequence-length", "1..512", "got 0"]),
+    (["--max-sequence-length", "513"], ["--max-sequence-length", "1..512", "got 513"]),
     (["--flux", "/no/such/folder"], ["/no/such/folder", "no such folder"]),
     (["--transformer", "x.safetensors"], ["--transformer needs --flux"]),
     (["--out", "/no/such/folder/x.png"], ["/no/such/folder", "does not exist"]),
