@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -472,6 +473,59 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Faults and stop signals: a run ends with one line and an exit code that says which (README, "Exit codes")
+
+EXIT_INPUT = 2  # bad input: nothing was done
+EXIT_FAULT = 74  # EX_IOERR (sysexits.h): a write failed under the run; the last complete checkpoint is intact
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; run it again (with --resume) to continue
+
+
+class Fault(Exception):
+    """A write that failed under the run: disk full, quota, permissions changed, a vanished mount."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: the run stopped cleanly, where it can continue."""
+
+
+def written(what, write):
+    """write(), with an OSError turned into a Fault naming what could not be written and why."""
+    try:
+        return write()
+    except OSError as e:
+        raise Fault(f"could not write {what} ({e.strerror or e})") from None
+
+
+class StopSignals:
+    """While active, the first SIGTERM or SIGINT only sets `received`: the loop finishes its step (or image), saves
+    and raises Stopped. A second signal stops at once. A scheduler signals the whole process group and torchrun
+    then forwards the same signal to its workers, so a worker gets it twice within moments: repeats within
+    REPEAT_S seconds count as one."""
+
+    REPEAT_S = 2.0
+
+    def __init__(self):
+        self.received, self.at = None, 0.0
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.received is None:
+            self.received, self.at = signal.Signals(signum).name, time.monotonic()
+            print(f"\n{self.received}: stopping at the end of this step (a second signal stops at once)",
+                  file=sys.stderr)
+        elif time.monotonic() - self.at > self.REPEAT_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training: processes, prompts, the models, checkpoints, the loop
 
 
@@ -501,6 +555,26 @@ class Ranks:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def any(self, flag):
+        """True on every rank if it is true on any: the collective decision to stop at this step boundary."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def main_writes(self, what, write):
+        """write() on rank 0; its Fault is raised on every rank (the others would wait for rank 0 forever)."""
+        error = None
+        if self.main:
+            try:
+                written(what, write)
+            except Fault as e:
+                error = str(e)
+        error = self.from_main(error)
+        if error:
+            raise Fault(error)
 
 
 def this_process(device_name):
@@ -634,26 +708,31 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
       training.pt                                        AdamW state (parameter names as keys) and RNG state
       state.json                                         step and config, written last: it marks the save complete
     Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
-    deleted only after this one is complete, so a crash during a save leaves the previous one loadable."""
+    deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
+    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     weights = get_model_state_dict(model, options=state_dict_options(ranks))
     optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
-    if ranks.main:
-        folder = os.path.join(out, CHECKPOINT.format(step))
+    folder = os.path.join(out, CHECKPOINT.format(step))
+
+    def write():
         with torch.device("meta"):
             full = fm.Flux(model.cfg)
         full.load_state_dict(weights, assign=True)
-        fm.save_transformer(full, folder)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
-        state = {"optimizer": optim, "rng": rng}
-        fm.atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
-        fm.write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
+        state = {"optimizer": optim, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
+        try:
+            fm.save_transformer(full, folder)
+            fm.atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
+            fm.write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)  # no state.json, no checkpoint: leave no half of one either
+            raise
         for old in sorted(checkpoints(out))[: -cfg.keep]:
             shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
-    if ranks.world > 1:
-        dist.barrier()
+
+    ranks.main_writes(f"the checkpoint {folder}", write)
 
 
 def load_training_state(model, opt, folder, ranks):
@@ -704,8 +783,8 @@ def sample_grid(model, ae, conds, cfg, path, ranks):
         with autocast(ranks.device):
             x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1]), cond, cfg.guidance)
             images.append(decode_images(ae, x, cfg.height, cfg.width).float())
-    if ranks.main and images:
-        save_png(torch.cat(images, dim=3), [path])
+    if images:
+        ranks.main_writes(f"the sample grid {path}", lambda: save_png(torch.cat(images, dim=3), [path]))
 
 
 def append_log(path, record):
@@ -723,14 +802,47 @@ def trim_log(path, step):
     fm.write_text(path, "".join(lines))
 
 
-def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
-    """The loop: per update, this rank's --batch / world prompts (rollout + both branches each, gradients averaged
-    over the global batch), a finite-loss check, gradient clipping, AdamW, the log, and the checkpoints."""
-    from tqdm import tqdm
+def checkpoint_note(out):
+    """Where a stopped or failed run can continue from."""
+    found = checkpoints(out)
+    if not found:
+        return "no checkpoint is complete yet: the same command starts the run again"
+    return f"the last complete checkpoint, {found[max(found)]}, is intact: the same command with --resume continues"
 
+
+def train_step(model, opt, ae, reward, embeddings, prompt_of, step, cfg, out, ranks):
+    """One update: this rank's --batch / world prompts (rollout + both branches each, gradients averaged over the
+    global batch), a finite-loss check, gradient clipping, AdamW. -> the log record."""
     from reward import control_words
 
-    per = local_batch(cfg, ranks.world)
+    t0, per = time.time(), local_batch(cfg, ranks.world)
+    eps = shared_noise(cfg, step, ranks.device)
+    totals = [0.0, 0.0, 0.0]
+    for a in range(per):
+        j = ranks.rank * per + a  # this prompt's place in the global batch
+        prompt = prompt_of(step, j)
+        cond = conditioning(embeddings[prompt], cfg, ranks.device)
+        x0 = online_rollout(model, eps, cond, cfg)
+        values = direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j), step,
+                                   cfg, scale=1 / per)  # FSDP averages over ranks: 1 / batch
+        totals = [t + v / per for t, v in zip(totals, values, strict=True)]
+    loss, r_d, r_i = ranks.mean(totals)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
+        raise InputError(f"step {step}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped before "
+                         f"updating the weights; {checkpoint_note(out)}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"step": step, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
+            "lr": cfg.lr, "words": control_words(step), "seconds": round(time.time() - t0, 3)}
+
+
+def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, start, resume_from, ranks):
+    """The loop: train_step per update, the log, the checkpoints, the before/after grids. On SIGTERM or SIGINT (on
+    any rank) every rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken
+    together at the step boundary, so no rank waits in a collective the others have left."""
+    from tqdm import tqdm
 
     ae.requires_grad_(False)  # frozen: gradients flow through the VAE and the reward to the image, never into them
     reward.requires_grad_(False)
@@ -740,40 +852,22 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
     if resume_from:
         load_training_state(model, opt, resume_from, ranks)
     log = os.path.join(out, "log.jsonl")
-    if ranks.main:
-        trim_log(log, start)
+    ranks.main_writes(f"the log {log}", lambda: trim_log(log, start))
     grid = [conditioning(embeddings[p], cfg, ranks.device) for p in grid_prompts]
     if start == 0:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-before.png"), ranks)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
-    for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
-        t0 = time.time()
-        eps = shared_noise(cfg, step, ranks.device)
-        totals = [0.0, 0.0, 0.0]
-        for a in range(per):
-            j = ranks.rank * per + a  # this prompt's place in the global batch
-            prompt = prompt_of(step, j)
-            cond = conditioning(embeddings[prompt], cfg, ranks.device)
-            x0 = online_rollout(model, eps, cond, cfg)
-            values = direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j), step,
-                                       cfg, scale=1 / per)  # FSDP averages over ranks: 1 / batch
-            totals = [t + v / per for t, v in zip(totals, values, strict=True)]
-        loss, r_d, r_i = ranks.mean(totals)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
-            last = checkpoints(out).get(max(checkpoints(out), default=-1), "none (no step was saved)")
-            raise InputError(f"step {step}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped "
-                             f"before updating the weights. Last good checkpoint: {last} (--resume continues from it)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
-                  "lr": cfg.lr, "words": control_words(step), "seconds": round(time.time() - t0, 3)}
-        if ranks.main:
-            append_log(log, record)
-            bar.set_postfix(reward=f"{r_d:.4f}", loss=f"{loss:.4f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(model, opt, step, cfg, out, ranks)
+    with StopSignals() as signals:
+        for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
+            record = train_step(model, opt, ae, reward, embeddings, prompt_of, step, cfg, out, ranks)
+            ranks.main_writes(f"the log {log}", functools.partial(append_log, log, record))
+            bar.set_postfix(reward=f"{record['reward_denoise']:.4f}", loss=f"{record['loss']:.4f}")
+            stop = ranks.any(signals.received is not None)
+            if stop or step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(model, opt, step, cfg, out, ranks)
+            if stop and step < cfg.steps:
+                raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
+                              f"{cfg.steps}; {checkpoint_note(out)}")
     if start < cfg.steps:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-after.png"), ranks)
 
@@ -949,8 +1043,6 @@ def cmd_sample(args):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
     folder's scheduler config (FLUX.1-dev's without one)."""
-    from tqdm import tqdm
-
     check_sample_flags(args)
     rank, world, device = this_process(args.device)
     dtype = parse_dtype(args.dtype, device)
@@ -963,25 +1055,42 @@ def cmd_sample(args):
         load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
     if args.prompts:
         if rank == 0:
-            write_manifest(args.out, jobs, args.seed)
+            written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, args.seed))
         # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
         jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
         if not jobs:
             print(f"{args.out}: nothing left to make, the images exist")
             return
     model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
-    guidance = sample_guidance(args, model.cfg, rank)
     model.set_attention_backend(args.attn or ("triton" if device.type == "cuda" else "sdpa"))
+    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(args, model.cfg, rank), args)
+
+
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, args):
+    """Each job's images, written as soon as they are made. SIGTERM / SIGINT stop after the current prompt's images
+    (Stopped), a failed write ends with a Fault: the images written are whole, and the same command continues."""
+    from tqdm import tqdm
+
+    device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
     img_ids = fm.image_ids(args.height, args.width, device).to(dtype)
-    for prompt, paths in tqdm(jobs, desc="prompts", disable=len(jobs) == 1):
-        # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
-        txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
-        x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
-        cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
-                y.to(device, dtype))
-        x = euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1)
-        for path in save_png(decode_images(ae, x, args.height, args.width), paths):
-            tqdm.write(path)  # above the progress bar, not through it
+    again = "the images written are complete, and the same command makes the rest"
+    with StopSignals() as signals:
+        for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
+            # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
+            txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
+            x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
+            cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
+                    y.to(device, dtype))
+            images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
+                                   args.height, args.width)
+            try:
+                written(", ".join(paths), functools.partial(save_png, images, paths))
+            except Fault as e:
+                raise Fault(f"{e}; {again}") from None
+            for path in paths:
+                tqdm.write(path)  # above the progress bar, not through it
+            if signals.received and done < len(jobs):
+                raise Stopped(f"{signals.received}: stopped after {done} of {len(jobs)} prompts; {again}")
 
 
 def cmd_train(args):
@@ -1021,6 +1130,8 @@ def cmd_train(args):
         run_training(args, cfg, prompts, demo, start, folder, ranks)
         if ranks.world > 1:
             dist.barrier()
+    except Fault as e:
+        raise Fault(f"{e}; {checkpoint_note(args.out)}") from None
     finally:
         torch.set_num_threads(threads)
         if ranks.world > 1:
@@ -1182,9 +1293,11 @@ def main(argv=None):
         args.out = "samples" if args.prompts else "sample.png"
     try:
         args.func(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (InputError, Fault, Stopped) as e:
+        # Faults and stops are agreed on by every process of a torchrun: one of them says it
+        if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
+            print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED if isinstance(e, Stopped) else EXIT_FAULT if isinstance(e, Fault) else EXIT_INPUT)
 
 
 if __name__ == "__main__":
