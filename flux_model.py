@@ -169,6 +169,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
 
+def clip_float16(x):
+    """In float16, x clipped to +-65504 (an overflow becomes the largest finite value, not inf and then NaN in the next
+    norm), as diffusers' FLUX blocks do to their residual streams; other dtypes unchanged."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 def mlp(dim, hidden):
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
@@ -204,7 +210,7 @@ class DoubleStreamBlock(nn.Module):
         img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2)))
         txt = torch.addcmul(txt, t_gate1, self.txt_attn.proj(txt_out))
         txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2)))
-        return img, txt
+        return img, clip_float16(txt)  # the text stream only, as diffusers' FluxTransformerBlock
 
 
 class SingleStreamBlock(nn.Module):
@@ -226,7 +232,7 @@ class SingleStreamBlock(nn.Module):
         q = norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
         k = norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
         out = self.linear2(torch.cat([attention(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
-        return torch.addcmul(x, gate, out)  # x + gate * out
+        return clip_float16(torch.addcmul(x, gate, out))  # x + gate * out
 
 
 class LastLayer(nn.Module):

@@ -34,7 +34,13 @@ interpreter when TRITON_INTERPRET=1 at call time; anything else runs `attention_
 compiled vs interpreted when `@triton.jit` decorates, i.e. when triton (its own library of jit functions) and this
 module are imported, so interpreting also needs TRITON_INTERPRET=1 at import (tests/conftest.py does that on
 CPU-only machines); a CPU call that asks for the interpreter in a process that imported triton without it fails
-with a clear error rather than falling back silently.
+with a clear error rather than falling back silently. Which mode the kernels got is read off a decorated probe, not
+from triton's settings: triton >= 3.4 decides by `triton.knobs.runtime.interpret`, earlier versions by
+TRITON_INTERPRET == "1" in the environment, and there is no `knobs` before 3.4.
+
+Triton launches a kernel on the current CUDA device and its current stream, whatever device the pointers are on;
+every launch below therefore runs under `torch.cuda.device_of(q)` (a no-op off CUDA), so that `--device cuda:1`
+launches on GPU 1, on the stream torch is using there.
 """
 
 import math
@@ -44,8 +50,15 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = triton.knobs.runtime.interpret  # the mode the kernels below are decorated in
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probe():
+    """Decorated like every kernel below, so its type tells which mode triton chose for them (see above)."""
+
+
+INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -318,9 +331,10 @@ def _attention_forward(q, k, v):
     (q, sq), (k, sk), (v, sv) = _strides(q), _strides(k), _strides(v)
     o = new_output((B, H, N, D), q.dtype, q.device)
     lse = new_output((B, H, N), torch.float32, q.device)
-    _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, o, lse, *sq, *sk, *sv, *o.stride()[:3], H, N, LOG2E / math.sqrt(D),
-        D=D, UPCAST=INTERPRETED, PRECISION=_precision(q.dtype))
+    with torch.cuda.device_of(q):
+        _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, *sq, *sk, *sv, *o.stride()[:3], H, N, LOG2E / math.sqrt(D),
+            D=D, UPCAST=INTERPRETED, PRECISION=_precision(q.dtype))
     return o.to(q.dtype), lse
 
 
@@ -328,16 +342,16 @@ def _attention_backward(q, k, v, o, lse, do):
     B, H, N, D = q.shape
     (q, sq), (k, sk), (v, sv), (do, sd) = _strides(q), _strides(k), _strides(v), _strides(do)
     delta = new_output((B, H, N), torch.float32, q.device)
-    _delta_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, *o.stride()[:3], *sd, H, N, D=D, BLOCK_M=64)
-
     dq, dk, dv = (new_output((B, H, N, D), q.dtype, q.device) for _ in range(3))
     sg = dq.stride()[:3]
     sm_scale = 1.0 / math.sqrt(D)
     common = {"D": D, "UPCAST": INTERPRETED, "PRECISION": _precision(q.dtype)}
-    _dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *sq, *sk, *sv, *sd, *sg, H, N, sm_scale, sm_scale * LOG2E, **common)
-    _dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *sq, *sk, *sv, *sd, *sg, H, N, sm_scale, sm_scale * LOG2E, **common)
+    with torch.cuda.device_of(q):
+        _delta_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, *o.stride()[:3], *sd, H, N, D=D, BLOCK_M=64)
+        _dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+            q, k, v, do, dk, dv, lse, delta, *sq, *sk, *sv, *sd, *sg, H, N, sm_scale, sm_scale * LOG2E, **common)
+        _dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta, *sq, *sk, *sv, *sd, *sg, H, N, sm_scale, sm_scale * LOG2E, **common)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 

@@ -14,7 +14,8 @@ meta tensors, at FLUX's shapes by default) for every config the autotuner would 
 - resident CTAs per SM from registers, shared memory and threads (how much latency the SM can hide).
 
 It says nothing about time: that needs the card (`python -m kernels.bench`). TRITON_INTERPRET must be unset, so
-that the kernels are decorated for compilation.
+that the kernels are decorated for compilation. A development tool on compiler internals: it reads triton.knobs
+(triton >= 3.4) and has been run with triton 3.6 and 3.8 only.
 """
 
 import argparse

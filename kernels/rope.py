@@ -22,7 +22,8 @@ RoPE reads y and writes out: 8 bytes, twice the traffic, plus a launch; eager Py
 that again (upcast, square, mean, rsqrt, two multiplies, strided slices, stack: each a full pass). So the fused
 kernel should run at close to copy bandwidth and about 2x an unfused pair of good kernels; `python -m kernels.bench`
 measures fused vs eager torch, vs separately compiled norm and rope (the unfused design at its best) and vs
-torch.compile of the whole reference (what a compiler's fusion achieves), against a plain copy as the roof.
+torch.compile of the whole reference's math in real arithmetic (what a compiler's fusion achieves; the complex
+product below it would leave as eager calls), against a plain copy as the roof.
 The choice, made on this argument in a session without a GPU to measure on, is the fused kernel alone (no separate
 norm or RoPE kernels); BENCHMARKS.md holds the measurement that confirms or overturns it.
 The kernel also performs the layout change: x may be any strided (B, H, N, D) view (e.g. a permute of the qkv
@@ -121,8 +122,9 @@ class _NormRope(torch.autograd.Function):
         B, H, N, D = x.shape
         block_n = _rows_per_program(D)
         out = new_output((B, H, N, D), x.dtype, x.device)
-        _norm_rope_fwd_kernel[(triton.cdiv(N, block_n), B * H)](
-            x, scale, cos, sin, out, *x.stride()[:3], H, N, eps, D=D, BLOCK_N=block_n, num_warps=4)
+        with torch.cuda.device_of(x):  # Triton launches on the current device (kernels/attention.py)
+            _norm_rope_fwd_kernel[(triton.cdiv(N, block_n), B * H)](
+                x, scale, cos, sin, out, *x.stride()[:3], H, N, eps, D=D, BLOCK_N=block_n, num_warps=4)
         ctx.save_for_backward(x, scale, cos, sin)
         ctx.eps = eps
         return out.to(x.dtype)
@@ -137,9 +139,10 @@ class _NormRope(torch.autograd.Function):
         blocks = triton.cdiv(N, block_n)
         dx = new_output((B, H, N, D), x.dtype, x.device)
         dw_partial = new_output((B * H * blocks, D), torch.float32, x.device)
-        _norm_rope_bwd_kernel[(blocks, B * H)](
-            x, scale, cos, sin, g, dx, dw_partial, *x.stride()[:3], *g.stride()[:3], H, N, ctx.eps,
-            D=D, BLOCK_N=block_n, num_warps=4)
+        with torch.cuda.device_of(x):
+            _norm_rope_bwd_kernel[(blocks, B * H)](
+                x, scale, cos, sin, g, dx, dw_partial, *x.stride()[:3], *g.stride()[:3], H, N, ctx.eps,
+                D=D, BLOCK_N=block_n, num_warps=4)
         return dx.to(x.dtype), dw_partial.sum(0).to(scale.dtype), None, None, None
 
 

@@ -1,19 +1,57 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool): the benchmark tables for BENCHMARKS.md first (the part that matters
-# most if the call runs out of time), then the FLUX model with the kernels vs SDPA, the compile report, and the
-# kernel tests compiled. Needs only torch + triton beyond the repository, except the tests (requirements-dev.txt).
-# Everything printed is also written to $OUT/gpu_check.log (the device tool returns only the output's tail).
+# The GPU checks, sized for device calls of at most 600 s each (the device tool's limit per command).
+#
+#   scripts/gpu_check.sh         call 1: the benchmark tables for BENCHMARKS.md first (what matters most if the call
+#                                runs short), then the tiny FLUX model with the kernels vs SDPA
+#   scripts/gpu_check.sh tests   call 2: the kernel tests, compiled (tests/test_kernels.py without the slow ones)
+#
+# Each section runs under its own `timeout`, so one that hangs or runs long cannot take the others' time. The limits
+# are estimates for an H100-class card; the per-call sums stay under 600 s (timeout's 5 s kill grace included):
+#   call 1:  card 10 + versions 20 + bench 380 + tiny FLUX 140 (+ 4 x 5 grace)  = 570 s
+#            bench: attention autotuning compiles 17 configs for each of the 2 N specializations (~100 s), the
+#            RMSNorm+RoPE rows ~18 Inductor graphs (~100 s), ~60 timings of do_bench (~40 s), start-up (~15 s)
+#            tiny FLUX: 3 dtype setups; the kernels compile for its head width in fp32 and bf16 (~35 configs, ~80 s)
+#   call 2:  pytest check 5 + kernel tests 570 (+ 5 grace)                        = 580 s
+#            every (head width, dtype) case compiles its autotune candidates: roughly 200 compiles; if they do not
+#            fit, pytest's summary says how far it got and `-k` narrows a rerun
+# The compile report (`python -m kernels.compile_report`: registers, spills, shared memory per autotune config) needs
+# no GPU: run it on any machine, not on device time. Needs torch + triton beyond the repository; call 2 also pytest
+# (requirements-dev.txt), and skips with a message where it is missing. Everything printed is also written to
+# $OUT/gpu_check.log (the device tool returns only the output's tail).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec > >(tee "${OUT:-/tmp}/gpu_check.log") 2>&1
-stamp() { echo "--- $(date -u +%H:%M:%S) $*"; }
+export PYTHONUNBUFFERED=1  # a section stopped by its timeout still shows what it printed
 py="${PYTHON:-python3}"  # the device image's python3 holds torch; `python` may not exist there
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-stamp bench
-"$py" -m kernels.bench
-stamp tiny FLUX
-"$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
+stamp() { echo "--- $(date -u +%H:%M:%S) $*"; }
+
+section() {  # section NAME SECONDS COMMAND...: COMMAND under its own time limit; says how it ended
+    local name=$1 limit=$2 rc
+    shift 2
+    stamp "$name (limit ${limit} s)"
+    timeout -k 5 "$limit" "$@"
+    rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "--- $name: stopped at its ${limit} s limit"
+    elif [ "$rc" -ne 0 ]; then
+        echo "--- $name: exit code $rc"
+    fi
+}
+
+if [ "${1:-}" = tests ]; then
+    if ! "$py" -c "import pytest" 2>/dev/null; then
+        echo "pytest is not installed for $py: the kernel tests are skipped (pip install pytest, see requirements-dev.txt)"
+        exit 0
+    fi
+    section "kernel tests, compiled" 570 "$py" -m pytest -q -m "not slow" tests/test_kernels.py
+    stamp done
+    exit 0
+fi
+
+section card 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+section versions 20 "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)"
+section bench 380 "$py" -m kernels.bench
+section "tiny FLUX" 140 "$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
 import torch
 import flux_model as fm
 # (weights, autocast): fp32; bf16; fp32 master weights under bf16 autocast, as training runs
@@ -37,8 +75,4 @@ for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, Fals
     print(f"tiny FLUX {dtype}{' + bf16 autocast' if autocast else ''}: triton vs sdpa rel. err. output "
           f"{err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
 PY
-stamp compile report
-"$py" -m kernels.compile_report  # registers / spills / shared memory per autotune config, to read beside the timings
-stamp kernel tests  # compiled; the slow CPU-only compile checks are left out (the report above covers them)
-"$py" -m pytest -q -m "not slow" tests/test_kernels.py 2>&1 | tail -5
-stamp done
+stamp "done (the compiled kernel tests: scripts/gpu_check.sh tests, a second call)"

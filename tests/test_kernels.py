@@ -14,12 +14,15 @@ failure message and KERNELS_TEST_SEED=<seed> replays it.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import attention as attention_module
 from kernels import rope as rope_module
@@ -135,12 +138,12 @@ def norm_rope_float64(x, scale, cos, sin, eps):
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
-def run_norm_rope(x, scale, g, eps=1e-6):
+def run_norm_rope(x, scale, g, eps=1e-6, fn=norm_rope):
     N, D = x.shape[-2:]
     angle = torch.rand(N, D // 2, device=DEVICE) * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     xl, sl = x.detach().requires_grad_(), scale.detach().requires_grad_()
-    out = norm_rope(xl, sl, cos, sin, eps)
+    out = fn(xl, sl, cos, sin, eps)
     out.backward(g)
     x64, s64 = x.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
     out64 = norm_rope_float64(x64, s64, cos.double(), sin.double(), eps)
@@ -183,6 +186,25 @@ def test_norm_rope_strided_inputs(seed):
     check("dx,dscale", ours[1:], refs[1:], TOL[torch.float32], seed)
 
 
+def test_bench_compiled_rope_baseline_is_fused_by_inductor(seed):
+    """The bench's torch.compile row must time Inductor's own fused code, forward and backward: no eager aten call
+    (what Inductor emits for the reference's complex product, e.g. `torch.ops.aten.view_as_complex.default(...)`)
+    and no library kernel in its generated code; and it is the same math (against float64, 1e-5)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from kernels.bench import norm_rope_real
+
+    torch._dynamo.reset()
+    x, g = randn(2, 33, 3, 32).transpose(1, 2), randn(2, 3, 33, 32)  # strided, as in the bench
+    compiled = torch.compile(norm_rope_real, dynamic=False)
+    (ours, refs), codes = run_and_get_code(lambda: run_norm_rope(x, 1 + 0.5 * randn(32), g, fn=compiled))
+    assert len(codes) == 2  # the forward and the backward graph
+    calls = [call for code in codes for call in re.findall(r"\b(?:aten|extern_kernels)\.[\w.]+\(", code)]
+    assert not calls, f"eager calls in Inductor's code: {calls}"
+    check("out", ours[:1], refs[:1], TOL[torch.float32], seed)
+    check("dx,dscale", ours[1:], refs[1:], TOL[torch.float32], seed)
+
+
 def test_outputs_are_poisoned():
     assert torch.isnan(new_output((4, 4), torch.bfloat16, DEVICE)).all()
 
@@ -206,6 +228,75 @@ def test_cpu_with_interpreter_runs_triton(monkeypatch):
     q = torch.randn(1, 1, 5, 16)
     attention(q, q, q)
     norm_rope(q, torch.ones(16), torch.ones(5, 8), torch.zeros(5, 8))
+
+
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device and its current stream, whatever device the pointers are on, so a
+    model on cuda:1 while cuda:0 is current must have cuda:1 made current around every launch. Checked without a GPU:
+    fake cuda:1 tensors (FakeTensorMode), torch's device switch simulated, the kernels replaced by recorders of the
+    device that is current when they launch."""
+    current, launched = [0], []
+
+    def exchange(index):  # what torch.cuda.device's enter/exit call: make `index` current (-1: none), return the old
+        previous = current[0]
+        if index >= 0:
+            current[0] = index
+        return previous
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, current[0]))
+
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
+    names = [(attention_module, "_fwd_kernel"), (attention_module, "_delta_kernel"), (attention_module, "_dkdv_kernel"),
+             (attention_module, "_dq_kernel"), (rope_module, "_norm_rope_fwd_kernel"),
+             (rope_module, "_norm_rope_bwd_kernel")]
+    for module, name in names:
+        monkeypatch.setattr(module, name, Kernel(name))
+    with FakeTensorMode():
+        q, k, v, do = (torch.empty(1, 2, 33, 16, device="cuda:1") for _ in range(4))
+        o, lse = attention_module._attention_forward(q, k, v)
+        attention_module._attention_backward(q, k, v, o, lse, do)
+        scale, cos = torch.empty(16, device="cuda:1"), torch.empty(33, 8, device="cuda:1")
+        ctx = types.SimpleNamespace(save_for_backward=lambda *saved: setattr(ctx, "saved_tensors", saved))
+        rope_module._NormRope.forward(ctx, q, scale, cos, cos, 1e-6)
+        rope_module._NormRope.backward(ctx, do)
+    assert sorted(launched) == sorted((name, 1) for _, name in names)
+    assert current == [0]  # and the caller's device is current again
+
+
+WITHOUT_KNOBS = """
+import sys, torch, triton
+del triton.knobs  # as before triton 3.4, which reads TRITON_INTERPRET when @triton.jit decorates
+import flux_model
+from kernels import attention, rope
+assert not hasattr(triton, "knobs") and attention.INTERPRETED == (sys.argv[1] == "1")
+torch.manual_seed(0)
+q, k, v, x = (torch.randn(1, 2, 77, 32) for _ in range(4))
+scale, angle = 1 + 0.5 * torch.randn(32), torch.rand(77, 16) * 6.3
+torch.save({"inputs": (q, k, v, x, scale, angle), "attention": attention.attention(q, k, v),
+            "norm_rope": rope.norm_rope(x, scale, angle.cos(), angle.sin())}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_import_and_interpreter_without_triton_knobs(interpret, tmp_path):
+    """`import flux_model` and the interpreter switch must not need `triton.knobs` (triton >= 3.4 only): in a fresh
+    process with it deleted, the kernels are decorated in the mode TRITON_INTERPRET asks for and, interpreted, match
+    float64 math on CPU tensors (not interpreted, the CPU path is the torch reference)."""
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_KNOBS, interpret, str(tmp_path / "out.pt")], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "out.pt")
+    q, k, v, x, scale, angle = (t.double() for t in saved["inputs"])
+    check("attention", [saved["attention"]], [attention_float64(q, k, v)], TOL[torch.float32], 0)
+    ref = norm_rope_float64(x, scale, angle.cos(), angle.sin(), 1e-6)
+    check("norm_rope", [saved["norm_rope"]], [ref], TOL[torch.float32], 0)
 
 
 def test_bad_shapes_are_rejected():
