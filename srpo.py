@@ -802,6 +802,17 @@ def trim_log(path, step):
     fm.write_text(path, "".join(lines))
 
 
+def warm_up_kernels(model, cfg, text_tokens, device):
+    """Tune the Triton attention kernels at the run's sequence length (image + text tokens: the rollout, both
+    branches and the grids all use it) and in autocast's bf16, before the first step (see kernels.attention)."""
+    from kernels.attention import warm_up
+
+    if model.double_blocks[0].backend == "triton":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what autocast hands the kernels
+        warm_up((cfg.height // 16) * (cfg.width // 16) + text_tokens, model.cfg.num_heads, model.cfg.head_dim, dtype,
+                device)
+
+
 def checkpoint_note(out):
     """Where a stopped or failed run can continue from."""
     found = checkpoints(out)
@@ -854,6 +865,7 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
     log = os.path.join(out, "log.jsonl")
     ranks.main_writes(f"the log {log}", lambda: trim_log(log, start))
     grid = [conditioning(embeddings[p], cfg, ranks.device) for p in grid_prompts]
+    warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
     if start == 0:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-before.png"), ranks)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)

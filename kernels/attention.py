@@ -390,3 +390,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if q.shape[-1] not in (16, 32, 64, 128):
         raise ValueError(f"attention kernel supports head dims 16, 32, 64, 128, got {q.shape[-1]}")
     return _Attention.apply(q, k, v)
+
+
+def warm_up(n: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Run the forward and backward kernels once at sequence length n, batch 1 x `heads`, so that the autotuner times
+    its tiles now, alone on the GPU, rather than inside a run's first backward beside FSDP's NCCL kernels (which
+    skews the timings). A no-op where the kernels do not run (see use_triton).
+
+    The choice is kept per (N, D) for the process. TRITON_CACHE_AUTOTUNING=1 (triton >= 3.4) also writes it to
+    TRITON_CACHE_DIR (default ~/.triton/cache), where the next run on the same GPU finds it."""
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    if use_triton(q):
+        attention(q, k, v).backward(torch.ones_like(q))

@@ -269,6 +269,23 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
     assert current == [0]  # and the caller's device is current again
 
 
+@pytest.mark.skipif(not attention_module.INTERPRETED, reason="kernels compiled for the GPU in this process")
+def test_warm_up_runs_forward_and_backward_kernels_at_the_given_shape(monkeypatch):
+    """warm_up(n, heads, D) launches the forward and the backward once at (1, heads, n, D) where the kernels run
+    (interpreted here), and nothing where they do not."""
+    calls = []
+    for name in ("_attention_forward", "_attention_backward"):
+        real = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name,
+                            lambda *args, real=real, name=name: calls.append((name, args[0].shape)) or real(*args))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    attention_module.warm_up(37, 3, 16, torch.float32, DEVICE)
+    assert calls == []  # a CPU without the interpreter runs the reference: nothing to tune
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    attention_module.warm_up(37, 3, 16, torch.float32, DEVICE)
+    assert calls == [("_attention_forward", (1, 3, 37, 16)), ("_attention_backward", (1, 3, 37, 16))]
+
+
 WITHOUT_KNOBS = """
 import sys, torch, triton
 del triton.knobs  # as before triton 3.4, which reads TRITON_INTERPRET when @triton.jit decorates

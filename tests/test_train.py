@@ -321,6 +321,25 @@ def test_train_step_equals_the_official_step_written_out(tiny, tmp_path, monkeyp
         assert p.grad.abs().max() > 0 and rel_err(grads[name], p.grad) <= 1e-5, name
 
 
+def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_first_step(tiny, tmp_path, monkeypatch):
+    """With --attn triton the attention kernels are tuned once, at image + text tokens, before any model call."""
+    import kernels.attention
+
+    cfg = srpo.TrainConfig(height=32, width=48, rollout_steps=2, steps=1, samples=1, batch=1)
+    events = []
+    monkeypatch.setattr(kernels.attention, "warm_up", lambda *args: events.append(("warm_up", *args)))
+
+    def prepare(model):
+        model.set_attention_backend("triton")
+        model.register_forward_pre_hook(lambda module, args: events.append("model"))
+
+    train_tiny(tiny, tmp_path, cfg, prepare=prepare)
+    model, _, text, _ = tiny
+    text_tokens = text(["a red fox"])[0].shape[1]
+    assert events[0] == ("warm_up", 2 * 3 + text_tokens, model.cfg.num_heads, model.cfg.head_dim, torch.float32, CPU)
+    assert events[1:] == ["model"] * (len(events) - 1) and len(events) > 2
+
+
 def test_optimizer_step_is_clip_then_adamw(tiny, tmp_path, monkeypatch):
     """One step's update equals one written out: g clipped to norm c, then AdamW's first step
     w' = w (1 - lr wd) - lr g / (|g| + eps), m = (1 - b1) g, v = (1 - b2) g^2. Non-default values, each chosen to
