@@ -347,22 +347,34 @@ def autocast(device):
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
+def to_device(t, device):
+    """t copied to device without stalling the host: asynchronously, from pinned memory, on CUDA."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def shared_noise(cfg, step, device):
     """eps ~ N(0, I) in bf16 values, one draw per step used by the rollout, the noise injection and the recovery of
     every prompt on every rank. The official script draws it in bf16 on rank 0 and broadcasts it; here a float32
     draw seeded by (seed, step) is rounded to bf16: every rank makes the same tensor with no communication, and
     makes it again after a resume."""
     seed = derive_seed(cfg.seed, "noise", step)
-    return initial_noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float().to(device)
+    return to_device(initial_noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float(), device)
+
+
+@functools.cache
+def rollout_schedule(steps, shift, device):
+    """The rollout's sigmas (on the host: Euler's scalars) and its official timesteps, moved to the device once."""
+    sigmas = shifted_schedule(steps, shift)
+    return sigmas, to_device(official_timestep(sigmas), device)
 
 
 @torch.no_grad()
 def online_rollout(model, eps, cond, cfg):
     """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the clean image that
     Direct-Align noises and recovers is the current model's own sample (online)."""
-    sigmas = shifted_schedule(cfg.rollout_steps, cfg.shift)
+    sigmas, timesteps = rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)
     with autocast(eps.device):
-        return euler_sample(model, eps, sigmas, cond, cfg.rollout_guidance, official_timestep(sigmas))
+        return euler_sample(model, eps, sigmas, cond, cfg.rollout_guidance, timesteps)
 
 
 def timestep_window(cfg):
@@ -415,8 +427,8 @@ def model_step(model, x, sigma_from, sigma_to, cond, guidance):
     the inversion branch."""
     img_ids, txt, txt_ids, y = cond
     b = x.shape[0]
-    t = official_timestep(sigma_from).to(x.device).expand(b)
-    v = model(x, img_ids, txt, txt_ids, y, t, x.new_full((b,), guidance))
+    t = official_timestep(sigma_from).item()  # a host tensor: filled in on the device, no copy
+    v = model(x, img_ids, txt, txt_ids, y, x.new_full((b,), t), x.new_full((b,), guidance))
     return x + (sigma_to - sigma_from) * v.float()
 
 
@@ -449,7 +461,7 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
     with SRP(img, pos, neg, k) = img . ((1 + k) t_pos - t_neg) (reward.py) and the control words (P, N) of update
     `step`; the words go to the reward only, never to the model. The inversion step goes up in sigma, so its x0_hat
     moves with +v where the denoise branch's moves with -v: rewarding N there pushes the denoising direction away
-    from N. Returns (L, r_d, r_i) as floats.
+    from N. Returns (L, r_d, r_i), a tensor on the device: read once per step.
 
     Under FSDP every backward reduce-scatters its gradients: deferring the reduction to the step's last backward
     would hold a full unsharded fp32 gradient (47.6 GB for FLUX.1-dev) on every GPU, for a few percent of step
@@ -459,7 +471,7 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
     denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
     pos, neg = control_words(step)
-    loss, rewards = 0.0, []
+    values = []
     for (sigma_from, sigma_to), k, words in ((denoise, k_d, (pos, neg)), (inversion, k_i, (neg, pos))):
         x0_hat = direct_align(model, x0, eps, sigma_from, sigma_to, cond, cfg.guidance)
         with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see run_training)
@@ -467,9 +479,8 @@ def direct_align_loss(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg, 
             r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
         branch = hinge_loss(r, cfg.margin)
         (branch * scale).backward()
-        loss += branch.item()
-        rewards.append(r.mean().item())
-    return loss, *rewards
+        values += [branch.detach(), r.detach().mean()]
+    return torch.stack([values[0] + values[2], values[1], values[3]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,12 +552,12 @@ class Ranks:
     def main(self):
         return self.rank == 0
 
-    def mean(self, values):
-        """The mean over all ranks of a list of floats (every rank gets it)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def mean(self, t):
+        """The mean over all ranks of a tensor on the device (every rank gets it)."""
         if self.world > 1:
+            t = t.clone()
             dist.all_reduce(t)
-        return (t / self.world).tolist()
+        return t / self.world
 
     def from_main(self, obj):
         """Rank 0's value of obj on every rank (what rank 0 decided: the checkpoint to resume, or an error)."""
@@ -637,7 +648,7 @@ def encode_prompts(text, prompts):
 
 def conditioning(embedding, cfg, device):
     """(img_ids, txt, txt_ids, y) for one prompt, as euler_sample and model_step take it."""
-    txt, y = (t.to(device) for t in embedding)
+    txt, y = (to_device(t, device) for t in embedding)
     return fm.image_ids(cfg.height, cfg.width, device), txt, torch.zeros(txt.shape[1], 3, device=device), y
 
 
@@ -828,18 +839,18 @@ def train_step(model, opt, ae, reward, embeddings, prompt_of, step, cfg, out, ra
 
     t0, per = time.time(), local_batch(cfg, ranks.world)
     eps = shared_noise(cfg, step, ranks.device)
-    totals = [0.0, 0.0, 0.0]
+    totals = 0
     for a in range(per):
         j = ranks.rank * per + a  # this prompt's place in the global batch
         prompt = prompt_of(step, j)
         cond = conditioning(embeddings[prompt], cfg, ranks.device)
         x0 = online_rollout(model, eps, cond, cfg)
-        values = direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j), step,
-                                   cfg, scale=1 / per)  # FSDP averages over ranks: 1 / batch
-        totals = [t + v / per for t, v in zip(totals, values, strict=True)]
-    loss, r_d, r_i = ranks.mean(totals)
+        totals = totals + direct_align_loss(model, ae, reward, x0, eps, cond, prompt, draw_timestep(cfg, step, j),
+                                            step, cfg, scale=1 / per) / per  # FSDP averages over ranks: 1 / batch
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # the step's one read to the host: every value above stayed on the device, where FSDP's prefetch runs ahead
+    loss, r_d, r_i, norm = torch.cat([ranks.mean(totals.double()), norm.double().reshape(1)]).tolist()
     if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
         raise InputError(f"step {step}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped before "
                          f"updating the weights; {checkpoint_note(out)}")
