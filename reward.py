@@ -1,12 +1,15 @@
-"""Image rewards for SRPO on transformers' CLIPModel: HPSv2.1 (open_clip ViT-H-14 checkpoints) and PickScore.
+"""Image rewards for SRPO on transformers' CLIPModel: HPSv2.1 (open_clip ViT-H-14 checkpoints), PickScore and CLIP-H
+(transformers folders), the three rewards of the official SRPO script.
 
 Everything the training loop needs from a reward lives here:
 - loading: open_clip checkpoints (`{'state_dict': ...}`, fp16) converted on load into a `CLIPModel`, or a converted
   safetensors file read lazily; depth and widths come from the weights' shapes, head counts from ViT-H-14's head
   widths;
-- the CLIP BPE tokenizer with open_clip's text cleaning (ftfy's fixes but mojibake repair) and token layout;
+- the CLIP BPE tokenizer with open_clip's text cleaning (ftfy's fixes but mojibake repair) and token layout (HPS),
+  or as transformers' CLIPProcessor runs it (PickScore, CLIP-H);
 - differentiable preprocessing of (B, 3, H, W) images in [0, 1];
-- the HPS score s = <img, txt> of L2-normalised features and SRPO's relative reward r = img . ((1 + k) t+ - t-).
+- the HPS score s = <img, txt> of L2-normalised features (PickScore, CLIP: times exp(logit_scale)) and SRPO's
+  relative reward r = c img . ((1 + k) t+ - t-), c = 1 for HPS and exp(logit_scale) / 20 for PickScore and CLIP.
 """
 
 import html
@@ -416,6 +419,8 @@ class ClipTokenizer:
     its special tokens, '<start_of_text>' or '<end_of_text>', gets their ids, and '<|endoftext|>' is plain text.
     """
 
+    open_clip_text = True  # clean and split text as open_clip (ProcessorTokenizer: as transformers' tokenizer)
+
     def __init__(self, vocab, merges, context_length=CONTEXT_LENGTH):
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
         if missing:
@@ -424,11 +429,13 @@ class ClipTokenizer:
         self.vocab_size = len(vocab)
         self.context_length = context_length
         self.bpe = CLIPTokenizer(vocab=vocab, merges=merges)
-        # Its normalizer (NFC, whitespace, lower case) and pre-split give way to clean_prompt and _PIECES: its NFC
-        # would run after clean_prompt's html.unescape, where open_clip has none, and its Rust regex splits some text
-        # unlike open_clip's `regex` (no IGNORECASE, which lets 's match 'ſ; other Unicode tables).
-        self.bpe.backend_tokenizer.normalizer = None
-        self.bpe.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        if self.open_clip_text:
+            # Its normalizer (NFC, whitespace, lower case) and pre-split give way to clean_prompt and _PIECES: its NFC
+            # would run after clean_prompt's html.unescape, where open_clip has none, and its Rust regex splits some
+            # text unlike open_clip's `regex` (no IGNORECASE, which lets 's match 'ſ; other Unicode tables).
+            self.bpe.backend_tokenizer.normalizer = None
+            self.bpe.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                use_regex=False)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path):
@@ -483,6 +490,25 @@ class ClipTokenizer:
             tokens = [self.start_id, *bpe[: self.context_length - 2], self.end_id]  # truncation keeps the end token
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids
+
+
+class ProcessorTokenizer(ClipTokenizer):
+    """Captions as transformers' CLIPProcessor tokenizes them with padding=True, truncation=True, max_length=77: what
+    PickScore and the official SRPO script's CLIP reward (PickScore, CLIP-H) feed their models. transformers'
+    `CLIPTokenizer` runs whole: its normalizer (NFC, whitespace collapsed, lower case; no ftfy, no HTML unescaping)
+    and word split, then [start] bpe[:75] [end], padded with the end token to the longest caption of the batch, the
+    attention mask marking the padding. The same vocab.json + merges.txt as ClipTokenizer."""
+
+    open_clip_text = False
+
+    def __call__(self, prompts):
+        """{'input_ids', 'attention_mask'}: (B, L) int64, L <= 77 the longest caption's length."""
+        for text in prompts:
+            if not text.strip():
+                raise InputError(f"empty prompt: {text!r}")
+        tokens = self.bpe(list(prompts), padding=True, truncation=True, max_length=self.context_length,
+                          return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -567,6 +593,7 @@ class HPSReward(torch.nn.Module):
     """
 
     default_preprocess = "hpsv2"
+    tokenizer_class = ClipTokenizer  # open_clip's token layout, as hpsv2 tokenizes
 
     def __init__(self, clip, tokenizer, cache_size=4096):
         super().__init__()
@@ -581,15 +608,15 @@ class HPSReward(torch.nn.Module):
     @classmethod
     def load(cls, checkpoint, tokenizer, device="cpu", dtype=torch.float32):
         """From an HPS checkpoint (open_clip `.pt` or converted `.safetensors`) and a tokenizer or its folder."""
-        if not isinstance(tokenizer, ClipTokenizer):
-            tokenizer = ClipTokenizer.from_folder(tokenizer)
+        if not isinstance(tokenizer, cls.tokenizer_class):
+            tokenizer = cls.tokenizer_class.from_folder(tokenizer)
         return cls(load_clip(checkpoint, device, dtype), tokenizer)
 
     @classmethod
     def tiny(cls, seed=0, device="cpu", dtype=torch.float32):
         """A random scorer of the ViT-H-14 family (TINY widths, 2 heads per tower) with the byte-level tokenizer:
         needs no files, for the built-in demo and tests."""
-        tokenizer = ClipTokenizer.byte_level()
+        tokenizer = cls.tokenizer_class.byte_level()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             clip = CLIPModel(clip_config(**TINY, vocab_size=tokenizer.vocab_size))
@@ -618,7 +645,8 @@ class HPSReward(torch.nn.Module):
         """normalize(P_t . ln_final(T(tokens))[end]), (B, E) float32 on the model's device; cached, no gradient."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            pooled = self.clip.text_model(input_ids=self.tokenizer(missing).to(self.device)).pooler_output
+            inputs = {name: t.to(self.device) for name, t in self.text_inputs(missing).items()}
+            pooled = self.clip.text_model(**inputs).pooler_output
             features = F.normalize(self.clip.text_projection(pooled).float(), dim=-1)
             self._text_cache.update(zip(missing, features, strict=True))
         for prompt in prompts:
@@ -627,6 +655,10 @@ class HPSReward(torch.nn.Module):
         while len(self._text_cache) > self.cache_size:
             self._text_cache.popitem(last=False)
         return features
+
+    def text_inputs(self, prompts):
+        """The text tower's inputs for prompts: open_clip's (B, 77) token ids, as hpsv2 scores."""
+        return {"input_ids": self.tokenizer(prompts)}
 
     def _prompt_list(self, prompts, batch):
         prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
@@ -642,8 +674,13 @@ class HPSReward(torch.nn.Module):
         prompts = self._prompt_list(prompts, images.shape[0])
         return (self.image_features(images, preprocess_mode) * self.text_features(prompts)).sum(-1)
 
+    def srp_scale(self):
+        """c of the SRP reward: 1 for HPS, whose official SRP_cfg takes the cosine similarities as they are."""
+        return 1.0
+
     def relative_reward(self, images, prompts, k, positive, negative, preprocess_mode=None):
-        """SRP reward r_i = img_i . ((1 + k) t+_i - t-_i), t± = txt(word± + '. ' + prompt_i); (B,) float32.
+        """SRP reward r_i = c img_i . ((1 + k) t+_i - t-_i), t± = txt(word± + '. ' + prompt_i), c = srp_scale();
+        (B,) float32.
 
         k is a float or a (B,) tensor; positive/negative are control words (see control_words; SRPO's inversion
         branch swaps them).
@@ -652,16 +689,41 @@ class HPSReward(torch.nn.Module):
         t_pos = self.text_features([control_caption(positive, p) for p in prompts])
         t_neg = self.text_features([control_caption(negative, p) for p in prompts])
         k = torch.as_tensor(k, dtype=torch.float32, device=self.device).reshape(-1, 1)
-        return (self.image_features(images, preprocess_mode) * ((1 + k) * t_pos - t_neg)).sum(-1)
+        return self.srp_scale() * (self.image_features(images, preprocess_mode) * ((1 + k) * t_pos - t_neg)).sum(-1)
+
+
+def check_clip_folder(folder, name="PickScore"):
+    """Fail early, in one line, unless folder looks like a transformers CLIPModel: config.json with model_type 'clip'
+    and a weights file (the shapes are checked when it loads)."""
+    folder = str(folder)
+    fm.check_folder(folder, f"a {name} model folder in transformers format: config.json + weights")
+    config = fm.read_json(os.path.join(folder, "config.json"))
+    if config.get("model_type") != "clip":
+        raise InputError(f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 'clip' (a "
+                         f"{name} model is a transformers CLIPModel)")
+    if not any(os.path.isfile(os.path.join(folder, file)) for file in _HF_WEIGHTS):
+        raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
+
+
+def tokenizer_folder(model, fallback):
+    """Where a CLIP reward's tokenizer comes from: the model's folder when it holds vocab.json + merges.txt (as
+    PickScore_v1's and CLIP-ViT-H-14's do), else fallback (e.g. a FLUX.1 folder, whose tokenizer/ has the same CLIP
+    BPE vocabulary)."""
+    own = all(os.path.isfile(os.path.join(str(model), name)) for name in ("vocab.json", "merges.txt"))
+    return model if own else fallback
 
 
 class PickScoreReward(HPSReward):
-    """PickScore (a transformers-format CLIP ViT-H-14): s_i = exp(logit_scale) <img_i, txt_i>.
+    """PickScore (yuvalkirstain/PickScore_v1, a transformers-format CLIP ViT-H-14): s_i = exp(logit_scale)
+    <img_i, txt_i>; captions tokenized by CLIPProcessor (ProcessorTokenizer), as PickScore and the official SRPO
+    script do.
 
     Its processor resizes the short side and centre-crops, hence "crop" preprocessing by default.
     """
 
     default_preprocess = "crop"
+    tokenizer_class = ProcessorTokenizer
+    name = "PickScore"
 
     @classmethod
     def load(cls, folder, tokenizer, device="cpu", dtype=torch.float32):
@@ -671,14 +733,9 @@ class PickScoreReward(HPSReward):
         at random); extra keys are ignored, as transformers does.
         """
         folder = str(folder)
-        fm.check_folder(folder, "a PickScore model folder in transformers format: config.json + weights")
-        config = fm.read_json(os.path.join(folder, "config.json"))
-        if config.get("model_type") != "clip":
-            raise InputError(f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 'clip'")
-        if not any(os.path.isfile(os.path.join(folder, name)) for name in _HF_WEIGHTS):
-            raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
-        if not isinstance(tokenizer, ClipTokenizer):
-            tokenizer = ClipTokenizer.from_folder(tokenizer)
+        check_clip_folder(folder, cls.name)
+        if not isinstance(tokenizer, cls.tokenizer_class):
+            tokenizer = cls.tokenizer_class.from_folder(tokenizer)
         verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # no missing/mismatched-key report nor progress bar: one-line errors below
         hf_logging.disable_progress_bar()
@@ -699,6 +756,26 @@ class PickScoreReward(HPSReward):
             raise InputError(f"{folder}: {problems[0]}{more}")
         return cls(clip.to(device), tokenizer)
 
+    def text_inputs(self, prompts):
+        """CLIPProcessor's inputs (ids and attention mask, padded to the longest caption), as the official script."""
+        return self.tokenizer(prompts)
+
     def score(self, images, prompts, preprocess_mode=None):
         """s_i = exp(logit_scale) <img_i, txt_i>, (B,) float32, differentiable in images."""
         return self.clip.logit_scale.float().exp() * super().score(images, prompts, preprocess_mode)
+
+    def srp_scale(self):
+        """c = exp(logit_scale) / 20: the official script's CLIP reward scales the SRP reward by the model's logit
+        scale (100 for PickScore and CLIP-H), then divides by 20 "to make the score comparable with HPS"."""
+        return self.clip.logit_scale.float().exp() / 20
+
+
+class CLIPReward(PickScoreReward):
+    """CLIP-ViT-H-14 (laion2B-s32B-b79K) in transformers format, the official script's third reward: the same code as
+    PickScore there (its CLIP class with is_pickscore=False), so the same score and SRP reward here."""
+
+    name = "CLIP"
+
+
+# `srpo.py train --reward NAME` and `srpo.py score --NAME`
+REWARDS = {"hps": HPSReward, "pickscore": PickScoreReward, "clip": CLIPReward}

@@ -256,16 +256,25 @@ def check_size(height, width):
 #   loss = relu(0.7 - r_d) / 2 + relu(0.7 - r_i) / 2                 hinge_loss
 # then the gradient norm is clipped and AdamW steps. Only the two branch model calls carry gradient.
 
-TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS reward.
+TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
 
     python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~20 s)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
+    python srpo.py train --flux FLUX_DIR --reward pickscore --pickscore PickScore_v1 --prompts prompts.txt --out runs/ps
     torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
     python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
 
 Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
 updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
-process) and the length."""
+process) and the length.
+
+Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
+clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
+folder's own vocab.json + merges.txt when it has them, else --flux's tokenizer/ (the same CLIP vocabulary). As in the
+official script, PickScore and CLIP tokenize captions as CLIPProcessor (padding, truncation to 77) and reward
+exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS". The control words were designed for HPS: the
+official README warns that they may suit PickScore less. Each reward's official launch script sets its defaults
+(CLIP has none: it takes the HPS values); a flag you give wins:"""
 WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
@@ -278,14 +287,17 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
 
 
-def option(default, help):
+def option(default, help, choices=None):
     """A TrainConfig field that is also a flag of `srpo.py train` (--name-with-dashes), with its help text."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    # The official run (Tencent-Hunyuan/SRPO on FLUX.1-dev with HPSv2.1).
+    # The official run (Tencent-Hunyuan/SRPO on FLUX.1-dev with HPSv2.1; REWARD_RECIPES: PickScore's, CLIP's).
+    reward: str = option("hps", "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H "
+                         "(--clip), as the official --reward_model; it picks the per-reward defaults (the table above)",
+                         choices=("hps", "pickscore", "clip"))
     lr: float = option(5e-6, "AdamW learning rate, constant")
     betas: tuple = option((0.9, 0.999), "AdamW betas")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -320,6 +332,17 @@ class TrainConfig:
 # reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
 # so that the demo runs under torchrun with any number of processes).
 DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
+
+# Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
+# on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
+# --discount_pos 0.1 0.5, --discount_inv 0.6 0.01; nothing else differs). CLIP has no launch script nor recipe of
+# its own: fastvideo/SRPO.py's defaults for the window and both k schedules are the HPS values, so a CLIP run is the
+# HPS launch script with --reward_model CLIP, and CLIP takes the HPS values.
+REWARD_RECIPES = {
+    "hps": {},
+    "pickscore": {"rollout_guidance": 2.0, "window": (5, 30), "k_denoise": (0.1, 0.5), "k_inversion": (0.6, 0.01)},
+    "clip": {},
+}
 
 
 def derive_seed(seed, *keys):
@@ -901,21 +924,18 @@ def run_training(args, cfg, prompts, demo, start, folder, ranks):
     The reward model keeps fp32 weights and runs under bf16 autocast, like the transformer and the VAE decode it
     backpropagates through; the official script ran its reward under fp16 autocast, whose narrow exponent range
     lets the small gradients of the backward underflow (bf16 has fp32's range)."""
-    from reward import HPSReward
-
     cuda = ranks.device.type == "cuda"
     frozen = torch.bfloat16 if cuda else torch.float32  # text encoders and VAE: frozen, no master weights needed
     prompt_of = prompt_schedule(prompts, cfg)
     per = local_batch(cfg, ranks.world)
     mine = [prompt_of(s, ranks.rank * per + a) for s in range(start + 1, cfg.steps + 1) for a in range(per)]
     grid_prompts = prompts[: cfg.samples]
+    reward = load_reward(args, cfg, ranks.device)  # fp32 weights, run under bf16 autocast
     if demo:
         tiny, ae, text = tiny_models()
         flux_cfg, text = tiny.cfg, text.to(ranks.device)
-        reward = HPSReward.tiny(device=ranks.device)
         load = tiny.to  # the same random start on every rank (rank 0's is broadcast under FSDP anyway)
     else:
-        reward = HPSReward.load(args.hps, args.flux, ranks.device)  # fp32 weights, run under bf16 autocast
         text = fm.TextConditioner.from_folder(args.flux, frozen, ranks.device)
         sub = os.path.join(args.flux, "transformer")
         flux_cfg = fm.read_flux_config(sub)
@@ -954,27 +974,83 @@ def report(out):
 # The train command's inputs
 
 
+REWARD_MODELS = {"hps": "--hps CKPT, HPSv2.1's HPS_v2.1_compressed.pt", "pickscore": "--pickscore DIR, a "
+                 "transformers folder of PickScore_v1", "clip": "--clip DIR, a transformers folder of CLIP-ViT-H-14"}
+
+
+def check_reward_flags(args, name, demo):
+    """Before anything loads: the model flag of --reward is given, and no other (the tiny demo takes none); its
+    file or folder looks right."""
+    import reward
+
+    given = [other for other in REWARD_MODELS if getattr(args, other)]
+    if demo and given:
+        raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
+    other = next((other for other in given if other != name), None)
+    if other:
+        raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
+    if demo:
+        return
+    fm.check_folder(args.flux, "a diffusers FLUX.1 folder")
+    path = getattr(args, name)
+    if not path:
+        raise InputError(f"--{name} is required with --flux and --reward {name} ({REWARD_MODELS[name]})")
+    if name != "hps":
+        reward.check_clip_folder(path, reward.REWARDS[name].name)
+    elif not os.path.isfile(path):
+        raise InputError(f"{path}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
+
+
+def load_reward(args, cfg, device):
+    """The --reward model, fp32 weights: in the demo a tiny random one built in code; else from its flag's file or
+    folder, with the CLIP tokenizer of that folder (vocab.json + merges.txt) or, without one, of --flux."""
+    import reward
+
+    kind = reward.REWARDS[cfg.reward]
+    if args.flux is None:
+        return kind.tiny(device=device)
+    path = getattr(args, cfg.reward)
+    return kind.load(path, reward.tokenizer_folder(path, args.flux), device)
+
+
+def flag_value(value):
+    """A TrainConfig value as it is typed on the command line: a pair as 'A B'."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def recipe_table():
+    """The defaults that differ between the rewards, one column per reward (for --help)."""
+    differ = [f for f in fields(TrainConfig) if any(f.name in recipe for recipe in REWARD_RECIPES.values())]
+    rows = [["", *(f"--reward {name}" for name in REWARD_RECIPES)]]
+    rows += [["--" + f.name.replace("_", "-"), *(flag_value(recipe.get(f.name, f.default))
+                                                 for recipe in REWARD_RECIPES.values())] for f in differ]
+    return "\n".join("    " + "".join(cell.ljust(22) for cell in row).rstrip() for row in rows)
+
+
 def add_config_flags(parser):
-    """One flag per TrainConfig field; default None so that cmd_train can tell the demo's defaults apart."""
+    """One flag per TrainConfig field; default None so that train_config can tell the demo's and the reward's
+    defaults apart."""
     for f in fields(TrainConfig):
+        notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in REWARD_RECIPES.items()
+                 if f.name in recipe]
         demo = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
-        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         kind = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, choices=f.metadata["choices"],
                             nargs=len(f.default) if isinstance(f.default, tuple) else None,
                             metavar=("A", "B") if isinstance(f.default, tuple) else None,
-                            help=f"{f.metadata['help']} (default {default}{demo})")
+                            help=f"{f.metadata['help']} (default {flag_value(f.default)}{''.join(notes)}{demo})")
 
 
 def train_config(args, demo, world):
-    """TrainConfig from the flags: the official values, or the demo's where it has its own (its --batch: one prompt
-    per process of the `world`); then checked."""
+    """TrainConfig from the flags: where a flag is not given, the official values of --reward's recipe, or the
+    demo's where it has its own (its --batch: one prompt per process of the `world`); then checked."""
     values = {}
     demo_defaults = {**DEMO_DEFAULTS, "batch": world} if demo else {}
+    defaults = {**REWARD_RECIPES[args.reward or TrainConfig.reward], **demo_defaults}
     for f in fields(TrainConfig):
         value = getattr(args, f.name)
         if value is None:
-            value = demo_defaults.get(f.name, f.default)
+            value = defaults.get(f.name, f.default)
         values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     cfg = TrainConfig(**values)
     check_size(cfg.height, cfg.width)
@@ -1120,18 +1196,12 @@ def cmd_train(args):
     demo = args.flux is None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = train_config(args, demo, world)
-    if demo and args.hps:
-        raise InputError("--hps needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
-    if not demo:
-        fm.check_folder(args.flux, "a diffusers FLUX.1 folder")
-        if not args.hps:
-            raise InputError("--hps CKPT is required with --flux (HPSv2.1's HPS_v2.1_compressed.pt)")
-        if not os.path.isfile(args.hps):
-            raise InputError(f"{args.hps}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
-        if not fm.read_flux_config(os.path.join(args.flux, "transformer")).guidance_embed:
-            raise InputError(f"{args.flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's "
-                             f"recipe feeds FLUX.1-dev's distilled guidance (3.5 to the branches, 1 to the rollout): "
-                             f"train a guidance-distilled model such as FLUX.1-dev")
+    check_reward_flags(args, cfg.reward, demo)
+    if not demo and not fm.read_flux_config(os.path.join(args.flux, "transformer")).guidance_embed:
+        raise InputError(f"{args.flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's "
+                         f"recipe feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
+                         f"{cfg.rollout_guidance:g} to the rollout): train a guidance-distilled model such as "
+                         f"FLUX.1-dev")
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     check_writable(args.out)
     local_batch(cfg, world)  # before any process group: --batch splits evenly
@@ -1185,8 +1255,9 @@ def read_manifest(path):
 def cmd_score(args):
     import reward
 
-    if (args.hps is None) == (args.pickscore is None):
-        raise InputError("give one of --hps CKPT (HPSv2/2.1) and --pickscore DIR")
+    models = [name for name in reward.REWARDS if getattr(args, name) is not None]
+    if len(models) != 1:
+        raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
     if args.manifest and (args.images or args.prompt is not None):
         raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
     if args.save_safetensors:
@@ -1200,8 +1271,13 @@ def cmd_score(args):
     paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
     if not paths:
         raise InputError("no images to score")
-    if args.tokenizer is None:
-        raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder)")
+    model = getattr(args, models[0])
+    if models[0] != "hps":
+        reward.check_clip_folder(model, reward.REWARDS[models[0]].name)  # before looking for its tokenizer in it
+    tokenizer = args.tokenizer or reward.tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
+    if tokenizer is None:
+        raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
+                         "--clip folder that holds them needs none)")
     if None in prompts:
         raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
     device = parse_device(args.device)
@@ -1210,9 +1286,7 @@ def cmd_score(args):
     # never sit in memory together
     for path in paths:
         reward.load_image(path)
-    tokenizer = reward.ClipTokenizer.from_folder(args.tokenizer)
-    scorer = (reward.HPSReward.load(args.hps, tokenizer, device, dtype) if args.hps
-              else reward.PickScoreReward.load(args.pickscore, tokenizer, device, dtype))
+    scorer = reward.REWARDS[models[0]].load(model, tokenizer, device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ
         image = reward.load_image(path)
@@ -1262,10 +1336,16 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_USAGE)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
-                   "and the CLIP tokenizer HPS uses (without it: the tiny demo)")
-    p.add_argument("--hps", help="HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors (needs --flux)")
+                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP)")
+    p.add_argument("--hps", help="--reward hps: HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors "
+                   "(needs --flux)")
+    p.add_argument("--pickscore", metavar="DIR", help="--reward pickscore: PickScore_v1 as a transformers CLIPModel "
+                   "folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
+    p.add_argument("--clip", metavar="DIR", help="--reward clip: CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers "
+                   "CLIPModel folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
     p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
                    "(default runs/srpo)")
@@ -1277,15 +1357,19 @@ def build_parser():
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore), or SRPO's relative reward",
+    p = sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative reward",
                        description="Print one score per image (score, tab, path): the HPS score <img, txt> of "
-                       "L2-normalised CLIP features (PickScore: times exp(logit_scale)); with --relative POS NEG, "
-                       "SRPO's reward img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')).")
+                       "L2-normalised CLIP features (PickScore, CLIP: times exp(logit_scale)); with --relative POS "
+                       "NEG, SRPO's reward c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS "
+                       "and exp(logit_scale) / 20 for PickScore and CLIP, as the official script trains with them.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode (converted to RGB)")
     p.add_argument("--hps", help="HPS checkpoint: HPS_v2(.1)_compressed.pt (open_clip) or its converted .safetensors")
-    p.add_argument("--pickscore", help="PickScore model folder in transformers format (config.json + weights)")
+    p.add_argument("--pickscore", metavar="DIR", help="PickScore model folder in transformers format (config.json + "
+                   "weights); captions tokenized as its CLIPProcessor does")
+    p.add_argument("--clip", metavar="DIR", help="CLIP model folder in transformers format (e.g. laion "
+                   "CLIP-ViT-H-14-laion2B-s32B-b79K), scored as PickScore: exp(logit_scale) <img, txt>")
     p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
-                   "folder (its tokenizer/)")
+                   "folder (its tokenizer/); default for --pickscore/--clip: the model folder's own files")
     p.add_argument("--prompt", help="the prompt the images were made for")
     p.add_argument("--manifest", help="images.jsonl of a `sample --prompts` folder: scores each image against its "
                    "own prompt, then prints the mean (instead of IMAGE and --prompt)")

@@ -700,3 +700,131 @@ def test_cli_bad_input_exits_2(case, cli_pair, bpe_dir, tmp_path, capsys):
         extra, words = ["--save-safetensors", tmp_path / "gray.png" / "hps.safetensors"], "cannot write"
     message = score_error(capsys, *model, "--tokenizer", tokenizer, "--prompt", prompt, *extra, image)
     assert words in message, message
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PickScore and CLIP-H as the official SRPO script rewards with them (its CLIP class). Tolerances, float32: SRP reward
+# values and image gradients against the official CLIP.SRP_cfg on transformers' model and processor 1e-5 (measured
+# ~6e-7); token ids and attention mask equal to CLIPProcessor's.
+
+CAPTION_PROMPTS = ["a cat", "A Photo of a CAT on a mat, 4K!", "Tom &amp; Jerry <3 café naïve",
+                   "a very long prompt " * 30]  # > 77 tokens: truncated
+
+
+def clip_reward_folder(folder, bpe_dir, legacy_eos, seed):
+    """A tiny random transformers CLIPModel folder laid out as PickScore_v1's and CLIP-ViT-H-14's: config.json +
+    weights, CLIPProcessor files (tokenizer.json, what AutoProcessor reads) and the vocab.json + merges.txt they also
+    hold. legacy_eos: the config's text eos_token_id is 2, as configs written before transformers fixed it carry
+    (then transformers pools the text at the argmax of the ids)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    config = reward.clip_config(**CONFIGS["v160x2-t128x1"])
+    if legacy_eos:
+        config.text_config.eos_token_id = 2
+    clip = CLIPModel(config)
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        clip.logit_scale.fill_(4.6052)  # CLIP-H's and PickScore's: exp = 100
+    clip.save_pretrained(folder)
+    tokenizer = CLIPTokenizer(str(bpe_dir / "vocab.json"), str(bpe_dir / "merges.txt"))
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((bpe_dir / name).read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module", params=[("pickscore", False), ("clip", True)], ids=["pickscore", "clip-legacy-eos"])
+def clip_reward(request, tmp_path_factory, bpe_dir):
+    """(name, folder, our reward loaded from it with the folder's own tokenizer files)."""
+    name, legacy_eos = request.param
+    folder = clip_reward_folder(tmp_path_factory.mktemp(name), bpe_dir, legacy_eos, seed=len(name))
+    return name, folder, reward.REWARDS[name].load(folder, reward.tokenizer_folder(folder, None))
+
+
+def official_clip(folder):
+    """The official script's CLIP reward: AutoModel and AutoProcessor from the folder (transformers), torchvision's
+    Resize(224, bicubic) + CenterCrop(224) + Normalize on the image tensor."""
+    from transformers import AutoModel, AutoProcessor
+
+    return AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def official_srp_cfg(model, processor, prompt, neg_prompt, images, k):
+    """CLIP.SRP_cfg of fastvideo/SRPO.py, written out: logit_scale.exp() * ((k + 1) t - t_neg) @ img.T, diagonal, / 20,
+    features L2-normalised, captions through the processor with padding=True, truncation=True, max_length=77."""
+    def text(captions):
+        inputs = processor(text=captions, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        embs = model.get_text_features(**inputs).pooler_output
+        return embs / embs.norm(p=2, dim=-1, keepdim=True)
+
+    image_embs = model.get_image_features(pixel_values=ref_crop(images)).pooler_output
+    image_embs = image_embs / image_embs.norm(p=2, dim=-1, keepdim=True)
+    k = torch.as_tensor(k, dtype=torch.float32).reshape(-1, 1)
+    scores = model.logit_scale.exp() * ((k + 1) * text(prompt) - text(neg_prompt)) @ image_embs.T
+    return scores.diag() / 20
+
+
+def test_pickscore_and_clip_srp_reward_match_the_official_clip_reward(clip_reward):
+    """Values and image gradients against the official CLIP.SRP_cfg on transformers' own model and processor: both
+    branches' caption orders (P, N) and (N, P), several k (one per image too), long and HTML-escaped captions."""
+    _, folder, ours = clip_reward
+    model, processor = official_clip(folder)
+    x = random_images(2, 240, 300, seed=5)
+    for step, k in [(1, 0.1), (2, 0.5), (3, 0.6), (7, 0.01), (9, torch.tensor([0.25, 0.0]))]:
+        pos, neg = reward.control_words(step)
+        for prompts in (CAPTION_PROMPTS[:2], CAPTION_PROMPTS[2:]):
+            for words in ((pos, neg), (neg, pos)):
+                mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+                r = ours.relative_reward(mine, prompts, k, *words, preprocess_mode="crop")
+                ref = official_srp_cfg(model, processor, [reward.control_caption(words[0], p) for p in prompts],
+                                       [reward.control_caption(words[1], p) for p in prompts], theirs, k)
+                (r * torch.tensor([1.0, -0.7])).sum().backward()
+                (ref * torch.tensor([1.0, -0.7])).sum().backward()
+                assert rel_err(r, ref) <= 1e-5, (step, prompts, words)
+                assert grad_err(mine.grad, theirs.grad) <= 1e-5, (step, prompts, words)
+
+
+def test_clip_rewards_tokenize_as_the_processor(clip_reward, bpe_dir):
+    """The captions' ids and attention mask are CLIPProcessor's (not open_clip's: the HTML entity stays as it is)."""
+    _, folder, ours = clip_reward
+    _, processor = official_clip(folder)
+    inputs = ours.text_inputs(CAPTION_PROMPTS)
+    theirs = processor(text=CAPTION_PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], theirs["input_ids"])
+    assert torch.equal(inputs["attention_mask"], theirs["attention_mask"])
+    assert inputs["input_ids"].shape == (4, 77) and inputs["attention_mask"][0].sum() == 4  # [start] a cat [end]
+    n = inputs["attention_mask"][2].sum()
+    open_clip_ids = reward.ClipTokenizer.from_folder(bpe_dir)(CAPTION_PROMPTS[2:3])[0]  # '&amp;' unescaped to '&'
+    assert not torch.equal(open_clip_ids[:n], inputs["input_ids"][2, :n])
+
+
+def test_cli_scores_with_pickscore_and_clip_folders(clip_reward, tmp_path, capsys):
+    """`srpo.py score --pickscore DIR` / `--clip DIR`, no --tokenizer (the folder's own files): the score is
+    transformers' logits_per_image, --relative the official SRP reward, on the PNG's pixels."""
+    name, folder, _ = clip_reward
+    model, processor = official_clip(folder)
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    image, prompt = reward.load_image(tmp_path / "a.png")[None], "A cat &amp; a dog"
+    with torch.no_grad():
+        inputs = processor(text=[prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+        logits = model(**inputs, pixel_values=ref_crop(image)).logits_per_image[0, 0].item()
+        srp = official_srp_cfg(model, processor, [f"Real. {prompt}"], [f"Oil. {prompt}"], image, 0.3).item()
+    plain = run_score(capsys, f"--{name}", folder, "--prompt", prompt, tmp_path / "a.png")
+    relative = run_score(capsys, f"--{name}", folder, "--prompt", prompt, "--relative", "Real", "Oil", "--k", "0.3",
+                         tmp_path / "a.png")
+    assert abs(float(plain[0].split("\t")[0]) - logits) <= 1e-5 * abs(logits) + 1e-6
+    assert abs(float(relative[0].split("\t")[0]) - srp) <= 1e-5 * abs(srp) + 1e-6
+
+
+def test_cli_takes_exactly_one_reward_model(clip_reward, cli_pair, bpe_dir, tmp_path, capsys):
+    _, folder, _ = clip_reward
+    _, _, path = cli_pair
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    for models in (["--hps", path, "--clip", folder], ["--pickscore", folder, "--clip", folder], []):
+        message = score_error(capsys, *models, "--tokenizer", bpe_dir, "--prompt", "a cat", tmp_path / "a.png")
+        assert "give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR" in message
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    message = score_error(capsys, "--clip", tmp_path, "--tokenizer", bpe_dir, "--prompt", "a cat", tmp_path / "a.png")
+    assert "model_type 'bert', expected 'clip'" in message

@@ -640,3 +640,129 @@ def test_help_documents_every_flag():
                  "--betas", "--adam-eps", "--weight-decay", "--grad-clip", "--height", "--width", "--guidance",
                  "--rollout-guidance", "--rollout-steps", "--batch", "--attn", "--device"]:
         assert flag in text, flag
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --reward hps | pickscore | clip
+
+# The official launch scripts (Tencent-Hunyuan/SRPO, scripts/finetune/) in our flags: --train_guidence is the
+# rollout guidance, --train_timestep the window (fastvideo/SRPO.py's default 5 25 where a script leaves it out),
+# --discount_pos and --discount_inv the k of the denoise and the inversion branch. CLIP has no launch script: the
+# HPS script with --reward_model CLIP, whose window and k are also fastvideo/SRPO.py's defaults.
+OFFICIAL_SCRIPTS = {
+    "hps": ("SRPO_training_hpsv2.sh", {"rollout_guidance": 1.0, "window": (5, 25), "k_denoise": (0.1, 0.25),
+                                       "k_inversion": (0.3, 0.01)}),
+    "pickscore": ("SRPO_training_ps.sh", {"rollout_guidance": 2.0, "window": (5, 30), "k_denoise": (0.1, 0.5),
+                                          "k_inversion": (0.6, 0.01)}),
+    "clip": ("SRPO_training_hpsv2.sh + --reward_model CLIP", {"rollout_guidance": 1.0, "window": (5, 25),
+                                                              "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01)}),
+}
+# What both scripts give alike: --learning_rate 5e-6, --max_grad_norm 0.1, --weight_decay 0.0001, --h/--w 720,
+# --sampling_steps 25, --shift 3, --timestep_length 1000, --groundtruth_ratio 0.9 (K = 100); the branches' 3.5 and
+# the 0.7 margin are in fastvideo/SRPO.py itself.
+SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 720, "width": 720, "rollout_steps": 25,
+                 "shift": 3.0, "window_points": 1000, "max_gap": 100, "guidance": 3.5, "margin": 0.7}
+
+
+def train_cfg(*flags, demo=False):
+    return srpo.train_config(srpo.build_parser().parse_args(["train", *flags]), demo, 1)
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))
+def test_each_reward_defaults_to_its_official_launch_script(name):
+    script, recipe = OFFICIAL_SCRIPTS[name]
+    cfg = train_cfg("--flux", "FLUX", "--reward", name)
+    assert cfg.reward == name and {k: getattr(cfg, k) for k in recipe} == recipe, script
+    assert {k: getattr(cfg, k) for k in SHARED_RECIPE} == SHARED_RECIPE, script
+    assert {k: getattr(train_cfg("--reward", name, demo=True), k) for k in recipe} == recipe  # the demo's too
+    given = train_cfg("--flux", "FLUX", "--reward", name, "--rollout-guidance", "3", "--window", "10", "20",
+                      "--k-denoise", "0.2", "0.3", "--k-inversion", "0.4", "0.05")
+    assert (given.rollout_guidance, given.window, given.k_denoise, given.k_inversion) == (3.0, (10, 20), (0.2, 0.3),
+                                                                                          (0.4, 0.05))
+    assert train_cfg("--flux", "FLUX").reward == "hps"
+
+
+def test_help_lists_the_per_reward_defaults_side_by_side():
+    parser = srpo.build_parser()
+    text = next(a for a in parser._actions if a.dest == "command").choices["train"].format_help()
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("    --")}
+    assert "--reward hps" in text and "--reward pickscore" in text and "--reward clip" in text
+    for key in ("rollout_guidance", "window", "k_denoise", "k_inversion"):
+        cells = [srpo.flag_value(OFFICIAL_SCRIPTS[name][1][key]) for name in OFFICIAL_SCRIPTS]
+        assert rows["--" + key.replace("_", "-")] == " ".join(cells).split(), key
+    assert "may suit PickScore less" in " ".join(text.split())
+
+
+def tiny_clip_folder(folder, seed=3):
+    """A tiny random transformers CLIPModel folder without tokenizer files: the reward takes --flux's tokenizer/
+    (in real_args the tiny HPS scorer's byte-level vocabulary)."""
+    from transformers import CLIPModel
+
+    import reward
+
+    torch.manual_seed(seed)
+    vocab_size = HPSReward.tiny().tokenizer.vocab_size
+    CLIPModel(reward.clip_config(**reward.TINY, vocab_size=vocab_size)).save_pretrained(folder)
+    return str(folder)
+
+
+def reward_args(real_args, *flags):
+    """real_args with its --hps CKPT replaced by flags."""
+    i = real_args.index("--hps")
+    return [*real_args[:i], *flags, *real_args[i + 2:]]
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip"])
+def test_a_step_with_a_clip_reward_moves_the_weights_and_resume_refuses_another_reward(name, real_args, tmp_path,
+                                                                                      capsys):
+    """One official update (AdamW, lr 5e-6: every weight with a gradient moves by about lr) from the FLUX folder's
+    transformer; the checkpoint records the reward and its recipe; --resume with --reward hps is one line, exit 2."""
+    out = str(tmp_path / "out")
+    srpo.main([*reward_args(real_args, "--reward", name, f"--{name}", tiny_clip_folder(tmp_path / name)), "--out",
+               out, "--steps", "1"])
+    flux = real_args[real_args.index("--flux") + 1]
+    start, after = load_file(os.path.join(flux, "transformer", "diffusion_pytorch_model.safetensors")), weights(out, 1)
+    assert start.keys() == after.keys()
+    assert 2.5e-6 < max((after[k] - start[k]).abs().max().item() for k in start) < 7.5e-6
+    config = fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(1), "state.json"))["config"]
+    assert config["reward"] == name and config["rollout_guidance"] == OFFICIAL_SCRIPTS[name][1]["rollout_guidance"]
+    assert config["window"] == list(OFFICIAL_SCRIPTS[name][1]["window"])
+    capsys.readouterr()  # the run's progress bars
+    code, err = run_cli([*real_args, "--out", out, "--steps", "2", "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --resume with other settings"), err
+    assert f"reward={name}" in err[0], err
+    assert sorted(srpo.checkpoints(out)) == [1] and len(log_lines(out)) == 1
+
+
+def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, capsys):
+    flux = real_args[real_args.index("--flux") + 1]
+    bert, no_weights = tmp_path / "bert", tmp_path / "no_weights"
+    for folder, model_type in ((bert, "bert"), (no_weights, "clip")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    transformer = os.path.join(flux, "transformer")
+    out = str(tmp_path / "out")
+    cases = [
+        (reward_args(real_args, "--reward", "pickscore", "--pickscore", transformer),
+         ["transformer", "model_type None, expected 'clip'", "PickScore"]),
+        (reward_args(real_args, "--reward", "clip", "--clip", str(bert)), ["bert", "expected 'clip'", "CLIP"]),
+        (reward_args(real_args, "--reward", "clip", "--clip", str(no_weights)), ["no_weights", "no weights"]),
+        (reward_args(real_args, "--reward", "pickscore", "--pickscore", str(tmp_path / "none")),
+         ["none", "no such folder"]),
+        (reward_args(real_args, "--reward", "pickscore"), ["--pickscore is required", "PickScore_v1"]),
+        ([*real_args, "--clip", str(bert)], ["--clip is the model of --reward clip", "--reward is hps"]),
+        (["train", "--reward", "pickscore", "--pickscore", str(bert)], ["--pickscore needs --flux"]),
+    ]
+    for args, words in cases:
+        code, err = run_cli([*args, "--out", out], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (args, err)
+        assert all(w in err[0] for w in words), (args, err)
+    assert not os.path.exists(out)  # refused before anything was loaded or written
+
+
+def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
+    """`train --reward pickscore` without --flux: the demo on a tiny random PickScore, with PickScore's recipe."""
+    out = str(tmp_path)
+    srpo.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
+    config = fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(2), "state.json"))["config"]
+    assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2
