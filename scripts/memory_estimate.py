@@ -1,0 +1,330 @@
+"""GPU memory of one SRPO training step at FLUX.1-dev's sizes, measured on a CPU: no GPU, no weights, seconds.
+
+    python -m scripts.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
+    python -m scripts.memory_estimate --height 1024 --width 1024
+
+Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, reward.py's
+ViT-H-14 HPS scorer) are built on the meta device and moved to FakeTensorMode "cuda" tensors, which have shapes,
+dtypes and strides but no memory. One branch then runs as training runs it, under torch.autocast("cuda", bf16) (its
+op lists, not a guess: bf16 matmuls and convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor
+hook records what autograd keeps for the backward: the distinct storages it saves, weights not counted (they are
+counted once, below). What FSDP2 gathers is bf16, so the transformer runs on bf16 weights.
+
+Arithmetic: the weights, the sharded training state (16 bytes a parameter, over N), FSDP2's gather and
+reduce-scatter buffers (from the block sizes and torch.distributed.fsdp's fully_shard: one block computing, the
+next prefetched, its bf16 gradients, one fp32 reduce-scatter input in flight) and the ~3 GB allowance for the CUDA
+context, NCCL and allocator slack: none of these is measured here, and nothing was measured on a GPU.
+
+The peak forms in time. Within a branch the graph grows through the transformer forward (checkpointed: each
+block's input only), the VAE decode and the reward forward; the one backward then frees the reward's and the VAE's
+saved tensors as it passes them, before it reaches the transformer, which recomputes one block at a time under
+FSDP's buffers. The second branch repeats this after the first is freed. So the step's peak is the larger of
+(all three graphs) and (the transformer's inputs + one recomputed block + FSDP's working set), never their sum.
+"""
+
+import argparse
+import contextlib
+import sys
+import types
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import flux_model as fm
+import kernels.attention
+import kernels.rope
+import reward
+import srpo
+
+GB = 1e9
+STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
+TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on
+ALLOWANCE = 3.0  # GB: CUDA context, NCCL buffers, allocator slack (an allowance, not a measurement)
+WORLDS = (2, 3, 4, 8, 32)  # GPUs N in the table (3 does not divide the default global batch of 32: for the record)
+VIT_H_14 = {"vision_width": 1280, "vision_layers": 32, "text_width": 1024, "text_layers": 24, "embed_dim": 1024}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A GPU without a GPU
+
+
+class NoLaunch:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` does nothing. Fake tensors have no memory to write;
+    the autograd Function around the launch (its output buffers, what it saves) runs unchanged."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def gpu_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """F.scaled_dot_product_attention as a GPU runs it here: flash attention up to head width 256, the
+    memory-efficient kernel beyond (the VAE's one 512-wide head). Both save q, k, v, the output and a row
+    log-sum-exp; without a GPU, SDPA can pick only its math fallback, which would also keep the N x N scores."""
+    if attn_mask is not None or dropout_p or is_causal:
+        raise ValueError("only unmasked attention without dropout is modelled")
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype  # SDPA autocasts
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if q.shape[-1] <= 256:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """FakeTensorMode "cuda" tensors with CUDA's autocast and the GPU's attention and Triton kernels.
+
+    torch.autocast("cuda") refuses to start where CUDA is absent, so its two availability checks are answered as a
+    bf16 GPU would; its dispatch rules need no GPU. Kernel launches and device selection are skipped (nothing to
+    write, no device to select)."""
+    patches = [mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False),
+               mock.patch("torch.cuda.is_bf16_supported", return_value=True),
+               mock.patch("torch.cuda.device_of", lambda tensor: contextlib.nullcontext()),
+               mock.patch("torch.nn.functional.scaled_dot_product_attention", gpu_sdpa),
+               mock.patch.object(kernels.attention, "_fwd_kernel", NoLaunch()),
+               mock.patch.object(kernels.rope, "_norm_rope_fwd_kernel", NoLaunch())]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        yield
+
+
+def meta(build, dtype):
+    """`build()` on the meta device in `dtype`, set here: parameters cannot be converted once fake."""
+    with torch.device("meta"):
+        return build().to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What autograd keeps
+
+
+class SavedTensors:
+    """The distinct storages autograd saves for the backward while `record(label)` is active, by label.
+
+    Weights (parameters and buffers of `modules`) are left out: they exist anyway. Casts of weights that autocast
+    makes during a call are new storages and are counted: the graph keeps them."""
+
+    def __init__(self, *modules):
+        self.weights = {StorageWeakRef(t.untyped_storage()) for m in modules for t in (*m.parameters(), *m.buffers())}
+        self.label = None
+        self.seen = {}  # storage -> (label, bytes)
+        self.keep = []  # the saved tensors themselves, so no storage is freed and its address reused meanwhile
+
+    def pack(self, t):
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in self.weights and ref not in self.seen:
+            self.seen[ref] = (self.label, t.untyped_storage().nbytes())
+            self.keep.append(t)
+        return t
+
+    @contextlib.contextmanager
+    def record(self, label):
+        previous, self.label = self.label, label
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                yield
+        finally:
+            self.label = previous
+
+    def total(self, label):
+        return sum(n for lab, n in self.seen.values() if lab == label)
+
+    def largest(self, label):
+        return max((n for lab, n in self.seen.values() if lab == label), default=0)
+
+
+def label_block_inputs(model, saved):
+    """While a block's checkpoint saves its inputs (a forward pre-hook, run after this one), label what is saved
+    'block inputs'; the block's inside is saved by the checkpoint's own hooks (nothing: it is recomputed)."""
+
+    def before(module, args):
+        saved.label = "block inputs"
+
+    def after(module, args, output):
+        saved.label = "transformer"
+
+    for block in [*model.double_blocks, *model.single_blocks]:
+        block.register_forward_pre_hook(before, prepend=True)
+        block.register_forward_hook(after)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models, as training holds them
+
+
+def hps_reward(clip_cfg):
+    """HPSReward on a CLIPModel of `clip_cfg`; no tokenizer is needed (the image tower never tokenizes)."""
+    vocab = clip_cfg.text_config.vocab_size
+    return reward.HPSReward(reward.CLIPModel(clip_cfg), types.SimpleNamespace(vocab_size=vocab, end_id=vocab - 1))
+
+
+def checkpointed(flux):
+    """The transformer with a checkpoint on every block, by srpo.build_transformer itself (one process: FSDP2 is
+    arithmetic here, its bf16 gather modelled by bf16 weights)."""
+    ranks = types.SimpleNamespace(world=1, device=torch.device("cuda"))
+    return srpo.build_transformer(lambda device: flux, flux.cfg, ranks, "triton")
+
+
+def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
+    """One branch's forward (the model call with gradient, the VAE decode, the reward's image tower) -> SavedTensors
+    labelled 'block inputs', 'transformer' (the rest of its graph), 'vae', 'reward'."""
+    cfg, device = flux.cfg, torch.device("cuda")
+    x = torch.randn(1, (height // 16) * (width // 16), cfg.in_channels, device=device, requires_grad=True)
+    txt = torch.randn(1, text_tokens, cfg.context_in_dim, device=device, dtype=torch.bfloat16)
+    y = torch.randn(1, cfg.vec_in_dim, device=device, dtype=torch.bfloat16)
+    img_ids, txt_ids = fm.image_ids(height, width, device), torch.zeros(text_tokens, 3, device=device)
+    t, guidance = torch.full((1,), 0.9, device=device), torch.full((1,), 3.5, device=device)
+    saved = SavedTensors(flux, ae, scorer)
+    label_block_inputs(flux, saved)
+    with srpo.autocast(device):
+        with saved.record("transformer"):
+            x0_hat = x + flux(x, img_ids, txt, txt_ids, y, t, guidance).float()  # as srpo.model_step calls it
+        with saved.record("vae"):
+            images = srpo.decode_images(ae, x0_hat, height, width)
+        with saved.record("reward"):
+            scorer.image_features(images, "crop")  # SRPO's training crop
+    return saved
+
+
+def measure_reward(scorer, height, width):
+    """Bytes the reward's image tower saves for one (3, height, width) bf16 image, as the decode returns it."""
+    images = torch.rand(1, 3, height, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    saved = SavedTensors(scorer)
+    with srpo.autocast(images.device), saved.record("reward"):
+        scorer.image_features(images, "crop")
+    return saved.total("reward")
+
+
+def measure_block(block, cfg, tokens, text_tokens=TEXT_TOKENS):
+    """Bytes one block saves when the backward recomputes it: its forward with gradient, not checkpointed, on the
+    Triton kernels (the CUDA default), with bf16 weights as FSDP2 gathers them."""
+    device, h = torch.device("cuda"), cfg.hidden_size
+
+    def stream(n):  # a residual stream as autocast leaves it: bf16, part of the graph
+        return torch.randn(1, n, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    vec = torch.randn(1, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    pe = tuple(torch.randn(text_tokens + tokens, cfg.head_dim // 2, device=device) for _ in range(2))
+    block.backend = "triton"
+    saved = SavedTensors(block)
+    with srpo.autocast(device), saved.record("block"):
+        if isinstance(block, fm.DoubleStreamBlock):
+            block(stream(tokens), stream(text_tokens), vec, pe)
+        else:
+            block(stream(text_tokens + tokens), vec, pe)
+    return saved.total("block")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step's memory
+
+
+def numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def fsdp_working_set(flux, world):
+    """FSDP2 (fully_shard per block, bf16 gather, fp32 reduce) while the largest block runs its backward: its
+    all-gathered bf16 weights, the next block's (prefetched), its bf16 gradients before the reduce-scatter, the
+    previous block's fp32 reduce-scatter input still in flight (FSDP keeps one), and the fp32 shard that comes out
+    of a reduce-scatter. -> bytes (arithmetic)."""
+    block = max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
+    return block * (2 + 2 + 2 + 4) + block * 4 // world
+
+
+def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS):
+    """Every number of the table, in bytes: a dict (see `report`)."""
+    flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
+    ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
+    clip_cfg = clip_cfg or reward.clip_config(**VIT_H_14)
+    # on the meta device, in the dtypes training holds them: the transformer as FSDP2 gathers it, the VAE in bf16,
+    # the reward in fp32 (srpo.run_training), plus a bf16 reward to show what its weight casts cost
+    flux = meta(lambda: fm.Flux(flux_cfg), torch.bfloat16)
+    ae = meta(lambda: fm.AutoEncoder(ae_cfg).requires_grad_(False), torch.bfloat16)
+    scorer, bf16_scorer = (meta(lambda: hps_reward(clip_cfg), dtype) for dtype in (torch.float32, torch.bfloat16))
+    blocks = {kind: meta(lambda kind=kind: kind(flux_cfg), torch.bfloat16)
+              for kind in (fm.DoubleStreamBlock, fm.SingleStreamBlock)}
+    tokens = (height // 16) * (width // 16)
+    with fake_cuda():
+        branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
+                                scorer.to_empty(device="cuda"), height, width, text_tokens)
+        bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
+        recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
+                      for kind, block in blocks.items()}
+    blocks_params = sum(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
+    return {
+        "params": numel(flux), "root params": numel(flux) - blocks_params,
+        "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
+        "vae": branch.total("vae"), "vae largest": branch.largest("vae"),
+        "reward": branch.total("reward"), "reward, bf16 weights": bf16_reward,
+        "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
+        "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
+        "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS},
+    }
+
+
+def timeline(e, world):
+    """A branch's memory as it forms, in bytes besides the weights and the sharded state: [(moment, bytes)]. The
+    root's bf16 weights stay gathered from the transformer forward to its backward (FSDP2 does not reshard the
+    root after forward)."""
+    transformer = e["block inputs"] + e["transformer rest"] + e["root params"] * 2
+    return [("after the transformer forward (checkpointed)", transformer),
+            ("after the VAE decode", transformer + e["vae"]),
+            ("after the reward forward: all three graphs", transformer + e["vae"] + e["reward"]),
+            (f"transformer backward: one block recomputed, FSDP2 buffers at N = {world}",
+             transformer + max(e["double block"], e["single block"]) + e["fsdp"][world])]
+
+
+def per_gpu(e, world):
+    """GB on each of `world` GPUs: sharded state + weights + the branch's peak + the allowance."""
+    peak = max(b for _, b in timeline(e, world))
+    return (e["params"] * STATE_BYTES / world + e["reward weights"] + e["vae weights"] + peak) / GB + ALLOWANCE
+
+
+def report(e, height, width):
+    rows = [
+        ("measured", f"transformer: checkpointed block inputs at {height}x{width}", e["block inputs"]),
+        ("measured", "transformer: the rest of its graph (embedders, final layer)", e["transformer rest"]),
+        ("measured", "one double block, recomputed in the backward", e["double block"]),
+        ("measured", "one single block, recomputed in the backward", e["single block"]),
+        ("measured", f"VAE decoder's saved tensors at {height}x{width}", e["vae"]),
+        ("measured", "  its largest saved tensor", e["vae largest"]),
+        ("measured", "HPS ViT-H-14 graph at 224x224 (fp32 weights, bf16 autocast)", e["reward"]),
+        ("measured", "  the same with bf16 weights (no per-call weight casts)", e["reward, bf16 weights"]),
+        ("arithmetic", f"training state: {e['params'] / 1e9:.2f} B parameters x {STATE_BYTES} B, over N",
+         e["params"] * STATE_BYTES),
+        ("arithmetic", "HPS reward weights, fp32", e["reward weights"]),
+        ("arithmetic", "VAE weights, bf16", e["vae weights"]),
+        ("arithmetic", "FSDP2 root (embedders, final layer) gathered in bf16", e["root params"] * 2),
+        *(("arithmetic", f"FSDP2 working set, N = {n}", b) for n, b in e["fsdp"].items()),
+    ]
+    print(f"{'':<11} {'':<66} {'GB':>6} {'GiB':>6}")
+    for how, what, n in rows:
+        print(f"{how:<11} {what:<66} {n / GB:6.2f} {n / 2**30:6.2f}")
+    print("\none branch as its memory forms (GB, besides weights and sharded state):")
+    for moment, n in timeline(e, 4):
+        print(f"  {moment:<76} {n / GB:6.2f}")
+    print(f"\nper GPU = state / N + weights + the larger of the two peaks + {ALLOWANCE:.0f} GB allowance (CUDA "
+          "context, NCCL, allocator slack)")
+    for n in e["fsdp"]:
+        print(f"  N = {n:<3} {per_gpu(e, n):6.1f} GB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=720)
+    args = parser.parse_args()
+    try:
+        srpo.check_size(args.height, args.width)
+    except fm.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(srpo.EXIT_INPUT)
+    report(estimate(args.height, args.width), args.height, args.width)
+
+
+if __name__ == "__main__":
+    main()
