@@ -5,25 +5,24 @@ Everything the training loop needs from a reward lives here:
 - loading: open_clip checkpoints (`{'state_dict': ...}`, fp16) converted on load into a `CLIPModel`, or a converted
   safetensors file read lazily; depth and widths come from the weights' shapes, head counts from ViT-H-14's head
   widths;
-- the CLIP BPE tokenizer with open_clip's text cleaning (ftfy's fixes but mojibake repair) and token layout (HPS),
-  or as transformers' CLIPProcessor runs it (PickScore, CLIP-H);
+- the CLIP BPE tokenizer with open_clip's text cleaning (ftfy), word split and token layout (HPS), or as
+  transformers' CLIPProcessor runs it (PickScore, CLIP-H);
 - differentiable preprocessing of (B, 3, H, W) images in [0, 1];
 - the HPS score s = <img, txt> of L2-normalised features (PickScore, CLIP: times exp(logit_scale)) and SRPO's
   relative reward r = c img . ((1 + k) t+ - t-), c = 1 for HPS and exp(logit_scale) / 20 for PickScore and CLIP.
 """
 
 import html
-import html.entities
 import os
 import pickle
 import re
-import unicodedata
 from collections import OrderedDict
 from itertools import groupby
 from math import isqrt
 from pathlib import Path
 from typing import NamedTuple
 
+import ftfy
 import numpy as np
 import regex
 import torch
@@ -308,94 +307,10 @@ def _byte_symbols():
     return [table[b] for b in range(256)]
 
 
-# ftfy.fix_text (ftfy 6.3, default settings), which open_clip runs on every prompt, in the standard library (ftfy is
-# not a runtime dependency): every fix but mojibake repair (fix_encoding), in ftfy's order, repeated to a fixed
-# point, on ftfy's segments (lines, cut every 10^6 characters), with its HTML rule (no unescaping from the first
-# segment holding a '<' on). The tables are built as ftfy builds them (ftfy/chardata.py).
-def _html_entities():
-    """ftfy's HTML5 entities: the ones ending in ';', plus upper-case spellings of lower-case names (&EACUTE; -> É)
-    that are no entity of their own."""
-    table = {}
-    for name, char in html.entities.html5.items():
-        if name.endswith(";"):
-            table["&" + name] = char
-            if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
-                table["&" + name.upper()] = char.upper()
-    return table
-
-
-def _cp1252(byte):
-    try:
-        return bytes([byte]).decode("cp1252")
-    except UnicodeDecodeError:  # ftfy's sloppy-windows-1252 keeps the 5 unassigned bytes as they are
-        return chr(byte)
-
-
-_ENTITIES = _html_entities()
-_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-_C1_CONTROLS = str.maketrans({chr(c): _cp1252(c) for c in range(0x80, 0xA0)})
-_LIGATURES = str.maketrans({"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž",
-                            "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff",
-                            "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"})
-_WIDTH = str.maketrans({"\u3000": " "} | {c: w for c in map(chr, range(0xFF01, 0xFFF0))
-                                         if (w := unicodedata.normalize("NFKC", c)) != c})
-_SINGLE_QUOTES, _DOUBLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]"), re.compile("[\u201c-\u201f]")
-_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
-_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
-_TERMINAL_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
-_CONTROLS = dict.fromkeys([*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                           *range(0xFFF9, 0xFFFD)])
-
-
-def _unescape_entity(match):
-    entity = match[0]
-    if entity in _ENTITIES:
-        return _ENTITIES[entity]
-    if entity.startswith("&#"):
-        unescaped = html.unescape(entity)
-        return entity if ";" in unescaped else unescaped
-    return entity
-
-
-def _join_surrogates(match):
-    high, low = map(ord, match[0])
-    return chr(0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00))
-
-
-def _fix_segment(text, unescape):
-    while True:
-        before = text
-        if unescape:
-            text = _ENTITY.sub(_unescape_entity, text)
-        text = text.translate(_C1_CONTROLS).translate(_LIGATURES).translate(_WIDTH)
-        text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
-        text = _LINE_BREAKS.sub("\n", text)
-        text = _SURROGATE.sub("\ufffd", _SURROGATE_PAIR.sub(_join_surrogates, text))
-        text = _TERMINAL_ESCAPE.sub("", text).translate(_CONTROLS)
-        text = unicodedata.normalize("NFC", text)
-        if text == before:
-            return text
-
-
-def fix_text(text, max_segment=1_000_000):
-    """ftfy.fix_text(text) with ftfy's defaults, without its mojibake repair: HTML entities (not after a '<'), C1
-    controls as Windows-1252, latin ligatures, fullwidth forms, curly quotes, line breaks, surrogates, terminal
-    escapes, control characters and the BOM removed, NFC."""
-    out, pos, unescape = [], 0, True
-    while pos < len(text):
-        end = text.find("\n", pos) + 1 or len(text)
-        end = min(end, pos + max_segment)
-        segment = text[pos:end]
-        unescape = unescape and "<" not in segment
-        out.append(_fix_segment(segment, unescape))
-        pos = end
-    return "".join(out)
-
-
 def clean_prompt(text):
-    """open_clip's 'lower' cleaning: fix_text (ftfy's, see above), html.unescape twice, whitespace collapsed, lower
-    case."""
-    text = html.unescape(html.unescape(fix_text(text)))
+    """open_clip's 'lower' cleaning (basic_clean, whitespace_clean, lower): ftfy.fix_text, html.unescape twice,
+    whitespace collapsed and stripped, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
@@ -409,14 +324,11 @@ _PIECES = regex.compile("|".join(_SPECIAL_WORDS) + r"|'s|'t|'re|'ve|'m|'ll|'d|[\
 class ClipTokenizer:
     """CLIP BPE tokens laid out as open_clip does: [start] bpe(clean(text))[:75] [end] 0 ... 0, 77 long.
 
-    Cleaning (clean_prompt), the split into words (_PIECES) and the layout are open_clip's, in Python; transformers'
-    `CLIPTokenizer` (tokenizers backend, its normalizer and pre-split switched off) runs the byte-level BPE of each
-    word. The ids are open_clip's (with ftfy 6.3) but for one thing: ftfy repairs mojibake, text decoded with the
-    wrong codec ('cafÃ©' -> 'café': its fix_encoding step, with restore_byte_a0, replace_lossy_sequences and
-    decode_inconsistent_utf8), and we tokenize such text as it is. A fuzz with that step off (every code point alone
-    and between letters; random mixes of controls, escapes, entities, ligatures, quotes, fullwidth forms,
-    surrogates) found no other difference; tests/test_reward.py keeps a sample. As in open_clip, text spelling
-    its special tokens, '<start_of_text>' or '<end_of_text>', gets their ids, and '<|endoftext|>' is plain text.
+    Cleaning (clean_prompt, ftfy included), the split into words (_PIECES) and the layout are open_clip's, in Python;
+    transformers' `CLIPTokenizer` (tokenizers backend, its normalizer and pre-split switched off) runs the byte-level
+    BPE of each word, so the ids are open_clip's (tests/test_reward.py: every PartiPrompt, mojibake, HTML entities,
+    controls, ligatures, emoji, whitespace, over-long text). As in open_clip, text spelling its special tokens,
+    '<start_of_text>' or '<end_of_text>', gets their ids, and '<|endoftext|>' is plain text.
     """
 
     open_clip_text = True  # clean and split text as open_clip (ProcessorTokenizer: as transformers' tokenizer)

@@ -1,6 +1,7 @@
 """What the tests compare with: tiny random diffusers models, a tiny diffusers-format FLUX.1 folder, and the error
 metric."""
 
+import csv
 import dataclasses
 import itertools
 import json
@@ -63,22 +64,25 @@ def clip_tokenizer(folder):
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
+def parti_prompts():
+    """The 1,632 PartiPrompts (first column of ../shared/data/PartiPrompts.tsv, header skipped); in a checkout
+    without ../shared, 480 varied English sentences instead."""
+    parti = os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")
+    if os.path.isfile(parti):
+        with open(parti, encoding="utf-8") as f:
+            return [r[0] for r in csv.reader(f, delimiter="\t")][1:]
+    words = [["a", "the", "one red", "two big", "an old"], ["cat", "dog", "tree", "house", "bird", "fox"],
+             ["sits on", "runs past", "flies over", "waits by"], ["the mat.", "a road!", "hills", "the lake?"]]
+    return [" ".join(w) for w in itertools.product(*words)]
+
+
 def t5_tokenizer(folder):
     """A T5 (unigram) tokenizer trained offline with sentencepiece on the PartiPrompts."""
-    import csv
-
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    parti = os.path.join(ROOT, "..", "shared", "data", "PartiPrompts.tsv")
-    if os.path.isfile(parti):
-        with open(parti) as f:
-            rows = [r[0] for r in csv.reader(f, delimiter="\t")][1:]
-    else:  # a checkout without ../shared: any varied English will do for a 300-piece vocabulary
-        words = [["a", "the", "one red", "two big", "an old"], ["cat", "dog", "tree", "house", "bird", "fox"],
-                 ["sits on", "runs past", "flies over", "waits by"], ["the mat.", "a road!", "hills", "the lake?"]]
-        rows = [" ".join(w) for w in itertools.product(*words)]
+    rows = parti_prompts()
     prefix = os.path.join(folder, "spm")
     os.makedirs(folder, exist_ok=True)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=prefix, vocab_size=300, pad_id=0,

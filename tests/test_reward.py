@@ -8,7 +8,7 @@ Tolerances, float32:
 - "hpsv2" preprocessing vs hpsv2's eval transform rebuilt from torchvision (ToTensor, then the float resize, pad,
   Normalize): <= 1e-6 absolute; the scorer in "hpsv2" mode (and `srpo.py score` on PNG files) against open_clip fed
   by that transform: features and scores 1e-5 (the printed score: 1e-5 absolute), image gradients 1e-4;
-- token ids: equal (text that ftfy would repair as mojibake aside, see reward.ClipTokenizer).
+- token ids: equal to open_clip's, on every PartiPrompt and the hard cases below.
 """
 
 import argparse
@@ -17,7 +17,6 @@ import json
 import os
 import weakref
 
-import ftfy
 import numpy as np
 import open_clip
 import pytest
@@ -28,7 +27,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transform import image_transform
 from PIL import Image
-from references import rel_err
+from references import parti_prompts, rel_err
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms import functional as TF
@@ -52,9 +51,13 @@ PROMPTS = [
     "a very long prompt " * 30,  # > 77 tokens: truncated, end token kept
     "a <b>bold</b> &amp;amp; move <|endoftext|> x²³ ½ Ⅻ 1,000,000.5",
 ]
-# What ftfy.fix_text changes besides mojibake, and open_clip's word split (a fuzz found them apart before
-# reward.fix_text and reward._PIECES)
+# What ftfy.fix_text changes, and open_clip's word split (a fuzz found them apart before reward._PIECES)
 TRICKY_PROMPTS = [
+    "cafÃ© â€œda Vinciâ€\x9d naÃ¯ve Ã\xa0 la mode",  # mojibake: UTF-8 read as Windows-1252, which ftfy repairs
+    "Ã©t\u00e9 caf\u00c3\u00a9s &amp;eacute; L&#39;Ã‰cole",  # mojibake beside entities
+    "👩‍👩‍👧 👍🏽 🏳️‍🌈 ❤️ 🇯🇵 ✈︎",  # emoji: ZWJ sequences, skin tones, variation selectors, flags
+    "\t \u00a0 a\u2003b\u3000c \n\n  d\x0be\x0cf  ",  # whitespace: no-break, em and ideographic spaces
+    "supercalifragilistic hyperdimensional " * 40,  # over-long in multi-token words: 75 tokens kept, then the end
     "\ufeffa cat with a\ufeffbom",  # BOM
     "c0\x00con\x01trol\x07s\x7f a\x1cb\x1fc",  # C0 controls (\x1c-\x1f are whitespace to str.split, not to ftfy)
     "\x1b[31mred\x1b[0m ansi \x1b[1;4mescape",  # terminal escapes
@@ -264,11 +267,16 @@ def test_token_ids_match_open_clip(bpe_dir):
     assert tokens[5, -1] == 49407 and tokens[0, 0] == 49406 and tokens[0, -1] == 0
 
 
-def test_fix_text_is_ftfy_without_mojibake_repair():
-    for text in [*PROMPTS, *TRICKY_PROMPTS, "cafÃ©", "a" * 30 + "\r\n" + "&amp;amp;" * 3]:
-        assert reward.fix_text(text) == ftfy.fix_text(text, fix_encoding=False), text
-    long = "&amp;amp; " * 3 + "<" + "x" * 20 + " &amp;amp;"  # ftfy's segments: 10^6 characters, here 16
-    assert reward.fix_text(long, max_segment=16) == ftfy.fix_text(long, fix_encoding=False, max_decode_length=16)
+def test_token_ids_of_all_parti_prompts_match_open_clip(bpe_dir):
+    prompts = parti_prompts()
+    assert torch.equal(reward.ClipTokenizer.from_folder(bpe_dir)(prompts), open_clip.tokenize(prompts))
+
+
+def test_text_that_cleans_to_nothing_is_an_empty_prompt(bpe_dir):
+    """open_clip tokenizes it to [start, end]; we refuse it."""
+    text = "\ufeff &amp;nbsp; \x1b[0m\x00\u3000"
+    assert open_clip.tokenize([text])[0, :3].tolist() == [49406, 49407, 0]
+    assert "empty prompt" in error_of(reward.ClipTokenizer.from_folder(bpe_dir), [text])
 
 
 def test_flux_layout_and_files(bpe_dir, tmp_path):
@@ -279,12 +287,6 @@ def test_flux_layout_and_files(bpe_dir, tmp_path):
     a = reward.ClipTokenizer.from_folder(tmp_path)(PROMPTS[:2])
     b = reward.ClipTokenizer.from_files(bpe_dir / "vocab.json", bpe_dir / "merges.txt")(PROMPTS[:2])
     assert torch.equal(a, b)
-
-
-def test_cleaning_without_ftfy_keeps_mojibake():
-    """Documented difference: ftfy repairs mojibake ('cafÃ©' -> 'café'), our runtime (no ftfy) keeps it."""
-    assert reward.clean_prompt("cafÃ©") == "cafã©"
-    assert open_clip.tokenizer._clean_lower("cafÃ©") == "café"
 
 
 def test_byte_level_tokenizer_needs_no_files():
