@@ -12,6 +12,7 @@ Everything the training loop needs from a reward lives here:
   relative reward r = c img . ((1 + k) t+ - t-), c = 1 for HPS and exp(logit_scale) / 20 for PickScore and CLIP.
 """
 
+import functools
 import html
 import os
 import pickle
@@ -434,6 +435,12 @@ def _resize(x, height, width):
     return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
 
 
+@functools.cache
+def clip_mean_std(device):
+    """CLIP's mean and std as (3, 1, 1) float32 tensors on device: copied there once, not at every call."""
+    return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+
+
 def preprocess(images, size=224, mode="hpsv2"):
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised with the CLIP mean/std; differentiable, in float32.
 
@@ -463,8 +470,7 @@ def preprocess(images, size=224, mode="hpsv2"):
         x = _resize(x, *((size, new_long) if h <= w else (new_long, size)))
         top, left = round((x.shape[-2] - size) / 2), round((x.shape[-1] - size) / 2)
         x = x[..., top: top + size, left: left + size]
-    mean = x.new_tensor(CLIP_MEAN).view(3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = clip_mean_std(x.device)
     return (x - mean) / std
 
 
@@ -600,7 +606,8 @@ class HPSReward(torch.nn.Module):
         prompts = self._prompt_list(prompts, images.shape[0])
         t_pos = self.text_features([control_caption(positive, p) for p in prompts])
         t_neg = self.text_features([control_caption(negative, p) for p in prompts])
-        k = torch.as_tensor(k, dtype=torch.float32, device=self.device).reshape(-1, 1)
+        if not isinstance(k, (int, float)):  # one k per image; a single k stays a Python scalar: no copy
+            k = torch.as_tensor(k, dtype=torch.float32, device=self.device).reshape(-1, 1)
         return self.srp_scale() * (self.image_features(images, preprocess_mode) * ((1 + k) * t_pos - t_neg)).sum(-1)
 
 

@@ -847,6 +847,19 @@ def warm_up_kernels(model, cfg, text_tokens, device):
                 device)
 
 
+def encode_captions(reward, prompt_of, cfg, start, ranks):
+    """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
+    now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
+    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them)."""
+    from reward import control_caption, control_words
+
+    per = local_batch(cfg, ranks.world)
+    for step in range(start + 1, cfg.steps + 1):
+        for a in range(per):
+            for word in control_words(step):
+                reward.text_features([control_caption(word, prompt_of(step, ranks.rank * per + a))])
+
+
 def checkpoint_note(out):
     """Where a stopped or failed run can continue from."""
     found = checkpoints(out)
@@ -900,6 +913,7 @@ def train(model, ae, reward, embeddings, prompt_of, grid_prompts, cfg, out, star
     ranks.main_writes(f"the log {log}", lambda: trim_log(log, start))
     grid = [conditioning(embeddings[p], cfg, ranks.device) for p in grid_prompts]
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
+    encode_captions(reward, prompt_of, cfg, start, ranks)
     if start == 0:
         sample_grid(model, ae, grid, cfg, os.path.join(out, "samples-before.png"), ranks)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)

@@ -13,11 +13,15 @@ import sys
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from diffusers import FluxTransformer2DModel
 from references import rel_err
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 import flux_model as fm
+import reward as reward_module
 import srpo
 from reward import HPSReward, control_words
 
@@ -195,7 +199,7 @@ def test_direct_align_gradient_is_the_same_with_the_triton_kernels(tiny, monkeyp
         model.set_attention_backend(attn)
         model.zero_grad()
         values = srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", 300, 6, cfg, scale=1.0)
-        results[attn] = torch.tensor(values), {name: p.grad.clone() for name, p in model.named_parameters()}
+        results[attn] = values.detach().clone(), {name: p.grad.clone() for name, p in model.named_parameters()}
     (ours, ours_grads), (ref, ref_grads) = results["triton"], results["sdpa"]
     assert rel_err(ours, ref) <= 1e-5
     for name, grad in ref_grads.items():  # each tensor on its own scale: the q/k path's gradients are small
@@ -338,6 +342,104 @@ def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_firs
     text_tokens = text(["a red fox"])[0].shape[1]
     assert events[0] == ("warm_up", 2 * 3 + text_tokens, model.cfg.num_heads, model.cfg.head_dim, torch.float32, CPU)
     assert events[1:] == ["model"] * (len(events) - 1) and len(events) > 2
+
+
+class HostSyncs(TorchDispatchMode):
+    """What would stall a GPU during a step, counted on the CPU. Tensors that would live on the GPU are tracked op by
+    op: the models' weights and buffers, whatever a tensor is moved to the device as, and every result of an op with
+    such an input. Counted: reads of such a tensor to the host (item, tolist, cpu, numpy, bool/float of a tensor),
+    and blocking copies of host data to the device (`Tensor.to` with a device and without non_blocking,
+    torch.tensor / torch.as_tensor with the device, new_tensor of a device tensor)."""
+
+    def __init__(self, modules, device, tensors=()):
+        super().__init__()
+        self.on_device, self.device = WeakTensorKeyDictionary(), device
+        for t in [*tensors, *(t for module in modules for t in [*module.parameters(), *module.buffers()])]:
+            self.on_device[t] = True
+        self.reads, self.copies = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        mine = any(t in self.on_device for t in inputs)
+        if mine and func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        out = func(*args, **(kwargs or {}))
+        if mine:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.on_device[t] = True
+        return out
+
+    def patches(self, monkeypatch):
+        to, reads = torch.Tensor.to, {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
+
+        def moved(t, *args, **kwargs):
+            device = kwargs.get("device", next((a for a in args if isinstance(a, (torch.device, str))), None))
+            out = to(t, *args, **kwargs)
+            if device is not None and torch.device(device) == self.device and t not in self.on_device:
+                if not kwargs.get("non_blocking"):
+                    self.copies.append(tuple(t.shape))
+                self.on_device[out] = True
+            return out
+
+        def read(name):
+            def reader(t, *args, **kwargs):
+                if t in self.on_device:
+                    self.reads.append(name)
+                return reads[name](t, *args, **kwargs)
+            return reader
+
+        def made(make):  # a tensor made from Python data straight on the device: a copy from the host
+            def maker(data, *args, **kwargs):
+                out = make(data, *args, **kwargs)
+                if kwargs.get("device") is not None and torch.device(kwargs["device"]) == self.device:
+                    self.copies.append(make.__name__)
+                    self.on_device[out] = True
+                return out
+            return maker
+
+        def new_tensor(t, data, *args, **kwargs):
+            out = new(t, data, *args, **kwargs)
+            if t in self.on_device:
+                self.copies.append("new_tensor")
+                self.on_device[out] = True
+            return out
+
+        new = torch.Tensor.new_tensor
+        monkeypatch.setattr(torch.Tensor, "to", moved)
+        monkeypatch.setattr(torch.Tensor, "new_tensor", new_tensor)
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, made(getattr(torch, name)))
+        for name in reads:
+            monkeypatch.setattr(torch.Tensor, name, read(name))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_host_syncs_per_step_are_few_and_do_not_grow_with_the_prompts(tiny, tmp_path, monkeypatch, batch):
+    """Two steps of `train_step` with 1 and with 3 prompts: a fixed, small number of reads to the host (one: the
+    step's loss, rewards and gradient norm together) and no blocking copy to the device but the first step's two
+    constants (CLIP's mean and std, moved once); nothing per prompt, nothing per Euler step."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=2, samples=0, batch=batch)
+    model, ae, text, reward = tiny
+    srpo.rollout_schedule.cache_clear()  # made in this run's first step, as in a fresh process
+    reward_module.clip_mean_std.cache_clear()
+    steps, step = [], srpo.train_step
+
+    def counted(model, *args):  # one counter over the steps: what step 1 puts on the device stays known
+        if not steps:
+            steps.append(HostSyncs([model, ae, reward], CPU, reward._text_cache.values()))  # cached before the loop
+        counter = steps[0]
+        before = len(counter.copies), len(counter.reads)
+        with pytest.MonkeyPatch.context() as patch, counter:
+            counter.patches(patch)
+            record = step(model, *args)
+        steps.append((counter.copies[before[0]:], counter.reads[before[1]:]))
+        return record
+
+    monkeypatch.setattr(srpo, "train_step", counted)
+    train_tiny(tiny, tmp_path, cfg, prompts=["a red fox", "a cat", "a tree"])
+    _, first, second = steps
+    assert first == (["tensor", "tensor"], ["tolist"]) and second == ([], ["tolist"]), (first, second)
 
 
 def test_optimizer_step_is_clip_then_adamw(tiny, tmp_path, monkeypatch):
