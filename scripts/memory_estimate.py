@@ -36,7 +36,9 @@ import flux_model as fm
 import kernels.attention
 import kernels.rope
 import reward
-import srpo
+import runtime
+import sampling
+import util
 
 GB = 1e9
 STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
@@ -162,10 +164,10 @@ def hps_reward(clip_cfg):
 
 
 def checkpointed(flux):
-    """The transformer with a checkpoint on every block, by srpo.build_transformer itself (one process: FSDP2 is
+    """The transformer with a checkpoint on every block, by runtime.build_transformer itself (one process: FSDP2 is
     arithmetic here, its bf16 gather modelled by bf16 weights)."""
     ranks = types.SimpleNamespace(world=1, device=torch.device("cuda"))
-    return srpo.build_transformer(lambda device: flux, flux.cfg, ranks, "triton")
+    return runtime.build_transformer(lambda device: flux, flux.cfg, ranks, "triton")
 
 
 def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
@@ -179,11 +181,11 @@ def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
     t, guidance = torch.full((1,), 0.9, device=device), torch.full((1,), 3.5, device=device)
     saved = SavedTensors(flux, ae, scorer)
     label_block_inputs(flux, saved)
-    with srpo.autocast(device):
+    with sampling.autocast(device):
         with saved.record("transformer"):
             x0_hat = x + flux(x, img_ids, txt, txt_ids, y, t, guidance).float()  # as srpo.model_step calls it
         with saved.record("vae"):
-            images = srpo.decode_images(ae, x0_hat, height, width)
+            images = sampling.decode_images(ae, x0_hat, height, width)
         with saved.record("reward"):
             scorer.image_features(images, "crop")  # SRPO's training crop
     return saved
@@ -193,7 +195,7 @@ def measure_reward(scorer, height, width):
     """Bytes the reward's image tower saves for one (3, height, width) bf16 image, as the decode returns it."""
     images = torch.rand(1, 3, height, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     saved = SavedTensors(scorer)
-    with srpo.autocast(images.device), saved.record("reward"):
+    with sampling.autocast(images.device), saved.record("reward"):
         scorer.image_features(images, "crop")
     return saved.total("reward")
 
@@ -210,7 +212,7 @@ def measure_block(block, cfg, tokens, text_tokens=TEXT_TOKENS):
     pe = tuple(torch.randn(text_tokens + tokens, cfg.head_dim // 2, device=device) for _ in range(2))
     block.backend = "triton"
     saved = SavedTensors(block)
-    with srpo.autocast(device), saved.record("block"):
+    with sampling.autocast(device), saved.record("block"):
         if isinstance(block, fm.DoubleStreamBlock):
             block(stream(tokens), stream(text_tokens), vec, pe)
         else:
@@ -319,10 +321,10 @@ def main():
     parser.add_argument("--width", type=int, default=720)
     args = parser.parse_args()
     try:
-        srpo.check_size(args.height, args.width)
-    except fm.InputError as e:
+        sampling.check_size(args.height, args.width)
+    except util.InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(srpo.EXIT_INPUT)
+        sys.exit(util.EXIT_INPUT)
     report(estimate(args.height, args.width), args.height, args.width)
 
 

@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 import flux_model as fm
+import flux_weights as fw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def randomize(module, std=0.05, seed=0):
 
 
 def diffusers_transformer(cfg, seed=0):
-    kwargs = {k: v for k, v in fm.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in fw.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
     return randomize(FluxTransformer2DModel(**kwargs).eval(), seed=seed)
 
 
@@ -126,7 +127,7 @@ def flux_variant(folder, root, scheduler, guidance_embed=True):
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0"} | scheduler, f)
     if not guidance_embed:
-        cfg = dataclasses.replace(fm.read_flux_config(os.path.join(folder, "transformer")), guidance_embed=False)
+        cfg = dataclasses.replace(fw.read_flux_config(os.path.join(folder, "transformer")), guidance_embed=False)
         shutil.rmtree(os.path.join(root, "transformer"))
         diffusers_transformer(cfg, seed=4).save_pretrained(os.path.join(root, "transformer"))
     return str(root)

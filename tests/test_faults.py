@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import flux_model as fm
+import flux_weights as fw
+import runtime
+import sampling
 import srpo
+import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]
@@ -25,7 +28,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # as torchrun's workers: the same f
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, srpo.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
 
 
 def log_steps(out):
@@ -74,7 +77,7 @@ def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight,
     out, save = str(tmp_path), torch.save
 
     def disk_full_at_step_2(obj, path, *args, **kwargs):
-        if srpo.CHECKPOINT.format(2) in str(path):
+        if runtime.CHECKPOINT.format(2) in str(path):
             with open(path, "wb") as f:
                 f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -83,13 +86,13 @@ def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight,
     monkeypatch.setattr(torch, "save", disk_full_at_step_2)
     args = ["train", "--steps", "6", "--save-every", "1", *SMALL, "--out", out]
     code, err = run_cli(args, capsys)
-    assert code == srpo.EXIT_FAULT == 74 and len(err) == 1, err
-    first = os.path.join(out, srpo.CHECKPOINT.format(1))
-    for words in ["could not write the checkpoint", srpo.CHECKPOINT.format(2), "No space left on device",
+    assert code == util.EXIT_FAULT == 74 and len(err) == 1, err
+    first = os.path.join(out, runtime.CHECKPOINT.format(1))
+    for words in ["could not write the checkpoint", runtime.CHECKPOINT.format(2), "No space left on device",
                   f"the last complete checkpoint, {first}, is intact", "--resume"]:
         assert words in err[0], (words, err)
     assert sorted(os.listdir(out)) == ["checkpoint-000001", "log.jsonl", "samples-before.png"]  # no partial folder
-    fm.load_transformer(first)
+    fw.load_transformer(first)
     monkeypatch.setattr(torch, "save", save)
     srpo.main([*args, "--resume", "--keep", "1"])
     a, b = weights(straight, 6), weights(out, 6)
@@ -102,7 +105,7 @@ def test_a_failed_log_or_grid_write_ends_in_one_line(tmp_path, capsys, monkeypat
     def quota(*args):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
-    monkeypatch.setattr(srpo, {"log": "append_log", "grid": "save_png"}[target], quota)
+    monkeypatch.setattr(*{"log": (runtime, "append_log"), "grid": (sampling, "save_png")}[target], quota)
     code, err = run_cli(["train", "--steps", "2", *SMALL, "--out", str(tmp_path)], capsys)
     assert code == 74 and len(err) == 1, err
     assert {"log": "log.jsonl", "grid": "samples-before.png"}[target] in err[0] and "quota" in err[0].lower(), err
@@ -117,9 +120,9 @@ def test_a_signal_stops_train_at_a_step_boundary_with_a_checkpoint(straight, tmp
     log = os.path.join(out, "log.jsonl")
     code, err = signal_when([sys.executable, "srpo.py", *TRAIN, "--out", out],
                             lambda: os.path.exists(log) and os.path.getsize(log) > 0, sig)
-    assert code == srpo.EXIT_STOPPED == 75, err[-2000:]
+    assert code == util.EXIT_STOPPED == 75, err[-2000:]
     done = len(log_steps(out))
-    assert 1 <= done < 6 and sorted(srpo.checkpoints(out)) == [done]
+    assert 1 <= done < 6 and sorted(runtime.checkpoints(out)) == [done]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"stopped: {sig.name}: stopped after step {done} of 6") and "--resume" in last, err
     cli(*TRAIN, "--out", out, "--resume")
@@ -139,7 +142,7 @@ def test_sigterm_to_a_two_process_torchrun_stops_both_at_the_same_step(tmp_path)
     _, err = signal_when([*TORCHRUN, "srpo.py", *args, "--out", out],
                          lambda: os.path.exists(log) and os.path.getsize(log) > 0, signal.SIGTERM)
     done = len(log_steps(out))
-    assert 1 <= done < 4 and sorted(srpo.checkpoints(out)) == [done], err[-3000:]
+    assert 1 <= done < 4 and sorted(runtime.checkpoints(out)) == [done], err[-3000:]
     assert err.count("stopped: SIGTERM: stopped after step") == 1, err[-3000:]  # rank 0 alone says it
     r = subprocess.run([*TORCHRUN, "srpo.py", *args, "--out", out, "--resume"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
@@ -171,14 +174,14 @@ def test_sigterm_stops_sample_prompts_after_an_image_and_a_rerun_completes(tmp_p
 def test_a_failed_image_write_ends_sample_in_one_line(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
-    save = srpo.save_png
+    save = sampling.save_png
 
     def disk_full_at_the_second(images, paths):
         if paths[0].endswith("00001.png"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(images, paths)
 
-    monkeypatch.setattr(srpo, "save_png", disk_full_at_the_second)
+    monkeypatch.setattr(sampling, "save_png", disk_full_at_the_second)
     out = str(tmp_path / "out")
     code, err = run_cli(["sample", "--prompts", str(prompts), "--steps", "2", "--out", out], capsys)
     assert code == 74 and len(err) == 1 and "00001.png" in err[0] and "No space left" in err[0], err

@@ -21,7 +21,10 @@ from references import diffusers_transformer, diffusers_vae, flux_variant, rando
 from safetensors.torch import load_file, save_file
 
 import flux_model as fm
+import flux_weights as fw
+import sampling
 import srpo
+import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -62,7 +65,7 @@ def test_transformer_from_diffusers_folder_matches_diffusers(name, tmp_path):
     ref = diffusers_transformer(cfg)
     ref.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index, as the released folder is
     assert os.path.isfile(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
-    ours = fm.load_transformer(str(tmp_path))
+    ours = fw.load_transformer(str(tmp_path))
     assert ours.cfg == cfg
     x = transformer_inputs(cfg, height, width, T, B)
     assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) <= TOL
@@ -85,7 +88,7 @@ def test_float16_streams_are_clipped_like_diffusers(tmp_path):
     ref.save_pretrained(tmp_path)
     x = {k: v if k.endswith("_ids") else v.half() for k, v in transformer_inputs(cfg, height, width, T, B).items()}
     theirs = run_diffusers(ref.half(), x)
-    ours = run_ours(fm.load_transformer(str(tmp_path), dtype=torch.float16), x)
+    ours = run_ours(fw.load_transformer(str(tmp_path), dtype=torch.float16), x)
     assert torch.isfinite(theirs).all() and torch.isfinite(ours).all()
     assert rel_err(ours, theirs) <= 1e-2  # measured 6.3e-3; diffusers' own fp16 output is 6.9e-3 from its fp32 one
 
@@ -100,12 +103,12 @@ def diffusers_flux_converter(hidden_size):
     return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
-@pytest.mark.parametrize("prefix", ["", fm.BFL_PREFIX])
+@pytest.mark.parametrize("prefix", ["", fw.BFL_PREFIX])
 def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ref = diffusers_transformer(cfg, seed=3)
     ref.save_pretrained(tmp_path / "diffusers")
-    ours = fm.load_transformer(str(tmp_path / "diffusers"))
+    ours = fw.load_transformer(str(tmp_path / "diffusers"))
     bfl = {prefix + k: v.clone() for k, v in ours.state_dict().items()}  # our names are BFL's
     assert len(bfl) == 20 + 24 * cfg.depth + 8 * cfg.depth_single_blocks  # as BFL: 780 keys at 19 + 38 blocks
     converted = diffusers_flux_converter(cfg.hidden_size)({k: v.clone() for k, v in bfl.items()})
@@ -118,7 +121,7 @@ def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
     others = {"vae.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3), "text_encoders.t5xxl.w": torch.zeros(3)}
     save_file(bfl | others, tmp_path / "all_in_one.safetensors")
     for name in ["flux1.safetensors"] + (["all_in_one.safetensors"] if prefix else []):
-        loaded = fm.load_transformer(str(tmp_path / name), cfg)
+        loaded = fw.load_transformer(str(tmp_path / name), cfg)
         x = transformer_inputs(cfg, height, width, T, B)
         assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL, name
 
@@ -126,12 +129,12 @@ def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
 def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ours = randomize(fm.Flux(cfg), seed=5).eval()
-    path = fm.save_transformer(ours, str(tmp_path))
+    path = fw.save_transformer(ours, str(tmp_path))
     ref = FluxTransformer2DModel.from_pretrained(str(tmp_path)).eval()
     ref.load_state_dict(load_file(path), strict=True)  # what the seed's snippet does with SRPO's file
     x = transformer_inputs(cfg, height, width, T, B)
     assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) <= TOL
-    assert torch.equal(run_ours(fm.load_transformer(str(tmp_path)), x), run_ours(ours, x))  # lossless round trip
+    assert torch.equal(run_ours(fw.load_transformer(str(tmp_path)), x), run_ours(ours, x))  # lossless round trip
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -140,10 +143,10 @@ def test_written_files_get_the_mode_of_the_umask(umask, mode, tmp_path):
     """0o666 & ~umask, as any new file: a checkpoint can be shared (safetensors alone writes 0600)."""
     old = os.umask(umask)
     try:
-        fm.write_text(str(tmp_path / "a.txt"), "a")
-        fm.write_json(str(tmp_path / "b.json"), {"b": 1})
-        fm.atomic_write(str(tmp_path / "c.safetensors"), lambda tmp: save_file({"c": torch.zeros(1)}, tmp))
-        fm.save_transformer(fm.Flux(CONFIGS["no-guidance"][0]), str(tmp_path / "checkpoint"))
+        util.write_text(str(tmp_path / "a.txt"), "a")
+        util.write_json(str(tmp_path / "b.json"), {"b": 1})
+        util.atomic_write(str(tmp_path / "c.safetensors"), lambda tmp: save_file({"c": torch.zeros(1)}, tmp))
+        fw.save_transformer(fm.Flux(CONFIGS["no-guidance"][0]), str(tmp_path / "checkpoint"))
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
@@ -155,7 +158,7 @@ def test_wrong_weights_are_caught(tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ref = diffusers_transformer(cfg)
     ref.save_pretrained(tmp_path)
-    ours = fm.load_transformer(str(tmp_path))
+    ours = fw.load_transformer(str(tmp_path))
     with torch.no_grad():
         qkv = ours.double_blocks[1].img_attn.qkv.weight
         qkv[: cfg.hidden_size], qkv[cfg.hidden_size: 2 * cfg.hidden_size] = (
@@ -173,7 +176,7 @@ AE_CONFIGS = [fm.AutoEncoderConfig.preset("tiny"),
 def test_autoencoder_matches_diffusers(cfg, tmp_path):
     vae = diffusers_vae(cfg)
     vae.save_pretrained(tmp_path)
-    ae = fm.load_autoencoder(str(tmp_path))
+    ae = fw.load_autoencoder(str(tmp_path))
     assert ae.cfg == cfg
     x = torch.rand(2, 3, 48, 80) * 2 - 1
     z = ae.encode(x)
@@ -186,7 +189,7 @@ def test_autoencoder_matches_diffusers(cfg, tmp_path):
     assert sorted(converted) == sorted(expected)
     assert all(torch.equal(converted[k].reshape(expected[k].shape), expected[k]) for k in expected)
     save_file(dict(ae.state_dict()), tmp_path / "ae.safetensors")
-    assert torch.equal(fm.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
+    assert torch.equal(fw.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
 
 
 SCHEDULERS = {  # FlowMatchEulerDiscreteScheduler settings, beside its defaults
@@ -208,25 +211,25 @@ def test_schedule_matches_diffusers(name, steps, size, tmp_path):
     seq_len = (size[0] // 16) * (size[1] // 16)
     sched = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name])
     sched.save_pretrained(tmp_path / "scheduler")  # read back as a folder's file, every key written
-    ours = srpo.read_schedule(str(tmp_path))
+    ours = sampling.read_schedule(str(tmp_path))
     if sched.config.shift_terminal and steps == 1:  # diffusers divides 0 by 0 there
-        with pytest.raises(fm.InputError, match="shift_terminal"):
-            srpo.flux_schedule(steps, seq_len, ours)
+        with pytest.raises(util.InputError, match="shift_terminal"):
+            sampling.flux_schedule(steps, seq_len, ours)
         return
     c = sched.config
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(
         seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
-    sigmas = srpo.flux_schedule(steps, seq_len, ours)
+    sigmas = sampling.flux_schedule(steps, seq_len, ours)
     assert sigmas.dtype == torch.float32 and torch.equal(sigmas, sched.sigmas)  # bit for bit
     if name == "dev":
-        assert ours == srpo.FLUX_DEV and torch.equal(srpo.flux_schedule(steps, seq_len), sched.sigmas)
+        assert ours == sampling.FLUX_DEV and torch.equal(sampling.flux_schedule(steps, seq_len), sched.sigmas)
 
 
 def test_folder_without_scheduler_file_gets_flux_dev_schedule(flux_folder, tmp_path):
     """The fallback is FLUX.1-dev's config, as the tiny folder's (written by diffusers with dev's settings) says."""
     shutil.copytree(flux_folder, tmp_path / "flux")
     shutil.rmtree(tmp_path / "flux" / "scheduler")
-    assert srpo.read_schedule(str(tmp_path / "flux")) == srpo.FLUX_DEV == srpo.read_schedule(flux_folder)
+    assert sampling.read_schedule(str(tmp_path / "flux")) == sampling.FLUX_DEV == sampling.read_schedule(flux_folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,8 +304,8 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
     """--prompts: every line's images are FluxPipeline's for that prompt, seed and num_images_per_prompt, listed
     with their prompts in images.jsonl; the models load once."""
     loads = []
-    load = srpo.load_flux_folder
-    monkeypatch.setattr(srpo, "load_flux_folder", lambda *a: loads.append(a[-1]) or load(*a))
+    load = sampling.load_flux_folder
+    monkeypatch.setattr(sampling, "load_flux_folder", lambda *a: loads.append(a[-1]) or load(*a))
     prompts, height, width, steps, seed, batch = ["a red cat, on a mat!", "two dogs", "a red cat, on a mat!"], 32, 48, \
         3, 5, 2
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")  # blank line: skipped
@@ -329,7 +332,7 @@ def test_prompt_file_with_bom_and_crlf_gives_the_same_prompts_and_images(tmp_pat
     (tmp_path / "plain.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (tmp_path / "windows.txt").write_bytes(("\r\n".join(prompts) + "\r\n").encode("utf-8-sig"))
     assert (tmp_path / "windows.txt").read_bytes().startswith(b"\xef\xbb\xbfa red fox in snow\r\n")
-    assert srpo.read_prompts(str(tmp_path / "windows.txt")) == srpo.read_prompts(str(tmp_path / "plain.txt")) == prompts
+    assert util.read_prompts(str(tmp_path / "windows.txt")) == util.read_prompts(str(tmp_path / "plain.txt")) == prompts
     for name in ("plain", "windows"):
         srpo.main(["sample", "--prompts", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--steps", "2"])
     srpo.main(["sample", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
@@ -402,20 +405,20 @@ def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
     prompt, height, width, steps, seed = "two dogs", 32, 64, 3, 7
     expected = pipeline_image(flux_folder, prompt, height, width, steps, seed)
     text = fm.TextConditioner.from_folder(flux_folder, torch.float32)
-    model, ae = srpo.load_flux_folder(flux_folder, None, torch.float32, "cpu")
+    model, ae = sampling.load_flux_folder(flux_folder, None, torch.float32, "cpu")
     txt, y = text([prompt])
-    x = srpo.initial_noise(1, height, width, seed, torch.float32)
+    x = sampling.initial_noise(1, height, width, seed, torch.float32)
     cond = (fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
-    x = srpo.euler_sample(model, x, srpo.flux_schedule(steps, x.shape[1]), cond, 3.5)
-    ours = srpo.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
+    x = sampling.euler_sample(model, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
+    ours = sampling.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
     assert rel_err(ours, torch.from_numpy(expected[0])) <= TOL
 
 
 def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tmp_path):
     """--transformer FILE (diffusers keys, as SRPO's release) gives the image of a FluxPipeline whose transformer
     got that file through a strict load_state_dict."""
-    cfg = fm.read_flux_config(os.path.join(flux_folder, "transformer"))
-    path = fm.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
+    cfg = fw.read_flux_config(os.path.join(flux_folder, "transformer"))
+    path = fw.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
     expected = pipeline_image(flux_folder, "a tree", 32, 32, 2, 0, transformer_file=path)
     out = str(tmp_path / "srpo.png")
     srpo.main(["sample", "--flux", flux_folder, "--transformer", path, "--prompt", "a tree", "--height", "32",
@@ -513,11 +516,11 @@ def broken_folders(flux_folder, tmp):
 
     def config(folder, **changes):
         path = os.path.join(folder, "transformer", "config.json")
-        write(path, json.dumps(fm.read_json(path) | changes))
+        write(path, json.dumps(util.read_json(path) | changes))
 
     def scheduler(folder, **changes):
         path = os.path.join(folder, "scheduler", "scheduler_config.json")
-        write(path, json.dumps(fm.read_json(path) | changes))
+        write(path, json.dumps(util.read_json(path) | changes))
 
     def shard(folder):  # a sharded folder whose index has a list where the key -> file map should be
         write(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors.index.json"),

@@ -33,10 +33,10 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as TF
 from transformers import CLIPModel
 
-import flux_model as fm
+import flux_weights as fw
 import reward
 import srpo
-from flux_model import InputError
+from util import InputError
 
 CONFIGS = {
     "v160x2-t128x1": {"vision_width": 160, "vision_layers": 2, "text_width": 128, "text_layers": 1, "embed_dim": 64},
@@ -371,12 +371,12 @@ def test_open_clip_keys_in_a_safetensors_file_give_the_same_scorer(pair, tmp_pat
 
 
 def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monkeypatch):
-    """fp16 file, fp32 model: each tensor comes through fm.open_safetensors' lazy handle and is gone (cast, freed)
+    """fp16 file, fp32 model: each tensor comes through fw.open_safetensors' lazy handle and is gone (cast, freed)
     before the next is read, so memory never holds the file's weights next to the model's."""
     _, _, path = pair
     converted = tmp_path / "hps.safetensors"
     reward.convert_checkpoint(path, converted)
-    open_safetensors, alive, reads = fm.open_safetensors, [], []
+    open_safetensors, alive, reads = fw.open_safetensors, [], []
 
     class Handle:
         def __init__(self, path):
@@ -392,7 +392,7 @@ def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monke
             reads.append(key)
             return tensor
 
-    monkeypatch.setattr(fm, "open_safetensors", Handle)
+    monkeypatch.setattr(fw, "open_safetensors", Handle)
     clip = reward.load_clip(converted, dtype=torch.float32)
     assert sorted(reads) == sorted(load_file(converted)) == sorted(clip.state_dict())
     assert all(t.dtype == torch.float32 for t in clip.state_dict().values() if t.is_floating_point())
@@ -654,7 +654,7 @@ def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monk
         seen.append((device.type, dtype))
         raise InputError("stop here")
 
-    monkeypatch.setattr(srpo, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(reward, "parse_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(reward.HPSReward, "load", staticmethod(load))
     for dtype in ([], ["--dtype", "bfloat16"]):
         score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", *dtype, tmp_path / "a.png")

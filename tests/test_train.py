@@ -20,9 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+import cli as command_line
 import flux_model as fm
+import flux_weights as fw
 import reward as reward_module
+import runtime
+import sampling
 import srpo
+import util
 from reward import HPSReward, control_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,12 +67,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, ae, text = srpo.tiny_models()
+    model, ae, text = sampling.tiny_models()
     return model, ae, text, HPSReward.tiny()
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, srpo.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
 
 
 def log_lines(out):
@@ -160,9 +165,19 @@ def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
 def branch_setup(tiny, prompt="a red fox"):
     model, ae, text, reward = tiny
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4)
-    cond = srpo.conditioning(text([prompt]), cfg, CPU)
+    cond = sampling.conditioning(text([prompt]), cfg.height, cfg.width, CPU)
     eps = srpo.shared_noise(cfg, 0, CPU)
     return copy.deepcopy(model), ae, reward, cfg, cond, eps, srpo.online_rollout(model, eps, cond, cfg)
+
+
+def both_branches(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg):
+    """One prompt's two branches through srpo's pieces, each backpropagated as train_step does: -> (L, r_d, r_i)."""
+    values = []
+    for branch in srpo.branches(cfg, sel, step):
+        loss, r = srpo.srp_loss(model, ae, reward, x0, eps, cond, prompt, branch, cfg)
+        loss.backward()
+        values += [loss.detach(), r.detach().mean()]
+    return torch.stack([values[0] + values[2], values[1], values[3]])
 
 
 def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
@@ -179,7 +194,7 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
 
     monkeypatch.setattr(reward, "relative_reward", recording)
     step, sel = 6, 300
-    srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", sel, step, cfg, scale=1.0)
+    both_branches(model, ae, reward, x0, eps, cond, "a red fox", sel, step, cfg)
     P, N = control_words(step)
     K = min(100, 1000 - sel, sel)
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[sel - K].item()
@@ -193,12 +208,12 @@ def test_direct_align_gradient_is_the_same_with_the_triton_kernels(tiny, monkeyp
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest imported the kernels in interpreter mode
     model, ae, reward, cfg, cond, eps, x0 = branch_setup(tiny)
-    model = srpo.build_transformer(lambda device: model, model.cfg, srpo.Ranks(0, 1, CPU), "sdpa")
+    model = runtime.build_transformer(lambda device: model, model.cfg, runtime.Ranks(0, 1, CPU), "sdpa")
     results = {}
     for attn in ("sdpa", "triton"):
         model.set_attention_backend(attn)
         model.zero_grad()
-        values = srpo.direct_align_loss(model, ae, reward, x0, eps, cond, "a red fox", 300, 6, cfg, scale=1.0)
+        values = both_branches(model, ae, reward, x0, eps, cond, "a red fox", 300, 6, cfg)
         results[attn] = values.detach().clone(), {name: p.grad.clone() for name, p in model.named_parameters()}
     (ours, ours_grads), (ref, ref_grads) = results["triton"], results["sdpa"]
     assert rel_err(ours, ref) <= 1e-5
@@ -207,14 +222,16 @@ def test_direct_align_gradient_is_the_same_with_the_triton_kernels(tiny, monkeyp
 
 
 def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: None):
-    """srpo.train, one process, on a fresh copy of the tiny transformer; prepare(model) first (hooks). -> model."""
+    """srpo.train, one process, on a fresh copy of the tiny transformer made ready by runtime.ready; prepare(model)
+    first (hooks). -> model."""
     model, ae, text, reward = tiny
-    ranks = srpo.Ranks(0, 1, CPU)
-    model = srpo.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
+    ranks = runtime.Ranks(0, 1, CPU)
+    model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
     prepare(model)
     prompts = list(prompts)
-    srpo.train(model, ae, reward, srpo.encode_prompts(text, prompts), srpo.prompt_schedule(prompts, cfg), [], cfg,
-               str(out), 0, None, ranks)
+    embeddings = sampling.encode_prompts(text, prompts)
+    parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
+    srpo.train(parts, prompts, cfg, str(out), ranks)
     return model
 
 
@@ -327,11 +344,9 @@ def test_train_step_equals_the_official_step_written_out(tiny, tmp_path, monkeyp
 
 def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_first_step(tiny, tmp_path, monkeypatch):
     """With --attn triton the attention kernels are tuned once, at image + text tokens, before any model call."""
-    import kernels.attention
-
     cfg = srpo.TrainConfig(height=32, width=48, rollout_steps=2, steps=1, samples=1, batch=1)
     events = []
-    monkeypatch.setattr(kernels.attention, "warm_up", lambda *args: events.append(("warm_up", *args)))
+    monkeypatch.setattr(runtime, "warm_up", lambda *args: events.append(("warm_up", *args)))  # kernels.attention's
 
     def prepare(model):
         model.set_attention_backend("triton")
@@ -493,7 +508,7 @@ def test_reward_and_loss_have_the_expected_signs(tiny):
 
     def denoise_reward():
         x0_hat = srpo.direct_align(model, x0, eps, sigma_hi, sigma_t, cond, cfg.guidance)
-        return reward.relative_reward(srpo.decode_images(ae, x0_hat, 32, 32), ["a red fox"], k_d, P, N, "crop")
+        return reward.relative_reward(sampling.decode_images(ae, x0_hat, 32, 32), ["a red fox"], k_d, P, N, "crop")
 
     before = denoise_reward()
     srpo.hinge_loss(before, cfg.margin).backward()
@@ -542,7 +557,7 @@ def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs)
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
         assert x.keys() == y.keys() and x.pop("words") == y.pop("words")
         assert all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
-    opt_one, opt_two = (torch.load(os.path.join(out, srpo.CHECKPOINT.format(2), "training.pt"),
+    opt_one, opt_two = (torch.load(os.path.join(out, runtime.CHECKPOINT.format(2), "training.pt"),
                                    weights_only=True)["optimizer"]["state"] for out in (one, two))
     names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
     assert opt_one.keys() == opt_two.keys() == names  # the full AdamW state, gathered from the shards
@@ -555,13 +570,13 @@ def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs,
     AdamW state broadcast from rank 0's files give the uninterrupted 2-process run's step 2."""
     _, two = fsdp_runs
     out = str(tmp_path)
-    shutil.copytree(os.path.join(two, srpo.CHECKPOINT.format(1)), os.path.join(out, srpo.CHECKPOINT.format(1)))
+    shutil.copytree(os.path.join(two, runtime.CHECKPOINT.format(1)), os.path.join(out, runtime.CHECKPOINT.format(1)))
     shutil.copy(os.path.join(two, "log.jsonl"), out)
     cli(*TORCHRUN, *FSDP_ARGS, "--out", out, "--resume")
     a, b = weights(two, 2), weights(out, 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_lines(out) == log_lines(two)
-    opt_straight, opt_resumed = (torch.load(os.path.join(folder, srpo.CHECKPOINT.format(2), "training.pt"),
+    opt_straight, opt_resumed = (torch.load(os.path.join(folder, runtime.CHECKPOINT.format(2), "training.pt"),
                                             weights_only=True)["optimizer"]["state"] for folder in (two, out))
     assert all(torch.equal(opt_straight[n][k], opt_resumed[n][k]) for n in opt_straight for k in opt_straight[n])
 
@@ -577,7 +592,7 @@ def straight(tmp_path_factory):
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
     out = str(tmp_path)
     srpo.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
-    assert sorted(srpo.checkpoints(out)) == [2]  # --keep 1
+    assert sorted(runtime.checkpoints(out)) == [2]  # --keep 1
     srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
     a, b = weights(straight, 3), weights(out, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -585,7 +600,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
 
 
 def test_saved_transformer_loads_strictly_into_diffusers(straight):
-    folder = os.path.join(straight, srpo.CHECKPOINT.format(3))
+    folder = os.path.join(straight, runtime.CHECKPOINT.format(3))
     state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     theirs = FluxTransformer2DModel.from_pretrained(folder)  # config.json written beside the weights
     theirs.load_state_dict(state, strict=True)  # the model card's snippet
@@ -596,11 +611,11 @@ def test_saved_transformer_loads_strictly_into_diffusers(straight):
 
 def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
     names = set(os.listdir(straight))
-    assert {"log.jsonl", "samples-before.png", "samples-after.png", srpo.CHECKPOINT.format(3)} <= names
+    assert {"log.jsonl", "samples-before.png", "samples-after.png", runtime.CHECKPOINT.format(3)} <= names
     assert [line["step"] for line in log_lines(straight)] == [1, 2, 3]
     line = log_lines(straight)[0]
     assert {"loss", "reward_denoise", "reward_inversion", "grad_norm", "lr"} <= line.keys()
-    state = fm.read_json(os.path.join(straight, srpo.CHECKPOINT.format(3), "state.json"))
+    state = util.read_json(os.path.join(straight, runtime.CHECKPOINT.format(3), "state.json"))
     assert state["step"] == 3 and state["config"]["lr"] == srpo.DEMO_DEFAULTS["lr"]
 
 
@@ -640,8 +655,8 @@ def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args
     lines = log_lines(out)
     assert [line["step"] for line in lines] == list(range(1, 20))
     assert [line["words"] for line in lines] == [[POSITIVE[s % 4], NEGATIVE[s % 5]] for s in range(1, 20)]
-    assert sorted(srpo.checkpoints(out)) == [19]
-    assert fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(19), "state.json"))["step"] == 19
+    assert sorted(runtime.checkpoints(out)) == [19]
+    assert util.read_json(os.path.join(out, runtime.CHECKPOINT.format(19), "state.json"))["step"] == 19
 
 
 @pytest.mark.slow
@@ -653,7 +668,7 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
     rewards = [line["reward_denoise"] for line in log_lines(str(tmp_path))]
     assert len(rewards) == srpo.DEMO_DEFAULTS["steps"]
     assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
-    assert sorted(srpo.checkpoints(str(tmp_path))) == [srpo.DEMO_DEFAULTS["steps"]]
+    assert sorted(runtime.checkpoints(str(tmp_path))) == [srpo.DEMO_DEFAULTS["steps"]]
     assert os.path.exists(tmp_path / "samples-after.png")
 
 
@@ -663,8 +678,8 @@ def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
     process, so it runs under any process count."""
     cli(*TORCHRUN, "train", "--out", str(tmp_path))
     lines = log_lines(str(tmp_path))
-    assert len(lines) == srpo.DEMO_DEFAULTS["steps"] and sorted(srpo.checkpoints(str(tmp_path))) == [len(lines)]
-    state = fm.read_json(os.path.join(str(tmp_path), srpo.CHECKPOINT.format(len(lines)), "state.json"))
+    assert len(lines) == srpo.DEMO_DEFAULTS["steps"] and sorted(runtime.checkpoints(str(tmp_path))) == [len(lines)]
+    state = util.read_json(os.path.join(str(tmp_path), runtime.CHECKPOINT.format(len(lines)), "state.json"))
     assert state["config"]["batch"] == 2
 
 
@@ -700,7 +715,7 @@ def test_batch_must_split_evenly_over_the_processes(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets it; the check comes before any process group
     code, err = run_cli(["train", "--batch", "6", "--out", str(tmp_path)], capsys)
     assert code == 2 and len(err) == 1 and "--batch 6" in err[0] and "multiple of the 4 processes" in err[0], err
-    assert srpo.local_batch(srpo.TrainConfig(), 8) == 4 and srpo.local_batch(srpo.TrainConfig(batch=6), 3) == 2
+    assert runtime.local_batch(srpo.TrainConfig(), 8) == 4 and runtime.local_batch(srpo.TrainConfig(batch=6), 3) == 2
 
 
 def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
@@ -710,7 +725,7 @@ def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
     code, err = run_cli(["train", "--steps", "4", *SMALL, "--lr", "0.5", "--out", straight, "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "lr" in err[0]
     after = weights(straight, 3)
-    assert sorted(srpo.checkpoints(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(runtime.checkpoints(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -727,9 +742,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
     code, err = run_cli(["train", "--steps", "5", "--save-every", "1", "--keep", "5", *SMALL, "--out", out], capsys)
     errors = [line for line in err if line.startswith("error: ")]  # after the progress bar's lines
     assert code == 2 and len(errors) == 1 and errors[0] == err[-1], err
-    assert "step 3" in err[-1] and "not finite" in err[-1] and srpo.CHECKPOINT.format(2) in err[-1], err
-    assert sorted(srpo.checkpoints(out)) == [1, 2]
-    model = fm.load_transformer(os.path.join(out, srpo.CHECKPOINT.format(2)))
+    assert "step 3" in err[-1] and "not finite" in err[-1] and runtime.CHECKPOINT.format(2) in err[-1], err
+    assert sorted(runtime.checkpoints(out)) == [1, 2]
+    model = fw.load_transformer(os.path.join(out, runtime.CHECKPOINT.format(2)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -767,7 +782,9 @@ SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 7
 
 
 def train_cfg(*flags, demo=False):
-    return srpo.train_config(srpo.build_parser().parse_args(["train", *flags]), demo, 1)
+    args = srpo.build_parser().parse_args(["train", *flags])
+    assert (args.flux is None) == demo
+    return command_line.config_from_flags(args, srpo.TrainConfig, srpo.DEMO_DEFAULTS, srpo.REWARD_RECIPES, 1)
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))
@@ -790,7 +807,7 @@ def test_help_lists_the_per_reward_defaults_side_by_side():
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("    --")}
     assert "--reward hps" in text and "--reward pickscore" in text and "--reward clip" in text
     for key in ("rollout_guidance", "window", "k_denoise", "k_inversion"):
-        cells = [srpo.flag_value(OFFICIAL_SCRIPTS[name][1][key]) for name in OFFICIAL_SCRIPTS]
+        cells = [command_line.flag_value(OFFICIAL_SCRIPTS[name][1][key]) for name in OFFICIAL_SCRIPTS]
         assert rows["--" + key.replace("_", "-")] == " ".join(cells).split(), key
     assert "may suit PickScore less" in " ".join(text.split())
 
@@ -826,14 +843,14 @@ def test_a_step_with_a_clip_reward_moves_the_weights_and_resume_refuses_another_
     start, after = load_file(os.path.join(flux, "transformer", "diffusion_pytorch_model.safetensors")), weights(out, 1)
     assert start.keys() == after.keys()
     assert 2.5e-6 < max((after[k] - start[k]).abs().max().item() for k in start) < 7.5e-6
-    config = fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(1), "state.json"))["config"]
+    config = util.read_json(os.path.join(out, runtime.CHECKPOINT.format(1), "state.json"))["config"]
     assert config["reward"] == name and config["rollout_guidance"] == OFFICIAL_SCRIPTS[name][1]["rollout_guidance"]
     assert config["window"] == list(OFFICIAL_SCRIPTS[name][1]["window"])
     capsys.readouterr()  # the run's progress bars
     code, err = run_cli([*real_args, "--out", out, "--steps", "2", "--resume"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --resume with other settings"), err
     assert f"reward={name}" in err[0], err
-    assert sorted(srpo.checkpoints(out)) == [1] and len(log_lines(out)) == 1
+    assert sorted(runtime.checkpoints(out)) == [1] and len(log_lines(out)) == 1
 
 
 def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, capsys):
@@ -866,5 +883,5 @@ def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
     """`train --reward pickscore` without --flux: the demo on a tiny random PickScore, with PickScore's recipe."""
     out = str(tmp_path)
     srpo.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
-    config = fm.read_json(os.path.join(out, srpo.CHECKPOINT.format(2), "state.json"))["config"]
+    config = util.read_json(os.path.join(out, runtime.CHECKPOINT.format(2), "state.json"))["config"]
     assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2

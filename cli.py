@@ -1,0 +1,180 @@
+"""The command line of srpo.py: one parser, each flag defined once; TrainConfig <-> flags in one place (every field
+of the config is a flag of `train`, its default the official run's, the reward recipe's or the tiny demo's)."""
+
+import argparse
+import os
+from dataclasses import fields
+
+import torch
+
+import reward
+from sampling import DEFAULT_PROMPT
+from util import InputError, check_folder
+
+REWARD_MODELS = {"hps": "--hps CKPT, HPSv2.1's HPS_v2.1_compressed.pt", "pickscore": "--pickscore DIR, a "
+                 "transformers folder of PickScore_v1", "clip": "--clip DIR, a transformers folder of CLIP-ViT-H-14"}
+
+
+def build_parser(config, demo, recipes):
+    """The parser of the three commands. config is the TrainConfig class (its docstring is `train`'s usage), demo
+    and recipes the tiny demo's and each reward's defaults."""
+    parser = argparse.ArgumentParser(prog="srpo.py", description="SRPO on FLUX.1-dev: train, sample and score.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sample_flags(sub.add_parser("sample", help="generate images with a FLUX.1 model (or the tiny built-in one)",
+                                description="Generate images. Without --flux, a tiny random model built in code "
+                                "runs offline."))
+    train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"{config.__doc__}\n\n{recipe_table(config, recipes)}")
+    train_flags(train)
+    add_config_flags(train, config, demo, recipes)
+    score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
+                               "reward", description=reward.cmd_score.__doc__))
+    return parser
+
+
+def parse_args(parser, argv):
+    """The parsed command line, with the defaults that depend on other flags filled in."""
+    args = parser.parse_args(argv)
+    if args.command == "sample":  # the tiny built-in model is small and offline: its own defaults
+        for name, real, tiny in [("height", 1024, 64), ("width", 1024, 64), ("max_sequence_length", 512, 32),
+                                  ("out", "samples" if args.prompts else "sample.png", None)]:
+            if getattr(args, name) is None:
+                setattr(args, name, real if args.flux or tiny is None else tiny)
+    return args
+
+
+def device_flags(p, device_help):
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=device_help)
+    p.add_argument("--attn", choices=["triton", "sdpa"], default=None,
+                   help="attention and QK-norm+RoPE kernels (default: triton on CUDA, sdpa elsewhere)")
+
+
+def sample_flags(p):
+    p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; "
+                   "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent)")
+    p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
+                   "keys (e.g. SRPO's diffusion_pytorch_model.safetensors)")
+    p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
+                   "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
+                   "run started again skips the prompts whose images exist")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (1024; tiny: 64)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (1024; tiny: 64)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50; FLUX.1-schnell: 4)")
+    p.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (default 3.5; ignored, "
+                   "with a note, by a transformer without a guidance embedding such as FLUX.1-schnell's)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 prompt tokens, 1..512 (default 512, as FluxPipeline; tiny: 32; FLUX.1-schnell is run with "
+                   "256)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives diffusers' image")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (diffusers' num_images_per_prompt)")
+    p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
+                   "OUT-(N-1).png; with --prompts, a folder (default samples)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
+                   "float32)")
+    device_flags(p, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
+                 "--prompts)")
+
+
+def train_flags(p):
+    """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
+    p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
+                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP)")
+    p.add_argument("--hps", help="--reward hps: HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors "
+                   "(needs --flux)")
+    p.add_argument("--pickscore", metavar="DIR", help="--reward pickscore: PickScore_v1 as a transformers CLIPModel "
+                   "folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
+    p.add_argument("--clip", metavar="DIR", help="--reward clip: CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers "
+                   "CLIPModel folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
+    p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
+    p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
+                   "(default runs/srpo)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+
+
+def score_flags(p):
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode (converted to RGB)")
+    p.add_argument("--hps", help="HPS checkpoint: HPS_v2(.1)_compressed.pt (open_clip) or its converted .safetensors")
+    p.add_argument("--pickscore", metavar="DIR", help="PickScore model folder in transformers format (config.json + "
+                   "weights); captions tokenized as its CLIPProcessor does")
+    p.add_argument("--clip", metavar="DIR", help="CLIP model folder in transformers format (e.g. laion "
+                   "CLIP-ViT-H-14-laion2B-s32B-b79K), scored as PickScore: exp(logit_scale) <img, txt>")
+    p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
+                   "folder (its tokenizer/); default for --pickscore/--clip: the model folder's own files")
+    p.add_argument("--prompt", help="the prompt the images were made for")
+    p.add_argument("--manifest", help="images.jsonl of a `sample --prompts` folder: scores each image against its "
+                   "own prompt, then prints the mean (instead of IMAGE and --prompt)")
+    p.add_argument("--relative", nargs=2, metavar=("POS", "NEG"), help="SRP reward with these control words, e.g. "
+                   "Real Painting")
+    p.add_argument("--k", type=float, default=0.0, help="k of the SRP reward (default 0)")
+    p.add_argument("--preprocess", choices=["hpsv2", "crop"], default=None,
+                   help="hpsv2: longest side to 224 + zero pad (HPS default); crop: short side to 224 + centre crop "
+                   "(SRPO training, PickScore default)")
+    p.add_argument("--save-safetensors", metavar="PATH", help="convert --hps to a safetensors file first (later "
+                   "loads are fast and pickle-free), then score from it; IMAGE may be omitted")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on every device, "
+                   "as scores print with 6 decimals)")
+
+
+def flag_value(value):
+    """A TrainConfig value as it is typed on the command line: a pair as 'A B'."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def recipe_table(config, recipes):
+    """The defaults that differ between the rewards, one column per reward (for --help)."""
+    differ = [f for f in fields(config) if any(f.name in recipe for recipe in recipes.values())]
+    rows = [["", *(f"--reward {name}" for name in recipes)]]
+    rows += [["--" + f.name.replace("_", "-"), *(flag_value(recipe.get(f.name, f.default))
+                                                 for recipe in recipes.values())] for f in differ]
+    return "\n".join("    " + "".join(cell.ljust(22) for cell in row).rstrip() for row in rows)
+
+
+def add_config_flags(parser, config, demo, recipes):
+    """One flag per config field; default None so that config_from_flags can tell the demo's and the reward's
+    defaults apart."""
+    for f in fields(config):
+        notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in recipes.items() if f.name in recipe]
+        tiny = f"; tiny demo {demo[f.name]}" if f.name in demo else ""
+        kind = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, choices=f.metadata["choices"],
+                            nargs=len(f.default) if isinstance(f.default, tuple) else None,
+                            metavar=("A", "B") if isinstance(f.default, tuple) else None,
+                            help=f"{f.metadata['help']} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
+
+
+def config_from_flags(args, config, demo, recipes, world):
+    """The config from the flags: where a flag is not given, the official values of --reward's recipe, or, in the
+    tiny demo, the demo's (its --batch: one prompt per process of the `world`). The config checks itself."""
+    defaults = {**recipes[args.reward or config.reward], **({**demo, "batch": world} if args.flux is None else {})}
+    values = {}
+    for f in fields(config):
+        value = getattr(args, f.name)
+        value = defaults.get(f.name, f.default) if value is None else value
+        values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
+    return config(**values)
+
+
+def check_reward_flags(args, name):
+    """Before anything loads: the model flag of --reward is given, and no other (the tiny demo takes none); its
+    file or folder looks right."""
+    demo = args.flux is None
+    given = [other for other in REWARD_MODELS if getattr(args, other)]
+    if demo and given:
+        raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
+    other = next((other for other in given if other != name), None)
+    if other:
+        raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
+    if demo:
+        return
+    check_folder(args.flux, "a diffusers FLUX.1 folder")
+    path = getattr(args, name)
+    if not path:
+        raise InputError(f"--{name} is required with --flux and --reward {name} ({REWARD_MODELS[name]})")
+    if name != "hps":
+        reward.check_clip_folder(path, reward.REWARDS[name].name)
+    elif not os.path.isfile(path):
+        raise InputError(f"{path}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")

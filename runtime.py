@@ -1,0 +1,438 @@
+"""The systems side of training: processes (torchrun) and FSDP2, the trained transformer's setup, checkpoints and
+resume, the JSONL log. srpo.py says what a step computes; this file says where it runs and what survives it."""
+
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import flux_model as fm
+import flux_weights as fw
+from kernels.attention import warm_up
+from reward import control_caption, control_words, load_reward
+from sampling import encode_prompts, tiny_models
+from util import (
+    Fault,
+    InputError,
+    atomic_write,
+    attention_backend,
+    check_writable,
+    derive_seed,
+    read_json,
+    this_process,
+    write_json,
+    write_text,
+    written,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: one per GPU under torchrun, the global batch split over them
+
+
+@dataclass
+class Ranks:
+    """This process in the run: rank of world (torchrun: one process per GPU), and the device it computes on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def mean(self, t):
+        """The mean over all ranks of a tensor on the device (every rank gets it)."""
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t / self.world
+
+    def from_main(self, obj):
+        """Rank 0's value of obj on every rank (what rank 0 decided: the checkpoint to resume, or an error)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag):
+        """True on every rank if it is true on any: the collective decision to stop at this step boundary."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def main_writes(self, what, write):
+        """write() on rank 0; its Fault is raised on every rank (the others would wait for rank 0 forever)."""
+        error = None
+        if self.main:
+            try:
+                written(what, write)
+            except Fault as e:
+                error = str(e)
+        error = self.from_main(error)
+        if error:
+            raise Fault(error)
+
+
+@contextlib.contextmanager
+def processes(args, cfg, world):
+    """The run's processes, from `with` to its end: the output folder tried first, --batch split evenly, then the
+    process group under torchrun (CPU processes: gloo; GPUs: nccl, one per process); the demo runs single-threaded
+    on a CPU (tiny tensors gain nothing from threads and lose much when the cores are shared). -> Ranks."""
+    check_writable(args.out)
+    local_batch(cfg, world)  # before any process group
+    ranks = init_ranks(args.device)
+    threads = torch.get_num_threads()
+    if args.flux is None and ranks.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield ranks
+        if ranks.world > 1:
+            dist.barrier()
+    finally:
+        torch.set_num_threads(threads)
+        if ranks.world > 1:
+            dist.destroy_process_group()
+
+
+def my_prompts(prompt_of, step, cfg, ranks):
+    """[(j, prompt)] of this rank at `step`: prompts r b .. r b + b - 1 of the global batch, b = --batch / world."""
+    per = local_batch(cfg, ranks.world)
+    return [(j, prompt_of(step, j)) for j in range(ranks.rank * per, (ranks.rank + 1) * per)]
+
+
+def init_ranks(device_name):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo."""
+    _, world, device = this_process(device_name)
+    if world == 1:
+        return Ranks(0, 1, device)
+    # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
+    # others wait at the barrier: far longer than the default 10-minute collective timeout.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return Ranks(dist.get_rank(), world, device)
+
+
+def prompt_schedule(prompts, cfg):
+    """Prompt j of the global batch at update s (from 1): prompts[perm[((s - 1) B + j) mod n]], B = --batch, perm a
+    permutation seeded by --seed: each pass visits every prompt once, whatever the number of processes, and a
+    resumed run sees what it would have."""
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
+    return lambda step, j: prompts[perm[((step - 1) * cfg.batch + j) % len(prompts)]]
+
+
+def local_batch(cfg, world):
+    """Prompts per process per step: --batch / world. Rank r runs prompts r b .. r b + b - 1 of the global batch."""
+    if cfg.batch % world:
+        raise InputError(f"--batch {cfg.batch} is not a multiple of the {world} processes (each runs batch / world "
+                         f"prompts per step)")
+    return cfg.batch // world
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trained transformer: fp32 master weights, activation checkpointing, FSDP2
+
+
+def build_transformer(load, flux_cfg, ranks, attn):
+    """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
+    torchrun FSDP2. `load(device)` gives the full fp32 model; under FSDP only rank 0 calls it."""
+    if ranks.world == 1:
+        model = load(ranks.device)
+    else:
+        with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
+            model = fm.Flux(flux_cfg)
+    model.set_attention_backend(attn)
+    for block in [*model.double_blocks, *model.single_blocks]:
+        checkpoint(block)  # keep each block's input only; recompute its inside during the backward
+    if ranks.world > 1:
+        fsdp_shard(model, load, ranks)
+    return model
+
+
+def fsdp_shard(model, load, ranks):
+    """FSDP2: `fully_shard` each block, then the root (embedders, final layer); each rank holds 1/world of the
+    weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights on its CPU and
+    every rank receives its shards by broadcast, so one process reads the files."""
+    full = load("cpu").state_dict() if ranks.main else {}
+    # The velocity the model returns is a view; nothing here modifies it in place, which is what FSDP warns about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    # On CUDA the shards are gathered in bf16 (half the traffic; autocast computes in bf16 anyway) and gradients
+    # are reduced in fp32. Inputs are left as they are: sigma must not be rounded to bf16 on its way in.
+    cuda = ranks.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
+    for block in [*model.double_blocks, *model.single_blocks]:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=ranks.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+class Parts(NamedTuple):
+    """What a run trains with: the transformer and its AdamW, the frozen VAE and reward, the prompts' embeddings
+    ({prompt: (txt, y)} on the host), which prompt comes when (prompt_of(step, j)), the step it starts after."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ae: torch.nn.Module
+    reward: torch.nn.Module
+    embeddings: dict
+    prompt_of: object
+    start: int
+
+
+def training_parts(args, cfg, prompts, ranks):
+    """Everything loaded, resumed and warmed up. The text encoders live only long enough to embed this rank's
+    prompts (T5-XXL alone is 9.5 GB in bf16); the VAE and the reward are frozen (gradients flow through them to
+    the image, never into them). The reward keeps fp32 weights and runs under bf16 autocast, like the transformer
+    and the VAE decode it backpropagates through; the official script ran its reward under fp16 autocast, whose
+    narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range)."""
+    start, folder = start_point(args.out, cfg, args.resume, ranks)
+    prompt_of = prompt_schedule(prompts, cfg)
+    mine = [p for step in range(start + 1, cfg.steps + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
+    frozen = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # no master weights needed
+    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device)
+    embeddings = encode_prompts(text, mine + prompts[: cfg.samples])
+    del text
+    if ranks.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if folder:
+        load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
+    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device))
+    reward = load_reward(args, cfg, ranks.device)
+    return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
+
+
+def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
+    """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
+    resuming), the Triton kernels tuned and every SRP caption encoded before the first step. -> Parts."""
+    ae.requires_grad_(False)
+    reward.requires_grad_(False)
+    # fused: one kernel over all parameters and no temporary copies of the (sharded) state
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay, fused=True)
+    if folder:
+        load_training_state(model, opt, folder, ranks)
+    warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
+    encode_captions(reward, prompt_of, cfg, start, ranks)
+    return Parts(model, opt, ae, reward, embeddings, prompt_of, start)
+
+
+def frozen_parts(args, dtype, device):
+    """(VAE, text encoders, transformer config, load(device) of the fp32 transformer): --flux's, or the tiny
+    demo's random ones built in code (the same start on every rank; rank 0's is broadcast under FSDP anyway)."""
+    if args.flux is None:
+        tiny, ae, text = tiny_models()
+        return ae, text.to(device), tiny.cfg, tiny.to
+    sub = os.path.join(args.flux, "transformer")
+    flux_cfg = fw.read_flux_config(sub)
+    ae = fw.load_autoencoder(os.path.join(args.flux, "vae"), None, dtype, device)
+    text = fm.TextConditioner.from_folder(args.flux, dtype, device)
+    return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, torch.float32)
+
+
+def encode_captions(reward, prompt_of, cfg, start, ranks):
+    """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
+    now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
+    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them)."""
+    for step in range(start + 1, cfg.steps + 1):
+        for _, prompt in my_prompts(prompt_of, step, cfg, ranks):
+            for word in control_words(step):
+                reward.text_features([control_caption(word, prompt)])
+
+
+def check_guidance_embedding(flux, cfg):
+    """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a transformer without the embedding cannot take it."""
+    if not fw.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
+        raise InputError(f"{flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
+                         f"feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
+                         f"{cfg.rollout_guidance:g} to the rollout): train a guidance-distilled model such as "
+                         f"FLUX.1-dev")
+
+
+def warm_up_kernels(model, cfg, text_tokens, device):
+    """Tune the Triton attention kernels at the run's sequence length (image + text tokens: the rollout, both
+    branches and the grids all use it) and in autocast's bf16, before the first step (see kernels.attention)."""
+    if model.double_blocks[0].backend == "triton":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what autocast hands the kernels
+        warm_up((cfg.height // 16) * (cfg.width // 16) + text_tokens, model.cfg.num_heads, model.cfg.head_dim, dtype,
+                device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+CHECKPOINT = "checkpoint-{:06d}"
+
+
+def state_dict_options(ranks, load=False):
+    """Full (unsharded) state dicts keyed by parameter name: gathered to rank 0's CPU to save; to load, a single
+    process takes its own and under FSDP rank 0's is broadcast into the shards."""
+    if load:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if ranks.world > 1 else None
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoints(out):
+    """{step: folder} of the complete checkpoints in out (state.json is written last: no state.json, no save)."""
+    found = {}
+    for name in os.listdir(out):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(out, name, "state.json")):
+            found[int(m[1])] = os.path.join(out, name)
+    return found
+
+
+def save_checkpoint(model, opt, step, cfg, out, ranks):
+    """out/checkpoint-STEP/ holding, each written to a temp file then renamed:
+      diffusion_pytorch_model.safetensors + config.json  the transformer in diffusers format, fp32 (the model
+                                                         card's snippet loads it; the exact weights for resume)
+      training.pt                                        AdamW state (parameter names as keys) and RNG state
+      state.json                                         step and config, written last: it marks the save complete
+    Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
+    deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
+    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault."""
+    weights = get_model_state_dict(model, options=state_dict_options(ranks))
+    optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
+    folder = os.path.join(out, CHECKPOINT.format(step))
+
+    def write():
+        with torch.device("meta"):
+            full = fm.Flux(model.cfg)
+        full.load_state_dict(weights, assign=True)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        state = {"optimizer": optim, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
+        try:
+            fw.save_transformer(full, folder)
+            atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
+            write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)  # no state.json, no checkpoint: leave no half of one either
+            raise
+        for old in sorted(checkpoints(out))[: -cfg.keep]:
+            shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
+
+    ranks.main_writes(f"the checkpoint {folder}", write)
+
+
+def load_training_state(model, opt, folder, ranks):
+    """AdamW and RNG state of a checkpoint (the weights were loaded with the model): read by rank 0 only."""
+    state = {"optimizer": {}, "rng": None}  # under FSDP the other ranks get rank 0's by broadcast
+    if ranks.main:
+        state = torch.load(os.path.join(folder, "training.pt"), weights_only=True)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=state_dict_options(ranks, load=True))
+    rng = ranks.from_main(state["rng"])
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+RUN_LENGTH = ("steps", "save_every", "keep", "samples")  # what --resume may change: not the trajectory
+
+
+def resume_point(out, cfg, resume):
+    """(step, folder) to start from: (0, None) for a new run, else the latest complete checkpoint. Refuses to mix a
+    new run into a folder that holds checkpoints, or to resume with settings that change the trajectory."""
+    found = checkpoints(out)
+    if not found:
+        if resume:
+            print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+        return 0, None
+    step = max(found)
+    if not resume:
+        raise InputError(f"{out} already holds checkpoints (latest: step {step}): pass --resume to continue, or "
+                         f"choose another --out")
+    saved = read_json(os.path.join(found[step], "state.json"))["config"]
+    ours = json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in saved if k not in RUN_LENGTH and saved[k] != ours.get(k)]
+    if changed:
+        raise InputError(f"--resume with other settings than the checkpoint's: {', '.join(changed)} (the "
+                         f"checkpoint has {', '.join(f'{k}={saved[k]}' for k in changed)})")
+    return step, found[step]
+
+
+def start_point(out, cfg, resume, ranks):
+    """(step, folder) to start after, decided by rank 0 (resume_point) and the same on every rank: every rank
+    stops, or every rank starts from the same step."""
+    decision = None
+    if ranks.main:
+        try:
+            decision = resume_point(out, cfg, resume)
+        except InputError as e:
+            decision = e
+    decision = ranks.from_main(decision)
+    if isinstance(decision, InputError):
+        raise decision
+    return decision
+
+
+def checkpoint_note(out):
+    """Where a stopped or failed run can continue from."""
+    found = checkpoints(out)
+    if not found:
+        return "no checkpoint is complete yet: the same command starts the run again"
+    return f"the last complete checkpoint, {found[max(found)]}, is intact: the same command with --resume continues"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The log
+
+
+def open_log(out, start, ranks):
+    """out/log.jsonl, one JSON line per step, trimmed to the steps <= start (a resumed run redoes the rest)."""
+    log = os.path.join(out, "log.jsonl")
+    ranks.main_writes(f"the log {log}", functools.partial(trim_log, log, start))
+    return log
+
+
+def append_log(path, record):
+    """One JSON line per step (log.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    write_text(path, "".join(lines))
+
+
+def report(out):
+    """Where the results are, and the reward curve in two numbers."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rewards = [json.loads(line)["reward_denoise"] for line in f if line.strip()]
+    if rewards:
+        # The control words cycle every 20 steps (4 x 5) and move the reward by more than training does in a
+        # short run: compare whole cycles.
+        n = max(1, min(20, len(rewards) // 2))
+        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        print(f"denoise-branch reward, mean of the first {n} steps -> last {n}: {first:.4f} -> {last:.4f}")
+    latest = checkpoints(out)
+    grids = [os.path.join(out, f"samples-{when}.png") for when in ("before", "after")]
+    print(f"checkpoint: {latest[max(latest)] if latest else 'none'}; log: {os.path.join(out, 'log.jsonl')}; "
+          f"samples: {', '.join(g for g in grids if os.path.exists(g)) or 'none'}")

@@ -1,0 +1,363 @@
+"""Sampling FLUX.1 as diffusers' FluxPipeline does: the schedule a folder's scheduler config asks for, the noise of a
+seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once).
+
+Flow matching: x_sigma = sigma * eps + (1 - sigma) * x0; the model predicts v ~ eps - x0."""
+
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import flux_model as fm
+import flux_weights as fw
+from util import (
+    MANIFEST,
+    Fault,
+    InputError,
+    Stopped,
+    StopSignals,
+    atomic_write,
+    check_folder,
+    check_writable,
+    parse_dtype,
+    read_json,
+    read_prompts,
+    this_process,
+    to_device,
+    write_manifest,
+    written,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule: FluxPipeline's sigmas, from a folder's FlowMatchEulerDiscreteScheduler config
+
+
+DEFAULT_PROMPT = "a photo of a red fox in the snow"
+
+
+def time_shift(mu, sigmas):
+    """FLUX's resolution-dependent shift of a schedule: t' = e^mu / (e^mu + (1/t - 1))."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The settings of diffusers' FlowMatchEulerDiscreteScheduler that FluxPipeline's sigmas depend on, at that
+    scheduler's defaults (what it takes for a key its config file leaves out)."""
+    shift: float = 1.0  # static shift s (FLUX.1-schnell: 1, no shift)
+    use_dynamic_shifting: bool = False  # FLUX.1-dev: mu from the image length instead of s
+    base_shift: float = 0.5  # mu at base_image_seq_len packed tokens
+    max_shift: float = 1.15  # mu at max_image_seq_len
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float = None  # stretch the shifted sigmas so that the last one is this (None or 0: off)
+
+
+FLUX_DEV = FlowSchedule(shift=3.0, use_dynamic_shifting=True)  # FLUX.1-dev's scheduler_config.json
+
+
+# Keys accepted at these values only: any other changes FluxPipeline's sigmas or steps in a way not implemented here.
+SCHEDULER_FIXED = {"num_train_timesteps": 1000, "invert_sigmas": False, "use_karras_sigmas": False,
+                   "use_exponential_sigmas": False, "use_beta_sigmas": False, "time_shift_type": "exponential",
+                   "stochastic_sampling": False}
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def schedule_from_config(config, path):
+    """FlowSchedule from a FlowMatchEulerDiscreteScheduler config (a dict read from path). A key this sampler does
+    not know, or a setting it does not implement, is refused rather than ignored: the image would not be
+    FluxPipeline's."""
+    if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        raise InputError(f"{path}: _class_name {config['_class_name']!r}: expected FlowMatchEulerDiscreteScheduler")
+    known = {f.name for f in fields(FlowSchedule)}
+    for key, value in config.items():
+        if key in SCHEDULER_FIXED and value != SCHEDULER_FIXED[key]:
+            raise InputError(f"{path}: {key}={json.dumps(value)} is not supported (only "
+                             f"{json.dumps(SCHEDULER_FIXED[key])}, FLUX.1's)")
+        if not key.startswith("_") and key not in known and key not in SCHEDULER_FIXED:  # _diffusers_version, ...
+            raise InputError(f"{path}: unknown key {key!r} (not a FlowMatchEulerDiscreteScheduler setting this "
+                             f"sampler implements)")
+    schedule = FlowSchedule(**{k: v for k, v in config.items() if k in known})
+    for key in ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
+        if not is_number(getattr(schedule, key)):
+            raise InputError(f"{path}: {key}={json.dumps(getattr(schedule, key))}: expected a number")
+    if not isinstance(schedule.use_dynamic_shifting, bool):
+        raise InputError(f"{path}: use_dynamic_shifting={json.dumps(schedule.use_dynamic_shifting)}: expected "
+                         f"true or false")
+    if schedule.shift <= 0 or schedule.base_image_seq_len == schedule.max_image_seq_len:
+        raise InputError(f"{path}: expected shift > 0 and base_image_seq_len != max_image_seq_len (mu's slope "
+                         f"divides by their difference)")
+    if schedule.shift_terminal is not None and not (is_number(schedule.shift_terminal)
+                                                    and 0 <= schedule.shift_terminal < 1):
+        raise InputError(f"{path}: shift_terminal={json.dumps(schedule.shift_terminal)}: expected null or a "
+                         f"number in [0, 1)")
+    return schedule
+
+
+def read_schedule(flux_dir):
+    """A FLUX folder's scheduler/scheduler_config.json as a FlowSchedule; FLUX.1-dev's when the file is absent."""
+    path = os.path.join(flux_dir, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        return FLUX_DEV
+    return schedule_from_config(read_json(path), path)
+
+
+def flux_schedule(steps, seq_len, schedule=FLUX_DEV):
+    """FluxPipeline's sigmas for `steps` Euler steps on seq_len packed tokens: t = linspace(1, 1/steps, steps),
+    shifted, then 0 appended, in float32 as diffusers computes them (numpy, bit for bit). The shift is dynamic
+    (time_shift with mu linear in seq_len: 0.5 at 256 tokens, 1.15 at 4096 for FLUX.1-dev) or static,
+    sigma = s t / (1 + (s - 1) t); shift_terminal then stretches 1 - sigma so that the last sigma is that value."""
+    s = schedule
+    t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)  # numpy's linspace, as diffusers
+    if s.use_dynamic_shifting:
+        m = (s.max_shift - s.base_shift) / (s.max_image_seq_len - s.base_image_seq_len)
+        sigmas = time_shift(seq_len * m + (s.base_shift - m * s.base_image_seq_len), t)
+    else:
+        sigmas = s.shift * t / (1 + (s.shift - 1) * t)
+    if s.shift_terminal:
+        if steps == 1:
+            raise InputError("a schedule with shift_terminal needs --steps 2 or more (its one sigma is 1: nothing "
+                             "to stretch)")
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - s.shift_terminal))
+    return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=False):
+    """Integrate dx/dsigma = v from sigmas[0] to sigmas[-1]: x += (sigma_next - sigma) * v, in float32.
+
+    cond = (img_ids, txt, txt_ids, y). The latents keep their dtype (bf16 when sampling in bf16, as diffusers does;
+    fp32 in training, whatever autocast makes of v). timesteps[i] is what the model is told at sigmas[i]; by
+    default FluxPipeline's: sigma * 1000 rounded to the latents' dtype, then / 1000 (training passes the official
+    script's truncation, `official_timestep`). The Euler update itself always uses the exact sigmas."""
+    img_ids, txt, txt_ids, y = cond
+    if timesteps is None:
+        timesteps = (sigmas * 1000).to(x.dtype) / 1000
+    timesteps = timesteps.to(x.device)  # one copy to the device, not one per step
+    g = torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype)
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
+        v = model(x, img_ids, txt, txt_ids, y, timesteps[i].expand(x.shape[0]), g)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+    return x
+
+
+def initial_noise(batch, height, width, seed, dtype):
+    """Packed N(0, I) latents drawn on the CPU exactly as diffusers' FluxPipeline draws them for this seed."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return fm.pack(torch.randn((batch, 16, 2 * (height // 16), 2 * (width // 16)), generator=g, dtype=dtype))
+
+
+def decode_images(ae, x, height, width):
+    """Packed latents -> images in [0, 1], (B, 3, H, W)."""
+    return (ae.decode(fm.unpack(x, height, width)) / 2 + 0.5).clamp(0, 1)
+
+
+GRID_STEPS = 28  # the sample grids use FluxPipeline's default inference steps
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, the weights staying fp32 (the master copy AdamW updates); the CPU runs in fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def sample_grid(model, ae, conds, height, width, guidance, device):
+    """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed i (as `srpo.py sample
+    --seed i`), at FLUX.1-dev's inference settings (28 steps of flux_schedule): a training run's before/after view."""
+    images = []
+    for i, cond in enumerate(conds):
+        x = initial_noise(1, height, width, i, torch.float32).to(device)
+        with autocast(device):
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1]), cond, guidance)
+            images.append(decode_images(ae, x, height, width).float())
+    return torch.cat(images, dim=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and prompts
+
+
+def tiny_models(seed=0):
+    """The built-in tiny FLUX, autoencoder and text encoders, random with a fixed seed: no files, no downloads."""
+    torch.manual_seed(seed)
+    model = fm.Flux(fm.FluxConfig.preset("tiny")).eval()
+    ae = fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).eval()
+    text = fm.TextConditioner.tiny(model.cfg.context_in_dim, model.cfg.vec_in_dim, seed=seed)
+    return model, ae, text
+
+
+def load_flux_folder(flux_dir, transformer_file, dtype, device):
+    """A diffusers FLUX.1 folder, optionally with replacement transformer weights (e.g. SRPO's file)."""
+    check_folder(flux_dir, "a diffusers FLUX.1 folder")
+    sub = os.path.join(flux_dir, "transformer")
+    cfg = fw.read_flux_config(sub)
+    model = fw.load_transformer(transformer_file or sub, cfg, dtype, device)
+    ae = fw.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    return model, ae
+
+
+def check_size(height, width):
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise InputError(f"height and width must be positive multiples of 16, got {height}x{width}")
+
+
+def encode_prompts(text, prompts):
+    """{prompt: (txt (1, T, ctx), y (1, vec))} on the CPU: each prompt through the text encoders once, so that
+    they can be freed before the transformer is loaded (T5-XXL alone is 9.5 GB in bf16)."""
+    return {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
+
+
+def conditioning(embedding, height, width, device):
+    """(img_ids, txt, txt_ids, y) for one prompt's (txt, y) embedding at height x width, as the model takes them."""
+    txt, y = (to_device(t, device) for t in embedding)
+    return fm.image_ids(height, width, device), txt, torch.zeros(txt.shape[1], 3, device=device), y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def check_png_path(out):
+    """Fail before any work if the image cannot be written there."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise InputError(f"{out}: the folder {folder} does not exist or is not writable")
+    if os.path.splitext(out)[1].lower() not in Image.registered_extensions():
+        raise InputError(f"{out}: needs an image extension such as .png")
+
+
+def png_paths(out, n):
+    """Where `sample` writes n images for one prompt: `out` itself for one, `stem-i.ext` for several."""
+    stem, ext = os.path.splitext(out)
+    return [out] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def save_png(images, paths):
+    """Write images (B, 3, H, W) in [0, 1], one file each, atomically: a file that exists is a whole image (what
+    a resumed `sample --prompts` run relies on to skip it)."""
+    for img, path in zip(images, paths, strict=True):
+        pixels = (img.permute(1, 2, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
+        image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temporary name has none
+        atomic_write(path, functools.partial(Image.fromarray(pixels).save, format=image_format))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sample command
+
+
+def sample_jobs(args):
+    """(prompt, image paths) pairs: --prompt into --out (with --batch N, OUT-0 .. OUT-(N-1)), or each line i of
+    --prompts into --out/i.png (i zero-padded to 5 digits)."""
+    if args.prompts is None:
+        check_png_path(args.out)
+        return [(DEFAULT_PROMPT if args.prompt is None else args.prompt, png_paths(args.out, args.batch))]
+    if args.prompt is not None:
+        raise InputError("give --prompt or --prompts, not both")
+    if os.path.splitext(args.out)[1]:
+        raise InputError(f"--out {args.out}: with --prompts, --out is a folder (images 00000.png, ... go in it)")
+    prompts = read_prompts(args.prompts)
+    check_writable(args.out)
+    return [(p, png_paths(os.path.join(args.out, f"{i:05d}.png"), args.batch)) for i, p in enumerate(prompts)]
+
+
+def check_sample_flags(args):
+    """The flags that need no file, before anything is read."""
+    check_size(args.height, args.width)
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch < 1:
+        raise InputError(f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= args.max_sequence_length <= 512:
+        raise InputError(f"--max-sequence-length must be in 1..512 (T5 tokens, FluxPipeline's limit), got "
+                         f"{args.max_sequence_length}")
+    if args.transformer and not args.flux:
+        raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
+
+
+def sample_models(args, prompts, dtype, device):
+    """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny built-in ones; the prompts are encoded first."""
+    if not args.flux:
+        model, ae, text = tiny_models()
+        text.max_length = args.max_sequence_length
+        return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
+    text = fm.TextConditioner.from_folder(args.flux, dtype, device, args.max_sequence_length)
+    embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
+    del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
+    return *load_flux_folder(args.flux, args.transformer, dtype, device), embeddings
+
+
+def sample_guidance(args, cfg, rank):
+    """--guidance, 3.5 unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
+    guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""
+    if not cfg.guidance_embed and args.guidance is not None and rank == 0:
+        print("note: this transformer has no guidance embedding (e.g. FLUX.1-schnell): --guidance is ignored",
+              file=sys.stderr)
+    return 3.5 if args.guidance is None else args.guidance
+
+
+@torch.no_grad()
+def cmd_sample(args):
+    """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
+    alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
+    folder's scheduler config (FLUX.1-dev's without one)."""
+    check_sample_flags(args)
+    rank, world, device = this_process(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if world > 1 and not args.prompts:
+        raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
+    jobs = sample_jobs(args)
+    sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
+                           read_schedule(args.flux) if args.flux else FLUX_DEV)
+    if args.flux:
+        load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
+    if args.prompts:
+        if rank == 0:
+            written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, args.seed))
+        # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
+        jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
+        if not jobs:
+            print(f"{args.out}: nothing left to make, the images exist")
+            return
+    model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
+    model.set_attention_backend(args.attn or ("triton" if device.type == "cuda" else "sdpa"))
+    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(args, model.cfg, rank), args)
+
+
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, args):
+    """Each job's images, written as soon as they are made. SIGTERM / SIGINT stop after the current prompt's images
+    (Stopped), a failed write ends with a Fault: the images written are whole, and the same command continues."""
+    device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
+    img_ids = fm.image_ids(args.height, args.width, device).to(dtype)
+    again = "the images written are complete, and the same command makes the rest"
+    with StopSignals() as signals:
+        for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
+            # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
+            txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
+            x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
+            cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
+                    y.to(device, dtype))
+            images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
+                                   args.height, args.width)
+            try:
+                written(", ".join(paths), functools.partial(save_png, images, paths))
+            except Fault as e:
+                raise Fault(f"{e}; {again}") from None
+            for path in paths:
+                tqdm.write(path)  # above the progress bar, not through it
+            if signals.received and done < len(jobs):
+                raise Stopped(f"{signals.received}: stopped after {done} of {len(jobs)} prompts; {again}")
