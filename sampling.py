@@ -334,7 +334,7 @@ def cmd_sample(args):
             print(f"{args.out}: nothing left to make, the images exist")
             return
     model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
-    model.set_attention_backend(args.attn or ("triton" if device.type == "cuda" else "sdpa"))
+    model.set_attention_backend(attention_backend(args.attn, device))
     sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(args, model.cfg, rank), args)
 
 
