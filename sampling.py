@@ -24,6 +24,7 @@ from util import (
     Stopped,
     StopSignals,
     atomic_write,
+    attention_backend,
     check_folder,
     check_writable,
     parse_dtype,
