@@ -24,8 +24,8 @@ One step (`train_step`), for each prompt of the global batch:
     eps ~ N(0, I), one draw shared by every prompt and rank            shared_noise
     x0 = 25-step Euler rollout of the current model, no gradient       online_rollout
     sel ~ U{5..995}: each branch's sigmas and k in the window          timestep_window, draw_timestep, branch_sigmas
-    denoise: sigma_hi -> sigma_t, SRP(P, N); inversion: sigma_lo ->     branches, direct_align, srp_loss
-    sigma_t, SRP(N, P); each branch backpropagated at once
+    denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
+    inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) saves checkpoints and logs; where it
 runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's.
 
