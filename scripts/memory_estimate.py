@@ -243,7 +243,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
     clip_cfg = clip_cfg or reward.clip_config(**VIT_H_14)
     # on the meta device, in the dtypes training holds them: the transformer as FSDP2 gathers it, the VAE in bf16,
-    # the reward in fp32 (srpo.run_training), plus a bf16 reward to show what its weight casts cost
+    # the reward in fp32 (runtime.training_parts), plus a bf16 reward to show what its weight casts cost
     flux = meta(lambda: fm.Flux(flux_cfg), torch.bfloat16)
     ae = meta(lambda: fm.AutoEncoder(ae_cfg).requires_grad_(False), torch.bfloat16)
     scorer, bf16_scorer = (meta(lambda: hps_reward(clip_cfg), dtype) for dtype in (torch.float32, torch.bfloat16))
