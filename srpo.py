@@ -342,9 +342,10 @@ def train(parts, prompts, cfg, out, ranks, watch=None):
     model, opt, ae, reward, embeddings, prompt_of, start = parts
     log = runtime.open_log(out, start, ranks)
     grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, start == 0)
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
     watch = watch or evaluation.Watch((), cfg, out)
     with StopSignals() as signals, watch.started(parts, ranks):
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train",
+                   disable=not ranks.main)
         for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
             t0 = time.time()
             batch = [(p, sampling.conditioning(embeddings[p], cfg.height, cfg.width, ranks.device),
