@@ -27,7 +27,8 @@ One step (`train_step`), for each prompt of the global batch:
     denoise: sigma_hi -> sigma_t, SRP(P, N); inversion: sigma_lo ->     branches, direct_align, srp_loss
     sigma_t, SRP(N, P); each branch backpropagated at once
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) saves checkpoints and logs; where it
-runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's.
+runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's, the
+held-out evaluations that show reward hacking coming (and TensorBoard) evaluation.py's.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, seconds
     python srpo.py sample | score ...    # sampling.py, reward.py; every command's --help lists its flags
