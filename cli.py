@@ -84,13 +84,23 @@ def train_flags(p):
     p.add_argument("--hps", help="--reward hps: HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors "
                    "(needs --flux)")
     p.add_argument("--pickscore", metavar="DIR", help="--reward pickscore: PickScore_v1 as a transformers CLIPModel "
-                   "folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
+                   "folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's); with "
+                   "another --reward: a second, independent reward that scores the held-out evaluations")
     p.add_argument("--clip", metavar="DIR", help="--reward clip: CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers "
                    "CLIPModel folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
     p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
                    "(default runs/srpo)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line, never trained on: at step "
+                   "0, every --eval-every updates and after the last, prompt i is sampled from seed i with 28 Euler "
+                   "steps of FluxPipeline's schedule (--flux's scheduler config) at --guidance and --height x "
+                   "--width, as `sample --seed i --steps 28` makes it from that step's checkpoint, and scored with "
+                   "the --reward model's plain score (no control words; with --pickscore beside another --reward, "
+                   "PickScore too): OUT/eval.jsonl, OUT/eval/step-N.png (default: 4 built-in prompts)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N updates (default: --save-every)")
+    p.add_argument("--tensorboard", action="store_true", help="also write OUT/tensorboard/: the log's scalars, the "
+                   "evaluation means and grids (needs the optional tensorboard package)")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
@@ -159,13 +169,13 @@ def config_from_flags(args, config, demo, recipes, world):
 
 
 def check_reward_flags(args, name):
-    """Before anything loads: the model flag of --reward is given, and no other (the tiny demo takes none); its
-    file or folder looks right."""
+    """Before anything loads: the model flag of --reward is given, and no other but --pickscore, which beside
+    another --reward scores the held-out evaluations (the tiny demo takes none); the files or folders look right."""
     demo = args.flux is None
     given = [other for other in REWARD_MODELS if getattr(args, other)]
     if demo and given:
         raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
-    other = next((other for other in given if other != name), None)
+    other = next((other for other in given if other not in (name, "pickscore")), None)
     if other:
         raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
     if demo:
@@ -174,6 +184,8 @@ def check_reward_flags(args, name):
     path = getattr(args, name)
     if not path:
         raise InputError(f"--{name} is required with --flux and --reward {name} ({REWARD_MODELS[name]})")
+    if args.pickscore and name != "pickscore":
+        reward.check_clip_folder(args.pickscore, "PickScore")
     if name != "hps":
         reward.check_clip_folder(path, reward.REWARDS[name].name)
     elif not os.path.isfile(path):

@@ -176,14 +176,15 @@ def autocast(device):
 
 
 @torch.no_grad()
-def sample_grid(model, ae, conds, height, width, guidance, device):
-    """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed i (as `srpo.py sample
-    --seed i`), at FLUX.1-dev's inference settings (28 steps of flux_schedule): a training run's before/after view."""
+def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, schedule=FLUX_DEV):
+    """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
+    `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's):
+    a training run's before/after view and its held-out evaluations."""
     images = []
-    for i, cond in enumerate(conds):
-        x = initial_noise(1, height, width, i, torch.float32).to(device)
+    for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
+        x = initial_noise(1, height, width, seed, torch.float32).to(device)
         with autocast(device):
-            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1]), cond, guidance)
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule), cond, guidance)
             images.append(decode_images(ae, x, height, width).float())
     return torch.cat(images, dim=3)
 

@@ -27,7 +27,8 @@ One step (`train_step`), for each prompt of the global batch:
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) saves checkpoints and logs; where it
-runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's.
+runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's, the
+held-out evaluations that show reward hacking coming (and TensorBoard) evaluation.py's.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, seconds
     python srpo.py sample | score ...    # sampling.py, reward.py; every command's --help lists its flags
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import evaluation
 import reward as rewards
 import runtime
 import sampling
@@ -333,15 +335,18 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks):
     return loss, r_d, r_i, norm
 
 
-def train(parts, prompts, cfg, out, ranks):
-    """The loop: train_step per update, the log, the checkpoints, the before/after grids. On SIGTERM or SIGINT (on
-    any rank) every rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken
-    together at the step boundary, so no rank waits in a collective the others have left."""
+def train(parts, prompts, cfg, out, ranks, watch=None):
+    """The loop: train_step per update, the log, the checkpoints, the before/after grids, and the `watch`
+    (evaluation.py: held-out evaluations, TensorBoard; none by default). On SIGTERM or SIGINT (on any rank) every
+    rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken together at the step
+    boundary, so no rank waits in a collective the others have left."""
     model, opt, ae, reward, embeddings, prompt_of, start = parts
     log = runtime.open_log(out, start, ranks)
     grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, start == 0)
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train", disable=not ranks.main)
-    with StopSignals() as signals:
+    watch = watch or evaluation.Watch((), cfg, out)
+    with StopSignals() as signals, watch.started(parts, ranks):
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train",
+                   disable=not ranks.main)
         for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
             t0 = time.time()
             batch = [(p, sampling.conditioning(embeddings[p], cfg.height, cfg.width, ranks.device),
@@ -350,8 +355,10 @@ def train(parts, prompts, cfg, out, ranks):
             record = {"step": step, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
                       "lr": cfg.lr, "words": control_words(step), "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(runtime.append_log, log, record))
+            watch.logged(record)
             bar.set_postfix(reward=f"{r_d:.4f}", loss=f"{loss:.4f}")
             stop = ranks.any(signals.received is not None)
+            watch.after(step)
             if stop or step % cfg.save_every == 0 or step == cfg.steps:
                 runtime.save_checkpoint(model, opt, step, cfg, out, ranks)
             if stop and step < cfg.steps:
@@ -377,14 +384,18 @@ def cmd_train(args):
     if args.flux:
         runtime.check_guidance_embedding(args.flux, cfg)
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    eval_prompts = evaluation.check_flags(args)
     with runtime.processes(args, cfg, world) as ranks:
+        watch = evaluation.Watch.from_flags(args, cfg, eval_prompts, ranks)
         try:
-            train(runtime.training_parts(args, cfg, prompts, ranks), prompts, cfg, args.out, ranks)
+            parts = runtime.training_parts(args, cfg, prompts, ranks, eval_prompts)
+            train(parts, prompts, cfg, args.out, ranks, watch)
         except (Fault, FloatingPointError) as e:
             error = Fault if isinstance(e, Fault) else InputError
             raise error(f"{e}; {runtime.checkpoint_note(args.out)}") from None
     if ranks.main:
         runtime.report(args.out)
+        evaluation.report(args.out, cfg)
 
 
 def build_parser():

@@ -91,7 +91,8 @@ def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight,
     for words in ["could not write the checkpoint", runtime.CHECKPOINT.format(2), "No space left on device",
                   f"the last complete checkpoint, {first}, is intact", "--resume"]:
         assert words in err[0], (words, err)
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "log.jsonl", "samples-before.png"]  # no partial folder
+    assert sorted(os.listdir(out)) == ["checkpoint-000001", "eval", "eval.jsonl", "log.jsonl",
+                                       "samples-before.png"]  # no partial folder
     fw.load_transformer(first)
     monkeypatch.setattr(torch, "save", save)
     srpo.main([*args, "--resume", "--keep", "1"])
@@ -100,15 +101,22 @@ def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight,
     assert log_steps(out) != [] and len(log_steps(out)) == 6
 
 
-@pytest.mark.parametrize("target", ["log", "grid"])
+@pytest.mark.parametrize("target", ["log", "grid", "eval"])
 def test_a_failed_log_or_grid_write_ends_in_one_line(tmp_path, capsys, monkeypatch, target):
-    def quota(*args):
-        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    module, name, file = {"log": (runtime, "append_log", "log.jsonl"), "eval": (runtime, "append_log", "eval.jsonl"),
+                          "grid": (sampling, "save_png", "samples-before.png")}[target]
+    original = getattr(module, name)
 
-    monkeypatch.setattr(*{"log": (runtime, "append_log"), "grid": (sampling, "save_png")}[target], quota)
+    def quota(*args):
+        if any(os.path.basename(path) == file for path in (args[1] if name == "save_png" else args[:1])):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return original(*args)
+
+    monkeypatch.setattr(module, name, quota)
     code, err = run_cli(["train", "--steps", "2", *SMALL, "--out", str(tmp_path)], capsys)
     assert code == 74 and len(err) == 1, err
-    assert {"log": "log.jsonl", "grid": "samples-before.png"}[target] in err[0] and "quota" in err[0].lower(), err
+    words = {"log": "log.jsonl", "grid": "samples-before.png", "eval": "the evaluation of step 0"}[target]
+    assert words in err[0] and "quota" in err[0].lower(), err
     assert "no checkpoint is complete yet" in err[0]
 
 

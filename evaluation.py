@@ -1,0 +1,214 @@
+"""Held-out evaluation while training, and the optional TensorBoard view: the instruments that show reward hacking
+coming.
+
+Direct reward fine-tuning learns to please its reward model: the training reward keeps rising while the images turn
+"oily" or show grid patterns (SRPO issue #22: good at about 10 steps, broken by 20-50; Flow-GRPO and DanceGRPO users
+report the same). The instrument is a view the training does not optimize: prompts it never trains on, sampled at
+inference settings, scored with the reward model's plain score (no control words) and, with --pickscore beside
+another --reward, by an independent reward. While the model learns, the held-out rewards rise with the training
+reward; when it starts to hack, they part: the independent reward flattens or falls while the training reward
+climbs. Pick the checkpoint before the parting.
+
+At step 0, every --eval-every updates and after the last, eval prompt i is sampled from seed i (the same noise at
+every evaluation) with 28 Euler steps of FluxPipeline's schedule at the branches' guidance, the image
+`srpo.py sample --seed i --steps 28` makes from that step's checkpoint, and its 8-bit pixels are scored as
+`srpo.py score` scores the file. Rank 0 writes OUT/eval.jsonl (one line per evaluation, written last),
+OUT/eval/step-NNNNNN/ (the images and the images.jsonl that `score --manifest` reads), OUT/eval/step-NNNNNN.png (a
+grid, each tile captioned with its scores) and, with --tensorboard, OUT/tensorboard/.
+"""
+
+import functools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+import runtime
+import sampling
+from reward import PickScoreReward, tokenizer_folder
+from util import InputError, atomic_write, read_prompts, write_text
+
+# Held out from the demo's training prompts (srpo.DEMO_PROMPTS); a real run gives --eval-prompts (README).
+EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
+                "a watercolor painting of a harbor at sunset", "a close-up portrait of a smiling child")
+GRID_COLUMNS = 8
+
+
+def check_flags(args):
+    """The evaluation's flags, before any work: --eval-every, --tensorboard's package, the prompts. -> prompts."""
+    if args.eval_every is not None and args.eval_every < 1:
+        raise InputError(f"--eval-every must be at least 1, got {args.eval_every}")
+    if args.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  optional: only --tensorboard needs it
+        except ImportError:
+            raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
+
+
+def my_share(n, ranks):
+    """(prompt indices this rank samples, how many of them are its own): r, r + w, ... padded with prompt 0 to
+    ceil(n / w), so that every rank runs the same number of model calls (FSDP's all-gathers are collective)."""
+    mine = list(range(ranks.rank, n, ranks.world))
+    return mine + [0] * (-(-n // ranks.world) - len(mine)), len(mine)
+
+
+def gather(obj, ranks):
+    """Every rank's obj, in rank order, on every rank."""
+    if ranks.world == 1:
+        return [obj]
+    everything = [None] * ranks.world
+    dist.all_gather_object(everything, obj)
+    return everything
+
+
+def quantized(images):
+    """(B, 3, H, W) in [0, 1] as the 8-bit file holds it (save_png's rounding), back in [0, 1]: what is scored."""
+    return (images.float() * 255).round().to(torch.uint8).float().cpu() / 255
+
+
+@torch.no_grad()
+def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
+    """This rank's share of the eval prompts sampled, then scored one image at a time (as `score` does), fp32.
+    -> [(index, image (3, H, W), {name: score})] of its own prompts."""
+    indices, own = my_share(len(prompts), ranks)
+    conds = [sampling.conditioning(parts.embeddings[prompts[i]], cfg.height, cfg.width, ranks.device)
+             for i in indices]
+    row = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device,
+                               seeds=indices, schedule=schedule)
+    images = quantized(row).split(cfg.width, dim=3)
+    results = []
+    for i, image in zip(indices[:own], images, strict=False):
+        scores = {name: scorer.score(image.to(ranks.device), prompts[i]).item()
+                  for name, scorer in scorers.items()}
+        results.append((i, image[0], scores))
+    return results
+
+
+def captioned_grid(images, captions):
+    """(H', W', 3) uint8: the tiles in rows of GRID_COLUMNS, each cell a tile with its caption lines below it
+    (PIL's default font); the cells are equal, so tile k is at (k // cols, k % cols) times the cell size."""
+    font = ImageFont.load_default()
+    h, w = images[0].shape[:2]
+    line = font.getbbox("Ag")[3] + 2
+    cell_w = max([w, *(math.ceil(font.getlength(text)) + 2 for caption in captions for text in caption)]) + 4
+    cell_h = h + line * max(map(len, captions)) + 4
+    cols = min(len(images), GRID_COLUMNS)
+    grid = Image.new("RGB", (cols * cell_w, -(-len(images) // cols) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = k % cols * cell_w, k // cols * cell_h
+        grid.paste(Image.fromarray(image), (x, y))
+        for j, text in enumerate(caption):
+            draw.text((x + 2, y + h + 2 + j * line), text, fill="black", font=font)
+    return np.asarray(grid)
+
+
+class Watch:
+    """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`)."""
+
+    def __init__(self, prompts, cfg, out, every=None, extra=None, schedule=sampling.FLUX_DEV, board=False):
+        self.prompts, self.cfg, self.out = list(prompts), cfg, out
+        self.every = every or cfg.save_every
+        self.extra = extra or {}  # {name: scorer} beside the training reward's plain score
+        self.schedule, self.board, self.writer = schedule, board, None
+
+    @classmethod
+    def from_flags(cls, args, cfg, prompts, ranks):
+        """From `train`'s flags; --pickscore beside another --reward is loaded here, before the training parts."""
+        extra = {}
+        if args.pickscore and cfg.reward != "pickscore":
+            extra["pickscore"] = PickScoreReward.load(args.pickscore, tokenizer_folder(args.pickscore, args.flux),
+                                                      ranks.device)
+        schedule = sampling.read_schedule(args.flux) if args.flux else sampling.FLUX_DEV
+        return cls(prompts, cfg, args.out, args.eval_every, extra, schedule, args.tensorboard)
+
+    def started(self, parts, ranks):
+        """Ready to watch the run from parts.start, as a context that closes TensorBoard's files: what a resumed
+        run redoes (steps > start; a new run's step 0 too) is dropped from eval.jsonl and TensorBoard, and a new
+        run is evaluated at step 0."""
+        self.parts, self.ranks = parts, ranks
+        keep = parts.start if parts.start else -1
+        path = os.path.join(self.out, "eval.jsonl")
+        ranks.main_writes(f"the evaluation log {path}", functools.partial(runtime.trim_log, path, keep))
+        if self.board and ranks.main:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard imports tensorboard
+
+            self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=keep + 1)
+        if parts.start == 0:
+            self.evaluate(0)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer:
+            self.writer.close()
+
+    def logged(self, record):
+        """A step's log record, its numbers as TensorBoard scalars train/NAME."""
+        if self.writer:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{name}", value, record["step"])
+
+    def after(self, step):
+        """The evaluation of this update, when one is due (before its checkpoint: a saved step is never left
+        without its evaluation)."""
+        if step % self.every == 0 or step == self.cfg.steps:
+            self.evaluate(step)
+
+    def evaluate(self, step):
+        """Every eval prompt sampled and scored, each rank its share; rank 0 gathers and writes."""
+        if not self.prompts:
+            return
+        scorers = {self.cfg.reward: self.parts.reward, **self.extra}
+        mine = sample_and_score(self.parts, self.prompts, scorers, self.schedule, self.cfg, self.ranks)
+        results = sorted(r for share in gather(mine, self.ranks) for r in share)
+        self.ranks.main_writes(f"the evaluation of step {step} in {self.out}",
+                               functools.partial(self.write, step, results, list(scorers)))
+
+    def write(self, step, results, names):
+        """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, TensorBoard, and the eval.jsonl line
+        last."""
+        folder = os.path.join(self.out, "eval", f"step-{step:06d}")
+        os.makedirs(folder, exist_ok=True)
+        images = torch.stack([image for _, image, _ in results])
+        paths = sampling.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
+        write_text(os.path.join(folder, "images.jsonl"), "".join(
+            json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
+            for path, (i, _, _) in zip(paths, results, strict=True)))
+        scores = {name: [s[name] for _, _, s in results] for name in names}
+        grid = captioned_grid(list((images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()),
+                              [[f"{name} {s[name]:.4f}" for name in names] for _, _, s in results])
+        atomic_write(folder + ".png", functools.partial(Image.fromarray(grid).save, format="PNG"))
+        record = {"step": step, **{name: sum(v) / len(v) for name, v in scores.items()}, "per_prompt": scores}
+        if self.writer:
+            for name in names:
+                self.writer.add_scalar(f"eval/{name}", record[name], step)
+            self.writer.add_image("eval/grid", grid, step, dataformats="HWC")
+        runtime.append_log(os.path.join(self.out, "eval.jsonl"), record)
+
+
+def report(out, cfg):
+    """Which saved checkpoint scored best on the held-out reward: the independent one (PickScore) when it was
+    given, else the training reward model's plain score."""
+    path = os.path.join(out, "eval.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
+    saved = [r for r in records if r["step"] and (r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps)]
+    if not saved:
+        return
+    best = max(saved, key=lambda r: r[name])
+    folder = runtime.checkpoints(out).get(best["step"])
+    print(f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
+          f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "
+          f"step {records[-1]['step']}: {records[-1][name]:.4f}")
