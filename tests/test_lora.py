@@ -13,13 +13,14 @@ from diffusers import FluxPipeline
 from references import rel_err
 from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
-from test_train import SMALL, TORCHRUN, cli, log_lines, run_cli, weights
+from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
 import flux_weights as fw
 import lora
 import runtime
 import sampling
 import srpo
+import util
 from reward import HPSReward
 
 CPU = torch.device("cpu")
@@ -222,3 +223,24 @@ def test_bad_lora_and_offload_input_gives_one_line_errors(flux_with_lora, tmp_pa
     monkeypatch.delattr(runtime.fsdp, "CPUOffloadPolicy")
     code, err = run_cli([*RUN, "--offload", "--out", out], capsys)
     assert code == 2 and len(err) == 1 and "--offload needs FSDP2's torch.distributed.fsdp.CPUOffloadPolicy" in err[0]
+
+
+def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_settings(
+        real_args, flux_folder, tmp_path, capsys):  # noqa: F811 (real_args: test_train's fixture)
+    """--flux with --lora-rank: LoRA's default learning rate, alpha = rank, and the checkpoint folder is what
+    load_lora_weights(folder) takes: the trained adapters give our transformer's output (1e-5)."""
+    out = str(tmp_path / "out")
+    srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
+    folder = os.path.join(out, runtime.CHECKPOINT.format(1))
+    config = util.read_json(os.path.join(folder, "state.json"))["config"]
+    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (srpo.LORA_LR, 4, 4.0)
+    flux = real_args[real_args.index("--flux") + 1]
+    ours = lora.add_adapters(fw.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
+    ours.load_state_dict(torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"], strict=False)
+    pipe = FluxPipeline.from_pretrained(flux, local_files_only=True)
+    pipe.load_lora_weights(folder)
+    x = transformer_inputs(ours.cfg, 32, 32, 5, 1)
+    assert rel_err(run_ours(ours, x), run_diffusers(pipe.transformer, x)) <= 1e-5
+    capsys.readouterr()
+    code, err = run_cli([*real_args, "--lora-rank", "8", "--out", out, "--steps", "2", "--resume"], capsys)
+    assert code == 2 and err[-1].startswith("error: --resume with other settings than the checkpoint's: lora_rank")
