@@ -15,8 +15,10 @@ from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
+import flux_model as fm
 import flux_weights as fw
 import lora
+import reward as reward_module
 import runtime
 import sampling
 import srpo
@@ -244,3 +246,17 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     capsys.readouterr()
     code, err = run_cli([*real_args, "--lora-rank", "8", "--out", out, "--steps", "2", "--resume"], capsys)
     assert code == 2 and err[-1].startswith("error: --resume with other settings than the checkpoint's: lora_rank")
+
+
+def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
+    """scripts/memory_estimate --lora-rank on tiny models: the adapters it builds are R (in + out) per layer, the
+    layers README lists (a double block's 2 x (qkv, proj, mlp.0, mlp.2), a single block's linear1 and linear2)."""
+    from scripts import memory_estimate as me
+
+    cfg = fm.FluxConfig.preset("tiny")
+    e = me.estimate(64, 64, cfg, fm.AutoEncoderConfig.preset("tiny"), reward_module.clip_config(**reward_module.TINY),
+                    text_tokens=8, lora_rank=4)
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    double, single = 2 * ((h + 3 * h) + (h + h) + (h + m) + (m + h)), (h + 3 * h + m) + (h + m + h)
+    assert e["lora params"] == 4 * (cfg.depth * double + cfg.depth_single_blocks * single)
+    assert e["params"] == sum(p.numel() for p in fm.Flux(cfg).parameters())  # the base, adapters apart
