@@ -110,6 +110,8 @@ def read_lora(path):
             raise InputError(f"{path}: {key} is not a LoRA key of a FLUX transformer (expected "
                              f"transformer.LAYER.lora_A.weight and .lora_B.weight, as diffusers writes them)")
         layers.setdefault(m[1], {})[m[2]] = handle.get_tensor(key)
+    if not layers:
+        raise InputError(f"{path}: holds no tensors (expected a FLUX LoRA: transformer.LAYER.lora_A.weight, ...)")
     for layer, parts in layers.items():
         if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
             raise InputError(f"{path}: {layer} needs both lora_A.weight and lora_B.weight")
@@ -133,13 +135,14 @@ def merge_lora(model, path, strength=1.0):
                              f"{list(a.shape)} does not make the layer's {list(out_in)} weight")
     if next(model.parameters()).device.type == "meta":
         return model
+    device = next(model.parameters()).device  # B A computed where the weights are (a GPU: no CPU matmuls)
     for layer, parts in layers.items():
-        a, b = parts["lora_A.weight"].float(), parts["lora_B.weight"].float()
+        a, b = (parts[k].to(device, torch.float32) for k in ("lora_A.weight", "lora_B.weight"))
         scale = float(parts["alpha"]) / a.shape[0] if "alpha" in parts else 1.0
         delta = (strength * scale) * (b @ a)
         for link in links[f"{layer}.weight"]:
             w = params[link.ours]
             w = w[slice(*link.ours_rows)] if link.ours_rows else w
             d = delta[slice(*link.theirs_rows)] if link.theirs_rows else delta
-            w.copy_((w.float() + d.to(w.device)).to(w.dtype))
+            w.copy_((w.float() + d).to(w.dtype))
     return model

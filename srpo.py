@@ -154,6 +154,8 @@ official README warns that they may suit PickScore less. Each reward's official 
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise InputError(f"--lora-rank and --lora-alpha cannot be negative, got {self.lora_rank} and "
                              f"{self.lora_alpha}")
+        if self.lora_alpha and not self.lora_rank:
+            raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
         if self.window_points < 11 or self.samples < 0 or self.lr <= 0:
             raise InputError(f"need --window-points >= 11, --samples >= 0 and --lr > 0, got {self.window_points}, "

@@ -215,6 +215,11 @@ def test_bad_lora_and_offload_input_gives_one_line_errors(flux_with_lora, tmp_pa
     not_lora = os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
     code, err = run_cli([*sample, not_lora], capsys)
     assert code == 2 and len(err) == 1 and "context_embedder.bias is not a LoRA key" in err[0]
+    empty = str(tmp_path / "empty.safetensors")
+    save_file({}, empty)
+    code, err = run_cli([*sample, empty], capsys)
+    assert code == 2 and err == [f"error: {empty}: holds no tensors (expected a FLUX LoRA: "
+                                 f"transformer.LAYER.lora_A.weight, ...)"]
     state = load_file(os.path.join(lora_dir, lora.LORA_FILE))
     key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
     state[key] = torch.zeros(4, 7)
@@ -260,3 +265,15 @@ def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
     double, single = 2 * ((h + 3 * h) + (h + h) + (h + m) + (m + h)), (h + 3 * h + m) + (h + m + h)
     assert e["lora params"] == 4 * (cfg.depth * double + cfg.depth_single_blocks * single)
     assert e["params"] == sum(p.numel() for p in fm.Flux(cfg).parameters())  # the base, adapters apart
+
+
+@pytest.mark.slow
+def test_lora_fsdp_resume_is_exact(runs, tmp_path):
+    """The 2-process LoRA run's step-1 checkpoint resumed by 2 processes: rank 0 reads the adapters, FSDP
+    broadcasts them into the shards, and step 2 is the uninterrupted 2-process run's."""
+    out, first = str(tmp_path), runtime.CHECKPOINT.format(1)
+    shutil.copytree(os.path.join(runs["lora2"], first), os.path.join(out, first))
+    shutil.copy(os.path.join(runs["lora2"], "log.jsonl"), out)
+    cli(*TORCHRUN, *RUN, *LORA, "--out", out, "--resume")
+    a, b = lora_file(runs["lora2"], 2), lora_file(out, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(out) == log_lines(runs["lora2"])
