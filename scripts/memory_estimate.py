@@ -355,7 +355,8 @@ def one_gpu(e):
     lora_n, base = e["lora params"], e["params"]
     fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
     inputs = e["block inputs"] + e["transformer rest"]
-    graphs = max(inputs + e["vae"] + e["reward"], inputs + max(e["double block"], e["single block"]))
+    recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
+    graphs = max(inputs + e["vae"] + e["reward"], recompute)
     root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
     lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
     gathers = ROLLOUT + 2 * 2
@@ -363,7 +364,7 @@ def one_gpu(e):
         f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop),
         f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, base * 2 + lora_n * STATE_BYTES,
                                                 base * 2, gathers * base * 2, lora_flop),
-        "full, --offload": (fixed + max(graphs + root + blocks, inputs + root + e["fsdp one"]),
+        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]),
                             base * STATE_BYTES, base * 12, gathers * base * 4, full_flop),
     }
 
