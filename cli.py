@@ -73,6 +73,9 @@ def sample_flags(p):
                    "OUT-(N-1).png; with --prompts, a folder (default samples)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
                    "float32)")
+    p.add_argument("--lora", metavar="FILE", help="a FLUX LoRA (a training checkpoint's pytorch_lora_weights."
+                   "safetensors, or a diffusers/PEFT one) merged into the transformer's weights once, at load time")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1)")
     device_flags(p, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
                  "--prompts)")
 
@@ -101,6 +104,8 @@ def train_flags(p):
     p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N updates (default: --save-every)")
     p.add_argument("--tensorboard", action="store_true", help="also write OUT/tensorboard/: the log's scalars, the "
                    "evaluation means and grids (needs the optional tensorboard package)")
+    p.add_argument("--offload", action="store_true", help="FSDP2's CPU offload: weights, gradients and AdamW state "
+                   "in host memory, one block at a time on the GPU (one process, or under torchrun)")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 

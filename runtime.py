@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed import fsdp
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,6 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import flux_model as fm
 import flux_weights as fw
+import lora
 from kernels.attention import warm_up
 from reward import control_caption, control_words, load_reward
 from sampling import encode_prompts, tiny_models
@@ -55,10 +57,16 @@ class Ranks:
     rank: int
     world: int
     device: torch.device
+    offload: bool = False  # --offload: FSDP2 keeps weights, gradients and AdamW state in host memory
 
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def fsdp(self):
+        """FSDP2 shards the transformer: under torchrun, and with --offload in one process too."""
+        return self.world > 1 or self.offload
 
     def mean(self, t):
         """The mean over all ranks of a tensor on the device (every rank gets it)."""
@@ -103,7 +111,7 @@ def processes(args, cfg, world):
     on a CPU (tiny tensors gain nothing from threads and lose much when the cores are shared). -> Ranks."""
     check_writable(args.out)
     local_batch(cfg, world)  # before any process group
-    ranks = init_ranks(args.device)
+    ranks = init_ranks(args.device, args.offload)
     threads = torch.get_num_threads()
     if args.flux is None and ranks.device.type == "cpu":
         torch.set_num_threads(1)
@@ -113,7 +121,7 @@ def processes(args, cfg, world):
             dist.barrier()
     finally:
         torch.set_num_threads(threads)
-        if ranks.world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -123,15 +131,23 @@ def my_prompts(prompt_of, step, cfg, ranks):
     return [(j, prompt_of(step, j)) for j in range(ranks.rank * per, (ranks.rank + 1) * per)]
 
 
-def init_ranks(device_name):
-    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo."""
+def init_ranks(device_name, offload=False):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo. --offload in one
+    process: a group of one (an in-memory store, no torchrun), which is all fully_shard needs."""
     _, world, device = this_process(device_name)
-    if world == 1:
+    if offload and not hasattr(fsdp, "CPUOffloadPolicy"):
+        raise InputError(f"--offload needs FSDP2's torch.distributed.fsdp.CPUOffloadPolicy, which this torch "
+                         f"{torch.__version__} lacks (PyTorch 2.6 or later has it)")
+    if world == 1 and not offload:
         return Ranks(0, 1, device)
     # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
     # others wait at the barrier: far longer than the default 10-minute collective timeout.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
-    return Ranks(dist.get_rank(), world, device)
+    backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(hours=2)
+    if world == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    return Ranks(dist.get_rank(), world, device, offload)
 
 
 def prompt_schedule(prompts, cfg):
@@ -154,19 +170,20 @@ def local_batch(cfg, world):
 # The trained transformer: fp32 master weights, activation checkpointing, FSDP2
 
 
-def build_transformer(load, flux_cfg, ranks, attn):
+def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model):
     """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
-    torchrun FSDP2. `load(device)` gives the full fp32 model; under FSDP only rank 0 calls it."""
-    if ranks.world == 1:
-        model = load(ranks.device)
+    torchrun (or --offload) FSDP2. `load(device)` gives the full model; under FSDP only rank 0 calls it. adapt(model)
+    adds LoRA's adapters (`adapters`), to the loaded and to FSDP's meta model alike."""
+    if not ranks.fsdp:
+        model = adapt(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = fm.Flux(flux_cfg)
+            model = adapt(fm.Flux(flux_cfg))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
-    if ranks.world > 1:
-        fsdp_shard(model, load, ranks)
+    if ranks.fsdp:
+        fsdp_shard(model, lambda device: adapt(load(device)), ranks)
     return model
 
 
@@ -182,10 +199,13 @@ def fsdp_shard(model, load, ranks):
     cuda = ranks.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
+    # --offload: the shards, their gradients and AdamW's state live in (pinned) host memory; each block is copied to
+    # the device when gathered, and AdamW steps on the CPU (pinned memory for the copies: CUDA only)
+    offload = fsdp.CPUOffloadPolicy(pin_memory=cuda) if ranks.offload else fsdp.OffloadPolicy()
     for block in [*model.double_blocks, *model.single_blocks]:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.to_empty(device=ranks.device)
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    model.to_empty(device="cpu" if ranks.offload else ranks.device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
@@ -213,14 +233,14 @@ def training_parts(args, cfg, prompts, ranks, extra=()):
     prompt_of = prompt_schedule(prompts, cfg)
     mine = [p for step in range(start + 1, cfg.steps + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
     frozen = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # no master weights needed
-    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device)
+    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, frozen if cfg.lora_rank else torch.float32)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(extra))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
-    if folder:
+    if folder and not cfg.lora_rank:
         load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
-    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device))
+    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder))
     reward = load_reward(args, cfg, ranks.device)
     return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
 
@@ -230,8 +250,10 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     resuming), the Triton kernels tuned and every SRP caption encoded before the first step. -> Parts."""
     ae.requires_grad_(False)
     reward.requires_grad_(False)
-    # fused: one kernel over all parameters and no temporary copies of the (sharded) state
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+    # fused: one kernel over all parameters and no temporary copies of the (sharded) state. With LoRA only the
+    # adapters require gradients: AdamW holds no state for the frozen base.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, fused=True)
     if folder:
         load_training_state(model, opt, folder, ranks)
@@ -240,17 +262,31 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start)
 
 
-def frozen_parts(args, dtype, device):
-    """(VAE, text encoders, transformer config, load(device) of the fp32 transformer): --flux's, or the tiny
-    demo's random ones built in code (the same start on every rank; rank 0's is broadcast under FSDP anyway)."""
+def frozen_parts(args, dtype, device, weights=torch.float32):
+    """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
+    freezes it): --flux's, or the tiny demo's random ones built in code (the same start on every rank; rank 0's is
+    broadcast under FSDP anyway)."""
     if args.flux is None:
         tiny, ae, text = tiny_models()
-        return ae, text.to(device), tiny.cfg, tiny.to
+        return ae, text.to(device), tiny.cfg, functools.partial(tiny.to, dtype=weights)
     sub = os.path.join(args.flux, "transformer")
     flux_cfg = fw.read_flux_config(sub)
     ae = fw.load_autoencoder(os.path.join(args.flux, "vae"), None, dtype, device)
     text = fm.TextConditioner.from_folder(args.flux, dtype, device)
-    return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, torch.float32)
+    return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, weights)
+
+
+def adapters(cfg, folder):
+    """adapt(model) for build_transformer: with --lora-rank, the model frozen and LoRA adapters added (lora.py),
+    resumed from the checkpoint's training.pt when resuming (FSDP's meta model only gets their shapes)."""
+    def adapt(model):
+        lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        if folder and model.img_in.weight.device.type != "meta":
+            saved = torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"]
+            model.load_state_dict(saved, strict=False)  # the adapters only: the base is --flux's, unchanged
+        return model
+
+    return adapt if cfg.lora_rank else lambda model: model
 
 
 def encode_captions(reward, prompt_of, cfg, start, ranks):
@@ -292,8 +328,9 @@ def state_dict_options(ranks, load=False):
     """Full (unsharded) state dicts keyed by parameter name: gathered to rank 0's CPU to save; to load, a single
     process takes its own and under FSDP rank 0's is broadcast into the shards."""
     if load:
-        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if ranks.world > 1 else None
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if ranks.fsdp else None
+    # LoRA: the adapters alone (the frozen base is --flux's own weights)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 def checkpoints(out):
@@ -311,6 +348,8 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
       diffusion_pytorch_model.safetensors + config.json  the transformer in diffusers format, fp32 (the model
                                                          card's snippet loads it; the exact weights for resume)
       training.pt                                        AdamW state (parameter names as keys) and RNG state
+      (LoRA: pytorch_lora_weights.safetensors            the adapters for diffusers' load_lora_weights, in place
+       + training.pt's adapters                          of the transformer, which stays --flux's)
       state.json                                         step and config, written last: it marks the save complete
     Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
     deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
@@ -320,13 +359,10 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
     folder = os.path.join(out, CHECKPOINT.format(step))
 
     def write():
-        with torch.device("meta"):
-            full = fm.Flux(model.cfg)
-        full.load_state_dict(weights, assign=True)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         state = {"optimizer": optim, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
         try:
-            fw.save_transformer(full, folder)
+            state |= save_weights(weights, model.cfg, cfg, folder)
             atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
             write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
         except OSError:
@@ -336,6 +372,20 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
             shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
 
     ranks.main_writes(f"the checkpoint {folder}", write)
+
+
+def save_weights(weights, flux_cfg, cfg, folder):
+    """The trained weights: the whole transformer in diffusers format, or LoRA's adapters in the layout diffusers'
+    load_lora_weights reads (lora.py), kept as trained for resume too (the file folds alpha / r into B).
+    -> what training.pt adds."""
+    if cfg.lora_rank:
+        lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)
+        return {"adapters": weights}
+    with torch.device("meta"):
+        full = fm.Flux(flux_cfg)
+    full.load_state_dict(weights, assign=True)
+    fw.save_transformer(full, folder)
+    return {}
 
 
 def load_training_state(model, opt, folder, ranks):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import flux_model as fm
 import flux_weights as fw
+import lora
 from util import (
     MANIFEST,
     Fault,
@@ -325,8 +326,10 @@ def cmd_sample(args):
     jobs = sample_jobs(args)
     sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
                            read_schedule(args.flux) if args.flux else FLUX_DEV)
-    if args.flux:
-        load_flux_folder(args.flux, args.transformer, dtype, "meta")  # check every file before the slow part
+    if args.flux:  # check every file before the slow part
+        meta, _ = load_flux_folder(args.flux, args.transformer, dtype, "meta")
+        if args.lora:
+            lora.merge_lora(meta, args.lora)
     if args.prompts:
         if rank == 0:
             written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, args.seed))
@@ -336,6 +339,8 @@ def cmd_sample(args):
             print(f"{args.out}: nothing left to make, the images exist")
             return
     model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
+    if args.lora:
+        lora.merge_lora(model, args.lora, args.lora_scale)  # once: no per-step cost
     model.set_attention_backend(attention_backend(args.attn, device))
     sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(args, model.cfg, rank), args)
 

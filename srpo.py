@@ -69,6 +69,10 @@ WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the 
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
 K_MAX = int((1 - 0.9) * 1000) + 1
+# LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
+# ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16 on
+# FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA default.
+LORA_LR = 1e-4
 DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
@@ -134,6 +138,11 @@ official README warns that they may suit PickScore less. Each reward's official 
                         "batch / world of them (tiny demo: one per process)")
     seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws")
     samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none")
+    # LoRA (lora.py): the transformer frozen, low-rank adapters on its blocks' linear layers trained instead.
+    lora_rank: int = option(0, "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention "
+                            "and MLP layers instead of the whole transformer (0: full fine-tuning; with --flux the "
+                            f"default --lr becomes {LORA_LR:g})")
+    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, i.e. scale 1)")
 
     def __post_init__(self):
         """Refuse what the run cannot take, naming the flag."""
@@ -144,6 +153,12 @@ official README warns that they may suit PickScore less. Each reward's official 
         if not 0 <= self.window[0] < self.window[1] <= WINDOW_GRID:
             raise InputError(f"--window A B must satisfy 0 <= A < B <= {WINDOW_GRID}, got {self.window[0]} "
                              f"{self.window[1]}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise InputError(f"--lora-rank and --lora-alpha cannot be negative, got {self.lora_rank} and "
+                             f"{self.lora_alpha}")
+        if self.lora_alpha and not self.lora_rank:
+            raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
+        self.lora_alpha = self.lora_alpha or float(self.lora_rank)
         if self.window_points < 11 or self.samples < 0 or self.lr <= 0:
             raise InputError(f"need --window-points >= 11, --samples >= 0 and --lr > 0, got {self.window_points}, "
                              f"{self.samples} and {self.lr}")
@@ -379,6 +394,10 @@ def grid_images(parts, prompts, cfg, path, ranks, wanted):
 def cmd_train(args):
     """`srpo.py train`: the config from the flags, every input checked, then the run (runtime.py sets it up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise InputError(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    if args.lora_rank and args.lr is None and args.flux:
+        args.lr = LORA_LR
     cfg = cli.config_from_flags(args, TrainConfig, DEMO_DEFAULTS, REWARD_RECIPES, world)
     cli.check_reward_flags(args, cfg.reward)
     if args.flux:

@@ -2,6 +2,7 @@
 
     python -m scripts.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
     python -m scripts.memory_estimate --height 1024 --width 1024
+    python -m scripts.memory_estimate --lora-rank 64   # + one GPU: LoRA resident or offloaded, full with --offload
 
 Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, reward.py's
 ViT-H-14 HPS scorer) are built on the meta device and moved to FakeTensorMode "cuda" tensors, which have shapes,
@@ -24,6 +25,7 @@ FSDP's buffers. The second branch repeats this after the first is freed. So the 
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import types
 from unittest import mock
@@ -35,6 +37,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import flux_model as fm
 import kernels.attention
 import kernels.rope
+import lora
 import reward
 import runtime
 import sampling
@@ -166,7 +169,7 @@ def hps_reward(clip_cfg):
 def checkpointed(flux):
     """The transformer with a checkpoint on every block, by runtime.build_transformer itself (one process: FSDP2 is
     arithmetic here, its bf16 gather modelled by bf16 weights)."""
-    ranks = types.SimpleNamespace(world=1, device=torch.device("cuda"))
+    ranks = runtime.Ranks(0, 1, torch.device("cuda"))
     return runtime.build_transformer(lambda device: flux, flux.cfg, ranks, "triton")
 
 
@@ -237,18 +240,30 @@ def fsdp_working_set(flux, world):
     return block * (2 + 2 + 2 + 4) + block * 4 // world
 
 
-def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS):
-    """Every number of the table, in bytes: a dict (see `report`)."""
+def with_lora(flux, rank):
+    """The transformer with LoRA adapters of `rank` (fp32, as training holds them) when rank > 0."""
+    return lora.add_adapters(flux, rank, rank, 0) if rank else flux
+
+
+def lora_params(flux):
+    return sum(p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")))
+
+
+def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
+             lora_rank=0):
+    """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
+    recomputed blocks carry LoRA adapters."""
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
     clip_cfg = clip_cfg or reward.clip_config(**VIT_H_14)
     # on the meta device, in the dtypes training holds them: the transformer as FSDP2 gathers it, the VAE in bf16,
     # the reward in fp32 (runtime.training_parts), plus a bf16 reward to show what its weight casts cost
-    flux = meta(lambda: fm.Flux(flux_cfg), torch.bfloat16)
+    flux = with_lora(meta(lambda: fm.Flux(flux_cfg), torch.bfloat16), lora_rank)
     ae = meta(lambda: fm.AutoEncoder(ae_cfg).requires_grad_(False), torch.bfloat16)
     scorer, bf16_scorer = (meta(lambda: hps_reward(clip_cfg), dtype) for dtype in (torch.float32, torch.bfloat16))
-    blocks = {kind: meta(lambda kind=kind: kind(flux_cfg), torch.bfloat16)
-              for kind in (fm.DoubleStreamBlock, fm.SingleStreamBlock)}
+    one = dataclasses.replace(flux_cfg, depth=1, depth_single_blocks=1)
+    one = with_lora(meta(lambda: fm.Flux(one), torch.bfloat16), lora_rank)
+    blocks = {fm.DoubleStreamBlock: one.double_blocks[0], fm.SingleStreamBlock: one.single_blocks[0]}
     tokens = (height // 16) * (width // 16)
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
@@ -258,13 +273,19 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
                       for kind, block in blocks.items()}
     blocks_params = sum(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
     return {
-        "params": numel(flux), "root params": numel(flux) - blocks_params,
+        # the base transformer's parameters (LoRA's adapters apart)
+        "params": numel(flux) - lora_params(flux), "root params": numel(flux) - blocks_params,
+        "lora params": lora_params(flux),
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
         "vae": branch.total("vae"), "vae largest": branch.largest("vae"),
         "reward": branch.total("reward"), "reward, bf16 weights": bf16_reward,
         "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
-        "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS},
+        "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
+        "lora rank": lora_rank, "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
+        # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
+        "forward flop": 2 * (numel(flux) - lora_params(flux)) * (tokens + text_tokens)
+        + 4 * (tokens + text_tokens) ** 2 * flux_cfg.hidden_size * (flux_cfg.depth + flux_cfg.depth_single_blocks),
     }
 
 
@@ -315,17 +336,67 @@ def report(e, height, width):
         print(f"  N = {n:<3} {per_gpu(e, n):6.1f} GB")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One GPU: LoRA with the base resident, LoRA or full fine-tuning with --offload (arithmetic on the measured graphs)
+
+PCIE = {"PCIe 4.0 x16": 25e9, "PCIe 5.0 x16": 50e9}  # host-to-device bytes/s a pinned copy sustains (assumed)
+SUSTAINED = {"H100/H200": 400e12, "A100 / L40S class": 200e12, "RTX 4090 class": 150e12}  # bf16 FLOP/s (assumed)
+ROLLOUT, BATCH = 25, 32  # forwards without gradient per prompt; prompts per official step
+
+
+def one_gpu(e):
+    """{mode: (GPU bytes, host bytes while training, host bytes while loading or saving, bytes copied to the GPU per
+    prompt, FLOP per prompt)}. Resident: no FSDP, the bf16 base on the GPU, loaded straight from the mapped files.
+    --offload: FSDP2 in a group of one; the GPU holds the block computing and the next one prefetched (bf16) and
+    the root, the host the shards in their own dtype (LoRA's base bf16; full fine-tuning's fp32 weights, gradients
+    and AdamW state), and every gather copies a block over: the rollout's forwards, each branch's forward and the
+    backward's regather. Rank 0 also holds a full copy of the weights while loading, and of weights + AdamW state
+    while saving."""
+    lora_n, base = e["lora params"], e["params"]
+    fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
+    inputs = e["block inputs"] + e["transformer rest"]
+    recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
+    graphs = max(inputs + e["vae"] + e["reward"], recompute)
+    root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
+    lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
+    gathers = ROLLOUT + 2 * 2
+    return {
+        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop),
+        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, base * 2 + lora_n * STATE_BYTES,
+                                                base * 2, gathers * base * 2, lora_flop),
+        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]),
+                            base * STATE_BYTES, base * 12, gathers * base * 4, full_flop),
+    }
+
+
+def report_one_gpu(e):
+    print("\none GPU (GB; LoRA's backward computes no base weight gradients: 3 forwards' work per branch, 4 "
+          "for full):")
+    print(f"  LoRA rank {e['lora rank']}: {e['lora params'] / 1e6:.1f} M adapter parameters, "
+          f"{e['lora params'] * STATE_BYTES / GB:.2f} GB with gradients and AdamW state")
+    for mode, (gpu, host, extra, copied, flop) in one_gpu(e).items():
+        print(f"  {mode:<22} GPU {gpu / GB:5.1f}  host {host / GB:5.1f} (+{extra / GB:5.1f} loading/saving)  "
+              f"per prompt {flop / 1e15:.2f} PFLOP, {copied / GB:5.0f} GB copied to the GPU")
+        compute = ", ".join(f"{name} {BATCH * flop / rate / 60:.1f}" for name, rate in SUSTAINED.items())
+        copies = ", ".join(f"{name} {BATCH * copied / rate / 60:.1f}" for name, rate in PCIE.items())
+        print(f"    minutes per step of {BATCH} prompts: compute {compute}" + (f"; copies {copies}" if copied else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=720)
+    parser.add_argument("--lora-rank", type=int, default=0, help="also the one-GPU modes, with LoRA of this rank")
     args = parser.parse_args()
     try:
         sampling.check_size(args.height, args.width)
     except util.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(util.EXIT_INPUT)
-    report(estimate(args.height, args.width), args.height, args.width)
+    e = estimate(args.height, args.width, lora_rank=args.lora_rank)
+    report(e, args.height, args.width)
+    if args.lora_rank:
+        report_one_gpu(e)
 
 
 if __name__ == "__main__":
