@@ -415,7 +415,9 @@ def resume_point(out, cfg, resume):
     if not resume:
         raise InputError(f"{out} already holds checkpoints (latest: step {step}): pass --resume to continue, or "
                          f"choose another --out")
-    saved = read_json(os.path.join(found[step], "state.json"))["config"]
+    # a setting the checkpoint does not record (saved before it existed) was then the default: compare with that
+    defaults = json.loads(json.dumps(asdict(type(cfg)())))
+    saved = {**defaults, **read_json(os.path.join(found[step], "state.json"))["config"]}
     ours = json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in saved if k not in RUN_LENGTH and saved[k] != ours.get(k)]
     if changed:

@@ -728,6 +728,23 @@ def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
     assert sorted(runtime.checkpoints(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path, capsys):
+    """A state.json written before a setting existed (here: no "reward", as before --reward) resumes as if it held
+    the default: --reward clip, whose recipe equals HPS's, is refused, naming it; the default resumes."""
+    out = str(tmp_path)
+    name = runtime.CHECKPOINT.format(3)
+    shutil.copytree(os.path.join(straight, name), os.path.join(out, name))
+    path = os.path.join(out, name, "state.json")
+    state = util.read_json(path)
+    del state["config"]["reward"]
+    util.write_json(path, state)
+    args = ["train", "--steps", "4", "--save-every", "1", *SMALL, "--out", out, "--resume"]
+    code, err = run_cli([*args, "--reward", "clip"], capsys)
+    assert code == 2 and len(err) == 1 and "reward" in err[0] and "reward=hps" in err[0], err
+    srpo.main(args)
+    assert sorted(runtime.checkpoints(out)) == [4]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     calls = []
     relative = HPSReward.relative_reward
