@@ -39,7 +39,8 @@ GRID_COLUMNS = 8
 
 
 def check_flags(args):
-    """The evaluation's flags, before any work: --eval-every, --tensorboard's package, the prompts. -> prompts."""
+    """The evaluation's flags, before any work: --eval-every, --tensorboard's package, the prompts (a resumed run's
+    the same as its evaluations so far). -> prompts."""
     if args.eval_every is not None and args.eval_every < 1:
         raise InputError(f"--eval-every must be at least 1, got {args.eval_every}")
     if args.tensorboard:
@@ -47,7 +48,12 @@ def check_flags(args):
             import tensorboard  # noqa: F401  optional: only --tensorboard needs it
         except ImportError:
             raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
+    prompts = read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
+    kept = os.path.join(args.out, "eval", "prompts.txt")  # what the run's evaluations so far were made with
+    if args.resume and os.path.isfile(kept) and read_prompts(kept) != prompts:
+        raise InputError(f"{kept}: this run was evaluated on other prompts than --eval-prompts gives now: give the "
+                         f"same prompts (or another --out), so that eval.jsonl compares like with like")
+    return prompts
 
 
 def my_share(n, ranks):
@@ -178,6 +184,7 @@ class Watch:
         last."""
         folder = os.path.join(self.out, "eval", f"step-{step:06d}")
         os.makedirs(folder, exist_ok=True)
+        write_text(os.path.join(self.out, "eval", "prompts.txt"), "".join(p + "\n" for p in self.prompts))
         images = torch.stack([image for _, image, _ in results])
         paths = sampling.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
         write_text(os.path.join(folder, "images.jsonl"), "".join(

@@ -152,6 +152,20 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
     check_tensorboard(out)
 
 
+def test_a_resume_with_other_eval_prompts_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    flags = ["train", *SMALL, "--eval-prompts", prompt_file(tmp_path), "--out", out]
+    srpo.main([*flags, "--steps", "1"])
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text("a different prompt\n")
+    code, err = run_cli(["train", *SMALL, "--eval-prompts", str(other), "--out", out, "--steps", "2", "--resume"],
+                        capsys)
+    assert code == 2 and len(err) == 1 and "prompts.txt" in err[0] and "other prompts" in err[0], err
+    srpo.main([*flags, "--steps", "2", "--resume"])
+    assert [line["step"] for line in eval_lines(out)] == [0, 1, 2]
+
+
 def test_two_processes_write_the_eval_log_of_one(tmp_path):
     """3 eval prompts over 2 gloo processes (one of them pads its share) == one process running --batch 2: the
     same steps and per-prompt order, values to 1e-5 (FSDP's sums round differently), step 0 exactly."""
