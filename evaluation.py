@@ -24,7 +24,6 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import runtime
@@ -63,18 +62,9 @@ def my_share(n, ranks):
     return mine + [0] * (-(-n // ranks.world) - len(mine)), len(mine)
 
 
-def gather(obj, ranks):
-    """Every rank's obj, in rank order, on every rank."""
-    if ranks.world == 1:
-        return [obj]
-    everything = [None] * ranks.world
-    dist.all_gather_object(everything, obj)
-    return everything
-
-
 def quantized(images):
     """(B, 3, H, W) in [0, 1] as the 8-bit file holds it (save_png's rounding), back in [0, 1]: what is scored."""
-    return (images.float() * 255).round().to(torch.uint8).float().cpu() / 255
+    return sampling.to_8bit(images).permute(0, 3, 1, 2).float() / 255
 
 
 @torch.no_grad()
@@ -175,7 +165,7 @@ class Watch:
             return
         scorers = {self.cfg.reward: self.parts.reward, **self.extra}
         mine = sample_and_score(self.parts, self.prompts, scorers, self.schedule, self.cfg, self.ranks)
-        results = sorted(r for share in gather(mine, self.ranks) for r in share)
+        results = sorted(r for share in self.ranks.gather(mine) for r in share)
         self.ranks.main_writes(f"the evaluation of step {step} in {self.out}",
                                functools.partial(self.write, step, results, list(scorers)))
 
@@ -191,7 +181,7 @@ class Watch:
             json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
             for path, (i, _, _) in zip(paths, results, strict=True)))
         scores = {name: [s[name] for _, _, s in results] for name in names}
-        grid = captioned_grid(list((images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()),
+        grid = captioned_grid(list(sampling.to_8bit(images).numpy()),
                               [[f"{name} {s[name]:.4f}" for name in names] for _, _, s in results])
         atomic_write(folder + ".png", functools.partial(Image.fromarray(grid).save, format="PNG"))
         record = {"step": step, **{name: sum(v) / len(v) for name, v in scores.items()}, "per_prompt": scores}

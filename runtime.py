@@ -83,6 +83,14 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj):
+        """Every rank's obj, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        everything = [None] * self.world
+        dist.all_gather_object(everything, obj)
+        return everything
+
     def any(self, flag):
         """True on every rank if it is true on any: the collective decision to stop at this step boundary."""
         if self.world == 1:

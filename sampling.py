@@ -249,11 +249,15 @@ def png_paths(out, n):
     return [out] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
 
 
+def to_8bit(images):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 on the host, rounded as an 8-bit file holds it."""
+    return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu()
+
+
 def save_png(images, paths):
     """Write images (B, 3, H, W) in [0, 1], one file each, atomically: a file that exists is a whole image (what
     a resumed `sample --prompts` run relies on to skip it)."""
-    for img, path in zip(images, paths, strict=True):
-        pixels = (img.permute(1, 2, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
+    for pixels, path in zip(to_8bit(images).numpy(), paths, strict=True):
         image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temporary name has none
         atomic_write(path, functools.partial(Image.fromarray(pixels).save, format=image_format))
     return paths
