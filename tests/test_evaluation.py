@@ -131,7 +131,7 @@ def test_tensorboard_holds_every_scalar_and_grid(tmp_path):
     out = str(tmp_path)
     srpo.main(["train", "--steps", "3", "--save-every", "2", *SMALL, "--tensorboard", "--out", out])
     assert [line["step"] for line in eval_lines(out)] == [0, 2, 3]  # step 0, every --save-every, the last
-    assert len(eval_lines(out)[0]["per_prompt"]["hps"]) == 4  # the built-in prompts
+    assert len(eval_lines(out)[0]["per_prompt"]["hps"]) == 1  # SMALL's one held-out prompt
     check_tensorboard(out)
 
 

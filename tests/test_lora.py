@@ -157,7 +157,10 @@ def runs(tmp_path_factory):
                              ("lora2_off", [*LORA, "--offload"], True), ("full", [], False),
                              ("full_off", ["--offload"], False), ("full2_off", ["--offload"], True)]:
         outs[name] = str(tmp_path_factory.mktemp(name))
-        cli(*(TORCHRUN if two else ["srpo.py"]), *RUN, *flags, "--out", outs[name])
+        if two:
+            cli(*TORCHRUN, *RUN, *flags, "--out", outs[name])
+        else:  # in this process (no imports to pay again): the demo runs single-threaded, as torchrun's workers
+            srpo.main([*RUN, *flags, "--out", outs[name]])
     return outs
 
 
@@ -190,7 +193,7 @@ def test_lora_resume_is_exact(runs, tmp_path):
     first = runtime.CHECKPOINT.format(1)
     shutil.copytree(os.path.join(straight, first), os.path.join(out, first))
     shutil.copy(os.path.join(straight, "log.jsonl"), out)
-    cli("srpo.py", *RUN, *LORA, "--out", out, "--resume")
+    srpo.main([*RUN, *LORA, "--out", out, "--resume"])
     a, b = lora_file(straight, 2), lora_file(out, 2)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(out) == log_lines(straight)
     opt_a, opt_b = (torch.load(os.path.join(f, runtime.CHECKPOINT.format(2), "training.pt"), weights_only=True)

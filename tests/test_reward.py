@@ -774,7 +774,7 @@ def test_pickscore_and_clip_srp_reward_match_the_official_clip_reward(clip_rewar
     _, folder, ours = clip_reward
     model, processor = official_clip(folder)
     x = random_images(2, 240, 300, seed=5)
-    for step, k in [(1, 0.1), (2, 0.5), (3, 0.6), (7, 0.01), (9, torch.tensor([0.25, 0.0]))]:
+    for step, k in [(1, 0.1), (9, torch.tensor([0.25, 0.0]))]:  # other words, one k and one k per image
         pos, neg = reward.control_words(step)
         for prompts in (CAPTION_PROMPTS[:2], CAPTION_PROMPTS[2:]):
             for words in ((pos, neg), (neg, pos)):

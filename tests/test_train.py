@@ -32,7 +32,10 @@ from reward import HPSReward, control_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
-SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]  # seconds per run
+# Seconds per run: tiny images, a short rollout, one grid prompt and one held-out prompt (evaluations sample 28
+# steps per prompt: with the 4 built-in prompts they cost more than the training steps of a short run).
+SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1",
+         "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
 
 
 def shift3(t):
@@ -674,11 +677,11 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 srpo.py train`, no flags but --out: the demo's --batch is one prompt per
-    process, so it runs under any process count."""
-    cli(*TORCHRUN, "train", "--out", str(tmp_path))
+    """`torchrun --nproc_per_node=2 srpo.py train`, no flags but --out and a shorter run (the whole length is the
+    one-process test's): the demo's --batch is one prompt per process, so it runs under any process count."""
+    cli(*TORCHRUN, "train", "--steps", "3", "--out", str(tmp_path))
     lines = log_lines(str(tmp_path))
-    assert len(lines) == srpo.DEMO_DEFAULTS["steps"] and sorted(runtime.checkpoints(str(tmp_path))) == [len(lines)]
+    assert len(lines) == 3 and sorted(runtime.checkpoints(str(tmp_path))) == [3]
     state = util.read_json(os.path.join(str(tmp_path), runtime.CHECKPOINT.format(len(lines)), "state.json"))
     assert state["config"]["batch"] == 2
 
