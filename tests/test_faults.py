@@ -76,12 +76,11 @@ def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight,
     uninterrupted run ends."""
     out, save = str(tmp_path), torch.save
 
-    def disk_full_at_step_2(obj, path, *args, **kwargs):
-        if runtime.CHECKPOINT.format(2) in str(path):
-            with open(path, "wb") as f:
-                f.write(b"the first bytes")
+    def disk_full_at_step_2(obj, f, *args, **kwargs):
+        if runtime.CHECKPOINT.format(2) in f.name:
+            f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return save(obj, path, *args, **kwargs)
+        return save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_2)
     args = ["train", "--steps", "6", "--save-every", "1", *SMALL, "--out", out]
