@@ -205,6 +205,7 @@ def report(out, cfg):
     path = os.path.join(out, "eval.jsonl")
     records = read_jsonl(path)
     name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
+    records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
     saved = [r for r in records if r["step"] and (r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps)]
     if not saved:
         return

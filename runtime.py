@@ -570,7 +570,7 @@ def trim_log(path, step):
 
 def report(out):
     """Where the results are, and the reward curve in two numbers."""
-    rewards = [r["reward_denoise"] for r in read_jsonl(os.path.join(out, "log.jsonl"))]
+    rewards = [r["reward_denoise"] for r in read_jsonl(os.path.join(out, "log.jsonl")) if "reward_denoise" in r]
     if rewards:
         # The control words cycle every 20 steps (4 x 5) and move the reward by more than training does in a
         # short run: compare whole cycles.

@@ -74,36 +74,6 @@ def straight(tmp_path_factory):
     return out
 
 
-def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight, tmp_path, capsys, monkeypatch):
-    """training.pt of the step-2 checkpoint fails half-way with ENOSPC: one line naming it and the intact
-    checkpoint of step 1, exit 74, no checkpoint-000002 folder; the same command with --resume ends where an
-    uninterrupted run ends."""
-    out, save = str(tmp_path), torch.save
-
-    def disk_full_at_step_2(obj, f, *args, **kwargs):
-        if runtime.CHECKPOINT.format(2) in f.name:
-            f.write(b"the first bytes")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
-    args = ["train", "--steps", "6", "--save-every", "1", *SMALL, "--out", out]
-    code, err = run_cli(args, capsys)
-    assert code == util.EXIT_FAULT == 74 and len(err) == 1, err
-    first = os.path.join(out, runtime.CHECKPOINT.format(1))
-    for words in ["could not write the checkpoint", runtime.CHECKPOINT.format(2), "No space left on device",
-                  f"the last complete checkpoint, {first}, is intact", "--resume"]:
-        assert words in err[0], (words, err)
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "eval", "eval.jsonl", "log.jsonl",
-                                       "samples-before.png"]  # no partial folder
-    fw.load_transformer(first)
-    monkeypatch.setattr(torch, "save", save)
-    srpo.main([*args, "--resume", "--keep", "1"])
-    a, b = weights(straight, 6), weights(out, 6)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert log_steps(out) != [] and len(log_steps(out)) == 6
-
-
 @pytest.mark.parametrize("target", ["log", "grid", "eval"])
 def test_a_failed_log_or_grid_write_ends_in_one_line(tmp_path, capsys, monkeypatch, target):
     module, name, file = {"log": (runtime, "append_log", "log.jsonl"), "eval": (runtime, "append_log", "eval.jsonl"),
@@ -243,6 +213,11 @@ def full_before(monkeypatch, module, name, disk, leave, when=lambda *args: True)
     monkeypatch.setattr(module, name, filled_first)
 
 
+def paths_in(args):
+    """The paths among a call's arguments (a path, or a list of them)."""
+    return [p for a in args for p in (a if isinstance(a, list) else [a]) if isinstance(p, str)]
+
+
 def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
     """Run args: exit code 74, one "error:" line and no traceback, no checkpoint without state.json, no .tmp file.
     -> the line."""
@@ -258,10 +233,10 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
     return lines[0]
 
 
-STEP_2 = ["train", "--steps", "6", "--save-every", "2", *SMALL]
-TARGETS = {  # module, function, bytes left, which call; the words of the error line
+STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
+TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
     "weights": (fw, "save_transformer", 1 << 20, None, "the checkpoint"),
-    "training.pt": (runtime, "save_pt", 1 << 20, None, "the checkpoint"),
+    "training.pt": (runtime, "save_pt", 1 << 20, runtime.CHECKPOINT.format(4), "the checkpoint"),
     "state.json": (runtime, "write_json", 0, None, "the checkpoint"),
     "log": (runtime, "append_log", 0, "log.jsonl", "the log"),
     "eval": (evaluation.Watch, "write", 0, None, "the evaluation of step 0"),
@@ -271,18 +246,23 @@ TARGETS = {  # module, function, bytes left, which call; the words of the error 
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_a_real_full_disk_ends_in_one_line_and_resume_completes(straight, disk, capsys, monkeypatch, target):
-    """The disk fills up just before the target write (the first checkpoint's weights, its training.pt or state.json,
-    the first log line, the step-0 evaluation, the before grid): exit 74, one line naming what, nothing half
-    written; with the space back, --resume ends with the uninterrupted run's weights."""
+    """The disk fills up just before the target write (the first checkpoint's weights or state.json, the second's
+    training.pt, the first log line, the step-0 evaluation, the before grid): exit 74, one line naming what and the
+    last complete checkpoint, nothing half written; with the space back, --resume ends with the uninterrupted run's
+    weights."""
     module, name, leave, file, words = TARGETS[target]
     full_before(monkeypatch, module, name, disk, leave,
-                lambda *args: file is None or os.path.basename(str(args[0] if name != "save_png" else args[1][0]))
-                == file)
+                lambda *args: file is None or any(file in path for path in paths_in(args)))
     out = os.path.join(disk, "run")
     line = one_line_and_nothing_half_written(out, capsys, [*STEP_2, "--out", out])
     assert words in line and "No space left on device" in line, line
-    assert not runtime.checkpoints(out) and "no checkpoint is complete yet" in line, line
-    assert not os.path.exists(os.path.join(out, runtime.CHECKPOINT.format(2)))
+    last = os.path.join(out, runtime.CHECKPOINT.format(2))
+    if target == "training.pt":
+        assert sorted(runtime.checkpoints(out)) == [2] and f"the last complete checkpoint, {last}, is intact" in line
+        assert not os.path.exists(os.path.join(out, runtime.CHECKPOINT.format(4)))
+    else:
+        assert not runtime.checkpoints(out) and "no checkpoint is complete yet" in line, line
+        assert not os.path.exists(last)
     assert not os.path.exists(os.path.join(out, "eval", "step-000000")) or target != "eval"
     free(disk)
     monkeypatch.undo()
