@@ -368,7 +368,8 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
       state.json                                         step and config, written last: it marks the save complete
     Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
     deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
-    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault."""
+    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault. Weights that are
+    not finite are never written (check_finite): the run ends as Diverged."""
     weights = get_model_state_dict(model, options=state_dict_options(ranks))
     optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
     folder = os.path.join(out, CHECKPOINT.format(step))
@@ -513,7 +514,7 @@ def read_state(folder, step):
     writes: {"step": the folder's step, "config": {...}}."""
     path = os.path.join(folder, "state.json")
     state = read_json(path)
-    if state.get("step") != step or type(state.get("step")) is not int or not isinstance(state.get("config"), dict):
+    if type(state.get("step")) is not int or state["step"] != step or not isinstance(state.get("config"), dict):
         raise InputError(f"{path}: expected {{\"step\": {step}, \"config\": {{...}}}} as a checkpoint writes: "
                          f"restore the file, or remove the folder to resume from an older checkpoint")
     return state["config"]

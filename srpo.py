@@ -434,7 +434,7 @@ def main(argv=None):
         if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
             print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
         codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
-        sys.exit(codes[type(e)])
+        sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
 
 
 if __name__ == "__main__":
