@@ -1,7 +1,9 @@
-"""Faults end a run cleanly: a write that fails under `train` or `sample --prompts` (a full disk) ends in one line
-and exit code 74 with nothing half-written; SIGTERM / SIGINT end `train` at a step boundary with a checkpoint, and
-`sample --prompts` after the current image, with exit code 75; the same command (with --resume) then gives what an
-uninterrupted run gives. Tiny models only."""
+"""Faults end a run cleanly: a write that fails under `train` or `sample --prompts` (a full disk, a real tmpfs when
+run as root) ends in one line and exit code 74 with nothing half-written; SIGTERM / SIGINT end `train` at a step
+boundary with a checkpoint, and `sample --prompts` after the current image, with exit code 75; the same command (with
+--resume) then gives what an uninterrupted run gives. Non-finite numbers end `train` with exit code 65 and no
+non-finite weights saved; damaged checkpoint files and log lines met by --resume end in one line (exit 2), a torn
+last log line is dropped. Tiny models only."""
 
 import errno
 import filecmp
