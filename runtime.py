@@ -204,8 +204,17 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model):
 def fsdp_shard(model, load, ranks):
     """FSDP2: `fully_shard` each block, then the root (embedders, final layer); each rank holds 1/world of the
     weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights on its CPU and
-    every rank receives its shards by broadcast, so one process reads the files."""
-    full = load("cpu").state_dict() if ranks.main else {}
+    every rank receives its shards by broadcast, so one process reads the files (and its refusal of one is raised on
+    every rank)."""
+    full, error = {}, None
+    if ranks.main:
+        try:
+            full = load("cpu").state_dict()
+        except InputError as e:
+            error = e
+    error = ranks.from_main(error)
+    if error:
+        raise error
     # The velocity the model returns is a view; nothing here modifies it in place, which is what FSDP warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     # On CUDA the shards are gathered in bf16 (half the traffic; autocast computes in bf16 anyway) and gradients
