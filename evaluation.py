@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 import runtime
 import sampling
 from reward import PickScoreReward, tokenizer_folder
-from util import InputError, atomic_write, read_prompts, write_text
+from util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 
 # Held out from the demo's training prompts (srpo.DEMO_PROMPTS); a real run gives --eval-prompts (README).
 EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
@@ -170,37 +171,41 @@ class Watch:
                                functools.partial(self.write, step, results, list(scorers)))
 
     def write(self, step, results, names):
-        """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, TensorBoard, and the eval.jsonl line
-        last."""
+        """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, the eval.jsonl line last, then
+        TensorBoard. A failed write (a full disk) removes this evaluation's folder and grid: none is left half made."""
         folder = os.path.join(self.out, "eval", f"step-{step:06d}")
-        os.makedirs(folder, exist_ok=True)
-        write_text(os.path.join(self.out, "eval", "prompts.txt"), "".join(p + "\n" for p in self.prompts))
-        images = torch.stack([image for _, image, _ in results])
-        paths = sampling.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
-        write_text(os.path.join(folder, "images.jsonl"), "".join(
-            json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
-            for path, (i, _, _) in zip(paths, results, strict=True)))
         scores = {name: [s[name] for _, _, s in results] for name in names}
+        images = torch.stack([image for _, image, _ in results])
         grid = captioned_grid(list(sampling.to_8bit(images).numpy()),
                               [[f"{name} {s[name]:.4f}" for name in names] for _, _, s in results])
-        atomic_write(folder + ".png", functools.partial(Image.fromarray(grid).save, format="PNG"))
         record = {"step": step, **{name: sum(v) / len(v) for name, v in scores.items()}, "per_prompt": scores}
+        try:
+            os.makedirs(folder, exist_ok=True)
+            write_text(os.path.join(self.out, "eval", "prompts.txt"), "".join(p + "\n" for p in self.prompts))
+            paths = sampling.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
+            write_text(os.path.join(folder, "images.jsonl"), "".join(
+                json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
+                for path, (i, _, _) in zip(paths, results, strict=True)))
+            atomic_write(folder + ".png", functools.partial(Image.fromarray(grid).save, format="PNG"))
+            runtime.append_log(os.path.join(self.out, "eval.jsonl"), record)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            if os.path.exists(folder + ".png"):
+                os.remove(folder + ".png")
+            raise
         if self.writer:
             for name in names:
                 self.writer.add_scalar(f"eval/{name}", record[name], step)
             self.writer.add_image("eval/grid", grid, step, dataformats="HWC")
-        runtime.append_log(os.path.join(self.out, "eval.jsonl"), record)
 
 
 def report(out, cfg):
     """Which saved checkpoint scored best on the held-out reward: the independent one (PickScore) when it was
     given, else the training reward model's plain score."""
     path = os.path.join(out, "eval.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
+    records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
     saved = [r for r in records if r["step"] and (r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps)]
     if not saved:
         return

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -33,13 +34,17 @@ from kernels.attention import warm_up
 from reward import control_caption, control_words, load_reward
 from sampling import encode_prompts, tiny_models
 from util import (
+    Diverged,
     Fault,
     InputError,
+    append_line,
     atomic_write,
     attention_backend,
     check_writable,
     derive_seed,
+    first_line,
     read_json,
+    read_jsonl,
     this_process,
     write_json,
     write_text,
@@ -100,16 +105,17 @@ class Ranks:
         return bool(t.item())
 
     def main_writes(self, what, write):
-        """write() on rank 0; its Fault is raised on every rank (the others would wait for rank 0 forever)."""
+        """write() on rank 0; its Fault (or the InputError / Diverged of what it checks first) is raised on every
+        rank (the others would wait for rank 0 forever)."""
         error = None
         if self.main:
             try:
                 written(what, write)
-            except Fault as e:
-                error = str(e)
+            except (Fault, InputError, Diverged) as e:
+                error = e
         error = self.from_main(error)
         if error:
-            raise Fault(error)
+            raise error
 
 
 @contextlib.contextmanager
@@ -198,8 +204,17 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model):
 def fsdp_shard(model, load, ranks):
     """FSDP2: `fully_shard` each block, then the root (embedders, final layer); each rank holds 1/world of the
     weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights on its CPU and
-    every rank receives its shards by broadcast, so one process reads the files."""
-    full = load("cpu").state_dict() if ranks.main else {}
+    every rank receives its shards by broadcast, so one process reads the files (and its refusal of one is raised on
+    every rank)."""
+    full, error = {}, None
+    if ranks.main:
+        try:
+            full = load("cpu").state_dict()
+        except InputError as e:
+            error = e
+    error = ranks.from_main(error)
+    if error:
+        raise error
     # The velocity the model returns is a view; nothing here modifies it in place, which is what FSDP warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     # On CUDA the shards are gathered in bf16 (half the traffic; autocast computes in bf16 anyway) and gradients
@@ -264,7 +279,7 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, fused=True)
     if folder:
-        load_training_state(model, opt, folder, ranks)
+        load_training_state(model, opt, folder, ranks, cfg.lora_rank)
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
     encode_captions(reward, prompt_of, cfg, start, ranks)
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start)
@@ -290,8 +305,9 @@ def adapters(cfg, folder):
     def adapt(model):
         lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
         if folder and model.img_in.weight.device.type != "meta":
-            saved = torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"]
-            model.load_state_dict(saved, strict=False)  # the adapters only: the base is --flux's, unchanged
+            state = read_training_state(folder, cfg.lora_rank)
+            check_names(state, model, os.path.join(folder, "training.pt"))
+            model.load_state_dict(state["adapters"], strict=False)  # the adapters only: the base is --flux's, unchanged
         return model
 
     return adapt if cfg.lora_rank else lambda model: model
@@ -361,17 +377,19 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
       state.json                                         step and config, written last: it marks the save complete
     Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
     deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
-    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault."""
+    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault. Weights that are
+    not finite are never written (check_finite): the run ends as Diverged."""
     weights = get_model_state_dict(model, options=state_dict_options(ranks))
     optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
     folder = os.path.join(out, CHECKPOINT.format(step))
 
     def write():
+        check_finite(weights, step, cfg)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         state = {"optimizer": optim, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
         try:
             state |= save_weights(weights, model.cfg, cfg, folder)
-            atomic_write(os.path.join(folder, "training.pt"), lambda tmp: torch.save(state, tmp))
+            atomic_write(os.path.join(folder, "training.pt"), functools.partial(save_pt, state))
             write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)  # no state.json, no checkpoint: leave no half of one either
@@ -380,6 +398,26 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
             shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
 
     ranks.main_writes(f"the checkpoint {folder}", write)
+
+
+def save_pt(obj, path):
+    """torch.save through a Python file: a full disk then surfaces as the OSError behind torch's RuntimeError
+    (util.full_disk), where torch's own writer to a path keeps no reason."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def check_finite(weights, step, cfg):
+    """Refuse to save non-finite weights (a too large --lr can overflow them in one update while the loss that
+    update was computed from was finite): the run ends as Diverged, the last checkpoint stays the last finite one."""
+    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise Diverged(f"step {step}: the weights after the update are not finite ({len(bad)} of {len(weights)} "
+                       f"tensors, e.g. {bad[0]}), so checkpoint {step} was not saved: {LOWER_LR.format(cfg.lr)}")
+
+
+# What to try after a divergence: a resume repeats the run's settings, and with them the same steps.
+LOWER_LR = "try a lower --lr than {:g} in a new run (another --out; --resume keeps the run's settings)"
 
 
 def save_weights(weights, flux_cfg, cfg, folder):
@@ -396,11 +434,56 @@ def save_weights(weights, flux_cfg, cfg, folder):
     return {}
 
 
-def load_training_state(model, opt, folder, ranks):
-    """AdamW and RNG state of a checkpoint (the weights were loaded with the model): read by rank 0 only."""
-    state = {"optimizer": {}, "rng": None}  # under FSDP the other ranks get rank 0's by broadcast
+def read_training_state(folder, lora_rank, mmap=False):
+    """folder/training.pt, refused in one line unless it is what save_checkpoint writes for this kind of run
+    (torch.load's weights_only refuses any pickle that would run code: a tampered file too). mmap: only the
+    structure is read, not the tensors (the check of resume_point)."""
+    path = os.path.join(folder, "training.pt")
+    try:
+        state = torch.load(path, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file (a checkpoint holds its AdamW and RNG state there): resume from "
+                         f"a complete checkpoint, or start again in another --out") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise InputError(f"{path}: not a training state this program can read ({first_line(e)[:200]}): the file is "
+                         f"damaged or not one a checkpoint wrote") from None
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor) and isinstance(rng.get("cuda"), list)
+            and isinstance(state.get("optimizer"), dict) and ("adapters" in state) == bool(lora_rank)):
+        kind, keys = ("LoRA adapters (--lora-rank)", "optimizer, rng, adapters") if lora_rank else \
+            ("full fine-tuning (no --lora-rank)", "optimizer, rng")
+        raise InputError(f"{path}: not the training state of a checkpoint of {kind}: expected a dict of {keys} as "
+                         f"a checkpoint writes it")
+    return state
+
+
+def check_names(state, model, path):
+    """The trained parameters the state is for must be the model's own, with their shapes (another run's file
+    would load silently into whatever matches)."""
+    trained = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    groups = state["optimizer"].get("param_groups")
+    named = [n for g in groups for n in g.get("params", ())] if isinstance(groups, list) else None
+    adapters = state.get("adapters")
+    shapes = trained if adapters is None else \
+        {n: getattr(t, "shape", None) for n, t in adapters.items()} if isinstance(adapters, dict) else {}
+    if named is None or set(named) != set(trained) or shapes != trained:
+        raise InputError(f"{path}: its parameters are not this model's trained parameters (another run's file?): "
+                         f"resume with the settings and --flux of the run that wrote it")
+
+
+def load_training_state(model, opt, folder, ranks, lora_rank):
+    """AdamW and RNG state of a checkpoint (the weights were loaded with the model): read and checked by rank 0
+    only, its refusal raised on every rank."""
+    state, error = {"optimizer": {}, "rng": None}, None  # under FSDP the other ranks get rank 0's by broadcast
     if ranks.main:
-        state = torch.load(os.path.join(folder, "training.pt"), weights_only=True)
+        try:
+            state = read_training_state(folder, lora_rank)
+            check_names(state, model, os.path.join(folder, "training.pt"))
+        except InputError as e:
+            error = e
+    error = ranks.from_main(error)
+    if error:
+        raise error
     set_optimizer_state_dict(model, opt, state["optimizer"], options=state_dict_options(ranks, load=True))
     rng = ranks.from_main(state["rng"])
     torch.set_rng_state(rng["cpu"])
@@ -425,13 +508,25 @@ def resume_point(out, cfg, resume):
                          f"choose another --out")
     # a setting the checkpoint does not record (saved before it existed) was then the default: compare with that
     defaults = json.loads(json.dumps(asdict(type(cfg)())))
-    saved = {**defaults, **read_json(os.path.join(found[step], "state.json"))["config"]}
+    saved = {**defaults, **read_state(found[step], step)}
     ours = json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in saved if k not in RUN_LENGTH and saved[k] != ours.get(k)]
     if changed:
         raise InputError(f"--resume with other settings than the checkpoint's: {', '.join(changed)} (the "
                          f"checkpoint has {', '.join(f'{k}={saved[k]}' for k in changed)})")
+    read_training_state(found[step], cfg.lora_rank, mmap=True)  # a damaged one refused before anything is loaded
     return step, found[step]
+
+
+def read_state(folder, step):
+    """The config a checkpoint's state.json records, refused in one line unless it is what save_checkpoint
+    writes: {"step": the folder's step, "config": {...}}."""
+    path = os.path.join(folder, "state.json")
+    state = read_json(path)
+    if type(state.get("step")) is not int or state["step"] != step or not isinstance(state.get("config"), dict):
+        raise InputError(f"{path}: expected {{\"step\": {step}, \"config\": {{...}}}} as a checkpoint writes: "
+                         f"restore the file, or remove the folder to resume from an older checkpoint")
+    return state["config"]
 
 
 def start_point(out, cfg, resume, ranks):
@@ -449,9 +544,12 @@ def start_point(out, cfg, resume, ranks):
     return decision
 
 
-def checkpoint_note(out):
-    """Where a stopped or failed run can continue from."""
+def checkpoint_note(out, diverged=False):
+    """Where a stopped or failed run can continue from (after a divergence: the last weights that are finite,
+    which every saved checkpoint's are)."""
     found = checkpoints(out)
+    if diverged:
+        return f"the last checkpoint with finite weights: {found[max(found)] if found else 'none'}"
     if not found:
         return "no checkpoint is complete yet: the same command starts the run again"
     return f"the last complete checkpoint, {found[max(found)]}, is intact: the same command with --resume continues"
@@ -469,24 +567,20 @@ def open_log(out, start, ranks):
 
 
 def append_log(path, record):
-    """One JSON line per step (log.jsonl)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line per step (log.jsonl, eval.jsonl), appended whole or not at all."""
+    append_line(path, json.dumps(record) + "\n")
 
 
 def trim_log(path, step):
-    """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    write_text(path, "".join(lines))
+    """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint; a torn last line
+    is dropped)."""
+    if os.path.exists(path):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
 
 
 def report(out):
     """Where the results are, and the reward curve in two numbers."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        rewards = [json.loads(line)["reward_denoise"] for line in f if line.strip()]
+    rewards = [r["reward_denoise"] for r in read_jsonl(os.path.join(out, "log.jsonl")) if "reward_denoise" in r]
     if rewards:
         # The control words cycle every 20 steps (4 x 5) and move the reward by more than training does in a
         # short run: compare whole cycles.

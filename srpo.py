@@ -53,9 +53,11 @@ import sampling
 from reward import control_words
 from sampling import DEFAULT_PROMPT, autocast, check_size, decode_images, euler_sample, initial_noise
 from util import (
+    EXIT_DIVERGED,
     EXIT_FAULT,
     EXIT_INPUT,
     EXIT_STOPPED,
+    Diverged,
     Fault,
     InputError,
     Stopped,
@@ -342,9 +344,11 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks):
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     # the step's one read to the host: every value above stayed on the device, where FSDP's prefetch runs ahead
     loss, r_d, r_i, norm = torch.cat([ranks.mean(totals.double()), norm.double().reshape(1)]).tolist()
-    if not all(map(math.isfinite, (loss, r_d, r_i, norm))):
-        raise FloatingPointError(f"step {step}: the loss is not finite (loss {loss}, gradient norm {norm}); stopped "
-                                 f"before updating the weights")
+    values = {"loss": loss, "denoise reward": r_d, "inversion reward": r_i, "gradient norm": norm}
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:  # every rank has the same values (means over the ranks): every rank stops here
+        raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
+                       f"{runtime.LOWER_LR.format(cfg.lr)}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, r_d, r_i, norm
@@ -409,9 +413,8 @@ def cmd_train(args):
         try:
             parts = runtime.training_parts(args, cfg, prompts, ranks, eval_prompts)
             train(parts, prompts, cfg, args.out, ranks, watch)
-        except (Fault, FloatingPointError) as e:
-            error = Fault if isinstance(e, Fault) else InputError
-            raise error(f"{e}; {runtime.checkpoint_note(args.out)}") from None
+        except (Fault, Diverged) as e:
+            raise type(e)(f"{e}; {runtime.checkpoint_note(args.out, isinstance(e, Diverged))}") from None
     if ranks.main:
         runtime.report(args.out)
         evaluation.report(args.out, cfg)
@@ -426,11 +429,12 @@ def main(argv=None):
     args = cli.parse_args(build_parser(), argv)
     try:
         {"train": cmd_train, "sample": sampling.cmd_sample, "score": rewards.cmd_score}[args.command](args)
-    except (InputError, Fault, Stopped) as e:
-        # Faults and stops are agreed on by every process of a torchrun: one of them says it
+    except (InputError, Fault, Diverged, Stopped) as e:
+        # Faults, divergences and stops are agreed on by every process of a torchrun: one of them says it
         if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
             print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
-        sys.exit(EXIT_STOPPED if isinstance(e, Stopped) else EXIT_FAULT if isinstance(e, Fault) else EXIT_INPUT)
+        codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
+        sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
 
 
 if __name__ == "__main__":

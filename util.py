@@ -1,6 +1,7 @@
 """What every command shares: errors and exit codes, files written atomically, prompt files and manifests, devices,
 and the stop signals. The model, the reward and the trainer all build on it; it imports none of them."""
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ def first_line(error):
 
 
 EXIT_INPUT = 2  # bad input: nothing was done
+EXIT_DIVERGED = 65  # EX_DATAERR: the numbers went bad (a loss, gradient or weight not finite); nothing non-finite saved
 EXIT_FAULT = 74  # EX_IOERR (sysexits.h): a write failed under the run; the last complete checkpoint is intact
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; run it again (with --resume) to continue
 
@@ -32,16 +34,47 @@ class Fault(Exception):
     """A write that failed under the run: disk full, quota, permissions changed, a vanished mount."""
 
 
+class Diverged(Exception):
+    """Training diverged: a loss, reward, gradient norm or weight is not finite. Nothing non-finite is saved."""
+
+
 class Stopped(Exception):
     """SIGTERM or SIGINT: the run stopped cleanly, where it can continue."""
 
 
 def written(what, write):
-    """write(), with an OSError turned into a Fault naming what could not be written and why."""
+    """write(), with an OSError turned into a Fault naming what could not be written and why (atomic_write and
+    append_line turn a library's own report of a full disk into one)."""
     try:
         return write()
     except OSError as e:
         raise Fault(f"could not write {what} ({e.strerror or e})") from None
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def full_disk(error, folder):
+    """The OSError(ENOSPC or EDQUOT) behind a library's own exception from a failed write, or None. Libraries that
+    write a file themselves report a full disk in their own types: torch.save to a Python file object raises
+    RuntimeError("unexpected pos ...") with the OSError as its context; safetensors raises SafetensorError with the
+    OS's text ("No space left on device (os error 28)"); torch.save to a path (its C++ writer) keeps no reason at
+    all. So: an OSError of these in the exception chain, else the OS's text in the message, else the folder's file
+    system with no block left (os.statvfs, asked while the partial file still fills it)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL:
+            return OSError(seen.errno, os.strerror(seen.errno))
+        seen = seen.__cause__ or seen.__context__
+    for code in FULL:
+        if os.strerror(code) in str(error):
+            return OSError(code, os.strerror(code))
+    try:
+        if os.statvfs(folder).f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        pass  # the folder itself is gone: the library's exception stands
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +115,15 @@ def atomic_write(path, write):
     that a checkpoint can be shared like any other file."""
     tmp = path + ".tmp"
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:  # a library's own report of a failed write: an OSError when it was a full disk
+            reason = full_disk(e, os.path.dirname(os.path.abspath(tmp)))
+            if reason is None:
+                raise
+            raise reason from None
         os.chmod(tmp, new_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -108,6 +149,51 @@ def write_text(path, text):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
+
+
+def append_line(path, line):
+    """Append one line (a JSONL record) whole or not at all: one os.write, and on a failure (a full disk half-way)
+    the file is truncated back to its old end, so that no torn line is left for a resume to read."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):  # a short write: the disk filled up under it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSONL file written by append_line, [] if there is none. A torn last line (a crash or
+    a full disk mid-append under an older version, or a copy cut short) is dropped with a note on stderr: the
+    resumed run redoes what it recorded. A bad line before the last is a one-line error naming it."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError
+        except ValueError:
+            if number < len(lines):
+                raise InputError(f"{path}, line {number}: not a JSON object with an integer \"step\": mend or "
+                                 f"remove that line") from None
+            print(f"note: {path}, line {number}: a torn last line (a write cut short), dropped", file=sys.stderr)
+            continue
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def check_writable(out):

@@ -1,11 +1,16 @@
-"""Faults end a run cleanly: a write that fails under `train` or `sample --prompts` (a full disk) ends in one line
-and exit code 74 with nothing half-written; SIGTERM / SIGINT end `train` at a step boundary with a checkpoint, and
-`sample --prompts` after the current image, with exit code 75; the same command (with --resume) then gives what an
-uninterrupted run gives. Tiny models only."""
+"""Faults end a run cleanly: a write that fails under `train` or `sample --prompts` (a full disk, a real tmpfs when
+run as root) ends in one line and exit code 74 with nothing half-written; SIGTERM / SIGINT end `train` at a step
+boundary with a checkpoint, and `sample --prompts` after the current image, with exit code 75; the same command (with
+--resume) then gives what an uninterrupted run gives. Non-finite numbers end `train` with exit code 65 and no
+non-finite weights saved; damaged checkpoint files and log lines met by --resume end in one line (exit 2), a torn
+last log line is dropped. Tiny models only."""
 
 import errno
 import filecmp
+import functools
+import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluation
 import flux_weights as fw
 import runtime
 import sampling
@@ -68,37 +74,6 @@ def straight(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight"))
     cli(*TRAIN, "--out", out)
     return out
-
-
-def test_disk_full_during_a_save_ends_in_one_line_and_resume_completes(straight, tmp_path, capsys, monkeypatch):
-    """training.pt of the step-2 checkpoint fails half-way with ENOSPC: one line naming it and the intact
-    checkpoint of step 1, exit 74, no checkpoint-000002 folder; the same command with --resume ends where an
-    uninterrupted run ends."""
-    out, save = str(tmp_path), torch.save
-
-    def disk_full_at_step_2(obj, path, *args, **kwargs):
-        if runtime.CHECKPOINT.format(2) in str(path):
-            with open(path, "wb") as f:
-                f.write(b"the first bytes")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
-    args = ["train", "--steps", "6", "--save-every", "1", *SMALL, "--out", out]
-    code, err = run_cli(args, capsys)
-    assert code == util.EXIT_FAULT == 74 and len(err) == 1, err
-    first = os.path.join(out, runtime.CHECKPOINT.format(1))
-    for words in ["could not write the checkpoint", runtime.CHECKPOINT.format(2), "No space left on device",
-                  f"the last complete checkpoint, {first}, is intact", "--resume"]:
-        assert words in err[0], (words, err)
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "eval", "eval.jsonl", "log.jsonl",
-                                       "samples-before.png"]  # no partial folder
-    fw.load_transformer(first)
-    monkeypatch.setattr(torch, "save", save)
-    srpo.main([*args, "--resume", "--keep", "1"])
-    a, b = weights(straight, 6), weights(out, 6)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert log_steps(out) != [] and len(log_steps(out)) == 6
 
 
 @pytest.mark.parametrize("target", ["log", "grid", "eval"])
@@ -195,3 +170,282 @@ def test_a_failed_image_write_ends_sample_in_one_line(tmp_path, capsys, monkeypa
     assert code == 74 and len(err) == 1 and "00001.png" in err[0] and "No space left" in err[0], err
     assert "the same command makes the rest" in err[0]
     assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real full disk: a small tmpfs, filled up just before the write aimed at (the libraries' own errors, not mocks)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 16 MiB tmpfs of its own (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield str(path)
+    gc.collect()  # a writer that failed may hold its file open until collected
+    if subprocess.run(["umount", str(path)]).returncode:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)  # detached now, freed when the last file closes
+
+
+def fill(disk, leave):
+    """Fill the disk up to `leave` bytes free (a filler file, removed by free())."""
+    stat = os.statvfs(disk)
+    with open(os.path.join(disk, "filler"), "ab") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+
+
+def free(disk):
+    os.remove(os.path.join(disk, "filler"))
+
+
+def full_before(monkeypatch, module, name, disk, leave, when=lambda *args: True):
+    """module.name fills the disk (to `leave` bytes free) before its first call for which when(*args) holds."""
+    original, done = getattr(module, name), []
+
+    def filled_first(*args, **kwargs):
+        if not done and when(*args):
+            done.append(fill(disk, leave))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, filled_first)
+
+
+def paths_in(args):
+    """The paths among a call's arguments (a path, or a list of them)."""
+    return [p for a in args for p in (a if isinstance(a, list) else [a]) if isinstance(p, str)]
+
+
+def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
+    """Run args: exit code 74, one "error:" line and no traceback, no checkpoint without state.json, no .tmp file.
+    -> the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert exit_info.value.code == code and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for root, _, files in os.walk(out):
+        assert not [f for f in files if f.endswith(".tmp")], (root, files)
+        if os.path.basename(root).startswith("checkpoint-"):
+            assert "state.json" in files, (root, files)
+    return lines[0]
+
+
+STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
+TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
+    "weights": (fw, "save_transformer", 1 << 20, None, "the checkpoint"),
+    "training.pt": (runtime, "save_pt", 1 << 20, runtime.CHECKPOINT.format(4), "the checkpoint"),
+    "state.json": (runtime, "write_json", 0, None, "the checkpoint"),
+    "log": (runtime, "append_log", 0, "log.jsonl", "the log"),
+    "eval": (evaluation.Watch, "write", 0, None, "the evaluation of step 0"),
+    "grid": (sampling, "save_png", 0, "samples-before.png", "samples-before.png"),
+}
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_a_real_full_disk_ends_in_one_line_and_resume_completes(straight, disk, capsys, monkeypatch, target):
+    """The disk fills up just before the target write (the first checkpoint's weights or state.json, the second's
+    training.pt, the first log line, the step-0 evaluation, the before grid): exit 74, one line naming what and the
+    last complete checkpoint, nothing half written; with the space back, --resume ends with the uninterrupted run's
+    weights."""
+    module, name, leave, file, words = TARGETS[target]
+    full_before(monkeypatch, module, name, disk, leave,
+                lambda *args: file is None or any(file in path for path in paths_in(args)))
+    out = os.path.join(disk, "run")
+    line = one_line_and_nothing_half_written(out, capsys, [*STEP_2, "--out", out])
+    assert words in line and "No space left on device" in line, line
+    last = os.path.join(out, runtime.CHECKPOINT.format(2))
+    if target == "training.pt":
+        assert sorted(runtime.checkpoints(out)) == [2] and f"the last complete checkpoint, {last}, is intact" in line
+        assert not os.path.exists(os.path.join(out, runtime.CHECKPOINT.format(4)))
+    else:
+        assert not runtime.checkpoints(out) and "no checkpoint is complete yet" in line, line
+        assert not os.path.exists(last)
+    assert not os.path.exists(os.path.join(out, "eval", "step-000000")) or target != "eval"
+    free(disk)
+    monkeypatch.undo()
+    srpo.main([*STEP_2, "--out", out, "--resume"])
+    a, b = weights(straight, 6), weights(out, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(log_steps(out)) == 6
+
+
+def test_a_real_full_disk_ends_sample_in_one_line(disk, tmp_path, capsys, monkeypatch):
+    """The second image's PNG, then the manifest, each on a full disk: exit 74, one line, the images written whole;
+    with the space back the same command makes the rest."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    out = os.path.join(disk, "out")
+    args = ["sample", "--prompts", str(prompts), "--steps", "2", "--out", out]
+    full_before(monkeypatch, sampling, "save_png", disk, 0, lambda images, paths: paths[0].endswith("00001.png"))
+    line = one_line_and_nothing_half_written(out, capsys, args)
+    assert "00001.png" in line and "No space left on device" in line and "makes the rest" in line, line
+    assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
+    free(disk)
+    monkeypatch.undo()
+    full_before(monkeypatch, sampling, "write_manifest", disk, 0)
+    line = one_line_and_nothing_half_written(out, capsys, args)
+    assert "images.jsonl" in line and "No space left on device" in line, line
+    free(disk)
+    monkeypatch.undo()
+    srpo.main(args)
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "images.jsonl"]
+
+
+def test_an_append_cut_short_by_a_full_disk_leaves_no_torn_line(disk):
+    """A line that crosses into a page the disk no longer has: written in part by the kernel, then truncated back."""
+    path = os.path.join(disk, "log.jsonl")
+    with open(path, "w") as f:
+        f.write("x" * 4000 + "\n")
+    fill(disk, 0)
+    with pytest.raises(OSError) as info:
+        util.append_line(path, '{"step": 2, "loss": 0.5}' * 20 + "\n")
+    assert info.value.errno == errno.ENOSPC
+    with open(path) as f:
+        assert f.read() == "x" * 4000 + "\n"
+
+
+def test_full_disk_is_recognised_in_the_libraries_own_errors(disk):
+    """torch.save to a path (its C++ writer: RuntimeError, no reason), through a file (the OSError as context),
+    safetensors (SafetensorError): each becomes ENOSPC in atomic_write, with no .tmp left."""
+    from safetensors.torch import save_file
+
+    state = {"w": torch.zeros(1 << 20)}
+    writers = [lambda tmp: torch.save(state, tmp), functools.partial(runtime.save_pt, state),
+               lambda tmp: save_file(state, tmp)]
+    fill(disk, 1 << 20)
+    for write in writers:
+        with pytest.raises(OSError) as info:
+            util.atomic_write(os.path.join(disk, "w"), write)
+        assert info.value.errno == errno.ENOSPC and os.listdir(disk) == ["filler"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers that go bad: exit 65, nothing non-finite saved
+
+
+def test_weights_made_non_finite_by_a_huge_lr_are_never_saved(tmp_path, capsys):
+    """--lr 1e38: the loss of step 1 is finite, the update overflows every weight: checkpoint 1 is not written."""
+    out = str(tmp_path)
+    line = one_line_and_nothing_half_written(out, capsys, ["train", "--steps", "2", "--save-every", "1", "--lr", "1e38",
+                                                          *SMALL, "--out", out], util.EXIT_DIVERGED)
+    for words in ["step 1: the weights after the update are not finite", "lower --lr than 1e+38",
+                  "the last checkpoint with finite weights: none"]:
+        assert words in line, (words, line)
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+
+
+def test_a_divergence_names_the_last_checkpoint_with_finite_weights(tmp_path, capsys, monkeypatch):
+    """An update that overflows one weight at step 2 (as a too large --lr does): checkpoint 1 is named, no 2."""
+    out, step = str(tmp_path), torch.optim.AdamW.step
+    calls = []
+
+    def overflow_at_step_2(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            self.param_groups[0]["params"][0].data[0] = float("inf")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflow_at_step_2)
+    line = one_line_and_nothing_half_written(out, capsys, ["train", "--steps", "3", "--save-every", "1", "--keep", "5",
+                                                          *SMALL, "--out", out], util.EXIT_DIVERGED)
+    assert "step 2: the weights after the update are not finite (1 of 84 tensors, e.g. img_in.weight)" in line, line
+    assert f"with finite weights: {os.path.join(out, runtime.CHECKPOINT.format(1))}" in line, line
+    assert sorted(runtime.checkpoints(out)) == [1] and len(os.listdir(out)) == len(set(os.listdir(out)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files a crash or a hand leaves behind, met by --resume
+
+
+def snapshot(out):
+    return {os.path.relpath(os.path.join(root, f), out): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(out) for f in files}
+
+
+@pytest.fixture
+def resumable(straight, tmp_path):
+    """A copy of the uninterrupted run, its last checkpoint at step 6, to damage. -> (out, checkpoint folder)."""
+    out = str(tmp_path / "run")
+    shutil.copytree(straight, out)
+    return out, os.path.join(out, runtime.CHECKPOINT.format(6))
+
+
+@pytest.mark.parametrize("file", ["log.jsonl", "eval.jsonl"])
+def test_a_torn_last_log_line_is_dropped_with_a_note(resumable, capsys, file):
+    out, _ = resumable
+    path = os.path.join(out, file)
+    with open(path) as f:
+        whole = f.read()
+    with open(path, "a") as f:
+        f.write('{"step": 7, "lo')
+    srpo.main([*TRAIN, "--out", out, "--resume"])
+    assert f"{path}, line {whole.count(chr(10)) + 1}: a torn last line" in capsys.readouterr().err
+    with open(path) as f:
+        assert f.read() == whole
+
+
+def test_a_bad_line_inside_a_log_is_one_line_naming_it(resumable, capsys):
+    out, _ = resumable
+    path = os.path.join(out, "log.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines([*lines[:2], "not json\n", *lines[2:]])
+    before = snapshot(out)
+    line = one_line_and_nothing_half_written(out, capsys, [*TRAIN, "--out", out, "--resume"], util.EXIT_INPUT)
+    assert f"{path}, line 3: not a JSON object" in line, line
+    assert snapshot(out) == before
+
+
+class Payload:
+    """A pickle that would run code on load (harmless here): torch.load's weights_only refuses it."""
+
+    def __reduce__(self):
+        return print, ("this ran",)
+
+
+def damage(folder, how):
+    state_json, pt = os.path.join(folder, "state.json"), os.path.join(folder, "training.pt")
+    if how.startswith("state"):
+        state = util.read_json(state_json)
+        change = {"state {}": {}, "state config list": {**state, "config": [1]},
+                  "state step text": {**state, "step": "6"}}[how]
+        util.write_json(state_json, change)
+        return state_json
+    if how == "missing":
+        os.remove(pt)
+    elif how == "truncated":
+        os.truncate(pt, os.path.getsize(pt) // 2)
+    elif how == "malicious":
+        torch.save(Payload(), pt)
+    else:
+        state = torch.load(pt, weights_only=True)
+        if how == "other structure":
+            state = {"weights": state["optimizer"]}
+        elif how == "lora":
+            state["adapters"] = {}
+        else:  # another model's parameter names
+            for group in state["optimizer"]["param_groups"]:
+                group["params"] = [name.replace("img_in", "image_in") for name in group["params"]]
+        torch.save(state, pt)
+    return pt
+
+
+DAMAGES = ["state {}", "state config list", "state step text", "missing", "truncated", "malicious",
+           "other structure", "lora", "other names"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(resumable, capsys, how):
+    """Exit 2, one line naming the file, no traceback, nothing changed on disk."""
+    out, folder = resumable
+    path = damage(folder, how)
+    before = snapshot(out)
+    line = one_line_and_nothing_half_written(out, capsys, [*TRAIN, "--out", out, "--resume"], util.EXIT_INPUT)
+    assert line.startswith(f"error: {path}: "), line
+    assert snapshot(out) == before
