@@ -1,10 +1,13 @@
 """What every command shares: errors and exit codes, files written atomically, prompt files and manifests, devices,
 and the stop signals. The model, the reward and the trainer all build on it; it imports none of them."""
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -118,6 +121,59 @@ def check_writable(out):
             pass
     except OSError as e:
         raise InputError(f"{out}: cannot write the output folder ({e.strerror or e})") from None
+
+
+class RunLock:
+    """FOLDER/.lock, held from a run's start to its end: a second run into the same folder is refused, naming the
+    holder, instead of interleaving its log, evaluations and checkpoints with the first's. The lock is a flock on
+    the open file, which the kernel releases when its process dies (kill -9 too): a lock file left behind, whose
+    holder is gone, is free, and taking it over says whose it was. A run that ends (even by an error) removes it.
+    On NFS, Linux emulates flock with byte-range locks that hold across hosts, except on a mount with
+    local_lock=flock or local_lock=all: there two hosts can both take it."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+
+    def __enter__(self):
+        try:
+            self.fd = self.locked()
+            if stale := self.holder(self.fd):
+                print(f"note: {self.path}: taking over the lock of a run that ended without releasing it ({stale})",
+                      file=sys.stderr)
+            os.ftruncate(self.fd, 0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot take the run's lock ({e.strerror or e})") from None
+        return self
+
+    def locked(self):
+        """The lock file's descriptor, flocked; a file its holder removed as we waited is not the lock any more."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.holder(fd) or "a run that is starting"
+                os.close(fd)
+                raise InputError(f"{os.path.dirname(self.path)}: another run is writing into this folder ({holder}):"
+                                 f" wait for it to end, or give another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return fd
+            os.close(fd)
+
+    @staticmethod
+    def holder(fd):
+        """Who holds (or held) the lock, as its holder wrote it: pid, host and start time."""
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+    def __exit__(self, *exc):
+        # removed while still held: the next run creates and locks a new file (in a folder gone read-only the file
+        # stays, and the next run takes it over as stale)
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self.fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""One run per folder: a second `train` into a folder that a run is writing is refused (the lock, OUT/.lock), a
+lock left by a killed run is taken over; a `sample --prompts` rerun with settings other than its images' is
+refused. Tiny models only."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import srpo
+import util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
+
+
+def run_cli(args, capsys):
+    """srpo.main(args) -> (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+def log_steps(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+def started(command, ready):
+    """A process running command, once ready() is true."""
+    p = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 240
+    while not ready() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read()[-3000:]
+    return p
+
+
+def test_a_second_train_into_a_running_runs_folder_is_refused(tmp_path, capsys):
+    """A real `train` is running in OUT: a second `train --out OUT` ends in one line naming the holder's pid and
+    host, exit 2, and writes nothing; the first run, stopped by SIGTERM, logged each of its steps once."""
+    out = str(tmp_path)
+    first = started([sys.executable, "srpo.py", "train", "--steps", "100000", "--save-every", "100000", *TINY,
+                     "--out", out], lambda: os.path.exists(os.path.join(out, "log.jsonl")))
+    code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=240) == util.EXIT_STOPPED, first.stderr.read()[-3000:]
+    assert code == util.EXIT_INPUT and len(err) == 1, err
+    for words in [f"pid {first.pid} on {socket.gethostname()}", "another run is writing into this folder", out]:
+        assert words in err[0], (words, err)
+    steps = log_steps(out)
+    assert steps == list(range(1, len(steps) + 1)), steps  # each step once: the refused run wrote none
+    assert not os.path.exists(os.path.join(out, ".lock"))  # a run that ends removes it
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
+    """A process holding the lock is killed (kill -9: the kernel drops its flock, the file stays): the next run
+    takes the lock over, says whose it was, and runs."""
+    out, lock = str(tmp_path), os.path.join(str(tmp_path), ".lock")
+    holder = started([sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"],
+                     lambda: os.path.exists(lock) and os.path.getsize(lock) > 0)
+    code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
+    assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
+    holder.kill()
+    holder.wait(timeout=60)
+    assert os.path.getsize(lock) > 0  # left behind, no longer held
+    srpo.main(["train", "--steps", "2", *TINY, "--out", out])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and f"pid {holder.pid} on " in notes[0] and "ended without releasing" in notes[0], notes
+    assert log_steps(out) == [1, 2] and not os.path.exists(lock)
