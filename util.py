@@ -194,16 +194,18 @@ def read_prompts(path):
     return prompts
 
 
-def write_manifest(folder, jobs, seed):
-    """folder/images.jsonl: one {"image", "prompt", "seed"} line per image, what `score --manifest` reads."""
+def write_manifest(folder, jobs, settings):
+    """folder/images.jsonl: one {"image", "prompt", **settings} line per image (settings: the seed and all else the
+    image depends on), what `score --manifest` reads."""
     write_text(os.path.join(folder, MANIFEST), "".join(
-        json.dumps({"image": os.path.basename(path), "prompt": p, "seed": seed}) + "\n"
+        json.dumps({"image": os.path.basename(path), "prompt": p, **settings}) + "\n"
         for p, paths in jobs for path in paths))
 
 
-def read_manifest(path):
-    """(image paths, prompts) from a `sample --prompts` folder's images.jsonl, paths relative to its folder."""
-    folder, paths, prompts = os.path.dirname(os.path.abspath(path)), [], []
+def manifest_rows(path):
+    """The rows of a `sample --prompts` folder's images.jsonl, each with "image" (its path, relative to the folder
+    in the file, here joined to it) and "prompt"."""
+    folder, rows = os.path.dirname(os.path.abspath(path)), []
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -211,14 +213,19 @@ def read_manifest(path):
                     continue
                 try:
                     row = json.loads(line)
-                    paths.append(os.path.join(folder, row["image"]))
-                    prompts.append(str(row["prompt"]))
+                    rows.append({**row, "image": os.path.join(folder, row["image"]), "prompt": str(row["prompt"])})
                 except (ValueError, KeyError, TypeError):
                     raise InputError(f"{path}, line {number}: expected a JSON object with \"image\" and "
                                      f"\"prompt\"") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
-    return paths, prompts
+    return rows
+
+
+def read_manifest(path):
+    """(image paths, prompts) from a `sample --prompts` folder's images.jsonl, paths relative to its folder."""
+    rows = manifest_rows(path)
+    return [row["image"] for row in rows], [row["prompt"] for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------

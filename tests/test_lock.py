@@ -74,3 +74,27 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
     assert len(notes) == 1 and f"pid {holder.pid} on " in notes[0] and "ended without releasing" in notes[0], notes
     assert log_steps(out) == [1, 2] and not os.path.exists(lock)
+
+
+def test_a_sample_rerun_with_other_settings_is_refused_and_the_same_command_continues(tmp_path, capsys):
+    """`sample --prompts` into a folder holding its images: another seed, prompt file or size is refused in one line
+    naming what differs, the images and images.jsonl untouched; the same command makes only what is missing."""
+    out, prompts, other = str(tmp_path / "out"), tmp_path / "p.txt", tmp_path / "q.txt"
+    prompts.write_text("a red fox\na blue bird\n")
+    other.write_text("a green frog\na blue bird\n")
+    command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "2"]
+    srpo.main(command)
+    capsys.readouterr()
+    made = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)}
+    assert sorted(made) == ["00000.png", "00001.png", "images.jsonl"]
+    for changed, words in [(["--seed", "1"], "another seed than this command's (seed 0"),
+                           (["--prompts", str(other)], "another prompt than this command's (prompt 'a red fox'"),
+                           (["--height", "48"], "another height than this command's (height 32")]:
+        code, err = run_cli([*command, *changed], capsys)
+        assert code == util.EXIT_INPUT and len(err) == 1 and words in err[0] and "00000.png" in err[0], err
+        assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == made
+    os.remove(os.path.join(out, "00001.png"))
+    srpo.main(command)
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == made
+    srpo.main(command)
+    assert "nothing left to make" in capsys.readouterr().out
