@@ -215,6 +215,16 @@ def load_flux_folder(flux_dir, transformer_file, dtype, device):
     return model, ae
 
 
+def tiny_transformer(path, cfg, dtype, device):
+    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint), sampled with the
+    demo's tiny VAE and text encoders."""
+    try:
+        return fw.load_transformer(path, cfg, dtype, device)
+    except InputError as e:
+        raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
+                         f"diffusion_pytorch_model.safetensors: give --flux for a FLUX.1 one)") from None
+
+
 def check_size(height, width):
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise InputError(f"height and width must be positive multiples of 16, got {height}x{width}")
@@ -321,8 +331,6 @@ def check_sample_flags(args):
     if not 1 <= args.max_sequence_length <= 512:
         raise InputError(f"--max-sequence-length must be in 1..512 (T5 tokens, FluxPipeline's limit), got "
                          f"{args.max_sequence_length}")
-    if args.transformer and not args.flux:
-        raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
 
 
 def sample_models(args, prompts, dtype, device):
@@ -330,6 +338,8 @@ def sample_models(args, prompts, dtype, device):
     if not args.flux:
         model, ae, text = tiny_models()
         text.max_length = args.max_sequence_length
+        if args.transformer:
+            model = tiny_transformer(args.transformer, model.cfg, dtype, device)
         return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
     text = fm.TextConditioner.from_folder(args.flux, dtype, device, args.max_sequence_length)
     embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
@@ -361,8 +371,9 @@ def cmd_sample(args):
         check_rerun(args.out, jobs, settings)
     sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
                            read_schedule(args.flux) if args.flux else FLUX_DEV)
-    if args.flux:  # check every file before the slow part
-        meta, _ = load_flux_folder(args.flux, args.transformer, dtype, "meta")
+    if args.flux or args.transformer:  # check every file before the slow part
+        meta = (load_flux_folder(args.flux, args.transformer, dtype, "meta")[0] if args.flux else
+                tiny_transformer(args.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
         if args.lora:
             lora.merge_lora(meta, args.lora)
     if args.prompts:
