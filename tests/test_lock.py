@@ -2,12 +2,14 @@
 lock left by a killed run is taken over; a `sample --prompts` rerun with settings other than its images' is
 refused. Tiny models only."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -31,26 +33,40 @@ def log_steps(out):
         return [json.loads(line)["step"] for line in f if line.strip()]
 
 
-def started(command, ready):
-    """A process running command, once ready() is true."""
-    p = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE,
-                         text=True)
-    deadline = time.monotonic() + 240
-    while not ready() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert p.poll() is None, p.stderr.read()[-3000:]
-    return p
+@contextlib.contextmanager
+def running(command, ready):
+    """A process running command, once ready() is true, its stderr in p.log (a file: a pipe nobody reads would fill
+    and stop it); killed at the end if it still runs."""
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=log, text=True)
+        p.log = log
+        try:
+            deadline = time.monotonic() + 240
+            while not ready() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert p.poll() is None, errors(p)
+            yield p
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def errors(p):
+    """The last of a running() process's stderr."""
+    p.log.seek(0)
+    return p.log.read()[-3000:]
 
 
 def test_a_second_train_into_a_running_runs_folder_is_refused(tmp_path, capsys):
     """A real `train` is running in OUT: a second `train --out OUT` ends in one line naming the holder's pid and
     host, exit 2, and writes nothing; the first run, stopped by SIGTERM, logged each of its steps once."""
     out = str(tmp_path)
-    first = started([sys.executable, "srpo.py", "train", "--steps", "100000", "--save-every", "100000", *TINY,
-                     "--out", out], lambda: os.path.exists(os.path.join(out, "log.jsonl")))
-    code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=240) == util.EXIT_STOPPED, first.stderr.read()[-3000:]
+    command = [sys.executable, "srpo.py", "train", "--steps", "100000", "--save-every", "100000", *TINY, "--out", out]
+    with running(command, lambda: os.path.exists(os.path.join(out, "log.jsonl"))) as first:
+        code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=240) == util.EXIT_STOPPED, errors(first)
     assert code == util.EXIT_INPUT and len(err) == 1, err
     for words in [f"pid {first.pid} on {socket.gethostname()}", "another run is writing into this folder", out]:
         assert words in err[0], (words, err)
@@ -63,12 +79,12 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     """A process holding the lock is killed (kill -9: the kernel drops its flock, the file stays): the next run
     takes the lock over, says whose it was, and runs."""
     out, lock = str(tmp_path), os.path.join(str(tmp_path), ".lock")
-    holder = started([sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"],
-                     lambda: os.path.exists(lock) and os.path.getsize(lock) > 0)
-    code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
-    assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
-    holder.kill()
-    holder.wait(timeout=60)
+    command = [sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"]
+    with running(command, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0) as holder:
+        code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
+        assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
+        holder.kill()
+        holder.wait(timeout=60)
     assert os.path.getsize(lock) > 0  # left behind, no longer held
     srpo.main(["train", "--steps", "2", *TINY, "--out", out])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
