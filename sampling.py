@@ -297,8 +297,8 @@ def sample_jobs(args):
 def image_settings(args, dtype):
     """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
     rerun into the folder skips only images that it would have made itself."""
-    files = {k: v and os.path.abspath(v) for k, v in [("flux", args.flux), ("transformer", args.transformer),
-                                                        ("lora", args.lora)]}
+    files = {k: v and os.path.realpath(v) for k, v in [("flux", args.flux), ("transformer", args.transformer),
+                                                         ("lora", args.lora)]}
     return {"seed": args.seed, **files, "lora_scale": args.lora_scale if args.lora else None, "height": args.height,
             "width": args.width, "steps": args.steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
             "max_sequence_length": args.max_sequence_length, "batch": args.batch,

@@ -315,7 +315,7 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
                str(batch)])
     assert [str(device) for device in loads] == ["meta", "cpu"]  # checked, then loaded once for all prompts
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    settings = {"seed": seed, "flux": os.path.abspath(flux_folder), "transformer": None, "lora": None,
+    settings = {"seed": seed, "flux": os.path.realpath(flux_folder), "transformer": None, "lora": None,
                 "lora_scale": None, "height": height, "width": width, "steps": steps, "guidance": 3.5,
                 "max_sequence_length": 512, "batch": batch, "dtype": "float32"}  # what a rerun must match
     assert rows == [{"image": f"{i:05d}-{j}.png", "prompt": p, **settings} for i, p in enumerate(prompts)
