@@ -54,7 +54,7 @@ def sample_flags(p):
     p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; "
                    "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
-                   "keys (e.g. SRPO's diffusion_pytorch_model.safetensors)")
+                   "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
                    "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "

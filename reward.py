@@ -17,6 +17,7 @@ import html
 import os
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from itertools import groupby
 from math import isqrt
@@ -287,7 +288,7 @@ def score_inputs(args):
     """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, checked before anything
     loads; --save-safetensors converts the --hps checkpoint first."""
     models = [name for name in REWARDS if getattr(args, name) is not None]
-    if len(models) != 1:
+    if len(models) > 1:
         raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
     if args.manifest and (args.images or args.prompt is not None):
         raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
@@ -302,6 +303,12 @@ def score_inputs(args):
         if args.save_safetensors:
             return None
         raise InputError("no images to score")
+    if None in prompts:
+        raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
+    for path in paths:  # every file checked before the model loads; read again when scored, one at a time
+        load_image(path)
+    if not models:
+        return demo_scorer(args), None, None, paths, prompts
     model = getattr(args, models[0])
     if models[0] != "hps":
         check_clip_folder(model, REWARDS[models[0]].name)  # before looking for its tokenizer in it
@@ -309,11 +316,17 @@ def score_inputs(args):
     if tokenizer is None:
         raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
                          "--clip folder that holds them needs none)")
-    if None in prompts:
-        raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
-    for path in paths:  # every file checked before the model loads; read again when scored, one at a time
-        load_image(path)
     return REWARDS[models[0]], model, tokenizer, paths, prompts
+
+
+def demo_scorer(args):
+    """No model flag: the tiny random HPS scorer that the built-in demo trains with (its eval.jsonl's scores), to
+    try `score` on the demo's images; said on stderr, since its scores mean nothing for real images."""
+    if args.tokenizer:
+        raise InputError("--tokenizer goes with --hps, --pickscore or --clip (the tiny demo scorer has its own)")
+    print("note: no --hps, --pickscore or --clip: scoring with the tiny random HPS scorer of the built-in demo "
+          "(`srpo.py train` without --flux), whose scores say nothing about real images", file=sys.stderr)
+    return HPSReward
 
 
 @torch.no_grad()
@@ -327,7 +340,8 @@ def cmd_score(args):
         return
     kind, model, tokenizer, paths, prompts = inputs
     device = parse_device(args.device)
-    scorer = kind.load(model, tokenizer, device, parse_dtype(args.dtype or "float32", device))  # 6 decimals: fp32
+    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
+    scorer = kind.tiny(device=device, dtype=dtype) if model is None else kind.load(model, tokenizer, device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
         image = load_image(path)

@@ -37,6 +37,7 @@ from util import (
     Diverged,
     Fault,
     InputError,
+    RunLock,
     append_line,
     atomic_write,
     attention_backend,
@@ -120,23 +121,25 @@ class Ranks:
 
 @contextlib.contextmanager
 def processes(args, cfg, world):
-    """The run's processes, from `with` to its end: the output folder tried first, --batch split evenly, then the
-    process group under torchrun (CPU processes: gloo; GPUs: nccl, one per process); the demo runs single-threaded
-    on a CPU (tiny tensors gain nothing from threads and lose much when the cores are shared). -> Ranks."""
+    """The run's processes, from `with` to its end: the output folder tried and locked first (rank 0 holds the
+    lock for the run: the other ranks are the same run), --batch split evenly, then the process group under torchrun
+    (CPU processes: gloo; GPUs: nccl, one per process); the demo runs single-threaded on a CPU (tiny tensors gain
+    nothing from threads and lose much when the cores are shared). -> Ranks."""
     check_writable(args.out)
     local_batch(cfg, world)  # before any process group
-    ranks = init_ranks(args.device, args.offload)
-    threads = torch.get_num_threads()
-    if args.flux is None and ranks.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield ranks
-        if ranks.world > 1:
-            dist.barrier()
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with RunLock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        ranks = init_ranks(args.device, args.offload)
+        threads = torch.get_num_threads()
+        if args.flux is None and ranks.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            yield ranks
+            if ranks.world > 1:
+                dist.barrier()
+        finally:
+            torch.set_num_threads(threads)
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def my_prompts(prompt_of, step, cfg, ranks):

@@ -28,6 +28,7 @@ from util import (
     attention_backend,
     check_folder,
     check_writable,
+    manifest_rows,
     parse_dtype,
     read_json,
     read_prompts,
@@ -42,6 +43,7 @@ from util import (
 
 
 DEFAULT_PROMPT = "a photo of a red fox in the snow"
+GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
 
 def time_shift(mu, sigmas):
@@ -213,6 +215,16 @@ def load_flux_folder(flux_dir, transformer_file, dtype, device):
     return model, ae
 
 
+def tiny_transformer(path, cfg, dtype, device):
+    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint), sampled with the
+    demo's tiny VAE and text encoders."""
+    try:
+        return fw.load_transformer(path, cfg, dtype, device)
+    except InputError as e:
+        raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
+                         f"diffusion_pytorch_model.safetensors: give --flux for a FLUX.1 one)") from None
+
+
 def check_size(height, width):
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise InputError(f"height and width must be positive multiples of 16, got {height}x{width}")
@@ -282,6 +294,33 @@ def sample_jobs(args):
     return [(p, png_paths(os.path.join(args.out, f"{i:05d}.png"), args.batch)) for i, p in enumerate(prompts)]
 
 
+def image_settings(args, dtype):
+    """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
+    rerun into the folder skips only images that it would have made itself."""
+    files = {k: v and os.path.realpath(v) for k, v in [("flux", args.flux), ("transformer", args.transformer),
+                                                         ("lora", args.lora)]}
+    return {"seed": args.seed, **files, "lora_scale": args.lora_scale if args.lora else None, "height": args.height,
+            "width": args.width, "steps": args.steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
+            "max_sequence_length": args.max_sequence_length, "batch": args.batch,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def check_rerun(out, jobs, settings):
+    """A rerun into a `sample --prompts` folder skips the images there: refused if they were made with another
+    prompt or settings (a row recording fewer, from an older version, is compared on those it records), since it
+    would list them in images.jsonl as made by this command."""
+    manifest = os.path.join(out, MANIFEST)
+    made = {row["image"]: row for row in manifest_rows(manifest)} if os.path.isfile(manifest) else {}
+    for prompt, paths in jobs:
+        for path in filter(os.path.exists, paths):
+            row, ours = made.get(os.path.abspath(path), {}), {"prompt": prompt, **settings}
+            changed = [k for k in ours if k in row and row[k] != ours[k]]
+            if changed:
+                raise InputError(f"{path} was made with another {', '.join(changed)} than this command's ("
+                                 f"{', '.join(f'{k} {row[k]!r}' for k in changed)}; {manifest}): give another --out, "
+                                 f"or the same settings to make the rest")
+
+
 def check_sample_flags(args):
     """The flags that need no file, before anything is read."""
     check_size(args.height, args.width)
@@ -292,8 +331,6 @@ def check_sample_flags(args):
     if not 1 <= args.max_sequence_length <= 512:
         raise InputError(f"--max-sequence-length must be in 1..512 (T5 tokens, FluxPipeline's limit), got "
                          f"{args.max_sequence_length}")
-    if args.transformer and not args.flux:
-        raise InputError("--transformer needs --flux (the folder that gives the config, VAE and text encoders)")
 
 
 def sample_models(args, prompts, dtype, device):
@@ -301,6 +338,8 @@ def sample_models(args, prompts, dtype, device):
     if not args.flux:
         model, ae, text = tiny_models()
         text.max_length = args.max_sequence_length
+        if args.transformer:
+            model = tiny_transformer(args.transformer, model.cfg, dtype, device)
         return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
     text = fm.TextConditioner.from_folder(args.flux, dtype, device, args.max_sequence_length)
     embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
@@ -309,12 +348,12 @@ def sample_models(args, prompts, dtype, device):
 
 
 def sample_guidance(args, cfg, rank):
-    """--guidance, 3.5 unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
+    """--guidance, GUIDANCE unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
     guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""
     if not cfg.guidance_embed and args.guidance is not None and rank == 0:
         print("note: this transformer has no guidance embedding (e.g. FLUX.1-schnell): --guidance is ignored",
               file=sys.stderr)
-    return 3.5 if args.guidance is None else args.guidance
+    return GUIDANCE if args.guidance is None else args.guidance
 
 
 @torch.no_grad()
@@ -327,16 +366,19 @@ def cmd_sample(args):
     dtype = parse_dtype(args.dtype, device)
     if world > 1 and not args.prompts:
         raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
-    jobs = sample_jobs(args)
+    jobs, settings = sample_jobs(args), image_settings(args, dtype)
+    if args.prompts:
+        check_rerun(args.out, jobs, settings)
     sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
                            read_schedule(args.flux) if args.flux else FLUX_DEV)
-    if args.flux:  # check every file before the slow part
-        meta, _ = load_flux_folder(args.flux, args.transformer, dtype, "meta")
+    if args.flux or args.transformer:  # check every file before the slow part
+        meta = (load_flux_folder(args.flux, args.transformer, dtype, "meta")[0] if args.flux else
+                tiny_transformer(args.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
         if args.lora:
             lora.merge_lora(meta, args.lora)
     if args.prompts:
         if rank == 0:
-            written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, args.seed))
+            written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, settings))
         # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
         jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
         if not jobs:

@@ -90,7 +90,7 @@ def option(default, help, choices=None):
 class TrainConfig:
     """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
 
-    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~45 s)
+    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~1 min)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
     python srpo.py train --flux FLUX_DIR --reward pickscore --pickscore PickScore_v1 --prompts prompts.txt --out runs/ps
     torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU

@@ -1,11 +1,14 @@
 """What every command shares: errors and exit codes, files written atomically, prompt files and manifests, devices,
 and the stop signals. The model, the reward and the trainer all build on it; it imports none of them."""
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -206,6 +209,59 @@ def check_writable(out):
         raise InputError(f"{out}: cannot write the output folder ({e.strerror or e})") from None
 
 
+class RunLock:
+    """FOLDER/.lock, held from a run's start to its end: a second run into the same folder is refused, naming the
+    holder, instead of interleaving its log, evaluations and checkpoints with the first's. The lock is a flock on
+    the open file, which the kernel releases when its process dies (kill -9 too): a lock file left behind, whose
+    holder is gone, is free, and taking it over says whose it was. A run that ends (even by an error) removes it.
+    On NFS, Linux emulates flock with byte-range locks that hold across hosts, except on a mount with
+    local_lock=flock or local_lock=all: there two hosts can both take it."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+
+    def __enter__(self):
+        try:
+            self.fd = self.locked()
+            if stale := self.holder(self.fd):
+                print(f"note: {self.path}: taking over the lock of a run that ended without releasing it ({stale})",
+                      file=sys.stderr)
+            os.ftruncate(self.fd, 0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot take the run's lock ({e.strerror or e})") from None
+        return self
+
+    def locked(self):
+        """The lock file's descriptor, flocked; a file its holder removed as we waited is not the lock any more."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.holder(fd) or "a run that is starting"
+                os.close(fd)
+                raise InputError(f"{os.path.dirname(self.path)}: another run is writing into this folder ({holder}):"
+                                 f" wait for it to end, or give another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return fd
+            os.close(fd)
+
+    @staticmethod
+    def holder(fd):
+        """Who holds (or held) the lock, as its holder wrote it: pid, host and start time."""
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+    def __exit__(self, *exc):
+        # removed while still held: the next run creates and locks a new file (in a folder gone read-only the file
+        # stays, and the next run takes it over as stale)
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self.fd)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt files and the manifests of `sample --prompts`
 
@@ -224,16 +280,18 @@ def read_prompts(path):
     return prompts
 
 
-def write_manifest(folder, jobs, seed):
-    """folder/images.jsonl: one {"image", "prompt", "seed"} line per image, what `score --manifest` reads."""
+def write_manifest(folder, jobs, settings):
+    """folder/images.jsonl: one {"image", "prompt", **settings} line per image (settings: the seed and all else the
+    image depends on), what `score --manifest` reads."""
     write_text(os.path.join(folder, MANIFEST), "".join(
-        json.dumps({"image": os.path.basename(path), "prompt": p, "seed": seed}) + "\n"
+        json.dumps({"image": os.path.basename(path), "prompt": p, **settings}) + "\n"
         for p, paths in jobs for path in paths))
 
 
-def read_manifest(path):
-    """(image paths, prompts) from a `sample --prompts` folder's images.jsonl, paths relative to its folder."""
-    folder, paths, prompts = os.path.dirname(os.path.abspath(path)), [], []
+def manifest_rows(path):
+    """The rows of a `sample --prompts` folder's images.jsonl, each with "image" (its path, relative to the folder
+    in the file, here joined to it) and "prompt"."""
+    folder, rows = os.path.dirname(os.path.abspath(path)), []
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -241,14 +299,19 @@ def read_manifest(path):
                     continue
                 try:
                     row = json.loads(line)
-                    paths.append(os.path.join(folder, row["image"]))
-                    prompts.append(str(row["prompt"]))
+                    rows.append({**row, "image": os.path.join(folder, row["image"]), "prompt": str(row["prompt"])})
                 except (ValueError, KeyError, TypeError):
                     raise InputError(f"{path}, line {number}: expected a JSON object with \"image\" and "
                                      f"\"prompt\"") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
-    return paths, prompts
+    return rows
+
+
+def read_manifest(path):
+    """(image paths, prompts) from a `sample --prompts` folder's images.jsonl, paths relative to its folder."""
+    rows = manifest_rows(path)
+    return [row["image"] for row in rows], [row["prompt"] for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------

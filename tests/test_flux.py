@@ -315,7 +315,10 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
                str(batch)])
     assert [str(device) for device in loads] == ["meta", "cpu"]  # checked, then loaded once for all prompts
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    assert rows == [{"image": f"{i:05d}-{j}.png", "prompt": p, "seed": seed} for i, p in enumerate(prompts)
+    settings = {"seed": seed, "flux": os.path.realpath(flux_folder), "transformer": None, "lora": None,
+                "lora_scale": None, "height": height, "width": width, "steps": steps, "guidance": 3.5,
+                "max_sequence_length": 512, "batch": batch, "dtype": "float32"}  # what a rerun must match
+    assert rows == [{"image": f"{i:05d}-{j}.png", "prompt": p, **settings} for i, p in enumerate(prompts)
                     for j in range(batch)]
     for prompt in dict.fromkeys(prompts):
         expected = to_uint8(pipeline_image(flux_folder, prompt, height, width, steps, seed, batch))
@@ -584,7 +587,7 @@ def test_train_refuses_a_transformer_without_guidance_embedding(flux_variants, t
     (["--max-sequence-length", "0"], ["--max-sequence-length", "1..512", "got 0"]),
     (["--max-sequence-length", "513"], ["--max-sequence-length", "1..512", "got 513"]),
     (["--flux", "/no/such/folder"], ["/no/such/folder", "no such folder"]),
-    (["--transformer", "x.safetensors"], ["--transformer needs --flux"]),
+    (["--transformer", "x.safetensors"], ["x.safetensors: no such file", "without --flux", "tiny demo checkpoint"]),
     (["--out", "/no/such/folder/x.png"], ["/no/such/folder", "does not exist"]),
     (["--out", "picture"], ["image extension"]),
 ])

@@ -824,9 +824,11 @@ def test_cli_takes_exactly_one_reward_model(clip_reward, cli_pair, bpe_dir, tmp_
     _, folder, _ = clip_reward
     _, _, path = cli_pair
     Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
-    for models in (["--hps", path, "--clip", folder], ["--pickscore", folder, "--clip", folder], []):
+    for models in (["--hps", path, "--clip", folder], ["--pickscore", folder, "--clip", folder]):
         message = score_error(capsys, *models, "--tokenizer", bpe_dir, "--prompt", "a cat", tmp_path / "a.png")
         assert "give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR" in message
+    message = score_error(capsys, "--tokenizer", bpe_dir, "--prompt", "a cat", tmp_path / "a.png")  # none: the demo's
+    assert "--tokenizer goes with --hps, --pickscore or --clip" in message
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     message = score_error(capsys, "--clip", tmp_path, "--tokenizer", bpe_dir, "--prompt", "a cat", tmp_path / "a.png")
     assert "model_type 'bert', expected 'clip'" in message

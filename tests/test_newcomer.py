@@ -1,0 +1,97 @@
+"""The newcomer's path: the demo's checkpoint samples without --flux, `score` without a model tries the demo's tiny
+scorer, and the README's held-out prompt recipe gives, from the repository alone, a prompt set that `train
+--eval-prompts` takes. Tiny models only."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import cli
+import evaluation
+import runtime
+import srpo
+import util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
+SIZE = ["--height", "32", "--width", "32"]
+
+
+def run_cli(args, capsys):
+    """srpo.main(args) -> (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The tiny demo, 2 steps at 32 x 32, evaluated on its 4 built-in held-out prompts at steps 0 and 2."""
+    out = str(tmp_path_factory.mktemp("demo"))
+    srpo.main(["train", "--steps", "2", "--save-every", "2", *TINY, "--out", out])
+    return out
+
+
+def test_the_demo_checkpoint_samples_without_flux_as_its_evaluation_did(demo, tmp_path, capsys):
+    """`sample --transformer CHECKPOINT/diffusion_pytorch_model.safetensors --seed i --steps 28` without --flux samples
+    with the demo's tiny VAE and text encoders: the image the run's evaluation of that step made of eval prompt i,
+    byte for byte (and not the untrained model's); a file of another shape is refused in one line."""
+    weights = os.path.join(demo, runtime.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors")
+    i, out = 1, tmp_path / "x.png"
+    srpo.main(["sample", "--transformer", weights, "--prompt", evaluation.EVAL_PROMPTS[i], "--seed", str(i),
+               "--steps", "28", *SIZE, "--out", str(out)])
+    tile = os.path.join(demo, "eval", "step-{:06d}", f"{i:05d}.png")
+    with open(tile.format(2), "rb") as trained, open(tile.format(0), "rb") as untrained:
+        assert out.read_bytes() == trained.read() != untrained.read()
+    save_file({"x_embedder.weight": torch.zeros(3, 64)}, str(tmp_path / "other.safetensors"))
+    capsys.readouterr()
+    code, err = run_cli(["sample", "--transformer", str(tmp_path / "other.safetensors"), *SIZE, "--out", str(out)],
+                        capsys)
+    assert code == util.EXIT_INPUT and len(err) == 1, err
+    assert all(w in err[0] for w in ["other.safetensors", "missing keys", "tiny demo checkpoint", "--flux"]), err
+
+
+def test_score_without_a_model_scores_with_the_demo_reward(demo, capsys):
+    """`score IMAGE --prompt P` with no model flag: the demo's tiny random HPS scorer, said on stderr, and the score
+    of that image in the demo's eval.jsonl."""
+    with open(os.path.join(demo, "eval.jsonl")) as f:
+        scores = json.loads(f.readlines()[-1])["per_prompt"]["hps"]
+    capsys.readouterr()
+    for i, prompt in enumerate(evaluation.EVAL_PROMPTS):
+        srpo.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt])
+        captured = capsys.readouterr()
+        assert abs(float(captured.out.split("\t")[0]) - scores[i]) <= 1e-6, (captured.out, scores[i])
+        assert captured.err.count("\n") == 1 and "note: " in captured.err and "tiny random HPS" in captured.err
+
+
+def readme_recipe(output):
+    """The README's command that cuts the held-out prompt set from data/, writing to output instead."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        commands = [line.strip() for line in f if "> eval_prompts.txt" in line and line.startswith("    ")]
+    assert len(commands) == 1, commands
+    return re.sub(r"> eval_prompts\.txt.*", f"> {output}", commands[0])
+
+
+def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
+    """The recipe reads the prompt set shipped in data/: 33 prompts, every 50th of PartiPrompts, which `train
+    --eval-prompts` takes; where the file is missing it fails rather than leaving an empty file to train on, and an
+    empty --eval-prompts or --prompts file is refused in one line."""
+    subprocess.run(["bash", "-c", readme_recipe(tmp_path / "eval.txt")], cwd=ROOT, check=True, timeout=60)
+    args = cli.parse_args(srpo.build_parser(), ["train", "--eval-prompts", str(tmp_path / "eval.txt"), "--out",
+                                                str(tmp_path / "run")])
+    prompts = evaluation.check_flags(args)
+    with open(os.path.join(ROOT, "data", "PartiPrompts.tsv"), encoding="utf-8") as f:
+        parti = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
+    assert len(parti) == 1632 and prompts == parti[::50] and len(prompts) == 33
+    missing = subprocess.run(["bash", "-c", readme_recipe(tmp_path / "none.txt")], cwd=tmp_path, capture_output=True)
+    assert missing.returncode != 0
+    (tmp_path / "empty.txt").write_text("\n")
+    for flag in ("--eval-prompts", "--prompts"):
+        code, err = run_cli(["train", flag, str(tmp_path / "empty.txt"), *TINY, "--out", str(tmp_path / "x")], capsys)
+        assert code == util.EXIT_INPUT and len(err) == 1 and "empty.txt: no prompts" in err[0], err
+        assert not os.path.exists(tmp_path / "x" / "log.jsonl")
