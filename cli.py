@@ -35,13 +35,14 @@ class Bounded:
         try:
             return self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
+                                             f"{self.describe()}, got {text!r}") from None
 
     def describe(self):
-        """The range in words, e.g. 'an integer in 1..1000' or 'a finite number in [0, 1)'."""
+        """The range in words, e.g. 'at least 1 and at most 1000' or 'a finite number in [0, 1)'."""
         why = f" ({self.why})" if self.why else ""
         if self.kind is int:
-            return f"an integer in {self.low}..{self.high}{why}"
+            return f"at least {self.low} and at most {self.high}{why}"
         if self.low is not None and self.high is not None:
             return (f"a finite number in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
                     f"{')' if self.open_high else ']'}{why}")
@@ -71,7 +72,7 @@ POSITIVE = Bounded(float, 0, open_low=True)
 NON_NEGATIVE = Bounded(float, 0)
 GUIDANCE = Bounded(float, 0, why="a negative scale is outside what FLUX.1-dev was distilled on")
 SEED = Bounded(int, 0, 2**64 - 1, why="what torch.Generator takes")
-SIZE = Bounded(int, 16, 4096, why="a multiple of 16; 4096 = 65,536 image tokens, 16 times FLUX.1's 1024 x 1024")
+SIZE = Bounded(int, 16, 4096, why="multiples of 16; 4096 = 65,536 image tokens, 16 times FLUX.1's 1024 x 1024")
 TIMESTEPS = Bounded(int, 1, 1000, why="FlowMatch's 1000 training timesteps")
 RUN_STEPS = Bounded(int, 1, STEPS_MAX, why="50,000 times the official run's 19 updates")
 BETA = Bounded(float, 0, 1, open_high=True, why="AdamW's moment decay")

@@ -284,28 +284,49 @@ def load_reward(args, cfg, device):
 
 
 def score_inputs(args):
-    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, checked before anything
-    loads; --save-safetensors converts the --hps checkpoint first."""
+    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, every input checked
+    before anything loads; --save-safetensors then converts the --hps checkpoint (None: nothing else to do)."""
     models = [name for name in REWARDS if getattr(args, name) is not None]
     if len(models) != 1:
         raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
     if args.manifest and (args.images or args.prompt is not None):
         raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
+    if args.hps and not os.path.isfile(args.hps):
+        raise InputError(f"--hps {args.hps}: checkpoint not found (expected HPS_v2.1_compressed.pt or its converted "
+                         f".safetensors)")
     if args.save_safetensors:
-        if not args.hps:
-            raise InputError("--save-safetensors converts an --hps checkpoint")
-        convert_checkpoint(args.hps, args.save_safetensors)
-        print(args.save_safetensors)
-        args.hps = args.save_safetensors
+        check_conversion(args.hps, args.save_safetensors)
     paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
-    if not paths:
-        if args.save_safetensors:
-            return None
+    if not paths and not args.save_safetensors:
         raise InputError("no images to score")
     model = getattr(args, models[0])
-    if models[0] != "hps":
-        check_clip_folder(model, REWARDS[models[0]].name)  # before looking for its tokenizer in it
-    tokenizer = args.tokenizer or tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
+    tokenizer = check_scoring(models[0], model, args.tokenizer, paths, prompts) if paths else None
+    if args.save_safetensors:
+        convert_checkpoint(args.hps, args.save_safetensors)
+        print(args.save_safetensors)
+        model = args.save_safetensors
+    return (REWARDS[models[0]], model, tokenizer, paths, prompts) if paths else None
+
+
+def check_conversion(src, dst):
+    """--save-safetensors DST: an --hps checkpoint to convert, and a new file in a folder that exists."""
+    if not src:
+        raise InputError("--save-safetensors converts an --hps checkpoint")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise InputError(f"--save-safetensors {dst} is the --hps checkpoint itself: give another path (it would be "
+                         f"overwritten by its conversion)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise InputError(f"--save-safetensors {dst}: cannot write there, no folder {folder} (make it first)")
+
+
+def check_scoring(name, model, tokenizer, paths, prompts):
+    """The model folder, tokenizer, prompts and every image checked before the model loads. -> tokenizer folder."""
+    if name != "hps":
+        check_clip_folder(model, REWARDS[name].name)  # before looking for its tokenizer in it
+    if tokenizer:
+        check_folder(tokenizer, "a --tokenizer folder: vocab.json + merges.txt, or a FLUX.1 folder")
+    tokenizer = tokenizer or tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
     if tokenizer is None:
         raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
                          "--clip folder that holds them needs none)")
@@ -313,7 +334,7 @@ def score_inputs(args):
         raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
     for path in paths:  # every file checked before the model loads; read again when scored, one at a time
         load_image(path)
-    return REWARDS[models[0]], model, tokenizer, paths, prompts
+    return tokenizer
 
 
 @torch.no_grad()
@@ -322,12 +343,13 @@ def cmd_score(args):
     (PickScore, CLIP: times exp(logit_scale)); with --relative POS NEG, SRPO's reward
     c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS and exp(logit_scale) / 20 for
     PickScore and CLIP, as the official script trains with them."""
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
     inputs = score_inputs(args)
     if inputs is None:  # --save-safetensors alone: converted, nothing to score
         return
     kind, model, tokenizer, paths, prompts = inputs
-    device = parse_device(args.device)
-    scorer = kind.load(model, tokenizer, device, parse_dtype(args.dtype or "float32", device))  # 6 decimals: fp32
+    scorer = kind.load(model, tokenizer, device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
         image = load_image(path)
@@ -772,7 +794,6 @@ def convert_checkpoint(src, dst):
     _meta_clip(pieces)
     tensors = {key: fetch(piece).contiguous() for key, piece in pieces.items()}
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(str(dst), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     except (OSError, SafetensorError) as e:
         raise InputError(f"{dst}: cannot write ({first_line(e)})") from None

@@ -408,9 +408,10 @@ def cmd_train(args):
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     eval_prompts = evaluation.check_flags(args)
     with runtime.processes(args, cfg, world) as ranks:
+        begin = runtime.start_point(args.out, cfg, args.resume, ranks)  # a refused --resume: before any model loads
         watch = evaluation.Watch.from_flags(args, cfg, eval_prompts, ranks)
         try:
-            parts = runtime.training_parts(args, cfg, prompts, ranks, eval_prompts)
+            parts = runtime.training_parts(args, cfg, prompts, ranks, begin, eval_prompts)
             train(parts, prompts, cfg, args.out, ranks, watch)
         except (Fault, FloatingPointError) as e:
             error = Fault if isinstance(e, Fault) else InputError
