@@ -32,11 +32,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-from transformers.utils import logging as hf_logging
 
 import flux_weights as fw
 from util import InputError, atomic_write, check_folder, first_line, parse_device, parse_dtype, read_json, read_manifest
+
+# transformers is imported in the functions that build its models, configs and tokenizers: importing it takes ~4 s,
+# which every command, and every input error before its one line, would pay otherwise.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +101,8 @@ class HPSReward(torch.nn.Module):
     def tiny(cls, seed=0, device="cpu", dtype=torch.float32):
         """A random scorer of the ViT-H-14 family (TINY widths, 2 heads per tower) with the byte-level tokenizer:
         needs no files, for the built-in demo and tests."""
+        from transformers import CLIPModel  # here, not above: see the imports
+
         tokenizer = cls.tokenizer_class().byte_level()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -220,6 +223,9 @@ class PickScoreReward(HPSReward):
         Every weight of the config must be in the files with its shape (transformers would initialise a missing one
         at random); extra keys are ignored, as transformers does.
         """
+        from transformers import CLIPModel  # here, not above: see the imports
+        from transformers.utils import logging as hf_logging
+
         folder = str(folder)
         check_clip_folder(folder, cls.name)
         if not isinstance(tokenizer, cls.tokenizer_class()):
@@ -473,6 +479,8 @@ class ClipTokenizer:
         self.start_id, self.end_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         self.vocab_size = len(vocab)
         self.context_length = context_length
+        from transformers import CLIPTokenizer  # here, not above: see the imports
+
         self.bpe = CLIPTokenizer(vocab=vocab, merges=merges)
         if self.open_clip_text:
             # Its normalizer (NFC, whitespace, lower case) and pre-split give way to clean_prompt and _PIECES: its NFC
@@ -579,6 +587,8 @@ def clip_config(vision_width, vision_layers, text_width, text_layers, embed_dim,
     vision = dict(common, hidden_size=vision_width, intermediate_size=vision_mlp or 4 * vision_width,
                   num_hidden_layers=vision_layers, num_attention_heads=vision_width // vision_head_width,
                   image_size=image_size, patch_size=patch_size)
+    from transformers import CLIPConfig  # here, not above: see the imports
+
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim, attn_implementation="sdpa")
 
 
@@ -748,6 +758,8 @@ def config_from_weights(pieces):
 
 def _meta_clip(pieces):
     """A shape-only `CLIPModel` for the inferred config, after checking every key and shape of `pieces` against it."""
+    from transformers import CLIPModel  # here, not above: see the imports
+
     with torch.device("meta"):
         model = CLIPModel(config_from_weights(pieces))
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
