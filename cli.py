@@ -63,9 +63,8 @@ class Bounded:
                 raise InputError(f"{flag} must be {self.describe()}, got {v}")
 
 
-# The valid ranges, and why each bound. Train steps are bounded so that the per-step lists a run builds stay small
-# (50,000 times the official 19 updates); a sample's steps by FlowMatch's 1000 training timesteps, beyond which the
-# schedule repeats timesteps; image sides by 4096 pixels (65,536 image tokens, 16 times FLUX.1's 1024 x 1024).
+# The valid ranges, each bound with its reason (it is printed with the error): an integer is bounded on both sides,
+# so that no value makes a run build a list, a schedule or a batch that fills the memory before it fails.
 STEPS_MAX = 1_000_000
 FINITE = Bounded(float)
 POSITIVE = Bounded(float, 0, open_low=True)
@@ -109,6 +108,10 @@ def build_parser(config, demo, recipes):
     add_config_flags(train, config, demo, recipes)
     score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
                                "reward", description=reward.cmd_score.__doc__))
+    for command in sub.choices.values():  # --help states each range as the error line would
+        for action in command._actions:
+            if isinstance(action.type, Bounded):
+                action.help += f"; valid: {action.type.describe()}"
     return parser
 
 

@@ -302,8 +302,9 @@ def adapters(cfg, folder):
 def encode_captions(reward, prompt_of, cfg, start, ranks):
     """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
     now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
-    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them)."""
-    for step in range(start + 1, cfg.steps + 1):
+    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them, so
+    no more steps ahead than the cache holds captions: a run of a million steps starts at once)."""
+    for step in range(start + 1, min(cfg.steps, start + reward.cache_size) + 1):
         for _, prompt in my_prompts(prompt_of, step, cfg, ranks):
             for word in control_words(step):
                 reward.text_features([control_caption(word, prompt)])

@@ -125,7 +125,7 @@ official README warns that they may suit PickScore less. Each reward's official 
     rollout_guidance: float = option(1.0, "guidance of the online rollout", cli.GUIDANCE)
     guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids", cli.GUIDANCE)
     window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))",
-                           cli.Bounded(int, 0, WINDOW_GRID, why="points of the 51-point grid"))
+                           cli.Bounded(int, 0, WINDOW_GRID, why="indices into the 51-point grid S"))
     window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
                                 cli.WINDOW_POINTS)
     max_gap: int = option(K_MAX, "K_max, the largest gap in window points between a branch's start and sigma_t "

@@ -131,6 +131,22 @@ def test_the_config_checks_its_ranges_for_library_users_too():
             srpo.TrainConfig(**bad)
 
 
+def test_a_long_run_starts_without_a_pass_over_every_step(tmp_path, capsys, monkeypatch):
+    """100,000 updates: the prompts to embed and the captions to encode ahead come from a bounded number of steps
+    (the schedule repeats), not from a list of every step's prompts."""
+    def stop(*args):
+        raise util.Stopped("stopped before the first step")
+
+    calls = []
+    my_prompts = runtime.my_prompts
+    monkeypatch.setattr(runtime, "my_prompts", lambda *a: calls.append(a[1]) or my_prompts(*a))
+    monkeypatch.setattr(srpo, "train", stop)
+    code, err = run_cli(["train", "--steps", "100000", "--eval-every", "100000", "--samples", "0", "--height", "32",
+                         "--width", "32", "--rollout-steps", "2", "--out", tmp_path], capsys)
+    assert code == 75 and err[-1] == "stopped: stopped before the first step", err
+    assert 0 < len(calls) <= len(srpo.DEMO_PROMPTS) + 4096 and max(calls) <= 4096
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt files and manifests that are not UTF-8
 
