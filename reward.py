@@ -473,14 +473,14 @@ class ClipTokenizer:
     open_clip_text = True  # clean and split text as open_clip (ProcessorTokenizer: as transformers' tokenizer)
 
     def __init__(self, vocab, merges, context_length=CONTEXT_LENGTH):
+        from transformers import CLIPTokenizer  # here, not above: see the imports
+
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
         if missing:
             raise InputError(f"tokenizer vocabulary lacks {missing[0]}")
         self.start_id, self.end_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         self.vocab_size = len(vocab)
         self.context_length = context_length
-        from transformers import CLIPTokenizer  # here, not above: see the imports
-
         self.bpe = CLIPTokenizer(vocab=vocab, merges=merges)
         if self.open_clip_text:
             # Its normalizer (NFC, whitespace, lower case) and pre-split give way to clean_prompt and _PIECES: its NFC
@@ -576,6 +576,8 @@ def clip_config(vision_width, vision_layers, text_width, text_layers, embed_dim,
     The end token is the last id of the vocabulary and the start token the one before it (true of CLIP's BPE vocab,
     49406/49407, and of the byte-level fallback); transformers pools text features at the first end token.
     """
+    from transformers import CLIPConfig  # here, not above: see the imports
+
     for name, width, head_width in (("vision", vision_width, vision_head_width), ("text", text_width, text_head_width)):
         if width % head_width:
             raise InputError(f"{name} width {width} is not a multiple of the ViT-H-14 head width {head_width}")
@@ -587,8 +589,6 @@ def clip_config(vision_width, vision_layers, text_width, text_layers, embed_dim,
     vision = dict(common, hidden_size=vision_width, intermediate_size=vision_mlp or 4 * vision_width,
                   num_hidden_layers=vision_layers, num_attention_heads=vision_width // vision_head_width,
                   image_size=image_size, patch_size=patch_size)
-    from transformers import CLIPConfig  # here, not above: see the imports
-
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim, attn_implementation="sdpa")
 
 
