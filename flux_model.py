@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-from transformers.utils import logging
 
 from kernels.attention import attention as flash_attention
 from kernels.rope import norm_rope as fused_norm_rope
@@ -481,6 +479,10 @@ class TextConditioner(nn.Module):
     @classmethod
     def from_folder(cls, flux_dir, dtype=torch.bfloat16, device="cpu", max_length=512):
         """Read text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ of a diffusers FLUX folder."""
+        # transformers takes ~4 s to import: only where it is used (as in reward.py)
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers.utils import logging
+
         logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
 
 
@@ -508,6 +510,8 @@ class TextConditioner(nn.Module):
     @classmethod
     def tiny(cls, context_dim=32, pooled_dim=32, max_length=32, seed=0):
         """Random tiny T5 and CLIP text models with byte tokenizers: the offline demo and the tests."""
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # ~4 s: only here
+
         torch.manual_seed(seed)
         v = ByteTokenizer.vocab_size
         t5 = T5EncoderModel(T5Config(vocab_size=v, d_model=context_dim, d_kv=8, d_ff=2 * context_dim, num_layers=2,

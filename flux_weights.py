@@ -150,7 +150,8 @@ def shape_of(handle, key):
 
 def load_into(model_fn, links, sources, where, dtype, device):
     """Build model_fn() on the meta device, then fill each parameter straight from the mapped files, cast on the
-    way, so memory holds one copy of the weights. Checks keys and shapes before reading any data."""
+    way, so memory holds one copy of the weights. Checks keys and shapes before reading any data, and each tensor's
+    values as it is copied (finite)."""
     with torch.device("meta"):
         model = model_fn()
     expected = {k: tuple(v.shape) for k, v in to_theirs(model.state_dict(), links).items()}
@@ -173,6 +174,10 @@ def load_into(model_fn, links, sources, where, dtype, device):
         src = src[slice(*link.theirs_rows)] if link.theirs_rows else src[:]
         dst = state[link.ours][slice(*link.ours_rows)] if link.ours_rows else state[link.ours]
         dst.copy_(src[..., None, None] if link.conv1x1 else src)
+        if not torch.isfinite(dst).all():  # after the cast: a value too large for dtype is caught too
+            raise InputError(f"{where}: {link.theirs} has NaN or infinite values in {str(dtype)[6:]} (in "
+                             f"{sources[link.theirs][1]}): a damaged file, a diverged run's, or values beyond the "
+                             f"dtype's range; use another file")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -33,11 +33,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-from transformers.utils import logging as hf_logging
 
 import flux_weights as fw
 from util import InputError, atomic_write, check_folder, first_line, parse_device, parse_dtype, read_json, read_manifest
+
+# transformers is imported in the functions that build its models, configs and tokenizers: importing it takes ~4 s,
+# which every command, and every input error before its one line, would pay otherwise.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,6 +102,8 @@ class HPSReward(torch.nn.Module):
     def tiny(cls, seed=0, device="cpu", dtype=torch.float32):
         """A random scorer of the ViT-H-14 family (TINY widths, 2 heads per tower) with the byte-level tokenizer:
         needs no files, for the built-in demo and tests."""
+        from transformers import CLIPModel  # here, not above: see the imports
+
         tokenizer = cls.tokenizer_class().byte_level()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -221,6 +224,9 @@ class PickScoreReward(HPSReward):
         Every weight of the config must be in the files with its shape (transformers would initialise a missing one
         at random); extra keys are ignored, as transformers does.
         """
+        from transformers import CLIPModel  # here, not above: see the imports
+        from transformers.utils import logging as hf_logging
+
         folder = str(folder)
         check_clip_folder(folder, cls.name)
         if not isinstance(tokenizer, cls.tokenizer_class()):
@@ -285,23 +291,20 @@ def load_reward(args, cfg, device):
 
 
 def score_inputs(args):
-    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, checked before anything
-    loads; --save-safetensors converts the --hps checkpoint first."""
+    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, every input checked
+    before anything loads; --save-safetensors then converts the --hps checkpoint (None: nothing else to do)."""
     models = [name for name in REWARDS if getattr(args, name) is not None]
     if len(models) > 1:
         raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
     if args.manifest and (args.images or args.prompt is not None):
         raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
+    if args.hps and not os.path.isfile(args.hps):
+        raise InputError(f"--hps {args.hps}: checkpoint not found (expected HPS_v2.1_compressed.pt or its converted "
+                         f".safetensors)")
     if args.save_safetensors:
-        if not args.hps:
-            raise InputError("--save-safetensors converts an --hps checkpoint")
-        convert_checkpoint(args.hps, args.save_safetensors)
-        print(args.save_safetensors)
-        args.hps = args.save_safetensors
+        check_conversion(args.hps, args.save_safetensors)
     paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
-    if not paths:
-        if args.save_safetensors:
-            return None
+    if not paths and not args.save_safetensors:
         raise InputError("no images to score")
     if None in prompts:
         raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
@@ -310,13 +313,37 @@ def score_inputs(args):
     if not models:
         return demo_scorer(args), None, None, paths, prompts
     model = getattr(args, models[0])
-    if models[0] != "hps":
-        check_clip_folder(model, REWARDS[models[0]].name)  # before looking for its tokenizer in it
-    tokenizer = args.tokenizer or tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
+    tokenizer = check_scoring(models[0], model, args.tokenizer) if paths else None
+    if args.save_safetensors:
+        convert_checkpoint(args.hps, args.save_safetensors)
+        print(args.save_safetensors)
+        model = args.save_safetensors
+    return (REWARDS[models[0]], model, tokenizer, paths, prompts) if paths else None
+
+
+def check_conversion(src, dst):
+    """--save-safetensors DST: an --hps checkpoint to convert, and a new file in a folder that exists."""
+    if not src:
+        raise InputError("--save-safetensors converts an --hps checkpoint")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise InputError(f"--save-safetensors {dst} is the --hps checkpoint itself: give another path (it would be "
+                         f"overwritten by its conversion)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise InputError(f"--save-safetensors {dst}: cannot write there, no folder {folder} (make it first)")
+
+
+def check_scoring(name, model, tokenizer):
+    """The model folder and its tokenizer checked before the model loads. -> tokenizer folder."""
+    if name != "hps":
+        check_clip_folder(model, REWARDS[name].name)  # before looking for its tokenizer in it
+    if tokenizer:
+        check_folder(tokenizer, "a --tokenizer folder: vocab.json + merges.txt, or a FLUX.1 folder")
+    tokenizer = tokenizer or tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
     if tokenizer is None:
         raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
                          "--clip folder that holds them needs none)")
-    return REWARDS[models[0]], model, tokenizer, paths, prompts
+    return tokenizer
 
 
 def demo_scorer(args):
@@ -335,12 +362,12 @@ def cmd_score(args):
     (PickScore, CLIP: times exp(logit_scale)); with --relative POS NEG, SRPO's reward
     c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS and exp(logit_scale) / 20 for
     PickScore and CLIP, as the official script trains with them."""
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
     inputs = score_inputs(args)
     if inputs is None:  # --save-safetensors alone: converted, nothing to score
         return
     kind, model, tokenizer, paths, prompts = inputs
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
     scorer = kind.tiny(device=device, dtype=dtype) if model is None else kind.load(model, tokenizer, device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
@@ -459,6 +486,8 @@ class ClipTokenizer:
     open_clip_text = True  # clean and split text as open_clip (ProcessorTokenizer: as transformers' tokenizer)
 
     def __init__(self, vocab, merges, context_length=CONTEXT_LENGTH):
+        from transformers import CLIPTokenizer  # here, not above: see the imports
+
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
         if missing:
             raise InputError(f"tokenizer vocabulary lacks {missing[0]}")
@@ -560,6 +589,8 @@ def clip_config(vision_width, vision_layers, text_width, text_layers, embed_dim,
     The end token is the last id of the vocabulary and the start token the one before it (true of CLIP's BPE vocab,
     49406/49407, and of the byte-level fallback); transformers pools text features at the first end token.
     """
+    from transformers import CLIPConfig  # here, not above: see the imports
+
     for name, width, head_width in (("vision", vision_width, vision_head_width), ("text", text_width, text_head_width)):
         if width % head_width:
             raise InputError(f"{name} width {width} is not a multiple of the ViT-H-14 head width {head_width}")
@@ -740,6 +771,8 @@ def config_from_weights(pieces):
 
 def _meta_clip(pieces):
     """A shape-only `CLIPModel` for the inferred config, after checking every key and shape of `pieces` against it."""
+    from transformers import CLIPModel  # here, not above: see the imports
+
     with torch.device("meta"):
         model = CLIPModel(config_from_weights(pieces))
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
@@ -786,7 +819,6 @@ def convert_checkpoint(src, dst):
     _meta_clip(pieces)
     tensors = {key: fetch(piece).contiguous() for key, piece in pieces.items()}
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(str(dst), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     except (OSError, SafetensorError) as e:
         raise InputError(f"{dst}: cannot write ({first_line(e)})") from None

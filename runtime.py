@@ -248,16 +248,18 @@ class Parts(NamedTuple):
     start: int
 
 
-def training_parts(args, cfg, prompts, ranks, extra=()):
+def training_parts(args, cfg, prompts, ranks, begin, extra=()):
     """Everything loaded, resumed and warmed up. The text encoders live only long enough to embed this rank's
     prompts (T5-XXL alone is 9.5 GB in bf16); the VAE and the reward are frozen (gradients flow through them to
     the image, never into them). The reward keeps fp32 weights and runs under bf16 autocast, like the transformer
     and the VAE decode it backpropagates through; the official script ran its reward under fp16 autocast, whose
     narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range). `extra`
-    prompts are embedded too (the held-out evaluation's)."""
-    start, folder = start_point(args.out, cfg, args.resume, ranks)
+    prompts are embedded too (the held-out evaluation's). begin: start_point's (step, folder)."""
+    start, folder = begin
     prompt_of = prompt_schedule(prompts, cfg)
-    mine = [p for step in range(start + 1, cfg.steps + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
+    # the schedule repeats every len(prompts) updates: those hold every prompt this rank will see, however long the run
+    last = min(cfg.steps, start + len(prompts))
+    mine = [p for step in range(start + 1, last + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
     frozen = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # no master weights needed
     ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, frozen if cfg.lora_rank else torch.float32)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(extra))
@@ -319,8 +321,9 @@ def adapters(cfg, folder):
 def encode_captions(reward, prompt_of, cfg, start, ranks):
     """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
     now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
-    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them)."""
-    for step in range(start + 1, cfg.steps + 1):
+    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them, so
+    no more steps ahead than the cache holds captions: a run of a million steps starts at once)."""
+    for step in range(start + 1, min(cfg.steps, start + reward.cache_size) + 1):
         for _, prompt in my_prompts(prompt_of, step, cfg, ranks):
             for word in control_words(step):
                 reward.text_features([control_caption(word, prompt)])

@@ -322,15 +322,10 @@ def check_rerun(out, jobs, settings):
 
 
 def check_sample_flags(args):
-    """The flags that need no file, before anything is read."""
+    """What ties the flags together (each one's range is cli.py's), before anything is read."""
     check_size(args.height, args.width)
-    if args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if args.batch < 1:
-        raise InputError(f"--batch must be at least 1, got {args.batch}")
-    if not 1 <= args.max_sequence_length <= 512:
-        raise InputError(f"--max-sequence-length must be in 1..512 (T5 tokens, FluxPipeline's limit), got "
-                         f"{args.max_sequence_length}")
+    if args.lora and not os.path.isfile(args.lora):
+        raise InputError(f"--lora {args.lora}: no such file (expected a FLUX LoRA .safetensors)")
 
 
 def sample_models(args, prompts, dtype, device):

@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +81,11 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
 
 
-def option(default, help, choices=None):
-    """A TrainConfig field that is also a flag of `srpo.py train` (--name-with-dashes), with its help text."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help, valid=None, choices=None):
+    """A TrainConfig field that is also a flag of `srpo.py train` (--name-with-dashes), with its help text and its
+    valid values: a cli.Bounded range (checked by the config itself, for the command line and library users alike)
+    or choices."""
+    return field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
 
 
 @dataclass
@@ -112,58 +114,59 @@ official README warns that they may suit PickScore less. Each reward's official 
     reward: str = option("hps", "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H "
                          "(--clip), as the official --reward_model; it picks the per-reward defaults (the table above)",
                          choices=("hps", "pickscore", "clip"))
-    lr: float = option(5e-6, "AdamW learning rate, constant")
-    betas: tuple = option((0.9, 0.999), "AdamW betas")
-    adam_eps: float = option(1e-8, "AdamW epsilon")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    grad_clip: float = option(0.1, "clip the gradient norm to this")
-    height: int = option(720, "training image height, a multiple of 16")
-    width: int = option(720, "training image width, a multiple of 16")
-    rollout_steps: int = option(25, "Euler steps of the online rollout")
-    shift: float = option(3.0, "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)")
-    rollout_guidance: float = option(1.0, "guidance of the online rollout")
-    guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids")
-    window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))")
-    window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)")
+    lr: float = option(5e-6, "AdamW learning rate, constant", cli.POSITIVE)
+    betas: tuple = option((0.9, 0.999), "AdamW betas", cli.BETA)
+    adam_eps: float = option(1e-8, "AdamW epsilon", cli.POSITIVE)
+    weight_decay: float = option(1e-4, "AdamW weight decay", cli.NON_NEGATIVE)
+    grad_clip: float = option(0.1, "clip the gradient norm to this", cli.POSITIVE)
+    height: int = option(720, "training image height, a multiple of 16", cli.SIZE)
+    width: int = option(720, "training image width, a multiple of 16", cli.SIZE)
+    rollout_steps: int = option(25, "Euler steps of the online rollout", cli.TIMESTEPS)
+    shift: float = option(3.0, "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
+                          cli.POSITIVE)
+    rollout_guidance: float = option(1.0, "guidance of the online rollout", cli.GUIDANCE)
+    guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids", cli.GUIDANCE)
+    window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))",
+                           cli.Bounded(int, 0, WINDOW_GRID, why="indices into the 51-point grid S"))
+    window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
+                                cli.WINDOW_POINTS)
     max_gap: int = option(K_MAX, "K_max, the largest gap in window points between a branch's start and sigma_t "
-                          "(the official int((1 - 0.9) * 1000) + 1, which is 100 in floating point)")
-    k_denoise: tuple = option((0.1, 0.25), "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]")
-    k_inversion: tuple = option((0.3, 0.01), "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]")
-    margin: float = option(0.7, "hinge margin m: loss = relu(m - r) / 2 per branch")
+                          "(the official int((1 - 0.9) * 1000) + 1, which is 100 in floating point)", cli.WINDOW_POINTS)
+    k_denoise: tuple = option((0.1, 0.25), "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]", cli.FINITE)
+    k_inversion: tuple = option((0.3, 0.01), "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]",
+                                cli.FINITE)
+    margin: float = option(0.7, "hinge margin m: loss = relu(m - r) / 2 per branch", cli.FINITE)
     # The run.
     steps: int = option(19, "optimizer updates, numbered 1..N; update s uses the control words of step s. The "
                         "official loop counts to 20 but its step 20 only saves, so its released checkpoint holds "
-                        "19 updates: the default (a resumed run stops at N too)")
-    save_every: int = option(5, "save a checkpoint every N updates (and after the last one)")
-    keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete")
+                        "19 updates: the default (a resumed run stops at N too)", cli.RUN_STEPS)
+    save_every: int = option(5, "save a checkpoint every N updates (and after the last one)", cli.RUN_STEPS)
+    keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete",
+                       cli.RUN_STEPS)
     batch: int = option(32, "prompts per optimizer step (global batch), split over the processes: each runs "
-                        "batch / world of them (tiny demo: one per process)")
-    seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws")
-    samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none")
+                        "batch / world of them (tiny demo: one per process)",
+                        cli.Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn"))
+    seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws", cli.SEED)
+    samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none",
+                          cli.Bounded(int, 0, 64, why="one row of images"))
     # LoRA (lora.py): the transformer frozen, low-rank adapters on its blocks' linear layers trained instead.
     lora_rank: int = option(0, "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention "
                             "and MLP layers instead of the whole transformer (0: full fine-tuning; with --flux the "
-                            f"default --lr becomes {LORA_LR:g})")
-    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, i.e. scale 1)")
+                            f"default --lr becomes {LORA_LR:g})",
+                            cli.Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"))
+    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, i.e. scale 1)", cli.NON_NEGATIVE)
 
     def __post_init__(self):
-        """Refuse what the run cannot take, naming the flag."""
+        """Refuse what the run cannot take, naming the flag: each field within its range, then what ties them."""
+        for f in fields(self):
+            if f.metadata["valid"]:
+                f.metadata["valid"].check("--" + f.name.replace("_", "-"), getattr(self, f.name))
         check_size(self.height, self.width)
-        for name in ("steps", "save_every", "keep", "batch", "rollout_steps", "max_gap"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.window[0] < self.window[1] <= WINDOW_GRID:
-            raise InputError(f"--window A B must satisfy 0 <= A < B <= {WINDOW_GRID}, got {self.window[0]} "
-                             f"{self.window[1]}")
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise InputError(f"--lora-rank and --lora-alpha cannot be negative, got {self.lora_rank} and "
-                             f"{self.lora_alpha}")
+        if not self.window[0] < self.window[1]:
+            raise InputError(f"--window A B must satisfy A < B, got {self.window[0]} {self.window[1]}")
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
-        if self.window_points < 11 or self.samples < 0 or self.lr <= 0:
-            raise InputError(f"need --window-points >= 11, --samples >= 0 and --lr > 0, got {self.window_points}, "
-                             f"{self.samples} and {self.lr}")
 
 
 # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
@@ -409,9 +412,10 @@ def cmd_train(args):
     prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     eval_prompts = evaluation.check_flags(args)
     with runtime.processes(args, cfg, world) as ranks:
+        begin = runtime.start_point(args.out, cfg, args.resume, ranks)  # a refused --resume: before any model loads
         watch = evaluation.Watch.from_flags(args, cfg, eval_prompts, ranks)
         try:
-            parts = runtime.training_parts(args, cfg, prompts, ranks, eval_prompts)
+            parts = runtime.training_parts(args, cfg, prompts, ranks, begin, eval_prompts)
             train(parts, prompts, cfg, args.out, ranks, watch)
         except (Fault, Diverged) as e:
             raise type(e)(f"{e}; {runtime.checkpoint_note(args.out, isinstance(e, Diverged))}") from None
@@ -426,8 +430,10 @@ def build_parser():
 
 def main(argv=None):
     """`python srpo.py train|sample|score`: one line on stderr and an exit code for every way a command ends."""
-    args = cli.parse_args(build_parser(), argv)
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
     try:
+        cli.check_ranges(parser, args)
         {"train": cmd_train, "sample": sampling.cmd_sample, "score": rewards.cmd_score}[args.command](args)
     except (InputError, Fault, Diverged, Stopped) as e:
         # Faults, divergences and stops are agreed on by every process of a torchrun: one of them says it

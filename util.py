@@ -5,6 +5,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import signal
@@ -268,13 +269,27 @@ class RunLock:
 MANIFEST = "images.jsonl"  # in a `sample --prompts` folder: every image with its prompt
 
 
-def read_prompts(path):
-    """One prompt per line (LF or CRLF); blank lines skipped."""
+def read_lines(path, what):
+    """The lines of a UTF-8 text file (LF, CRLF or CR; a Windows editor's byte-order mark dropped). A file that
+    cannot be read, or is not UTF-8 (Latin-1, an image), is a one-line error naming the file and the first bad
+    byte, by offset and line."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a Windows editor's byte-order mark is not text
-            prompts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the prompt file ({e.strerror or e})") from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}: the {what} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}, "
+                         f"line {line}): save it as UTF-8") from None
+    return list(io.StringIO(text, newline=None))
+
+
+def read_prompts(path):
+    """One prompt per line; blank lines skipped."""
+    prompts = [line.strip() for line in read_lines(path, "prompt file") if line.strip()]
     if not prompts:
         raise InputError(f"{path}: no prompts (expected one prompt per line)")
     return prompts
@@ -292,19 +307,14 @@ def manifest_rows(path):
     """The rows of a `sample --prompts` folder's images.jsonl, each with "image" (its path, relative to the folder
     in the file, here joined to it) and "prompt"."""
     folder, rows = os.path.dirname(os.path.abspath(path)), []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    rows.append({**row, "image": os.path.join(folder, row["image"]), "prompt": str(row["prompt"])})
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(f"{path}, line {number}: expected a JSON object with \"image\" and "
-                                     f"\"prompt\"") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    for number, line in enumerate(read_lines(path, "manifest"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append({**row, "image": os.path.join(folder, row["image"]), "prompt": str(row["prompt"])})
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path}, line {number}: expected a JSON object with \"image\" and \"prompt\"") from None
     return rows
 
 

@@ -33,6 +33,7 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from transformers import CLIPModel
 
 import flux_model as fm
 import kernels.attention
@@ -163,7 +164,7 @@ def label_block_inputs(model, saved):
 def hps_reward(clip_cfg):
     """HPSReward on a CLIPModel of `clip_cfg`; no tokenizer is needed (the image tower never tokenizes)."""
     vocab = clip_cfg.text_config.vocab_size
-    return reward.HPSReward(reward.CLIPModel(clip_cfg), types.SimpleNamespace(vocab_size=vocab, end_id=vocab - 1))
+    return reward.HPSReward(CLIPModel(clip_cfg), types.SimpleNamespace(vocab_size=vocab, end_id=vocab - 1))
 
 
 def checkpointed(flux):

@@ -1,0 +1,214 @@
+"""Bad input as it really comes: every flag of every command out of its range, prompt files that are not UTF-8,
+transformer weights with a NaN. Each ends in one line on stderr and exit 2, before any model is built or any weight
+read (the builders are patched to fail the test if called)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import cli
+import evaluation
+import flux_model as fm
+import flux_weights as fw
+import reward
+import runtime
+import sampling
+import srpo
+import util
+
+COMMANDS = next(a for a in srpo.build_parser()._actions if a.dest == "command").choices
+SWITCHES = {"--resume", "--tensorboard", "--offload"}  # store_true: no value to get wrong
+FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main([str(a) for a in args])
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Every way to build a model or read weights fails the test: the errors must come before."""
+    def called(*args, **kwargs):
+        pytest.fail("a model was built or weights read before the input error")
+
+    load_into = fw.load_into
+    monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
+    for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "sample_models"),
+                        (sampling, "tiny_models"), (reward, "convert_checkpoint"), (evaluation.Watch, "from_flags")]:
+        monkeypatch.setattr(owner, name, called)
+    monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
+    for kind in reward.REWARDS.values():
+        monkeypatch.setattr(kind, "load", classmethod(called))
+
+
+def out_of_range(bounded):
+    """Values outside a Bounded range: non-finite, just past each end, absurdly large, not a number of its kind."""
+    low, high = bounded.low, bounded.high
+    if bounded.kind is int:
+        return [low - 1, high + 1, 10**30, "nan", "1e23"]
+    values = ["nan", "inf", "-inf", "1e999"]
+    values += [] if low is None else [low if bounded.open_low else low - 1]
+    return values + ([] if high is None else [high if bounded.open_high else high + 1])
+
+
+def bad_values(command, action, tmp):
+    """Invalid values for one flag, from the parser's own definition; a flag this cannot judge must be listed."""
+    if isinstance(action.type, cli.Bounded):
+        return out_of_range(action.type)
+    if action.choices:
+        return ["nope"]
+    paths = {"--flux": tmp / "no-flux", "--transformer": tmp / "no.safetensors", "--prompts": tmp / "no.txt",
+             "--eval-prompts": tmp / "no.txt", "--lora": tmp / "no-lora.safetensors", "--hps": tmp / "no.pt",
+             "--pickscore": tmp / "no-pickscore", "--clip": tmp / "no-clip", "--tokenizer": tmp / "no-tokenizer",
+             "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--device": "tpu9",
+             "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
+             "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png"}.get(command)}
+    name = (action.option_strings or [action.dest])[0]
+    assert paths.get(name) is not None, f"{command} {name}: give it an invalid value here, or list it as free text"
+    return [paths[name]]
+
+
+def flag_cases():
+    """(command, flag) for every flag of every command but --help, the switches and the free-text flags."""
+    return [(command, action) for command, parser in COMMANDS.items() for action in parser._actions
+            if action.dest != "help" and not SWITCHES & set(action.option_strings)
+            and (command, (action.option_strings or [action.dest])[0]) not in FREE_TEXT]
+
+
+def base_command(command, flag, tmp):
+    """A command line the flag's bad value alone makes wrong: a reward model, a prompt and an image for score."""
+    (tmp / "a-file").write_text("x")
+    Image.new("RGB", (8, 8)).save(tmp / "a.png")
+    (tmp / "tokenizer").mkdir(exist_ok=True)
+    small = ["--height", "32", "--width", "32", "--steps", "1"]
+    if command == "score":
+        model = [] if flag in ("--hps", "--pickscore", "--clip") else ["--hps", tmp / "a-file"]
+        text = {"--manifest": [], "images": ["--prompt", "a cat"]}.get(flag, ["--prompt", "a cat", tmp / "a.png"])
+        return ["score", *model, "--tokenizer", tmp / "tokenizer", *text]
+    return [command, *small, "--out", tmp / ("run" if command == "train" else "x.png")]
+
+
+@pytest.mark.parametrize("command,action", flag_cases(),
+                         ids=lambda c: c if isinstance(c, str) else (c.option_strings or [c.dest])[0])
+def test_every_flag_refuses_bad_values_in_one_line_before_any_model(command, action, tmp_path, capsys, no_models):
+    """Walks the parser itself: a flag added later is covered, or this test asks for its invalid value."""
+    flag = (action.option_strings or [action.dest])[0]
+    for value in bad_values(command, action, tmp_path):
+        given = [value] * (action.nargs if isinstance(action.nargs, int) else 1)
+        args = base_command(command, flag, tmp_path)
+        args += given if flag == "images" else [flag, *given]
+        code, err = run_cli(args, capsys)
+        errors = [line for line in err if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and err == errors, (flag, value, err)
+        assert "Traceback" not in "\n".join(err)
+        assert flag in errors[0] or str(value) in errors[0], (flag, value, errors[0])
+
+
+def test_each_range_is_stated_with_its_reason_in_the_error(tmp_path, capsys, no_models):
+    cases = [(["train", "--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0"),
+             (["train", "--betas", "2", "0.999"], "--betas must be a finite number in [0, 1)"),
+             (["train", "--seed", "99999999999999999999999"], "--seed must be at least 0 and at most 1844674407370"),
+             (["train", "--steps", "100000000000000000000000"], "--steps must be at least 1 and at most 1000000"),
+             (["sample", "--steps", "2000000000"], "--steps must be at least 1 and at most 1000 (FlowMatch's"),
+             (["sample", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
+             (["train", "--steps", "1e23"], "argument --steps: expected an integer, at least 1 and at most 1000000"),
+             (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag")]
+    for args, words in cases:
+        code, err = run_cli([*args, "--out", tmp_path / ("run" if args[0] == "train" else "x.png")], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], (args, err)
+
+
+def test_the_config_checks_its_ranges_for_library_users_too():
+    for bad in [{"grad_clip": -1.0}, {"betas": (2.0, 0.999)}, {"adam_eps": -1.0}, {"weight_decay": -1.0},
+                {"lr": float("inf")}, {"margin": float("nan")}, {"steps": 10**23}]:
+        with pytest.raises(srpo.InputError, match="--" + next(iter(bad)).replace("_", "-")):
+            srpo.TrainConfig(**bad)
+
+
+def test_a_long_run_starts_without_a_pass_over_every_step(tmp_path, capsys, monkeypatch):
+    """100,000 updates: the prompts to embed and the captions to encode ahead come from a bounded number of steps
+    (the schedule repeats), not from a list of every step's prompts."""
+    def stop(*args):
+        raise util.Stopped("stopped before the first step")
+
+    calls = []
+    my_prompts = runtime.my_prompts
+    monkeypatch.setattr(runtime, "my_prompts", lambda *a: calls.append(a[1]) or my_prompts(*a))
+    monkeypatch.setattr(srpo, "train", stop)
+    code, err = run_cli(["train", "--steps", "100000", "--eval-every", "100000", "--samples", "0", "--height", "32",
+                         "--width", "32", "--rollout-steps", "2", "--out", tmp_path], capsys)
+    assert code == 75 and err[-1] == "stopped: stopped before the first step", err
+    assert 0 < len(calls) <= len(srpo.DEMO_PROMPTS) + 4096 and max(calls) <= 4096
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt files and manifests that are not UTF-8
+
+
+@pytest.mark.parametrize("content,where", [("a fox\ncaf\u00e9 au lait\n".encode("latin-1"), "offset 9, line 2"),
+                                           (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "offset 0, line 1")],
+                         ids=["latin-1", "png"])
+def test_prompt_files_that_are_not_utf8_are_refused_in_one_line(content, where, tmp_path, capsys, no_models):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(content)
+    for args in (["train", "--prompts", bad], ["train", "--eval-prompts", bad], ["sample", "--prompts", bad],
+                 ["score", "--hps", bad, "--manifest", bad]):
+        code, err = run_cli([*args, "--out", tmp_path / "out"] if args[0] != "score" else args, capsys)
+        assert code == 2 and len(err) == 1 and str(bad) in err[0] and "not UTF-8" in err[0] and where in err[0], err
+
+
+def test_a_byte_order_mark_crlf_and_cr_are_still_read(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa fox\r\nb\u00e9e\r\n\r\nold mac\rline\x0cfeed\n".encode())
+    assert util.read_prompts(path) == ["a fox", "b\u00e9e", "old mac", "line\x0cfeed"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score --save-safetensors
+
+
+def test_save_safetensors_never_overwrites_its_input_nor_makes_folders(tmp_path, capsys, no_models):
+    hps = tmp_path / "h.pt"
+    hps.write_bytes(b"not touched")
+    for target, words in [(hps, "is the --hps checkpoint itself"), (tmp_path / "new" / "h.safetensors", "no folder")]:
+        code, err = run_cli(["score", "--hps", hps, "--save-safetensors", target], capsys)
+        assert code == 2 and len(err) == 1 and words in err[0], err
+    assert hps.read_bytes() == b"not touched" and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights that are not finite
+
+
+@pytest.fixture(scope="module")
+def nan_flux(flux_folder, tmp_path_factory):
+    """A copy of the tiny FLUX folder whose transformer has one NaN entry."""
+    folder = str(tmp_path_factory.mktemp("nan") / "flux")
+    shutil.copytree(flux_folder, folder)
+    path = os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(path)
+    tensors["transformer_blocks.1.attn.to_k.weight"][3, 5] = float("nan")
+    save_file(tensors, path)
+    return folder
+
+
+def test_nan_weights_are_refused_when_loaded_naming_the_tensor(nan_flux, tmp_path, capsys):
+    hps = tmp_path / "hps.pt"
+    hps.write_bytes(b"never read: the transformer is refused first")
+    small = ["--height", "32", "--width", "32"]
+    for args in (["sample", "--flux", nan_flux, *small, "--steps", "1", "--out", tmp_path / "x.png"],
+                 ["train", "--flux", nan_flux, "--hps", hps, *small, "--steps", "1", "--batch", "1", "--samples",
+                  "0", "--rollout-steps", "2", "--out", tmp_path / "run"]):
+        code, err = run_cli(args, capsys)
+        errors = [line for line in err if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, err
+        assert "transformer_blocks.1.attn.to_k.weight" in errors[0] and "NaN or infinite" in errors[0], errors
+    assert not os.path.exists(tmp_path / "x.png")
+    with pytest.raises(srpo.InputError, match="NaN"):
+        fw.load_transformer(os.path.join(nan_flux, "transformer"), dtype=torch.float32)
