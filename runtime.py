@@ -146,8 +146,9 @@ def my_prompts(prompt_of, step, cfg, ranks):
 
 
 def init_ranks(device_name, offload=False):
-    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo. --offload in one
-    process: a group of one (an in-memory store, no torchrun), which is all fully_shard needs."""
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl (and gloo for --offload's host tensors), or CPU
+    processes with gloo. --offload in one process: a group of one (an in-memory store, no torchrun), which is all
+    fully_shard needs."""
     _, world, device = this_process(device_name)
     if offload and not hasattr(fsdp, "CPUOffloadPolicy"):
         raise InputError(f"--offload needs FSDP2's torch.distributed.fsdp.CPUOffloadPolicy, which this torch "
@@ -156,12 +157,20 @@ def init_ranks(device_name, offload=False):
         return Ranks(0, 1, device)
     # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
     # others wait at the barrier: far longer than the default 10-minute collective timeout.
-    backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(hours=2)
+    backend, timeout = process_group_backend(device, offload), timedelta(hours=2)
     if world == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
     return Ranks(dist.get_rank(), world, device, offload)
+
+
+def process_group_backend(device, offload):
+    """gloo on CPUs, nccl on GPUs; with --offload on GPUs both ("cpu:gloo,cuda:nccl"): FSDP2 then keeps the gradients
+    on the host, and the gradient clipping's norm is reduced over CPU tensors, which nccl cannot carry."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if offload else "nccl"
 
 
 def prompt_schedule(prompts, cfg):

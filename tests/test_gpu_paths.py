@@ -1,0 +1,55 @@
+"""What a first CUDA run would hit, shown on a CPU (issue 20): the meta device or FakeTensorMode "cuda" tensors for
+the GPU, process groups of one over gloo, and torch.cuda functions recorded where no GPU can run them."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import runtime
+import srpo
+import util
+
+
+@pytest.fixture
+def cuda_here(monkeypatch):
+    """--device cuda accepted as if this machine had GPUs; what torch.cuda.set_device is asked recorded."""
+    selected = []
+    monkeypatch.setattr(util, "parse_device", torch.device)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    return selected
+
+
+def test_offload_on_cuda_gives_the_host_tensors_a_gloo_backend(cuda_here, monkeypatch):
+    """FSDP2's CPUOffloadPolicy keeps the gradients on the host: the clip norm's all_reduce runs on CPU tensors,
+    which an nccl-only group refuses ("No backend type associated with device type cpu")."""
+    backends, init = [], dist.init_process_group
+
+    def record(backend, **kwargs):
+        backends.append(backend)
+        init("gloo", **kwargs)  # nccl cannot start here
+
+    monkeypatch.setattr(dist, "init_process_group", record)
+    try:
+        ranks = runtime.init_ranks("cuda", offload=True)
+    finally:
+        dist.destroy_process_group()
+    assert ranks.fsdp and backends == ["cpu:gloo,cuda:nccl"]
+    assert runtime.process_group_backend(torch.device("cuda"), False) == "nccl"
+    assert runtime.process_group_backend(torch.device("cpu"), True) == "gloo"
+
+
+def test_an_offload_step_brings_the_host_gradient_norm_to_the_device(monkeypatch):
+    """One train_step whose losses are on the accelerator while the gradient norm is on the host, as FSDP2's
+    CPUOffloadPolicy computes it: the meta device stands in for the GPU (it runs the backward; nothing can be read
+    back from it). The step must get as far as its one read to the host, which meta tensors cannot give, instead of
+    stopping at torch.cat's device mismatch."""
+    cfg, device = srpo.TrainConfig(height=32, width=32, batch=1), torch.device("meta")
+    model = torch.nn.Linear(2, 1, device=device)
+    monkeypatch.setattr(srpo, "shared_noise", lambda cfg, step, device: torch.zeros(1, device=device))
+    monkeypatch.setattr(srpo, "online_rollout", lambda model, eps, cond, cfg: eps)
+    monkeypatch.setattr(srpo, "srp_loss", lambda model, *args: (model.weight.sum(), torch.zeros(1, device=device)))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(0.5))  # on the host
+    ranks = runtime.Ranks(0, 1, device, offload=True)
+    batch = [("a prompt", None, srpo.draw_timestep(cfg, 1, 0))]
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        srpo.train_step(model, torch.optim.AdamW(model.parameters()), None, None, batch, 1, cfg, ranks)
