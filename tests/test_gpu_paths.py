@@ -53,3 +53,11 @@ def test_an_offload_step_brings_the_host_gradient_norm_to_the_device(monkeypatch
     batch = [("a prompt", None, srpo.draw_timestep(cfg, 1, 0))]
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         srpo.train_step(model, torch.optim.AdamW(model.parameters()), None, None, batch, 1, cfg, ranks)
+
+
+def test_one_process_on_a_gpu_with_an_index_makes_it_the_current_one(cuda_here):
+    """--device cuda:1 --offload in one process: FSDP2's process group of one and its collectives use the current
+    GPU, so cuda:1 must be made current (before, only torchrun's LOCAL_RANK was)."""
+    ranks = runtime.init_ranks("cuda:1")
+    assert ranks.device == torch.device("cuda", 1) and cuda_here == [torch.device("cuda", 1)]
+    assert util.this_process("cuda")[2] == torch.device("cuda") and cuda_here == [torch.device("cuda", 1)]
