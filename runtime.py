@@ -193,15 +193,20 @@ def local_batch(cfg, world):
 # The trained transformer: fp32 master weights, activation checkpointing, FSDP2
 
 
-def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model):
+def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dtype=torch.float32):
     """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
-    torchrun (or --offload) FSDP2. `load(device)` gives the full model; under FSDP only rank 0 calls it. adapt(model)
-    adds LoRA's adapters (`adapters`), to the loaded and to FSDP's meta model alike."""
+    torchrun (or --offload) FSDP2. `load(device)` gives the full model in `dtype` (LoRA's frozen base: bf16 on GPUs);
+    under FSDP only rank 0 calls it, and the shards keep that dtype. adapt(model) adds LoRA's adapters (`adapters`,
+    fp32), to the loaded and to FSDP's meta model alike."""
+    if ranks.fsdp and dtype != torch.float32 and torch.__version__ < "2.8":
+        raise InputError(f"LoRA's {dtype} base under FSDP2 (torchrun or --offload) needs PyTorch 2.8 or later (FSDP2 "
+                         f"before it refuses fp32 adapters beside it in one group); this is {torch.__version__}: "
+                         f"upgrade torch")
     if not ranks.fsdp:
         model = adapt(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = adapt(fm.Flux(flux_cfg))
+            model = adapt(fm.Flux(flux_cfg).to(dtype))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
@@ -264,17 +269,25 @@ def training_parts(args, cfg, prompts, ranks, extra=()):
     start, folder = start_point(args.out, cfg, args.resume, ranks)
     prompt_of = prompt_schedule(prompts, cfg)
     mine = [p for step in range(start + 1, cfg.steps + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
-    frozen = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # no master weights needed
-    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, frozen if cfg.lora_rank else torch.float32)
+    frozen = frozen_dtype(ranks.device)
+    base = frozen if cfg.lora_rank else torch.float32
+    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, base)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(extra))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
     if folder and not cfg.lora_rank:
         load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
-    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder))
+    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder),
+                              base)
     reward = load_reward(args, cfg, ranks.device)
     return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
+
+
+def frozen_dtype(device):
+    """The dtype of what is not trained (the VAE, the text encoders, LoRA's base): bf16 on GPUs, where it needs no
+    fp32 master copy; fp32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):

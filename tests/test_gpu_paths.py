@@ -61,3 +61,36 @@ def test_one_process_on_a_gpu_with_an_index_makes_it_the_current_one(cuda_here):
     ranks = runtime.init_ranks("cuda:1")
     assert ranks.device == torch.device("cuda", 1) and cuda_here == [torch.device("cuda", 1)]
     assert util.this_process("cuda")[2] == torch.device("cuda") and cuda_here == [torch.device("cuda", 1)]
+
+
+def test_lora_under_fsdp_keeps_the_frozen_base_in_its_bf16_and_the_adapters_in_fp32(tmp_path, monkeypatch):
+    """--lora-rank with --offload (FSDP2 in a group of one), the frozen dtype bf16 as on a GPU: FSDP's meta model is
+    built in that dtype, so the shards hold the bf16 base as loaded, not widened to fp32 (twice the host memory and
+    the copies to the GPU); the trained adapters stay fp32."""
+    monkeypatch.setattr(runtime, "frozen_dtype", lambda device: torch.bfloat16, raising=False)
+    dtypes = {}
+
+    def inspect(parts, *args):
+        for name, p in parts.model.named_parameters():
+            dtypes[name] = (p.requires_grad, p.dtype)
+
+    monkeypatch.setattr(srpo, "train", inspect)
+    monkeypatch.setattr(runtime, "report", lambda out: None)
+    srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload", "--steps", "1",
+               "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"])
+    frozen = {d for trained, d in dtypes.values() if not trained}
+    adapters = {d for trained, d in dtypes.values() if trained}
+    assert frozen == {torch.bfloat16} and adapters == {torch.float32}
+    assert all(trained == name.endswith((".lora_A", ".lora_B")) for name, (trained, _) in dtypes.items())
+
+
+def test_a_bf16_base_under_fsdp_before_torch_2_8_is_refused_in_one_line(monkeypatch):
+    """FSDP2 before PyTorch 2.8 asserts uniform dtypes in a group (pytorch/pytorch#154103 relaxed it for frozen
+    parameters): say so before anything is loaded."""
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.7.1"))
+    ranks = runtime.Ranks(0, 1, torch.device("cpu"), offload=True)
+    with pytest.raises(util.InputError, match="needs PyTorch 2.8 or later .* this is 2.7.1: upgrade torch"):
+        runtime.build_transformer(None, None, ranks, "sdpa", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.10.0"))
+    with pytest.raises(AttributeError):  # past the check: no config to build from
+        runtime.build_transformer(None, None, ranks, "sdpa", dtype=torch.bfloat16)
