@@ -281,6 +281,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "reward": branch.total("reward"), "reward, bf16 weights": bf16_reward,
         "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
+        "pickscore weights": numel(scorer) * 2,  # --pickscore: a ViT-H-14 CLIP too, held in bf16 for scoring only
         "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
         "lora rank": lora_rank, "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
@@ -321,6 +322,7 @@ def report(e, height, width):
          e["params"] * STATE_BYTES),
         ("arithmetic", "HPS reward weights, fp32", e["reward weights"]),
         ("arithmetic", "VAE weights, bf16", e["vae weights"]),
+        ("arithmetic", "PickScore weights, bf16 (--pickscore beside another --reward only)", e["pickscore weights"]),
         ("arithmetic", "FSDP2 root (embedders, final layer) gathered in bf16", e["root params"] * 2),
         *(("arithmetic", f"FSDP2 working set, N = {n}", b) for n, b in e["fsdp"].items()),
     ]
@@ -334,6 +336,7 @@ def report(e, height, width):
           "context, NCCL, allocator slack)")
     for n in e["fsdp"]:
         print(f"  N = {n:<3} {per_gpu(e, n):6.1f} GB")
+    print(f"  (+{e['pickscore weights'] / GB:.1f} GB on each with --pickscore as the evaluation's second judge)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """What a first CUDA run would hit, shown on a CPU (issue 20): the meta device or FakeTensorMode "cuda" tensors for
 the GPU, process groups of one over gloo, and torch.cuda functions recorded where no GPU can run them."""
 
+import argparse
+
 import pytest
 import torch
 import torch.distributed as dist
 
+import evaluation
 import runtime
 import srpo
 import util
@@ -94,3 +97,15 @@ def test_a_bf16_base_under_fsdp_before_torch_2_8_is_refused_in_one_line(monkeypa
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.10.0"))
     with pytest.raises(AttributeError):  # past the check: no config to build from
         runtime.build_transformer(None, None, ranks, "sdpa", dtype=torch.bfloat16)
+
+
+def test_pickscore_as_the_second_judge_is_loaded_in_bf16_on_a_gpu(monkeypatch):
+    """--pickscore beside another --reward only scores, without gradient: on a GPU its 0.99 B parameters are bf16
+    (2 GB), not fp32 (3.9 GB on every GPU); on a CPU fp32, as before."""
+    loads = []
+    monkeypatch.setattr(evaluation.PickScoreReward, "load", lambda folder, tokenizer, device, dtype=torch.float32:
+                        loads.append((device.type, dtype)))
+    args = argparse.Namespace(pickscore="PickScore_v1", flux=None, out="out", eval_every=None, tensorboard=False)
+    for device in ("cuda", "cpu"):
+        evaluation.Watch.from_flags(args, srpo.TrainConfig(), [], runtime.Ranks(0, 1, torch.device(device)))
+    assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
