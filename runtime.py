@@ -294,6 +294,7 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
     resuming), the Triton kernels tuned and every SRP caption encoded before the first step. -> Parts."""
     ae.requires_grad_(False)
+    ae.decoder.checkpointing = True  # the decode for the reward keeps its stages' inputs only (flux_model.Decoder)
     reward.requires_grad_(False)
     # fused: one kernel over all parameters and no temporary copies of the (sharded) state. With LoRA only the
     # adapters require gradients: AdamW holds no state for the frozen base.

@@ -17,10 +17,11 @@ next prefetched, its bf16 gradients, one fp32 reduce-scatter input in flight) an
 context, NCCL and allocator slack: none of these is measured here, and nothing was measured on a GPU.
 
 The peak forms in time. Within a branch the graph grows through the transformer forward (checkpointed: each
-block's input only), the VAE decode and the reward forward; the one backward then frees the reward's and the VAE's
-saved tensors as it passes them, before it reaches the transformer, which recomputes one block at a time under
-FSDP's buffers. The second branch repeats this after the first is freed. So the step's peak is the larger of
-(all three graphs) and (the transformer's inputs + one recomputed block + FSDP's working set), never their sum.
+block's input only), the VAE decode (checkpointed: each stage's input only) and the reward forward; the one
+backward then frees the reward's saved tensors, recomputes the VAE's stages one at a time, and reaches the
+transformer, which recomputes one block at a time under FSDP's buffers. The second branch repeats this after the
+first is freed. So the step's peak is the largest of (all three graphs), (the transformer's and the VAE's inputs +
+one recomputed VAE stage) and (the transformer's inputs + one recomputed block + FSDP's working set), never a sum.
 """
 
 import argparse
@@ -188,9 +189,27 @@ def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
         with saved.record("transformer"):
             x0_hat = x + flux(x, img_ids, txt, txt_ids, y, t, guidance).float()  # as srpo.model_step calls it
         with saved.record("vae"):
+            ae.decoder.checkpointing = True  # as runtime.ready sets it for training
             images = sampling.decode_images(ae, x0_hat, height, width)
         with saved.record("reward"):
             scorer.image_features(images, "crop")  # SRPO's training crop
+    return saved
+
+
+def measure_vae_stages(ae, height, width, latent_channels):
+    """The decode without checkpointing, what each of its stages saves labelled by stage: what training's
+    checkpointed decode recomputes, one stage at a time, in the backward. -> SavedTensors."""
+    saved, stages = SavedTensors(ae), iter(range(1000))
+
+    def labelled(run, h):
+        with saved.record(f"stage {next(stages)}"):
+            return run(h)
+
+    z = torch.randn(1, (height // 16) * (width // 16), latent_channels, device="cuda", requires_grad=True)
+    ae.decoder.checkpointing, ae.decoder.stage = False, labelled
+    with sampling.autocast(z.device):
+        sampling.decode_images(ae, z, height, width)
+    del ae.decoder.stage  # the class's own again
     return saved
 
 
@@ -268,6 +287,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
                                 scorer.to_empty(device="cuda"), height, width, text_tokens)
+        stages = measure_vae_stages(ae, height, width, flux_cfg.in_channels)
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
                       for kind, block in blocks.items()}
@@ -277,7 +297,9 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "params": numel(flux) - lora_params(flux), "root params": numel(flux) - blocks_params,
         "lora params": lora_params(flux),
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
-        "vae": branch.total("vae"), "vae largest": branch.largest("vae"),
+        "vae": branch.total("vae"), "vae largest": max(stages.largest(label) for label, _ in stages.seen.values()),
+        "vae stage": max(stages.total(label) for label, _ in stages.seen.values()),
+        "vae unchecked": sum(n for _, n in stages.seen.values()),
         "reward": branch.total("reward"), "reward, bf16 weights": bf16_reward,
         "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
@@ -298,6 +320,7 @@ def timeline(e, world):
     return [("after the transformer forward (checkpointed)", transformer),
             ("after the VAE decode", transformer + e["vae"]),
             ("after the reward forward: all three graphs", transformer + e["vae"] + e["reward"]),
+            ("VAE backward: one stage recomputed", transformer + e["vae"] + e["vae stage"]),
             (f"transformer backward: one block recomputed, FSDP2 buffers at N = {world}",
              transformer + max(e["double block"], e["single block"]) + e["fsdp"][world])]
 
@@ -314,8 +337,10 @@ def report(e, height, width):
         ("measured", "transformer: the rest of its graph (embedders, final layer)", e["transformer rest"]),
         ("measured", "one double block, recomputed in the backward", e["double block"]),
         ("measured", "one single block, recomputed in the backward", e["single block"]),
-        ("measured", f"VAE decoder's saved tensors at {height}x{width}", e["vae"]),
+        ("measured", f"VAE decoder's saved tensors at {height}x{width}, checkpointed: stage inputs", e["vae"]),
+        ("measured", "  its largest stage, recomputed in the backward", e["vae stage"]),
         ("measured", "  its largest saved tensor", e["vae largest"]),
+        ("measured", "  the whole decode without checkpointing (before)", e["vae unchecked"]),
         ("measured", "HPS ViT-H-14 graph at 224x224 (fp32 weights, bf16 autocast)", e["reward"]),
         ("measured", "  the same with bf16 weights (no per-call weight casts)", e["reward, bf16 weights"]),
         ("arithmetic", f"training state: {e['params'] / 1e9:.2f} B parameters x {STATE_BYTES} B, over N",
@@ -359,7 +384,7 @@ def one_gpu(e):
     fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
     inputs = e["block inputs"] + e["transformer rest"]
     recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
-    graphs = max(inputs + e["vae"] + e["reward"], recompute)
+    graphs = max(inputs + e["vae"] + max(e["reward"], e["vae stage"]), recompute)
     root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
     lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
     gathers = ROLLOUT + 2 * 2
