@@ -357,7 +357,7 @@ def report(e, height, width):
     print("\none branch as its memory forms (GB, besides weights and sharded state):")
     for moment, n in timeline(e, 4):
         print(f"  {moment:<76} {n / GB:6.2f}")
-    print(f"\nper GPU = state / N + weights + the larger of the two peaks + {ALLOWANCE:.0f} GB allowance (CUDA "
+    print(f"\nper GPU = state / N + weights + the largest of the peaks + {ALLOWANCE:.0f} GB allowance (CUDA "
           "context, NCCL, allocator slack)")
     for n in e["fsdp"]:
         print(f"  N = {n:<3} {per_gpu(e, n):6.1f} GB")
