@@ -149,6 +149,7 @@ official README warns that they may suit PickScore less. Each reward's official 
     def __post_init__(self):
         """Refuse what the run cannot take, naming the flag."""
         check_size(self.height, self.width)
+        sampling.check_training_size(self.height, self.width)  # issue 20: the official decode is tiled above 1024
         for name in ("steps", "save_every", "keep", "batch", "rollout_steps", "max_gap"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

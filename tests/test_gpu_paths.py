@@ -109,3 +109,13 @@ def test_pickscore_as_the_second_judge_is_loaded_in_bf16_on_a_gpu(monkeypatch):
     for device in ("cuda", "cpu"):
         evaluation.Watch.from_flags(args, srpo.TrainConfig(), [], runtime.Ranks(0, 1, torch.device(device)))
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
+
+
+def test_training_above_1024_px_a_side_is_refused_in_one_line():
+    """The official decode for the reward is tiled above 1024 px a side (diffusers' AutoencoderKL tiles beyond its
+    1024 sample size), which changes the image; this decode is not tiled: training refuses those sizes (before
+    anything is loaded: TrainConfig is built from the flags)."""
+    for height, width in ((1040, 1024), (512, 1040)):
+        with pytest.raises(util.InputError, match=f"--height/--width {height}x{width}: training takes at most 1024 px"):
+            srpo.TrainConfig(height=height, width=width)
+    assert srpo.TrainConfig(height=1024, width=1024).height == 1024
