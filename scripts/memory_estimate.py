@@ -268,6 +268,17 @@ def lora_params(flux):
     return sum(p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")))
 
 
+def numels(flux, adapters):
+    """The sizes of the base's parameters (adapters=False) or of LoRA's (True), one per tensor."""
+    return [p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")) == adapters]
+
+
+def pinned(sizes, nbytes):
+    """Host bytes the CUDA host allocator pins for tensors of these sizes at nbytes each: it rounds every block up
+    to a power of two, and FSDP2's --offload pins each parameter and each gradient as its own tensor."""
+    return sum(1 << (n * nbytes - 1).bit_length() for n in sizes)
+
+
 def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
              lora_rank=0):
     """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
@@ -295,7 +306,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     return {
         # the base transformer's parameters (LoRA's adapters apart)
         "params": numel(flux) - lora_params(flux), "root params": numel(flux) - blocks_params,
-        "lora params": lora_params(flux),
+        "lora params": lora_params(flux), "base sizes": numels(flux, False), "lora sizes": numels(flux, True),
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
         "vae": branch.total("vae"), "vae largest": max(stages.largest(label) for label, _ in stages.seen.values()),
         "vae stage": max(stages.total(label) for label, _ in stages.seen.values()),
@@ -378,9 +389,12 @@ def one_gpu(e):
     --offload: FSDP2 in a group of one; the GPU holds the block computing and the next one prefetched (bf16) and
     the root, the host the shards in their own dtype (LoRA's base bf16; full fine-tuning's fp32 weights, gradients
     and AdamW state), and every gather copies a block over: the rollout's forwards, each branch's forward and the
-    backward's regather. Rank 0 also holds a full copy of the weights while loading, and of weights + AdamW state
-    while saving."""
+    backward's regather. Host memory counts the pinned parameters and gradients as the host allocator rounds them
+    (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
+    weights + AdamW state while saving."""
     lora_n, base = e["lora params"], e["params"]
+    lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
+    full_host = 2 * pinned(e["base sizes"], 4) + base * 8
     fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
     inputs = e["block inputs"] + e["transformer rest"]
     recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
@@ -390,10 +404,10 @@ def one_gpu(e):
     gathers = ROLLOUT + 2 * 2
     return {
         f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop),
-        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, base * 2 + lora_n * STATE_BYTES,
-                                                base * 2, gathers * base * 2, lora_flop),
-        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]),
-                            base * STATE_BYTES, base * 12, gathers * base * 4, full_flop),
+        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, lora_host, base * 2,
+                                                gathers * base * 2, lora_flop),
+        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
+                            base * 12, gathers * base * 4, full_flop),
     }
 
 
