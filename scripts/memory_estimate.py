@@ -381,15 +381,18 @@ def report(e, height, width):
 PCIE = {"PCIe 4.0 x16": 25e9, "PCIe 5.0 x16": 50e9}  # host-to-device bytes/s a pinned copy sustains (assumed)
 SUSTAINED = {"H100/H200": 400e12, "A100 / L40S class": 200e12, "RTX 4090 class": 150e12}  # bf16 FLOP/s (assumed)
 ROLLOUT, BATCH = 25, 32  # forwards without gradient per prompt; prompts per official step
+HOST_ADD = 50e9  # bytes/s a multi-threaded torch add moves through host memory (assumed)
 
 
 def one_gpu(e):
     """{mode: (GPU bytes, host bytes while training, host bytes while loading or saving, bytes copied to the GPU per
-    prompt, FLOP per prompt)}. Resident: no FSDP, the bf16 base on the GPU, loaded straight from the mapped files.
-    --offload: FSDP2 in a group of one; the GPU holds the block computing and the next one prefetched (bf16) and
-    the root, the host the shards in their own dtype (LoRA's base bf16; full fine-tuning's fp32 weights, gradients
-    and AdamW state), and every gather copies a block over: the rollout's forwards, each branch's forward and the
-    backward's regather. Host memory counts the pinned parameters and gradients as the host allocator rounds them
+    prompt, FLOP per prompt, gradient bytes copied back to the host per prompt)}. Resident: no FSDP, the bf16 base
+    on the GPU, loaded straight from the mapped files. --offload: FSDP2 in a group of one; the GPU holds the block
+    computing and the next one prefetched (bf16) and the root, the host the shards in their own dtype (LoRA's base
+    bf16; full fine-tuning's fp32 weights, gradients and AdamW state), and every gather copies a block over: the
+    rollout's forwards, each branch's forward and the backward's regather; each backward copies its fp32 gradients
+    back, and from the step's second backward on FSDP2 waits for that copy and adds it into the host's gradient on
+    the CPU (time_back). Host memory counts the pinned parameters and gradients as the host allocator rounds them
     (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
     weights + AdamW state while saving."""
     lora_n, base = e["lora params"], e["params"]
@@ -403,11 +406,12 @@ def one_gpu(e):
     lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
     gathers = ROLLOUT + 2 * 2
     return {
-        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop),
+        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop,
+                                                 0),
         f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, lora_host, base * 2,
-                                                gathers * base * 2, lora_flop),
+                                                gathers * base * 2, lora_flop, 2 * lora_n * 4),
         "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
-                            base * 12, gathers * base * 4, full_flop),
+                            base * 12, gathers * base * 4, full_flop, 2 * base * 4),
     }
 
 
@@ -416,12 +420,21 @@ def report_one_gpu(e):
           "for full):")
     print(f"  LoRA rank {e['lora rank']}: {e['lora params'] / 1e6:.1f} M adapter parameters, "
           f"{e['lora params'] * STATE_BYTES / GB:.2f} GB with gradients and AdamW state")
-    for mode, (gpu, host, extra, copied, flop) in one_gpu(e).items():
+    for mode, (gpu, host, extra, copied, flop, back) in one_gpu(e).items():
         print(f"  {mode:<22} GPU {gpu / GB:5.1f}  host {host / GB:5.1f} (+{extra / GB:5.1f} loading/saving)  "
               f"per prompt {flop / 1e15:.2f} PFLOP, {copied / GB:5.0f} GB copied to the GPU")
         compute = ", ".join(f"{name} {BATCH * flop / rate / 60:.1f}" for name, rate in SUSTAINED.items())
         copies = ", ".join(f"{name} {BATCH * copied / rate / 60:.1f}" for name, rate in PCIE.items())
         print(f"    minutes per step of {BATCH} prompts: compute {compute}" + (f"; copies {copies}" if copied else ""))
+        if back:
+            print(f"    + gradients back to the host, waited for: {time_back(back)}")
+
+
+def time_back(back):
+    """Minutes per step the gradients' way back adds, not overlapped with compute (FSDP2 waits for each copy before
+    its CPU add): the copies at each PCIe rate, and the adds (read two fp32 tensors, write one) at HOST_ADD."""
+    copies = ", ".join(f"{name} {BATCH * back / rate / 60:.1f}" for name, rate in PCIE.items())
+    return f"copies {copies}; CPU adds {BATCH * back * 3 / HOST_ADD / 60:.1f} (at {HOST_ADD / GB:.0f} GB/s)"
 
 
 def main():
