@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention as flash_attention
 from kernels.rope import norm_rope as fused_norm_rope
@@ -398,6 +399,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    checkpointing = False
+
     def __init__(self, cfg: AutoEncoderConfig):
         super().__init__()
         chans = [cfg.ch * m for m in cfg.ch_mult]
@@ -418,13 +421,25 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):
-        h = run_mid(self.mid, self.conv_in(z))
+        """With `checkpointing` (training's decode for the reward: runtime.ready sets it, as the official README
+        advises for direct backpropagation through the VAE) each stage (the middle, every ResnetBlock and upsampler,
+        the output layers) keeps only its input for the backward and is recomputed there, one at a time."""
+        h = self.stage(self.head, z)
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            for layer in [*level.block, *([level.upsample] if hasattr(level, "upsample") else [])]:
+                h = self.stage(layer, h)
+        return self.stage(self.tail, h)
+
+    def head(self, z):
+        return run_mid(self.mid, self.conv_in(z))
+
+    def tail(self, h):
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def stage(self, run, h):
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, h, use_reentrant=False)
+        return run(h)
 
 
 class AutoEncoder(nn.Module):

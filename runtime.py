@@ -149,8 +149,9 @@ def my_prompts(prompt_of, step, cfg, ranks):
 
 
 def init_ranks(device_name, offload=False):
-    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl, or CPU processes with gloo. --offload in one
-    process: a group of one (an in-memory store, no torchrun), which is all fully_shard needs."""
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl (and gloo for --offload's host tensors), or CPU
+    processes with gloo. --offload in one process: a group of one (an in-memory store, no torchrun), which is all
+    fully_shard needs."""
     _, world, device = this_process(device_name)
     if offload and not hasattr(fsdp, "CPUOffloadPolicy"):
         raise InputError(f"--offload needs FSDP2's torch.distributed.fsdp.CPUOffloadPolicy, which this torch "
@@ -159,12 +160,20 @@ def init_ranks(device_name, offload=False):
         return Ranks(0, 1, device)
     # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
     # others wait at the barrier: far longer than the default 10-minute collective timeout.
-    backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(hours=2)
+    backend, timeout = process_group_backend(device, offload), timedelta(hours=2)
     if world == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
     return Ranks(dist.get_rank(), world, device, offload)
+
+
+def process_group_backend(device, offload):
+    """gloo on CPUs, nccl on GPUs; with --offload on GPUs both ("cpu:gloo,cuda:nccl"): FSDP2 then keeps the gradients
+    on the host, and the gradient clipping's norm is reduced over CPU tensors, which nccl cannot carry."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if offload else "nccl"
 
 
 def prompt_schedule(prompts, cfg):
@@ -187,15 +196,20 @@ def local_batch(cfg, world):
 # The trained transformer: fp32 master weights, activation checkpointing, FSDP2
 
 
-def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model):
+def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dtype=torch.float32):
     """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
-    torchrun (or --offload) FSDP2. `load(device)` gives the full model; under FSDP only rank 0 calls it. adapt(model)
-    adds LoRA's adapters (`adapters`), to the loaded and to FSDP's meta model alike."""
+    torchrun (or --offload) FSDP2. `load(device)` gives the full model in `dtype` (LoRA's frozen base: bf16 on GPUs);
+    under FSDP only rank 0 calls it, and the shards keep that dtype. adapt(model) adds LoRA's adapters (`adapters`,
+    fp32), to the loaded and to FSDP's meta model alike."""
+    if ranks.fsdp and dtype != torch.float32 and torch.__version__ < "2.8":
+        raise InputError(f"LoRA's {dtype} base under FSDP2 (torchrun or --offload) needs PyTorch 2.8 or later (FSDP2 "
+                         f"before it refuses fp32 adapters beside it in one group); this is {torch.__version__}: "
+                         f"upgrade torch")
     if not ranks.fsdp:
         model = adapt(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = adapt(fm.Flux(flux_cfg))
+            model = adapt(fm.Flux(flux_cfg).to(dtype))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
@@ -260,23 +274,32 @@ def training_parts(args, cfg, prompts, ranks, begin, extra=()):
     # the schedule repeats every len(prompts) updates: those hold every prompt this rank will see, however long the run
     last = min(cfg.steps, start + len(prompts))
     mine = [p for step in range(start + 1, last + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
-    frozen = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # no master weights needed
-    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, frozen if cfg.lora_rank else torch.float32)
+    frozen = frozen_dtype(ranks.device)
+    base = frozen if cfg.lora_rank else torch.float32
+    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, base)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(extra))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
     if folder and not cfg.lora_rank:
         load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
-    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder))
+    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder),
+                              base)
     reward = load_reward(args, cfg, ranks.device)
     return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
+
+
+def frozen_dtype(device):
+    """The dtype of what is not trained (the VAE, the text encoders, LoRA's base): bf16 on GPUs, where it needs no
+    fp32 master copy; fp32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
     resuming), the Triton kernels tuned and every SRP caption encoded before the first step. -> Parts."""
     ae.requires_grad_(False)
+    ae.decoder.checkpointing = True  # the decode for the reward keeps its stages' inputs only (flux_model.Decoder)
     reward.requires_grad_(False)
     # fused: one kernel over all parameters and no temporary copies of the (sharded) state. With LoRA only the
     # adapters require gradients: AdamW holds no state for the frozen base.

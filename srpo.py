@@ -164,6 +164,7 @@ official README warns that they may suit PickScore less. Each reward's official 
         check_size(self.height, self.width)
         if not self.window[0] < self.window[1]:
             raise InputError(f"--window A B must satisfy A < B, got {self.window[0]} {self.window[1]}")
+        sampling.check_training_size(self.height, self.width)  # the official decode is tiled above 1024
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
@@ -346,7 +347,9 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     # the step's one read to the host: every value above stayed on the device, where FSDP's prefetch runs ahead
-    loss, r_d, r_i, norm = torch.cat([ranks.mean(totals.double()), norm.double().reshape(1)]).tolist()
+    # (with --offload the norm is the host gradients', so it joins the others on the device)
+    norm = norm.to(ranks.device, torch.float64).reshape(1)
+    loss, r_d, r_i, norm = torch.cat([ranks.mean(totals.double()), norm]).tolist()
     values = {"loss": loss, "denoise reward": r_d, "inversion reward": r_i, "gradient norm": norm}
     bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad:  # every rank has the same values (means over the ranks): every rank stops here

@@ -365,11 +365,13 @@ def to_device(t, device):
 
 def this_process(device_name):
     """(rank, world, device): torchrun's RANK and WORLD_SIZE (0 and 1 without it), and on CUDA under torchrun the
-    GPU of this process's LOCAL_RANK."""
+    GPU of this process's LOCAL_RANK. A GPU with an index is made the current one: FSDP2 and nccl use the current
+    GPU, not the one a tensor names (--device cuda:1 would otherwise gather and reduce on cuda:0)."""
     device = parse_device(device_name)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return rank, world, device
 

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks, sized for device calls of at most 600 s each (the device tool's limit per command).
 #
-#   scripts/gpu_check.sh         call 1: the benchmark tables for BENCHMARKS.md first (what matters most if the call
-#                                runs short), then the tiny FLUX model with the kernels vs SDPA
+#   scripts/gpu_check.sh         call 1: one training step with --offload and one LoRA step with --offload on the
+#                                tiny demo models (the CUDA paths no CPU test can run: nccl beside gloo, the bf16 base
+#                                beside fp32 adapters in FSDP2), then the benchmark tables for BENCHMARKS.md, then the
+#                                tiny FLUX model with the kernels vs SDPA
 #   scripts/gpu_check.sh tests   call 2: the kernel tests, compiled (tests/test_kernels.py without the slow ones)
 #
 # Each section runs under its own `timeout`, so one that hangs or runs long cannot take the others' time. The limits
 # are estimates for an H100-class card; the per-call sums stay under 600 s (timeout's 5 s kill grace included):
-#   call 1:  card 10 + versions 20 + bench 380 + tiny FLUX 140 (+ 4 x 5 grace)  = 570 s
+#   call 1:  card 10 + versions 20 + 2 steps 2 x 60 + bench 280 + tiny FLUX 110 (+ 6 x 5 grace) = 570 s
+#            steps: start-up, the tiny models, a 4-step rollout and 2 branches at 64x64 on SDPA (no kernel compiles),
+#            the before/after grids and the checkpoint (~20 s each)
 #            bench: attention autotuning compiles 17 configs for each of the 2 N specializations (~100 s), the
 #            RMSNorm+RoPE rows ~18 Inductor graphs (~100 s), ~60 timings of do_bench (~40 s), start-up (~15 s)
 #            tiny FLUX: 3 dtype setups; the kernels compile for its head width in fp32 and bf16 (~35 configs, ~80 s)
@@ -50,8 +54,12 @@ fi
 
 section card 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 section versions 20 "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)"
-section bench 380 "$py" -m kernels.bench
-section "tiny FLUX" 140 "$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
+steps=$(mktemp -d)
+tiny=(--device cuda:0 --attn sdpa --steps 1 --height 64 --width 64 --rollout-steps 4 --samples 1)
+section "one --offload step" 60 "$py" srpo.py train --offload --out "$steps/offload" "${tiny[@]}"
+section "one LoRA --offload step" 60 "$py" srpo.py train --lora-rank 4 --offload --out "$steps/lora" "${tiny[@]}"
+section bench 280 "$py" -m kernels.bench
+section "tiny FLUX" 110 "$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
 import torch
 import flux_model as fm
 # (weights, autocast): fp32; bf16; fp32 master weights under bf16 autocast, as training runs

@@ -17,10 +17,11 @@ next prefetched, its bf16 gradients, one fp32 reduce-scatter input in flight) an
 context, NCCL and allocator slack: none of these is measured here, and nothing was measured on a GPU.
 
 The peak forms in time. Within a branch the graph grows through the transformer forward (checkpointed: each
-block's input only), the VAE decode and the reward forward; the one backward then frees the reward's and the VAE's
-saved tensors as it passes them, before it reaches the transformer, which recomputes one block at a time under
-FSDP's buffers. The second branch repeats this after the first is freed. So the step's peak is the larger of
-(all three graphs) and (the transformer's inputs + one recomputed block + FSDP's working set), never their sum.
+block's input only), the VAE decode (checkpointed: each stage's input only) and the reward forward; the one
+backward then frees the reward's saved tensors, recomputes the VAE's stages one at a time, and reaches the
+transformer, which recomputes one block at a time under FSDP's buffers. The second branch repeats this after the
+first is freed. So the step's peak is the largest of (all three graphs), (the transformer's and the VAE's inputs +
+one recomputed VAE stage) and (the transformer's inputs + one recomputed block + FSDP's working set), never a sum.
 """
 
 import argparse
@@ -189,9 +190,27 @@ def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
         with saved.record("transformer"):
             x0_hat = x + flux(x, img_ids, txt, txt_ids, y, t, guidance).float()  # as srpo.model_step calls it
         with saved.record("vae"):
+            ae.decoder.checkpointing = True  # as runtime.ready sets it for training
             images = sampling.decode_images(ae, x0_hat, height, width)
         with saved.record("reward"):
             scorer.image_features(images, "crop")  # SRPO's training crop
+    return saved
+
+
+def measure_vae_stages(ae, height, width, latent_channels):
+    """The decode without checkpointing, what each of its stages saves labelled by stage: what training's
+    checkpointed decode recomputes, one stage at a time, in the backward. -> SavedTensors."""
+    saved, stages = SavedTensors(ae), iter(range(1000))
+
+    def labelled(run, h):
+        with saved.record(f"stage {next(stages)}"):
+            return run(h)
+
+    z = torch.randn(1, (height // 16) * (width // 16), latent_channels, device="cuda", requires_grad=True)
+    ae.decoder.checkpointing, ae.decoder.stage = False, labelled
+    with sampling.autocast(z.device):
+        sampling.decode_images(ae, z, height, width)
+    del ae.decoder.stage  # the class's own again
     return saved
 
 
@@ -250,6 +269,17 @@ def lora_params(flux):
     return sum(p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")))
 
 
+def numels(flux, adapters):
+    """The sizes of the base's parameters (adapters=False) or of LoRA's (True), one per tensor."""
+    return [p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")) == adapters]
+
+
+def pinned(sizes, nbytes):
+    """Host bytes the CUDA host allocator pins for tensors of these sizes at nbytes each: it rounds every block up
+    to a power of two, and FSDP2's --offload pins each parameter and each gradient as its own tensor."""
+    return sum(1 << (n * nbytes - 1).bit_length() for n in sizes)
+
+
 def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
              lora_rank=0):
     """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
@@ -269,6 +299,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
                                 scorer.to_empty(device="cuda"), height, width, text_tokens)
+        stages = measure_vae_stages(ae, height, width, flux_cfg.in_channels)
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
                       for kind, block in blocks.items()}
@@ -276,12 +307,15 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     return {
         # the base transformer's parameters (LoRA's adapters apart)
         "params": numel(flux) - lora_params(flux), "root params": numel(flux) - blocks_params,
-        "lora params": lora_params(flux),
+        "lora params": lora_params(flux), "base sizes": numels(flux, False), "lora sizes": numels(flux, True),
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
-        "vae": branch.total("vae"), "vae largest": branch.largest("vae"),
+        "vae": branch.total("vae"), "vae largest": max(stages.largest(label) for label, _ in stages.seen.values()),
+        "vae stage": max(stages.total(label) for label, _ in stages.seen.values()),
+        "vae unchecked": sum(n for _, n in stages.seen.values()),
         "reward": branch.total("reward"), "reward, bf16 weights": bf16_reward,
         "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
+        "pickscore weights": numel(scorer) * 2,  # --pickscore: a ViT-H-14 CLIP too, held in bf16 for scoring only
         "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
         "lora rank": lora_rank, "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
@@ -298,6 +332,7 @@ def timeline(e, world):
     return [("after the transformer forward (checkpointed)", transformer),
             ("after the VAE decode", transformer + e["vae"]),
             ("after the reward forward: all three graphs", transformer + e["vae"] + e["reward"]),
+            ("VAE backward: one stage recomputed", transformer + e["vae"] + e["vae stage"]),
             (f"transformer backward: one block recomputed, FSDP2 buffers at N = {world}",
              transformer + max(e["double block"], e["single block"]) + e["fsdp"][world])]
 
@@ -314,14 +349,17 @@ def report(e, height, width):
         ("measured", "transformer: the rest of its graph (embedders, final layer)", e["transformer rest"]),
         ("measured", "one double block, recomputed in the backward", e["double block"]),
         ("measured", "one single block, recomputed in the backward", e["single block"]),
-        ("measured", f"VAE decoder's saved tensors at {height}x{width}", e["vae"]),
+        ("measured", f"VAE decoder's saved tensors at {height}x{width}, checkpointed: stage inputs", e["vae"]),
+        ("measured", "  its largest stage, recomputed in the backward", e["vae stage"]),
         ("measured", "  its largest saved tensor", e["vae largest"]),
+        ("measured", "  the whole decode without checkpointing (before)", e["vae unchecked"]),
         ("measured", "HPS ViT-H-14 graph at 224x224 (fp32 weights, bf16 autocast)", e["reward"]),
         ("measured", "  the same with bf16 weights (no per-call weight casts)", e["reward, bf16 weights"]),
         ("arithmetic", f"training state: {e['params'] / 1e9:.2f} B parameters x {STATE_BYTES} B, over N",
          e["params"] * STATE_BYTES),
         ("arithmetic", "HPS reward weights, fp32", e["reward weights"]),
         ("arithmetic", "VAE weights, bf16", e["vae weights"]),
+        ("arithmetic", "PickScore weights, bf16 (--pickscore beside another --reward only)", e["pickscore weights"]),
         ("arithmetic", "FSDP2 root (embedders, final layer) gathered in bf16", e["root params"] * 2),
         *(("arithmetic", f"FSDP2 working set, N = {n}", b) for n, b in e["fsdp"].items()),
     ]
@@ -331,10 +369,11 @@ def report(e, height, width):
     print("\none branch as its memory forms (GB, besides weights and sharded state):")
     for moment, n in timeline(e, 4):
         print(f"  {moment:<76} {n / GB:6.2f}")
-    print(f"\nper GPU = state / N + weights + the larger of the two peaks + {ALLOWANCE:.0f} GB allowance (CUDA "
+    print(f"\nper GPU = state / N + weights + the largest of the peaks + {ALLOWANCE:.0f} GB allowance (CUDA "
           "context, NCCL, allocator slack)")
     for n in e["fsdp"]:
         print(f"  N = {n:<3} {per_gpu(e, n):6.1f} GB")
+    print(f"  (+{e['pickscore weights'] / GB:.1f} GB on each with --pickscore as the evaluation's second judge)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,30 +382,37 @@ def report(e, height, width):
 PCIE = {"PCIe 4.0 x16": 25e9, "PCIe 5.0 x16": 50e9}  # host-to-device bytes/s a pinned copy sustains (assumed)
 SUSTAINED = {"H100/H200": 400e12, "A100 / L40S class": 200e12, "RTX 4090 class": 150e12}  # bf16 FLOP/s (assumed)
 ROLLOUT, BATCH = 25, 32  # forwards without gradient per prompt; prompts per official step
+HOST_ADD = 50e9  # bytes/s a multi-threaded torch add moves through host memory (assumed)
 
 
 def one_gpu(e):
     """{mode: (GPU bytes, host bytes while training, host bytes while loading or saving, bytes copied to the GPU per
-    prompt, FLOP per prompt)}. Resident: no FSDP, the bf16 base on the GPU, loaded straight from the mapped files.
-    --offload: FSDP2 in a group of one; the GPU holds the block computing and the next one prefetched (bf16) and
-    the root, the host the shards in their own dtype (LoRA's base bf16; full fine-tuning's fp32 weights, gradients
-    and AdamW state), and every gather copies a block over: the rollout's forwards, each branch's forward and the
-    backward's regather. Rank 0 also holds a full copy of the weights while loading, and of weights + AdamW state
-    while saving."""
+    prompt, FLOP per prompt, gradient bytes copied back to the host per prompt)}. Resident: no FSDP, the bf16 base
+    on the GPU, loaded straight from the mapped files. --offload: FSDP2 in a group of one; the GPU holds the block
+    computing and the next one prefetched (bf16) and the root, the host the shards in their own dtype (LoRA's base
+    bf16; full fine-tuning's fp32 weights, gradients and AdamW state), and every gather copies a block over: the
+    rollout's forwards, each branch's forward and the backward's regather; each backward copies its fp32 gradients
+    back, and from the step's second backward on FSDP2 waits for that copy and adds it into the host's gradient on
+    the CPU (time_back). Host memory counts the pinned parameters and gradients as the host allocator rounds them
+    (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
+    weights + AdamW state while saving."""
     lora_n, base = e["lora params"], e["params"]
+    lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
+    full_host = 2 * pinned(e["base sizes"], 4) + base * 8
     fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
     inputs = e["block inputs"] + e["transformer rest"]
     recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
-    graphs = max(inputs + e["vae"] + e["reward"], recompute)
+    graphs = max(inputs + e["vae"] + max(e["reward"], e["vae stage"]), recompute)
     root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
     lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
     gathers = ROLLOUT + 2 * 2
     return {
-        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop),
-        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, base * 2 + lora_n * STATE_BYTES,
-                                                base * 2, gathers * base * 2, lora_flop),
-        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]),
-                            base * STATE_BYTES, base * 12, gathers * base * 4, full_flop),
+        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop,
+                                                 0),
+        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, lora_host, base * 2,
+                                                gathers * base * 2, lora_flop, 2 * lora_n * 4),
+        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
+                            base * 12, gathers * base * 4, full_flop, 2 * base * 4),
     }
 
 
@@ -375,12 +421,21 @@ def report_one_gpu(e):
           "for full):")
     print(f"  LoRA rank {e['lora rank']}: {e['lora params'] / 1e6:.1f} M adapter parameters, "
           f"{e['lora params'] * STATE_BYTES / GB:.2f} GB with gradients and AdamW state")
-    for mode, (gpu, host, extra, copied, flop) in one_gpu(e).items():
+    for mode, (gpu, host, extra, copied, flop, back) in one_gpu(e).items():
         print(f"  {mode:<22} GPU {gpu / GB:5.1f}  host {host / GB:5.1f} (+{extra / GB:5.1f} loading/saving)  "
               f"per prompt {flop / 1e15:.2f} PFLOP, {copied / GB:5.0f} GB copied to the GPU")
         compute = ", ".join(f"{name} {BATCH * flop / rate / 60:.1f}" for name, rate in SUSTAINED.items())
         copies = ", ".join(f"{name} {BATCH * copied / rate / 60:.1f}" for name, rate in PCIE.items())
         print(f"    minutes per step of {BATCH} prompts: compute {compute}" + (f"; copies {copies}" if copied else ""))
+        if back:
+            print(f"    + gradients back to the host, waited for: {time_back(back)}")
+
+
+def time_back(back):
+    """Minutes per step the gradients' way back adds, not overlapped with compute (FSDP2 waits for each copy before
+    its CPU add): the copies at each PCIe rate, and the adds (read two fp32 tensors, write one) at HOST_ADD."""
+    copies = ", ".join(f"{name} {BATCH * back / rate / 60:.1f}" for name, rate in PCIE.items())
+    return f"copies {copies}; CPU adds {BATCH * back * 3 / HOST_ADD / 60:.1f} (at {HOST_ADD / GB:.0f} GB/s)"
 
 
 def main():

@@ -1,9 +1,15 @@
 """scripts/memory_estimate.py on tiny models, held to arithmetic done here, so its README numbers cannot drift."""
 
+import math
+
 import pytest
+import torch
 
 import flux_model as fm
 import reward
+import runtime
+import sampling
+import srpo
 from scripts import memory_estimate as me
 
 HEIGHT = WIDTH = 64
@@ -31,3 +37,46 @@ def test_vae_largest_saved_tensor_is_an_fp32_group_norm_input(tiny):
     (_, ae_cfg, _), e = tiny
     assert e["vae largest"] == ae_cfg.ch * ae_cfg.ch_mult[1] * HEIGHT * WIDTH * 4
 
+
+
+def test_checkpointed_vae_decode_has_the_same_gradient_and_keeps_under_a_quarter_of_the_tensors():
+    """Training's decode for the reward (Decoder.checkpointing) keeps each stage's input only and recomputes the
+    stage in the backward: the gradient to the latents is the one without it (fp32), the saved bytes shrink (at
+    FLUX.1-dev's size 9.95 GB -> the stage inputs, see the README's Memory)."""
+    ae = fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).requires_grad_(False)
+    tokens = (HEIGHT // 16) * (WIDTH // 16)
+    latents = torch.randn(1, tokens, 4 * ae.cfg.z_channels, generator=torch.Generator().manual_seed(0))
+
+    def decode(checkpointing):
+        ae.decoder.checkpointing = checkpointing
+        x, saved = latents.clone().requires_grad_(), me.SavedTensors(ae)
+        with saved.record("vae"):
+            images = sampling.decode_images(ae, x, HEIGHT, WIDTH)
+        (images * torch.linspace(-1, 1, images.numel()).reshape(images.shape)).sum().backward()
+        return x.grad, saved.total("vae")
+
+    (grad, kept), (checked_grad, checked_kept) = decode(False), decode(True)
+    assert torch.allclose(checked_grad, grad, rtol=0, atol=1e-6) and grad.abs().max() > 0
+    assert checked_kept < kept / 4
+
+
+def test_training_decodes_checkpointed_and_sampling_does_not(tmp_path, monkeypatch):
+    """runtime.ready turns the VAE's checkpointing on for the training step's decode; the sample grids decode
+    without gradient, where it does nothing."""
+    seen = []
+    monkeypatch.setattr(srpo, "train", lambda parts, *args: seen.append(parts.ae.decoder.checkpointing))
+    monkeypatch.setattr(runtime, "report", lambda out: None)
+    srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32",
+               "--rollout-steps", "4", "--samples", "1"])
+    assert seen == [True] and not fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).decoder.checkpointing
+
+
+def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_two(tiny):
+    """--offload on CUDA: FSDP2 pins each fp32 parameter and gradient as its own tensor, and PyTorch's host allocator
+    rounds each block up to a power of two (full fine-tuning of FLUX.1-dev: ~224 GB of host memory, not 190);
+    AdamW's state is not pinned."""
+    (flux_cfg, _, _), e = tiny
+    with torch.device("meta"):
+        sizes = [p.numel() for p in fm.Flux(flux_cfg).parameters()]
+    expected = sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in sizes)
+    assert me.one_gpu(e)["full, --offload"][1] == expected > 16 * sum(sizes)
