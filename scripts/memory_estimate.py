@@ -304,9 +304,9 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
                       for kind, block in blocks.items()}
     blocks_params = sum(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
+    base = numel(flux) - lora_params(flux)  # the base transformer's parameters (LoRA's adapters apart)
     return {
-        # the base transformer's parameters (LoRA's adapters apart)
-        "params": numel(flux) - lora_params(flux), "root params": numel(flux) - blocks_params,
+        "params": base, "root params": numel(flux) - blocks_params,
         "lora params": lora_params(flux), "base sizes": numels(flux, False), "lora sizes": numels(flux, True),
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
         "vae": branch.total("vae"), "vae largest": max(stages.largest(label) for label, _ in stages.seen.values()),
@@ -319,7 +319,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
         "lora rank": lora_rank, "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
-        "forward flop": 2 * (numel(flux) - lora_params(flux)) * (tokens + text_tokens)
+        "forward flop": 2 * base * (tokens + text_tokens)
         + 4 * (tokens + text_tokens) ** 2 * flux_cfg.hidden_size * (flux_cfg.depth + flux_cfg.depth_single_blocks),
     }
 
