@@ -1,16 +1,33 @@
-"""The command line of srpo.py: one parser, each flag defined once; TrainConfig <-> flags in one place (every field
-of the config is a flag of `train`, its default the official run's, the reward recipe's or the tiny demo's)."""
+"""The command line of srpo.py: the parser (each flag defined once, with its help and range), the layering of the
+defaults (the official run's, each reward's recipe, the tiny demo's), the typed configs made from the flags, and
+the commands. Every field of srpo.TrainConfig is a flag of `train`; the library modules take configs, not flags."""
 
 import argparse
-import math
 import os
+import sys
 from dataclasses import fields
 
 import torch
 
+import evaluation
 import reward
+import runtime
+import sampling
+import srpo
+from bounds import FINITE, GUIDANCE, IMAGES_PER_PROMPT, RUN_STEPS, SEED, SIZE, TIMESTEPS, TOKENS, Bounded, bound_of
 from sampling import DEFAULT_PROMPT
-from util import InputError, check_folder
+from util import (
+    EXIT_DIVERGED,
+    EXIT_FAULT,
+    EXIT_INPUT,
+    EXIT_STOPPED,
+    Diverged,
+    Fault,
+    InputError,
+    Stopped,
+    check_folder,
+    read_prompts,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,65 +36,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class Bounded:
-    """A numeric flag's type and valid range, stated once: argparse parses the text with it, check_ranges refuses
-    a value outside the range before anything is read or built, and TrainConfig checks its fields with the same
-    object. A float must be finite; low and high are inclusive unless open; why says where a bound comes from."""
-
-    def __init__(self, kind, low=None, high=None, *, open_low=False, open_high=False, why=""):
-        assert kind is float or (low is not None and high is not None), "an integer flag needs both bounds"
-        self.kind, self.low, self.high, self.open_low, self.open_high, self.why = (kind, low, high, open_low,
-                                                                                   open_high, why)
-
-    def __call__(self, text):
-        try:
-            return self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
-                                             f"{self.describe()}, got {text!r}") from None
-
-    def describe(self):
-        """The range in words, e.g. 'at least 1 and at most 1000' or 'a finite number in [0, 1)'."""
-        why = f" ({self.why})" if self.why else ""
-        if self.kind is int:
-            return f"at least {self.low} and at most {self.high}{why}"
-        if self.low is not None and self.high is not None:
-            return (f"a finite number in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
-                    f"{')' if self.open_high else ']'}{why}")
-        if self.low is not None:
-            return f"a finite number {'>' if self.open_low else '>='} {self.low:g}{why}"
-        return f"a finite number{why}"
-
-    def fits(self, v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        low = self.low is None or (v > self.low if self.open_low else v >= self.low)
-        return low and (self.high is None or (v < self.high if self.open_high else v <= self.high))
-
-    def check(self, flag, value):
-        """value (or each of a pair) in range, else a one-line InputError naming the flag."""
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if not self.fits(v):
-                raise InputError(f"{flag} must be {self.describe()}, got {v}")
-
-
-# The valid ranges, each bound with its reason (it is printed with the error): an integer is bounded on both sides,
-# so that no value makes a run build a list, a schedule or a batch that fills the memory before it fails.
-STEPS_MAX = 1_000_000
-FINITE = Bounded(float)
-POSITIVE = Bounded(float, 0, open_low=True)
-NON_NEGATIVE = Bounded(float, 0)
-GUIDANCE = Bounded(float, 0, why="a negative scale is outside what FLUX.1-dev was distilled on")
-SEED = Bounded(int, 0, 2**64 - 1, why="what torch.Generator takes")
-SIZE = Bounded(int, 16, 4096, why="multiples of 16; 4096 = 65,536 image tokens, 16 times FLUX.1's 1024 x 1024")
-TIMESTEPS = Bounded(int, 1, 1000, why="FlowMatch's 1000 training timesteps")
-RUN_STEPS = Bounded(int, 1, STEPS_MAX, why="50,000 times the official run's 19 updates")
-BETA = Bounded(float, 0, 1, open_high=True, why="AdamW's moment decay")
-IMAGES_PER_PROMPT = Bounded(int, 1, 64, why="made in one batch: memory grows with it")
-TOKENS = Bounded(int, 1, 512, why="T5 tokens, FluxPipeline's limit")
-WINDOW_POINTS = Bounded(int, 11, 100_000, why="100 times the official 1000")
 
 
 def check_ranges(parser, args):
@@ -89,13 +47,85 @@ def check_ranges(parser, args):
             action.type.check(action.option_strings[0], value)
 
 
+
+TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
+
+    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~1 min)
+    python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
+    python srpo.py train --flux FLUX_DIR --reward pickscore --pickscore PickScore_v1 --prompts prompts.txt --out runs/ps
+    torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
+    python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
+
+Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
+updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
+process) and the length.
+
+Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
+clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
+folder's own vocab.json + merges.txt when it has them, else --flux's tokenizer/ (the same CLIP vocabulary). As in the
+official script, PickScore and CLIP tokenize captions as CLIPProcessor (padding, truncation to 77) and reward
+exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS". The control words were designed for HPS: the
+official README warns that they may suit PickScore less. Each reward's official launch script sets its defaults
+(CLIP has none: it takes the HPS values); a flag you give wins:"""
+
+# LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
+# ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16 on
+# FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA default.
+LORA_LR = 1e-4
+
+# The help of each TrainConfig field's flag (srpo.TrainConfig holds the values, their ranges and one-line notes).
+TRAIN_HELP = {
+    "reward": "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H (--clip), as the "
+              "official --reward_model; it picks the per-reward defaults (the table above)",
+    "lr": "AdamW learning rate, constant",
+    "betas": "AdamW betas",
+    "adam_eps": "AdamW epsilon",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the gradient norm to this",
+    "height": "training image height, a multiple of 16",
+    "width": "training image width, a multiple of 16",
+    "rollout_steps": "Euler steps of the online rollout",
+    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
+    "rollout_guidance": "guidance of the online rollout",
+    "guidance": "guidance of the two branch model calls and of the sample grids",
+    "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))",
+    "window_points": "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
+    "max_gap": "K_max, the largest gap in window points between a branch's start and sigma_t (the official "
+               "int((1 - 0.9) * 1000) + 1, which is 100 in floating point)",
+    "k_denoise": "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]",
+    "k_inversion": "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]",
+    "margin": "hinge margin m: loss = relu(m - r) / 2 per branch",
+    "steps": "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop counts "
+             "to 20 but its step 20 only saves, so its released checkpoint holds 19 updates: the default (a resumed "
+             "run stops at N too)",
+    "save_every": "save a checkpoint every N updates (and after the last one)",
+    "keep": "complete checkpoints kept; older ones are deleted once a newer one is complete, except the one that "
+            "scored best on the held-out prompts",
+    "batch": "prompts per optimizer step (global batch), split over the processes: each runs batch / world of them "
+             "(tiny demo: one per process)",
+    "seed": "seed of the prompt order, the shared noise and the timestep draws",
+    "samples": "prompts (the first of the prompt list) in the before/after sample grids; 0: none",
+    "lora_rank": "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP layers "
+                 f"instead of the whole transformer (0: full fine-tuning; with --flux the default --lr becomes "
+                 f"{LORA_LR:g})",
+    "lora_alpha": "LoRA alpha (0: the rank, i.e. scale 1)",
+}
+
+# The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
+# reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
+# so that the demo runs under torchrun with any number of processes).
+DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
+DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
+                "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
+                "a city street in the rain at night", "a honeybee on a sunflower, close-up",
+                "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
+
 REWARD_MODELS = {"hps": "--hps CKPT, HPSv2.1's HPS_v2.1_compressed.pt", "pickscore": "--pickscore DIR, a "
                  "transformers folder of PickScore_v1", "clip": "--clip DIR, a transformers folder of CLIP-ViT-H-14"}
 
 
-def build_parser(config, demo, recipes):
-    """The parser of the three commands. config is the TrainConfig class (its docstring is `train`'s usage), demo
-    and recipes the tiny demo's and each reward's defaults."""
+def build_parser():
+    """The parser of the three commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1-dev: train, sample and score.")
     sub = parser.add_subparsers(dest="command", required=True)
     sample_flags(sub.add_parser("sample", help="generate images with a FLUX.1 model (or the tiny built-in one)",
@@ -103,9 +133,9 @@ def build_parser(config, demo, recipes):
                                 "runs offline."))
     train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description=f"{config.__doc__}\n\n{recipe_table(config, recipes)}")
+                           description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
-    add_config_flags(train, config, demo, recipes)
+    add_config_flags(train)
     score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
                                "reward", description=reward.cmd_score.__doc__))
     for command in sub.choices.values():  # --help states each range as the error line would
@@ -222,38 +252,55 @@ def flag_value(value):
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def recipe_table(config, recipes):
+def recipe_table():
     """The defaults that differ between the rewards, one column per reward (for --help)."""
-    differ = [f for f in fields(config) if any(f.name in recipe for recipe in recipes.values())]
+    recipes = srpo.REWARD_RECIPES
+    differ = [f for f in fields(srpo.TrainConfig) if any(f.name in recipe for recipe in recipes.values())]
     rows = [["", *(f"--reward {name}" for name in recipes)]]
     rows += [["--" + f.name.replace("_", "-"), *(flag_value(recipe.get(f.name, f.default))
                                                  for recipe in recipes.values())] for f in differ]
     return "\n".join("    " + "".join(cell.ljust(22) for cell in row).rstrip() for row in rows)
 
 
-def add_config_flags(parser, config, demo, recipes):
-    """One flag per config field; default None so that config_from_flags can tell the demo's and the reward's
-    defaults apart."""
-    for f in fields(config):
-        notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in recipes.items() if f.name in recipe]
-        tiny = f"; tiny demo {demo[f.name]}" if f.name in demo else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["valid"], default=None,
-                            choices=f.metadata["choices"],
-                            nargs=len(f.default) if isinstance(f.default, tuple) else None,
-                            metavar=("A", "B") if isinstance(f.default, tuple) else None,
-                            help=f"{f.metadata['help']} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
+def add_config_flags(parser):
+    """One flag per TrainConfig field, its range the field's annotation; default None so that config_from_flags can
+    tell the demo's and the reward's defaults apart."""
+    for f in fields(srpo.TrainConfig):
+        notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in srpo.REWARD_RECIPES.items()
+                 if f.name in recipe]
+        tiny = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
+        pair = isinstance(f.default, tuple)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=bound_of(srpo.TrainConfig, f.name), default=None,
+                            choices=tuple(srpo.REWARD_RECIPES) if f.name == "reward" else None,
+                            nargs=2 if pair else None, metavar=("A", "B") if pair else None,
+                            help=f"{TRAIN_HELP[f.name]} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
 
 
-def config_from_flags(args, config, demo, recipes, world):
-    """The config from the flags: where a flag is not given, the official values of --reward's recipe, or, in the
-    tiny demo, the demo's (its --batch: one prompt per process of the `world`). The config checks itself."""
-    defaults = {**recipes[args.reward or config.reward], **({**demo, "batch": world} if args.flux is None else {})}
+def config_from_flags(args, world):
+    """TrainConfig from the flags: where a flag is not given, the official values of --reward's recipe, or, in the
+    tiny demo, the demo's (its --batch: one prompt per process of the `world`; with --lora-rank on FLUX.1, LoRA's
+    --lr). The config checks itself."""
+    config = srpo.TrainConfig
+    defaults = {**srpo.REWARD_RECIPES[args.reward or config.reward],
+                **({**DEMO_DEFAULTS, "batch": world} if args.flux is None else {}),
+                **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
     values = {}
     for f in fields(config):
         value = getattr(args, f.name)
         value = defaults.get(f.name, f.default) if value is None else value
         values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     return config(**values)
+
+
+def run_config(args):
+    """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
+    name = args.reward or srpo.TrainConfig.reward
+    return runtime.RunConfig(
+        out=args.out, flux=args.flux, reward_model=getattr(args, name),
+        judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
+        eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
+        eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
+        attn=args.attn)
 
 
 def check_reward_flags(args, name):
@@ -278,3 +325,48 @@ def check_reward_flags(args, name):
         reward.check_clip_folder(path, reward.REWARDS[name].name)
     elif not os.path.isfile(path):
         raise InputError(f"{path}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The commands
+
+
+def cmd_train(args):
+    """`srpo.py train`: the configs from the flags, every input checked, then the run (runtime.py sets it up)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = config_from_flags(args, world)
+    check_reward_flags(args, cfg.reward)
+    if args.flux:
+        runtime.check_guidance_embedding(args.flux, cfg)
+    prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    run = run_config(args)
+    evaluation.check_run(run)
+    with runtime.processes(run, cfg, world) as ranks:
+        begin = runtime.start_point(run.out, cfg, run.resume, ranks)  # a refused --resume: before any model loads
+        watch = evaluation.Watch.for_run(run, cfg, ranks)
+        try:
+            parts = runtime.training_parts(run, cfg, prompts, ranks, begin)
+            srpo.train(parts, prompts, cfg, run.out, ranks, watch)
+        except (Fault, Diverged) as e:
+            raise type(e)(f"{e}; {runtime.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
+    if ranks.main:
+        runtime.report(run.out)
+        evaluation.report(run.out, cfg)
+
+
+COMMANDS = {"train": cmd_train, "sample": sampling.cmd_sample, "score": reward.cmd_score}
+
+
+def main(argv=None):
+    """`python srpo.py train|sample|score`: one line on stderr and an exit code for every way a command ends."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    try:
+        check_ranges(parser, args)
+        COMMANDS[args.command](args)
+    except (InputError, Fault, Diverged, Stopped) as e:
+        # Faults, divergences and stops are agreed on by every process of a torchrun: one of them says it
+        if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
+            print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
+        codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
+        sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))

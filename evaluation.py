@@ -17,6 +17,7 @@ OUT/eval/step-NNNNNN/ (the images and the images.jsonl that `score --manifest` r
 grid, each tile captioned with its scores) and, with --tensorboard, OUT/tensorboard/.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -29,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import runtime
 import sampling
-from reward import PickScoreReward, tokenizer_folder
+from reward import REWARDS, tokenizer_folder
 from util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 
 # Held out from the demo's training prompts (srpo.DEMO_PROMPTS); a real run gives --eval-prompts (README).
@@ -38,22 +39,18 @@ EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut ridi
 GRID_COLUMNS = 8
 
 
-def check_flags(args):
-    """The evaluation's flags, before any work: --eval-every, --tensorboard's package, the prompts (a resumed run's
-    the same as its evaluations so far). -> prompts."""
-    if args.eval_every is not None and args.eval_every < 1:
-        raise InputError(f"--eval-every must be at least 1, got {args.eval_every}")
-    if args.tensorboard:
+def check_run(run):
+    """The evaluation's settings, before any work: --tensorboard's package, the prompts (a resumed run's the same as
+    its evaluations so far)."""
+    if run.tensorboard:
         try:
             import tensorboard  # noqa: F401  optional: only --tensorboard needs it
         except ImportError:
             raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    prompts = read_prompts(args.eval_prompts) if args.eval_prompts else list(EVAL_PROMPTS)
-    kept = os.path.join(args.out, "eval", "prompts.txt")  # what the run's evaluations so far were made with
-    if args.resume and os.path.isfile(kept) and read_prompts(kept) != prompts:
+    kept = os.path.join(run.out, "eval", "prompts.txt")  # what the run's evaluations so far were made with
+    if run.resume and os.path.isfile(kept) and read_prompts(kept) != list(run.eval_prompts):
         raise InputError(f"{kept}: this run was evaluated on other prompts than --eval-prompts gives now: give the "
                          f"same prompts (or another --out), so that eval.jsonl compares like with like")
-    return prompts
 
 
 def my_share(n, ranks):
@@ -106,7 +103,8 @@ def captioned_grid(images, captions):
 
 
 class Watch:
-    """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`)."""
+    """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`). The
+    loop calls them where they run: open(), log() each step, evaluate() when due(), best_step() for the pruning."""
 
     def __init__(self, prompts, cfg, out, every=None, extra=None, schedule=sampling.FLUX_DEV, board=False):
         self.prompts, self.cfg, self.out = list(prompts), cfg, out
@@ -115,20 +113,21 @@ class Watch:
         self.schedule, self.board, self.writer = schedule, board, None
 
     @classmethod
-    def from_flags(cls, args, cfg, prompts, ranks):
-        """From `train`'s flags; --pickscore beside another --reward is loaded here, before the training parts, in
-        the frozen parts' dtype (bf16 on GPUs: it scores without gradient, and fp32 would add 3.9 GB on each GPU)."""
+    def for_run(cls, run, cfg, ranks):
+        """A run's (runtime.RunConfig): its judge, a PickScore folder beside another --reward, is loaded here, before
+        the training parts, in the frozen parts' dtype (bf16 on GPUs: it scores without gradient, and fp32 would add
+        3.9 GB on each GPU)."""
         extra = {}
-        if args.pickscore and cfg.reward != "pickscore":
-            extra["pickscore"] = PickScoreReward.load(args.pickscore, tokenizer_folder(args.pickscore, args.flux),
-                                                      ranks.device, runtime.frozen_dtype(ranks.device))
-        schedule = sampling.read_schedule(args.flux) if args.flux else sampling.FLUX_DEV
-        return cls(prompts, cfg, args.out, args.eval_every, extra, schedule, args.tensorboard)
+        if run.judge and cfg.reward != "pickscore":
+            extra["pickscore"] = REWARDS["pickscore"].load(run.judge, tokenizer_folder(run.judge, run.flux),
+                                                           ranks.device, runtime.frozen_dtype(ranks.device))
+        schedule = sampling.read_schedule(run.flux) if run.flux else sampling.FLUX_DEV
+        return cls(run.eval_prompts, cfg, run.out, run.eval_every, extra, schedule, run.tensorboard)
 
-    def started(self, parts, ranks):
-        """Ready to watch the run from parts.start, as a context that closes TensorBoard's files: what a resumed
-        run redoes (steps > start; a new run's step 0 too) is dropped from eval.jsonl and TensorBoard, and a new
-        run is evaluated at step 0."""
+    @contextlib.contextmanager
+    def open(self, parts, ranks):
+        """Watch the run from parts.start, closing TensorBoard's files at the end: what a resumed run redoes (steps
+        > start; a new run's step 0 too) is dropped from eval.jsonl and TensorBoard first."""
         self.parts, self.ranks = parts, ranks
         keep = parts.start if parts.start else -1
         path = os.path.join(self.out, "eval.jsonl")
@@ -137,29 +136,28 @@ class Watch:
             from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard imports tensorboard
 
             self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=keep + 1)
-        if parts.start == 0:
-            self.evaluate(0)
-        return self
+        try:
+            yield self
+        finally:
+            if self.writer:
+                self.writer.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.writer:
-            self.writer.close()
-
-    def logged(self, record):
+    def log(self, record):
         """A step's log record, its numbers as TensorBoard scalars train/NAME."""
         if self.writer:
             for name, value in record.items():
                 if name != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{name}", value, record["step"])
 
-    def after(self, step):
-        """The evaluation of this update, when one is due (before its checkpoint: a saved step is never left
-        without its evaluation)."""
-        if step % self.every == 0 or step == self.cfg.steps:
-            self.evaluate(step)
+    def due(self, step):
+        """An evaluation every --eval-every updates and after the last."""
+        return step % self.every == 0 or step == self.cfg.steps
+
+    def best_step(self):
+        """The saved step with the best held-out score so far (best_saved), None before any: on rank 0, which
+        writes eval.jsonl and prunes the checkpoints."""
+        best = best_saved(read_jsonl(os.path.join(self.out, "eval.jsonl")), self.cfg)
+        return best and best[0]["step"]
 
     def evaluate(self, step):
         """Every eval prompt sampled and scored, each rank its share; rank 0 gathers and writes."""
@@ -200,17 +198,25 @@ class Watch:
             self.writer.add_image("eval/grid", grid, step, dataformats="HWC")
 
 
+def best_saved(records, cfg):
+    """(the record of the best saved step, the score's name) over eval.jsonl's records, None if no saved step was
+    evaluated. The score is the independent judge's (PickScore) when there is one, else the training reward
+    model's plain score."""
+    name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
+    saved = [r for r in records if name in r and r["step"] and (r["step"] % cfg.save_every == 0
+                                                                 or r["step"] == cfg.steps)]
+    return (max(saved, key=lambda r: r[name]), name) if saved else None
+
+
 def report(out, cfg):
-    """Which saved checkpoint scored best on the held-out reward: the independent one (PickScore) when it was
-    given, else the training reward model's plain score."""
+    """Which saved checkpoint scored best on the held-out reward (best_saved), kept by the pruning for this."""
     path = os.path.join(out, "eval.jsonl")
     records = read_jsonl(path)
-    name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
-    records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
-    saved = [r for r in records if r["step"] and (r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps)]
-    if not saved:
+    found = best_saved(records, cfg)
+    if not found:
         return
-    best = max(saved, key=lambda r: r[name])
+    best, name = found
+    records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
     folder = runtime.checkpoints(out).get(best["step"])
     print(f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
           f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "

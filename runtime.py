@@ -31,7 +31,7 @@ import flux_model as fm
 import flux_weights as fw
 import lora
 from kernels.attention import warm_up
-from reward import control_caption, control_words, load_reward
+from reward import REWARDS, tokenizer_folder
 from sampling import encode_prompts, tiny_models
 from util import (
     Diverged,
@@ -51,6 +51,28 @@ from util import (
     write_text,
     written,
 )
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: what it reads and writes, where it runs
+
+
+@dataclass
+class RunConfig:
+    """Where a training run reads, writes and runs: what is not a hyperparameter (srpo.TrainConfig) nor changes what
+    a step computes. cli.py makes it from `train`'s flags."""
+
+    out: str = "runs/srpo"  # checkpoint-STEP/, log.jsonl, samples-*.png, eval/
+    flux: str | None = None  # a diffusers FLUX.1 folder; None: the tiny demo's random models built in code
+    reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
+    judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
+    resume: bool = False  # continue from the latest complete checkpoint in out
+    eval_prompts: tuple = ()  # held-out prompts, never trained on
+    eval_every: int | None = None  # updates between evaluations (None: TrainConfig.save_every)
+    tensorboard: bool = False
+    offload: bool = False  # FSDP2's CPU offload
+    device: str = "cpu"
+    attn: str | None = None  # triton | sdpa (None: triton on CUDA)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processes: one per GPU under torchrun, the global batch split over them
@@ -120,17 +142,17 @@ class Ranks:
 
 
 @contextlib.contextmanager
-def processes(args, cfg, world):
+def processes(run, cfg, world):
     """The run's processes, from `with` to its end: the output folder tried and locked first (rank 0 holds the
     lock for the run: the other ranks are the same run), --batch split evenly, then the process group under torchrun
     (CPU processes: gloo; GPUs: nccl, one per process); the demo runs single-threaded on a CPU (tiny tensors gain
     nothing from threads and lose much when the cores are shared). -> Ranks."""
-    check_writable(args.out)
+    check_writable(run.out)
     local_batch(cfg, world)  # before any process group
-    with RunLock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        ranks = init_ranks(args.device, args.offload)
+    with RunLock(run.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        ranks = init_ranks(run.device, run.offload)
         threads = torch.get_num_threads()
-        if args.flux is None and ranks.device.type == "cpu":
+        if run.flux is None and ranks.device.type == "cpu":
             torch.set_num_threads(1)
         try:
             yield ranks
@@ -262,13 +284,13 @@ class Parts(NamedTuple):
     start: int
 
 
-def training_parts(args, cfg, prompts, ranks, begin, extra=()):
+def training_parts(run, cfg, prompts, ranks, begin):
     """Everything loaded, resumed and warmed up. The text encoders live only long enough to embed this rank's
     prompts (T5-XXL alone is 9.5 GB in bf16); the VAE and the reward are frozen (gradients flow through them to
     the image, never into them). The reward keeps fp32 weights and runs under bf16 autocast, like the transformer
     and the VAE decode it backpropagates through; the official script ran its reward under fp16 autocast, whose
-    narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range). `extra`
-    prompts are embedded too (the held-out evaluation's). begin: start_point's (step, folder)."""
+    narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range). The held-out
+    evaluation's prompts are embedded too. begin: start_point's (step, folder)."""
     start, folder = begin
     prompt_of = prompt_schedule(prompts, cfg)
     # the schedule repeats every len(prompts) updates: those hold every prompt this rank will see, however long the run
@@ -276,16 +298,16 @@ def training_parts(args, cfg, prompts, ranks, begin, extra=()):
     mine = [p for step in range(start + 1, last + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
     frozen = frozen_dtype(ranks.device)
     base = frozen if cfg.lora_rank else torch.float32
-    ae, text, flux_cfg, load = frozen_parts(args, frozen, ranks.device, base)
-    embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(extra))
+    ae, text, flux_cfg, load = frozen_parts(run.flux, frozen, ranks.device, base)
+    embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(run.eval_prompts))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
     if folder and not cfg.lora_rank:
         load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
-    model = build_transformer(load, flux_cfg, ranks, attention_backend(args.attn, ranks.device), adapters(cfg, folder),
+    model = build_transformer(load, flux_cfg, ranks, attention_backend(run.attn, ranks.device), adapters(cfg, folder),
                               base)
-    reward = load_reward(args, cfg, ranks.device)
+    reward = load_reward(run, cfg.reward, ranks.device)
     return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
 
 
@@ -297,7 +319,7 @@ def frozen_dtype(device):
 
 def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
-    resuming), the Triton kernels tuned and every SRP caption encoded before the first step. -> Parts."""
+    resuming) and the Triton kernels tuned before the first step. -> Parts."""
     ae.requires_grad_(False)
     ae.decoder.checkpointing = True  # the decode for the reward keeps its stages' inputs only (flux_model.Decoder)
     reward.requires_grad_(False)
@@ -309,21 +331,20 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     if folder:
         load_training_state(model, opt, folder, ranks, cfg.lora_rank)
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
-    encode_captions(reward, prompt_of, cfg, start, ranks)
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start)
 
 
-def frozen_parts(args, dtype, device, weights=torch.float32):
+def frozen_parts(flux, dtype, device, weights=torch.float32):
     """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
-    freezes it): --flux's, or the tiny demo's random ones built in code (the same start on every rank; rank 0's is
-    broadcast under FSDP anyway)."""
-    if args.flux is None:
+    freezes it): the FLUX.1 folder's, or without one the tiny demo's random ones built in code (the same start on
+    every rank; rank 0's is broadcast under FSDP anyway)."""
+    if flux is None:
         tiny, ae, text = tiny_models()
         return ae, text.to(device), tiny.cfg, functools.partial(tiny.to, dtype=weights)
-    sub = os.path.join(args.flux, "transformer")
+    sub = os.path.join(flux, "transformer")
     flux_cfg = fw.read_flux_config(sub)
-    ae = fw.load_autoencoder(os.path.join(args.flux, "vae"), None, dtype, device)
-    text = fm.TextConditioner.from_folder(args.flux, dtype, device)
+    ae = fw.load_autoencoder(os.path.join(flux, "vae"), None, dtype, device)
+    text = fm.TextConditioner.from_folder(flux, dtype, device)
     return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, weights)
 
 
@@ -341,15 +362,13 @@ def adapters(cfg, folder):
     return adapt if cfg.lora_rank else lambda model: model
 
 
-def encode_captions(reward, prompt_of, cfg, start, ranks):
-    """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
-    now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
-    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them, so
-    no more steps ahead than the cache holds captions: a run of a million steps starts at once)."""
-    for step in range(start + 1, min(cfg.steps, start + reward.cache_size) + 1):
-        for _, prompt in my_prompts(prompt_of, step, cfg, ranks):
-            for word in control_words(step):
-                reward.text_features([control_caption(word, prompt)])
+def load_reward(run, name, device):
+    """The reward model `name` (reward.REWARDS), fp32 weights: in the demo a tiny random one built in code; else
+    from its file or folder, with the CLIP tokenizer of that folder (vocab.json + merges.txt) or, without one, of
+    the FLUX.1 folder."""
+    if run.flux is None:
+        return REWARDS[name].tiny(device=device)
+    return REWARDS[name].load(run.reward_model, tokenizer_folder(run.reward_model, run.flux), device)
 
 
 def check_guidance_embedding(flux, cfg):
@@ -396,7 +415,7 @@ def checkpoints(out):
     return found
 
 
-def save_checkpoint(model, opt, step, cfg, out, ranks):
+def save_checkpoint(model, opt, step, cfg, out, ranks, best=None):
     """out/checkpoint-STEP/ holding, each written to a temp file then renamed:
       diffusion_pytorch_model.safetensors + config.json  the transformer in diffusers format, fp32 (the model
                                                          card's snippet loads it; the exact weights for resume)
@@ -405,7 +424,8 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
        + training.pt's adapters                          of the transformer, which stays --flux's)
       state.json                                         step and config, written last: it marks the save complete
     Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
-    deleted only after this one is complete, so a crash during a save leaves the previous one loadable, and a failed
+    deleted (but the `best` step's: the held-out evaluations' best, which the end-of-run note names) only after this
+    one is complete, so a crash during a save leaves the previous one loadable, and a failed
     write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault. Weights that are
     not finite are never written (check_finite): the run ends as Diverged."""
     weights = get_model_state_dict(model, options=state_dict_options(ranks))
@@ -424,7 +444,8 @@ def save_checkpoint(model, opt, step, cfg, out, ranks):
             shutil.rmtree(folder, ignore_errors=True)  # no state.json, no checkpoint: leave no half of one either
             raise
         for old in sorted(checkpoints(out))[: -cfg.keep]:
-            shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
+            if old != best:
+                shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
 
     ranks.main_writes(f"the checkpoint {folder}", write)
 

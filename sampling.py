@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -144,17 +145,16 @@ def flux_schedule(steps, seq_len, schedule=FLUX_DEV):
 def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=False):
     """Integrate dx/dsigma = v from sigmas[0] to sigmas[-1]: x += (sigma_next - sigma) * v, in float32.
 
-    cond = (img_ids, txt, txt_ids, y). The latents keep their dtype (bf16 when sampling in bf16, as diffusers does;
-    fp32 in training, whatever autocast makes of v). timesteps[i] is what the model is told at sigmas[i]; by
-    default FluxPipeline's: sigma * 1000 rounded to the latents' dtype, then / 1000 (training passes the official
-    script's truncation, `official_timestep`). The Euler update itself always uses the exact sigmas."""
-    img_ids, txt, txt_ids, y = cond
+    v = cond.velocity(model, ...) (a Conditioning). The latents keep their dtype (bf16 when sampling in bf16, as
+    diffusers does; fp32 in training, whatever autocast makes of v). timesteps[i] is what the model is told at
+    sigmas[i]; by default FluxPipeline's: sigma * 1000 rounded to the latents' dtype, then / 1000 (training passes
+    the official script's truncation, `official_timestep`). The Euler update itself always uses the exact sigmas."""
     if timesteps is None:
         timesteps = (sigmas * 1000).to(x.dtype) / 1000
     timesteps = timesteps.to(x.device)  # one copy to the device, not one per step
     g = torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        v = model(x, img_ids, txt, txt_ids, y, timesteps[i].expand(x.shape[0]), g)
+        v = cond.velocity(model, x, timesteps[i].expand(x.shape[0]), g)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
     return x
 
@@ -249,10 +249,27 @@ def encode_prompts(text, prompts):
     return {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
 
 
-def conditioning(embedding, height, width, device):
-    """(img_ids, txt, txt_ids, y) for one prompt's (txt, y) embedding at height x width, as the model takes them."""
-    txt, y = (to_device(t, device) for t in embedding)
-    return fm.image_ids(height, width, device), txt, torch.zeros(txt.shape[1], 3, device=device), y
+class Conditioning(NamedTuple):
+    """What FLUX.1 sees besides the latents and the time: the image tokens' positions, the T5 tokens and their
+    positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
+    for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
+    passes) is another conditioning class."""
+
+    img_ids: torch.Tensor
+    txt: torch.Tensor
+    txt_ids: torch.Tensor
+    y: torch.Tensor
+
+    def velocity(self, model, x, t, guidance):
+        """v(x, t): one call of the guidance-distilled FLUX.1 transformer, the guidance scale an input."""
+        return model(x, self.img_ids, self.txt, self.txt_ids, self.y, t, guidance)
+
+
+def conditioning(embedding, height, width, device, dtype=None):
+    """The Conditioning of one prompt's (txt, y) embedding at height x width, on device (in dtype if given)."""
+    txt, y = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
+    ids = fm.image_ids(height, width, device).to(dtype or torch.float32)
+    return Conditioning(ids, txt, torch.zeros(txt.shape[1], 3, device=device, dtype=dtype), y)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,15 +420,13 @@ def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, args):
     """Each job's images, written as soon as they are made. SIGTERM / SIGINT stop after the current prompt's images
     (Stopped), a failed write ends with a Fault: the images written are whole, and the same command continues."""
     device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
-    img_ids = fm.image_ids(args.height, args.width, device).to(dtype)
     again = "the images written are complete, and the same command makes the rest"
     with StopSignals() as signals:
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
             txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
             x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
-            cond = (img_ids, txt.to(device, dtype), torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
-                    y.to(device, dtype))
+            cond = conditioning((txt, y), args.height, args.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
                                    args.height, args.width)
             try:

@@ -26,141 +26,86 @@ One step (`train_step`), for each prompt of the global batch:
     sel ~ U{5..995}: each branch's sigmas and k in the window          timestep_window, draw_timestep, branch_sigmas
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
-then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) saves checkpoints and logs; where it
-runs (processes, FSDP2, checkpoints) is runtime.py's, sampling is sampling.py's, the rewards reward.py's, the
-held-out evaluations that show reward hacking coming (and TensorBoard) evaluation.py's.
+then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
+is the method; where it runs (processes, FSDP2, checkpoints) is runtime.py's, sampling sampling.py's, the reward
+models reward.py's, the held-out evaluations that show reward hacking coming evaluation.py's, and the command line
+(flags, defaults, the commands) cli.py's.
 
-    python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, seconds
-    python srpo.py sample | score ...    # sampling.py, reward.py; every command's --help lists its flags
+    python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
+    python srpo.py sample | score ...    # every command's --help lists its flags
 """
 
 import functools
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import bounds
 import evaluation
-import reward as rewards
 import runtime
 import sampling
-from reward import control_words
-from sampling import DEFAULT_PROMPT, autocast, check_size, decode_images, euler_sample, initial_noise
-from util import (
-    EXIT_DIVERGED,
-    EXIT_FAULT,
-    EXIT_INPUT,
-    EXIT_STOPPED,
-    Diverged,
-    Fault,
-    InputError,
-    Stopped,
-    StopSignals,
-    derive_seed,
-    read_prompts,
-    to_device,
-)
+from bounds import Bounded, check_fields
+from reward import REWARDS, control_caption, control_words
+from sampling import autocast, check_size, decode_images, euler_sample, initial_noise
+from util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 
 WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
 K_MAX = int((1 - 0.9) * 1000) + 1
-# LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
-# ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16 on
-# FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA default.
-LORA_LR = 1e-4
-DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
-                "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
-                "a city street in the rain at night", "a honeybee on a sunflower, close-up",
-                "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
-
-
-def option(default, help, valid=None, choices=None):
-    """A TrainConfig field that is also a flag of `srpo.py train` (--name-with-dashes), with its help text and its
-    valid values: a cli.Bounded range (checked by the config itself, for the command line and library users alike)
-    or choices."""
-    return field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
+WINDOW = Bounded(int, 0, WINDOW_GRID, why="indices into the 51-point grid S")
+PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
 
 
 @dataclass
 class TrainConfig:
-    """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
+    """SRPO's hyperparameters. Every default is the official FLUX.1-dev run's (HPSv2.1, global batch 32, 19 updates);
+    each is a flag of `srpo.py train` (cli.py: --name-with-dashes, its help there) and is checked here against the
+    range its annotation states."""
 
-    python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~1 min)
-    python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
-    python srpo.py train --flux FLUX_DIR --reward pickscore --pickscore PickScore_v1 --prompts prompts.txt --out runs/ps
-    torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
-    python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
-
-Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
-updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
-process) and the length.
-
-Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
-clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
-folder's own vocab.json + merges.txt when it has them, else --flux's tokenizer/ (the same CLIP vocabulary). As in the
-official script, PickScore and CLIP tokenize captions as CLIPProcessor (padding, truncation to 77) and reward
-exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS". The control words were designed for HPS: the
-official README warns that they may suit PickScore less. Each reward's official launch script sets its defaults
-(CLIP has none: it takes the HPS values); a flag you give wins:"""
-
-    # The official run (Tencent-Hunyuan/SRPO on FLUX.1-dev with HPSv2.1; REWARD_RECIPES: PickScore's, CLIP's).
-    reward: str = option("hps", "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H "
-                         "(--clip), as the official --reward_model; it picks the per-reward defaults (the table above)",
-                         choices=("hps", "pickscore", "clip"))
-    lr: float = option(5e-6, "AdamW learning rate, constant", cli.POSITIVE)
-    betas: tuple = option((0.9, 0.999), "AdamW betas", cli.BETA)
-    adam_eps: float = option(1e-8, "AdamW epsilon", cli.POSITIVE)
-    weight_decay: float = option(1e-4, "AdamW weight decay", cli.NON_NEGATIVE)
-    grad_clip: float = option(0.1, "clip the gradient norm to this", cli.POSITIVE)
-    height: int = option(720, "training image height, a multiple of 16", cli.SIZE)
-    width: int = option(720, "training image width, a multiple of 16", cli.SIZE)
-    rollout_steps: int = option(25, "Euler steps of the online rollout", cli.TIMESTEPS)
-    shift: float = option(3.0, "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
-                          cli.POSITIVE)
-    rollout_guidance: float = option(1.0, "guidance of the online rollout", cli.GUIDANCE)
-    guidance: float = option(3.5, "guidance of the two branch model calls and of the sample grids", cli.GUIDANCE)
-    window: tuple = option((5, 25), "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))",
-                           cli.Bounded(int, 0, WINDOW_GRID, why="indices into the 51-point grid S"))
-    window_points: int = option(1000, "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
-                                cli.WINDOW_POINTS)
-    max_gap: int = option(K_MAX, "K_max, the largest gap in window points between a branch's start and sigma_t "
-                          "(the official int((1 - 0.9) * 1000) + 1, which is 100 in floating point)", cli.WINDOW_POINTS)
-    k_denoise: tuple = option((0.1, 0.25), "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]", cli.FINITE)
-    k_inversion: tuple = option((0.3, 0.01), "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]",
-                                cli.FINITE)
-    margin: float = option(0.7, "hinge margin m: loss = relu(m - r) / 2 per branch", cli.FINITE)
-    # The run.
-    steps: int = option(19, "optimizer updates, numbered 1..N; update s uses the control words of step s. The "
-                        "official loop counts to 20 but its step 20 only saves, so its released checkpoint holds "
-                        "19 updates: the default (a resumed run stops at N too)", cli.RUN_STEPS)
-    save_every: int = option(5, "save a checkpoint every N updates (and after the last one)", cli.RUN_STEPS)
-    keep: int = option(1, "complete checkpoints kept; older ones are deleted once a newer one is complete",
-                       cli.RUN_STEPS)
-    batch: int = option(32, "prompts per optimizer step (global batch), split over the processes: each runs "
-                        "batch / world of them (tiny demo: one per process)",
-                        cli.Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn"))
-    seed: int = option(0, "seed of the prompt order, the shared noise and the timestep draws", cli.SEED)
-    samples: int = option(4, "prompts (the first of the prompt list) in the before/after sample grids; 0: none",
-                          cli.Bounded(int, 0, 64, why="one row of images"))
-    # LoRA (lora.py): the transformer frozen, low-rank adapters on its blocks' linear layers trained instead.
-    lora_rank: int = option(0, "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention "
-                            "and MLP layers instead of the whole transformer (0: full fine-tuning; with --flux the "
-                            f"default --lr becomes {LORA_LR:g})",
-                            cli.Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"))
-    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, i.e. scale 1)", cli.NON_NEGATIVE)
+    reward: str = "hps"  # the reward model trained against: hps | pickscore | clip, with its recipe (below)
+    # AdamW at a constant learning rate, the gradient norm clipped
+    lr: Annotated[float, bounds.POSITIVE] = 5e-6
+    betas: Annotated[tuple, bounds.BETA] = (0.9, 0.999)
+    adam_eps: Annotated[float, bounds.POSITIVE] = 1e-8
+    weight_decay: Annotated[float, bounds.NON_NEGATIVE] = 1e-4
+    grad_clip: Annotated[float, bounds.POSITIVE] = 0.1
+    # the online rollout: x0 from 25 Euler steps of the shift-3 schedule
+    height: Annotated[int, bounds.SIZE] = 720  # a multiple of 16, at most 1024 (the official decode is tiled above)
+    width: Annotated[int, bounds.SIZE] = 720
+    rollout_steps: Annotated[int, bounds.TIMESTEPS] = 25
+    shift: Annotated[float, bounds.POSITIVE] = 3.0  # sigma = s t / (1 + (s - 1) t), the rollout's and the window's
+    rollout_guidance: Annotated[float, bounds.GUIDANCE] = 1.0
+    guidance: Annotated[float, bounds.GUIDANCE] = 3.5  # the two branch model calls' and the sample grids'
+    # Direct-Align's window and branches, SRP's k and the hinge
+    window: Annotated[tuple, WINDOW] = (5, 25)  # sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))
+    window_points: Annotated[int, bounds.WINDOW_POINTS] = 1000  # N: sigmas_l = linspace(S[A], S[B], N)
+    max_gap: Annotated[int, bounds.WINDOW_POINTS] = K_MAX  # K_max, window points from a branch's start to sigma_t
+    k_denoise: Annotated[tuple, bounds.FINITE] = (0.1, 0.25)  # k_d = linspace(A, B, N)[sel]
+    k_inversion: Annotated[tuple, bounds.FINITE] = (0.3, 0.01)  # k_i = linspace(A, B, N)[max(sel - K, 1)]
+    margin: Annotated[float, bounds.FINITE] = 0.7  # m: L = relu(m - r) / 2 per branch
+    # the run: updates numbered 1..steps (the official loop's step 20 only saves: its checkpoint holds 19 updates)
+    steps: Annotated[int, bounds.RUN_STEPS] = 19
+    save_every: Annotated[int, bounds.RUN_STEPS] = 5
+    keep: Annotated[int, bounds.RUN_STEPS] = 1  # complete checkpoints kept (and the best held-out one)
+    batch: Annotated[int, PROMPTS] = 32  # prompts per update (global batch), split over the processes
+    seed: Annotated[int, bounds.SEED] = 0  # the prompt order, the shared noise and the timestep draws
+    samples: Annotated[int, Bounded(int, 0, 64, why="one row of images")] = 4  # prompts in the before/after grids
+    # LoRA (lora.py): the transformer frozen, adapters y = W x + (alpha / r) B A x trained instead; rank 0: full
+    lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072")] = 0
+    lora_alpha: Annotated[float, bounds.NON_NEGATIVE] = 0.0  # 0: the rank, i.e. scale 1
 
     def __post_init__(self):
         """Refuse what the run cannot take, naming the flag: each field within its range, then what ties them."""
-        for f in fields(self):
-            if f.metadata["valid"]:
-                f.metadata["valid"].check("--" + f.name.replace("_", "-"), getattr(self, f.name))
+        if self.reward not in REWARDS:
+            raise InputError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        check_fields(self)
         check_size(self.height, self.width)
         if not self.window[0] < self.window[1]:
             raise InputError(f"--window A B must satisfy A < B, got {self.window[0]} {self.window[1]}")
@@ -169,11 +114,6 @@ official README warns that they may suit PickScore less. Each reward's official 
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
 
-
-# The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
-# reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
-# so that the demo runs under torchrun with any number of processes).
-DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
 
 # Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
 # on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
@@ -278,10 +218,9 @@ def model_step(model, x, sigma_from, sigma_to, cond, guidance):
     """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)): one Euler step, one model call (with gradient when
     enabled), t the official truncated timestep. Down in sigma for the denoise branch, up (an inversion step) for
     the inversion branch."""
-    img_ids, txt, txt_ids, y = cond
     b = x.shape[0]
     t = official_timestep(sigma_from).item()  # a host tensor: filled in on the device, no copy
-    v = model(x, img_ids, txt, txt_ids, y, x.new_full((b,), t), x.new_full((b,), guidance))
+    v = cond.velocity(model, x, x.new_full((b,), t), x.new_full((b,), guidance))
     return x + (sigma_to - sigma_from) * v.float()
 
 
@@ -300,96 +239,150 @@ def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance):
 
 
 def hinge_loss(r, margin):
-    """L = relu(m - r) / 2 per branch (ReFL's hinge): pushes the reward up until it passes the margin."""
+    """L = relu(m - r) / 2 per branch (ReFL's hinge with SRPO's margin). The / 2: the official run accumulates the
+    two branches' gradients of one prompt before its optimizer step, so each branch weighs half: the loss of a
+    prompt is the mean of its branches' hinges."""
     return F.relu(margin - r).mean() / 2
 
 
+class Branch(NamedTuple):
+    """One Direct-Align branch of a prompt: its model step sigma_from -> sigma_to, and SRP's k and control words."""
+
+    name: str
+    sigma_from: torch.Tensor
+    sigma_to: torch.Tensor
+    k: float
+    positive: str
+    negative: str
+
+
 def branches(cfg, sel, step):
-    """The two branches of one prompt, each ((sigma_from, sigma_to), k, (positive, negative)): the denoise branch
-    rewards the step's words (P, N), the inversion branch the same words swapped (N, P)."""
+    """The two branches of one prompt: the denoise branch rewards the step's words (P, N), the inversion branch
+    the same words swapped (N, P)."""
     denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
     pos, neg = control_words(step)
-    return [(denoise, k_d, (pos, neg)), (inversion, k_i, (neg, pos))]
+    return Branch("denoise", *denoise, k_d, pos, neg), Branch("inversion", *inversion, k_i, neg, pos)
 
 
-def srp_loss(model, ae, reward, x0, eps, cond, prompt, branch, cfg):
+def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     """One branch: x0_hat = direct_align(sigma_from -> sigma_to), r = SRP(image(x0_hat), "P. prompt", "N. prompt",
-    k) with the branch's word order (reward.py), L = relu(m - r) / 2. The words go to the reward only, never to the
-    model. -> (L, r)."""
-    (sigma_from, sigma_to), k, words = branch
-    x0_hat = direct_align(model, x0, eps, sigma_from, sigma_to, cond, cfg.guidance)
+    k) with the branch's word order, L = relu(m - r) / 2. The words go to the reward only, never to the model.
+
+    This is the official code's SRP: r = c img . ((1 + k) txt(P. prompt) - txt(N. prompt)). The paper writes the
+    relative reward as r(x, P) - r(x, N) (its eq. 9) and the k-weighted form is how its code balances the two
+    terms; at k = 0 they coincide. -> (L, r)."""
+    x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
     with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
         images = decode_images(ae, x0_hat, cfg.height, cfg.width)
-        r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
+        r = reward.relative_reward(images, [item.text], branch.k, branch.positive, branch.negative,
+                                   preprocess_mode="crop")  # SRPO's training crop
     return hinge_loss(r, cfg.margin), r
+
+
+def srpo_losses(model, ae, reward, x0, eps, item, step, cfg):
+    """SRPO, the training method: a prompt's rollout x0 into its branch losses, (name, L, r) per branch, each
+    yielded as soon as it is built so that the step backpropagates it before the next one is made. Another method
+    (ReFL, DRaFT, plain Direct-Align) is another function of this shape."""
+    for branch in branches(cfg, item.sel, step):
+        yield branch.name, *srp_loss(model, ae, reward, x0, eps, item, branch, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step and the loop
 
 
-def train_step(model, opt, ae, reward, batch, step, cfg, ranks):
-    """One update on this rank's share of the global batch, [(prompt, cond, sel)]: per prompt the rollout and both
+class Prompt(NamedTuple):
+    """A prompt of the step's batch: its text, its Conditioning and its timestep draw sel."""
+
+    text: str
+    cond: sampling.Conditioning
+    sel: int
+
+
+def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_losses):
+    """One update on this rank's share of the global batch ([Prompt]): per prompt the rollout and the method's
     branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
     reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
-    -> (loss, denoise reward, inversion reward, gradient norm), means over the global batch."""
+    -> {"loss", "reward_NAME" per branch, "grad_norm"}, means over the global batch."""
     eps = shared_noise(cfg, step, ranks.device)
-    totals = 0
-    for prompt, cond, sel in batch:
-        x0 = online_rollout(model, eps, cond, cfg)
-        values = []
-        for branch in branches(cfg, sel, step):
-            loss, r = srp_loss(model, ae, reward, x0, eps, cond, prompt, branch, cfg)
+    totals, names = 0, []
+    for item in batch:
+        x0 = online_rollout(model, eps, item.cond, cfg)
+        losses, rewards = [], []
+        for name, loss, r in method(model, ae, reward, x0, eps, item, step, cfg):
             (loss * (1 / len(batch))).backward()  # FSDP averages over the ranks: 1 / global batch in all
-            values += [loss.detach(), r.detach().mean()]
-        totals = totals + torch.stack([values[0] + values[2], values[1], values[3]]) / len(batch)
+            names += [name] if name not in names else []
+            losses.append(loss.detach())
+            rewards.append(r.detach().mean())
+        totals = totals + torch.stack([sum(losses), *rewards]) / len(batch)
+    return optimizer_step(model, opt, totals, names, step, cfg, ranks)
+
+
+def optimizer_step(model, opt, totals, names, step, cfg, ranks):
+    """Clip the gradient norm, read the step's values to the host (its one read: everything stayed on the device,
+    where FSDP's prefetch runs ahead), refuse non-finite ones, then AdamW."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    # the step's one read to the host: every value above stayed on the device, where FSDP's prefetch runs ahead
-    # (with --offload the norm is the host gradients', so it joins the others on the device)
+    # with --offload the norm is the host gradients': it joins the others on the device
     norm = norm.to(ranks.device, torch.float64).reshape(1)
-    loss, r_d, r_i, norm = torch.cat([ranks.mean(totals.double()), norm]).tolist()
-    values = {"loss": loss, "denoise reward": r_d, "inversion reward": r_i, "gradient norm": norm}
-    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    values = torch.cat([ranks.mean(totals.double()), norm]).tolist()
+    labels = ["loss", *(f"{name} reward" for name in names), "gradient norm"]
+    bad = [f"{label} {value}" for label, value in zip(labels, values, strict=True) if not math.isfinite(value)]
     if bad:  # every rank has the same values (means over the ranks): every rank stops here
         raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
                        f"{runtime.LOWER_LR.format(cfg.lr)}")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, r_d, r_i, norm
+    return dict(zip(["loss", *(f"reward_{name}" for name in names), "grad_norm"], values, strict=True))
+
+
+def step_batch(parts, cfg, step, ranks):
+    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning, their draws."""
+    return [Prompt(p, sampling.conditioning(parts.embeddings[p], cfg.height, cfg.width, ranks.device),
+                   draw_timestep(cfg, step, j)) for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
 
 
 def train(parts, prompts, cfg, out, ranks, watch=None):
-    """The loop: train_step per update, the log, the checkpoints, the before/after grids, and the `watch`
-    (evaluation.py: held-out evaluations, TensorBoard; none by default). On SIGTERM or SIGINT (on any rank) every
-    rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken together at the step
-    boundary, so no rank waits in a collective the others have left."""
-    model, opt, ae, reward, embeddings, prompt_of, start = parts
-    log = runtime.open_log(out, start, ranks)
-    grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, start == 0)
+    """The loop: train_step per update, the log, the held-out evaluations when due, the checkpoints, the
+    before/after grids. On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and
+    Stopped raised: the decision is taken together at the step boundary, so no rank waits in a collective the
+    others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default)."""
+    log = runtime.open_log(out, parts.start, ranks)
+    encode_captions(parts, cfg, ranks)
+    grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
     watch = watch or evaluation.Watch((), cfg, out)
-    with StopSignals() as signals, watch.started(parts, ranks):
-        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="train",
-                   disable=not ranks.main)
-        for step in bar:  # the update number, from 1 as the official loop counts (its control words follow it)
+    with StopSignals() as signals, watch.open(parts, ranks):
+        if parts.start == 0:
+            watch.evaluate(0)  # the baseline of the held-out rewards
+        for step in tqdm(range(parts.start + 1, cfg.steps + 1), initial=parts.start, total=cfg.steps, desc="train",
+                         disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
-            batch = [(p, sampling.conditioning(embeddings[p], cfg.height, cfg.width, ranks.device),
-                      draw_timestep(cfg, step, j)) for j, p in runtime.my_prompts(prompt_of, step, cfg, ranks)]
-            loss, r_d, r_i, norm = train_step(model, opt, ae, reward, batch, step, cfg, ranks)
-            record = {"step": step, "loss": loss, "reward_denoise": r_d, "reward_inversion": r_i, "grad_norm": norm,
-                      "lr": cfg.lr, "words": control_words(step), "seconds": round(time.time() - t0, 3)}
+            values = train_step(*parts[:4], step_batch(parts, cfg, step, ranks), step, cfg, ranks)
+            record = {"step": step, **values, "lr": cfg.lr, "words": control_words(step),
+                      "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(runtime.append_log, log, record))
-            watch.logged(record)
-            bar.set_postfix(reward=f"{r_d:.4f}", loss=f"{loss:.4f}")
+            watch.log(record)
             stop = ranks.any(signals.received is not None)
-            watch.after(step)
+            if watch.due(step):  # before the checkpoint: a saved step is never left without its evaluation
+                watch.evaluate(step)
             if stop or step % cfg.save_every == 0 or step == cfg.steps:
-                runtime.save_checkpoint(model, opt, step, cfg, out, ranks)
+                runtime.save_checkpoint(parts.model, parts.opt, step, cfg, out, ranks, watch.best_step())
             if stop and step < cfg.steps:
                 raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
                               f"{cfg.steps}; {runtime.checkpoint_note(out)}")
-    grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks, start < cfg.steps)
+    grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks, parts.start < cfg.steps)
+
+
+def encode_captions(parts, cfg, ranks):
+    """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
+    now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
+    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them, so
+    no more steps ahead than the cache holds captions: a run of a million steps starts at once)."""
+    for step in range(parts.start + 1, min(cfg.steps, parts.start + parts.reward.cache_size) + 1):
+        for _, prompt in runtime.my_prompts(parts.prompt_of, step, cfg, ranks):
+            for word in control_words(step):
+                parts.reward.text_features([control_caption(word, prompt)])
 
 
 def grid_images(parts, prompts, cfg, path, ranks, wanted):
@@ -401,49 +394,11 @@ def grid_images(parts, prompts, cfg, path, ranks, wanted):
         ranks.main_writes(f"the sample grid {path}", functools.partial(sampling.save_png, images, [path]))
 
 
-def cmd_train(args):
-    """`srpo.py train`: the config from the flags, every input checked, then the run (runtime.py sets it up)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise InputError(f"--lora-rank must be at least 1, got {args.lora_rank}")
-    if args.lora_rank and args.lr is None and args.flux:
-        args.lr = LORA_LR
-    cfg = cli.config_from_flags(args, TrainConfig, DEMO_DEFAULTS, REWARD_RECIPES, world)
-    cli.check_reward_flags(args, cfg.reward)
-    if args.flux:
-        runtime.check_guidance_embedding(args.flux, cfg)
-    prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
-    eval_prompts = evaluation.check_flags(args)
-    with runtime.processes(args, cfg, world) as ranks:
-        begin = runtime.start_point(args.out, cfg, args.resume, ranks)  # a refused --resume: before any model loads
-        watch = evaluation.Watch.from_flags(args, cfg, eval_prompts, ranks)
-        try:
-            parts = runtime.training_parts(args, cfg, prompts, ranks, begin, eval_prompts)
-            train(parts, prompts, cfg, args.out, ranks, watch)
-        except (Fault, Diverged) as e:
-            raise type(e)(f"{e}; {runtime.checkpoint_note(args.out, isinstance(e, Diverged))}") from None
-    if ranks.main:
-        runtime.report(args.out)
-        evaluation.report(args.out, cfg)
-
-
-def build_parser():
-    return cli.build_parser(TrainConfig, DEMO_DEFAULTS, REWARD_RECIPES)
-
-
 def main(argv=None):
-    """`python srpo.py train|sample|score`: one line on stderr and an exit code for every way a command ends."""
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    try:
-        cli.check_ranges(parser, args)
-        {"train": cmd_train, "sample": sampling.cmd_sample, "score": rewards.cmd_score}[args.command](args)
-    except (InputError, Fault, Diverged, Stopped) as e:
-        # Faults, divergences and stops are agreed on by every process of a torchrun: one of them says it
-        if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
-            print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
-        codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
-        sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
+    """`python srpo.py train|sample|score`: the command line is cli.py's (it imports this module, hence here)."""
+    import cli
+
+    cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,15 @@ def flux_variant(folder, root, scheduler, guidance_embed=True):
         shutil.rmtree(os.path.join(root, "transformer"))
         diffusers_transformer(cfg, seed=4).save_pretrained(os.path.join(root, "transformer"))
     return str(root)
+
+
+def kept_checkpoints(out, *latest):
+    """The steps whose checkpoints `--keep len(latest)` leaves in out: the latest ones, and the saved step that scored
+    best on the held-out prompts, read from eval.jsonl here (the first of equal scores; in the runs that use this,
+    every evaluation after step 0 is of a saved step, and the score is the training reward model's, hps)."""
+    path = os.path.join(out, "eval.jsonl")
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        scored = [json.loads(line) for line in f if line.strip()]
+    scored = [r for r in scored if r["step"] > 0]
+    best = [max(scored, key=lambda r: r["hps"])["step"]] if scored else []
+    return sorted({*latest, *best})

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import bounds
 import cli
 import evaluation
 import flux_model as fm
@@ -20,7 +21,7 @@ import sampling
 import srpo
 import util
 
-COMMANDS = next(a for a in srpo.build_parser()._actions if a.dest == "command").choices
+COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 SWITCHES = {"--resume", "--tensorboard", "--offload"}  # store_true: no value to get wrong
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 
@@ -40,7 +41,7 @@ def no_models(monkeypatch):
     load_into = fw.load_into
     monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
     for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "sample_models"),
-                        (sampling, "tiny_models"), (reward, "convert_checkpoint"), (evaluation.Watch, "from_flags")]:
+                        (sampling, "tiny_models"), (reward, "convert_checkpoint"), (evaluation.Watch, "for_run")]:
         monkeypatch.setattr(owner, name, called)
     monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
     for kind in reward.REWARDS.values():
@@ -59,7 +60,7 @@ def out_of_range(bounded):
 
 def bad_values(command, action, tmp):
     """Invalid values for one flag, from the parser's own definition; a flag this cannot judge must be listed."""
-    if isinstance(action.type, cli.Bounded):
+    if isinstance(action.type, bounds.Bounded):
         return out_of_range(action.type)
     if action.choices:
         return ["nope"]
@@ -144,7 +145,7 @@ def test_a_long_run_starts_without_a_pass_over_every_step(tmp_path, capsys, monk
     code, err = run_cli(["train", "--steps", "100000", "--eval-every", "100000", "--samples", "0", "--height", "32",
                          "--width", "32", "--rollout-steps", "2", "--out", tmp_path], capsys)
     assert code == 75 and err[-1] == "stopped: stopped before the first step", err
-    assert 0 < len(calls) <= len(srpo.DEMO_PROMPTS) + 4096 and max(calls) <= 4096
+    assert 0 < len(calls) <= len(cli.DEMO_PROMPTS) + 4096 and max(calls) <= 4096
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from PIL import Image
 from references import diffusers_transformer, diffusers_vae, flux_variant, randomize, rel_err
 from safetensors.torch import load_file, save_file
 
+import cli
 import flux_model as fm
 import flux_weights as fw
 import sampling
@@ -452,7 +453,7 @@ def test_help_documents_every_flag():
 
 
 def build_sample_parser():
-    parser = srpo.build_parser()
+    parser = cli.build_parser()
     return next(a for a in parser._actions if a.dest == "command").choices["sample"]
 
 

@@ -1,7 +1,6 @@
 """What a first CUDA run would hit, shown on a CPU (issue 20): the meta device or FakeTensorMode "cuda" tensors for
 the GPU, process groups of one over gloo, and torch.cuda functions recorded where no GPU can run them."""
 
-import argparse
 
 import pytest
 import torch
@@ -53,7 +52,7 @@ def test_an_offload_step_brings_the_host_gradient_norm_to_the_device(monkeypatch
     monkeypatch.setattr(srpo, "srp_loss", lambda model, *args: (model.weight.sum(), torch.zeros(1, device=device)))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(0.5))  # on the host
     ranks = runtime.Ranks(0, 1, device, offload=True)
-    batch = [("a prompt", None, srpo.draw_timestep(cfg, 1, 0))]
+    batch = [srpo.Prompt("a prompt", None, srpo.draw_timestep(cfg, 1, 0))]
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         srpo.train_step(model, torch.optim.AdamW(model.parameters()), None, None, batch, 1, cfg, ranks)
 
@@ -103,11 +102,11 @@ def test_pickscore_as_the_second_judge_is_loaded_in_bf16_on_a_gpu(monkeypatch):
     """--pickscore beside another --reward only scores, without gradient: on a GPU its 0.99 B parameters are bf16
     (2 GB), not fp32 (3.9 GB on every GPU); on a CPU fp32, as before."""
     loads = []
-    monkeypatch.setattr(evaluation.PickScoreReward, "load", lambda folder, tokenizer, device, dtype=torch.float32:
+    monkeypatch.setattr(evaluation.REWARDS["pickscore"], "load", lambda folder, tokenizer, device, dtype=torch.float32:
                         loads.append((device.type, dtype)))
-    args = argparse.Namespace(pickscore="PickScore_v1", flux=None, out="out", eval_every=None, tensorboard=False)
+    run = runtime.RunConfig(judge="PickScore_v1", out="out")
     for device in ("cuda", "cpu"):
-        evaluation.Watch.from_flags(args, srpo.TrainConfig(), [], runtime.Ranks(0, 1, torch.device(device)))
+        evaluation.Watch.for_run(run, srpo.TrainConfig(), runtime.Ranks(0, 1, torch.device(device)))
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
 
 

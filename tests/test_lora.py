@@ -210,7 +210,7 @@ def test_lora_resume_is_exact(runs, tmp_path):
 def test_bad_lora_and_offload_input_gives_one_line_errors(flux_with_lora, tmp_path, capsys, monkeypatch):
     folder, _, lora_dir = flux_with_lora
     out = str(tmp_path / "run")
-    for rank, words in (("0", "at least 1, got 0"), ("-2", "at least 0 and at most 1024")):
+    for rank, words in (("1025", "at most 1024, got 1025"), ("-2", "at least 0 and at most 1024")):
         code, err = run_cli([*RUN, "--lora-rank", rank, "--out", out], capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith("error: --lora-rank must be ") and words in err[0]
     sample = ["sample", "--flux", folder, "--height", "32", "--width", "32", "--steps", "1", "--out",
@@ -243,7 +243,7 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
     folder = os.path.join(out, runtime.CHECKPOINT.format(1))
     config = util.read_json(os.path.join(folder, "state.json"))["config"]
-    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (srpo.LORA_LR, 4, 4.0)
+    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (cli.LORA_LR, 4, 4.0)
     flux = real_args[real_args.index("--flux") + 1]
     ours = lora.add_adapters(fw.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
     ours.load_state_dict(torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"], strict=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from diffusers import FluxTransformer2DModel
-from references import rel_err
+from references import kept_checkpoints, rel_err
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -100,7 +100,8 @@ def test_recovery_returns_x0_for_any_sigma_pair():
     ideal = lambda x, img_ids, txt, txt_ids, y, t, guidance: eps - x0  # noqa: E731
     for sigma_from, sigma_t in [(0.964, 0.75), (0.75, 0.964), (0.9, 0.85), (0.3, 0.99), (0.99, 0.01)]:
         sigma_from, sigma_t = torch.tensor(sigma_from), torch.tensor(sigma_t)
-        x0_hat = srpo.direct_align(ideal, x0, eps, sigma_from, sigma_t, (None,) * 4, 3.5)
+        no_text = sampling.Conditioning(None, None, None, None)
+        x0_hat = srpo.direct_align(ideal, x0, eps, sigma_from, sigma_t, no_text, 3.5)
         assert rel_err(x0_hat, x0) < 1e-5, (sigma_from, sigma_t)
 
 
@@ -138,7 +139,7 @@ def test_defaults_are_the_official_run():
                 "rollout_steps": 25, "shift": 3.0, "window": (5, 25), "window_points": 1000, "max_gap": 100,
                 "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01), "batch": 32, "steps": 19}
     assert {name: getattr(cfg, name) for name in official} == official
-    assert set(srpo.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every"}  # nothing else
+    assert set(command_line.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every"}  # nothing else
 
 
 def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
@@ -158,7 +159,7 @@ def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
         calls.append((t.item(), guidance.item(), torch.is_grad_enabled()))
         return torch.ones_like(x)
 
-    x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), (None,) * 4, cfg)
+    x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), sampling.Conditioning(None, None, None, None), cfg)
     sigmas = shift3(torch.linspace(1, 0, 26))
     assert [c[0] for c in calls] == [pytest.approx(official_t(s), rel=1e-7) for s in sigmas[:-1]]
     assert {c[1:] for c in calls} == {(1.0, False)}
@@ -177,7 +178,7 @@ def both_branches(model, ae, reward, x0, eps, cond, prompt, sel, step, cfg):
     """One prompt's two branches through srpo's pieces, each backpropagated as train_step does: -> (L, r_d, r_i)."""
     values = []
     for branch in srpo.branches(cfg, sel, step):
-        loss, r = srpo.srp_loss(model, ae, reward, x0, eps, cond, prompt, branch, cfg)
+        loss, r = srpo.srp_loss(model, ae, reward, x0, eps, srpo.Prompt(prompt, cond, sel), branch, cfg)
         loss.backward()
         values += [loss.detach(), r.detach().mean()]
     return torch.stack([values[0] + values[2], values[1], values[3]])
@@ -595,7 +596,7 @@ def straight(tmp_path_factory):
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
     out = str(tmp_path)
     srpo.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
-    assert sorted(runtime.checkpoints(out)) == [2]  # --keep 1
+    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 2)  # --keep 1
     srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
     a, b = weights(straight, 3), weights(out, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -619,7 +620,7 @@ def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
     line = log_lines(straight)[0]
     assert {"loss", "reward_denoise", "reward_inversion", "grad_norm", "lr"} <= line.keys()
     state = util.read_json(os.path.join(straight, runtime.CHECKPOINT.format(3), "state.json"))
-    assert state["step"] == 3 and state["config"]["lr"] == srpo.DEMO_DEFAULTS["lr"]
+    assert state["step"] == 3 and state["config"]["lr"] == command_line.DEMO_DEFAULTS["lr"]
 
 
 @pytest.fixture
@@ -658,7 +659,7 @@ def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args
     lines = log_lines(out)
     assert [line["step"] for line in lines] == list(range(1, 20))
     assert [line["words"] for line in lines] == [[POSITIVE[s % 4], NEGATIVE[s % 5]] for s in range(1, 20)]
-    assert sorted(runtime.checkpoints(out)) == [19]
+    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 19)
     assert util.read_json(os.path.join(out, runtime.CHECKPOINT.format(19), "state.json"))["step"] == 19
 
 
@@ -669,9 +670,10 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     rewards = [line["reward_denoise"] for line in log_lines(str(tmp_path))]
-    assert len(rewards) == srpo.DEMO_DEFAULTS["steps"]
+    assert len(rewards) == command_line.DEMO_DEFAULTS["steps"]
     assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
-    assert sorted(runtime.checkpoints(str(tmp_path))) == [srpo.DEMO_DEFAULTS["steps"]]
+    last = command_line.DEMO_DEFAULTS["steps"]
+    assert sorted(runtime.checkpoints(str(tmp_path))) == kept_checkpoints(str(tmp_path), last)
     assert os.path.exists(tmp_path / "samples-after.png")
 
 
@@ -681,7 +683,7 @@ def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
     one-process test's): the demo's --batch is one prompt per process, so it runs under any process count."""
     cli(*TORCHRUN, "train", "--steps", "3", "--out", str(tmp_path))
     lines = log_lines(str(tmp_path))
-    assert len(lines) == 3 and sorted(runtime.checkpoints(str(tmp_path))) == [3]
+    assert len(lines) == 3 and sorted(runtime.checkpoints(str(tmp_path))) == kept_checkpoints(str(tmp_path), 3)
     state = util.read_json(os.path.join(str(tmp_path), runtime.CHECKPOINT.format(len(lines)), "state.json"))
     assert state["config"]["batch"] == 2
 
@@ -745,7 +747,7 @@ def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path,
     code, err = run_cli([*args, "--reward", "clip"], capsys)
     assert code == 2 and len(err) == 1 and "reward" in err[0] and "reward=hps" in err[0], err
     srpo.main(args)
-    assert sorted(runtime.checkpoints(out)) == [4]
+    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 4)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -771,7 +773,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
 
 
 def test_help_documents_every_flag():
-    parser = srpo.build_parser()
+    parser = command_line.build_parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
     assert all(action.help for action in train._actions)
     text = train.format_help()
@@ -804,9 +806,9 @@ SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 7
 
 
 def train_cfg(*flags, demo=False):
-    args = srpo.build_parser().parse_args(["train", *flags])
+    args = command_line.build_parser().parse_args(["train", *flags])
     assert (args.flux is None) == demo
-    return command_line.config_from_flags(args, srpo.TrainConfig, srpo.DEMO_DEFAULTS, srpo.REWARD_RECIPES, 1)
+    return command_line.config_from_flags(args, 1)
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))
@@ -824,7 +826,7 @@ def test_each_reward_defaults_to_its_official_launch_script(name):
 
 
 def test_help_lists_the_per_reward_defaults_side_by_side():
-    parser = srpo.build_parser()
+    parser = command_line.build_parser()
     text = next(a for a in parser._actions if a.dest == "command").choices["train"].format_help()
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("    --")}
     assert "--reward hps" in text and "--reward pickscore" in text and "--reward clip" in text
