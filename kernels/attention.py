@@ -69,9 +69,9 @@ def _autotune(tiles_16bit, tiles_fp32):
 
 # Tiles for an H100 at D = 128 in 16 bits: the forward wants a tall query tile (Q stays in registers, K/V stream
 # through shared memory); dK/dV holds a key tile and streams thin query tiles, dQ the reverse. Every candidate
-# compiles for sm_90 without register spills, within shared memory, and the 16-bit ones on wgmma (`python -m
-# tools.compile_report` prints it; tests/test_kernels.py holds them to it). Absent because they spill at D = 128:
-# 4 warps on the 128 x 64 forward, 128 x 32 dQ and 32 x 128 dK/dV tiles; in fp32, nearly every larger tile.
+# compiles for sm_90 without register spills, within shared memory, and the 16-bit ones on wgmma
+# (`python -m tools.compile_report` prints it; tests/test_kernels.py holds them to it). Absent because they spill at
+# D = 128: 4 warps on the 128 x 64 forward, 128 x 32 dQ and 32 x 128 dK/dV tiles; in fp32, nearly every larger tile.
 _fwd_autotune = _autotune([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
                            (64, 32, 4, 2)],
                           [(32, 64, 8, 2), (16, 16, 4, 1)])
