@@ -104,13 +104,15 @@ def rope_freqs(ids, axes_dim, theta):
     return angles.cos().float(), angles.sin().float()
 
 
-def norm_rope(x, scale, cos, sin, backend):
-    """QK RMSNorm (learnable scale, eps 1e-6) then RoPE on interleaved pairs, in fp32 (kernels/rope.py)."""
+def qk_norm_rope(x, scale, cos, sin, backend):
+    """QK RMSNorm (learnable scale, eps 1e-6) then RoPE on interleaved pairs, in fp32: the fused kernel
+    (kernels.rope.norm_rope) for backend 'triton', its PyTorch reference otherwise."""
     return (fused_norm_rope if backend == "triton" else norm_rope_reference)(x, scale, cos, sin)
 
 
-def attention(q, k, v, backend):
-    """softmax(q k^T / sqrt(D)) v over the joint [txt, img] sequence, no mask. (B, H, N, D) -> (B, N, H*D)."""
+def attend(q, k, v, backend):
+    """softmax(q k^T / sqrt(D)) v over the joint [txt, img] sequence, no mask. (B, H, N, D) -> (B, N, H*D).
+    The flash kernel (kernels.attention.attention) for backend 'triton', torch SDPA otherwise."""
     out = flash_attention(q, k, v) if backend == "triton" else F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
@@ -140,7 +142,7 @@ def modulate(x, shift, scale):
 
 
 class RMSNorm(nn.Module):
-    """The learnable scale of a per-head RMSNorm; the norm itself runs fused with RoPE in norm_rope."""
+    """The learnable scale of a per-head RMSNorm; the norm itself runs fused with RoPE in qk_norm_rope."""
 
     def __init__(self, dim):
         super().__init__()
@@ -189,8 +191,8 @@ class DoubleStreamBlock(nn.Module):
         """q, k, v (B, H, N, D) of one stream, q and k normalised and rotated."""
         q, k, v = split_heads(attn.qkv(x), self.num_heads)
         norm = attn.norm
-        q = norm_rope(q, norm.query_norm.scale, cos, sin, self.backend)
-        k = norm_rope(k, norm.key_norm.scale, cos, sin, self.backend)
+        q = qk_norm_rope(q, norm.query_norm.scale, cos, sin, self.backend)
+        k = qk_norm_rope(k, norm.key_norm.scale, cos, sin, self.backend)
         return q, k, v
 
     def forward(self, img, txt, vec, pe):
@@ -200,7 +202,7 @@ class DoubleStreamBlock(nn.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         tq, tk, tv = self.heads(self.txt_attn, modulate(txt, t_shift1, t_scale1), cos[:T], sin[:T])
         iq, ik, iv = self.heads(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
-        out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
+        out = attend(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
         txt_out, img_out = out[:, :T], out[:, T:]
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_out))  # img + gate * f(img)
         img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2)))
@@ -225,9 +227,9 @@ class SingleStreamBlock(nn.Module):
         h = x.shape[-1]
         qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * h, self.linear1.out_features - 3 * h], -1)
         q, k, v = split_heads(qkv, self.num_heads)
-        q = norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
-        k = norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
-        out = self.linear2(torch.cat([attention(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
+        q = qk_norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
+        k = qk_norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
+        out = self.linear2(torch.cat([attend(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
         return clip_float16(torch.addcmul(x, gate, out))  # x + gate * out
 
 

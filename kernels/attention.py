@@ -29,60 +29,19 @@ Any N is supported: each loop runs over the full blocks without masks and then o
 block, so the common path pays nothing for the tail. Padded rows are loaded as zeros and never stored; padded
 columns of P are forced to 0 where they would otherwise leak into a stored row.
 
-Dispatch (`use_triton`): CUDA tensors run the compiled kernels; CPU tensors run the same kernels in the Triton
-interpreter when TRITON_INTERPRET=1 at call time; anything else runs `attention_reference`. Triton itself decides
-compiled vs interpreted when `@triton.jit` decorates, i.e. when triton (its own library of jit functions) and this
-module are imported, so interpreting also needs TRITON_INTERPRET=1 at import (tests/conftest.py does that on
-CPU-only machines); a CPU call that asks for the interpreter in a process that imported triton without it fails
-with a clear error rather than falling back silently. Which mode the kernels got is read off a decorated probe, not
-from triton's settings: triton >= 3.4 decides by `triton.knobs.runtime.interpret`, earlier versions by
-TRITON_INTERPRET == "1" in the environment, and there is no `knobs` before 3.4.
-
-Triton launches a kernel on the current CUDA device and its current stream, whatever device the pointers are on;
-every launch below therefore runs under `torch.cuda.device_of(q)` (a no-op off CUDA), so that `--device cuda:1`
-launches on GPU 1, on the stream torch is using there.
+Dispatch: `kernels.dispatch.use_triton` (CUDA: compiled; CPU with TRITON_INTERPRET=1: interpreted; else
+`attention_reference`); every launch runs under `torch.cuda.device_of(q)` (kernels/dispatch.py says why).
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import INTERPRETED, new_output, use_triton
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _probe():
-    """Decorated like every kernel below, so its type tells which mode triton chose for them (see above)."""
-
-
-INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """The dispatch rule shared by the kernels of this package (see the module docstring)."""
-    if x.is_cuda:
-        return True
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not INTERPRETED:
-            raise RuntimeError("TRITON_INTERPRET=1 must already be set when triton and kernels are imported")
-        return True
-    return False
-
-
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer for a kernel to fill: NaN-filled when KERNELS_POISON_OUTPUTS=1, so unwritten elements show.
-
-    When interpreting, 16-bit outputs are written in fp32 (the interpreter's fp32 -> bf16 cast truncates instead of
-    rounding) and the caller casts them on the torch side.
-    """
-    if INTERPRETED and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    if os.environ.get("KERNELS_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _configs(tiles):
@@ -108,11 +67,11 @@ def _autotune(tiles_16bit, tiles_fp32):
     return triton.autotune(configs=half + full, key=["N", "D"], prune_configs_by={"early_config_prune": by_dtype})
 
 
-# H100, D = 128, bf16: the forward wants a tall query tile (Q stays in registers, K/V stream through shared memory);
-# dK/dV holds a key tile and streams thin query tiles, dQ the reverse. `python -m kernels.compile_report` shows what
-# ptxas makes of each: every candidate below compiles for sm_90 without register spills, within shared memory, and
-# the 16-bit ones on wgmma (tests/test_kernels.py holds them to it). Dropped for spilling at D = 128: 4 warps on the
-# 128 x 64 forward, 128 x 32 dQ and 32 x 128 dK/dV tiles, and for fp32 nearly every tile larger than these.
+# Tiles for an H100 at D = 128 in 16 bits: the forward wants a tall query tile (Q stays in registers, K/V stream
+# through shared memory); dK/dV holds a key tile and streams thin query tiles, dQ the reverse. Every candidate
+# compiles for sm_90 without register spills, within shared memory, and the 16-bit ones on wgmma
+# (`python -m tools.compile_report` prints it; tests/test_kernels.py holds them to it). Absent because they spill at
+# D = 128: 4 warps on the 128 x 64 forward, 128 x 32 dQ and 32 x 128 dK/dV tiles; in fp32, nearly every larger tile.
 _fwd_autotune = _autotune([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
                            (64, 32, 4, 2)],
                           [(32, 64, 8, 2), (16, 16, 4, 1)])

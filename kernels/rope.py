@@ -15,30 +15,26 @@ dy is g rotated back (dy[2j] = cos g[2j] + sin g[2j+1], dy[2j+1] = -sin g[2j] + 
 dscale is reduced without atomics: each program writes the partial sum over its rows, torch sums the partials
 (B*H*N/rows_per_program rows of D floats, written once and read once: about 4 % of the backward's traffic).
 
-Why fuse the norm into the RoPE pass: both are purely memory-bound (a few flops per element), so time is bytes
-moved. Per element of a bf16 q or k, the fused kernel reads x and writes out: 4 bytes (cos/sin add 8 bytes per
-pair per token, shared by all B*H heads, so they mostly hit L2). Unfused, the norm reads x and writes y, then the
-RoPE reads y and writes out: 8 bytes, twice the traffic, plus a launch; eager PyTorch in fp32 is several times
-that again (upcast, square, mean, rsqrt, two multiplies, strided slices, stack: each a full pass). So the fused
-kernel should run at close to copy bandwidth and about 2x an unfused pair of good kernels; `python -m kernels.bench`
-measures fused vs eager torch, vs separately compiled norm and rope (the unfused design at its best) and vs
-torch.compile of the whole reference's math in real arithmetic (what a compiler's fusion achieves; the complex
-product below it would leave as eager calls), against a plain copy as the roof.
-The choice, made on this argument in a session without a GPU to measure on, is the fused kernel alone (no separate
-norm or RoPE kernels); BENCHMARKS.md holds the measurement that confirms or overturns it.
+Fused because both halves are memory-bound (a few flops per element): time is bytes moved. Per element of a bf16 q
+or k the kernel reads x and writes out, 4 bytes (cos/sin add 8 bytes per pair per token, shared by all B*H heads, so
+they mostly hit L2). A separate norm and RoPE would read x, write y, read y and write out: 8 bytes and a second
+launch; the eager reference (upcast, RMSNorm, complex product, downcast) makes a full pass per op. The bound is
+therefore a device copy of x, at half the traffic of the best unfused pair; `python -m tools.bench_kernels` times
+the kernel against eager torch, a separately compiled norm and RoPE, torch.compile of the reference's math in real
+arithmetic, and that copy (BENCHMARKS.md).
 The kernel also performs the layout change: x may be any strided (B, H, N, D) view (e.g. a permute of the qkv
 projection's (B, N, 3, H, D) output) and out is contiguous (B, H, N, D), ready for attention.
 
-Dispatch is the same as `kernels.attention` (CUDA: compiled; CPU with TRITON_INTERPRET=1: interpreted; else the
-reference). Loads are upcast to fp32 unconditionally (the math is fp32 by spec), so the interpreter's broken bf16
-arithmetic is never reached; its truncating fp32 -> bf16 store is avoided by `new_output` writing fp32 there.
+Dispatch: `kernels.dispatch.use_triton`, as for attention. Loads are upcast to fp32 unconditionally (the math is
+fp32 by spec), so the interpreter's broken bf16 arithmetic is never reached; its truncating fp32 -> bf16 store is
+avoided by `new_output` writing fp32 there.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import new_output, use_triton
+from kernels.dispatch import new_output, use_triton
 
 
 def _rows_per_program(D: int) -> int:
@@ -122,7 +118,7 @@ class _NormRope(torch.autograd.Function):
         B, H, N, D = x.shape
         block_n = _rows_per_program(D)
         out = new_output((B, H, N, D), x.dtype, x.device)
-        with torch.cuda.device_of(x):  # Triton launches on the current device (kernels/attention.py)
+        with torch.cuda.device_of(x):  # Triton launches on the current device (kernels/dispatch.py)
             _norm_rope_fwd_kernel[(triton.cdiv(N, block_n), B * H)](
                 x, scale, cos, sin, out, *x.stride()[:3], H, N, eps, D=D, BLOCK_N=block_n, num_warps=4)
         ctx.save_for_backward(x, scale, cos, sin)

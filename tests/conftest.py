@@ -3,7 +3,7 @@
 Triton fixes compiled vs interpreted when a function is decorated with `@triton.jit`: its own library at
 `import triton`, our kernels at `import kernels`. transformers/diffusers import triton early, so this must run
 before any test module is collected. TRITON_INTERPRET is then restored, so CPU calls keep running the torch
-references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); see kernels/attention.py.
+references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); see kernels/dispatch.py.
 """
 
 import os

@@ -26,7 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import attention as attention_module
 from kernels import rope as rope_module
-from kernels.attention import attention, attention_reference, new_output
+from kernels.attention import attention, attention_reference
+from kernels.dispatch import INTERPRETED, new_output
 from kernels.rope import norm_rope, norm_rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,7 +193,7 @@ def test_bench_compiled_rope_baseline_is_fused_by_inductor(seed):
     and no library kernel in its generated code; and it is the same math (against float64, 1e-5)."""
     from torch._inductor.utils import run_and_get_code
 
-    from kernels.bench import norm_rope_real
+    from tools.bench_kernels import norm_rope_real
 
     torch._dynamo.reset()
     x, g = randn(2, 33, 3, 32).transpose(1, 2), randn(2, 3, 33, 32)  # strided, as in the bench
@@ -217,7 +218,7 @@ def test_cpu_without_interpreter_runs_reference(monkeypatch):
     assert torch.equal(norm_rope(x, scale, cos, sin), norm_rope_reference(x, scale, cos, sin))
 
 
-@pytest.mark.skipif(not attention_module.INTERPRETED, reason="kernels compiled for the GPU in this process")
+@pytest.mark.skipif(not INTERPRETED, reason="kernels compiled for the GPU in this process")
 def test_cpu_with_interpreter_runs_triton(monkeypatch):
     def fail(*args):
         raise AssertionError("the reference ran instead of the Triton kernel")
@@ -269,7 +270,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
     assert current == [0]  # and the caller's device is current again
 
 
-@pytest.mark.skipif(not attention_module.INTERPRETED, reason="kernels compiled for the GPU in this process")
+@pytest.mark.skipif(not INTERPRETED, reason="kernels compiled for the GPU in this process")
 def test_warm_up_runs_forward_and_backward_kernels_at_the_given_shape(monkeypatch):
     """warm_up(n, heads, D) launches the forward and the backward once at (1, heads, n, D) where the kernels run
     (interpreted here), and nothing where they do not."""
@@ -290,8 +291,8 @@ WITHOUT_KNOBS = """
 import sys, torch, triton
 del triton.knobs  # as before triton 3.4, which reads TRITON_INTERPRET when @triton.jit decorates
 import flux_model
-from kernels import attention, rope
-assert not hasattr(triton, "knobs") and attention.INTERPRETED == (sys.argv[1] == "1")
+from kernels import attention, dispatch, rope
+assert not hasattr(triton, "knobs") and dispatch.INTERPRETED == (sys.argv[1] == "1")
 torch.manual_seed(0)
 q, k, v, x = (torch.randn(1, 2, 77, 32) for _ in range(4))
 scale, angle = 1 + 0.5 * torch.randn(32), torch.rand(77, 16) * 6.3
@@ -325,7 +326,7 @@ def test_bad_shapes_are_rejected():
 
 COMPILE_REPORT = """
 import dataclasses, json, sys, torch
-from kernels.compile_report import report
+from tools.compile_report import report
 _, results = report(90, getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
 print(json.dumps([dataclasses.asdict(r) for r in results]))
 """
@@ -335,7 +336,7 @@ print(json.dumps([dataclasses.asdict(r) for r in results]))
 @pytest.mark.parametrize("dtype,D,N", [("bfloat16", 128, 4608), ("float16", 64, 2537), ("float32", 128, 2537)])
 def test_kernels_compile_for_h100(dtype, D, N):
     """The compiled path, checked where no GPU is: Triton + ptxas build every autotune config for sm_90 exactly as the
-    launchers would launch it (kernels/compile_report.py). Every config must compile, fit in an H100's shared memory
+    launchers would launch it (tools/compile_report.py). Every config must compile, fit in an H100's shared memory
     and not spill registers; the attention matmuls must be Hopper's wgmma in 16 bits and plain FMA in fp32 (exact
     fp32 products, which the 1e-5 tolerance needs; TF32 would not meet it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # decorate the kernels for compiling

@@ -1,4 +1,4 @@
-"""scripts/memory_estimate.py on tiny models, held to arithmetic done here, so its README numbers cannot drift."""
+"""tools/memory_estimate.py on tiny models, held to arithmetic done here, so its README numbers cannot drift."""
 
 import math
 
@@ -10,7 +10,7 @@ import reward
 import runtime
 import sampling
 import srpo
-from scripts import memory_estimate as me
+from tools import memory_estimate as me
 
 HEIGHT = WIDTH = 64
 TEXT_TOKENS = 8

@@ -1,5 +1,5 @@
 """Compile the kernels for a GPU that is not here, and report what the compiler made of each autotune config:
-`python -m kernels.compile_report [--arch 90] [--dtype bf16] [--head-dim 128] [--tokens 4608]`.
+`python -m tools.compile_report [--arch 90] [--dtype bf16] [--head-dim 128] [--tokens 4608]`.
 
 Triton's compiler and ptxas run on any machine; only loading and launching need a GPU. So this is the compiled
 path's check where none is lent: it compiles exactly what the launchers would launch (their calls are captured on
@@ -13,7 +13,7 @@ meta tensors, at FLUX's shapes by default) for every config the autotuner would 
   `mma` (Ampere's warp MMA) or none (fp32 with input_precision="ieee" runs on FMA units);
 - resident CTAs per SM from registers, shared memory and threads (how much latency the SM can hide).
 
-It says nothing about time: that needs the card (`python -m kernels.bench`). TRITON_INTERPRET must be unset, so
+It says nothing about time: that needs the card (`python -m tools.bench_kernels`). TRITON_INTERPRET must be unset, so
 that the kernels are decorated for compilation. A development tool on compiler internals: it reads triton.knobs
 (triton >= 3.4) and has been run with triton 3.6 and 3.8 only.
 """
@@ -33,6 +33,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from kernels import attention as attention_module
 from kernels import rope as rope_module
+from kernels.dispatch import INTERPRETED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128), default=128)
     parser.add_argument("--tokens", type=int, default=4608)
     args = parser.parse_args(argv)
-    if attention_module.INTERPRETED:
+    if INTERPRETED:
         print("error: TRITON_INTERPRET=1 is set; the kernels must be decorated for compilation", file=sys.stderr)
         return 2
     lines, results = report(args.arch, DTYPES[args.dtype], args.head_dim, args.tokens)

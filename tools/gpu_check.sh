@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, sized for device calls of at most 600 s each (the device tool's limit per command).
 #
-#   scripts/gpu_check.sh         call 1: one training step with --offload and one LoRA step with --offload on the
-#                                tiny demo models (the CUDA paths no CPU test can run: nccl beside gloo, the bf16 base
-#                                beside fp32 adapters in FSDP2), then the benchmark tables for BENCHMARKS.md, then the
-#                                tiny FLUX model with the kernels vs SDPA
-#   scripts/gpu_check.sh tests   call 2: the kernel tests, compiled (tests/test_kernels.py without the slow ones)
+#   tools/gpu_check.sh         call 1: one training step with --offload and one LoRA step with --offload on the
+#                              tiny demo models (the CUDA paths no CPU test can run: nccl beside gloo, the bf16 base
+#                              beside fp32 adapters in FSDP2), then the benchmark tables for BENCHMARKS.md, then the
+#                              tiny FLUX model with the kernels vs SDPA
+#   tools/gpu_check.sh tests   call 2: the kernel tests, compiled (tests/test_kernels.py without the slow ones)
 #
 # Each section runs under its own `timeout`, so one that hangs or runs long cannot take the others' time. The limits
 # are estimates for an H100-class card; the per-call sums stay under 600 s (timeout's 5 s kill grace included):
@@ -18,7 +18,7 @@
 #   call 2:  pytest check 5 + kernel tests 570 (+ 5 grace)                        = 580 s
 #            every (head width, dtype) case compiles its autotune candidates: roughly 200 compiles; if they do not
 #            fit, pytest's summary says how far it got and `-k` narrows a rerun
-# The compile report (`python -m kernels.compile_report`: registers, spills, shared memory per autotune config) needs
+# The compile report (`python -m tools.compile_report`: registers, spills, shared memory per autotune config) needs
 # no GPU: run it on any machine, not on device time. Needs torch + triton beyond the repository; call 2 also pytest
 # (requirements-dev.txt), and skips with a message where it is missing. Everything printed is also written to
 # $OUT/gpu_check.log (the device tool returns only the output's tail).
@@ -58,7 +58,7 @@ steps=$(mktemp -d)
 tiny=(--device cuda:0 --attn sdpa --steps 1 --height 64 --width 64 --rollout-steps 4 --samples 1)
 section "one --offload step" 60 "$py" srpo.py train --offload --out "$steps/offload" "${tiny[@]}"
 section "one LoRA --offload step" 60 "$py" srpo.py train --lora-rank 4 --offload --out "$steps/lora" "${tiny[@]}"
-section bench 280 "$py" -m kernels.bench
+section bench 280 "$py" -m tools.bench_kernels
 section "tiny FLUX" 110 "$py" - <<'PY'  # the tiny FLUX with the kernels vs torch SDPA, forward and weight gradients
 import torch
 import flux_model as fm
@@ -83,4 +83,4 @@ for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, Fals
     print(f"tiny FLUX {dtype}{' + bf16 autocast' if autocast else ''}: triton vs sdpa rel. err. output "
           f"{err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
 PY
-stamp "done (the compiled kernel tests: scripts/gpu_check.sh tests, a second call)"
+stamp "done (the compiled kernel tests: tools/gpu_check.sh tests, a second call)"

@@ -1,6 +1,6 @@
 """Time per sampling step: ours (`sampling.euler_sample`) vs diffusers' FluxPipeline, same weights, same steps.
 
-    python bench_sample.py [--steps 8 --repeat 5 --threads N]
+    python -m tools.bench_sample [--steps 8 --repeat 5 --threads N]
 
 Both start from the same noise and text embeddings (text encoding is not timed) and end at packed latents; the
 script checks that they agree, then prints a table. diffusers is a test-only dependency (requirements-dev.txt).

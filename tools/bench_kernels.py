@@ -1,10 +1,10 @@
-"""Benchmark the kernels against PyTorch at FLUX shapes: `python -m kernels.bench`.
+"""Benchmark the kernels against PyTorch at FLUX shapes: `python -m tools.bench_kernels`.
 
 On a CUDA GPU it prints a markdown report to paste into BENCHMARKS.md: attention (ours vs the SDPA backends)
 correctness and speed, then fused RMSNorm+RoPE vs PyTorch with a device copy as the bandwidth roof. Every
 measurement is guarded, so a backend that refuses a shape or a failing torch.compile shows up as an error cell.
 Without a GPU it runs a tiny correctness pass of the kernels in the Triton interpreter instead, then prints
-what the compiler makes of them for an H100 (`kernels.compile_report`: registers, spills, shared memory, MMA).
+what the compiler makes of them for an H100 (`tools.compile_report`: registers, spills, shared memory, MMA).
 """
 
 import datetime
@@ -21,6 +21,7 @@ from triton.testing import do_bench
 
 from kernels import attention as attention_module
 from kernels.attention import attention, attention_reference
+from kernels.dispatch import INTERPRETED
 from kernels.rope import norm_rope, norm_rope_reference
 
 HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
@@ -250,14 +251,14 @@ def main() -> int:
     if torch.cuda.is_available():
         gpu_report()
         return 0
-    if attention_module.INTERPRETED:
+    if INTERPRETED:
         print("no CUDA GPU: a tiny correctness pass in the Triton interpreter")
         interpreter_pass()
         return 0
-    from kernels import compile_report  # Triton compiler internals: kept out of the GPU path's imports
+    from tools import compile_report  # Triton compiler internals: kept out of the GPU path's imports
 
     # Triton picks compiled vs interpreted when it is imported (as it was, above): the pass runs in a fresh process.
-    code = subprocess.call([sys.executable, "-m", "kernels.bench"], env={**os.environ, "TRITON_INTERPRET": "1"})
+    code = subprocess.call([sys.executable, "-m", "tools.bench_kernels"], env={**os.environ, "TRITON_INTERPRET": "1"})
     print("\nand what the compiler makes of the kernels for an H100 at the first shape (untimed without the card):\n")
     print("\n".join(compile_report.report(90, DTYPE, HEAD_DIM, SHAPES[0][1])[0]))
     return code

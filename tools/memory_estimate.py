@@ -1,8 +1,8 @@
 """GPU memory of one SRPO training step at FLUX.1-dev's sizes, measured on a CPU: no GPU, no weights, seconds.
 
-    python -m scripts.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
-    python -m scripts.memory_estimate --height 1024 --width 1024
-    python -m scripts.memory_estimate --lora-rank 64   # + one GPU: LoRA resident or offloaded, full with --offload
+    python -m tools.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
+    python -m tools.memory_estimate --height 1024 --width 1024
+    python -m tools.memory_estimate --lora-rank 64   # + one GPU: LoRA resident or offloaded, full with --offload
 
 Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, reward.py's
 ViT-H-14 HPS scorer) are built on the meta device and moved to FakeTensorMode "cuda" tensors, which have shapes,

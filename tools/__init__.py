@@ -1,0 +1,9 @@
+"""Tools beside the method, none of them imported by it; each runs from the repository root as `python -m tools.X`
+(gpu_check.sh as `tools/gpu_check.sh`):
+
+- `bench_kernels`: the Triton kernels vs PyTorch at FLUX shapes (a GPU; without one, an interpreter pass);
+- `compile_report`: what Triton and ptxas make of every autotune config for an H100, on any machine;
+- `bench_sample`: time per sampling step, ours vs diffusers' FluxPipeline, on a CPU;
+- `memory_estimate`: GPU memory of one training step at FLUX.1-dev's sizes, measured on a CPU;
+- `gpu_check.sh`: the GPU-only checks, sized for device calls of at most 600 s.
+"""
