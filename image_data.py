@@ -41,11 +41,13 @@ CACHE_FORMAT = "image_data 1"  # in every cache key: change it when preprocessin
 
 
 def image_files(folder):
-    """The folder's own files that Pillow opens by their extension, sorted; hidden files (macOS's ._a.png) skipped."""
+    """The paths of the folder's own files that Pillow opens by their extension, sorted; hidden files (macOS's
+    ._a.png) skipped."""
     Image.init()
     known = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-    return sorted(name for name in os.listdir(folder) if not name.startswith(".")
-                  and os.path.splitext(name)[1].lower() in known and os.path.isfile(os.path.join(folder, name)))
+    paths = (os.path.normpath(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+             if not name.startswith(".") and os.path.splitext(name)[1].lower() in known)
+    return [path for path in paths if os.path.isfile(path)]
 
 
 def caption_text(lines):
@@ -85,17 +87,17 @@ def metadata_captions(folder, problems):
             problems.append(f"{where}: {row[0]}: empty caption")
         else:
             captions[image] = caption_text(row[1].splitlines())
-    for name in image_files(folder):
-        if os.path.normpath(os.path.join(folder, name)) not in line_of:
-            problems.append(f"{os.path.join(folder, name)}: no caption (not listed in {path})")
+    for image in image_files(folder):
+        if image not in line_of:
+            problems.append(f"{image}: no caption (not listed in {path})")
     return captions
 
 
 def txt_captions(folder, problems):
     """{image path: caption} from the .txt beside each image; a missing, empty or unreadable one is a problem."""
     captions = {}
-    for name in image_files(folder):
-        image, txt = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+    for image in image_files(folder):
+        txt = os.path.splitext(image)[0] + ".txt"
         if not os.path.isfile(txt):
             problems.append(f"{image}: no caption (expected {os.path.basename(txt)} beside it, or a {METADATA})")
             continue
