@@ -219,16 +219,18 @@ def problem_report(folder, problems):
 class ImageSet:
     """The captioned images of a folder at one training size (height x width, pixels), every one checked before
     anything is encoded and hashed (sha256 of the file's bytes), so that a file changed later is never taken for
-    the one checked. paths, captions and digests line up, sorted by path. Checking reads and decodes each file once
-    (some 20 ms for a 1-megapixel JPEG)."""
+    the one checked. The folder's images without a caption are checked too: one pass of fixes mends all. paths,
+    captions and digests line up, sorted by path. Checking reads and decodes each file once (some 20 ms for a
+    1-megapixel JPEG)."""
 
     def __init__(self, folder, height, width):
         check_folder(folder, "a folder of captioned images")
         self.folder, self.height, self.width, problems = folder, height, width, []
         captions = read_captions(folder, problems)
+        digests = {path: self.check(path, problems) for path in sorted({*captions, *image_files(folder)})}
         self.paths = sorted(captions)
         self.captions = [captions[path] for path in self.paths]
-        self.digests = [self.check(path, problems) for path in self.paths]
+        self.digests = [digests[path] for path in self.paths]
         if problems:
             raise InputError(problem_report(folder, problems))
         if not self.paths:
@@ -275,7 +277,7 @@ class Latents:
         return len(self.images)
 
     def entry(self, i):
-        size = f"{self.images.height}x{self.images.width}"
+        size = f"{self.images.width}x{self.images.height}"
         return os.path.join(self.cache_dir, f"{self.images.digests[i][:32]}-{size}-{self.vae[:16]}.safetensors")
 
     def __getitem__(self, i):
