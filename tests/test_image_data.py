@@ -286,3 +286,18 @@ def test_file_changed_after_the_check_refused(tmp_path, tiny_ae):
     write(tmp_path / "images", "a.png", random_image(W + 8, H + 4, seed=5))
     with pytest.raises(InputError, match=f"^{path}: changed since the image folder was checked"):
         latents[0]
+
+
+def test_encoded_in_the_weights_dtype(tmp_path, tiny_ae):
+    """The caller's autocast leaves x0 as it is (the cache key names what made it); bf16 weights are another entry."""
+    ae = tiny_ae[1]
+    os.mkdir(tmp_path / "images")
+    write(tmp_path / "images", "a.png", caption="x")
+    images = image_data.ImageSet(str(tmp_path / "images"), H, W)
+    x0 = image_data.Latents(images, ae, str(tmp_path / "fp32"))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(image_data.Latents(images, ae, str(tmp_path / "autocast"))[0], x0)
+    bf16 = image_data.Latents(images, fw.load_autoencoder(str(tmp_path / "vae"), dtype=torch.bfloat16),
+                              str(tmp_path / "fp32"))
+    assert bf16.entry(0) != image_data.Latents(images, ae, str(tmp_path / "fp32")).entry(0)
+    assert bf16[0].dtype == torch.float32 and rel_err(bf16[0], x0) <= 3e-2  # bf16's 8 bits of mantissa
