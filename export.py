@@ -95,7 +95,7 @@ def open_base(base, like, what):
     widths, depths, no guidance embedding) is one line naming the first tensor that differs."""
     path = base_transformer(base, what)
     weights = open_weights(path, None if os.path.isdir(path) else like.cfg)
-    for key in sorted(set(like.shapes) | set(weights.shapes)):
+    for key in [*like.shapes, *(k for k in weights.shapes if k not in like.shapes)]:  # in the model's order
         theirs, ours = weights.shapes.get(key), like.shapes.get(key)
         if theirs != ours:
             raise InputError(f"{path}: {key} has shape {list(theirs) if theirs else 'none'} but the checkpoint "
