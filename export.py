@@ -222,11 +222,12 @@ def lora_layers(cfg):
             + [f"single_blocks.{i}.{t}" for i in range(cfg.depth_single_blocks) for t in lora.SINGLE_TARGETS])
 
 
-def energy(s2, rank):
-    """The share of a difference's squared Frobenius norm that rank r keeps: sum_{i<=r} s_i^2 / sum_i s_i^2
-    (Eckart-Young: the best rank-r approximation leaves exactly the rest). 1 for a layer that did not change."""
-    total = s2.sum().item()
-    return s2[:rank].sum().item() / total if total > 0 else 1.0
+def energy(spectra, rank):
+    """The share of the squared Frobenius norm of the differences that rank r keeps, over a list of layers' s^2:
+    sum_layers sum_{i<=r} s_i^2 / sum_layers sum_i s_i^2 (Eckart-Young: the best rank-r approximation leaves
+    exactly the rest). 1 where nothing changed."""
+    total = sum(s2.sum().item() for s2 in spectra)
+    return sum(s2[:rank].sum().item() for s2 in spectra) / total if total > 0 else 1.0
 
 
 def svd_lora(delta, rank):
@@ -273,12 +274,10 @@ def extract_lora(finetuned, base, rank, out, device="cpu"):
         a, b, spectra[layer] = (t.cpu() for t in svd_lora(delta, rank))
         adapters[f"{layer}.lora_A"], adapters[f"{layer}.lora_B"] = a, b
     path = lora.save_lora(adapters, ft.cfg, 1.0, out)
-    ranks = sorted({2 ** i for i in range(2, 10)} | {rank})
-    total = torch.cat(list(spectra.values()))
-    table = {r: sum(s2[:r].sum().item() for s2 in spectra.values()) / max(total.sum().item(), 1e-300) for r in ranks}
-    return {"path": path, "energy": {layer: energy(s2, rank) for layer, s2 in spectra.items()},
-            "overall": table[rank] if total.sum() > 0 else 1.0, "table": table,
-            "untargeted": largest_untargeted(ft, bw, layers)}
+    widest = max(len(s2) for s2 in spectra.values())
+    table = {r: energy(spectra.values(), r) for r in sorted({2 ** i for i in range(2, 10) if 2 ** i < widest} | {rank})}
+    return {"path": path, "energy": {layer: energy([s2], rank) for layer, s2 in spectra.items()},
+            "overall": table[rank], "table": table, "untargeted": largest_untargeted(ft, bw, layers)}
 
 
 def describe_lora(report, rank):

@@ -64,19 +64,21 @@ def finetune(base, tmp_path_factory):
 
 @pytest.fixture
 def from_single_file_at_tiny_width(monkeypatch):
-    """diffusers' from_single_file, its FLUX converter's one hard-coded width (3072) set to the tiny model's."""
+    """diffusers' from_single_file with the config of a local FLUX.1 folder (offline), its FLUX converter's one
+    hard-coded width (3072) set to the tiny model's."""
     entry = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
     entry["checkpoint_mapping_fn"] = diffusers_flux_converter(CFG.hidden_size)
     monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", entry)
 
-    def load(path, config):
-        return FluxTransformer2DModel.from_single_file(path, config=config, torch_dtype=torch.float32,
-                                                       local_files_only=True).eval()
+    def load(path, flux_folder):
+        return FluxTransformer2DModel.from_single_file(path, config=flux_folder, subfolder="transformer",
+                                                       torch_dtype=torch.float32, local_files_only=True).eval()
     return load
 
 
-def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(finetune, from_single_file_at_tiny_width, tmp_path):
-    model, ckpt = finetune
+def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(base, finetune, from_single_file_at_tiny_width,
+                                                             tmp_path):
+    (_, base_dir), (model, ckpt) = base, finetune
     path = export.to_bfl(ckpt, str(tmp_path / "flux1-srpo.safetensors"), dtype=torch.float32)
     ours = model.state_dict()
     written = load_file(path)  # safetensors' own reader on our streamed file
@@ -87,20 +89,20 @@ def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(finetune, from_sing
     assert meta["model"] == "FLUX.1 transformer" and meta["source"] == ckpt and meta["dtype"] == "float32"
     loaded = fw.load_transformer(path, CFG).state_dict()
     assert all(torch.equal(loaded[k], ours[k]) for k in ours)
-    theirs = from_single_file_at_tiny_width(path, ckpt).state_dict()
+    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
     expected = load_file(os.path.join(ckpt, export.FULL_FILE))
     assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
     default = load_file(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")))  # bf16 unless told
     assert all(default[k].dtype == torch.bfloat16 and torch.equal(default[k], ours[k].bfloat16()) for k in ours)
 
 
-def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(finetune, from_single_file_at_tiny_width,
-                                                                         tmp_path):
+def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(base, finetune,
+                                                                         from_single_file_at_tiny_width, tmp_path):
     """fp8 = plain round-to-nearest casts of the block linears (bit for bit), the rest bf16; our loader and
     from_single_file read it to the same float32 weights. On the tiny random model (weights N(0, 0.05^2)) its output
     is within 1e-2 of the bf16 file's (measured 2.5e-3, and 1.9e-3 to 2.8e-3 over three other random models; the
     bf16 file's own is 2.2e-3 from float32)."""
-    model, ckpt = finetune
+    (_, base_dir), (model, ckpt) = base, finetune
     path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
     written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG)
     assert len(low) == 10 * CFG.depth + 3 * CFG.depth_single_blocks  # 10 linears a double block, 3 a single one
@@ -109,7 +111,7 @@ def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(finetun
         assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
     fp8 = fw.load_transformer(path, CFG)
     assert all(torch.equal(fp8.state_dict()[k], written[k].float()) for k in ours)
-    theirs = from_single_file_at_tiny_width(path, ckpt).state_dict()
+    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
     expected = fw.to_theirs(fp8.state_dict(), fw.transformer_links(CFG))
     assert all(torch.equal(theirs[k], expected[k]) for k in expected)
     bf16 = fw.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")), CFG)
@@ -122,7 +124,8 @@ def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(finetun
 
 def test_extracted_lora_of_a_rank_r_difference_is_exact(base, finetune, tmp_path):
     """Energy 1 at rank r, the merge gives the fine-tune's LoRA layers (1e-5); rank r - 1 keeps what numpy's SVD
-    of the difference (float64) says; the moved bias is reported as left out."""
+    of the difference (float64) says; the moved bias is reported as left out; a base given as a BFL single file
+    (flux1-dev.safetensors' layout) gives the same LoRA as its diffusers folder."""
     (base_model, base_dir), (tuned, ckpt) = base, finetune
     report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
     assert report["overall"] == pytest.approx(1.0, abs=1e-6)
@@ -141,11 +144,16 @@ def test_extracted_lora_of_a_rank_r_difference_is_exact(base, finetune, tmp_path
     assert low["energy"][layer] == pytest.approx(s2[: RANK - 1].sum() / s2.sum(), rel=1e-5)
     lines = export.describe_lora(low, RANK - 1)
     assert any(line.startswith(f"{RANK - 1:>4}  ") and line.endswith("<-") for line in lines)
+    bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
+                             dtype=torch.float32)
+    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
+    first = load_file(report["path"])
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_extracted_lora_loads_in_diffusers_load_lora_weights(base, finetune, tmp_path):
     """FluxPipeline.load_lora_weights on the extracted folder gives the fine-tune's output (1e-5)."""
-    (_, base_dir), (tuned, ckpt) = base, finetune
+    (base_model, base_dir), (tuned, ckpt) = base, finetune
     out = str(tmp_path / "lora")
     export.extract_lora(ckpt, base_dir, RANK, out)
     transformer = FluxTransformer2DModel.from_pretrained(os.path.join(base_dir, "transformer")).eval()
@@ -153,11 +161,10 @@ def test_extracted_lora_loads_in_diffusers_load_lora_weights(base, finetune, tmp
                         tokenizer_2=None, transformer=transformer)
     pipe.load_lora_weights(out)
     x = transformer_inputs(CFG, 32, 48, 5, 2)
-    tuned_lora_only = fw.load_transformer(os.path.join(base_dir, "transformer"))
-    state = tuned.state_dict()
-    tuned_lora_only.load_state_dict({**state, "single_blocks.1.linear2.bias": tuned_lora_only.state_dict()[
-        "single_blocks.1.linear2.bias"]})  # the moved bias is what a LoRA cannot carry
-    assert rel_err(run_diffusers(pipe.transformer, x), run_ours(tuned_lora_only, x)) <= 1e-5
+    bias = "single_blocks.1.linear2.bias"  # the moved bias, which a LoRA cannot carry
+    lora_part = fm.Flux(CFG).eval()
+    lora_part.load_state_dict({**tuned.state_dict(), bias: base_model.state_dict()[bias]})
+    assert rel_err(run_diffusers(pipe.transformer, x), run_ours(lora_part, x)) <= 1e-5
 
 
 @pytest.fixture(scope="module")
