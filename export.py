@@ -3,7 +3,7 @@
 - bfl: one .safetensors file in black-forest-labs/flux's own parameter names (fused qkv; the keys of
   flux1-dev.safetensors, which ComfyUI's "Load Diffusion Model" and Forge read), bf16 by default;
 - fp8: the same file with every linear weight of the blocks in float8_e4m3fn, plain casts without scales (the layout
-  of the community flux1-dev-fp8 files), the rest in bf16; half the size for 12-16 GB cards;
+  of the community flux1-dev-fp8 files), the rest in bf16: half the size (12 GB for FLUX.1-dev);
 - lora: a LoRA of rank R extracted from (fine-tuned - base) by truncated SVD, in the file `train --lora-rank` writes;
 - merged: a LoRA checkpoint folded into its base, as a diffusers `transformer/` folder.
 
@@ -66,6 +66,7 @@ def open_weights(path, cfg=None):
 
 
 def in_memory(model):
+    """The Weights of a model in memory (a merged LoRA checkpoint)."""
     state = model.state_dict()
     return Weights(model.cfg, {k: tuple(v.shape) for k, v in state.items()}, lambda k: state[k].float(), "memory")
 
@@ -155,6 +156,7 @@ def write_safetensors(path, specs, make, metadata):
 
 
 def check_file_out(out):
+    """A single-file export's --out must name a file, not a folder."""
     if os.path.isdir(out):
         raise InputError(f"{out}: a folder (expected the path of the .safetensors file to write)")
 
@@ -176,7 +178,7 @@ def fp8_keys(cfg):
             if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
 
 
-def metadata(weights, checkpoint, layout, dtype):
+def export_metadata(weights, checkpoint, layout, dtype):
     """The header of an export: what it is, whence, and the diffusers config that rebuilds its shapes."""
     return {"format": "pt", "model": "FLUX.1 transformer", "layout": layout, "dtype": dtype,
             "source": os.path.normpath(checkpoint), "exported_by": "srpo.py export",
@@ -190,12 +192,13 @@ def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16):
     weights = checkpoint_weights(checkpoint, base, dtype)
     specs = [(k, shape, dtype) for k, shape in weights.shapes.items()]
     layout = "BFL (black-forest-labs/flux parameter names, as flux1-dev.safetensors)"
-    return write_safetensors(out, specs, weights.read, metadata(weights, checkpoint, layout, str(dtype)[6:]))
+    return write_safetensors(out, specs, weights.read, export_metadata(weights, checkpoint, layout, str(dtype)[6:]))
 
 
 def to_fp8(checkpoint, out, base=None):
-    """checkpoint -> out in BFL's names, fp8_keys(cfg) in float8_e4m3fn (round to nearest, no scales: the range of
-    e4m3fn, +-448, holds FLUX's weights), the rest bf16. A LoRA checkpoint is merged into base (bf16) first. -> out."""
+    """checkpoint -> out in BFL's names, fp8_keys(cfg) in float8_e4m3fn (round to nearest, no scales: FLUX's
+    weights lie well inside e4m3fn's +-448, and one beyond it is refused), the rest bf16. A LoRA checkpoint is merged
+    into base (in bf16) first. -> out."""
     check_file_out(out)
     weights = checkpoint_weights(checkpoint, base, torch.bfloat16)
     low = fp8_keys(weights.cfg)
@@ -209,7 +212,7 @@ def to_fp8(checkpoint, out, base=None):
                              f"range (+-{FP8_MAX:g}): export it with --to bfl")
         return t
 
-    return write_safetensors(out, specs, make, metadata(weights, checkpoint, layout, "float8_e4m3fn"))
+    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, "float8_e4m3fn"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +241,7 @@ def svd_lora(delta, rank):
 
 
 def check_rank(rank, weights, layers):
+    """Before any SVD: 1 <= rank <= min(out, in) of every adapted layer."""
     for layer in layers:
         out_features, in_features = weights.shapes[f"{layer}.weight"]
         if not 1 <= rank <= min(out_features, in_features):
@@ -307,6 +311,8 @@ def export(checkpoint, to, out, base=None, rank=None, dtype=torch.bfloat16, devi
     file (bfl, fp8) or weights file (lora, merged)."""
     if to not in FORMATS:
         raise InputError(f"unknown export format {to!r}: expected one of {', '.join(FORMATS)}")
+    if rank is not None and to != "lora":
+        raise InputError(f"a rank is for a LoRA export (--to lora), not --to {to}")
     if to == "bfl":
         return to_bfl(checkpoint, out, base, dtype)
     if to == "fp8":

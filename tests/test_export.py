@@ -220,6 +220,7 @@ def test_bad_input_is_one_line(base, finetune, lora_checkpoint, tmp_path):
          "double_blocks.0.img_attn.qkv.weight is 192 x 64, so the rank must be between 1 and 64"),
         (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), base_dir), "needs its rank"),
         (lambda: export.export(ckpt, "gguf", str(tmp_path / "x")), "unknown export format 'gguf'"),
+        (lambda: export.export(ckpt, "bfl", str(tmp_path / "x"), rank=4), "a rank is for a LoRA export"),
         (lambda: export.export(ckpt, "fp8", str(tmp_path)), "a folder (expected the path"),
     ]
     for run, words in cases:
