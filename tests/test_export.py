@@ -76,6 +76,22 @@ def from_single_file_at_tiny_width(monkeypatch):
     return load
 
 
+def test_streamed_file_is_what_safetensors_reads(tmp_path):
+    """Mixed dtypes of odd sizes (an fp8 tensor of 3 bytes before bf16 and fp32 ones), written one at a time, read
+    back by safetensors' own loader: the same tensors and the metadata."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.fp8": torch.randn(3, generator=g).to(torch.float8_e4m3fn), "b.bf16": torch.randn(5, 1, generator=g)
+               .bfloat16(), "c.f32": torch.randn(2, 3, generator=g), "d.f16": torch.randn(7, generator=g).half()}
+    path = str(tmp_path / "x.safetensors")
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    export.write_safetensors(path, specs, lambda k: tensors[k].float(), {"what": "a test"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k].float(), v.float()) for k, v in tensors.items())
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"what": "a test"}
+
+
 def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(base, finetune, from_single_file_at_tiny_width,
                                                              tmp_path):
     (_, base_dir), (model, ckpt) = base, finetune
@@ -106,6 +122,9 @@ def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(base, f
     path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
     written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG)
     assert len(low) == 10 * CFG.depth + 3 * CFG.depth_single_blocks  # 10 linears a double block, 3 a single one
+    assert {"double_blocks.0.img_mod.lin.weight", "single_blocks.1.linear1.weight"} <= low
+    assert not low & {"img_in.weight", "txt_in.weight", "final_layer.linear.weight", "single_blocks.1.linear1.bias",
+                      "double_blocks.0.img_attn.norm.query_norm.scale"}
     for k, v in ours.items():
         dtype = torch.float8_e4m3fn if k in low else torch.bfloat16
         assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
