@@ -169,17 +169,23 @@ def load_into(model_fn, links, sources, where, dtype, device):
     if torch.device(device).type == "meta":  # a dry run: keys and shapes checked, no weights read
         return model
     state = {k: torch.empty(v.shape, dtype=dtype, device=device) for k, v in model.state_dict().items()}
+    copy_linked(state, links, sources, where)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def copy_linked(state, links, sources, where):
+    """Fill the tensors of state (ours, allocated) from the mapped files along links, cast to each one's dtype on the
+    way (float8 files are upcast here), and check each tensor's values as it is copied (finite)."""
     for link in links:
         src = sources[link.theirs][0].get_slice(link.theirs)
         src = src[slice(*link.theirs_rows)] if link.theirs_rows else src[:]
         dst = state[link.ours][slice(*link.ours_rows)] if link.ours_rows else state[link.ours]
         dst.copy_(src[..., None, None] if link.conv1x1 else src)
         if not torch.isfinite(dst).all():  # after the cast: a value too large for dtype is caught too
-            raise InputError(f"{where}: {link.theirs} has NaN or infinite values in {str(dtype)[6:]} (in "
+            raise InputError(f"{where}: {link.theirs} has NaN or infinite values in {str(dst.dtype)[6:]} (in "
                              f"{sources[link.theirs][1]}): a damaged file, a diverged run's, or values beyond the "
                              f"dtype's range; use another file")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
 
 
 def weight_files(folder):
@@ -249,9 +255,9 @@ def file_links(sources, cfg, model_fn, where):
                      f"keys look like {', '.join(sorted(keys)[:3])})")
 
 
-def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
-    """A FLUX transformer from a diffusers `transformer/` folder, or from one .safetensors file with diffusers or
-    BFL keys (`flux1-dev.safetensors`, the SRPO release). cfg defaults to the folder's config.json, else flux-dev."""
+def transformer_sources(path, cfg=None):
+    """(cfg, links, sources) of a diffusers `transformer/` folder, or of one .safetensors file with diffusers or BFL
+    keys: what load_transformer reads, opened lazily. cfg defaults to the folder's config.json, else flux-dev."""
     if os.path.isdir(path):
         cfg = cfg or read_flux_config(path)
         files = weight_files(path)
@@ -262,7 +268,13 @@ def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
     sources = read_sources(files)
     if any(k.startswith(BFL_PREFIX) for k in sources):  # an all-in-one file: the transformer is what is prefixed
         sources = {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
-    links = file_links(sources, cfg, lambda: Flux(cfg), path)
+    return cfg, file_links(sources, cfg, lambda: Flux(cfg), path), sources
+
+
+def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """A FLUX transformer from a diffusers `transformer/` folder, or from one .safetensors file with diffusers or
+    BFL keys (`flux1-dev.safetensors`, the SRPO release, or an fp8 file of either, upcast to dtype on load)."""
+    cfg, links, sources = transformer_sources(path, cfg)
     return load_into(lambda: Flux(cfg), links, sources, path, dtype, device)
 
 

@@ -1,0 +1,254 @@
+"""export.py on tiny random FLUX.1 models: the BFL and fp8 single files read back by our loader, by safetensors and
+by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads in diffusers;
+a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import single_file_model
+from references import randomize, rel_err
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_flux import diffusers_flux_converter, run_diffusers, run_ours, transformer_inputs
+
+import export
+import flux_model as fm
+import flux_weights as fw
+import lora
+from util import InputError
+
+CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
+RANK = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def full_checkpoint(folder, model):
+    fw.save_transformer(model, str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(base model, a diffusers FLUX.1 folder holding it as transformer/)."""
+    model = randomize(fm.Flux(CFG), seed=1).eval()
+    folder = tmp_path_factory.mktemp("base")
+    fw.save_transformer(model, str(folder / "transformer"))
+    return model, str(folder)
+
+
+@pytest.fixture(scope="module")
+def finetune(base, tmp_path_factory):
+    """A full checkpoint: the base plus an exactly rank-RANK difference on every LoRA layer, and a moved bias
+    (a tensor LoRA leaves out). -> (model, checkpoint folder)."""
+    model, _ = base
+    g = torch.Generator().manual_seed(2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for layer in export.lora_layers(CFG):
+        w = state[f"{layer}.weight"]
+        w += torch.randn(w.shape[0], RANK, generator=g) @ torch.randn(RANK, w.shape[1], generator=g) * 0.01
+    state["single_blocks.1.linear2.bias"] += 0.25
+    tuned = fm.Flux(CFG).eval()
+    tuned.load_state_dict(state)
+    return tuned, full_checkpoint(tmp_path_factory.mktemp("ft") / "checkpoint-000002", tuned)
+
+
+@pytest.fixture
+def from_single_file_at_tiny_width(monkeypatch):
+    """diffusers' from_single_file with the config of a local FLUX.1 folder (offline), its FLUX converter's one
+    hard-coded width (3072) set to the tiny model's."""
+    entry = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
+    entry["checkpoint_mapping_fn"] = diffusers_flux_converter(CFG.hidden_size)
+    monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", entry)
+
+    def load(path, flux_folder):
+        return FluxTransformer2DModel.from_single_file(path, config=flux_folder, subfolder="transformer",
+                                                       torch_dtype=torch.float32, local_files_only=True).eval()
+    return load
+
+
+def test_streamed_file_is_what_safetensors_reads(tmp_path):
+    """Mixed dtypes of odd sizes (an fp8 tensor of 3 bytes before bf16 and fp32 ones), written one at a time, read
+    back by safetensors' own loader: the same tensors and the metadata."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.fp8": torch.randn(3, generator=g).to(torch.float8_e4m3fn), "b.bf16": torch.randn(5, 1, generator=g)
+               .bfloat16(), "c.f32": torch.randn(2, 3, generator=g), "d.f16": torch.randn(7, generator=g).half()}
+    path = str(tmp_path / "x.safetensors")
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    export.write_safetensors(path, specs, lambda k: tensors[k].float(), {"what": "a test"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k].float(), v.float()) for k, v in tensors.items())
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"what": "a test"}
+
+
+def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(base, finetune, from_single_file_at_tiny_width,
+                                                             tmp_path):
+    (_, base_dir), (model, ckpt) = base, finetune
+    path = export.to_bfl(ckpt, str(tmp_path / "flux1-srpo.safetensors"), dtype=torch.float32)
+    ours = model.state_dict()
+    written = load_file(path)  # safetensors' own reader on our streamed file
+    assert written.keys() == ours.keys() and all(torch.equal(written[k], ours[k]) for k in ours)
+    assert "double_blocks.0.img_attn.qkv.weight" in written and "single_blocks.1.linear1.bias" in written
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["model"] == "FLUX.1 transformer" and meta["source"] == ckpt and meta["dtype"] == "float32"
+    loaded = fw.load_transformer(path, CFG).state_dict()
+    assert all(torch.equal(loaded[k], ours[k]) for k in ours)
+    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
+    expected = load_file(os.path.join(ckpt, export.FULL_FILE))
+    assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
+    default = load_file(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")))  # bf16 unless told
+    assert all(default[k].dtype == torch.bfloat16 and torch.equal(default[k], ours[k].bfloat16()) for k in ours)
+
+
+def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(base, finetune,
+                                                                         from_single_file_at_tiny_width, tmp_path):
+    """fp8 = plain round-to-nearest casts of the block linears (bit for bit), the rest bf16; our loader and
+    from_single_file read it to the same float32 weights. On the tiny random model (weights N(0, 0.05^2)) its output
+    is within 1e-2 of the bf16 file's (measured 2.5e-3, and 1.9e-3 to 2.8e-3 over three other random models; the
+    bf16 file's own is 2.2e-3 from float32)."""
+    (_, base_dir), (model, ckpt) = base, finetune
+    path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
+    written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG)
+    assert len(low) == 10 * CFG.depth + 3 * CFG.depth_single_blocks  # 10 linears a double block, 3 a single one
+    assert {"double_blocks.0.img_mod.lin.weight", "single_blocks.1.linear1.weight"} <= low
+    assert not low & {"img_in.weight", "txt_in.weight", "final_layer.linear.weight", "single_blocks.1.linear1.bias",
+                      "double_blocks.0.img_attn.norm.query_norm.scale"}
+    for k, v in ours.items():
+        dtype = torch.float8_e4m3fn if k in low else torch.bfloat16
+        assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
+    fp8 = fw.load_transformer(path, CFG)
+    assert all(torch.equal(fp8.state_dict()[k], written[k].float()) for k in ours)
+    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
+    expected = fw.to_theirs(fp8.state_dict(), fw.transformer_links(CFG))
+    assert all(torch.equal(theirs[k], expected[k]) for k in expected)
+    bf16 = fw.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")), CFG)
+    x = transformer_inputs(CFG, 32, 48, 5, 2)
+    reference = run_ours(model, x)
+    assert rel_err(run_ours(bf16, x), reference) <= 5e-3
+    error = rel_err(run_ours(fp8, x), run_ours(bf16, x))
+    assert 1e-4 < error <= 1e-2  # the fp8 weights are used, and cost little
+
+
+def test_extracted_lora_of_a_rank_r_difference_is_exact(base, finetune, tmp_path):
+    """Energy 1 at rank r, the merge gives the fine-tune's LoRA layers (1e-5); rank r - 1 keeps what numpy's SVD
+    of the difference (float64) says; the moved bias is reported as left out; a base given as a BFL single file
+    (flux1-dev.safetensors' layout) gives the same LoRA as its diffusers folder."""
+    (base_model, base_dir), (tuned, ckpt) = base, finetune
+    report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
+    assert report["overall"] == pytest.approx(1.0, abs=1e-6)
+    assert min(report["energy"].values()) == pytest.approx(1.0, abs=1e-6)
+    merged = lora.merge_lora(fw.load_transformer(os.path.join(base_dir, "transformer")), report["path"])
+    m, t = merged.state_dict(), tuned.state_dict()
+    for layer in export.lora_layers(CFG):
+        k = f"{layer}.weight"
+        assert rel_err(m[k] - base_model.state_dict()[k], t[k] - base_model.state_dict()[k]) <= 1e-5, k
+    assert report["untargeted"][0] == "single_blocks.1.linear2.bias"
+    assert report["untargeted"][1] == pytest.approx(0.25, abs=1e-6)
+    layer = "double_blocks.1.img_mlp.0"
+    d = (t[f"{layer}.weight"] - base_model.state_dict()[f"{layer}.weight"]).double().numpy()
+    s2 = np.linalg.svd(d, compute_uv=False) ** 2
+    low = export.extract_lora(ckpt, base_dir, RANK - 1, str(tmp_path / "low"))
+    assert low["energy"][layer] == pytest.approx(s2[: RANK - 1].sum() / s2.sum(), rel=1e-5)
+    lines = export.describe_lora(low, RANK - 1)
+    assert any(line.startswith(f"{RANK - 1:>4}  ") and line.endswith("<-") for line in lines)
+    bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
+                             dtype=torch.float32)
+    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
+    first = load_file(report["path"])
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_extracted_lora_loads_in_diffusers_load_lora_weights(base, finetune, tmp_path):
+    """FluxPipeline.load_lora_weights on the extracted folder gives the fine-tune's output (1e-5)."""
+    (base_model, base_dir), (tuned, ckpt) = base, finetune
+    out = str(tmp_path / "lora")
+    export.extract_lora(ckpt, base_dir, RANK, out)
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(base_dir, "transformer")).eval()
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.load_lora_weights(out)
+    x = transformer_inputs(CFG, 32, 48, 5, 2)
+    bias = "single_blocks.1.linear2.bias"  # the moved bias, which a LoRA cannot carry
+    lora_part = fm.Flux(CFG).eval()
+    lora_part.load_state_dict({**tuned.state_dict(), bias: base_model.state_dict()[bias]})
+    assert rel_err(run_diffusers(pipe.transformer, x), run_ours(lora_part, x)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(base, tmp_path_factory):
+    """A LoRA checkpoint as `train --lora-rank 4 --lora-alpha 8` writes it, with random B."""
+    model, _ = base
+    adapted = lora.add_adapters(fm.Flux(CFG).eval(), 4, 8.0, seed=0)
+    adapted.load_state_dict(model.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(5)
+    adapters = {n: (torch.randn(p.shape, generator=g) * 0.3 if n.endswith("lora_B") else p.detach())
+                for n, p in adapted.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    folder = str(tmp_path_factory.mktemp("lora") / "checkpoint-000004")
+    lora.save_lora(adapters, CFG, 8.0 / 4, folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_equals_sample_lora_merge(base, lora_checkpoint, dtype, tmp_path):
+    _, base_dir = base
+    path = export.merge(lora_checkpoint, base_dir, str(tmp_path / "merged"), dtype)
+    expected = lora.merge_lora(fw.load_transformer(os.path.join(base_dir, "transformer"), dtype=dtype),
+                               os.path.join(lora_checkpoint, lora.LORA_FILE)).state_dict()
+    got = fw.load_transformer(os.path.dirname(path), dtype=dtype).state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert load_file(path)["x_embedder.weight"].dtype == dtype  # a diffusers folder, in dtype
+    if dtype == torch.float32:  # a LoRA checkpoint to a BFL file: the same merge
+        bfl = fw.load_transformer(export.to_bfl(lora_checkpoint, str(tmp_path / "bfl.safetensors"), base_dir,
+                                                dtype), CFG).state_dict()
+        assert all(torch.equal(bfl[k], expected[k]) for k in expected)
+
+
+def other_base(folder):
+    cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=96, num_heads=3, depth=2,
+                        depth_single_blocks=2, axes_dim=(4, 14, 14))
+    fw.save_transformer(fm.Flux(cfg), str(folder / "transformer"))
+    return str(folder)
+
+
+def test_bad_input_is_one_line(base, finetune, lora_checkpoint, tmp_path):
+    (_, base_dir), (_, ckpt) = base, finetune
+    (tmp_path / "empty").mkdir()
+    wide = other_base(tmp_path / "wide")
+    cases = [
+        (lambda: export.export(str(tmp_path / "empty"), "bfl", str(tmp_path / "x.safetensors")),
+         "neither a full checkpoint"),
+        (lambda: export.export(lora_checkpoint, "lora", str(tmp_path / "l"), base_dir, 2), "a LoRA checkpoint already"),
+        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), None, 2), "needs the base model"),
+        (lambda: export.export(lora_checkpoint, "merged", str(tmp_path / "m")), "needs the base model"),
+        (lambda: export.export(ckpt, "merged", str(tmp_path / "m"), base_dir), "already the merged model"),
+        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), wide, 2),
+         "img_in.weight has shape [96, 64] but the checkpoint"),
+        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), base_dir, 65),
+         "double_blocks.0.img_attn.qkv.weight is 192 x 64, so the rank must be between 1 and 64"),
+        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), base_dir), "needs its rank"),
+        (lambda: export.export(ckpt, "gguf", str(tmp_path / "x")), "unknown export format 'gguf'"),
+        (lambda: export.export(ckpt, "bfl", str(tmp_path / "x"), rank=4), "a rank is for a LoRA export"),
+        (lambda: export.export(ckpt, "fp8", str(tmp_path)), "a folder (expected the path"),
+    ]
+    for run, words in cases:
+        with pytest.raises(InputError) as e:
+            run()
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    big = randomize(fm.Flux(CFG), seed=1)
+    with torch.no_grad():
+        big.single_blocks[0].linear2.weight[0, 0] = 500.0
+    with pytest.raises(InputError, match=r"single_blocks.0.linear2.weight holds 500, beyond float8_e4m3fn's range"):
+        export.to_fp8(full_checkpoint(tmp_path / "big", big), str(tmp_path / "big.safetensors"))
+    assert not os.path.exists(tmp_path / "big.safetensors.tmp")  # no half file left
