@@ -8,7 +8,6 @@ Every function takes images (B, 3, H, W) in [0, 1] and gives one number per imag
 """
 
 import torch
-import torch.nn.functional as F
 
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luma, the weights of PIL's "L" conversion
 HF_CUTOFF = 0.25  # of Nyquist: "high frequency" is a period shorter than 8 pixels
@@ -71,13 +70,13 @@ def drift_l2(images, reference):
 
 
 def gaussian_filter(x, sigma=SSIM_SIGMA, size=SSIM_SIZE):
-    """(B, H, W) -> (B, H - size + 1, W - size + 1): the normalized Gaussian window, 'valid' (no padding), as
-    Wang et al.'s ssim_index.m filters; separable, so two 1-D passes."""
-    t = torch.arange(size, dtype=torch.float64, device=x.device) - (size - 1) / 2
+    """(..., H, W) -> (..., H - size + 1, W - size + 1): the normalized Gaussian window, 'valid' (no padding), as
+    Wang et al.'s ssim_index.m filters; separable, so one 1-D pass per axis, each window's dot product with the
+    Gaussian (unfold: a float64 conv2d on the CPU is a few times slower)."""
+    t = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
     g = torch.exp(-t ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
-    x = F.conv2d(x[:, None], g.view(1, 1, size, 1))
-    return F.conv2d(x, g.view(1, 1, 1, size))[:, 0]
+    return x.unfold(-2, size, 1).matmul(g).unfold(-1, size, 1).matmul(g)
 
 
 def ssim(images, reference, data_range=1.0):
@@ -90,18 +89,25 @@ def ssim(images, reference, data_range=1.0):
     if min(x.shape[1:]) < SSIM_SIZE:
         raise ValueError(f"SSIM needs images of at least {SSIM_SIZE} x {SSIM_SIZE} pixels, got {tuple(x.shape[1:])}")
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    mx, my = gaussian_filter(x), gaussian_filter(y)
-    vx, vy = gaussian_filter(x * x) - mx ** 2, gaussian_filter(y * y) - my ** 2
-    cxy = gaussian_filter(x * y) - mx * my
+    mx, my, xx, yy, xy = gaussian_filter(torch.cat([x, y, x * x, y * y, x * y])).chunk(5)
+    vx, vy, cxy = xx - mx ** 2, yy - my ** 2, xy - mx * my
     s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2))
 
 
+OF_AN_IMAGE = {"saturation": saturation, "colourfulness": colourfulness, "hf_share": hf_share, "contrast": contrast}
+OF_A_PAIR = {"drift_l2": drift_l2, "drift_ssim": ssim}
+SIGNS = (*OF_AN_IMAGE, *OF_A_PAIR)
+
+
 def image_signs(images, reference=None):
     """{name: [one float per image]}: saturation, colourfulness, hf_share, contrast and, given the step-0 images of
-    the same seeds (B, 3, H, W), drift_l2 and drift_ssim."""
-    signs = {"saturation": saturation(images), "colourfulness": colourfulness(images),
-             "hf_share": hf_share(images), "contrast": contrast(images)}
-    if reference is not None:
-        signs |= {"drift_l2": drift_l2(images, reference), "drift_ssim": ssim(images, reference)}
-    return {name: values.tolist() for name, values in signs.items()}
+    the same seeds (B, 3, H, W), drift_l2 and drift_ssim. Image by image: the float64 copies of a whole batch of
+    1024 x 1024 images would take gigabytes."""
+    signs = {name: [] for name in (SIGNS if reference is not None else OF_AN_IMAGE)}
+    for k in range(len(images)):
+        x = images[k:k + 1]
+        for name, values in signs.items():
+            value = OF_AN_IMAGE[name](x) if name in OF_AN_IMAGE else OF_A_PAIR[name](x, reference[k:k + 1])
+            values.append(value.item())
+    return signs
