@@ -42,8 +42,9 @@ def colourfulness(images):
 
 def hf_share(images, cutoff=HF_CUTOFF):
     """The share of the luma's spectral energy above `cutoff` of Nyquist: sum_{r > cutoff} |F|^2 / sum |F|^2, with
-    F = FFT2(w (Y - mean Y)), w the 2-D Hann window (numpy.hanning's, outer product) and r the radial frequency in
-    units of Nyquist, sqrt((2 fx)^2 + (2 fy)^2) with fx, fy in cycles per pixel; 0 for a flat image.
+    F = FFT2(w (Y - mean Y)), w the 2-D Hann window (numpy.hanning's, 0 at the ends; outer product) and r the
+    radial frequency in units of Nyquist, sqrt((2 fx)^2 + (2 fy)^2) with fx, fy in cycles per pixel; 0 for a flat
+    image.
     A share, not an energy (as a Laplacian's would be), so that it measures texture apart from contrast (measured
     on its own); the window, so that the jump between opposite edges of a non-periodic image is not counted as
     high frequency."""
@@ -84,7 +85,8 @@ def ssim(images, reference, data_range=1.0):
     visibility to structural similarity"): over the 11 x 11 Gaussian windows (sigma 1.5) that fit in the image,
     SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2)),
     C1 = (0.01 L)^2, C2 = (0.03 L)^2, L the data range. 1 for the same image, below 0 for an anti-correlated one.
-    Images at least 11 pixels on each side."""
+    At full resolution, as the paper and scikit-image (Wang's later ssim.m first downsamples by round(min(H, W) /
+    256)); images at least 11 pixels on each side."""
     x, y = luma(images), luma(reference)
     if min(x.shape[1:]) < SSIM_SIZE:
         raise ValueError(f"SSIM needs images of at least {SSIM_SIZE} x {SSIM_SIZE} pixels, got {tuple(x.shape[1:])}")
