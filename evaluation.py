@@ -14,7 +14,9 @@ every evaluation) with 28 Euler steps of FluxPipeline's schedule at the branches
 `srpo.py sample --seed i --steps 28` makes from that step's checkpoint, and its 8-bit pixels are scored as
 `srpo.py score` scores the file. Rank 0 writes OUT/eval.jsonl (one line per evaluation, written last),
 OUT/eval/step-NNNNNN/ (the images and the images.jsonl that `score --manifest` reads), OUT/eval/step-NNNNNN.png (a
-grid, each tile captioned with its scores) and, with --tensorboard, OUT/tensorboard/.
+grid, each tile captioned with its scores) and, with --tensorboard, OUT/tensorboard/. Beside the scores each image
+gets the signs of reward hacking (hacking.py: saturation, colourfulness, high-frequency share, contrast, and the
+drift from step 0's image of the same seed), which move when the images do, whatever the reward says.
 """
 
 import contextlib
@@ -28,12 +30,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import hacking
 import runtime
 import sampling
 from reward import REWARDS, tokenizer_folder
 from util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 
-# Held out from the demo's training prompts (srpo.DEMO_PROMPTS); a real run gives --eval-prompts (README).
+# Held out from the demo's training prompts (cli.DEMO_PROMPTS); a real run gives --eval-prompts (README).
 EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
                 "a watercolor painting of a harbor at sunset", "a close-up portrait of a smiling child")
 GRID_COLUMNS = 8
@@ -81,6 +84,23 @@ def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
                   for name, scorer in scorers.items()}
         results.append((i, image[0], scores))
     return results
+
+
+def step_zero_images(out, indices, like):
+    """The step-0 evaluation images of these prompts (the same seeds), read back from OUT/eval/step-000000/ as
+    (B, 3, H, W) in [0, 1]: the 8-bit pixels that were scored, so a resumed run has them too. None when one is
+    missing, unreadable or of another size than `like` (a run folder without its step-0 evaluation): the drift is
+    then left out."""
+    pixels = []
+    try:
+        for i in indices:
+            with Image.open(os.path.join(out, "eval", "step-000000", f"{i:05d}.png")) as image:
+                pixels.append(np.asarray(image.convert("RGB")))
+    except OSError:
+        return None
+    if any(p.shape != (*like.shape[2:], 3) for p in pixels):
+        return None
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
 
 
 def captioned_grid(images, captions):
@@ -170,14 +190,18 @@ class Watch:
                                functools.partial(self.write, step, results, list(scorers)))
 
     def write(self, step, results, names):
-        """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, the eval.jsonl line last, then
-        TensorBoard. A failed write (a full disk) removes this evaluation's folder and grid: none is left half made."""
+        """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, the eval.jsonl line last (the scores and
+        the signs of reward hacking, hacking.py: each one's mean and per-prompt list), then TensorBoard. A failed
+        write (a full disk) removes this evaluation's folder and grid: none is left half made."""
         folder = os.path.join(self.out, "eval", f"step-{step:06d}")
-        scores = {name: [s[name] for _, _, s in results] for name in names}
         images = torch.stack([image for _, image, _ in results])
         grid = captioned_grid(list(sampling.to_8bit(images).numpy()),
                               [[f"{name} {s[name]:.4f}" for name in names] for _, _, s in results])
-        record = {"step": step, **{name: sum(v) / len(v) for name, v in scores.items()}, "per_prompt": scores}
+        # step 0's images are these; later ones drift from them
+        reference = images if step == 0 else step_zero_images(self.out, [i for i, _, _ in results], images)
+        per_prompt = {**{name: [s[name] for _, _, s in results] for name in names},
+                      **hacking.image_signs(images, reference)}
+        record = {"step": step, **{name: sum(v) / len(v) for name, v in per_prompt.items()}, "per_prompt": per_prompt}
         try:
             os.makedirs(folder, exist_ok=True)
             write_text(os.path.join(self.out, "eval", "prompts.txt"), "".join(p + "\n" for p in self.prompts))
@@ -193,7 +217,7 @@ class Watch:
                 os.remove(folder + ".png")
             raise
         if self.writer:
-            for name in names:
+            for name in per_prompt:
                 self.writer.add_scalar(f"eval/{name}", record[name], step)
             self.writer.add_image("eval/grid", grid, step, dataformats="HWC")
 
@@ -209,15 +233,36 @@ def best_saved(records, cfg):
 
 
 def report(out, cfg):
-    """Which saved checkpoint scored best on the held-out reward (best_saved), kept by the pruning for this."""
+    """The held-out evaluations in two lines: the best saved checkpoint, and how the signs of reward hacking
+    moved."""
     path = os.path.join(out, "eval.jsonl")
     records = read_jsonl(path)
+    for line in (best_checkpoint(out, path, records, cfg), signs_moved(path, records)):
+        if line:
+            print(line)
+
+
+def best_checkpoint(out, path, records, cfg):
+    """Which saved checkpoint scored best on the held-out reward (best_saved; the pruning keeps it). None before
+    any was saved."""
     found = best_saved(records, cfg)
     if not found:
-        return
+        return None
     best, name = found
     records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
     folder = runtime.checkpoints(out).get(best["step"])
-    print(f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
-          f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "
-          f"step {records[-1]['step']}: {records[-1][name]:.4f}")
+    return (f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
+            f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "
+            f"step {records[-1]['step']}: {records[-1][name]:.4f}")
+
+
+def signs_moved(path, records):
+    """Each sign of reward hacking at the first evaluation and at the last (the drift where both have it). None
+    with fewer than two evaluations that have the signs."""
+    signed = [r for r in records if "saturation" in r]  # lines written before the signs were measured have none
+    if len(signed) < 2:
+        return None
+    first, last = signed[0], signed[-1]
+    moved = ", ".join(f"{name} {first[name]:.4g} -> {last[name]:.4g}" for name in hacking.SIGNS
+                      if name in first and name in last)
+    return f"signs of reward hacking ({path}), step {first['step']} -> {last['step']}: {moved}"

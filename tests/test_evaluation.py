@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import (  # noqa: F401  one_thread and real_args are fixtures
@@ -26,6 +27,8 @@ from test_train import (  # noqa: F401  one_thread and real_args are fixtures
     tiny_clip_folder,
 )
 
+import evaluation
+import hacking
 import runtime
 import srpo
 
@@ -133,6 +136,51 @@ def test_tensorboard_holds_every_scalar_and_grid(tmp_path):
     assert [line["step"] for line in eval_lines(out)] == [0, 2, 3]  # step 0, every --save-every, the last
     assert len(eval_lines(out)[0]["per_prompt"]["hps"]) == 1  # SMALL's one held-out prompt
     check_tensorboard(out)
+
+
+def test_eval_log_holds_the_signs_of_reward_hacking(tmp_path, capsys):
+    """Each sign of reward hacking is in eval.jsonl per prompt and as the mean, equal to hacking.image_signs of the
+    eval images' files; the drift is from step 0's file of the same seed (RMSE written out here: 0 at step 0 and
+    SSIM 1, above 0 once the model moved); TensorBoard holds the means as eval/NAME; the report says how each moved.
+    A run folder without step 0's images resumes with the drift left out, without error."""
+    out = str(tmp_path)
+    flags = ["train", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--save-every", "1",
+             "--tensorboard", "--out", out]
+    srpo.main([*flags, "--steps", "2"])
+    report = capsys.readouterr().out
+    lines, n = eval_lines(out), len(evaluation.EVAL_PROMPTS)
+    files = {line["step"]: np.stack([pixels(os.path.join(out, "eval", f"step-{line['step']:06d}", f"{i:05d}.png"))
+                                     for i in range(n)]) for line in lines}
+    scored = {step: torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255 for step, f in files.items()}
+    for line in lines:
+        step = line["step"]
+        signs = hacking.image_signs(scored[step], scored[0])
+        assert list(signs) == list(hacking.SIGNS)
+        for name, values in signs.items():
+            assert line["per_prompt"][name] == pytest.approx(values, rel=1e-12), (step, name)
+            assert line[name] == pytest.approx(np.mean(values), rel=1e-12), (step, name)
+        rmse = np.sqrt(np.mean((files[step] / 255 - files[0] / 255) ** 2, axis=(1, 2, 3)))
+        assert line["per_prompt"]["drift_l2"] == pytest.approx(rmse, abs=1e-6), step
+    assert lines[0]["per_prompt"]["drift_l2"] == [0.0] * n and lines[0]["drift_ssim"] == pytest.approx(1, abs=1e-12)
+    assert min(lines[-1]["per_prompt"]["drift_l2"]) > 0 and lines[-1]["drift_ssim"] < 1
+    board = events(out)
+    for name in hacking.SIGNS:
+        got = [(e.step, e.value) for e in board.Scalars(f"eval/{name}")]
+        assert got == [(line["step"], pytest.approx(line[name], rel=1e-6, abs=1e-7)) for line in lines], name
+    assert signs_line(report).startswith("step 0 -> 2: saturation ") and "drift_ssim 1 -> 0." in report, report
+    shutil.rmtree(os.path.join(out, "eval", "step-000000"))  # as an older run folder might be
+    srpo.main([*flags, "--steps", "3", "--resume"])
+    last = eval_lines(out)[-1]
+    assert last["step"] == 3 and "saturation" in last["per_prompt"]
+    assert not {"drift_l2", "drift_ssim"} & {*last, *last["per_prompt"]}
+    assert "drift" not in signs_line(capsys.readouterr().out)
+
+
+def signs_line(report):
+    """What the end-of-run report's one line on the signs of reward hacking says after its prefix."""
+    lines = [line for line in report.splitlines() if line.startswith("signs of reward hacking (")]
+    assert len(lines) == 1, report
+    return lines[0].split("), ", 1)[1]
 
 
 def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
