@@ -321,7 +321,7 @@ def srp_loss(model, ae, reward, x0, eps, cond, prompt, branch, cfg):
     x0_hat = direct_align(model, x0, eps, sigma_from, sigma_to, cond, cfg.guidance)
     with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
         images = decode_images(ae, x0_hat, cfg.height, cfg.width)
-        r = reward.relative_reward(images, [prompt], k, *words, preprocess_mode="crop")  # SRPO's training crop
+        r = reward.relative_reward(images, *(rewards.control_caption(w, prompt) for w in words), k, "crop")
     return hinge_loss(r, cfg.margin), r
 
 

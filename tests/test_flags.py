@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cli
+import clip_weights as cw
 import evaluation
 import flux_model as fm
 import flux_weights as fw
@@ -40,7 +41,7 @@ def no_models(monkeypatch):
     load_into = fw.load_into
     monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
     for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "sample_models"),
-                        (sampling, "tiny_models"), (reward, "convert_checkpoint"), (evaluation.Watch, "from_flags")]:
+                        (sampling, "tiny_models"), (cw, "convert_checkpoint"), (evaluation.Watch, "from_flags")]:
         monkeypatch.setattr(owner, name, called)
     monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
     for kind in reward.REWARDS.values():
