@@ -275,6 +275,6 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.check_clip_folder(args.pickscore, "PickScore")
     if name != "hps":
-        reward.check_clip_folder(path, reward.REWARDS[name].name)
+        reward.check_clip_folder(path, reward.REWARDS[name].title)
     elif not os.path.isfile(path):
         raise InputError(f"{path}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")

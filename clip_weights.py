@@ -19,14 +19,13 @@ from safetensors.torch import save_file
 
 import flux_weights as fw
 from clip_tokenizer import CONTEXT_LENGTH
-from util import InputError, atomic_write, check_folder, first_line, read_json
+from util import InputError, atomic_write, first_line
 
 # transformers is imported in the functions that build its models and configs: importing it takes ~4 s, which every
 # command, and every input error before its one line, would pay otherwise.
 
 VISION_HEAD_WIDTH = 80  # ViT-H-14: 1280 wide, 16 heads
 TEXT_HEAD_WIDTH = 64  # ViT-H-14 text tower: 1024 wide, 16 heads
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,21 +284,9 @@ def convert_checkpoint(src, dst):
 # transformers CLIPModel folders (PickScore_v1, CLIP-ViT-H-14)
 
 
-def check_clip_folder(folder, title):
-    """Fail early, in one line, unless folder looks like a transformers CLIPModel: config.json with model_type 'clip'
-    and a weights file (the shapes are checked when it loads). title names the model in the message."""
-    folder = str(folder)
-    check_folder(folder, f"a {title} model folder in transformers format: config.json + weights")
-    config = read_json(os.path.join(folder, "config.json"))
-    if config.get("model_type") != "clip":
-        raise InputError(f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 'clip' (a "
-                         f"{title} model is a transformers CLIPModel)")
-    if not any(os.path.isfile(os.path.join(folder, file)) for file in _HF_WEIGHTS):
-        raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
-
-
 def load_clip_folder(folder, device="cpu", dtype=torch.float32):
-    """Frozen `CLIPModel` from a local `save_pretrained` folder (config.json + weights), checked by check_clip_folder.
+    """Frozen `CLIPModel` from a local `save_pretrained` folder (config.json + weights; reward.check_clip_folder checks
+    them before anything loads).
 
     Every weight of the config must be in the files with its shape (transformers would initialise a missing one at
     random); extra keys are ignored, as transformers does.

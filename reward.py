@@ -23,12 +23,13 @@ from PIL import Image
 
 import clip_weights as cw
 from clip_tokenizer import CLIPProcessorTokenizer, OpenClipTokenizer, clean_prompt
-from util import InputError, check_folder, first_line, parse_device, parse_dtype, read_manifest
+from util import InputError, check_folder, first_line, parse_device, parse_dtype, read_json, read_manifest
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY = {"vision_width": 160, "vision_layers": 2, "text_width": 128, "text_layers": 2, "embed_dim": 64}
 PREPROCESS_MODES = ("hpsv2", "crop")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class PickScoreReward(CLIPScorer):
 
     @classmethod
     def check_path(cls, path):
-        cw.check_clip_folder(path, cls.title)
+        check_clip_folder(path, cls.title)
 
     read_clip = staticmethod(cw.load_clip_folder)
 
@@ -222,13 +223,26 @@ class CLIPReward(CLIPScorer):
 
     @classmethod
     def check_path(cls, path):
-        cw.check_clip_folder(path, cls.title)
+        check_clip_folder(path, cls.title)
 
     read_clip = staticmethod(cw.load_clip_folder)
 
 
 # `srpo.py train --reward NAME` and its model flag --NAME, `srpo.py score --NAME`
 REWARDS = {kind.name: kind for kind in (HPSReward, PickScoreReward, CLIPReward)}
+
+
+def check_clip_folder(folder, title):
+    """Fail early, in one line, unless folder looks like a transformers CLIPModel: config.json with model_type 'clip'
+    and a weights file (the shapes are checked when it loads). title names the model in the message."""
+    folder = str(folder)
+    check_folder(folder, f"a {title} model folder in transformers format: config.json + weights")
+    config = read_json(os.path.join(folder, "config.json"))
+    if config.get("model_type") != "clip":
+        raise InputError(f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 'clip' (a "
+                         f"{title} model is a transformers CLIPModel)")
+    if not any(os.path.isfile(os.path.join(folder, file)) for file in _HF_WEIGHTS):
+        raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
 
 
 def tokenizer_folder(model, fallback):
