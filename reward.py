@@ -1,12 +1,14 @@
 """Image rewards for SRPO on transformers' CLIPModel: HPSv2.1 (open_clip ViT-H-14 checkpoints), PickScore and CLIP-H
 (transformers folders), the three rewards of the official SRPO script.
 
-One scorer, CLIPScorer, holds what they share: the frozen CLIPModel, its image and text features (text cached), the
-score s = scale <img, txt> of L2-normalised features and SRPO's relative reward r = c img . ((1 + k) t+ - t-). The
-rewards are its siblings and say only what differs: scale = 1 (HPS) or exp(logit_scale) (PickScore, CLIP), c = scale
-/ 1 or / 20, the tokenizer, the default preprocessing and where the weights come from. Adding a reward is one class
-and one REWARDS entry. Read top to bottom: the scorer, the rewards, SRPO's control words, the `score` command, the
-differentiable preprocessing of (B, 3, H, W) images in [0, 1]. The weights' I/O is clip_weights.py's, the tokenizers
+CLIPScorer holds what they share: the frozen CLIPModel, image and text features (text cached), the score
+s = scale <img, txt> of L2-normalised features and SRPO's relative reward r = c img . ((1 + k) t+ - t-),
+c = scale / srp_divisor. The rewards are its siblings and say only what differs: scale 1 (HPS) or exp(logit_scale)
+(PickScore, CLIP), srp_divisor 1 or 20, the tokenizer, the default preprocessing, where the weights come from and
+what the command line shows. Adding a reward is one class and one REWARDS entry (tests/test_reward_seam.py).
+
+Read top to bottom: the scorer, the rewards, SRPO's control words, the `score` command, the differentiable
+preprocessing of (B, 3, H, W) images in [0, 1]. The weights' I/O is clip_weights.py's, the tokenizers are
 clip_tokenizer.py's.
 """
 
