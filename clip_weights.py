@@ -285,8 +285,7 @@ def convert_checkpoint(src, dst):
 
 
 def load_clip_folder(folder, device="cpu", dtype=torch.float32):
-    """Frozen `CLIPModel` from a local `save_pretrained` folder (config.json + weights; reward.check_clip_folder checks
-    them before anything loads).
+    """Frozen `CLIPModel` from a local `save_pretrained` folder: config.json + weights.
 
     Every weight of the config must be in the files with its shape (transformers would initialise a missing one at
     random); extra keys are ignored, as transformers does.
