@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import torch
 
+import clip_weights as cw
 import evaluation
 import reward
 import runtime
@@ -26,6 +27,9 @@ from util import (
     InputError,
     Stopped,
     check_folder,
+    parse_device,
+    parse_dtype,
+    read_manifest,
     read_prompts,
 )
 
@@ -120,8 +124,6 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
 
-REWARD_MODELS = {"hps": "--hps CKPT, HPSv2.1's HPS_v2.1_compressed.pt", "pickscore": "--pickscore DIR, a "
-                 "transformers folder of PickScore_v1", "clip": "--clip DIR, a transformers folder of CLIP-ViT-H-14"}
 
 
 def build_parser():
@@ -137,7 +139,7 @@ def build_parser():
     train_flags(train)
     add_config_flags(train)
     score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
-                               "reward", description=reward.cmd_score.__doc__))
+                               "reward", description=cmd_score.__doc__))
     for command in sub.choices.values():  # --help states each range as the error line would
         for action in command._actions:
             if isinstance(action.type, Bounded):
@@ -197,13 +199,9 @@ def train_flags(p):
     """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
                    "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP)")
-    p.add_argument("--hps", help="--reward hps: HPSv2/HPSv2.1 checkpoint, open_clip .pt or converted .safetensors "
-                   "(needs --flux)")
-    p.add_argument("--pickscore", metavar="DIR", help="--reward pickscore: PickScore_v1 as a transformers CLIPModel "
-                   "folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's); with "
-                   "another --reward: a second, independent reward that scores the held-out evaluations")
-    p.add_argument("--clip", metavar="DIR", help="--reward clip: CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers "
-                   "CLIPModel folder (config.json + weights; tokenizer: its vocab.json + merges.txt, else --flux's)")
+    reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
+        "; with another --reward: a second, independent reward that scores the held-out evaluations"
+        if kind.name == "pickscore" else ""))
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
     p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
                    "(default runs/srpo)")
@@ -222,13 +220,15 @@ def train_flags(p):
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
+def reward_flags(p, help):
+    """--NAME for each reward model of reward.REWARDS, its file or folder: a new reward gets its flags here."""
+    for kind in reward.REWARDS.values():
+        p.add_argument(f"--{kind.name}", metavar=kind.metavar, help=help(kind))
+
+
 def score_flags(p):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode (converted to RGB)")
-    p.add_argument("--hps", help="HPS checkpoint: HPS_v2(.1)_compressed.pt (open_clip) or its converted .safetensors")
-    p.add_argument("--pickscore", metavar="DIR", help="PickScore model folder in transformers format (config.json + "
-                   "weights); captions tokenized as its CLIPProcessor does")
-    p.add_argument("--clip", metavar="DIR", help="CLIP model folder in transformers format (e.g. laion "
-                   "CLIP-ViT-H-14-laion2B-s32B-b79K), scored as PickScore: exp(logit_scale) <img, txt>")
+    reward_flags(p, lambda kind: f"score with {kind.title}: {kind.path_help}")
     p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
                    "folder (its tokenizer/); default for --pickscore/--clip: the model folder's own files")
     p.add_argument("--prompt", help="the prompt the images were made for")
@@ -271,7 +271,7 @@ def add_config_flags(parser):
         tiny = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
         pair = isinstance(f.default, tuple)
         parser.add_argument("--" + f.name.replace("_", "-"), type=bound_of(srpo.TrainConfig, f.name), default=None,
-                            choices=tuple(srpo.REWARD_RECIPES) if f.name == "reward" else None,
+                            choices=tuple(reward.REWARDS) if f.name == "reward" else None,
                             nargs=2 if pair else None, metavar=("A", "B") if pair else None,
                             help=f"{TRAIN_HELP[f.name]} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
 
@@ -281,7 +281,7 @@ def config_from_flags(args, world):
     tiny demo, the demo's (its --batch: one prompt per process of the `world`; with --lora-rank on FLUX.1, LoRA's
     --lr). The config checks itself."""
     config = srpo.TrainConfig
-    defaults = {**srpo.REWARD_RECIPES[args.reward or config.reward],
+    defaults = {**srpo.REWARD_RECIPES.get(args.reward or config.reward, {}),
                 **({**DEMO_DEFAULTS, "batch": world} if args.flux is None else {}),
                 **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
     values = {}
@@ -307,7 +307,7 @@ def check_reward_flags(args, name):
     """Before anything loads: the model flag of --reward is given, and no other but --pickscore, which beside
     another --reward scores the held-out evaluations (the tiny demo takes none); the files or folders look right."""
     demo = args.flux is None
-    given = [other for other in REWARD_MODELS if getattr(args, other)]
+    given = [other for other in reward.REWARDS if getattr(args, other)]
     if demo and given:
         raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
     other = next((other for other in given if other not in (name, "pickscore")), None)
@@ -318,17 +318,107 @@ def check_reward_flags(args, name):
     check_folder(args.flux, "a diffusers FLUX.1 folder")
     path = getattr(args, name)
     if not path:
-        raise InputError(f"--{name} is required with --flux and --reward {name} ({REWARD_MODELS[name]})")
+        kind = reward.REWARDS[name]
+        raise InputError(f"--{name} is required with --flux and --reward {name} (--{name} {kind.metavar}: "
+                         f"{kind.path_help})")
     if args.pickscore and name != "pickscore":
-        reward.check_clip_folder(args.pickscore, "PickScore")
-    if name != "hps":
-        reward.check_clip_folder(path, reward.REWARDS[name].name)
-    elif not os.path.isfile(path):
-        raise InputError(f"{path}: no such file (expected an HPSv2/HPSv2.1 checkpoint)")
+        reward.REWARDS["pickscore"].check_path(args.pickscore)
+    reward.REWARDS[name].check_path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The commands
+
+
+def score_inputs(args):
+    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, every input checked
+    before anything loads; --save-safetensors then converts the --hps checkpoint (None: nothing else to do)."""
+    models = [name for name in reward.REWARDS if getattr(args, name) is not None]
+    if len(models) > 1:
+        raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
+    if args.manifest and (args.images or args.prompt is not None):
+        raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
+    if models:
+        reward.REWARDS[models[0]].check_path(getattr(args, models[0]))
+    if args.save_safetensors:
+        check_conversion(args.hps, args.save_safetensors)
+    paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
+    if not paths and not args.save_safetensors:
+        raise InputError("no images to score")
+    if None in prompts:
+        raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
+    reward.captions_for(prompts, len(paths))  # an empty prompt, before the model loads (SRP captions are never empty)
+    for path in paths:  # every file checked before the model loads; read again when scored, one at a time
+        reward.load_image(path)
+    if not models:
+        return demo_scorer(args), None, None, paths, prompts
+    model = getattr(args, models[0])
+    tokenizer = check_tokenizer(model, args.tokenizer) if paths else None
+    if args.save_safetensors:
+        cw.convert_checkpoint(args.hps, args.save_safetensors)
+        print(args.save_safetensors)
+        model = args.save_safetensors
+    return (reward.REWARDS[models[0]], model, tokenizer, paths, prompts) if paths else None
+
+
+def check_conversion(src, dst):
+    """--save-safetensors DST: an --hps checkpoint to convert, and a new file in a folder that exists."""
+    if not src:
+        raise InputError("--save-safetensors converts an --hps checkpoint")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise InputError(f"--save-safetensors {dst} is the --hps checkpoint itself: give another path (it would be "
+                         f"overwritten by its conversion)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise InputError(f"--save-safetensors {dst}: cannot write there, no folder {folder} (make it first)")
+
+
+def check_tokenizer(model, tokenizer):
+    """The --tokenizer folder, or the model folder's own, checked before the model loads. -> tokenizer folder."""
+    if tokenizer:
+        check_folder(tokenizer, "a --tokenizer folder: vocab.json + merges.txt, or a FLUX.1 folder")
+    tokenizer = tokenizer or reward.tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
+    if tokenizer is None:
+        raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
+                         "--clip folder that holds them needs none)")
+    return tokenizer
+
+
+def demo_scorer(args):
+    """No model flag: the tiny random HPS scorer that the built-in demo trains with (its eval.jsonl's scores), to
+    try `score` on the demo's images; said on stderr, since its scores mean nothing for real images."""
+    if args.tokenizer:
+        raise InputError("--tokenizer goes with --hps, --pickscore or --clip (the tiny demo scorer has its own)")
+    print("note: no --hps, --pickscore or --clip: scoring with the tiny random HPS scorer of the built-in demo "
+          "(`srpo.py train` without --flux), whose scores say nothing about real images", file=sys.stderr)
+    return reward.HPSReward
+
+
+@torch.no_grad()
+def cmd_score(args):
+    """Print one score per image (score, tab, path): the HPS score <img, txt> of L2-normalised CLIP features
+    (PickScore, CLIP: times exp(logit_scale)); with --relative POS NEG, SRPO's reward
+    c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS and exp(logit_scale) / 20 for
+    PickScore and CLIP, as the official script trains with them."""
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
+    inputs = score_inputs(args)
+    if inputs is None:  # --save-safetensors alone: converted, nothing to score
+        return
+    kind, model, tokenizer, paths, prompts = inputs
+    scorer = kind.tiny(device=device, dtype=dtype) if model is None else kind.load(model, tokenizer, device, dtype)
+    values = []
+    for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
+        image = reward.load_image(path)
+        if args.relative:
+            positive, negative = (srpo.control_caption(word, prompt) for word in args.relative)
+            value = scorer.relative_reward(image[None], positive, negative, args.k, args.preprocess)
+        else:
+            value = scorer.score(image[None], prompt, args.preprocess)
+        values.append(value.item())
+        print(f"{values[-1]:.6f}\t{path}")
+    if args.manifest:
+        print(f"{sum(values) / len(values):.6f}\tmean of {len(values)} images")
 
 
 def cmd_train(args):
@@ -354,7 +444,7 @@ def cmd_train(args):
         evaluation.report(run.out, cfg)
 
 
-COMMANDS = {"train": cmd_train, "sample": sampling.cmd_sample, "score": reward.cmd_score}
+COMMANDS = {"train": cmd_train, "sample": sampling.cmd_sample, "score": cmd_score}
 
 
 def main(argv=None):

@@ -51,7 +51,7 @@ import evaluation
 import runtime
 import sampling
 from bounds import Bounded, check_fields
-from reward import REWARDS, control_caption, control_words
+from reward import REWARDS
 from sampling import autocast, check_size, decode_images, euler_sample, initial_noise
 from util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 
@@ -125,6 +125,24 @@ REWARD_RECIPES = {
     "pickscore": {"rollout_guidance": 2.0, "window": (5, 30), "k_denoise": (0.1, 0.5), "k_inversion": (0.6, 0.01)},
     "clip": {},
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SRP's control words: the method's recipe, not the scorer's (the reward only sees the captions)
+
+POSITIVE_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")
+NEGATIVE_WORDS = ("Concept art", "Painting", "Anime", "Flat", "Oil")
+
+
+def control_words(step):
+    """The words of update `step`, as the official loop picks them: (POSITIVE_WORDS[step % 4],
+    NEGATIVE_WORDS[step % 5]); the 20 pairs recur every 20 steps."""
+    return POSITIVE_WORDS[step % len(POSITIVE_WORDS)], NEGATIVE_WORDS[step % len(NEGATIVE_WORDS)]
+
+
+def control_caption(word, prompt):
+    """The SRP caption, the official format: word + '. ' + prompt."""
+    return f"{word}. {prompt}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,8 +293,8 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
     with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
         images = decode_images(ae, x0_hat, cfg.height, cfg.width)
-        r = reward.relative_reward(images, [item.text], branch.k, branch.positive, branch.negative,
-                                   preprocess_mode="crop")  # SRPO's training crop
+        positive, negative = (control_caption(word, item.text) for word in (branch.positive, branch.negative))
+        r = reward.relative_reward(images, positive, negative, branch.k, preprocess_mode="crop")  # SRPO's training crop
     return hinge_loss(r, cfg.margin), r
 
 

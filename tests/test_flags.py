@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import bounds
 import cli
+import clip_weights as cw
 import evaluation
 import flux_model as fm
 import flux_weights as fw
@@ -41,7 +42,7 @@ def no_models(monkeypatch):
     load_into = fw.load_into
     monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
     for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "sample_models"),
-                        (sampling, "tiny_models"), (reward, "convert_checkpoint"), (evaluation.Watch, "for_run")]:
+                        (sampling, "tiny_models"), (cw, "convert_checkpoint"), (evaluation.Watch, "for_run")]:
         monkeypatch.setattr(owner, name, called)
     monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
     for kind in reward.REWARDS.values():

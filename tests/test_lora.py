@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
+import clip_weights as cw
 import flux_model as fm
 import flux_weights as fw
 import lora
@@ -262,7 +263,7 @@ def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
     from tools import memory_estimate as me
 
     cfg = fm.FluxConfig.preset("tiny")
-    e = me.estimate(64, 64, cfg, fm.AutoEncoderConfig.preset("tiny"), reward_module.clip_config(**reward_module.TINY),
+    e = me.estimate(64, 64, cfg, fm.AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward_module.TINY),
                     text_tokens=8, lora_rank=4)
     h, m = cfg.hidden_size, cfg.mlp_hidden
     double, single = 2 * ((h + 3 * h) + (h + h) + (h + m) + (m + h)), (h + 3 * h + m) + (h + m + h)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import clip_weights as cw
 import flux_model as fm
 import reward
 import runtime
@@ -18,7 +19,7 @@ TEXT_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfgs = fm.FluxConfig.preset("tiny"), fm.AutoEncoderConfig.preset("tiny"), reward.clip_config(**reward.TINY)
+    cfgs = fm.FluxConfig.preset("tiny"), fm.AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
     return cfgs, me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS)
 
 

@@ -1,5 +1,6 @@
-"""reward.py against open_clip and torchvision (independent references, test-only), on random tiny ViT-H-14-family
-models saved in the released HPS format (`{'state_dict': ...}`, fp16, open_clip keys).
+"""reward.py, clip_weights.py and clip_tokenizer.py against open_clip and torchvision (independent references,
+test-only), on random tiny ViT-H-14-family models saved in the released HPS format (`{'state_dict': ...}`, fp16,
+open_clip keys); PickScore and CLIP-H against transformers' own model and processor.
 
 Tolerances, float32:
 - image features, text features, HPS scores, SRP rewards: max|ours - ref| / max|ref| <= 1e-5;
@@ -33,9 +34,12 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as TF
 from transformers import CLIPModel
 
+import cli
+import clip_weights as cw
 import flux_weights as fw
 import reward
 import srpo
+from clip_tokenizer import OpenClipTokenizer
 from util import InputError
 
 CONFIGS = {
@@ -198,16 +202,17 @@ def test_relative_reward_is_srp_formula(pair):
     prompts = ["a red fox in the snow", "portrait of an old sailor"]
     x = random_images(2, 240, 240, seed=1)
     k = torch.tensor([0.1, 0.25])
-    positive, negative = reward.control_words(5)
+    positive, negative = srpo.control_words(5)
     assert (positive, negative) == ("Detail", "Concept art")
     with torch.no_grad():
         img = ref_image_features(ref, x)
         t_pos = ref_text_features(ref, [f"Detail. {p}" for p in prompts])
         t_neg = ref_text_features(ref, [f"Concept art. {p}" for p in prompts])
         expected = (img * ((1 + k)[:, None] * t_pos - t_neg)).sum(-1)
-        assert rel_err(ours.relative_reward(x, prompts, k, positive, negative, "crop"), expected) <= 1e-5
+        captions = [[f"{word}. {p}" for p in prompts] for word in (positive, negative)]
+        assert rel_err(ours.relative_reward(x, *captions, k, "crop"), expected) <= 1e-5
         expected_scalar_k = (img * (1.3 * t_pos - t_neg)).sum(-1)
-        assert rel_err(ours.relative_reward(x, prompts, 0.3, positive, negative, "crop"), expected_scalar_k) <= 1e-5
+        assert rel_err(ours.relative_reward(x, *captions, 0.3, "crop"), expected_scalar_k) <= 1e-5
 
 
 @pytest.mark.parametrize("height,width", [(160, 224), (224, 100)])
@@ -247,7 +252,7 @@ def test_vit_h_14_geometry_converts_to_the_reference_config():
     """The real architecture on the meta device: keys, shapes, heads and parameter count of the conversion."""
     with torch.device("meta"):
         ref = CLIP(**open_clip.get_model_config("ViT-H-14"))
-    model = reward._meta_clip(reward.open_clip_to_hf({k: tuple(v.shape) for k, v in ref.state_dict().items()}))
+    model = cw._meta_clip(cw.open_clip_to_hf({k: tuple(v.shape) for k, v in ref.state_dict().items()}))
     vision, text = model.config.vision_config, model.config.text_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
             vision.patch_size, vision.image_size) == (1280, 32, 16, 5120, 14, 224)
@@ -262,21 +267,21 @@ def test_vit_h_14_geometry_converts_to_the_reference_config():
 
 
 def test_token_ids_match_open_clip(bpe_dir):
-    tokens = reward.ClipTokenizer.from_folder(bpe_dir)(PROMPTS + TRICKY_PROMPTS)
+    tokens = OpenClipTokenizer.from_folder(bpe_dir)(PROMPTS + TRICKY_PROMPTS)
     assert torch.equal(tokens, open_clip.tokenize(PROMPTS + TRICKY_PROMPTS))
     assert tokens[5, -1] == 49407 and tokens[0, 0] == 49406 and tokens[0, -1] == 0
 
 
 def test_token_ids_of_all_parti_prompts_match_open_clip(bpe_dir):
     prompts = parti_prompts()
-    assert torch.equal(reward.ClipTokenizer.from_folder(bpe_dir)(prompts), open_clip.tokenize(prompts))
+    assert torch.equal(OpenClipTokenizer.from_folder(bpe_dir)(prompts), open_clip.tokenize(prompts))
 
 
 def test_text_that_cleans_to_nothing_is_an_empty_prompt(bpe_dir):
     """open_clip tokenizes it to [start, end]; we refuse it."""
     text = "\ufeff &amp;nbsp; \x1b[0m\x00\u3000"
     assert open_clip.tokenize([text])[0, :3].tolist() == [49406, 49407, 0]
-    assert "empty prompt" in error_of(reward.ClipTokenizer.from_folder(bpe_dir), [text])
+    assert "empty prompt" in error_of(OpenClipTokenizer.from_folder(bpe_dir), [text])
 
 
 def test_flux_layout_and_files(bpe_dir, tmp_path):
@@ -284,13 +289,13 @@ def test_flux_layout_and_files(bpe_dir, tmp_path):
     (tmp_path / "tokenizer").mkdir()
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / "tokenizer" / name).write_bytes((bpe_dir / name).read_bytes())
-    a = reward.ClipTokenizer.from_folder(tmp_path)(PROMPTS[:2])
-    b = reward.ClipTokenizer.from_files(bpe_dir / "vocab.json", bpe_dir / "merges.txt")(PROMPTS[:2])
+    a = OpenClipTokenizer.from_folder(tmp_path)(PROMPTS[:2])
+    b = OpenClipTokenizer.from_files(bpe_dir / "vocab.json", bpe_dir / "merges.txt")(PROMPTS[:2])
     assert torch.equal(a, b)
 
 
 def test_byte_level_tokenizer_needs_no_files():
-    tok = reward.ClipTokenizer.byte_level()
+    tok = OpenClipTokenizer.byte_level()
     ids = tok(["Ab c"])[0]
     assert tok.vocab_size == 514 and (tok.start_id, tok.end_id) == (512, 513)
     assert ids[:6].tolist() == [512, ord("a"), 256 + ord("b"), 256 + ord("c"), 513, 0]  # byte, +256 at word end
@@ -354,7 +359,7 @@ def same_weights(a, b):
 def test_safetensors_conversion_gives_the_same_scorer(pair, tmp_path):
     _, ours, path = pair
     converted = tmp_path / "hps.safetensors"
-    reward.convert_checkpoint(path, converted)
+    cw.convert_checkpoint(path, converted)
     assert same_weights(reward.HPSReward.load(converted, ours.tokenizer), ours)
     x = random_images(1, 224, 224)
     half = reward.HPSReward.load(converted, ours.tokenizer, dtype=torch.bfloat16)
@@ -375,7 +380,7 @@ def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monke
     before the next is read, so memory never holds the file's weights next to the model's."""
     _, _, path = pair
     converted = tmp_path / "hps.safetensors"
-    reward.convert_checkpoint(path, converted)
+    cw.convert_checkpoint(path, converted)
     open_safetensors, alive, reads = fw.open_safetensors, [], []
 
     class Handle:
@@ -393,7 +398,7 @@ def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monke
             return tensor
 
     monkeypatch.setattr(fw, "open_safetensors", Handle)
-    clip = reward.load_clip(converted, dtype=torch.float32)
+    clip = cw.load_clip(converted, dtype=torch.float32)
     assert sorted(reads) == sorted(load_file(converted)) == sorted(clip.state_dict())
     assert all(t.dtype == torch.float32 for t in clip.state_dict().values() if t.is_floating_point())
 
@@ -409,23 +414,24 @@ def test_conversion_writes_atomically(pair, tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(reward, "save_file", fail_half_way)
-    assert "No space left on device" in error_of(reward.convert_checkpoint, path, dst)
+    monkeypatch.setattr(cw, "save_file", fail_half_way)
+    assert "No space left on device" in error_of(cw.convert_checkpoint, path, dst)
     assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["hps.safetensors"]
     monkeypatch.undo()
-    reward.convert_checkpoint(path, dst)
+    cw.convert_checkpoint(path, dst)
     assert os.listdir(tmp_path) == ["hps.safetensors"] and len(load_file(dst)) > 0
 
 
 def test_tiny_scorer_builds_from_nothing_and_caches_text():
     scorer = reward.HPSReward.tiny()
     x = random_images(2, 64, 96).requires_grad_()
-    calls, tokenize = [], scorer.tokenizer
-    scorer.tokenizer = lambda prompts: calls.append(list(prompts)) or tokenize(prompts)
-    pos, neg = reward.control_words(0)
-    r = scorer.relative_reward(x, ["a cat", "a dog"], 0.1, pos, neg)
+    calls, tokenize = [], scorer.text_inputs
+    scorer.text_inputs = lambda prompts: calls.append(list(prompts)) or tokenize(prompts)
+    pos, neg = srpo.control_words(0)
+    captions = [[f"{word}. {p}" for p in ("a cat", "a dog")] for word in (pos, neg)]
+    r = scorer.relative_reward(x, *captions, 0.1)
     r.sum().backward()
-    scorer.relative_reward(x.detach(), ["a cat", "a dog"], 0.2, pos, neg)
+    scorer.relative_reward(x.detach(), *captions, 0.2)
     assert x.grad.abs().sum() > 0 and len(calls) == 2  # second call served from the cache
     scorer.cache_size = 1
     scorer.text_features(["x", "y", "z"])
@@ -435,7 +441,7 @@ def test_tiny_scorer_builds_from_nothing_and_caches_text():
 def test_pickscore_is_logit_scaled_clip(bpe_dir, tmp_path):
     """PickScore (HF CLIP format) against transformers' own CLIPModel forward: logits_per_image on the diagonal."""
     torch.manual_seed(0)
-    clip = CLIPModel(reward.clip_config(**CONFIGS["v160x2-t128x1"]))
+    clip = CLIPModel(cw.clip_config(**CONFIGS["v160x2-t128x1"]))
     clip.save_pretrained(tmp_path)
     scorer = reward.PickScoreReward.load(tmp_path, bpe_dir)
     x, prompts = random_images(2, 240, 300), ["a cat", "a dog on a skateboard"]
@@ -446,7 +452,7 @@ def test_pickscore_is_logit_scaled_clip(bpe_dir, tmp_path):
 
 def test_bad_pickscore_folders_are_one_line_errors(bpe_dir, tmp_path):
     torch.manual_seed(0)
-    CLIPModel(reward.clip_config(**CONFIGS["v160x2-t128x1"])).save_pretrained(tmp_path / "good")
+    CLIPModel(cw.clip_config(**CONFIGS["v160x2-t128x1"])).save_pretrained(tmp_path / "good")
     weights = load_file(tmp_path / "good" / "model.safetensors")
     cases = {"bad-json": ("not valid JSON", "{not json", weights), "list-json": ("expected a JSON object", "[]", None),
              "bert": ("model_type 'bert'", json.dumps({"model_type": "bert"}), weights),
@@ -484,41 +490,41 @@ def test_checkpoint_of_another_architecture_names_the_key(tmp_path):
     vit_b = CLIP(64, CLIPVisionCfg(layers=1, width=192, head_width=64, patch_size=32, image_size=224),
                  CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=1))
     torch.save({"state_dict": vit_b.state_dict()}, tmp_path / "vit_b.pt")
-    message = error_of(reward.load_clip, tmp_path / "vit_b.pt")
+    message = error_of(cw.load_clip, tmp_path / "vit_b.pt")
     assert "'visual.conv1.weight' (192, 3, 32, 32)" in message and "head width 80" in message
 
     torch.save({"double_blocks.0.img_attn.qkv.weight": torch.zeros(9, 3)}, tmp_path / "flux.pt")
-    assert "unexpected key 'double_blocks.0.img_attn.qkv.weight' (9, 3)" in error_of(reward.load_clip,
+    assert "unexpected key 'double_blocks.0.img_attn.qkv.weight' (9, 3)" in error_of(cw.load_clip,
                                                                                       tmp_path / "flux.pt")
     tampered = open_clip_tiny(CONFIGS["v160x2-t128x1"]).state_dict()
     tampered["text_projection"] = torch.zeros(128, 32)
     torch.save(tampered, tmp_path / "tampered.pt")
-    message = error_of(reward.load_clip, tmp_path / "tampered.pt")
+    message = error_of(cw.load_clip, tmp_path / "tampered.pt")
     assert "key 'text_projection' (128, 32) does not fit" in message and "needs (64, 128)" in message
 
 
 def test_unreadable_inputs_are_one_line_errors(tmp_path, bpe_dir):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-5)}, tmp_path / "pickled.pt")
-    assert "weights_only=True) refused" in error_of(reward.load_clip, tmp_path / "pickled.pt")
-    assert "checkpoint not found" in error_of(reward.load_clip, tmp_path / "missing.pt")
+    assert "weights_only=True) refused" in error_of(cw.load_clip, tmp_path / "pickled.pt")
+    assert "checkpoint not found" in error_of(cw.load_clip, tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert "not a torch checkpoint" in error_of(reward.load_clip, tmp_path / "garbage.pt")
+    assert "not a torch checkpoint" in error_of(cw.load_clip, tmp_path / "garbage.pt")
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     assert "cannot read image" in error_of(reward.load_image, tmp_path / "garbage.png")
-    assert "tokenizer folder not found" in error_of(reward.ClipTokenizer.from_folder, tmp_path / "nope")
+    assert "tokenizer folder not found" in error_of(OpenClipTokenizer.from_folder, tmp_path / "nope")
     scorer = reward.HPSReward.tiny()
     assert "empty prompt" in error_of(scorer.score, random_images(1, 32, 32), "  ")
     assert "empty prompt" in error_of(scorer.text_features, [""])
     assert "2 prompts for 1 images" in error_of(scorer.score, random_images(1, 32, 32), ["a", "b"])
     assert "(B, 3, H, W)" in error_of(scorer.score, torch.rand(1, 4, 32, 32), "a")
     assert "unknown preprocessing" in error_of(scorer.score, random_images(1, 32, 32), "a", "squash")
-    real_vocab = reward.ClipTokenizer.from_folder(bpe_dir)
+    real_vocab = OpenClipTokenizer.from_folder(bpe_dir)
     assert "does not fit the model" in error_of(reward.HPSReward, scorer.clip, real_vocab)
 
     torch.save({"state_dict": [torch.zeros(1)]}, tmp_path / "list.pt")
-    assert "expected a state_dict of tensors" in error_of(reward.load_clip, tmp_path / "list.pt")
+    assert "expected a state_dict of tensors" in error_of(cw.load_clip, tmp_path / "list.pt")
     assert "is a folder, not an image" in error_of(reward.load_image, tmp_path)
-    assert "is a folder, not a checkpoint" in error_of(reward.load_clip, tmp_path)
+    assert "is a folder, not a checkpoint" in error_of(cw.load_clip, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["merges-latin1", "vocab-list", "vocab-string-ids", "vocab-bad-json"])
@@ -529,7 +535,7 @@ def test_bad_tokenizer_files_name_the_file(case, bpe_dir, tmp_path):
                     "vocab-list": ("vocab.json", b'["a", "b"]'), "vocab-string-ids": ("vocab.json", b'{"a": "1"}'),
                     "vocab-bad-json": ("vocab.json", b'{"a": 1')}[case]
     (tmp_path / bad).write_bytes(content)
-    assert bad in error_of(reward.ClipTokenizer.from_folder, tmp_path)
+    assert bad in error_of(OpenClipTokenizer.from_folder, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,7 +574,8 @@ def test_cli_scores_images(cli_pair, bpe_dir, tmp_path, capsys):
 
     lines = run_score(capsys, "--hps", converted, "--tokenizer", bpe_dir, "--prompt", "a cat", "--relative", "Real",
                       "Oil", "--k", "0.2", tmp_path / "a.png")
-    expected = ours.relative_reward(reward.load_image(tmp_path / "a.png")[None], "a cat", 0.2, "Real", "Oil").item()
+    image = reward.load_image(tmp_path / "a.png")[None]
+    expected = ours.relative_reward(image, "Real. a cat", "Oil. a cat", 0.2).item()
     assert abs(float(lines[0].split()[0]) - expected) < 1e-6
 
 
@@ -654,7 +661,7 @@ def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monk
         seen.append((device.type, dtype))
         raise InputError("stop here")
 
-    monkeypatch.setattr(reward, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(cli, "parse_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(reward.HPSReward, "load", staticmethod(load))
     for dtype in ([], ["--dtype", "bfloat16"]):
         score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", *dtype, tmp_path / "a.png")
@@ -721,7 +728,7 @@ def clip_reward_folder(folder, bpe_dir, legacy_eos, seed):
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(seed)
-    config = reward.clip_config(**CONFIGS["v160x2-t128x1"])
+    config = cw.clip_config(**CONFIGS["v160x2-t128x1"])
     if legacy_eos:
         config.text_config.eos_token_id = 2
     clip = CLIPModel(config)
@@ -775,13 +782,13 @@ def test_pickscore_and_clip_srp_reward_match_the_official_clip_reward(clip_rewar
     model, processor = official_clip(folder)
     x = random_images(2, 240, 300, seed=5)
     for step, k in [(1, 0.1), (9, torch.tensor([0.25, 0.0]))]:  # other words, one k and one k per image
-        pos, neg = reward.control_words(step)
+        pos, neg = srpo.control_words(step)
         for prompts in (CAPTION_PROMPTS[:2], CAPTION_PROMPTS[2:]):
             for words in ((pos, neg), (neg, pos)):
                 mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-                r = ours.relative_reward(mine, prompts, k, *words, preprocess_mode="crop")
-                ref = official_srp_cfg(model, processor, [reward.control_caption(words[0], p) for p in prompts],
-                                       [reward.control_caption(words[1], p) for p in prompts], theirs, k)
+                captions = [[f"{word}. {p}" for p in prompts] for word in words]
+                r = ours.relative_reward(mine, *captions, k, preprocess_mode="crop")
+                ref = official_srp_cfg(model, processor, *captions, theirs, k)
                 (r * torch.tensor([1.0, -0.7])).sum().backward()
                 (ref * torch.tensor([1.0, -0.7])).sum().backward()
                 assert rel_err(r, ref) <= 1e-5, (step, prompts, words)
@@ -798,7 +805,7 @@ def test_clip_rewards_tokenize_as_the_processor(clip_reward, bpe_dir):
     assert torch.equal(inputs["attention_mask"], theirs["attention_mask"])
     assert inputs["input_ids"].shape == (4, 77) and inputs["attention_mask"][0].sum() == 4  # [start] a cat [end]
     n = inputs["attention_mask"][2].sum()
-    open_clip_ids = reward.ClipTokenizer.from_folder(bpe_dir)(CAPTION_PROMPTS[2:3])[0]  # '&amp;' unescaped to '&'
+    open_clip_ids = OpenClipTokenizer.from_folder(bpe_dir)(CAPTION_PROMPTS[2:3])[0]  # '&amp;' unescaped to '&'
     assert not torch.equal(open_clip_ids[:n], inputs["input_ids"][2, :n])
 
 

@@ -28,7 +28,8 @@ import runtime
 import sampling
 import srpo
 import util
-from reward import HPSReward, control_words
+from reward import HPSReward
+from srpo import control_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -192,9 +193,9 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     monkeypatch.setattr(reward, "text_features", lambda prompts: captions.append(prompts) or text_features(prompts))
     relative = reward.relative_reward
 
-    def recording(images, prompts, k, positive, negative, preprocess_mode=None):
-        calls.append((k, positive, negative))
-        return relative(images, prompts, k, positive, negative, preprocess_mode)
+    def recording(images, positive_captions, negative_captions, k, preprocess_mode=None):
+        calls.append((k, positive_captions, negative_captions))
+        return relative(images, positive_captions, negative_captions, k, preprocess_mode)
 
     monkeypatch.setattr(reward, "relative_reward", recording)
     step, sel = 6, 300
@@ -202,7 +203,8 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     P, N = control_words(step)
     K = min(100, 1000 - sel, sel)
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[sel - K].item()
-    assert calls == [(pytest.approx(k_d), P, N), (pytest.approx(k_i), N, P)]
+    assert calls == [(pytest.approx(k_d), f"{P}. a red fox", f"{N}. a red fox"),
+                     (pytest.approx(k_i), f"{N}. a red fox", f"{P}. a red fox")]
     assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
 
 
@@ -512,7 +514,8 @@ def test_reward_and_loss_have_the_expected_signs(tiny):
 
     def denoise_reward():
         x0_hat = srpo.direct_align(model, x0, eps, sigma_hi, sigma_t, cond, cfg.guidance)
-        return reward.relative_reward(sampling.decode_images(ae, x0_hat, 32, 32), ["a red fox"], k_d, P, N, "crop")
+        return reward.relative_reward(sampling.decode_images(ae, x0_hat, 32, 32), f"{P}. a red fox", f"{N}. a red fox",
+                                      k_d, "crop")
 
     before = denoise_reward()
     srpo.hinge_loss(before, cfg.margin).backward()
@@ -841,11 +844,12 @@ def tiny_clip_folder(folder, seed=3):
     (in real_args the tiny HPS scorer's byte-level vocabulary)."""
     from transformers import CLIPModel
 
+    import clip_weights as cw
     import reward
 
     torch.manual_seed(seed)
     vocab_size = HPSReward.tiny().tokenizer.vocab_size
-    CLIPModel(reward.clip_config(**reward.TINY, vocab_size=vocab_size)).save_pretrained(folder)
+    CLIPModel(cw.clip_config(**reward.TINY, vocab_size=vocab_size)).save_pretrained(folder)
     return str(folder)
 
 

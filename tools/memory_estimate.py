@@ -36,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CLIPModel
 
+import clip_weights as cw
 import flux_model as fm
 import kernels.attention
 import kernels.rope
@@ -286,7 +287,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     recomputed blocks carry LoRA adapters."""
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
-    clip_cfg = clip_cfg or reward.clip_config(**VIT_H_14)
+    clip_cfg = clip_cfg or cw.clip_config(**VIT_H_14)
     # on the meta device, in the dtypes training holds them: the transformer as FSDP2 gathers it, the VAE in bf16,
     # the reward in fp32 (runtime.training_parts), plus a bf16 reward to show what its weight casts cost
     flux = with_lora(meta(lambda: fm.Flux(flux_cfg), torch.bfloat16), lora_rank)
