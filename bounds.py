@@ -66,6 +66,7 @@ BETA = Bounded(float, 0, 1, open_high=True, why="AdamW's moment decay")
 IMAGES_PER_PROMPT = Bounded(int, 1, 64, why="made in one batch: memory grows with it")
 TOKENS = Bounded(int, 1, 512, why="T5 tokens, FluxPipeline's limit")
 WINDOW_POINTS = Bounded(int, 11, 100_000, why="100 times the official 1000")
+LORA_RANK = Bounded(int, 1, 3072, why="at most a layer's smaller side, FLUX.1's width 3072")
 
 
 def check_fields(config):

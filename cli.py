@@ -11,11 +11,24 @@ import torch
 
 import clip_weights as cw
 import evaluation
+import export
 import reward
 import runtime
 import sampling
 import srpo
-from bounds import FINITE, GUIDANCE, IMAGES_PER_PROMPT, RUN_STEPS, SEED, SIZE, TIMESTEPS, TOKENS, Bounded, bound_of
+from bounds import (
+    FINITE,
+    GUIDANCE,
+    IMAGES_PER_PROMPT,
+    LORA_RANK,
+    RUN_STEPS,
+    SEED,
+    SIZE,
+    TIMESTEPS,
+    TOKENS,
+    Bounded,
+    bound_of,
+)
 from sampling import DEFAULT_PROMPT
 from util import (
     EXIT_DIVERGED,
@@ -138,6 +151,8 @@ def build_parser():
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
     add_config_flags(train)
+    export_flags(sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
+                                "weights", description=cmd_export.__doc__))
     score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
                                "reward", description=cmd_score.__doc__))
     for command in sub.choices.values():  # --help states each range as the error line would
@@ -224,6 +239,23 @@ def reward_flags(p, help):
     """--NAME for each reward model of reward.REWARDS, its file or folder: a new reward gets its flags here."""
     for kind in reward.REWARDS.values():
         p.add_argument(f"--{kind.name}", metavar=kind.metavar, help=help(kind))
+
+
+def export_flags(p):
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-STEP folder of `train` (full or LoRA)")
+    p.add_argument("--to", required=True, choices=export.FORMATS, help="bfl: one safetensors file in BFL's names "
+                   "(ComfyUI, Forge, diffusers' from_single_file); fp8: the same with float8_e4m3fn block weights; "
+                   "lora: a rank --rank LoRA extracted from (checkpoint - base) by SVD; merged: a LoRA checkpoint "
+                   "folded into full weights (a diffusers transformer folder)")
+    p.add_argument("--out", required=True, help="the file (bfl, fp8) or folder (lora, merged) to write")
+    p.add_argument("--base", metavar="FLUX", help="the model the checkpoint was trained from (a diffusers FLUX.1 "
+                   "folder, its transformer/, or flux1-dev.safetensors): needed by lora, merged and a LoRA "
+                   "checkpoint's bfl/fp8")
+    p.add_argument("--rank", type=LORA_RANK, help="--to lora: the rank R of the extracted LoRA (the energy table "
+                   "printed after it helps choose)")
+    p.add_argument("--dtype", default="bfloat16", help="bfl and merged: float32, bfloat16 (default, FLUX.1-dev's) or "
+                   "float16")
+    p.add_argument("--device", default="cpu", help="where lora's SVDs run: cpu, cuda or cuda:N")
 
 
 def score_flags(p):
@@ -444,11 +476,25 @@ def cmd_train(args):
         evaluation.report(run.out, cfg)
 
 
-COMMANDS = {"train": cmd_train, "sample": sampling.cmd_sample, "score": cmd_score}
+def cmd_export(args):
+    """Write a training checkpoint in the formats people run (export.py): a BFL-keyed single file for ComfyUI and
+    Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
+    is written tensor by tensor to a temporary name, then renamed."""
+    device = parse_device(args.device)
+    print(export.export(args.checkpoint, args.to, args.out, args.base, args.rank, parse_dtype(args.dtype, device),
+                        device))
+
+
+def cmd_sample(args):
+    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags."""
+    sampling.sample(sampling.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampling.SampleConfig)}))
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export}
 
 
 def main(argv=None):
-    """`python srpo.py train|sample|score`: one line on stderr and an exit code for every way a command ends."""
+    """`python srpo.py train|sample|score|export`: one line on stderr and an exit code for every way a command ends."""
     parser = build_parser()
     args = parse_args(parser, argv)
     try:

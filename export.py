@@ -156,9 +156,12 @@ def write_safetensors(path, specs, make, metadata):
 
 
 def check_file_out(out):
-    """A single-file export's --out must name a file, not a folder."""
+    """A single-file export's --out names a file in a folder that exists (a mistyped path is not made a folder)."""
     if os.path.isdir(out):
         raise InputError(f"{out}: a folder (expected the path of the .safetensors file to write)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise InputError(f"{out}: cannot write there, no folder {folder} (make it first)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

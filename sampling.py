@@ -306,32 +306,55 @@ def save_png(images, paths):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The sample command
+# Sampling to files: the work of `srpo.py sample` (cli.py makes its SampleConfig from the flags)
 
 
-def sample_jobs(args):
+@dataclass
+class SampleConfig:
+    """What `sample` makes and from what: the models, the prompts, the images' settings and where they go."""
+
+    out: str  # a PNG (with batch N: OUT-0.png ..); with prompts, a folder
+    flux: str | None = None  # a diffusers FLUX.1 folder; None: the tiny built-in models
+    transformer: str | None = None  # replacement transformer weights (one .safetensors file)
+    prompt: str | None = None  # None: DEFAULT_PROMPT
+    prompts: str | None = None  # a prompt file: line i's images go to out/i.png
+    height: int = 1024
+    width: int = 1024
+    steps: int = 50
+    guidance: float | None = None  # None: GUIDANCE (ignored, with a note, without a guidance embedding)
+    max_sequence_length: int = 512  # T5 tokens
+    seed: int = 0
+    batch: int = 1  # images per prompt
+    dtype: str | None = None  # None: bfloat16 on CUDA, else float32
+    lora: str | None = None  # a LoRA file merged into the transformer at load time
+    lora_scale: float = 1.0
+    device: str = "cpu"
+    attn: str | None = None  # triton | sdpa (None: triton on CUDA)
+
+
+def sample_jobs(s):
     """(prompt, image paths) pairs: --prompt into --out (with --batch N, OUT-0 .. OUT-(N-1)), or each line i of
     --prompts into --out/i.png (i zero-padded to 5 digits)."""
-    if args.prompts is None:
-        check_png_path(args.out)
-        return [(DEFAULT_PROMPT if args.prompt is None else args.prompt, png_paths(args.out, args.batch))]
-    if args.prompt is not None:
+    if s.prompts is None:
+        check_png_path(s.out)
+        return [(DEFAULT_PROMPT if s.prompt is None else s.prompt, png_paths(s.out, s.batch))]
+    if s.prompt is not None:
         raise InputError("give --prompt or --prompts, not both")
-    if os.path.splitext(args.out)[1]:
-        raise InputError(f"--out {args.out}: with --prompts, --out is a folder (images 00000.png, ... go in it)")
-    prompts = read_prompts(args.prompts)
-    check_writable(args.out)
-    return [(p, png_paths(os.path.join(args.out, f"{i:05d}.png"), args.batch)) for i, p in enumerate(prompts)]
+    if os.path.splitext(s.out)[1]:
+        raise InputError(f"--out {s.out}: with --prompts, --out is a folder (images 00000.png, ... go in it)")
+    prompts = read_prompts(s.prompts)
+    check_writable(s.out)
+    return [(p, png_paths(os.path.join(s.out, f"{i:05d}.png"), s.batch)) for i, p in enumerate(prompts)]
 
 
-def image_settings(args, dtype):
+def image_settings(s, dtype):
     """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
     rerun into the folder skips only images that it would have made itself."""
-    files = {k: v and os.path.realpath(v) for k, v in [("flux", args.flux), ("transformer", args.transformer),
-                                                         ("lora", args.lora)]}
-    return {"seed": args.seed, **files, "lora_scale": args.lora_scale if args.lora else None, "height": args.height,
-            "width": args.width, "steps": args.steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
-            "max_sequence_length": args.max_sequence_length, "batch": args.batch,
+    files = {k: v and os.path.realpath(v) for k, v in [("flux", s.flux), ("transformer", s.transformer),
+                                                         ("lora", s.lora)]}
+    return {"seed": s.seed, **files, "lora_scale": s.lora_scale if s.lora else None, "height": s.height,
+            "width": s.width, "steps": s.steps, "guidance": GUIDANCE if s.guidance is None else s.guidance,
+            "max_sequence_length": s.max_sequence_length, "batch": s.batch,
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -351,72 +374,72 @@ def check_rerun(out, jobs, settings):
                                  f"or the same settings to make the rest")
 
 
-def check_sample_flags(args):
-    """What ties the flags together (each one's range is cli.py's), before anything is read."""
-    check_size(args.height, args.width)
-    if args.lora and not os.path.isfile(args.lora):
-        raise InputError(f"--lora {args.lora}: no such file (expected a FLUX LoRA .safetensors)")
+def check_sample_flags(s):
+    """What ties the settings together (each flag's range is cli.py's), before anything is read."""
+    check_size(s.height, s.width)
+    if s.lora and not os.path.isfile(s.lora):
+        raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
 
 
-def sample_models(args, prompts, dtype, device):
+def sample_models(s, prompts, dtype, device):
     """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny built-in ones; the prompts are encoded first."""
-    if not args.flux:
+    if not s.flux:
         model, ae, text = tiny_models()
-        text.max_length = args.max_sequence_length
-        if args.transformer:
-            model = tiny_transformer(args.transformer, model.cfg, dtype, device)
+        text.max_length = s.max_sequence_length
+        if s.transformer:
+            model = tiny_transformer(s.transformer, model.cfg, dtype, device)
         return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
-    text = fm.TextConditioner.from_folder(args.flux, dtype, device, args.max_sequence_length)
+    text = fm.TextConditioner.from_folder(s.flux, dtype, device, s.max_sequence_length)
     embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
     del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
-    return *load_flux_folder(args.flux, args.transformer, dtype, device), embeddings
+    return *load_flux_folder(s.flux, s.transformer, dtype, device), embeddings
 
 
-def sample_guidance(args, cfg, rank):
+def sample_guidance(s, cfg, rank):
     """--guidance, GUIDANCE unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
     guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""
-    if not cfg.guidance_embed and args.guidance is not None and rank == 0:
+    if not cfg.guidance_embed and s.guidance is not None and rank == 0:
         print("note: this transformer has no guidance embedding (e.g. FLUX.1-schnell): --guidance is ignored",
               file=sys.stderr)
-    return GUIDANCE if args.guidance is None else args.guidance
+    return GUIDANCE if s.guidance is None else s.guidance
 
 
 @torch.no_grad()
-def cmd_sample(args):
+def sample(s):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
     folder's scheduler config (FLUX.1-dev's without one)."""
-    check_sample_flags(args)
-    rank, world, device = this_process(args.device)
-    dtype = parse_dtype(args.dtype, device)
-    if world > 1 and not args.prompts:
+    check_sample_flags(s)
+    rank, world, device = this_process(s.device)
+    dtype = parse_dtype(s.dtype, device)
+    if world > 1 and not s.prompts:
         raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
-    jobs, settings = sample_jobs(args), image_settings(args, dtype)
-    if args.prompts:
-        check_rerun(args.out, jobs, settings)
-    sigmas = flux_schedule(args.steps, (args.height // 16) * (args.width // 16),
-                           read_schedule(args.flux) if args.flux else FLUX_DEV)
-    if args.flux or args.transformer:  # check every file before the slow part
-        meta = (load_flux_folder(args.flux, args.transformer, dtype, "meta")[0] if args.flux else
-                tiny_transformer(args.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
-        if args.lora:
-            lora.merge_lora(meta, args.lora)
-    if args.prompts:
+    jobs, settings = sample_jobs(s), image_settings(s, dtype)
+    if s.prompts:
+        check_rerun(s.out, jobs, settings)
+    sigmas = flux_schedule(s.steps, (s.height // 16) * (s.width // 16),
+                           read_schedule(s.flux) if s.flux else FLUX_DEV)
+    if s.flux or s.transformer:  # check every file before the slow part
+        meta = (load_flux_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
+                tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
+        if s.lora:
+            lora.merge_lora(meta, s.lora)
+    if s.prompts:
         if rank == 0:
-            written(os.path.join(args.out, MANIFEST), functools.partial(write_manifest, args.out, jobs, settings))
+            written(os.path.join(s.out, MANIFEST), functools.partial(write_manifest, s.out, jobs, settings))
         # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
         jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
         if not jobs:
-            print(f"{args.out}: nothing left to make, the images exist")
+            print(f"{s.out}: nothing left to make, the images exist")
             return
-    model, ae, embeddings = sample_models(args, [p for p, _ in jobs], dtype, device)
-    if args.lora:
-        lora.merge_lora(model, args.lora, args.lora_scale)  # once: no per-step cost
-    model.set_attention_backend(attention_backend(args.attn, device))
-    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(args, model.cfg, rank), args)
+    model, ae, embeddings = sample_models(s, [p for p, _ in jobs], dtype, device)
+    if s.lora:
+        lora.merge_lora(model, s.lora, s.lora_scale)  # once: no per-step cost
+    model.set_attention_backend(attention_backend(s.attn, device))
+    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
 
 
-def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, args):
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s):
     """Each job's images, written as soon as they are made. SIGTERM / SIGINT stop after the current prompt's images
     (Stopped), a failed write ends with a Fault: the images written are whole, and the same command continues."""
     device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
@@ -424,11 +447,11 @@ def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, args):
     with StopSignals() as signals:
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
-            txt, y = (t.expand(args.batch, *t.shape[1:]) for t in embeddings[prompt])
-            x = initial_noise(args.batch, args.height, args.width, args.seed, txt.dtype).to(device, dtype)
-            cond = conditioning((txt, y), args.height, args.width, device, dtype)
+            txt, y = (t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
+            x = initial_noise(s.batch, s.height, s.width, s.seed, txt.dtype).to(device, dtype)
+            cond = conditioning((txt, y), s.height, s.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
-                                   args.height, args.width)
+                                   s.height, s.width)
             try:
                 written(", ".join(paths), functools.partial(save_png, images, paths))
             except Fault as e:

@@ -413,7 +413,7 @@ def grid_images(parts, prompts, cfg, path, ranks, wanted):
 
 
 def main(argv=None):
-    """`python srpo.py train|sample|score`: the command line is cli.py's (it imports this module, hence here)."""
+    """`python srpo.py train|sample|score|export`: the command line is cli.py's (it imports this module, hence here)."""
     import cli
 
     cli.main(argv)

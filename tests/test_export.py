@@ -18,6 +18,7 @@ import export
 import flux_model as fm
 import flux_weights as fw
 import lora
+import srpo
 from util import InputError
 
 CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
@@ -252,3 +253,21 @@ def test_bad_input_is_one_line(base, finetune, lora_checkpoint, tmp_path):
     with pytest.raises(InputError, match=r"single_blocks.0.linear2.weight holds 500, beyond float8_e4m3fn's range"):
         export.to_fp8(full_checkpoint(tmp_path / "big", big), str(tmp_path / "big.safetensors"))
     assert not os.path.exists(tmp_path / "big.safetensors.tmp")  # no half file left
+
+
+def test_the_export_command_writes_what_the_library_does(base, finetune, tmp_path, capsys):
+    """`srpo.py export` is export.export from the flags: the same bytes for --to bfl, the extracted LoRA's energy
+    table printed with --to lora, and a missing --rank or --base is one line, exit 2, nothing written."""
+    _, checkpoint = finetune
+    export.to_bfl(checkpoint, str(tmp_path / "library.safetensors"))
+    srpo.main(["export", checkpoint, "--to", "bfl", "--out", str(tmp_path / "command.safetensors")])
+    assert (tmp_path / "library.safetensors").read_bytes() == (tmp_path / "command.safetensors").read_bytes()
+    srpo.main(["export", checkpoint, "--to", "lora", "--rank", str(RANK), "--base", base[1], "--out",
+               str(tmp_path / "lora")])
+    assert "energy" in capsys.readouterr().out.lower()
+    for flags, words in [(["--to", "lora", "--base", base[1]], "--rank"), (["--to", "lora", "--rank", "2"], "base")]:
+        with pytest.raises(SystemExit) as exit_info:
+            srpo.main(["export", checkpoint, *flags, "--out", str(tmp_path / "none")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+        assert not os.path.exists(tmp_path / "none")

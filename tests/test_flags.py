@@ -70,7 +70,9 @@ def bad_values(command, action, tmp):
              "--pickscore": tmp / "no-pickscore", "--clip": tmp / "no-clip", "--tokenizer": tmp / "no-tokenizer",
              "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--device": "tpu9",
              "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
-             "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png"}.get(command)}
+             "checkpoint": tmp / "no-checkpoint", "--base": tmp / "no-flux",
+             "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png",
+                       "export": tmp / "no-folder" / "x.safetensors"}.get(command)}
     name = (action.option_strings or [action.dest])[0]
     assert paths.get(name) is not None, f"{command} {name}: give it an invalid value here, or list it as free text"
     return [paths[name]]
@@ -93,6 +95,10 @@ def base_command(command, flag, tmp):
         model = [] if flag in ("--hps", "--pickscore", "--clip") else ["--hps", tmp / "a-file"]
         text = {"--manifest": [], "images": ["--prompt", "a cat"]}.get(flag, ["--prompt", "a cat", tmp / "a.png"])
         return ["score", *model, "--tokenizer", tmp / "tokenizer", *text]
+    if command == "export":  # a real (tiny) checkpoint: only the flag's value is wrong
+        fw.save_transformer(fm.Flux(fm.FluxConfig.preset("tiny")), tmp / "checkpoint")
+        kind = ["--to", "lora", "--rank", "2", "--base", tmp / "checkpoint"] if flag in ("--base", "--device") else []
+        return ["export", tmp / "checkpoint", "--to", "bfl", *kind, "--out", tmp / "x.safetensors"]
     return [command, *small, "--out", tmp / ("run" if command == "train" else "x.png")]
 
 
