@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
+import cli as command_line
 import clip_weights as cw
 import flux_model as fm
 import flux_weights as fw
@@ -211,7 +212,8 @@ def test_lora_resume_is_exact(runs, tmp_path):
 def test_bad_lora_and_offload_input_gives_one_line_errors(flux_with_lora, tmp_path, capsys, monkeypatch):
     folder, _, lora_dir = flux_with_lora
     out = str(tmp_path / "run")
-    for rank, words in (("1025", "at most 1024, got 1025"), ("-2", "at least 0 and at most 1024")):
+    for rank, words in (("1025", "at most 1024 (a third of FLUX.1's width 3072), got 1025"),
+                        ("-2", "at least 0 and at most 1024")):
         code, err = run_cli([*RUN, "--lora-rank", rank, "--out", out], capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith("error: --lora-rank must be ") and words in err[0]
     sample = ["sample", "--flux", folder, "--height", "32", "--width", "32", "--steps", "1", "--out",
@@ -244,7 +246,7 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
     folder = os.path.join(out, runtime.CHECKPOINT.format(1))
     config = util.read_json(os.path.join(folder, "state.json"))["config"]
-    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (cli.LORA_LR, 4, 4.0)
+    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (command_line.LORA_LR, 4, 4.0)
     flux = real_args[real_args.index("--flux") + 1]
     ours = lora.add_adapters(fw.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
     ours.load_state_dict(torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"], strict=False)
