@@ -287,9 +287,10 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     """One branch: x0_hat = direct_align(sigma_from -> sigma_to), r = SRP(image(x0_hat), "P. prompt", "N. prompt",
     k) with the branch's word order, L = relu(m - r) / 2. The words go to the reward only, never to the model.
 
-    This is the official code's SRP: r = c img . ((1 + k) txt(P. prompt) - txt(N. prompt)). The paper writes the
-    relative reward as r(x, P) - r(x, N) (its eq. 9) and the k-weighted form is how its code balances the two
-    terms; at k = 0 they coincide. -> (L, r)."""
+    This is the official code's SRP: r = c img . ((1 + k) txt(P. prompt) - txt(N. prompt)). The paper defines SRP
+    as the difference of the two text-conditioned rewards, r = f_img(x) . (C_1 - C_2) with C_1, C_2 the embeddings
+    of the prompt with the positive and the negative words; the code weighs the positive term by (1 + k), k
+    scheduled per branch (k_schedule): at k = 0 the two coincide. -> (L, r)."""
     x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
     with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
         images = decode_images(ae, x0_hat, cfg.height, cfg.width)
