@@ -3,6 +3,7 @@ seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a pr
 
 Flow matching: x_sigma = sigma * eps + (1 - sigma) * x0; the model predicts v ~ eps - x0."""
 
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from util import (
     MANIFEST,
     Fault,
     InputError,
+    RunLock,
     Stopped,
     StopSignals,
     atomic_write,
@@ -408,33 +410,44 @@ def sample_guidance(s, cfg, rank):
 def sample(s):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
-    folder's scheduler config (FLUX.1-dev's without one)."""
+    folder's scheduler config (FLUX.1-dev's without one). A --prompts folder is one run's while it runs (OUT/.lock,
+    held by rank 0 for every process, as `train` holds its folder)."""
     check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
     if world > 1 and not s.prompts:
         raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
     jobs, settings = sample_jobs(s), image_settings(s, dtype)
-    if s.prompts:
-        check_rerun(s.out, jobs, settings)
-    sigmas = flux_schedule(s.steps, (s.height // 16) * (s.width // 16),
-                           read_schedule(s.flux) if s.flux else FLUX_DEV)
-    if s.flux or s.transformer:  # check every file before the slow part
-        meta = (load_flux_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
-        if s.lora:
-            lora.merge_lora(meta, s.lora)
-    if s.prompts:
-        if rank == 0:
-            written(os.path.join(s.out, MANIFEST), functools.partial(write_manifest, s.out, jobs, settings))
-        # prompts are independent: process r of w takes lines r, r + w, ..., with no communication at all
-        jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
-        if not jobs:
-            print(f"{s.out}: nothing left to make, the images exist")
-            return
+    with RunLock(s.out) if s.prompts and rank == 0 else contextlib.nullcontext():
+        if s.prompts:
+            check_rerun(s.out, jobs, settings)
+        if s.flux or s.transformer:  # check every file before the slow part
+            meta = (load_flux_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
+                    tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
+            if s.lora:
+                lora.merge_lora(meta, s.lora)
+        jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs
+        if jobs:
+            make_images(s, jobs, dtype, device, rank)
+
+
+def my_jobs(s, jobs, settings, rank, world):
+    """A --prompts folder's manifest written (rank 0), then this process's share of the jobs whose images are not
+    all made yet: prompts are independent, process r of w takes lines r, r + w, ..., with no communication."""
+    if rank == 0:
+        written(os.path.join(s.out, MANIFEST), functools.partial(write_manifest, s.out, jobs, settings))
+    jobs = [(p, paths) for p, paths in jobs[rank::world] if not all(os.path.exists(path) for path in paths)]
+    if not jobs:
+        print(f"{s.out}: nothing left to make, the images exist")
+    return jobs
+
+
+def make_images(s, jobs, dtype, device, rank):
+    """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn."""
+    sigmas = flux_schedule(s.steps, (s.height // 16) * (s.width // 16), read_schedule(s.flux) if s.flux else FLUX_DEV)
     model, ae, embeddings = sample_models(s, [p for p, _ in jobs], dtype, device)
     if s.lora:
-        lora.merge_lora(model, s.lora, s.lora_scale)  # once: no per-step cost
+        lora.merge_lora(model, s.lora, s.lora_scale)
     model.set_attention_backend(attention_backend(s.attn, device))
     sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
 

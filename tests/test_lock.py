@@ -92,6 +92,25 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     assert log_steps(out) == [1, 2] and not os.path.exists(lock)
 
 
+def test_a_sample_into_a_prompt_folder_another_process_holds_is_refused(tmp_path, capsys):
+    """`sample --prompts` holds its folder as `train` does: while another process holds OUT/.lock a second one ends
+    in one line naming it, exit 2, and writes nothing; once released, the same command runs."""
+    out, prompts = str(tmp_path / "out"), tmp_path / "p.txt"
+    prompts.write_text("a red fox\n")
+    os.makedirs(out)
+    lock = os.path.join(out, ".lock")
+    command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "1"]
+    holding = [sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"]
+    with running(holding, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0) as holder:
+        code, err = run_cli(command, capsys)
+        assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
+        assert os.listdir(out) == [".lock"]
+        holder.kill()
+        holder.wait(timeout=60)
+    srpo.main(command)
+    assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
+
+
 def test_a_sample_rerun_with_other_settings_is_refused_and_the_same_command_continues(tmp_path, capsys):
     """`sample --prompts` into a folder holding its images: another seed, prompt file or size is refused in one line
     naming what differs, the images and images.jsonl untouched; the same command makes only what is missing."""
