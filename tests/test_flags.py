@@ -68,8 +68,8 @@ def bad_values(command, action, tmp):
     paths = {"--flux": tmp / "no-flux", "--transformer": tmp / "no.safetensors", "--prompts": tmp / "no.txt",
              "--eval-prompts": tmp / "no.txt", "--lora": tmp / "no-lora.safetensors", "--hps": tmp / "no.pt",
              "--pickscore": tmp / "no-pickscore", "--clip": tmp / "no-clip", "--tokenizer": tmp / "no-tokenizer",
-             "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--device": "tpu9",
-             "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
+             "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--images": tmp / "no-images",
+             "--device": "tpu9", "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
              "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png"}.get(command)}
     name = (action.option_strings or [action.dest])[0]
     assert paths.get(name) is not None, f"{command} {name}: give it an invalid value here, or list it as free text"
