@@ -206,7 +206,7 @@ def visit_order(n, cfg):
     of range(n) seeded by --seed: each pass visits every item once, whatever the number of processes, and a resumed
     run sees what it would have."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
-    return lambda step, j: perm[((step - 1) * cfg.batch + j) % n]
+    return lambda step, j: int(perm[((step - 1) * cfg.batch + j) % n])
 
 
 def prompt_schedule(prompts, cfg):
@@ -340,11 +340,15 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
 
 def offline_x0(images, ae, out, cfg, ranks):
     """x0_of for --images: every image's x0 encoded into out/latents/ (image_data.Latents) by rank 0 while the others
-    wait (two processes writing one entry would share its temporary file); the steps read them back. The cache is
-    keyed by each file's content, the size and the VAE: a resumed run encodes only images it has not seen (another
-    folder, a changed file) and reuses the rest."""
+    wait (two processes writing one entry would share its temporary file); the steps read them back, so every
+    process must see rank 0's entries. The cache is keyed by each file's content, the size and the VAE: a resumed
+    run encodes only images it has not seen (another folder, a changed file) and reuses the rest."""
     latents = image_data.Latents(images, ae, os.path.join(out, "latents"))
     ranks.main_writes(f"the latent cache {latents.cache_dir}", latents.encode_all)
+    missing = [latents.entry(i) for i in range(len(latents)) if not os.path.isfile(latents.entry(i))]
+    if ranks.any(bool(missing)):  # else a process on another machine would encode them itself, into each other's files
+        raise InputError(f"{latents.cache_dir}: a process of the run does not see the latents rank 0 wrote there: "
+                         f"under torchrun on several machines, --out must be a folder they all share")
     return image_schedule(latents, cfg, ranks.device)
 
 

@@ -15,6 +15,7 @@ import image_data
 import runtime
 import sampling
 import srpo
+from util import InputError
 
 CAPTIONS = ("a red fox in the snow", "a bowl of peaches", "a lighthouse at dawn")
 TINY = ["--height", "32", "--width", "32", "--samples", "0", "--eval-every", "100",
@@ -111,20 +112,27 @@ def test_resume_reuses_the_cache_and_encodes_only_changed_images(tmp_path, monke
 
 def test_rank_0_encodes_and_the_others_read_its_entries(tmp_path, monkeypatch):
     """Under torchrun only rank 0 writes the cache (the others wait in its broadcast); every rank then gets the same
-    x0 for the same (step, j), the one image_data.Latents gives."""
+    x0 for the same (step, j), the one image_data.Latents gives. A rank that does not see rank 0's entries (another
+    machine, --out not shared) stops the run rather than encode them itself, into the files of its neighbours."""
     images = image_data.ImageSet(image_folder(tmp_path / "images"), 32, 32)
     ae, cfg, out = sampling.tiny_models()[1], srpo.TrainConfig(batch=2, height=32, width=32), str(tmp_path)
     monkeypatch.setattr(runtime.Ranks, "from_main", lambda self, obj: obj)  # rank 0 raised nothing
+    monkeypatch.setattr(runtime.Ranks, "any", lambda self, flag: flag)  # the other rank agrees
     calls = counted_encodes(monkeypatch)
-    x0_of = {}
-    for rank in (1, 0, 1):
-        x0_of[rank] = runtime.offline_x0(images, ae, out, cfg, runtime.Ranks(rank, 2, torch.device("cpu")))
-        assert len(calls) == (0 if len(x0_of) == 1 else 3), rank  # the first rank 1 found nothing, encoded nothing
+
+    def x0_of(rank):
+        return runtime.offline_x0(images, ae, out, cfg, runtime.Ranks(rank, 2, torch.device("cpu")))
+
+    with pytest.raises(InputError, match="--out must be a folder they all share"):
+        x0_of(1)  # before rank 0 has written anything: what a rank on another machine would see
+    assert calls == []
+    ranks = {0: x0_of(0), 1: x0_of(1)}
+    assert len(calls) == 3
     order = runtime.visit_order(3, cfg)
     fresh = image_data.Latents(images, ae, os.path.join(out, "latents"))
     for step, j in [(1, 0), (1, 1), (2, 0)]:
-        assert torch.equal(x0_of[0](step, j), x0_of[1](step, j))
-        assert torch.equal(x0_of[1](step, j), fresh[order(step, j)])
+        assert torch.equal(ranks[0](step, j), ranks[1](step, j))
+        assert torch.equal(ranks[1](step, j), fresh[order(step, j)])
     assert len(calls) == 3
 
 
