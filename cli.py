@@ -12,6 +12,7 @@ import torch
 import clip_weights as cw
 import evaluation
 import export
+import image_data
 import reward
 import runtime
 import sampling
@@ -72,6 +73,7 @@ TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-de
     python srpo.py train --flux FLUX_DIR --reward pickscore --pickscore PickScore_v1 --prompts prompts.txt --out runs/ps
     torchrun --nproc_per_node=8 srpo.py train --flux ...   # FSDP2: the 32 prompts of a step, 4 per GPU
     python srpo.py train --out runs/srpo --resume ...      # continue from the latest complete checkpoint
+    python srpo.py train --flux FLUX_DIR --hps ... --images photos/ --out runs/offline   # offline: real images
 
 Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
 updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
@@ -218,6 +220,13 @@ def train_flags(p):
         "; with another --reward: a second, independent reward that scores the held-out evaluations"
         if kind.name == "pickscore" else ""))
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
+    p.add_argument("--images", metavar="DIR", help="offline SRPO: x0 is the VAE encoding (posterior mean) of a real "
+                   "image, centre-cropped to --height x --width, instead of the online rollout, and the prompts are "
+                   "the captions (so no --prompts). DIR holds a metadata.jsonl, one {\"file_name\": ..., \"text\": "
+                   "...} per line, or else a .txt caption beside each image (a.png, a.txt); metadata.jsonl wins when "
+                   "both are there. Every image is checked first (a bad one is named); each x0 is encoded once into "
+                   "OUT/latents/, keyed by the file's content: --resume reuses them and encodes only new or changed "
+                   "images")
     p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
                    "(default runs/srpo)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -332,7 +341,7 @@ def run_config(args):
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
-        attn=args.attn)
+        attn=args.attn, images=args.images)
 
 
 def check_reward_flags(args, name):
@@ -460,20 +469,33 @@ def cmd_train(args):
     check_reward_flags(args, cfg.reward)
     if args.flux:
         runtime.check_guidance_embedding(args.flux, cfg)
-    prompts = read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
     run = run_config(args)
+    images, prompts = train_data(run, args.prompts, cfg)
     evaluation.check_run(run)
     with runtime.processes(run, cfg, world) as ranks:
         begin = runtime.start_point(run.out, cfg, run.resume, ranks)  # a refused --resume: before any model loads
         watch = evaluation.Watch.for_run(run, cfg, ranks)
         try:
-            parts = runtime.training_parts(run, cfg, prompts, ranks, begin)
+            parts = runtime.training_parts(run, cfg, prompts, ranks, begin, images)
             srpo.train(parts, prompts, cfg, run.out, ranks, watch)
         except (Fault, Diverged) as e:
             raise type(e)(f"{e}; {runtime.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
     if ranks.main:
         runtime.report(run.out)
         evaluation.report(run.out, cfg)
+
+
+def train_data(run, prompt_file, cfg):
+    """(images, prompts) of a run, before any model loads: with --images the folder's ImageSet, every image checked,
+    and its captions as the prompts; else (None, --prompts' or the demo's)."""
+    if run.images is None:
+        return None, read_prompts(prompt_file) if prompt_file else list(DEMO_PROMPTS)
+    if prompt_file:
+        raise InputError("--prompts and --images exclude each other: with --images the prompts are the images' "
+                         "captions")
+    images = image_data.ImageSet(run.images, cfg.height, cfg.width)
+    return images, images.captions
+
 
 
 def cmd_export(args):

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import flux_model as fm
 import flux_weights as fw
+import image_data
 import lora
 from kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
@@ -47,6 +48,7 @@ from util import (
     read_json,
     read_jsonl,
     this_process,
+    to_device,
     write_json,
     write_text,
     written,
@@ -72,6 +74,7 @@ class RunConfig:
     offload: bool = False  # FSDP2's CPU offload
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
+    images: str | None = None  # offline SRPO: a folder of captioned images whose x0 replace the online rollout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,12 +201,31 @@ def process_group_backend(device, offload):
     return "cpu:gloo,cuda:nccl" if offload else "nccl"
 
 
+def visit_order(n, cfg):
+    """Item j of the global batch at update s (from 1): perm[((s - 1) B + j) mod n], B = --batch, perm a permutation
+    of range(n) seeded by --seed: each pass visits every item once, whatever the number of processes, and a resumed
+    run sees what it would have."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
+    return lambda step, j: int(perm[((step - 1) * cfg.batch + j) % n])
+
+
 def prompt_schedule(prompts, cfg):
-    """Prompt j of the global batch at update s (from 1): prompts[perm[((s - 1) B + j) mod n]], B = --batch, perm a
-    permutation seeded by --seed: each pass visits every prompt once, whatever the number of processes, and a
-    resumed run sees what it would have."""
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts")))
-    return lambda step, j: prompts[perm[((step - 1) * cfg.batch + j) % len(prompts)]]
+    """prompt_of(step, j): prompt j of the global batch at update s, prompts[visit_order(s, j)]."""
+    order = visit_order(len(prompts), cfg)
+    return lambda step, j: prompts[order(step, j)]
+
+
+def image_schedule(latents, cfg, device):
+    """x0_of(step, j) with --images: the x0 of image j of the global batch at update s (image_data.Latents, read from
+    its cache), on the device. The images are visited as prompts are, so that prompt_schedule of their captions
+    gives this image's caption for the same (s, j)."""
+    order = visit_order(len(latents), cfg)
+    return lambda step, j: to_device(latents[order(step, j)], device)
+
+
+def online(step, j):
+    """x0_of without --images: no x0 given, the step makes its own (srpo.online_rollout)."""
+    return None
 
 
 def local_batch(cfg, world):
@@ -273,7 +295,8 @@ def fsdp_shard(model, load, ranks):
 
 class Parts(NamedTuple):
     """What a run trains with: the transformer and its AdamW, the frozen VAE and reward, the prompts' embeddings
-    ({prompt: (txt, y)} on the host), which prompt comes when (prompt_of(step, j)), the step it starts after."""
+    ({prompt: (txt, y)} on the host), which prompt comes when (prompt_of(step, j)), the step it starts after, and the
+    x0 that replaces the rollout of prompt j at update s (x0_of(step, j); None: online)."""
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -282,15 +305,17 @@ class Parts(NamedTuple):
     embeddings: dict
     prompt_of: object
     start: int
+    x0_of: object = online
 
 
-def training_parts(run, cfg, prompts, ranks, begin):
+def training_parts(run, cfg, prompts, ranks, begin, images=None):
     """Everything loaded, resumed and warmed up. The text encoders live only long enough to embed this rank's
     prompts (T5-XXL alone is 9.5 GB in bf16); the VAE and the reward are frozen (gradients flow through them to
     the image, never into them). The reward keeps fp32 weights and runs under bf16 autocast, like the transformer
     and the VAE decode it backpropagates through; the official script ran its reward under fp16 autocast, whose
     narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range). The held-out
-    evaluation's prompts are embedded too. begin: start_point's (step, folder)."""
+    evaluation's prompts are embedded too. begin: start_point's (step, folder). images: --images' ImageSet (the
+    prompts are its captions), encoded once the text encoders are freed (offline_x0)."""
     start, folder = begin
     prompt_of = prompt_schedule(prompts, cfg)
     # the schedule repeats every len(prompts) updates: those hold every prompt this rank will see, however long the run
@@ -299,16 +324,32 @@ def training_parts(run, cfg, prompts, ranks, begin):
     frozen = frozen_dtype(ranks.device)
     base = frozen if cfg.lora_rank else torch.float32
     ae, text, flux_cfg, load = frozen_parts(run.flux, frozen, ranks.device, base)
+    ae = ae.to(ranks.device, frozen)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(run.eval_prompts))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
+    x0_of = offline_x0(images, ae, run.out, cfg, ranks) if images else online
     if folder and not cfg.lora_rank:
         load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
     model = build_transformer(load, flux_cfg, ranks, attention_backend(run.attn, ranks.device), adapters(cfg, folder),
                               base)
     reward = load_reward(run, cfg.reward, ranks.device)
-    return ready(model, ae.to(ranks.device, frozen), reward, embeddings, prompt_of, cfg, start, folder, ranks)
+    return ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of)
+
+
+def offline_x0(images, ae, out, cfg, ranks):
+    """x0_of for --images: every image's x0 encoded into out/latents/ (image_data.Latents) by rank 0 while the others
+    wait (two processes writing one entry would share its temporary file); the steps read them back, so every
+    process must see rank 0's entries. The cache is keyed by each file's content, the size and the VAE: a resumed
+    run encodes only images it has not seen (another folder, a changed file) and reuses the rest."""
+    latents = image_data.Latents(images, ae, os.path.join(out, "latents"))
+    ranks.main_writes(f"the latent cache {latents.cache_dir}", latents.encode_all)
+    missing = [latents.entry(i) for i in range(len(latents)) if not os.path.isfile(latents.entry(i))]
+    if ranks.any(bool(missing)):  # else a process on another machine would encode them itself, into each other's files
+        raise InputError(f"{latents.cache_dir}: a process of the run does not see the latents rank 0 wrote there: "
+                         f"under torchrun on several machines, --out must be a folder they all share")
+    return image_schedule(latents, cfg, ranks.device)
 
 
 def frozen_dtype(device):
@@ -317,7 +358,7 @@ def frozen_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
+def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of=online):
     """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
     resuming) and the Triton kernels tuned before the first step. -> Parts."""
     ae.requires_grad_(False)
@@ -331,7 +372,7 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks):
     if folder:
         load_training_state(model, opt, folder, ranks, cfg.lora_rank)
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
-    return Parts(model, opt, ae, reward, embeddings, prompt_of, start)
+    return Parts(model, opt, ae, reward, embeddings, prompt_of, start, x0_of)
 
 
 def frozen_parts(flux, dtype, device, weights=torch.float32):

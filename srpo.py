@@ -23,6 +23,7 @@ L = relu(0.7 - r) / 2.
 One step (`train_step`), for each prompt of the global batch:
     eps ~ N(0, I), one draw shared by every prompt and rank            shared_noise
     x0 = 25-step Euler rollout of the current model, no gradient       online_rollout
+      or offline (train --images): the VAE encoding of a real image    image_data.py, runtime.offline_x0
     sel ~ U{5..995}: each branch's sigmas and k in the window          timestep_window, draw_timestep, branch_sigmas
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
@@ -312,22 +313,25 @@ def srpo_losses(model, ae, reward, x0, eps, item, step, cfg):
 
 
 class Prompt(NamedTuple):
-    """A prompt of the step's batch: its text, its Conditioning and its timestep draw sel."""
+    """A prompt of the step's batch: its text, its Conditioning, its timestep draw sel, and offline (--images) the
+    x0 of its image (None: the step's online rollout makes x0)."""
 
     text: str
     cond: sampling.Conditioning
     sel: int
+    x0: torch.Tensor | None = None
 
 
 def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_losses):
-    """One update on this rank's share of the global batch ([Prompt]): per prompt the rollout and the method's
-    branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
-    reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
+    """One update on this rank's share of the global batch ([Prompt]): per prompt the rollout (offline: its image's
+    x0) and the method's branches, each branch backpropagated as soon as it is built (one graph alive at a time;
+    under FSDP each backward reduce-scatters, rather than holding a full fp32 gradient until the last), then clip
+    and AdamW.
     -> {"loss", "reward_NAME" per branch, "grad_norm"}, means over the global batch."""
     eps = shared_noise(cfg, step, ranks.device)
     totals, names = 0, []
     for item in batch:
-        x0 = online_rollout(model, eps, item.cond, cfg)
+        x0 = online_rollout(model, eps, item.cond, cfg) if item.x0 is None else item.x0
         losses, rewards = [], []
         for name, loss, r in method(model, ae, reward, x0, eps, item, step, cfg):
             (loss * (1 / len(batch))).backward()  # FSDP averages over the ranks: 1 / global batch in all
@@ -357,9 +361,11 @@ def optimizer_step(model, opt, totals, names, step, cfg, ranks):
 
 
 def step_batch(parts, cfg, step, ranks):
-    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning, their draws."""
+    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning, their draws,
+    their images' x0 when offline."""
     return [Prompt(p, sampling.conditioning(parts.embeddings[p], cfg.height, cfg.width, ranks.device),
-                   draw_timestep(cfg, step, j)) for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
+                   draw_timestep(cfg, step, j), parts.x0_of(step, j))
+            for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
 
 
 def train(parts, prompts, cfg, out, ranks, watch=None):

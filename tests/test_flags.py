@@ -68,8 +68,8 @@ def bad_values(command, action, tmp):
     paths = {"--flux": tmp / "no-flux", "--transformer": tmp / "no.safetensors", "--prompts": tmp / "no.txt",
              "--eval-prompts": tmp / "no.txt", "--lora": tmp / "no-lora.safetensors", "--hps": tmp / "no.pt",
              "--pickscore": tmp / "no-pickscore", "--clip": tmp / "no-clip", "--tokenizer": tmp / "no-tokenizer",
-             "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--device": "tpu9",
-             "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
+             "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--images": tmp / "no-images",
+             "--device": "tpu9", "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
              "checkpoint": tmp / "no-checkpoint", "--base": tmp / "no-flux",
              "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png",
                        "export": tmp / "no-folder" / "x.safetensors"}.get(command)}
