@@ -412,7 +412,7 @@ def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
     model, ae = sampling.load_flux_folder(flux_folder, None, torch.float32, "cpu")
     txt, y = text([prompt])
     x = sampling.initial_noise(1, height, width, seed, torch.float32)
-    cond = (fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
+    cond = sampling.Conditioning(fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
     x = sampling.euler_sample(model, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
     ours = sampling.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
     assert rel_err(ours, torch.from_numpy(expected[0])) <= TOL
