@@ -21,7 +21,8 @@ from util import derive_seed
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox"
-SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--eval-every", "1000"]
+SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--eval-every", "1000",
+         "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
 
 
 @pytest.fixture(scope="module", autouse=True)
