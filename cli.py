@@ -86,7 +86,8 @@ TRAIN_HELP = {
               "table): direct-align (Direct-Align, the plain reward: --no-inversion --plain-reward), refl (ReFL, "
               "ImageReward's), draft-lv (DRaFT-LV)",
     "lr": "AdamW learning rate, constant after the warm-up",
-    "lr_warmup": "linear learning-rate warm-up: update s has lr min(1, s / N) (0: none, the official constant lr)",
+    "lr_warmup": "N, a linear warm-up: update s = 1, 2, ... steps with lr * min(1, s / N) (0: none, the official "
+                 "constant lr)",
     "betas": "AdamW betas",
     "adam_eps": "AdamW epsilon",
     "weight_decay": "AdamW weight decay",

@@ -53,18 +53,13 @@ def setup(tiny, rollout_steps=4):
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=rollout_steps)
     cond = sampling.conditioning(text([PROMPT]), cfg.height, cfg.width, CPU)
     model = copy.deepcopy(model)
-    return model, ae, reward, cfg, cond, srpo.shared_noise(cfg, 1, CPU), caller(model, cfg)
+    return model, ae, reward, cfg, cond, srpo.shared_noise(cfg, 1, CPU), caller(model, cond)
 
 
-def caller(model, cfg):
+def caller(model, cond):
     """v(x, sigma, guidance): the transformer called as the official script calls it, told int(1000 sigma) / 1000."""
-    txt, y = tiny_text()
-    img_ids, txt_ids = fm.image_ids(cfg.height, cfg.width), torch.zeros(txt.shape[1], 3)
-    return lambda x, sigma, g: model(x, img_ids, txt, txt_ids, y, torch.tensor([official_t(sigma)]), torch.tensor([g]))
-
-
-def tiny_text():
-    return sampling.tiny_models()[2]([PROMPT])
+    return lambda x, sigma, g: model(x, cond.img_ids, cond.txt, cond.txt_ids, cond.y, torch.tensor([official_t(sigma)]),
+                                     torch.tensor([g]))
 
 
 def euler_chain(call, eps, sigmas, guidance):
@@ -118,7 +113,7 @@ def test_direct_align_is_one_denoise_branch_with_the_plain_score_and_the_hinge(t
                             1000)
     K = min(100, 1000 - sel, sel)
     s_hi, s_t = window[1000 - sel - K], window[1000 - sel]
-    ref_call = caller(reference, cfg)
+    ref_call = caller(reference, cond)
     x = s_hi * eps + (1 - s_hi) * x0
     x = x + (s_t - s_hi) * ref_call(x, s_hi, 3.5)
     r = plain_score(ae, reward, (x - s_t * eps) / (1 - s_t), cfg)
@@ -146,7 +141,7 @@ def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny,
     assert list(out) == ["refl"]
     i = {5: 6, 995: 7}[sel]
     sigmas = shift3(torch.linspace(1, 0, 9))
-    ref_call = caller(reference, cfg)
+    ref_call = caller(reference, cond)
     x = euler_chain(ref_call, eps, sigmas[: i + 1], 1.0)
     r = plain_score(ae, reward, x - sigmas[i] * ref_call(x, sigmas[i], 3.5), cfg)
     assert out["refl"][1].item() == pytest.approx(r.item(), rel=1e-5)
@@ -165,7 +160,7 @@ def test_draft_lv_renoises_the_final_sample_twice_and_ascends_the_mean_reward(ti
     assert list(out) == ["renoise1", "renoise2"]
     noises = [sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, j), torch.float32) for j in (0, 1)]
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], eps)
-    ref_call, s = caller(reference, cfg), sigmas[-2]
+    ref_call, s = caller(reference, cond), sigmas[-2]
     rewards = []
     for noise in noises:
         x = s * noise + (1 - s) * x0
