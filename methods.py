@@ -61,9 +61,11 @@ def refl_losses(model, ae, reward, x0, eps, item, step, cfg):
         x0_hat = x_i - sigma_i v(x_i, sigma_i)                        one Euler step to sigma 0 (srpo.model_step)
         L = relu(2 - score(image(x0_hat), prompt))                    ImageReward's phi
 
-    ImageReward scales the loss by lambda = 1e-3; it is left out: AdamW's step does not depend on a constant loss
-    scale (but through its eps and the clipping at --grad-clip). x0 (SRPO's rollout) is not used: the method rolls
-    its own chain (own_rollout), i + 1 model calls, one with gradient."""
+    ImageReward's ReFL.py (40 steps, i = randint(30, 39)) scales the loss by lambda = 1e-3 (--grad_scale); it is left
+    out: AdamW's step does not depend on a constant loss scale (but through its eps and the clipping at --grad-clip).
+    That script also tells the UNet the index i as its timestep at the gradient step; here the model is told the
+    step's own sigma, as in the chain. x0 (SRPO's rollout) is not used: the method rolls its own chain (own_rollout),
+    i + 1 model calls, one with gradient."""
     i = refl_step(cfg, item.sel)
     x = srpo.online_rollout(model, eps, item.cond, cfg, steps=i)
     sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][i]
