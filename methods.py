@@ -30,7 +30,9 @@ from util import derive_seed, to_device
 
 REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
 REFL_MARGIN = 2.0  # ImageReward's reward-to-loss map phi(r) = relu(2 - r)
-DRAFT_LV_NOISES = 2  # n, DRaFT-LV's re-noisings of the final image per sample (Clark et al. 2023 use n = 2)
+# n, DRaFT-LV's re-noisings of the final image per sample: 2 as we recall Clark et al. 2023's experiments (not
+# checked against the paper here); the SRPO paper does not give it
+DRAFT_LV_NOISES = 2
 
 
 def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
