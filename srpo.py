@@ -376,8 +376,8 @@ def optimizer_step(model, opt, totals, names, step, cfg, ranks):
 
 
 def learning_rate(cfg, step):
-    """lr_s = lr min(1, s / W) for update s = 1, 2, ..., W = --lr-warmup (0: the official constant lr). The first
-    update already moves (diffusers' constant_with_warmup, the official script's scheduler, gives it lr 0)."""
+    """lr_s = lr min(1, s / W) for update s = 1, 2, ..., W = --lr-warmup (0: the launch scripts' constant lr). The
+    first update already moves (diffusers' constant_with_warmup, the official script's scheduler, gives it lr 0)."""
     return cfg.lr * min(1.0, step / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
 
 
