@@ -13,6 +13,7 @@ import clip_weights as cw
 import evaluation
 import export
 import image_data
+import methods
 import reward
 import runtime
 import sampling
@@ -96,7 +97,12 @@ LORA_LR = 1e-4
 TRAIN_HELP = {
     "reward": "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H (--clip), as the "
               "official --reward_model; it picks the per-reward defaults (the table above)",
-    "lr": "AdamW learning rate, constant",
+    "method": "the training method: SRPO, or a baseline of its paper's Table 1 (methods.py; the README's Methods "
+              "table): direct-align (Direct-Align, the plain reward: --no-inversion --plain-reward), refl (ReFL, "
+              "ImageReward's), draft-lv (DRaFT-LV)",
+    "lr": "AdamW learning rate, constant after the warm-up",
+    "lr_warmup": "N, a linear warm-up: update s = 1, 2, ... steps with lr * min(1, s / N) (0: none, the official "
+                 "constant lr)",
     "betas": "AdamW betas",
     "adam_eps": "AdamW epsilon",
     "weight_decay": "AdamW weight decay",
@@ -107,13 +113,20 @@ TRAIN_HELP = {
     "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
     "rollout_guidance": "guidance of the online rollout",
     "guidance": "guidance of the two branch model calls and of the sample grids",
-    "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))",
+    "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, G + 1)), G --window-grid",
+    "window_grid": "G, the steps of the schedule S the window is cut from (the official --vis_sampling_step)",
     "window_points": "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
     "max_gap": "K_max, the largest gap in window points between a branch's start and sigma_t (the official "
                "int((1 - 0.9) * 1000) + 1, which is 100 in floating point)",
     "k_denoise": "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]",
     "k_inversion": "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]",
     "margin": "hinge margin m: loss = relu(m - r) / 2 per branch",
+    "no_inversion": "ablation: train the denoise branch only (the official README's check of an implementation: "
+                    "without the inversion branch, reward hacking comes back)",
+    "plain_reward": "ablation, SRP off: every branch rewards the reward model's plain score of the prompt, no control "
+                    "words (with the inversion branch kept, its gradient then opposes the denoise branch's). A "
+                    "logit-scaled reward (pickscore, clip) scores about 20: give a --margin above that, else the hinge "
+                    "is 0",
     "steps": "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop counts "
              "to 20 but its step 20 only saves, so its released checkpoint holds 19 updates: the default (a resumed "
              "run stops at N too)",
@@ -306,13 +319,17 @@ def recipe_table():
 def add_config_flags(parser):
     """One flag per TrainConfig field, its range the field's annotation; default None so that config_from_flags can
     tell the demo's and the reward's defaults apart."""
+    choices = {"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)}
     for f in fields(srpo.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # an ablation switch, off by default
+            parser.add_argument(flag, action="store_true", default=None, help=TRAIN_HELP[f.name])
+            continue
         notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in srpo.REWARD_RECIPES.items()
                  if f.name in recipe]
         tiny = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
         pair = isinstance(f.default, tuple)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=bound_of(srpo.TrainConfig, f.name), default=None,
-                            choices=tuple(reward.REWARDS) if f.name == "reward" else None,
+        parser.add_argument(flag, type=bound_of(srpo.TrainConfig, f.name), default=None, choices=choices.get(f.name),
                             nargs=2 if pair else None, metavar=("A", "B") if pair else None,
                             help=f"{TRAIN_HELP[f.name]} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
 
@@ -477,7 +494,7 @@ def cmd_train(args):
         watch = evaluation.Watch.for_run(run, cfg, ranks)
         try:
             parts = runtime.training_parts(run, cfg, prompts, ranks, begin, images)
-            srpo.train(parts, prompts, cfg, run.out, ranks, watch)
+            srpo.train(parts, prompts, cfg, run.out, ranks, watch, methods.METHODS[cfg.method])
         except (Fault, Diverged) as e:
             raise type(e)(f"{e}; {runtime.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
     if ranks.main:

@@ -122,6 +122,15 @@ def captioned_grid(images, captions):
     return np.asarray(grid)
 
 
+def grid_images(parts, prompts, cfg, path, ranks, wanted):
+    """The before/after view: the first --samples prompts at FLUX.1-dev's inference settings, written by rank 0."""
+    conds = [sampling.conditioning(parts.embeddings[p], cfg.height, cfg.width, ranks.device)
+             for p in prompts[: cfg.samples]]
+    if wanted and conds:
+        images = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)
+        ranks.main_writes(f"the sample grid {path}", functools.partial(sampling.save_png, images, [path]))
+
+
 class Watch:
     """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`). The
     loop calls them where they run: open(), log() each step, evaluate() when due(), best_step() for the pruning."""

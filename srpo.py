@@ -56,11 +56,10 @@ from reward import REWARDS
 from sampling import autocast, check_size, decode_images, euler_sample, initial_noise
 from util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 
-WINDOW_GRID = 50  # the window is cut from the 50-step shift-3 schedule, as the official script does
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
 K_MAX = int((1 - 0.9) * 1000) + 1
-WINDOW = Bounded(int, 0, WINDOW_GRID, why="indices into the 51-point grid S")
+WINDOW = Bounded(int, 0, 1000, why="indices into the grid S of --window-grid steps")
 PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
 
 
@@ -71,8 +70,10 @@ class TrainConfig:
     range its annotation states."""
 
     reward: str = "hps"  # the reward model trained against: hps | pickscore | clip, with its recipe (below)
-    # AdamW at a constant learning rate, the gradient norm clipped
+    method: str = "srpo"  # srpo_losses here, or a baseline of methods.py (cli.py passes its function to train)
+    # AdamW at a constant learning rate (after a linear warm-up of lr_warmup updates; 0: none), the norm clipped
     lr: Annotated[float, bounds.POSITIVE] = 5e-6
+    lr_warmup: Annotated[int, Bounded(int, 0, bounds.STEPS_MAX, why="updates")] = 0
     betas: Annotated[tuple, bounds.BETA] = (0.9, 0.999)
     adam_eps: Annotated[float, bounds.POSITIVE] = 1e-8
     weight_decay: Annotated[float, bounds.NON_NEGATIVE] = 1e-4
@@ -86,11 +87,14 @@ class TrainConfig:
     guidance: Annotated[float, bounds.GUIDANCE] = 3.5  # the two branch model calls' and the sample grids'
     # Direct-Align's window and branches, SRP's k and the hinge
     window: Annotated[tuple, WINDOW] = (5, 25)  # sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))
+    window_grid: Annotated[int, bounds.TIMESTEPS] = 50  # S's steps: the official --vis_sampling_step
     window_points: Annotated[int, bounds.WINDOW_POINTS] = 1000  # N: sigmas_l = linspace(S[A], S[B], N)
     max_gap: Annotated[int, bounds.WINDOW_POINTS] = K_MAX  # K_max, window points from a branch's start to sigma_t
     k_denoise: Annotated[tuple, bounds.FINITE] = (0.1, 0.25)  # k_d = linspace(A, B, N)[sel]
     k_inversion: Annotated[tuple, bounds.FINITE] = (0.3, 0.01)  # k_i = linspace(A, B, N)[max(sel - K, 1)]
     margin: Annotated[float, bounds.FINITE] = 0.7  # m: L = relu(m - r) / 2 per branch
+    no_inversion: bool = False  # ablation: the denoise branch only (the official README: reward hacking comes back)
+    plain_reward: bool = False  # ablation, SRP off: every branch rewards score(image, prompt), no control words
     # the run: updates numbered 1..steps (the official loop's step 20 only saves: its checkpoint holds 19 updates)
     steps: Annotated[int, bounds.RUN_STEPS] = 19
     save_every: Annotated[int, bounds.RUN_STEPS] = 5
@@ -108,8 +112,9 @@ class TrainConfig:
             raise InputError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         check_fields(self)
         check_size(self.height, self.width)
-        if not self.window[0] < self.window[1]:
-            raise InputError(f"--window A B must satisfy A < B, got {self.window[0]} {self.window[1]}")
+        if not self.window[0] < self.window[1] <= self.window_grid:
+            raise InputError(f"--window A B must satisfy A < B <= --window-grid {self.window_grid}, got "
+                             f"{self.window[0]} {self.window[1]}")
         sampling.check_training_size(self.height, self.width)  # the official decode is tiled above 1024
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
@@ -181,18 +186,20 @@ def rollout_schedule(steps, shift, device):
 
 
 @torch.no_grad()
-def online_rollout(model, eps, cond, cfg):
+def online_rollout(model, eps, cond, cfg, steps=None):
     """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the clean image that
-    Direct-Align noises and recovers is the current model's own sample (online)."""
+    Direct-Align noises and recovers is the current model's own sample (online). steps: only the first ones, the
+    state at sigmas[steps] (ReFL's chain stops early)."""
     sigmas, timesteps = rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)
+    stop = cfg.rollout_steps if steps is None else steps
     with autocast(eps.device):
-        return euler_sample(model, eps, sigmas, cond, cfg.rollout_guidance, timesteps)
+        return euler_sample(model, eps, sigmas[: stop + 1], cond, cfg.rollout_guidance, timesteps)
 
 
 def timestep_window(cfg):
-    """sigmas_l = linspace(S[A], S[B], N), S = shift(linspace(1, 0, 51)), (A, B) = (5, 25): sigma 0.964 .. 0.75.
-    Training stays off the late, low-noise steps, where optimizing the reward invites reward hacking."""
-    S = shifted_schedule(WINDOW_GRID, cfg.shift)
+    """sigmas_l = linspace(S[A], S[B], N), S = shift(linspace(1, 0, G + 1)), G = 50, (A, B) = (5, 25): sigma 0.964
+    .. 0.75. Training stays off the late, low-noise steps, where optimizing the reward invites reward hacking."""
+    S = shifted_schedule(cfg.window_grid, cfg.shift)
     return torch.linspace(S[cfg.window[0]].item(), S[cfg.window[1]].item(), cfg.window_points)
 
 
@@ -293,18 +300,27 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     of the prompt with the positive and the negative words; the code weighs the positive term by (1 + k), k
     scheduled per branch (k_schedule): at k = 0 the two coincide. -> (L, r)."""
     x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
-    with autocast(x0.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
-        images = decode_images(ae, x0_hat, cfg.height, cfg.width)
-        positive, negative = (control_caption(word, item.text) for word in (branch.positive, branch.negative))
-        r = reward.relative_reward(images, positive, negative, branch.k, preprocess_mode="crop")  # SRPO's training crop
+    r = image_reward(ae, reward, x0_hat, item.text, cfg, None if cfg.plain_reward else branch)
     return hinge_loss(r, cfg.margin), r
+
+
+def image_reward(ae, reward, x0_hat, text, cfg, branch=None):
+    """r of the decoded image on SRPO's training crop: SRP's relative reward with the branch's words and k, or with
+    no branch the reward model's plain score(image, prompt) (--plain-reward, the baselines of methods.py)."""
+    with autocast(x0_hat.device):  # the reward too: bf16, not the official fp16 (see runtime.training_parts)
+        images = decode_images(ae, x0_hat, cfg.height, cfg.width)
+        if branch is None:
+            return reward.score(images, text, preprocess_mode="crop")
+        positive, negative = (control_caption(word, text) for word in (branch.positive, branch.negative))
+        return reward.relative_reward(images, positive, negative, branch.k, preprocess_mode="crop")
 
 
 def srpo_losses(model, ae, reward, x0, eps, item, step, cfg):
     """SRPO, the training method: a prompt's rollout x0 into its branch losses, (name, L, r) per branch, each
-    yielded as soon as it is built so that the step backpropagates it before the next one is made. Another method
-    (ReFL, DRaFT, plain Direct-Align) is another function of this shape."""
-    for branch in branches(cfg, item.sel, step):
+    yielded as soon as it is built so that the step backpropagates it before the next one is made (--no-inversion:
+    the denoise branch's only). Another method (ReFL, DRaFT, plain Direct-Align: methods.py) has this shape too."""
+    denoise, inversion = branches(cfg, item.sel, step)
+    for branch in (denoise,) if cfg.no_inversion else (denoise, inversion):
         yield branch.name, *srp_loss(model, ae, reward, x0, eps, item, branch, cfg)
 
 
@@ -323,22 +339,24 @@ class Prompt(NamedTuple):
 
 
 def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_losses):
-    """One update on this rank's share of the global batch ([Prompt]): per prompt the rollout (offline: its image's
-    x0) and the method's branches, each branch backpropagated as soon as it is built (one graph alive at a time;
-    under FSDP each backward reduce-scatters, rather than holding a full fp32 gradient until the last), then clip
-    and AdamW.
-    -> {"loss", "reward_NAME" per branch, "grad_norm"}, means over the global batch."""
+    """One update on this rank's share of the global batch ([Prompt]): per prompt its x0 (the online rollout, or
+    offline its image's; none for a method that rolls its own chain from eps, own_rollout: ReFL) and the method's
+    branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
+    reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
+    -> {"loss", "reward_NAME" and "loss_NAME" per branch, "grad_norm"}, means over the global batch."""
     eps = shared_noise(cfg, step, ranks.device)
     totals, names = 0, []
     for item in batch:
-        x0 = online_rollout(model, eps, item.cond, cfg) if item.x0 is None else item.x0
+        x0 = item.x0
+        if x0 is None and not getattr(method, "own_rollout", False):
+            x0 = online_rollout(model, eps, item.cond, cfg)
         losses, rewards = [], []
         for name, loss, r in method(model, ae, reward, x0, eps, item, step, cfg):
             (loss * (1 / len(batch))).backward()  # FSDP averages over the ranks: 1 / global batch in all
             names += [name] if name not in names else []
             losses.append(loss.detach())
             rewards.append(r.detach().mean())
-        totals = totals + torch.stack([sum(losses), *rewards]) / len(batch)
+        totals = totals + torch.stack([sum(losses), *rewards, *losses]) / len(batch)
     return optimizer_step(model, opt, totals, names, step, cfg, ranks)
 
 
@@ -350,14 +368,23 @@ def optimizer_step(model, opt, totals, names, step, cfg, ranks):
     # with --offload the norm is the host gradients': it joins the others on the device
     norm = norm.to(ranks.device, torch.float64).reshape(1)
     values = torch.cat([ranks.mean(totals.double()), norm]).tolist()
-    labels = ["loss", *(f"{name} reward" for name in names), "gradient norm"]
+    labels = ["loss", *(f"{name} reward" for name in names), *(f"{name} loss" for name in names), "gradient norm"]
     bad = [f"{label} {value}" for label, value in zip(labels, values, strict=True) if not math.isfinite(value)]
     if bad:  # every rank has the same values (means over the ranks): every rank stops here
         raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
                        f"{runtime.LOWER_LR.format(cfg.lr)}")
+    for group in opt.param_groups:  # set each update from its step: a resumed run continues the warm-up
+        group["lr"] = learning_rate(cfg, step)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return dict(zip(["loss", *(f"reward_{name}" for name in names), "grad_norm"], values, strict=True))
+    keys = ["loss", *(f"reward_{name}" for name in names), *(f"loss_{name}" for name in names), "grad_norm"]
+    return dict(zip(keys, values, strict=True))
+
+
+def learning_rate(cfg, step):
+    """lr_s = lr min(1, s / W) for update s = 1, 2, ..., W = --lr-warmup (0: the launch scripts' constant lr). The
+    first update already moves (diffusers' constant_with_warmup, the official script's scheduler, gives it lr 0)."""
+    return cfg.lr * min(1.0, step / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
 
 
 def step_batch(parts, cfg, step, ranks):
@@ -368,14 +395,14 @@ def step_batch(parts, cfg, step, ranks):
             for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
 
 
-def train(parts, prompts, cfg, out, ranks, watch=None):
+def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
     """The loop: train_step per update, the log, the held-out evaluations when due, the checkpoints, the
     before/after grids. On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and
     Stopped raised: the decision is taken together at the step boundary, so no rank waits in a collective the
-    others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default)."""
+    others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default); method: cfg.method's."""
     log = runtime.open_log(out, parts.start, ranks)
     encode_captions(parts, cfg, ranks)
-    grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
+    evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
     watch = watch or evaluation.Watch((), cfg, out)
     with StopSignals() as signals, watch.open(parts, ranks):
         if parts.start == 0:
@@ -383,8 +410,8 @@ def train(parts, prompts, cfg, out, ranks, watch=None):
         for step in tqdm(range(parts.start + 1, cfg.steps + 1), initial=parts.start, total=cfg.steps, desc="train",
                          disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
-            values = train_step(*parts[:4], step_batch(parts, cfg, step, ranks), step, cfg, ranks)
-            record = {"step": step, **values, "lr": cfg.lr, "words": control_words(step),
+            values = train_step(*parts[:4], step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
+            record = {"step": step, **values, "lr": learning_rate(cfg, step), "words": control_words(step),
                       "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(runtime.append_log, log, record))
             watch.log(record)
@@ -396,7 +423,8 @@ def train(parts, prompts, cfg, out, ranks, watch=None):
             if stop and step < cfg.steps:
                 raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
                               f"{cfg.steps}; {runtime.checkpoint_note(out)}")
-    grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks, parts.start < cfg.steps)
+    evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks,
+                           parts.start < cfg.steps)
 
 
 def encode_captions(parts, cfg, ranks):
@@ -408,15 +436,6 @@ def encode_captions(parts, cfg, ranks):
         for _, prompt in runtime.my_prompts(parts.prompt_of, step, cfg, ranks):
             for word in control_words(step):
                 parts.reward.text_features([control_caption(word, prompt)])
-
-
-def grid_images(parts, prompts, cfg, path, ranks, wanted):
-    """The before/after view: the first --samples prompts at FLUX.1-dev's inference settings, written by rank 0."""
-    conds = [sampling.conditioning(parts.embeddings[p], cfg.height, cfg.width, ranks.device)
-             for p in prompts[: cfg.samples]]
-    if wanted and conds:
-        images = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)
-        ranks.main_writes(f"the sample grid {path}", functools.partial(sampling.save_png, images, [path]))
 
 
 def main(argv=None):

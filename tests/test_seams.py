@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 def test_a_training_method_is_one_function_from_the_rollout_to_branch_losses(monkeypatch):
     """train_step runs any method of srpo_losses' shape: every yielded loss is backpropagated with weight 1 / batch,
     the log has one reward per branch name, and the update is the gradient written out here (SGD, no clipping)."""
-    cfg = srpo.TrainConfig(height=32, width=32, grad_clip=1e9, batch=2)
+    cfg = srpo.TrainConfig(height=32, width=32, grad_clip=1e9, batch=2, lr=1.0)  # the step sets the lr it uses
     model = torch.nn.Linear(64, 64)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(srpo, "online_rollout", lambda model, eps, cond, cfg: eps * 0.5)
@@ -37,9 +37,10 @@ def test_a_training_method_is_one_function_from_the_rollout_to_branch_losses(mon
     near = [ref(x0 + sel).pow(2).mean() for sel in (1, 2)]
     total = sum(3 * n for n in near) / 2  # near + far (twice near) per prompt, mean over the batch
     total.backward()
-    assert list(values) == ["loss", "reward_near", "reward_far", "grad_norm"]
+    assert list(values) == ["loss", "reward_near", "reward_far", "loss_near", "loss_far", "grad_norm"]
     assert abs(values["loss"] - total.item()) <= 1e-6 * abs(total.item())
     assert abs(values["reward_far"] + 2 * sum(near).item() / 2) <= 1e-5
+    assert abs(values["loss_far"] - 2 * values["loss_near"]) <= 1e-6 * abs(values["loss_far"])
     for name, p in model.named_parameters():
         assert rel_err(start[name] - p.detach(), dict(ref.named_parameters())[name].grad) <= 1e-6, name
 

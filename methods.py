@@ -1,0 +1,110 @@
+"""The methods SRPO is compared with in its paper's Table 1 (Shen et al. 2025, arXiv 2509.06942), each a function of
+srpo.srpo_losses' shape: (model, ae, reward, x0, eps, item, step, cfg) -> (name, L, r) per branch, every branch
+backpropagated by srpo.train_step as soon as it is yielded. They are built from SRPO's own parts (the rollout, the
+Euler model step, Direct-Align, the reward of a decoded image), so that what differs from SRPO is what is written
+here. `train --method NAME` picks one (METHODS); the rest of the step (the batch, the shared eps, clipping, AdamW)
+is SRPO's.
+
+The SRPO paper does not say how it ran the baselines on FLUX.1-dev beyond their names and costs; each follows the
+paper that defined it, carried over to a flow as FlowBP does ("Exploring the Design Space of Reward Backpropagation
+for Flow Matching", arXiv 2606.11075: ReFL keeps one late step differentiable and rewards its one-step estimate of
+the clean image; DRaFT-LV re-noises the final sample). Every method uses SRPO's settings where it needs one: the
+chain without gradient is the rollout (--rollout-steps T, --shift, --rollout-guidance), the model calls with
+gradient are at --guidance, the reward sees SRPO's training crop.
+
+    method        gradient through                          timesteps                   reward      model calls
+    srpo          one Euler step per branch, 2 branches     the window, sigma .96-.75   SRP         T + 2
+    direct-align  one Euler step, the denoise branch        the window                  plain       T + 1
+    refl          the last call of a chain stopped early    i ~ U{3T/4 .. T-1}          plain       i + 1
+    draft-lv      the final step, n = 2 re-noisings         sigma_{T-1} (0.11) -> 0     plain       T + n
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import srpo
+from sampling import autocast, initial_noise
+from util import derive_seed, to_device
+
+REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
+REFL_MARGIN = 2.0  # ImageReward's reward-to-loss map phi(r) = relu(2 - r)
+# n, DRaFT-LV's re-noisings of the final image per sample: 2 as we recall Clark et al. 2023's experiments (not
+# checked against the paper here); the SRPO paper does not give it
+DRAFT_LV_NOISES = 2
+
+
+def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
+    """Direct-Align without SRP, the paper's Direct-Align row: the denoise branch alone, rewarded by the plain score
+    of the prompt (no control words, hence no inversion branch: it exists to reward the swapped words):
+
+        x0_hat = direct_align(x0, eps, sigma_hi -> sigma_t),   L = relu(m - score(image(x0_hat), prompt)) / 2
+
+    It is exactly `train --no-inversion --plain-reward`, SRPO with both ablations. Cost: T + 1 model calls, one
+    with gradient."""
+    yield from srpo.srpo_losses(model, ae, reward, x0, eps, item, step,
+                                dataclasses.replace(cfg, no_inversion=True, plain_reward=True))
+
+
+def refl_step(cfg, sel):
+    """ReFL's gradient step i in {floor(3T/4) .. T - 1} of the T-step rollout (T = 40: ImageReward's 30..39; T =
+    25: 18..24), read off the prompt's timestep draw sel ~ U{5 .. N - 5} (srpo.draw_timestep) by cutting its range
+    into T - floor(3T/4) equal parts: every method takes its randomness from the same seeded draw."""
+    late = int(REFL_LATE * cfg.rollout_steps)
+    return late + (sel - 5) * (cfg.rollout_steps - late) // (cfg.window_points - 9)
+
+
+def refl_losses(model, ae, reward, x0, eps, item, step, cfg):
+    """ReFL (Xu et al. 2023, "ImageReward", its ReFL algorithm): the chain from eps without gradient down to a random
+    late step i, one model call there with gradient, and the reward on the clean image predicted from it:
+
+        x_i = Euler(eps; sigma_0 .. sigma_i), no gradient             srpo.online_rollout, stopped at step i
+        x0_hat = x_i - sigma_i v(x_i, sigma_i)                        one Euler step to sigma 0 (srpo.model_step)
+        L = relu(2 - score(image(x0_hat), prompt))                    ImageReward's phi
+
+    ImageReward's ReFL.py (40 steps, i = randint(30, 39)) scales the loss by lambda = 1e-3 (--grad_scale); it is left
+    out: AdamW's step does not depend on a constant loss scale (but through its eps and the clipping at --grad-clip).
+    That script also tells the UNet the index i as its timestep at the gradient step; here the model is told the
+    step's own sigma, as in the chain. x0 (SRPO's rollout) is not used: the method rolls its own chain (own_rollout),
+    i + 1 model calls, one with gradient."""
+    i = refl_step(cfg, item.sel)
+    x = srpo.online_rollout(model, eps, item.cond, cfg, steps=i)
+    sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][i]
+    with autocast(eps.device):
+        x0_hat = srpo.model_step(model, x, sigma, torch.zeros(()), item.cond, cfg.guidance)
+    r = srpo.image_reward(ae, reward, x0_hat, item.text, cfg)
+    yield "refl", F.relu(REFL_MARGIN - r).mean(), r
+
+
+refl_losses.own_rollout = True  # srpo.train_step makes no rollout for it
+
+
+def renoise(cfg, step, j, device):
+    """eps_j ~ N(0, I), DRaFT-LV's j-th fresh noise of update `step`: like SRPO's eps (srpo.shared_noise), one draw
+    per step shared by its prompts and ranks, made again after a resume."""
+    seed = derive_seed(cfg.seed, "renoise", step, j)
+    return to_device(initial_noise(1, cfg.height, cfg.width, seed, torch.float32), device)
+
+
+def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
+    """DRaFT-LV (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): the sample
+    x0 made without gradient (SRPO's online rollout), then n times fresh noise at the last step's level and that
+    step again, with gradient; the rewards averaged:
+
+        x_s^j = s eps_j + (1 - s) x0,   s = sigma_{T-1} (0.111 at T = 25, shift 3)
+        x0_hat^j = x_s^j - s v(x_s^j, s) = direct_align(x0, eps_j, s -> 0)
+        L = -(1/n) sum_j score(image(x0_hat^j), prompt)               DRaFT ascends the reward itself
+
+    Each re-noising is a branch ("renoise1", ...), backpropagated in turn. Cost: T + n model calls, n with
+    gradient."""
+    sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
+    for j in range(DRAFT_LV_NOISES):
+        x0_hat = srpo.direct_align(model, x0, renoise(cfg, step, j, eps.device), sigma, torch.zeros(()), item.cond,
+                                   cfg.guidance)
+        r = srpo.image_reward(ae, reward, x0_hat, item.text, cfg)
+        yield f"renoise{j + 1}", -r.mean() / DRAFT_LV_NOISES, r
+
+
+METHODS = {"srpo": srpo.srpo_losses, "direct-align": direct_align_losses, "refl": refl_losses,
+           "draft-lv": draft_lv_losses}
