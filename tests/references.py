@@ -9,8 +9,10 @@ import os
 import shutil
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel,
+                       FluxPipeline, FluxTransformer2DModel)
 
+import flux2_weights as f2w
 import flux_model as fm
 import flux_weights as fw
 
@@ -45,6 +47,28 @@ def diffusers_vae(cfg, seed=0):
                         norm_num_groups=cfg.groups, scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
                         use_quant_conv=False, use_post_quant_conv=False)
     return randomize(vae, std=0.1, seed=seed).eval()
+
+
+def diffusers_flux2_transformer(cfg, seed=0):
+    kwargs = {k: v for k, v in f2w.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return randomize(Flux2Transformer2DModel(**kwargs).eval(), seed=seed)
+
+
+def diffusers_flux2_vae(cfg, seed=0):
+    """A random AutoencoderKLFlux2 whose latent batch-norm statistics are random too (mean ~ N(0, 0.5), var in
+    [0.5, 2]), so that a wrong (de)normalisation shows."""
+    from diffusers import AutoencoderKLFlux2
+
+    n = len(cfg.ch_mult)
+    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                             block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+                             latent_channels=cfg.z_channels, norm_num_groups=cfg.groups, batch_norm_eps=cfg.bn_eps)
+    randomize(vae, std=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features, generator=g))
+        vae.bn.running_var.copy_(0.5 + 1.5 * torch.rand(vae.bn.num_features, generator=g))
+    return vae.eval()
 
 
 def clip_tokenizer(folder):
