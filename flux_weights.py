@@ -179,8 +179,9 @@ def copy_linked(state, links, sources, where):
     """Fill the tensors of state (ours, allocated) from the mapped files along links, cast to each one's dtype on the
     way (float8 files are upcast here), and check each tensor's values as it is copied (finite)."""
     for link in links:
-        src = sources[link.theirs][0].get_slice(link.theirs)
-        src = src[slice(*link.theirs_rows)] if link.theirs_rows else src[:]
+        handle = sources[link.theirs][0]
+        src = handle.get_slice(link.theirs)[slice(*link.theirs_rows)] if link.theirs_rows else \
+            handle.get_tensor(link.theirs)  # whole, 0-dim ones (a BatchNorm's counter) included
         dst = state[link.ours][slice(*link.ours_rows)] if link.ours_rows else state[link.ours]
         dst.copy_(src[..., None, None] if link.conv1x1 else src)
         if not torch.isfinite(dst).all():  # after the cast: a value too large for dtype is caught too

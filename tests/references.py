@@ -9,8 +9,14 @@ import os
 import shutil
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel,
-                       FluxPipeline, FluxTransformer2DModel)
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 
 import flux2_weights as f2w
 import flux_model as fm
@@ -57,8 +63,6 @@ def diffusers_flux2_transformer(cfg, seed=0):
 def diffusers_flux2_vae(cfg, seed=0):
     """A random AutoencoderKLFlux2 whose latent batch-norm statistics are random too (mean ~ N(0, 0.5), var in
     [0.5, 2]), so that a wrong (de)normalisation shows."""
-    from diffusers import AutoencoderKLFlux2
-
     n = len(cfg.ch_mult)
     vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
                              block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,

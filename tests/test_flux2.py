@@ -135,3 +135,170 @@ def test_presets_have_the_released_shapes():
         assert {k: tuple(v.shape) for k, v in fw.to_theirs(ours.state_dict(), f2w.transformer_links(cfg)).items()} \
             == theirs, name
         assert round(sum(p.numel() for p in ours.parameters()) / 1e9) == billions, name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autoencoder: diffusers' AutoencoderKLFlux2 with the latent (de)normalisation and (un)patchify of Flux2KleinPipeline
+
+AE_CONFIGS = {"tiny": f2.Flux2AutoEncoderConfig.preset("tiny"),
+              "wide-mult": f2.Flux2AutoEncoderConfig(ch=8, ch_mult=(1, 2, 3, 3), num_res_blocks=2, z_channels=4,
+                                                     groups=4, bn_eps=1e-3)}
+
+
+def pipeline_latents(vae, images):
+    """Flux2KleinPipeline's tokens of images: its own _encode_vae_image (encode, argmax, patchify, normalise by the
+    batch-norm statistics), then _pack_latents."""
+    pipe = SimpleNamespace(vae=vae, _patchify_latents=Flux2KleinPipeline._patchify_latents)
+    return Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._encode_vae_image(pipe, images, None))
+
+
+def pipeline_decode(vae, tokens, height, width):
+    """The end of Flux2KleinPipeline.__call__: tokens scattered by their ids, de-normalised, unpatchified, decoded."""
+    h, w = height // 16, width // 16
+    ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(tokens.shape[0], 1, h, w))
+    latents = Flux2KleinPipeline._unpack_latents_with_ids(tokens, ids, h, w)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return vae.decode(Flux2KleinPipeline._unpatchify_latents(latents * std + mean), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", list(AE_CONFIGS))
+@torch.no_grad()
+def test_autoencoder_matches_diffusers_and_the_pipelines_normalisation(name, tmp_path):
+    cfg = AE_CONFIGS[name]
+    vae = diffusers_flux2_vae(cfg)
+    vae.save_pretrained(tmp_path)
+    ae = f2w.load_autoencoder(str(tmp_path))
+    assert ae.cfg == cfg
+    height, width = 48, 80
+    x = torch.rand(2, 3, height, width) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (2, cfg.z_channels, height // 8, width // 8)
+    tokens = pipeline_latents(vae, x)
+    assert torch.equal(fm.pack(z), f2.patchify(z).flatten(2).transpose(1, 2))  # pack is the pipeline's packing
+    assert rel_err(fm.pack(z), tokens) <= TOL
+    assert rel_err(ae.decode(fm.unpack(tokens, height, width)), pipeline_decode(vae, tokens, height, width)) <= TOL
+
+
+def test_autoencoder_statistics_matter(tmp_path):
+    """The parity test can fail: without the batch-norm statistics (mean 0, var 1 - eps) the tokens differ."""
+    cfg = AE_CONFIGS["tiny"]
+    vae = diffusers_flux2_vae(cfg)
+    vae.save_pretrained(tmp_path)
+    ae = f2w.load_autoencoder(str(tmp_path))
+    ae.bn.reset_running_stats()
+    ae.bn.running_var.sub_(cfg.bn_eps)
+    with torch.no_grad():
+        x = torch.rand(1, 3, 32, 32) * 2 - 1
+        assert rel_err(fm.pack(ae.encode(x)), pipeline_latents(vae, x)) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton kernels on FLUX.2's 4-axis RoPE (in the interpreter on a CPU-only machine)
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """The kernels, never their PyTorch references: TRITON_INTERPRET=1 on CPU (kernels/dispatch.py), and the
+    references made to fail."""
+    if not INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("kernels compiled for a GPU in this process")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a PyTorch reference ran instead of the Triton kernel")
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(rope_module, "norm_rope_reference", fail)
+    monkeypatch.setattr(attention_module, "attention_reference", fail)
+
+
+@pytest.mark.parametrize("axes", [(8, 8, 8, 8), (32, 32, 32, 32)])
+def test_fused_norm_rope_on_4_axis_positions_matches_diffusers(axes, triton_only):
+    """QK RMSNorm + RoPE through the fused kernel, on the pipeline's text and image ids, equals diffusers' RMSNorm then
+    apply_rotary_emb with Flux2PosEmbed (theta 2000), forward and gradients (fp32, 1e-5)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    D, T, height, width = sum(axes), 5, 48, 64
+    cfg = f2.Flux2Config(context_in_dim=8, hidden_size=D, num_heads=1, axes_dim=axes)
+    img_ids, txt_ids = pipeline_ids(cfg, height, width, T, 1)
+    ids = torch.cat([txt_ids[0], img_ids[0]]).to(device)
+    N = ids.shape[0]
+    x = torch.randn(2, N, 3, D, device=device)  # (B, N, H, D), as diffusers holds q
+    scale = 1 + 0.5 * torch.randn(D, device=device)
+    g = torch.randn(2, 3, N, D, device=device)
+    xl, sl = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    ours = fm.qk_norm_rope(xl.transpose(1, 2), sl, *fm.rope_freqs(ids, axes, 2000), "triton")
+    ours.backward(g)
+    xr, sr = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    y = torch.nn.functional.rms_norm(xr, (D,), sr, 1e-6)
+    theirs = apply_rotary_emb(y, Flux2PosEmbed(2000, list(axes))(ids), sequence_dim=1).transpose(1, 2)
+    theirs.backward(g)
+    assert rel_err(ours, theirs) <= TOL
+    assert rel_err(xl.grad, xr.grad) <= TOL and rel_err(sl.grad, sr.grad) <= TOL
+
+
+def test_triton_backend_matches_sdpa_on_the_tiny_transformer(triton_only):
+    """The whole tiny FLUX.2 transformer with the fused QK-norm + RoPE and the flash attention kernels gives the
+    PyTorch path's output (fp32, 1e-5)."""
+    cfg, height, width, T, B = CONFIGS["tiny"]
+    model = randomize(f2.Flux2(cfg)).eval()
+    x = transformer_inputs(cfg, height, width, T, B)
+    expected = run_ours(model, x)  # backend 'sdpa': torch SDPA and flux_model's own binding of the rope reference
+    model.set_attention_backend("triton")
+    assert rel_err(run_ours(model, x), expected) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders: which family, and one-line errors for what we cannot read
+
+
+@pytest.mark.parametrize("name,family", [("FluxPipeline", "flux1"), ("Flux2KleinPipeline", "flux2"),
+                                         ("Flux2Pipeline", "flux2")])
+def test_family_of_reads_model_index(name, family, tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": name, "_diffusers_version": "0.36.0"}))
+    assert fw.family_of(str(tmp_path)) == family
+
+
+def test_family_of_refuses_other_folders_in_one_line(tmp_path):
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "empty").mkdir()
+    cases = {"sdxl": ["StableDiffusionXLPipeline", "not a FLUX pipeline", "Flux2KleinPipeline"],
+             "empty": ["no model_index.json"], "missing": ["no such folder"]}
+    for folder, words in cases.items():
+        with pytest.raises(InputError) as e:
+            fw.family_of(str(tmp_path / folder))
+        assert len(str(e.value).splitlines()) == 1 and all(w in str(e.value) for w in words), (folder, e.value)
+
+
+@pytest.mark.parametrize("part,changes,words", [
+    ("transformer", {"patch_size": 2}, ["patch_size=2", "not supported"]),
+    ("transformer", {"num_layers": "two"}, ["num_layers='two'"]),
+    ("transformer", {"eps": 1e-5}, ["eps=1e-05", "not supported"]),
+    ("transformer", {"mlp_ratio": 0}, ["mlp_ratio", "positive"]),
+    ("vae", {"use_quant_conv": False}, ["use_quant_conv=False", "not supported"]),
+    ("vae", {"patch_size": [1, 1]}, ["patch_size"]),
+])
+def test_bad_configs_give_one_line_errors(part, changes, words, tmp_path):
+    if part == "transformer":
+        diffusers_flux2_transformer(CONFIGS["tiny"][0]).save_pretrained(tmp_path)
+    else:
+        diffusers_flux2_vae(AE_CONFIGS["tiny"]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text()) | changes
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as e:
+        (f2w.load_transformer if part == "transformer" else f2w.load_autoencoder)(str(tmp_path))
+    assert len(str(e.value).splitlines()) == 1 and all(w in str(e.value) for w in words), e.value
+
+
+def test_missing_config_keys_take_diffusers_defaults(tmp_path):
+    """A config.json that leaves keys out loads as diffusers loads it: with Flux2Transformer2DModel's defaults."""
+    cfg = f2.Flux2Config(context_in_dim=16, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
+                         axes_dim=(8, 8, 8, 8))  # mlp_ratio 3, theta 2000, guidance embedding: the defaults
+    diffusers_flux2_transformer(cfg).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("mlp_ratio", "rope_theta", "guidance_embeds", "eps", "patch_size", "out_channels"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Flux2Transformer2DModel.from_pretrained(str(tmp_path)).config.guidance_embeds
+    assert f2w.load_transformer(str(tmp_path)).cfg == cfg
