@@ -57,8 +57,8 @@ class Flux2Config:
                                 guidance_embed=False),
                 "klein-9b": cls(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
                                 guidance_embed=False),
-                "tiny": cls(context_in_dim=48, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-                            axes_dim=(8, 8, 8, 8), guidance_embed=False)}[name]
+                "tiny": cls(in_channels=32, context_in_dim=48, hidden_size=64, num_heads=2, depth=2,
+                            depth_single_blocks=2, axes_dim=(8, 8, 8, 8), guidance_embed=False)}[name]
 
 
 @dataclass
@@ -74,6 +74,8 @@ class Flux2AutoEncoderConfig:
 
     @classmethod
     def preset(cls, name):
+        """The released VAE's shape (black-forest-labs/flux2's AutoEncoderParams), or a tiny one whose patchified
+        latents (4 x 8 channels) are the tiny transformer's input."""
         return {"flux2": cls(), "tiny": cls(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8,
                                             groups=8)}[name]
 
@@ -224,3 +226,41 @@ class Flux2AutoEncoder(nn.Module):
     def decode(self, z):
         mean, std = self.statistics()
         return self.decoder(unpatchify(patchify(z) * std + mean))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text conditioning of FLUX.2 [klein]: Qwen3's hidden states, as Flux2KleinPipeline computes them
+
+
+class Qwen3Conditioner(nn.Module):
+    """Each prompt as one user turn of Qwen3's chat template (the assistant's turn opened, thinking off), padded to
+    max_length; the hidden states after layers 9, 18 and 27 (hidden_states[0] is the embedding) stacked per token:
+    txt (B, max_length, 3 * width), the transformer's context (klein 4B: 3 x 2560). Its ids are text_ids."""
+
+    LAYERS = (9, 18, 27)
+
+    def __init__(self, model, tokenizer, max_length=512):
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model.eval().requires_grad_(False), tokenizer, max_length
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=False)
+                 for p in prompts]
+        tokens = self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                                max_length=self.max_length).to(self.model.device)
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                         output_hidden_states=True, use_cache=False)
+        return torch.stack([out.hidden_states[k] for k in self.LAYERS], dim=2).flatten(2)
+
+    @classmethod
+    def from_folder(cls, folder, dtype=torch.bfloat16, device="cpu", max_length=512):
+        """Read text_encoder/ (Qwen3, without its language-model head: only hidden states are used) and tokenizer/
+        of a diffusers FLUX.2 [klein] folder."""
+        from transformers import Qwen2TokenizerFast, Qwen3Model  # ~4 s to import: only here
+
+        parts = fm.load_parts(folder, "FLUX.2 [klein]", dtype, [
+            ("text_encoder", Qwen3Model, ["config.json"]),
+            ("tokenizer", Qwen2TokenizerFast, ["tokenizer.json|vocab.json"])])
+        return cls(parts["text_encoder"].to(device), parts["tokenizer"], max_length)

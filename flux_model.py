@@ -505,6 +505,29 @@ class ByteTokenizer:
         return {"input_ids": torch.tensor(ids)}
 
 
+def load_parts(folder, family, dtype, parts):
+    """{name: kind.from_pretrained(folder/name)} for parts = [(name, kind, files it needs)], a file either of "a|b";
+    text encoders in dtype. Checks the files first: transformers would build an empty tokenizer without complaint."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
+    check_folder(folder, f"a diffusers {family} folder")
+    loaded = {}
+    for name, kind, needs in parts:
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub):
+            raise InputError(f"{folder}: no {name}/ folder (expected the diffusers {family} layout)")
+        for need in needs:
+            if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
+                raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
+        extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
+        try:
+            loaded[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
+            raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
+    return loaded
+
+
 class TextConditioner(nn.Module):
     def __init__(self, t5, t5_tokenizer, clip, clip_tokenizer, max_length=512):
         super().__init__()
@@ -527,29 +550,12 @@ class TextConditioner(nn.Module):
         """Read text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ of a diffusers FLUX folder."""
         # transformers takes ~4 s to import: only where it is used (as in reward.py)
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-        from transformers.utils import logging
 
-        logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
-
-
-        check_folder(flux_dir, "a diffusers FLUX.1 folder")
-        parts = {}
-        # the files each part cannot do without: transformers would build an empty tokenizer without complaint
-        for name, kind, needs in [("text_encoder", CLIPTextModel, ["config.json"]),
-                                  ("tokenizer", CLIPTokenizer, ["tokenizer.json|vocab.json"]),
-                                  ("text_encoder_2", T5EncoderModel, ["config.json"]),
-                                  ("tokenizer_2", T5TokenizerFast, ["tokenizer.json|spiece.model"])]:
-            sub = os.path.join(flux_dir, name)
-            if not os.path.isdir(sub):
-                raise InputError(f"{flux_dir}: no {name}/ folder (expected the diffusers FLUX.1 layout)")
-            for need in needs:
-                if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
-                    raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
-            extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
-            try:
-                parts[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
-            except (OSError, ValueError, TypeError, SafetensorError) as e:
-                raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
+        parts = load_parts(flux_dir, "FLUX.1", dtype, [
+            ("text_encoder", CLIPTextModel, ["config.json"]),
+            ("tokenizer", CLIPTokenizer, ["tokenizer.json|vocab.json"]),
+            ("text_encoder_2", T5EncoderModel, ["config.json"]),
+            ("tokenizer_2", T5TokenizerFast, ["tokenizer.json|spiece.model"])])
         return cls(parts["text_encoder_2"].to(device), parts["tokenizer_2"], parts["text_encoder"].to(device),
                    parts["tokenizer"], max_length)
 

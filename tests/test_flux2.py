@@ -302,3 +302,24 @@ def test_missing_config_keys_take_diffusers_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert Flux2Transformer2DModel.from_pretrained(str(tmp_path)).config.guidance_embeds
     assert f2w.load_transformer(str(tmp_path)).cfg == cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole klein folder, written by Flux2KleinPipeline.save_pretrained
+
+
+def test_klein_folder_loads_and_its_text_conditioning_is_the_pipelines(flux2_folder):
+    """The folder is told FLUX.2 by its model_index.json, its transformer and VAE load, and Qwen3Conditioner gives
+    the pipeline's own encode_prompt: the same embeddings (chat template, padding, truncation, layers 9/18/27 stacked)
+    and the same 4-axis text ids."""
+    assert fw.family_of(flux2_folder) == "flux2"
+    assert f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg == f2.Flux2Config.preset("tiny")
+    assert f2w.load_autoencoder(os.path.join(flux2_folder, "vae")).cfg == f2.Flux2AutoEncoderConfig.preset("tiny")
+    pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
+    prompts, T = ["a cat", "two dogs on a mat, one asleep, under a very long and winding sentence that gets cut"], 40
+    embeds, ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=T)
+    text = f2.Qwen3Conditioner.from_folder(flux2_folder, torch.float32, max_length=T)
+    txt = text(prompts)
+    assert txt.shape == (2, T, 3 * 16) and torch.equal(txt, embeds)
+    assert all(torch.equal(row.float(), f2.text_ids(T)) for row in ids)
+    assert not torch.equal(txt[0], txt[1])
