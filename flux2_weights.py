@@ -1,4 +1,5 @@
-"""FLUX.2 weights on disk: diffusers folders read into and written from `flux2_model`, with flux_weights' machinery.
+"""FLUX.2 weights on disk: diffusers folders and BFL single files read into (diffusers folders written from)
+`flux2_model`, with flux_weights' machinery.
 
 The same scheme as FLUX.1's (flux_weights.py): one table of links per model maps our module names, which follow
 black-forest-labs/flux2, to diffusers' keys (Flux2Transformer2DModel, AutoencoderKLFlux2); loading and saving read
@@ -12,7 +13,7 @@ import torch
 
 import flux_weights as fw
 from flux2_model import Flux2, Flux2AutoEncoder, Flux2AutoEncoderConfig, Flux2Config
-from util import InputError, check_folder, read_json
+from util import InputError, read_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Transformer
@@ -103,12 +104,50 @@ def config_to_diffusers(cfg: Flux2Config):
             "guidance_embeds": cfg.guidance_embed}
 
 
-def load_transformer(folder, cfg=None, dtype=torch.float32, device="cpu"):
-    """The FLUX.2 transformer of a diffusers `transformer/` folder (one file or shards with an index)."""
-    check_folder(folder, "a diffusers Flux2Transformer2DModel folder")
-    cfg = cfg or config_from_diffusers(read_json(os.path.join(folder, "config.json")), folder)
-    sources = fw.read_sources(fw.weight_files(folder))
-    return fw.load_into(lambda: Flux2(cfg), transformer_links(cfg), sources, folder, dtype, device)
+def bfl_config(sources, prefix, where):
+    """The Flux2Config of a BFL single file, read off its shapes: the head width is the QK norms', the MLP's from the
+    single blocks' output projection; 4 RoPE axes of a quarter head each and theta 2000, as every released FLUX.2."""
+    def shape(key):
+        return fw.shape_of(sources[prefix + key][0], prefix + key)
+
+    def count(blocks):
+        return len({k[len(prefix + blocks):].split(".")[1] for k in sources if k.startswith(prefix + blocks + ".")})
+
+    hidden, in_channels = shape("img_in.weight")
+    norm = "single_blocks.0.norm.query_norm.scale"
+    head = shape(norm if prefix + norm in sources else "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    mlp = shape("single_blocks.0.linear2.weight")[1] - hidden if count("single_blocks") else \
+        shape("double_blocks.0.img_mlp.2.weight")[1]
+    return Flux2Config(in_channels=in_channels, context_in_dim=shape("txt_in.weight")[1], hidden_size=hidden,
+                       mlp_ratio=mlp / hidden, num_heads=hidden // head, depth=count("double_blocks"),
+                       depth_single_blocks=count("single_blocks"), axes_dim=(head // 4,) * 4,
+                       guidance_embed=prefix + "guidance_in.in_layer.weight" in sources)
+
+
+def transformer_sources(path, cfg=None):
+    """(cfg, links, sources) of a diffusers `transformer/` folder (its config.json) or of a BFL single file (our
+    names, maybe prefixed as in an all-in-one file; its config read off its shapes unless given), opened lazily."""
+    if os.path.isdir(path):
+        cfg = cfg or config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        return cfg, transformer_links(cfg), fw.read_sources(fw.weight_files(path))
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    sources = fw.transformer_keys(fw.read_sources([path]))
+    prefix = fw.BFL_PREFIX if all(k.startswith(fw.BFL_PREFIX) for k in sources) else ""
+    if prefix + "single_stream_modulation.lin.weight" not in sources or prefix + "img_in.weight" not in sources:
+        raise InputError(f"{path}: not a FLUX.2 transformer in BFL's layout (no single_stream_modulation.lin.weight or "
+                         f"img_in.weight; keys look like {', '.join(sorted(sources)[:3])}); a diffusers one loads "
+                         f"from its folder")
+    cfg = cfg or bfl_config(sources, prefix, path)
+    with torch.device("meta"):
+        return cfg, fw.identity_links(Flux2(cfg), prefix), sources
+
+
+def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """The FLUX.2 transformer of a diffusers `transformer/` folder (one file or shards with an index), or of a BFL
+    single file (`flux-2-klein-4b.safetensors`, an fp8 one upcast to dtype on load, or an all-in-one file)."""
+    cfg, links, sources = transformer_sources(path, cfg)
+    return fw.load_into(lambda: Flux2(cfg), links, sources, path, dtype, device)
 
 
 def save_transformer(model: Flux2, folder):
@@ -155,12 +194,16 @@ def autoencoder_config_from_diffusers(d, where):
         raise InputError(f"{where}: malformed config ({e})") from None
 
 
-def load_autoencoder(folder, cfg=None, dtype=torch.float32, device="cpu"):
-    """The FLUX.2 autoencoder of a diffusers `vae/` folder, batch-norm statistics included."""
-    check_folder(folder, "a diffusers AutoencoderKLFlux2 folder")
-    cfg = cfg or autoencoder_config_from_diffusers(read_json(os.path.join(folder, "config.json")), folder)
+def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """The FLUX.2 autoencoder, batch-norm statistics included, of a diffusers `vae/` folder or of BFL's single file
+    (our names; cfg: the released VAE's unless given)."""
+    if os.path.isdir(path):
+        cfg = cfg or autoencoder_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        files = fw.weight_files(path)
+    else:
+        cfg, files = cfg or Flux2AutoEncoderConfig(), [path]
     with torch.device("meta"):
-        links = autoencoder_links(Flux2AutoEncoder(cfg))
-    sources = fw.read_sources(fw.weight_files(folder))
-    return fw.load_into(lambda: Flux2AutoEncoder(cfg), links, sources, folder, dtype, device)
+        model = Flux2AutoEncoder(cfg)
+        links = autoencoder_links(model) if os.path.isdir(path) else fw.identity_links(model)
+    return fw.load_into(lambda: Flux2AutoEncoder(cfg), links, fw.read_sources(files), path, dtype, device)
 

@@ -1,4 +1,5 @@
-"""FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`.
+"""FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`; the
+machinery flux2_weights.py reuses for FLUX.2, and `family_of`, which tells the two generations' folders apart.
 
 One table of links per model (`transformer_links`, `autoencoder_links`) maps our module names, which follow
 black-forest-labs/flux, to diffusers' keys; loading and saving both read it, so the two directions share a single
@@ -267,10 +268,15 @@ def transformer_sources(path, cfg=None):
         cfg, files = cfg or FluxConfig(), [path]
     else:
         raise InputError(f"{path}: no such file or folder")
-    sources = read_sources(files)
-    if any(k.startswith(BFL_PREFIX) for k in sources):  # an all-in-one file: the transformer is what is prefixed
-        sources = {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
+    sources = transformer_keys(read_sources(files))
     return cfg, file_links(sources, cfg, lambda: Flux(cfg), path), sources
+
+
+def transformer_keys(sources):
+    """The transformer's keys: in an all-in-one file (ComfyUI's) those prefixed BFL_PREFIX, else all of them."""
+    if any(k.startswith(BFL_PREFIX) for k in sources):
+        return {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
+    return sources
 
 
 def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
