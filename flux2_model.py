@@ -1,5 +1,6 @@
 """FLUX.2 beside flux_model.py: the transformer and the autoencoder, as diffusers' Flux2Transformer2DModel and
-AutoencoderKLFlux2 compute them, built from flux_model's pieces where FLUX.2 is the same.
+AutoencoderKLFlux2 compute them, built from flux_model's pieces where FLUX.2 is the same, and FLUX.2 [klein]'s text
+conditioning (Qwen3's hidden states) as Flux2KleinPipeline computes it.
 
 What FLUX.2 changes (the rest is FLUX.1's: LayerNorm + adaLN, QK RMSNorm + RoPE, joint attention, the two kinds of
 block, the sinusoidal time embedding, the VAE's encoder and decoder):
@@ -49,9 +50,10 @@ class Flux2Config:
 
     @classmethod
     def preset(cls, name):
-        """The released models' shapes, as black-forest-labs/flux2's model.py states them (Flux2Params for dev,
-        Klein4BParams, Klein9BParams; klein's text width is 3 x Qwen3-4B's 2560 resp. 3 x Qwen3-8B's 4096). klein's
-        base and distilled models share a shape; neither has a guidance embedding."""
+        """The released models' shapes, as black-forest-labs/flux2's src/flux2/model.py states them (Flux2Params for
+        dev, Klein4BParams, Klein9BParams; klein's text width is 3 x Qwen3-4B's 2560 resp. 3 x Qwen3-8B's 4096):
+        3.9B, 9.1B and 32.2B parameters. klein's base and distilled models share a shape; neither has a guidance
+        embedding."""
         return {"flux2-dev": cls(),
                 "klein-4b": cls(context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20,
                                 guidance_embed=False),
