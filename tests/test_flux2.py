@@ -282,13 +282,19 @@ def test_fused_norm_rope_on_4_axis_positions_matches_diffusers(axes, triton_only
 
 def test_triton_backend_matches_sdpa_on_the_tiny_transformer(triton_only):
     """The whole tiny FLUX.2 transformer with the fused QK-norm + RoPE and the flash attention kernels gives the
-    PyTorch path's output (fp32, 1e-5)."""
+    PyTorch path's output and parameter gradients (fp32, 1e-5; gradients over all parameters together)."""
     cfg, height, width, T, B = CONFIGS["tiny"]
-    model = randomize(f2.Flux2(cfg)).eval()
+    model = randomize(f2.Flux2(cfg))
     x = transformer_inputs(cfg, height, width, T, B)
-    expected = run_ours(model, x)  # backend 'sdpa': torch SDPA and flux_model's own binding of the rope reference
-    model.set_attention_backend("triton")
-    assert rel_err(run_ours(model, x), expected) <= TOL
+    runs = []
+    for backend in ("sdpa", "triton"):  # 'sdpa': torch SDPA and flux_model's own binding of the rope reference
+        model.set_attention_backend(backend)
+        model.zero_grad()
+        out = model(**x)
+        out.square().mean().backward()
+        runs.append((out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (expected, expected_grad), (out, grad) = runs
+    assert rel_err(out, expected) <= TOL and rel_err(grad, expected_grad) <= TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------
