@@ -82,10 +82,10 @@ def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim, hidden):
+    def __init__(self, in_dim, hidden, bias=True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = nn.Linear(in_dim, hidden, bias=bias)
+        self.out_layer = nn.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -125,9 +125,9 @@ def split_heads(qkv, num_heads):
 class Modulation(nn.Module):
     """adaLN: Linear(silu(vec)) chunked into n vectors of width h (shift, scale, gate, ...), one per token row."""
 
-    def __init__(self, dim, n):
+    def __init__(self, dim, n, bias=True):
         super().__init__()
-        self.n, self.lin = n, nn.Linear(dim, n * dim)
+        self.n, self.lin = n, nn.Linear(dim, n * dim, bias=bias)
 
     def forward(self, vec):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
@@ -160,11 +160,11 @@ class QKNorm(nn.Module):
 class SelfAttention(nn.Module):
     """One stream's attention weights (parameters only: the joint attention runs in the block)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, bias=True):
         super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
 
 def clip_float16(x):
@@ -173,19 +173,37 @@ def clip_float16(x):
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def mlp(dim, hidden):
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+class SwiGLU(nn.Module):
+    """silu(a) * b of the two halves [a, b] of the last dim (FLUX.2's MLP activation)."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+def activation(gated):
+    return SwiGLU() if gated else nn.GELU(approximate="tanh")
+
+
+def mlp(dim, hidden, bias=True, gated=False):
+    """Linear, GELU (tanh), Linear; gated (FLUX.2): the first Linear twice as wide, then SwiGLU."""
+    return nn.Sequential(nn.Linear(dim, 2 * hidden if gated else hidden, bias=bias), activation(gated),
+                         nn.Linear(hidden, dim, bias=bias))
 
 
 class DoubleStreamBlock(nn.Module):
-    """Image and text streams with their own weights, joined only inside attention ([txt, img] order)."""
+    """Image and text streams with their own weights, joined only inside attention ([txt, img] order).
 
-    def __init__(self, cfg):
+    FLUX.2's block (flux2_model) is this one with bias=False, gated=True (SwiGLU MLPs) and modulation=False: its
+    modulation is the model's, shared by all blocks, and comes in to `joint`."""
+
+    def __init__(self, cfg, bias=True, gated=False, modulation=True):
         super().__init__()
         h, self.num_heads, self.backend = cfg.hidden_size, cfg.num_heads, "sdpa"
-        self.img_mod, self.txt_mod = Modulation(h, 6), Modulation(h, 6)
-        self.img_attn, self.txt_attn = SelfAttention(h, cfg.num_heads), SelfAttention(h, cfg.num_heads)
-        self.img_mlp, self.txt_mlp = mlp(h, cfg.mlp_hidden), mlp(h, cfg.mlp_hidden)
+        if modulation:
+            self.img_mod, self.txt_mod = Modulation(h, 6), Modulation(h, 6)
+        self.img_attn, self.txt_attn = SelfAttention(h, cfg.num_heads, bias), SelfAttention(h, cfg.num_heads, bias)
+        self.img_mlp, self.txt_mlp = mlp(h, cfg.mlp_hidden, bias, gated), mlp(h, cfg.mlp_hidden, bias, gated)
 
     def heads(self, attn, x, cos, sin):
         """q, k, v (B, H, N, D) of one stream, q and k normalised and rotated."""
@@ -196,10 +214,14 @@ class DoubleStreamBlock(nn.Module):
         return q, k, v
 
     def forward(self, img, txt, vec, pe):
+        return self.joint(img, txt, self.img_mod(vec), self.txt_mod(vec), pe)
+
+    def joint(self, img, txt, img_mod, txt_mod, pe):
+        """The block given its modulation: img_mod and txt_mod are each (shift, scale, gate) x 2, each (B, 1, h)."""
         cos, sin = pe
         T = txt.shape[1]
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
         tq, tk, tv = self.heads(self.txt_attn, modulate(txt, t_shift1, t_scale1), cos[:T], sin[:T])
         iq, ik, iv = self.heads(self.img_attn, modulate(img, i_shift1, i_scale1), cos[T:], sin[T:])
         out = attend(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), self.backend)
@@ -212,32 +234,39 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """One stream over [txt, img]: attention and MLP in parallel from one fused input projection (linear1)."""
+    """One stream over [txt, img]: attention and MLP in parallel from one fused input projection (linear1).
+    FLUX.2's: bias=False, gated=True, modulation=False, as for DoubleStreamBlock."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, bias=True, gated=False, modulation=True):
         super().__init__()
         h, self.num_heads, self.backend = cfg.hidden_size, cfg.num_heads, "sdpa"
-        self.modulation = Modulation(h, 3)
-        self.linear1 = nn.Linear(h, 3 * h + cfg.mlp_hidden)
-        self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)
+        if modulation:
+            self.modulation = Modulation(h, 3)
+        self.linear1 = nn.Linear(h, 3 * h + (2 if gated else 1) * cfg.mlp_hidden, bias=bias)
+        self.linear2 = nn.Linear(h + cfg.mlp_hidden, h, bias=bias)
         self.norm = QKNorm(cfg.head_dim)
+        self.activation = activation(gated)
 
     def forward(self, x, vec, pe):
-        shift, scale, gate = self.modulation(vec)
+        return self.joint(x, self.modulation(vec), pe)
+
+    def joint(self, x, mod, pe):
+        """The block given its modulation mod = (shift, scale, gate), each (B, 1, h)."""
+        shift, scale, gate = mod
         h = x.shape[-1]
         qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * h, self.linear1.out_features - 3 * h], -1)
         q, k, v = split_heads(qkv, self.num_heads)
         q = qk_norm_rope(q, self.norm.query_norm.scale, *pe, self.backend)
         k = qk_norm_rope(k, self.norm.key_norm.scale, *pe, self.backend)
-        out = self.linear2(torch.cat([attend(q, k, v, self.backend), F.gelu(hidden, approximate="tanh")], -1))
+        out = self.linear2(torch.cat([attend(q, k, v, self.backend), self.activation(hidden)], -1))
         return clip_float16(torch.addcmul(x, gate, out))  # x + gate * out
 
 
 class LastLayer(nn.Module):
-    def __init__(self, h, out_channels):
+    def __init__(self, h, out_channels, bias=True):
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
-        self.linear = nn.Linear(h, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h, bias=bias))
+        self.linear = nn.Linear(h, out_channels, bias=bias)
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
@@ -476,6 +505,29 @@ class ByteTokenizer:
         return {"input_ids": torch.tensor(ids)}
 
 
+def load_parts(folder, family, dtype, parts):
+    """{name: kind.from_pretrained(folder/name)} for parts = [(name, kind, files it needs)], a file either of "a|b";
+    text encoders in dtype. Checks the files first: transformers would build an empty tokenizer without complaint."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
+    check_folder(folder, f"a diffusers {family} folder")
+    loaded = {}
+    for name, kind, needs in parts:
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub):
+            raise InputError(f"{folder}: no {name}/ folder (expected the diffusers {family} layout)")
+        for need in needs:
+            if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
+                raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
+        extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
+        try:
+            loaded[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
+            raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
+    return loaded
+
+
 class TextConditioner(nn.Module):
     def __init__(self, t5, t5_tokenizer, clip, clip_tokenizer, max_length=512):
         super().__init__()
@@ -498,29 +550,12 @@ class TextConditioner(nn.Module):
         """Read text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ of a diffusers FLUX folder."""
         # transformers takes ~4 s to import: only where it is used (as in reward.py)
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-        from transformers.utils import logging
 
-        logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
-
-
-        check_folder(flux_dir, "a diffusers FLUX.1 folder")
-        parts = {}
-        # the files each part cannot do without: transformers would build an empty tokenizer without complaint
-        for name, kind, needs in [("text_encoder", CLIPTextModel, ["config.json"]),
-                                  ("tokenizer", CLIPTokenizer, ["tokenizer.json|vocab.json"]),
-                                  ("text_encoder_2", T5EncoderModel, ["config.json"]),
-                                  ("tokenizer_2", T5TokenizerFast, ["tokenizer.json|spiece.model"])]:
-            sub = os.path.join(flux_dir, name)
-            if not os.path.isdir(sub):
-                raise InputError(f"{flux_dir}: no {name}/ folder (expected the diffusers FLUX.1 layout)")
-            for need in needs:
-                if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
-                    raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
-            extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
-            try:
-                parts[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
-            except (OSError, ValueError, TypeError, SafetensorError) as e:
-                raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
+        parts = load_parts(flux_dir, "FLUX.1", dtype, [
+            ("text_encoder", CLIPTextModel, ["config.json"]),
+            ("tokenizer", CLIPTokenizer, ["tokenizer.json|vocab.json"]),
+            ("text_encoder_2", T5EncoderModel, ["config.json"]),
+            ("tokenizer_2", T5TokenizerFast, ["tokenizer.json|spiece.model"])])
         return cls(parts["text_encoder_2"].to(device), parts["tokenizer_2"], parts["text_encoder"].to(device),
                    parts["tokenizer"], max_length)
 

@@ -1,4 +1,5 @@
-"""FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`.
+"""FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`; the
+machinery flux2_weights.py reuses for FLUX.2, and `family_of`, which tells the two generations' folders apart.
 
 One table of links per model (`transformer_links`, `autoencoder_links`) maps our module names, which follow
 black-forest-labs/flux, to diffusers' keys; loading and saving both read it, so the two directions share a single
@@ -13,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flux_model import AutoEncoder, AutoEncoderConfig, Flux, FluxConfig
-from util import InputError, atomic_write, read_json, write_json
+from util import InputError, atomic_write, check_folder, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weights: one table of links per model maps our (BFL) names to diffusers names; loading reads the links one way,
@@ -34,10 +35,10 @@ def same(ours, theirs, params=("weight", "bias")):
     return [Link(f"{ours}.{p}", f"{theirs}.{p}") for p in params]
 
 
-def split(ours, parts):
+def split(ours, parts, params=("weight", "bias")):
     """Rows of our fused tensor, in order, are their tensors `parts` = [(name, rows)] (e.g. q, k, v)."""
     links = []
-    for p in ("weight", "bias"):
+    for p in params:
         start = 0
         for theirs, n in parts:
             links.append(Link(f"{ours}.{p}", f"{theirs}.{p}", (start, start + n)))
@@ -168,7 +169,8 @@ def load_into(model_fn, links, sources, where, dtype, device):
                              f"(in {sources[key][1]})")
     if torch.device(device).type == "meta":  # a dry run: keys and shapes checked, no weights read
         return model
-    state = {k: torch.empty(v.shape, dtype=dtype, device=device) for k, v in model.state_dict().items()}
+    state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device=device)
+             for k, v in model.state_dict().items()}  # a counter (BatchNorm's num_batches_tracked) keeps its type
     copy_linked(state, links, sources, where)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
@@ -178,8 +180,9 @@ def copy_linked(state, links, sources, where):
     """Fill the tensors of state (ours, allocated) from the mapped files along links, cast to each one's dtype on the
     way (float8 files are upcast here), and check each tensor's values as it is copied (finite)."""
     for link in links:
-        src = sources[link.theirs][0].get_slice(link.theirs)
-        src = src[slice(*link.theirs_rows)] if link.theirs_rows else src[:]
+        handle = sources[link.theirs][0]
+        src = handle.get_slice(link.theirs)[slice(*link.theirs_rows)] if link.theirs_rows else \
+            handle.get_tensor(link.theirs)  # whole, 0-dim ones (a BatchNorm's counter) included
         dst = state[link.ours][slice(*link.ours_rows)] if link.ours_rows else state[link.ours]
         dst.copy_(src[..., None, None] if link.conv1x1 else src)
         if not torch.isfinite(dst).all():  # after the cast: a value too large for dtype is caught too
@@ -265,10 +268,15 @@ def transformer_sources(path, cfg=None):
         cfg, files = cfg or FluxConfig(), [path]
     else:
         raise InputError(f"{path}: no such file or folder")
-    sources = read_sources(files)
-    if any(k.startswith(BFL_PREFIX) for k in sources):  # an all-in-one file: the transformer is what is prefixed
-        sources = {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
+    sources = transformer_keys(read_sources(files))
     return cfg, file_links(sources, cfg, lambda: Flux(cfg), path), sources
+
+
+def transformer_keys(sources):
+    """The transformer's keys: in an all-in-one file (ComfyUI's) those prefixed BFL_PREFIX, else all of them."""
+    if any(k.startswith(BFL_PREFIX) for k in sources):
+        return {k: v for k, v in sources.items() if k.startswith(BFL_PREFIX)}
+    return sources
 
 
 def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
@@ -281,11 +289,17 @@ def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
 def save_transformer(model: Flux, folder):
     """Write folder/diffusion_pytorch_model.safetensors in diffusers keys (loads strictly into diffusers'
     FluxTransformer2DModel) and folder/config.json, each atomically (temp file, then rename)."""
+    return save_diffusers(model, transformer_links(model.cfg), flux_config_to_diffusers(model.cfg), folder)
+
+
+def save_diffusers(model, links, config, folder):
+    """folder/diffusion_pytorch_model.safetensors (model's weights in diffusers keys, along links) and
+    folder/config.json (config), each atomically. Returns the weights' path."""
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in to_theirs(model.state_dict(), transformer_links(model.cfg)).items()}
+    state = {k: v.detach().contiguous() for k, v in to_theirs(model.state_dict(), links).items()}
     path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_json(os.path.join(folder, "config.json"), flux_config_to_diffusers(model.cfg))
+    write_json(os.path.join(folder, "config.json"), config)
     return path
 
 
@@ -315,3 +329,19 @@ def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
         with torch.device("meta"):
             links = identity_links(AutoEncoder(cfg))
     return load_into(lambda: AutoEncoder(cfg), links, sources, path, dtype, device)
+
+
+FAMILIES = {"FluxPipeline": "flux1", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2"}
+
+
+def family_of(folder):
+    """'flux1' or 'flux2': the model family of a diffusers pipeline folder, as its model_index.json's _class_name
+    says (FluxPipeline; Flux2KleinPipeline for klein, Flux2Pipeline for dev)."""
+    check_folder(folder, "a diffusers FLUX pipeline folder")
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{folder}: no model_index.json (expected a diffusers pipeline folder)")
+    name = read_json(path).get("_class_name")
+    if name not in FAMILIES:
+        raise InputError(f"{path}: _class_name {name!r} is not a FLUX pipeline (expected {', '.join(FAMILIES)})")
+    return FAMILIES[name]

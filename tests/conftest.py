@@ -29,3 +29,11 @@ def flux_folder(tmp_path_factory):
     from references import flux_folder as make
 
     return make(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="session")
+def flux2_folder(tmp_path_factory):
+    """A tiny diffusers-format FLUX.2 [klein] base folder (tests/references.py), written once per session."""
+    from references import flux2_folder as make
+
+    return make(tmp_path_factory.mktemp("flux2"))

@@ -9,8 +9,16 @@ import os
 import shutil
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 
+import flux2_weights as f2w
 import flux_model as fm
 import flux_weights as fw
 
@@ -47,14 +55,38 @@ def diffusers_vae(cfg, seed=0):
     return randomize(vae, std=0.1, seed=seed).eval()
 
 
+def diffusers_flux2_transformer(cfg, seed=0):
+    kwargs = {k: v for k, v in f2w.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return randomize(Flux2Transformer2DModel(**kwargs).eval(), seed=seed)
+
+
+def diffusers_flux2_vae(cfg, seed=0):
+    """A random AutoencoderKLFlux2 whose latent batch-norm statistics are random too (mean ~ N(0, 0.5), var in
+    [0.5, 2]), so that a wrong (de)normalisation shows."""
+    n = len(cfg.ch_mult)
+    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                             block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+                             latent_channels=cfg.z_channels, norm_num_groups=cfg.groups, batch_norm_eps=cfg.bn_eps)
+    randomize(vae, std=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features, generator=g))
+        vae.bn.running_var.copy_(0.5 + 1.5 * torch.rand(vae.bn.num_features, generator=g))
+    return vae.eval()
+
+
+def byte_alphabet():
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order (byte-level BPE's base vocabulary)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in printable else next(extra)) for b in range(256)]
+
+
 def clip_tokenizer(folder):
     """A CLIP BPE tokenizer with the byte-level alphabet and no merges: real BPE code, made offline."""
     from transformers import CLIPTokenizer
 
-    # GPT-2's printable stand-ins for the 256 bytes, in byte order
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    chars = [chr(b if b in printable else next(extra)) for b in range(256)]
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
     vocab |= {"ca": 512, "cat</w>": 513, "<|startoftext|>": 514, "<|endoftext|>": 515}  # end token last, as CLIP
     os.makedirs(folder, exist_ok=True)
@@ -143,3 +175,43 @@ def kept_checkpoints(out, *latest):
     scored = [r for r in scored if r["step"] > 0]
     best = [max(scored, key=lambda r: r["hps"])["step"]] if scored else []
     return sorted({*latest, *best})
+
+
+# Qwen3's chat template, cut to what Flux2KleinPipeline uses: user turns, the assistant's turn opened, thinking off
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and "
+    "enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+def qwen_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer (two merges), Qwen's special tokens and the chat template: made offline."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_alphabet())} | {"ca": 256, "cat": 257}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t")])  # pad and end: <|endoftext|>
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def flux2_folder(root, is_distilled=False):
+    """A tiny diffusers-format FLUX.2 [klein] folder written by Flux2KleinPipeline.save_pretrained: random tiny
+    Qwen3 (28 layers, so that 9, 18 and 27 are inner ones), VAE and transformer. Returns its path."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import flux2_model as f2
+
+    torch.manual_seed(0)
+    tok = qwen_tokenizer()
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(scheduler=sched, vae=diffusers_flux2_vae(f2.Flux2AutoEncoderConfig.preset("tiny")),
+                              text_encoder=qwen, tokenizer=tok, is_distilled=is_distilled,
+                              transformer=diffusers_flux2_transformer(f2.Flux2Config.preset("tiny")))
+    folder = root / ("klein-distilled" if is_distilled else "klein-base")
+    pipe.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,209 @@
+"""FLUX.2 weights on disk: diffusers folders and BFL single files read into (diffusers folders written from)
+`flux2_model`, with flux_weights' machinery.
+
+The same scheme as FLUX.1's (flux_weights.py): one table of links per model maps our module names, which follow
+black-forest-labs/flux2, to diffusers' keys (Flux2Transformer2DModel, AutoencoderKLFlux2); loading and saving read
+the same table; loading builds on the meta device, checks every key and shape, then copies straight from the mapped
+files. A folder's config.json gives the shapes; a key it leaves out takes diffusers' default, as diffusers does."""
+
+import dataclasses
+import os
+
+import torch
+
+import flux_weights as fw
+from flux2_model import Flux2, Flux2AutoEncoder, Flux2AutoEncoderConfig, Flux2Config
+from util import InputError, read_json
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer
+
+
+def weights(ours, theirs):
+    return fw.same(ours, theirs, params=("weight",))  # FLUX.2's transformer has no biases
+
+
+def double_block_links(i, h):
+    o, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+    links = [*fw.split(f"{o}.img_attn.qkv", [(f"{t}.attn.to_{x}", h) for x in "qkv"], params=("weight",)),
+             *fw.split(f"{o}.txt_attn.qkv", [(f"{t}.attn.add_{x}_proj", h) for x in "qkv"], params=("weight",)),
+             *weights(f"{o}.img_attn.proj", f"{t}.attn.to_out.0"),
+             *weights(f"{o}.txt_attn.proj", f"{t}.attn.to_add_out")]
+    for stream, sfx in [("img", ""), ("txt", "added_")]:
+        for qk in ("query", "key"):
+            links.append(fw.Link(f"{o}.{stream}_attn.norm.{qk}_norm.scale", f"{t}.attn.norm_{sfx}{qk[0]}.weight"))
+    for stream, ff in [("img", "ff"), ("txt", "ff_context")]:
+        links += [*weights(f"{o}.{stream}_mlp.0", f"{t}.{ff}.linear_in"),
+                  *weights(f"{o}.{stream}_mlp.2", f"{t}.{ff}.linear_out")]
+    return links
+
+
+def single_block_links(i):
+    o, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+    links = [*weights(f"{o}.linear1", f"{t}.attn.to_qkv_mlp_proj"), *weights(f"{o}.linear2", f"{t}.attn.to_out")]
+    return links + [fw.Link(f"{o}.norm.{qk}_norm.scale", f"{t}.attn.norm_{qk[0]}.weight") for qk in ("query", "key")]
+
+
+def transformer_links(cfg: Flux2Config):
+    """BFL <-> diffusers names of every transformer tensor; q, k, v are h rows each of the double blocks' qkv."""
+    h, tge = cfg.hidden_size, "time_guidance_embed"
+    links = [*weights("img_in", "x_embedder"), *weights("txt_in", "context_embedder")]
+    for ours, theirs in [("time_in", "timestep_embedder"), ("guidance_in", "guidance_embedder")][
+            : 2 if cfg.guidance_embed else 1]:
+        links += [*weights(f"{ours}.in_layer", f"{tge}.{theirs}.linear_1"),
+                  *weights(f"{ours}.out_layer", f"{tge}.{theirs}.linear_2")]
+    for name in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        links += weights(f"{name}.lin", f"{name}.linear")
+    for i in range(cfg.depth):
+        links += double_block_links(i, h)
+    for i in range(cfg.depth_single_blocks):
+        links += single_block_links(i)
+    links += weights("final_layer.linear", "proj_out")
+    # BFL's adaLN rows are (shift, scale); diffusers' are (scale, shift)
+    ada, out = "final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"
+    return links + [fw.Link(ada, out, (0, h), (h, 2 * h)), fw.Link(ada, out, (h, 2 * h), (0, h))]
+
+
+# Flux2Transformer2DModel's arguments we do not model, with the only value we accept (each is FLUX.2's)
+FIXED = {"patch_size": 1, "timestep_guidance_channels": 256, "eps": 1e-6}
+
+
+def config_from_diffusers(d, where):
+    """Flux2Config from a diffusers Flux2Transformer2DModel config.json; a missing key takes diffusers' default (the
+    defaults are FLUX.2 [dev]'s, which are Flux2Config's)."""
+    dev = Flux2Config()
+    get = {"in_channels": dev.in_channels, "joint_attention_dim": dev.context_in_dim, "num_layers": dev.depth,
+           "num_single_layers": dev.depth_single_blocks, "num_attention_heads": dev.num_heads,
+           "attention_head_dim": dev.head_dim, "rope_theta": dev.theta}
+    v = {k: d.get(k, default) for k, default in get.items()}
+    least = {"num_layers": 0, "num_single_layers": 0}  # a model may have no blocks of one kind
+    bad = [k for k, x in v.items() if not isinstance(x, int) or isinstance(x, bool) or x < least.get(k, 1)]
+    axes, ratio = d.get("axes_dims_rope", dev.axes_dim), d.get("mlp_ratio", dev.mlp_ratio)
+    if bad or not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and a > 0 for a in axes):
+        raise InputError(f"{where}: config entries must be positive integers: "
+                         f"{', '.join(f'{k}={v[k]!r}' for k in bad) or f'axes_dims_rope={axes!r}'}")
+    if not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise InputError(f"{where}: config entry mlp_ratio must be a positive number, got {ratio!r}")
+    for k, want in FIXED.items():
+        if d.get(k, want) != want:
+            raise InputError(f"{where}: {k}={d[k]!r} is not supported (FLUX.2 has {want})")
+    if d.get("out_channels") not in (None, v["in_channels"]):
+        raise InputError(f"{where}: out_channels={d['out_channels']!r} must be null or in_channels")
+    return Flux2Config(in_channels=v["in_channels"], context_in_dim=v["joint_attention_dim"],
+                       hidden_size=v["num_attention_heads"] * v["attention_head_dim"], mlp_ratio=float(ratio),
+                       num_heads=v["num_attention_heads"], depth=v["num_layers"],
+                       depth_single_blocks=v["num_single_layers"], axes_dim=tuple(axes), theta=v["rope_theta"],
+                       guidance_embed=bool(d.get("guidance_embeds", dev.guidance_embed)))
+
+
+def config_to_diffusers(cfg: Flux2Config):
+    return {"_class_name": "Flux2Transformer2DModel", **FIXED, "in_channels": cfg.in_channels, "out_channels": None,
+            "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks, "attention_head_dim": cfg.head_dim,
+            "num_attention_heads": cfg.num_heads, "joint_attention_dim": cfg.context_in_dim,
+            "mlp_ratio": cfg.mlp_ratio, "axes_dims_rope": list(cfg.axes_dim), "rope_theta": cfg.theta,
+            "guidance_embeds": cfg.guidance_embed}
+
+
+def bfl_config(sources, prefix, where):
+    """The Flux2Config of a BFL single file, read off its shapes: the head width is the QK norms', the MLP's from the
+    single blocks' output projection; 4 RoPE axes of a quarter head each and theta 2000, as every released FLUX.2."""
+    def shape(key):
+        return fw.shape_of(sources[prefix + key][0], prefix + key)
+
+    def count(blocks):
+        return len({k[len(prefix + blocks):].split(".")[1] for k in sources if k.startswith(prefix + blocks + ".")})
+
+    hidden, in_channels = shape("img_in.weight")
+    norm = "single_blocks.0.norm.query_norm.scale"
+    head = shape(norm if prefix + norm in sources else "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    mlp = shape("single_blocks.0.linear2.weight")[1] - hidden if count("single_blocks") else \
+        shape("double_blocks.0.img_mlp.2.weight")[1]
+    return Flux2Config(in_channels=in_channels, context_in_dim=shape("txt_in.weight")[1], hidden_size=hidden,
+                       mlp_ratio=mlp / hidden, num_heads=hidden // head, depth=count("double_blocks"),
+                       depth_single_blocks=count("single_blocks"), axes_dim=(head // 4,) * 4,
+                       guidance_embed=prefix + "guidance_in.in_layer.weight" in sources)
+
+
+def transformer_sources(path, cfg=None):
+    """(cfg, links, sources) of a diffusers `transformer/` folder (its config.json) or of a BFL single file (our
+    names, maybe prefixed as in an all-in-one file; its config read off its shapes unless given), opened lazily."""
+    if os.path.isdir(path):
+        cfg = cfg or config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        return cfg, transformer_links(cfg), fw.read_sources(fw.weight_files(path))
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    sources = fw.transformer_keys(fw.read_sources([path]))
+    prefix = fw.BFL_PREFIX if all(k.startswith(fw.BFL_PREFIX) for k in sources) else ""
+    if prefix + "single_stream_modulation.lin.weight" not in sources or prefix + "img_in.weight" not in sources:
+        raise InputError(f"{path}: not a FLUX.2 transformer in BFL's layout (no single_stream_modulation.lin.weight or "
+                         f"img_in.weight; keys look like {', '.join(sorted(sources)[:3])}); a diffusers one loads "
+                         f"from its folder")
+    cfg = cfg or bfl_config(sources, prefix, path)
+    with torch.device("meta"):
+        return cfg, fw.identity_links(Flux2(cfg), prefix), sources
+
+
+def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """The FLUX.2 transformer of a diffusers `transformer/` folder (one file or shards with an index), or of a BFL
+    single file (`flux-2-klein-4b.safetensors`, an fp8 one upcast to dtype on load, or an all-in-one file)."""
+    cfg, links, sources = transformer_sources(path, cfg)
+    return fw.load_into(lambda: Flux2(cfg), links, sources, path, dtype, device)
+
+
+def save_transformer(model: Flux2, folder):
+    """folder/diffusion_pytorch_model.safetensors in diffusers keys (loads strictly into Flux2Transformer2DModel) and
+    folder/config.json, each atomically. Returns the weights' path."""
+    return fw.save_diffusers(model, transformer_links(model.cfg), config_to_diffusers(model.cfg), folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autoencoder
+
+
+def autoencoder_links(model: Flux2AutoEncoder):
+    """FLUX.1's autoencoder links (flux_weights.autoencoder_links), the quant convs moved to the top as diffusers
+    keeps them; the batch-norm statistics (bn.*) have the same names on both sides."""
+    top = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+    links = []
+    for link in fw.autoencoder_links(model):
+        prefix = next((p for p in top if link.theirs.startswith(p)), None)
+        links.append(dataclasses.replace(link, theirs=top[prefix] + link.theirs[len(prefix):]) if prefix else link)
+    return links
+
+
+def autoencoder_config_from_diffusers(d, where):
+    """Flux2AutoEncoderConfig from an AutoencoderKLFlux2 config.json; the architecture must be the released one's
+    (quant convs, a mid-block attention, 2x2 patches, one channel list for encoder and decoder)."""
+    try:
+        chans, patch = d["block_out_channels"], d.get("patch_size", [2, 2])
+        expected = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+                    "act_fn": "silu", "in_channels": 3, "out_channels": 3}
+        for k, want in expected.items():
+            if d.get(k, want) != want:
+                raise InputError(f"{where}: {k}={d[k]!r} is not supported (FLUX.2's autoencoder has {want!r})")
+        if list(patch) != [2, 2] or d.get("decoder_block_out_channels") not in (None, chans):
+            raise InputError(f"{where}: patch_size must be [2, 2] and decoder_block_out_channels null or equal to "
+                             f"block_out_channels")
+        return Flux2AutoEncoderConfig(ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+                                      num_res_blocks=d.get("layers_per_block", 2),
+                                      z_channels=d.get("latent_channels", 32), groups=d.get("norm_num_groups", 32),
+                                      bn_eps=d.get("batch_norm_eps", 1e-4))
+    except KeyError as e:
+        raise InputError(f"{where}: missing config entry {e}") from None
+    except (TypeError, IndexError, ZeroDivisionError) as e:
+        raise InputError(f"{where}: malformed config ({e})") from None
+
+
+def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
+    """The FLUX.2 autoencoder, batch-norm statistics included, of a diffusers `vae/` folder or of BFL's single file
+    (our names; cfg: the released VAE's unless given)."""
+    if os.path.isdir(path):
+        cfg = cfg or autoencoder_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
+        files = fw.weight_files(path)
+    else:
+        cfg, files = cfg or Flux2AutoEncoderConfig(), [path]
+    with torch.device("meta"):
+        model = Flux2AutoEncoder(cfg)
+        links = autoencoder_links(model) if os.path.isdir(path) else fw.identity_links(model)
+    return fw.load_into(lambda: Flux2AutoEncoder(cfg), links, fw.read_sources(files), path, dtype, device)
+
