@@ -3,9 +3,10 @@
 
 CLIPScorer holds what they share: the frozen CLIPModel, image and text features (text cached), the score
 s = scale <img, txt> of L2-normalised features and SRPO's relative reward r = c img . ((1 + k) t+ - t-),
-c = scale / srp_divisor. The rewards are its siblings and say only what differs: scale 1 (HPS) or exp(logit_scale)
+c = scale / srp_divisor. The rewards are its subclasses and say only what differs: scale 1 (HPS) or exp(logit_scale)
 (PickScore, CLIP), srp_divisor 1 or 20, the tokenizer, the default preprocessing, where the weights come from and
-what the command line shows. Adding a reward is one class and one REWARDS entry (tests/test_reward_seam.py).
+what the command line shows (PickScore and CLIP-H share FolderCLIPScorer: the official script's one CLIP class).
+Adding a reward is one class and one REWARDS entry (tests/test_reward_seam.py).
 
 Read top to bottom: the scorer, the rewards, SRPO's control words, the `score` command, the differentiable
 preprocessing of (B, 3, H, W) images in [0, 1]. The weights' I/O is clip_weights.py's, the tokenizers are
@@ -191,42 +192,40 @@ class HPSReward(CLIPScorer):
     read_clip = staticmethod(cw.load_clip)
 
 
-class PickScoreReward(CLIPScorer):
-    """PickScore (yuvalkirstain/PickScore_v1, a transformers-format CLIP ViT-H-14): s = exp(logit_scale) <img, txt>,
-    captions tokenized by CLIPProcessor, as PickScore and the official SRPO script do; its processor resizes the short
-    side and centre-crops, hence "crop". c = exp(logit_scale) / 20: the official script's CLIP reward scales the SRP
-    reward by the logit scale (100), then divides by 20 "to make the score comparable with HPS"."""
+class FolderCLIPScorer(CLIPScorer):
+    """A reward read from a transformers CLIPModel folder, scored as the official script's CLIP class scores both
+    PickScore and CLIP-H: s = exp(logit_scale) <img, txt>, captions tokenized by CLIPProcessor, images resized on
+    the short side and centre-cropped ("crop", as its processor does). c = exp(logit_scale) / 20: the official
+    script scales the SRP reward by the logit scale (100), then divides by 20 "to make the score comparable with
+    HPS"."""
 
-    name, title, metavar = "pickscore", "PickScore", "DIR"
+    metavar = "DIR"
+    tokenizer_class = CLIPProcessorTokenizer
+    default_preprocess = "crop"
+    logit_scaled, srp_divisor = True, 20
+
+    @classmethod
+    def check_path(cls, path):
+        check_clip_folder(path, cls.title)
+
+    read_clip = staticmethod(cw.load_clip_folder)
+
+
+class PickScoreReward(FolderCLIPScorer):
+    """PickScore (yuvalkirstain/PickScore_v1, a CLIP ViT-H-14 fine-tuned on Pick-a-Pic's preferences)."""
+
+    name, title = "pickscore", "PickScore"
     path_help = ("PickScore_v1 as a transformers CLIPModel folder: config.json + weights (its vocab.json + merges.txt, "
                  "if there, are the tokenizer)")
-    tokenizer_class = CLIPProcessorTokenizer
-    default_preprocess = "crop"
-    logit_scaled, srp_divisor = True, 20
-
-    @classmethod
-    def check_path(cls, path):
-        check_clip_folder(path, cls.title)
-
-    read_clip = staticmethod(cw.load_clip_folder)
 
 
-class CLIPReward(CLIPScorer):
-    """CLIP-ViT-H-14 (laion2B-s32B-b79K) in transformers format, the official script's third reward: the same code as
-    PickScore there (its CLIP class with is_pickscore=False), so PickScore's score, SRP reward and tokenizer."""
+class CLIPReward(FolderCLIPScorer):
+    """CLIP-ViT-H-14 (laion2B-s32B-b79K), the official script's third reward (its CLIP class with
+    is_pickscore=False): PickScore's code on the laion weights."""
 
-    name, title, metavar = "clip", "CLIP-H", "DIR"
+    name, title = "clip", "CLIP-H"
     path_help = ("CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers CLIPModel folder: config.json + weights (its "
                  "vocab.json + merges.txt, if there, are the tokenizer)")
-    tokenizer_class = CLIPProcessorTokenizer
-    default_preprocess = "crop"
-    logit_scaled, srp_divisor = True, 20
-
-    @classmethod
-    def check_path(cls, path):
-        check_clip_folder(path, cls.title)
-
-    read_clip = staticmethod(cw.load_clip_folder)
 
 
 # `srpo.py train --reward NAME` and its model flag --NAME, `srpo.py score --NAME`

@@ -37,3 +37,23 @@ def flux2_folder(tmp_path_factory):
     from references import flux2_folder as make
 
     return make(tmp_path_factory.mktemp("flux2"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and threads spin-waiting on shared cores turn a 1 s run into a minute;
+    a module that trains tiny models uses it (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(transformer, autoencoder, text encoders, HPS scorer): the tiny demo's random models, built in code."""
+    import sampling
+    from reward import HPSReward
+
+    model, ae, text = sampling.tiny_models()
+    return model, ae, text, HPSReward.tiny()

@@ -15,13 +15,12 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import (  # noqa: F401  one_thread and real_args are fixtures
+from test_train import (  # noqa: F401  real_args is a fixture
     ROOT,
     SMALL,
     TORCHRUN,
     cli,
     log_lines,
-    one_thread,
     real_args,
     run_cli,
     tiny_clip_folder,
@@ -32,6 +31,7 @@ import hacking
 import runtime
 import srpo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = ["a red bicycle", "a harbor at sunset", "a smiling child"]  # 3: an uneven share over 2 processes
 
 

@@ -25,12 +25,7 @@ CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
 RANK = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def full_checkpoint(folder, model):

@@ -16,27 +16,13 @@ import methods
 import runtime
 import sampling
 import srpo
-from reward import HPSReward
 from util import derive_seed
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox"
 SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--eval-every", "1000",
          "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, ae, text = sampling.tiny_models()
-    return model, ae, text, HPSReward.tiny()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shift3(t):

@@ -22,13 +22,7 @@ TINY = ["--height", "32", "--width", "32", "--samples", "0", "--eval-every", "10
         "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and threads spin-waiting on shared cores slow every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_folder(folder, captions=CAPTIONS):

@@ -59,20 +59,7 @@ def official_branches(sel):
     return K, (SIGMAS_L[1000 - sel - K], SIGMAS_L[1000 - sel]), (SIGMAS_L[1000 - mid], SIGMAS_L[1000 - start]), mid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and two threads spin-waiting on shared cores turn a 1 s run into a
-    minute (the --flux run: the demo already runs single-threaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, ae, text = sampling.tiny_models()
-    return model, ae, text, HPSReward.tiny()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(out, step):
