@@ -492,7 +492,8 @@ def fits(height, width, lora_rank):
     default) or the conditional pass alone: each one-GPU mode's GPU and host GB and which cards it fits."""
     print(f"one SRPO step at {height}x{width}, one GPU, LoRA rank {lora_rank}, rollout {ROLLOUT} steps with CFG; "
           f"GPU fits a card of N GiB ({', '.join(map(str, CARDS))})")
-    print(f"{'model':<9} {'branch velocity':<22} {'mode':<20} {'GPU GB':>7} {'host GB':>8}  {'fits':<8}  model calls a prompt")
+    print(f"{'model':<9} {'branch velocity':<22} {'mode':<20} {'GPU GB':>7} {'host GB':>8}  {'fits':<8}  "
+          "model calls a prompt")
     for name in ("klein-4b", "klein-9b"):
         for passes, how in ((2, "CFG, both passes"), (1, "conditional pass")):
             e = estimate(height, width, *MODELS[name], lora_rank=lora_rank, passes=passes, rollout_passes=2)
