@@ -117,3 +117,11 @@ def test_flux2_lora_params_and_model_calls(klein_tiny):
         assert modes["LoRA r=4, resident"][4] == (2 * me.ROLLOUT + 2 * passes * 3) * e[passes]["forward flop"]
         assert modes["full, --offload"][4] == (2 * me.ROLLOUT + 2 * passes * 4) * e[passes]["forward flop"]
         assert modes["full, resident"][0] > 16 * e[passes]["params"]  # fp32 weights, gradients, AdamW state
+
+
+def test_cfg_on_flux_dev_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["memory_estimate", "--cfg"])
+    with pytest.raises(SystemExit) as exit_info:
+        me.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --cfg is for a model sampled")
