@@ -387,8 +387,11 @@ def test_flux2_merged_equals_merge_lora_and_a_base_of_the_other_family_is_refuse
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     key = "single_blocks.0.linear1.weight"
     assert not torch.equal(expected[key], model.state_dict()[key])  # the LoRA was merged
+    bfl = f2w.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bfl.safetensors"), base_dir, torch.float32))
+    assert all(torch.equal(bfl.state_dict()[k], expected[k]) for k in expected)  # a LoRA checkpoint to BFL: the merge
     full, none = str(tmp_path / "full"), str(tmp_path / "none")
     f2w.save_transformer(model, full)
+    capsys.readouterr()  # the progress bars so far
     for flags, words in [([full, "--to", "lora", "--rank", "2", "--base", flux1_dir], "a FLUX.1 transformer, but the "
                           f"checkpoint {full} is FLUX.2: not the checkpoint's base model"),
                          ([finetune_flux1, "--to", "lora", "--rank", "2", "--base", base_dir], "a FLUX.2 transformer"),
