@@ -84,6 +84,7 @@ def family_of(path):
 
 
 def family_of_config(cfg):
+    """The Family of a model's config (FluxConfig or Flux2Config)."""
     return next(f for f in FAMILIES.values() if isinstance(cfg, f.config))
 
 

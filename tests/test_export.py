@@ -1,7 +1,6 @@
 """export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
-safetensors and by diffusers' from_single_file (FLUX.2: its BFL converter); a LoRA extracted from an exactly rank-r
-fine-tune is exact and loads in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one
-line."""
+safetensors and by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads
+in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line."""
 
 import json
 import os
@@ -313,10 +312,11 @@ def finetune2(base2, tmp_path_factory):
     return tuned, str(folder)
 
 
-def test_flux2_bfl_file_round_trips_through_our_loader_and_diffusers_converter(base2, finetune2, tmp_path):
+def test_flux2_bfl_file_round_trips_through_our_loader_and_diffusers(base2, finetune2, tmp_path):
     """--to bfl on a FLUX.2 checkpoint: BFL's (black-forest-labs/flux2) names, the same tensors back through
-    flux2_weights' loader (config read off the file's shapes) and through diffusers' own BFL -> diffusers converter
-    to the checkpoint's diffusers tensors; the header says FLUX.2 and holds the diffusers config."""
+    flux2_weights' loader (config read off the file's shapes), through diffusers' BFL -> diffusers converter and
+    Flux2Transformer2DModel.from_single_file to the checkpoint's diffusers tensors; the header says FLUX.2 and holds
+    the diffusers config."""
     model, ckpt = finetune2
     path = export.to_bfl(ckpt, str(tmp_path / "flux2-srpo.safetensors"), dtype=torch.float32)
     ours, written = model.state_dict(), load_file(path)
@@ -327,6 +327,9 @@ def test_flux2_bfl_file_round_trips_through_our_loader_and_diffusers_converter(b
     converted = single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers(dict(written))
     expected = load_file(os.path.join(ckpt, export.FULL_FILE))
     assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
+    theirs = Flux2Transformer2DModel.from_single_file(path, config=base2[1], subfolder="transformer",
+                                                      torch_dtype=torch.float32, local_files_only=True).state_dict()
+    assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["model"] == "FLUX.2 transformer" and "flux2" in meta["layout"]
