@@ -356,7 +356,8 @@ def test_flux2_fp8_keeps_the_shared_modulations_and_embedders_in_bf16(finetune2,
 
 def test_flux2_extracted_lora_is_exact_and_loads_in_flux2_klein_pipeline(base2, finetune2, tmp_path):
     """A rank-r FLUX.2 difference: energy 1, the moved norm scale reported as left out, and
-    Flux2KleinPipeline.load_lora_weights on the base gives the fine-tune's output without that scale (1e-5)."""
+    Flux2KleinPipeline.load_lora_weights on the base gives the fine-tune's output without that scale (1e-5); a base
+    given as a BFL single file gives the same LoRA as its diffusers folder."""
     (base_model, base_dir), (tuned, ckpt) = base2, finetune2
     report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
     assert report["overall"] == pytest.approx(1.0, abs=1e-6)
@@ -369,6 +370,11 @@ def test_flux2_extracted_lora_is_exact_and_loads_in_flux2_klein_pipeline(base2, 
     lora_part.load_state_dict({**tuned.state_dict(), scale: base_model.state_dict()[scale]})
     x, ids = flux2_inputs(CFG2, 32, 48, 5, 2), pipeline_ids(CFG2, 32, 48, 5, 2)
     assert rel_err(run_flux2_diffusers(pipe.transformer, x, ids), run_ours(lora_part, x)) <= 1e-5
+    bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
+                             dtype=torch.float32)  # a base given as BFL's single file: the same LoRA
+    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
+    first = load_file(report["path"])
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_flux2_merged_equals_merge_lora_and_a_base_of_the_other_family_is_refused(base, base2, finetune, tmp_path,

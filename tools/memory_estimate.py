@@ -10,15 +10,16 @@ weights, seconds.
 FLUX.2 [klein] base samples with classifier-free guidance, v = v_neg + w (v_pos - v_neg): two model calls per step.
 With --cfg a branch's velocity is that one, both passes with gradient (the way the model is sampled): the branch
 keeps two transformer graphs until its backward, each rollout step costs two forwards and each branch two forwards
-and two backwards; per prompt (R rollout steps, 2 branches) 2 R + 4 model calls instead of R + 2. The conditional
-pass alone (no --cfg) is the cheaper choice, R + 2 with the rollout's CFG apart. The text encoder (T5-XXL, Qwen3)
-is not counted: training embeds the prompts and frees it first.
+and two backwards; per prompt (R rollout steps with CFG, 2 branches) 2 R + 4 model calls, 4 with gradient; the
+conditional pass alone (no --cfg) 2 R + 2, 2 with gradient (FLUX.1-dev, guidance-distilled: R + 2). The text encoder
+(T5-XXL, Qwen3) is not counted: training embeds the prompts and frees it first.
 
-Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, reward.py's
-ViT-H-14 HPS scorer) are built on the meta device and moved to FakeTensorMode "cuda" tensors, which have shapes,
-dtypes and strides but no memory. One branch then runs as training runs it, under torch.autocast("cuda", bf16) (its
-op lists, not a guess: bf16 matmuls and convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor
-hook records what autograd keeps for the backward: the distinct storages it saves, weights not counted (they are
+Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, or
+flux2_model.Flux2 and Flux2AutoEncoder with klein's presets; reward.py's ViT-H-14 HPS scorer) are built on the meta
+device and moved to FakeTensorMode "cuda" tensors, which have shapes, dtypes and strides but no memory. One branch
+then runs as training runs it, under torch.autocast("cuda", bf16) (its op lists, not a guess: bf16 matmuls and
+convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor hook records what autograd keeps for the
+backward: the distinct storages it saves, weights not counted (they are
 counted once, below). What FSDP2 gathers is bf16, so the transformer runs on bf16 weights.
 
 Arithmetic: the weights, the sharded training state (16 bytes a parameter, over N), FSDP2's gather and
