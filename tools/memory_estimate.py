@@ -19,8 +19,8 @@ flux2_model.Flux2 and Flux2AutoEncoder with klein's presets; reward.py's ViT-H-1
 device and moved to FakeTensorMode "cuda" tensors, which have shapes, dtypes and strides but no memory. One branch
 then runs as training runs it, under torch.autocast("cuda", bf16) (its op lists, not a guess: bf16 matmuls and
 convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor hook records what autograd keeps for the
-backward: the distinct storages it saves, weights not counted (they are
-counted once, below). What FSDP2 gathers is bf16, so the transformer runs on bf16 weights.
+backward: the distinct storages it saves, weights not counted (they are counted once, below). What FSDP2 gathers
+is bf16, so the transformer runs on bf16 weights.
 
 Arithmetic: the weights, the sharded training state (16 bytes a parameter, over N), FSDP2's gather and
 reduce-scatter buffers (from the block sizes and torch.distributed.fsdp's fully_shard: one block computing, the
