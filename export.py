@@ -1,7 +1,9 @@
-"""A `srpo.py train` checkpoint as the files other tools run (FLUX.1; this project has no FLUX.2 model yet):
+"""A `srpo.py train` checkpoint as the files other tools run, for FLUX.1 and FLUX.2 (the family is the checkpoint's
+config.json `_class_name`: FluxTransformer2DModel or Flux2Transformer2DModel; a --base of the other family is refused):
 
-- bfl: one .safetensors file in black-forest-labs/flux's own parameter names (fused qkv; the keys of
-  flux1-dev.safetensors, which ComfyUI's "Load Diffusion Model" and Forge read), bf16 by default;
+- bfl: one .safetensors file in black-forest-labs/flux's (flux2's) own parameter names (fused qkv; the keys of
+  flux1-dev.safetensors, resp. flux-2-klein-4b.safetensors, which ComfyUI's "Load Diffusion Model" and Forge read),
+  bf16 by default;
 - fp8: the same file with every linear weight of the blocks in float8_e4m3fn, plain casts without scales (the layout
   of the community flux1-dev-fp8 files), the rest in bf16: half the size (12 GB for FLUX.1-dev);
 - lora: a LoRA of rank R extracted from (fine-tuned - base) by truncated SVD, in the file `train --lora-rank` writes;
@@ -23,10 +25,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import flux2_weights as f2w
 import flux_weights as fw
 import lora
+from flux2_model import Flux2, Flux2Config
 from flux_model import Flux, FluxConfig
-from util import InputError, atomic_write, check_folder, written
+from util import InputError, atomic_write, check_folder, read_json, written
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
@@ -35,23 +39,78 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 # ----------------------------------------------------------------------------------------------------------------
+# The two families
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an export needs of a model family: its transformer and config classes, its weights module's functions
+    (transformer_sources, load_transformer, save_transformer, the diffusers config) and what its BFL files are."""
+    name: str
+    model: type
+    config: type
+    sources: Callable
+    load: Callable
+    save: Callable
+    to_diffusers: Callable
+    bfl: str
+
+
+FAMILIES = {
+    "FluxTransformer2DModel": Family("FLUX.1", Flux, FluxConfig, fw.transformer_sources, fw.load_transformer,
+                                     fw.save_transformer, fw.flux_config_to_diffusers,
+                                     "black-forest-labs/flux parameter names, as flux1-dev.safetensors"),
+    "Flux2Transformer2DModel": Family("FLUX.2", Flux2, Flux2Config, f2w.transformer_sources, f2w.load_transformer,
+                                      f2w.save_transformer, f2w.config_to_diffusers,
+                                      "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors")}
+FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
+
+
+def family_of(path):
+    """The Family of a transformer: a folder's config.json `_class_name` (as diffusers writes it), a single file's
+    keys (FLUX.2's shared single_stream_modulation, BFL names, maybe prefixed as in an all-in-one file)."""
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        name = read_json(config).get("_class_name") if os.path.isfile(config) else None
+        if name not in FAMILIES:
+            raise InputError(f"{config}: _class_name {name!r} is not a FLUX transformer's (expected "
+                             f"{' or '.join(FAMILIES)})")
+        return FAMILIES[name]
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    keys = fw.read_sources([path])
+    flux2 = FLUX2_KEY in keys or fw.BFL_PREFIX + FLUX2_KEY in keys
+    return FAMILIES["Flux2Transformer2DModel" if flux2 else "FluxTransformer2DModel"]
+
+
+def family_of_config(cfg):
+    """The Family of a model's config (FluxConfig or Flux2Config)."""
+    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reading: a checkpoint or a base, one tensor at a time by our (BFL) name
 
 
 @dataclass
 class Weights:
     """A FLUX transformer's tensors by our (BFL) name: read(key) gives one, in float32, when it is needed."""
-    cfg: FluxConfig
+    cfg: FluxConfig | Flux2Config
     shapes: dict
     read: Callable
     where: str
 
+    @property
+    def family(self):
+        return family_of_config(self.cfg)
 
-def open_weights(path, cfg=None):
+
+def open_weights(path, cfg=None, family=None):
     """The Weights of a diffusers `transformer/` folder or a single file (diffusers or BFL keys, any float dtype),
     memory-mapped: keys and shapes checked now, each tensor read (and upcast) when asked for."""
-    cfg, links, sources = fw.transformer_sources(path, cfg)
-    meta = fw.load_into(lambda: Flux(cfg), links, sources, path, torch.float32, "meta")  # keys and shapes only
+    family = family or family_of(path)
+    cfg, links, sources = family.sources(path, cfg)
+    meta = fw.load_into(lambda: family.model(cfg), links, sources, path, torch.float32, "meta")  # keys, shapes
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     by_ours = {}
     for link in links:
@@ -85,8 +144,8 @@ def checkpoint_kind(folder):
 def base_transformer(base, what):
     """The transformer of --base: a diffusers FLUX.1 folder's transformer/, a transformer folder, or a single file."""
     if base is None:
-        raise InputError(f"{what} needs the base model the checkpoint was trained from (a diffusers FLUX.1 folder "
-                         f"or flux1-dev.safetensors)")
+        raise InputError(f"{what} needs the base model the checkpoint was trained from (a diffusers FLUX.1 or FLUX.2 "
+                         f"folder, or its BFL single file: flux1-dev.safetensors, flux-2-klein-4b.safetensors)")
     sub = os.path.join(base, "transformer")
     return sub if os.path.isdir(sub) else base
 
@@ -95,7 +154,11 @@ def open_base(base, like, what):
     """The base's Weights, checked against the checkpoint's (`like`) key by key: a base of another model (other
     widths, depths, no guidance embedding) is one line naming the first tensor that differs."""
     path = base_transformer(base, what)
-    weights = open_weights(path, None if os.path.isdir(path) else like.cfg)
+    family = family_of(path)
+    if family != like.family:
+        raise InputError(f"{path}: a {family.name} transformer, but the checkpoint {like.where} is "
+                         f"{like.family.name}: not the checkpoint's base model")
+    weights = open_weights(path, None if os.path.isdir(path) else like.cfg, family)
     for key in [*like.shapes, *(k for k in weights.shapes if k not in like.shapes)]:  # in the model's order
         theirs, ours = weights.shapes.get(key), like.shapes.get(key)
         if theirs != ours:
@@ -107,8 +170,7 @@ def open_base(base, like, what):
 def merged_model(checkpoint, base, dtype):
     """A LoRA checkpoint merged into its base as `sample --lora` does (lora.merge_lora, in dtype): the model."""
     path = base_transformer(base, f"{checkpoint}: a LoRA checkpoint")
-    cfg = fw.read_flux_config(path) if os.path.isdir(path) else FluxConfig()
-    model = fw.load_transformer(path, cfg, dtype)
+    model = family_of(path).load(path, None, dtype)  # a single file's config: FLUX.1-dev's, FLUX.2's read off it
     return lora.merge_lora(model, os.path.join(checkpoint, lora.LORA_FILE))
 
 
@@ -170,31 +232,32 @@ def check_file_out(out):
 
 def fp8_keys(cfg):
     """The weights an fp8 export stores in float8_e4m3fn: every nn.Linear weight inside the double and single
-    blocks (attention, MLP, modulation), 99.4% of FLUX.1-dev's parameters. The rest stays bf16: the input
-    embedders (img_in, txt_in, time_in, vector_in, guidance_in) and the final layer, which touch the raw inputs and
-    the predicted velocity; biases, added to outputs as they are; the RMSNorm scales of q and k, which multiply
-    the attention logits. e4m3fn keeps 3 mantissa bits (a relative rounding error of up to 1/16), too coarse there,
-    and they are 0.6% of the file."""
+    blocks (attention, MLP, and FLUX.1's per-block modulation), 99.4% of FLUX.1-dev's parameters, 95.0% of FLUX.2
+    [klein] 4B's (96.1% of 9B's). The rest stays bf16: the input embedders (img_in, txt_in, time_in, vector_in,
+    guidance_in) and the final layer, which touch the raw inputs and the predicted velocity; FLUX.2's three shared
+    modulations (4.1% of klein 4B), whose error every block would share; biases, added to outputs as they are; the
+    RMSNorm scales of q and k, which multiply the attention logits. e4m3fn keeps 3 mantissa bits (a relative
+    rounding error of up to 1/16), too coarse there."""
     with torch.device("meta"):
-        model = Flux(cfg)
+        model = family_of_config(cfg).model(cfg)
     return {f"{name}.weight" for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
 
 
 def export_metadata(weights, checkpoint, layout, dtype):
     """The header of an export: what it is, whence, and the diffusers config that rebuilds its shapes."""
-    return {"format": "pt", "model": "FLUX.1 transformer", "layout": layout, "dtype": dtype,
+    return {"format": "pt", "model": f"{weights.family.name} transformer", "layout": layout, "dtype": dtype,
             "source": os.path.normpath(checkpoint), "exported_by": "srpo.py export",
-            "config": json.dumps(fw.flux_config_to_diffusers(weights.cfg))}
+            "config": json.dumps(weights.family.to_diffusers(weights.cfg))}
 
 
 def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16):
-    """checkpoint -> out, one .safetensors file in BFL's names (no prefix), every tensor in dtype (bf16: FLUX.1-dev's
-    own). A LoRA checkpoint is merged into base first. -> out."""
+    """checkpoint -> out, one .safetensors file in BFL's names (no prefix), every tensor in dtype (bf16: the released
+    models' own). A LoRA checkpoint is merged into base first. -> out."""
     check_file_out(out)
     weights = checkpoint_weights(checkpoint, base, dtype)
     specs = [(k, shape, dtype) for k, shape in weights.shapes.items()]
-    layout = "BFL (black-forest-labs/flux parameter names, as flux1-dev.safetensors)"
+    layout = f"BFL ({weights.family.bfl})"
     return write_safetensors(out, specs, weights.read, export_metadata(weights, checkpoint, layout, str(dtype)[6:]))
 
 
@@ -302,11 +365,12 @@ def describe_lora(report, rank):
 
 def merge(checkpoint, base, out, dtype=torch.bfloat16):
     """A LoRA checkpoint folded into its base, W + B A (lora.merge_lora, what `sample --lora` does, in dtype),
-    written as a diffusers transformer folder by flux_weights.save_transformer. Peak memory: the model once in
+    written as a diffusers transformer folder by the family's save_transformer. Peak memory: the model once in
     dtype (safetensors writes from the tensors' own memory). -> the weights file's path."""
     if checkpoint_kind(checkpoint) != "lora":
         raise InputError(f"{checkpoint}: a full checkpoint: its {FULL_FILE} is already the merged model")
-    return fw.save_transformer(merged_model(checkpoint, base, dtype), out)
+    model = merged_model(checkpoint, base, dtype)
+    return family_of_config(model.cfg).save(model, out)
 
 
 def export(checkpoint, to, out, base=None, rank=None, dtype=torch.bfloat16, device="cpu"):

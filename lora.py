@@ -1,13 +1,15 @@
-"""LoRA for the FLUX transformer (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a frozen
-linear layer W plus a trained low-rank update,
+"""LoRA for the FLUX.1 and FLUX.2 transformers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+Models"): a frozen linear layer W plus a trained low-rank update,
 
     y = W x + b + (alpha / r) B A x,    A (r, in), B (out, r), B = 0 at the start (the base model exactly)
 
-on the attention projections and MLPs of every double and single block. Files use the layout diffusers'
-`FluxPipeline.load_lora_weights` reads (PEFT's `lora_A` / `lora_B` on diffusers module names, `transformer.`
-prefix): our fused projections (a double block's qkv, a single block's linear1 = q, k, v and the MLP input) are
-written as the separate layers diffusers has, A copied and B split by rows, which is exact: row i of B A depends on
-row i of B only."""
+on the attention projections and MLPs of every double and single block (FLUX.2's blocks have the same names; their
+modulation is the model's, shared, and left out as FLUX.1's per-block one is). Files use the layout diffusers'
+`FluxPipeline.load_lora_weights` and `Flux2KleinPipeline.load_lora_weights` read (PEFT's `lora_A` / `lora_B` on
+diffusers module names, `transformer.` prefix), the names from the family's table of links: a fused projection of
+ours that diffusers splits (a double block's qkv; FLUX.1's single-block linear1 = q, k, v and the MLP input, which
+FLUX.2's diffusers model keeps fused as to_qkv_mlp_proj) is written as the separate layers, A copied and B split by
+rows, which is exact: row i of B A depends on row i of B only."""
 
 import math
 import os
@@ -18,11 +20,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+import flux2_weights as f2w
 import flux_weights as fw
+from flux2_model import Flux2Config
 from util import InputError, atomic_write, derive_seed
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
-# Every linear layer of the blocks but the adaLN modulations (diffusers' FLUX LoRA scripts leave those out too).
+# Every linear layer of the blocks but the adaLN modulations (diffusers' FLUX LoRA scripts leave those out too). On
+# FLUX.2 a superset of the default of diffusers' FLUX.2 [klein] DreamBooth LoRA script (to_q/k/v, to_out.0, the single
+# blocks' to_qkv_mlp_proj and attn.to_out): the text stream's attention and both MLPs (ff.linear_in/out) too, as FLUX.1.
 DOUBLE_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                   "txt_mlp.0", "txt_mlp.2")
 SINGLE_TARGETS = ("linear1", "linear2")
@@ -61,10 +67,15 @@ def add_adapters(model, rank, alpha, seed):
     return model
 
 
+def transformer_links(flux_cfg):
+    """The family's table of links (our names <-> diffusers'): FLUX.2's for a Flux2Config, FLUX.1's otherwise."""
+    return f2w.transformer_links(flux_cfg) if isinstance(flux_cfg, Flux2Config) else fw.transformer_links(flux_cfg)
+
+
 def weight_links(flux_cfg, key):
     """{name: [links]} of the transformer's weights, by our name (key="ours") or diffusers' (key="theirs")."""
     links = {}
-    for link in fw.transformer_links(flux_cfg):
+    for link in transformer_links(flux_cfg):
         if link.ours.endswith(".weight"):
             links.setdefault(getattr(link, key), []).append(link)
     return links
@@ -124,7 +135,7 @@ def merge_lora(model, path, strength=1.0):
     so that sampling costs nothing per step. Keys and shapes are checked first; on the meta device only that."""
     links, layers = weight_links(model.cfg, "theirs"), read_lora(path)
     params = dict(model.named_parameters())
-    shapes = {k: v.shape for k, v in fw.to_theirs(params, fw.transformer_links(model.cfg)).items()}
+    shapes = {k: v.shape for k, v in fw.to_theirs(params, transformer_links(model.cfg)).items()}
     for layer, parts in layers.items():
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         out_in = shapes.get(f"{layer}.weight")

@@ -1,20 +1,26 @@
-"""export.py on tiny random FLUX.1 models: the BFL and fp8 single files read back by our loader, by safetensors and
-by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads in diffusers;
-a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line."""
+"""export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
+safetensors and by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads
+in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
-from diffusers.loaders import single_file_model
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import single_file_model, single_file_utils
 from references import randomize, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_flux import diffusers_flux_converter, run_diffusers, run_ours, transformer_inputs
+from test_flux2 import pipeline_ids
+from test_flux2 import run_diffusers as run_flux2_diffusers
+from test_flux2 import transformer_inputs as flux2_inputs
 
 import export
+import flux2_model as f2
+import flux2_weights as f2w
 import flux_model as fm
 import flux_weights as fw
 import lora
@@ -266,3 +272,136 @@ def test_the_export_command_writes_what_the_library_does(base, finetune, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
         assert not os.path.exists(tmp_path / "none")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.2: the same four exports of a tiny Flux2 checkpoint (config.json's _class_name: Flux2Transformer2DModel)
+
+CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases
+
+
+@pytest.fixture(scope="module")
+def base2(tmp_path_factory):
+    """(base model, a folder holding it as transformer/ in diffusers keys)."""
+    model = randomize(f2.Flux2(CFG2), seed=1).eval()
+    folder = tmp_path_factory.mktemp("base2")
+    f2w.save_transformer(model, str(folder / "transformer"))
+    return model, str(folder)
+
+
+@pytest.fixture(scope="module")
+def finetune2(base2, tmp_path_factory):
+    """A full FLUX.2 checkpoint: the base plus an exactly rank-RANK difference on every LoRA layer, and a moved
+    QK-norm scale (FLUX.2 has no biases: a tensor LoRA leaves out). -> (model, checkpoint folder)."""
+    model, _ = base2
+    g = torch.Generator().manual_seed(2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for layer in export.lora_layers(CFG2):
+        w = state[f"{layer}.weight"]
+        w += torch.randn(w.shape[0], RANK, generator=g) @ torch.randn(RANK, w.shape[1], generator=g) * 0.01
+    state["single_blocks.1.norm.key_norm.scale"] += 0.25
+    tuned = f2.Flux2(CFG2).eval()
+    tuned.load_state_dict(state)
+    folder = tmp_path_factory.mktemp("ft2") / "checkpoint-000002"
+    f2w.save_transformer(tuned, str(folder))
+    return tuned, str(folder)
+
+
+def test_flux2_bfl_file_round_trips_through_our_loader_and_diffusers(base2, finetune2, tmp_path):
+    """--to bfl on a FLUX.2 checkpoint: BFL's (black-forest-labs/flux2) names, the same tensors back through
+    flux2_weights' loader (config read off the file's shapes), through diffusers' BFL -> diffusers converter and
+    Flux2Transformer2DModel.from_single_file to the checkpoint's diffusers tensors; the header says FLUX.2 and holds
+    the diffusers config."""
+    model, ckpt = finetune2
+    path = export.to_bfl(ckpt, str(tmp_path / "flux2-srpo.safetensors"), dtype=torch.float32)
+    ours, written = model.state_dict(), load_file(path)
+    assert written.keys() == ours.keys() and all(torch.equal(written[k], ours[k]) for k in ours)
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight"} <= written.keys()
+    loaded = f2w.load_transformer(path)
+    assert loaded.cfg == CFG2 and all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
+    converted = single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers(dict(written))
+    expected = load_file(os.path.join(ckpt, export.FULL_FILE))
+    assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
+    theirs = Flux2Transformer2DModel.from_single_file(path, config=base2[1], subfolder="transformer",
+                                                      torch_dtype=torch.float32, local_files_only=True).state_dict()
+    assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["model"] == "FLUX.2 transformer" and "flux2" in meta["layout"]
+    assert json.loads(meta["config"]) == f2w.config_to_diffusers(CFG2)
+
+
+def test_flux2_fp8_keeps_the_shared_modulations_and_embedders_in_bf16(finetune2, tmp_path):
+    """fp8: the block linears cast (bit for bit), the shared modulations, embedders and final layer bf16; our
+    loader reads it; the output within 1e-2 of the bf16 file's (as for FLUX.1)."""
+    model, ckpt = finetune2
+    path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
+    written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG2)
+    assert len(low) == 8 * CFG2.depth + 2 * CFG2.depth_single_blocks  # no per-block modulation in FLUX.2
+    assert not low & {"single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight",
+                      "img_in.weight", "final_layer.linear.weight", "single_blocks.0.norm.query_norm.scale"}
+    for k, v in ours.items():
+        dtype = torch.float8_e4m3fn if k in low else torch.bfloat16
+        assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
+    fp8 = f2w.load_transformer(path)
+    bf16 = f2w.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")))
+    x = flux2_inputs(CFG2, 32, 48, 5, 2)
+    assert 1e-4 < rel_err(run_ours(fp8, x), run_ours(bf16, x)) <= 1e-2
+
+
+def test_flux2_extracted_lora_is_exact_and_loads_in_flux2_klein_pipeline(base2, finetune2, tmp_path):
+    """A rank-r FLUX.2 difference: energy 1, the moved norm scale reported as left out, and
+    Flux2KleinPipeline.load_lora_weights on the base gives the fine-tune's output without that scale (1e-5); a base
+    given as a BFL single file gives the same LoRA as its diffusers folder."""
+    (base_model, base_dir), (tuned, ckpt) = base2, finetune2
+    report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
+    assert report["overall"] == pytest.approx(1.0, abs=1e-6)
+    assert report["untargeted"][0] == "single_blocks.1.norm.key_norm.scale"
+    transformer = Flux2Transformer2DModel.from_pretrained(os.path.join(base_dir, "transformer")).eval()
+    pipe = Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    scale = "single_blocks.1.norm.key_norm.scale"
+    lora_part = f2.Flux2(CFG2).eval()
+    lora_part.load_state_dict({**tuned.state_dict(), scale: base_model.state_dict()[scale]})
+    x, ids = flux2_inputs(CFG2, 32, 48, 5, 2), pipeline_ids(CFG2, 32, 48, 5, 2)
+    assert rel_err(run_flux2_diffusers(pipe.transformer, x, ids), run_ours(lora_part, x)) <= 1e-5
+    bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
+                             dtype=torch.float32)  # a base given as BFL's single file: the same LoRA
+    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
+    first = load_file(report["path"])
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_flux2_merged_equals_merge_lora_and_a_base_of_the_other_family_is_refused(base, base2, finetune, tmp_path,
+                                                                                  capsys):
+    """--to merged on a FLUX.2 LoRA checkpoint == lora.merge_lora on the base (a diffusers Flux2 folder); a FLUX.1
+    base for a FLUX.2 checkpoint (and the reverse) is one line, exit 2."""
+    (model, base_dir), (_, flux1_dir), (_, finetune_flux1) = base2, base, finetune
+    adapted = lora.add_adapters(f2.Flux2(CFG2).eval(), 4, 8.0, seed=0)
+    adapted.load_state_dict(model.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(5)
+    adapters = {n: (torch.randn(p.shape, generator=g) * 0.3 if n.endswith("lora_B") else p.detach())
+                for n, p in adapted.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    ckpt = str(tmp_path / "checkpoint-000004")
+    lora.save_lora(adapters, CFG2, 8.0 / 4, ckpt)
+    path = export.merge(ckpt, base_dir, str(tmp_path / "merged"), torch.float32)
+    expected = lora.merge_lora(f2w.load_transformer(os.path.join(base_dir, "transformer")),
+                               os.path.join(ckpt, lora.LORA_FILE)).state_dict()
+    got = f2w.load_transformer(os.path.dirname(path)).state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    key = "single_blocks.0.linear1.weight"
+    assert not torch.equal(expected[key], model.state_dict()[key])  # the LoRA was merged
+    bfl = f2w.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bfl.safetensors"), base_dir, torch.float32))
+    assert all(torch.equal(bfl.state_dict()[k], expected[k]) for k in expected)  # a LoRA checkpoint to BFL: the merge
+    full, none = str(tmp_path / "full"), str(tmp_path / "none")
+    f2w.save_transformer(model, full)
+    capsys.readouterr()  # the progress bars so far
+    for flags, words in [([full, "--to", "lora", "--rank", "2", "--base", flux1_dir], "a FLUX.1 transformer, but the "
+                          f"checkpoint {full} is FLUX.2: not the checkpoint's base model"),
+                         ([finetune_flux1, "--to", "lora", "--rank", "2", "--base", base_dir], "a FLUX.2 transformer"),
+                         ([ckpt, "--to", "merged", "--base", flux1_dir], "is not a linear layer of this FLUX")]:
+        with pytest.raises(SystemExit) as exit_info:
+            srpo.main(["export", *flags, "--out", none])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+        assert not os.path.exists(none)

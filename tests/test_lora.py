@@ -9,14 +9,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
-from references import rel_err
+from diffusers import Flux2KleinPipeline, FluxPipeline
+from references import diffusers_flux2_transformer, rel_err
 from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
 import cli as command_line
 import clip_weights as cw
+import flux2_model as f2
+import flux2_weights as f2w
 import flux_model as fm
 import flux_weights as fw
 import lora
@@ -136,6 +138,47 @@ def test_lora_scale_scales_the_merged_update(flux_with_lora):
     b = base.state_dict()
     key = "single_blocks.0.linear1.weight"
     assert torch.allclose(half[key] - b[key], (full[key] - b[key]) / 2, atol=1e-7)
+
+
+def test_flux2_lora_file_loads_into_flux2_klein_pipeline_and_gives_our_transformer_output(tmp_path):
+    """FLUX.2: adapters with random B (alpha != r) on a tiny diffusers Flux2Transformer2DModel read by our loader,
+    saved by lora.save_lora; Flux2KleinPipeline.load_lora_weights on the folder == our unmerged adapters == our
+    merge (1e-5). The double blocks' qkv went out as to_q/k/v and add_q/k/v_proj, the single blocks' linear1 fused as
+    diffusers' to_qkv_mlp_proj; nothing of the shared modulations."""
+    from test_flux2 import pipeline_ids
+    from test_flux2 import run_diffusers as run_flux2_diffusers
+    from test_flux2 import transformer_inputs as flux2_inputs
+
+    cfg, folder = f2.Flux2Config.preset("tiny"), str(tmp_path / "transformer")
+    reference = diffusers_flux2_transformer(cfg)
+    reference.save_pretrained(folder)
+    ours = lora.add_adapters(f2w.load_transformer(folder), 4, 8.0, seed=3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapters = {n: p.detach() for n, p in ours.named_parameters() if n in adapter_names(ours)}
+    assert len(adapters) == 2 * (8 * cfg.depth + 2 * cfg.depth_single_blocks)
+    path = lora.save_lora(adapters, cfg, 8.0 / 4, str(tmp_path / "lora"))
+    pipe = Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=reference)
+    x, ids = flux2_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)
+    base = run_flux2_diffusers(pipe.transformer, x, ids)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    theirs, adapted = run_flux2_diffusers(pipe.transformer, x, ids), run_ours(ours, x)
+    merged = lora.merge_lora(f2w.load_transformer(folder), path)
+    assert rel_err(adapted, theirs) <= 1e-5 and rel_err(run_ours(merged, x), theirs) <= 1e-5
+    assert rel_err(base, theirs) > 1e-2  # the LoRA does change the output
+    keys = {k.removesuffix(".lora_A.weight") for k in load_file(path) if k.endswith("lora_A.weight")}
+    assert {"transformer.transformer_blocks.1.attn.add_v_proj", "transformer.single_transformer_blocks.0.attn."
+            "to_qkv_mlp_proj", "transformer.transformer_blocks.0.ff_context.linear_out"} <= keys
+    assert len(keys) == 12 * cfg.depth + 2 * cfg.depth_single_blocks  # a double block: 2 x (q, k, v, out, 2 MLP)
+    assert not any("modulation" in k for k in keys)
+    flux1 = lora.add_adapters(fm.Flux(fm.FluxConfig.preset("tiny")), 2, 2.0, 0)  # the same width, FLUX.1's names
+    other = lora.save_lora({n: p.detach() for n, p in flux1.named_parameters() if n in adapter_names(flux1)},
+                           flux1.cfg, 1.0, str(tmp_path / "flux1"))
+    with pytest.raises(util.InputError, match=r"single_transformer_blocks.0.attn.to_k is not a linear layer of this"):
+        lora.merge_lora(f2w.load_transformer(folder), other)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import clip_weights as cw
+import flux2_model as f2
 import flux_model as fm
 import reward
 import runtime
@@ -81,3 +82,46 @@ def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_
         sizes = [p.numel() for p in fm.Flux(flux_cfg).parameters()]
     expected = sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in sizes)
     assert me.one_gpu(e)["full, --offload"][1] == expected > 16 * sum(sizes)
+
+
+@pytest.fixture(scope="module")
+def klein_tiny():
+    """The tiny FLUX.2 transformer and VAE, LoRA rank 4; the branch's velocity with CFG (2 passes) and the
+    conditional pass alone (1), the rollout with CFG in both."""
+    cfgs = f2.Flux2Config.preset("tiny"), f2.Flux2AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
+    return cfgs, {p: me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS, lora_rank=4, passes=p,
+                                 rollout_passes=2) for p in (1, 2)}
+
+
+def test_flux2_branch_with_cfg_keeps_both_passes_graphs(klein_tiny):
+    """FLUX.2: each checkpointed block keeps its bf16 input stream (the shared modulation is the model's, outside
+    the blocks); with CFG both passes' graphs live until the branch's backward: twice the block inputs and the rest
+    of the transformer's graph, the VAE and reward graphs once."""
+    (cfg, _, _), e = klein_tiny
+    blocks, tokens = cfg.depth + cfg.depth_single_blocks, (HEIGHT // 16) * (WIDTH // 16) + TEXT_TOKENS
+    assert e[1]["block inputs"] == blocks * tokens * cfg.hidden_size * 2
+    assert e[2]["block inputs"] == 2 * e[1]["block inputs"] and e[2]["transformer rest"] == 2 * e[1]["transformer rest"]
+    assert e[2]["vae"] == e[1]["vae"] and e[2]["reward"] == e[1]["reward"]
+
+
+def test_flux2_lora_params_and_model_calls(klein_tiny):
+    """FLUX.2's adapters: R (in + out) per adapted layer, SwiGLU's input layer 2 x the MLP width out; the base's
+    count is Flux2's. Model calls per prompt with CFG: 2 R rollout forwards and 2 x 2 branch passes, each branch pass
+    3 forwards' work for LoRA (forward, recompute, input gradients), 4 for full."""
+    (cfg, _, _), e = klein_tiny
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    double, single = 2 * ((h + 3 * h) + (h + h) + (h + 2 * m) + (m + h)), (h + 3 * h + 2 * m) + (h + m + h)
+    assert e[2]["lora params"] == 4 * (cfg.depth * double + cfg.depth_single_blocks * single)
+    assert e[2]["params"] == sum(p.numel() for p in f2.Flux2(cfg).parameters())
+    for passes, modes in ((p, me.one_gpu(e[p])) for p in (1, 2)):
+        assert modes["LoRA r=4, resident"][4] == (2 * me.ROLLOUT + 2 * passes * 3) * e[passes]["forward flop"]
+        assert modes["full, --offload"][4] == (2 * me.ROLLOUT + 2 * passes * 4) * e[passes]["forward flop"]
+        assert modes["full, resident"][0] > 16 * e[passes]["params"]  # fp32 weights, gradients, AdamW state
+
+
+def test_cfg_on_flux_dev_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["memory_estimate", "--cfg"])
+    with pytest.raises(SystemExit) as exit_info:
+        me.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --cfg is for a model sampled")

@@ -1,15 +1,26 @@
-"""GPU memory of one SRPO training step at FLUX.1-dev's sizes, measured on a CPU: no GPU, no weights, seconds.
+"""GPU memory of one SRPO training step at FLUX.1-dev's or FLUX.2 [klein]'s sizes, measured on a CPU: no GPU, no
+weights, seconds.
 
     python -m tools.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
     python -m tools.memory_estimate --height 1024 --width 1024
     python -m tools.memory_estimate --lora-rank 64   # + one GPU: LoRA resident or offloaded, full with --offload
+    python -m tools.memory_estimate --model klein-4b --cfg --lora-rank 64   # FLUX.2 [klein] 4B, CFG branches
+    python -m tools.memory_estimate --fits --lora-rank 64   # klein 4B / 9B: which one-GPU mode fits 24 / 48 / 80 GB
 
-Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, reward.py's
-ViT-H-14 HPS scorer) are built on the meta device and moved to FakeTensorMode "cuda" tensors, which have shapes,
-dtypes and strides but no memory. One branch then runs as training runs it, under torch.autocast("cuda", bf16) (its
-op lists, not a guess: bf16 matmuls and convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor
-hook records what autograd keeps for the backward: the distinct storages it saves, weights not counted (they are
-counted once, below). What FSDP2 gathers is bf16, so the transformer runs on bf16 weights.
+FLUX.2 [klein] base samples with classifier-free guidance, v = v_neg + w (v_pos - v_neg): two model calls per step.
+With --cfg a branch's velocity is that one, both passes with gradient (the way the model is sampled): the branch
+keeps two transformer graphs until its backward, each rollout step costs two forwards and each branch two forwards
+and two backwards; per prompt (R rollout steps with CFG, 2 branches) 2 R + 4 model calls, 4 with gradient; the
+conditional pass alone (no --cfg) 2 R + 2, 2 with gradient (FLUX.1-dev, guidance-distilled: R + 2). The text encoder
+(T5-XXL, Qwen3) is not counted: training embeds the prompts and frees it first.
+
+Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, or
+flux2_model.Flux2 and Flux2AutoEncoder with klein's presets; reward.py's ViT-H-14 HPS scorer) are built on the meta
+device and moved to FakeTensorMode "cuda" tensors, which have shapes, dtypes and strides but no memory. One branch
+then runs as training runs it, under torch.autocast("cuda", bf16) (its op lists, not a guess: bf16 matmuls and
+convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor hook records what autograd keeps for the
+backward: the distinct storages it saves, weights not counted (they are counted once, below). What FSDP2 gathers
+is bf16, so the transformer runs on bf16 weights.
 
 Arithmetic: the weights, the sharded training state (16 bytes a parameter, over N), FSDP2's gather and
 reduce-scatter buffers (from the block sizes and torch.distributed.fsdp's fully_shard: one block computing, the
@@ -37,6 +48,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CLIPModel
 
 import clip_weights as cw
+import flux2_model as f2
 import flux_model as fm
 import kernels.attention
 import kernels.rope
@@ -48,7 +60,11 @@ import util
 
 GB = 1e9
 STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
-TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on
+TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on; Qwen3 tokens klein is (Flux2KleinPipeline's 512)
+MODELS = {"flux-dev": (fm.FluxConfig.preset("flux-dev"), fm.AutoEncoderConfig.preset("flux-dev")),
+          "klein-4b": (f2.Flux2Config.preset("klein-4b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
+          "klein-9b": (f2.Flux2Config.preset("klein-9b"), f2.Flux2AutoEncoderConfig.preset("flux2"))}
+CFG_SCALE = 4.0  # Flux2KleinPipeline's default guidance_scale (any w: the graphs do not depend on it)
 ALLOWANCE = 3.0  # GB: CUDA context, NCCL buffers, allocator slack (an allowance, not a measurement)
 WORLDS = (2, 3, 4, 8, 32)  # GPUs N in the table (3 does not divide the default global batch of 32: for the record)
 VIT_H_14 = {"vision_width": 1280, "vision_layers": 32, "text_width": 1024, "text_layers": 24, "embed_dim": 1024}
@@ -176,20 +192,29 @@ def checkpointed(flux):
     return runtime.build_transformer(lambda device: flux, flux.cfg, ranks, "triton")
 
 
-def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS):
-    """One branch's forward (the model call with gradient, the VAE decode, the reward's image tower) -> SavedTensors
-    labelled 'block inputs', 'transformer' (the rest of its graph), 'vae', 'reward'."""
+def model_inputs(cfg, height, width, text_tokens, device):
+    """The transformer's arguments after the latents: FLUX.1 (img_ids, txt, txt_ids, y, t, guidance), FLUX.2
+    (img_ids, txt, txt_ids, t, guidance; klein has no guidance embedding and ignores it)."""
+    txt = torch.randn(1, text_tokens, cfg.context_in_dim, device=device, dtype=torch.bfloat16)
+    t, guidance = torch.full((1,), 0.9, device=device), torch.full((1,), 3.5, device=device)
+    if isinstance(cfg, f2.Flux2Config):
+        return f2.image_ids(height, width, device), txt, f2.text_ids(text_tokens, device), t, guidance
+    y = torch.randn(1, cfg.vec_in_dim, device=device, dtype=torch.bfloat16)
+    return fm.image_ids(height, width, device), txt, torch.zeros(text_tokens, 3, device=device), y, t, guidance
+
+
+def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS, passes=1):
+    """One branch's forward (the model call(s) with gradient, the VAE decode, the reward's image tower) ->
+    SavedTensors labelled 'block inputs', 'transformer' (the rest of its graph), 'vae', 'reward'. passes=2: the
+    velocity with CFG, v_neg + w (v_pos - v_neg), both calls with gradient (the negative prompt's own text)."""
     cfg, device = flux.cfg, torch.device("cuda")
     x = torch.randn(1, (height // 16) * (width // 16), cfg.in_channels, device=device, requires_grad=True)
-    txt = torch.randn(1, text_tokens, cfg.context_in_dim, device=device, dtype=torch.bfloat16)
-    y = torch.randn(1, cfg.vec_in_dim, device=device, dtype=torch.bfloat16)
-    img_ids, txt_ids = fm.image_ids(height, width, device), torch.zeros(text_tokens, 3, device=device)
-    t, guidance = torch.full((1,), 0.9, device=device), torch.full((1,), 3.5, device=device)
     saved = SavedTensors(flux, ae, scorer)
     label_block_inputs(flux, saved)
     with sampling.autocast(device):
         with saved.record("transformer"):
-            x0_hat = x + flux(x, img_ids, txt, txt_ids, y, t, guidance).float()  # as srpo.model_step calls it
+            v = [flux(x, *model_inputs(cfg, height, width, text_tokens, device)).float() for _ in range(passes)]
+            x0_hat = x + (v[0] if passes == 1 else v[1] + CFG_SCALE * (v[0] - v[1]))  # as srpo.model_step
         with saved.record("vae"):
             ae.decoder.checkpointing = True  # as runtime.ready sets it for training
             images = sampling.decode_images(ae, x0_hat, height, width)
@@ -232,15 +257,22 @@ def measure_block(block, cfg, tokens, text_tokens=TEXT_TOKENS):
     def stream(n):  # a residual stream as autocast leaves it: bf16, part of the graph
         return torch.randn(1, n, h, device=device, dtype=torch.bfloat16, requires_grad=True)
 
-    vec = torch.randn(1, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    def modulation(n):  # FLUX.2's, shared by the blocks: n views of one (1, 1, n h) tensor, as fm.Modulation gives
+        return torch.randn(1, 1, n * h, device=device, dtype=torch.bfloat16, requires_grad=True).chunk(n, dim=-1)
+
+    double = isinstance(block, fm.DoubleStreamBlock)
+    if isinstance(block, (f2.DoubleStreamBlock, f2.SingleStreamBlock)):
+        cond = [modulation(6), modulation(6)] if double else [modulation(3)]
+    else:  # FLUX.1's block modulates itself from vec
+        cond = [torch.randn(1, h, device=device, dtype=torch.bfloat16, requires_grad=True)]
     pe = tuple(torch.randn(text_tokens + tokens, cfg.head_dim // 2, device=device) for _ in range(2))
     block.backend = "triton"
     saved = SavedTensors(block)
     with sampling.autocast(device), saved.record("block"):
-        if isinstance(block, fm.DoubleStreamBlock):
-            block(stream(tokens), stream(text_tokens), vec, pe)
+        if double:
+            block(stream(tokens), stream(text_tokens), *cond, pe)
         else:
-            block(stream(text_tokens + tokens), vec, pe)
+            block(stream(text_tokens + tokens), *cond, pe)
     return saved.total("block")
 
 
@@ -281,25 +313,33 @@ def pinned(sizes, nbytes):
     return sum(1 << (n * nbytes - 1).bit_length() for n in sizes)
 
 
+def meta_models(flux_cfg, ae_cfg, lora_rank):
+    """The transformer (with adapters of lora_rank), a one-block-each copy of it and the VAE, on the meta device in
+    the dtypes training holds them (the transformer as FSDP2 gathers it, the VAE bf16); FLUX.2's for its configs."""
+    flux2 = isinstance(flux_cfg, f2.Flux2Config)
+    model, autoencoder = (f2.Flux2, f2.Flux2AutoEncoder) if flux2 else (fm.Flux, fm.AutoEncoder)
+    flux = with_lora(meta(lambda: model(flux_cfg), torch.bfloat16), lora_rank)
+    one = dataclasses.replace(flux_cfg, depth=1, depth_single_blocks=1)
+    one = with_lora(meta(lambda: model(one), torch.bfloat16), lora_rank)
+    return flux, one, meta(lambda: autoencoder(ae_cfg).requires_grad_(False), torch.bfloat16)
+
+
 def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
-             lora_rank=0):
+             lora_rank=0, passes=1, rollout_passes=1):
     """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
-    recomputed blocks carry LoRA adapters."""
+    recomputed blocks carry LoRA adapters; passes=2, the branch's velocity with CFG (both calls with gradient);
+    rollout_passes=2, a rollout sampled with CFG (klein base)."""
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
     clip_cfg = clip_cfg or cw.clip_config(**VIT_H_14)
-    # on the meta device, in the dtypes training holds them: the transformer as FSDP2 gathers it, the VAE in bf16,
+    flux, one, ae = meta_models(flux_cfg, ae_cfg, lora_rank)
     # the reward in fp32 (runtime.training_parts), plus a bf16 reward to show what its weight casts cost
-    flux = with_lora(meta(lambda: fm.Flux(flux_cfg), torch.bfloat16), lora_rank)
-    ae = meta(lambda: fm.AutoEncoder(ae_cfg).requires_grad_(False), torch.bfloat16)
     scorer, bf16_scorer = (meta(lambda: hps_reward(clip_cfg), dtype) for dtype in (torch.float32, torch.bfloat16))
-    one = dataclasses.replace(flux_cfg, depth=1, depth_single_blocks=1)
-    one = with_lora(meta(lambda: fm.Flux(one), torch.bfloat16), lora_rank)
     blocks = {fm.DoubleStreamBlock: one.double_blocks[0], fm.SingleStreamBlock: one.single_blocks[0]}
     tokens = (height // 16) * (width // 16)
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
-                                scorer.to_empty(device="cuda"), height, width, text_tokens)
+                                scorer.to_empty(device="cuda"), height, width, text_tokens, passes)
         stages = measure_vae_stages(ae, height, width, flux_cfg.in_channels)
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
@@ -318,7 +358,8 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
         "pickscore weights": numel(scorer) * 2,  # --pickscore: a ViT-H-14 CLIP too, held in bf16 for scoring only
         "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
-        "lora rank": lora_rank, "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
+        "lora rank": lora_rank, "passes": passes, "rollout passes": rollout_passes,
+        "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
         "forward flop": 2 * base * (tokens + text_tokens)
         + 4 * (tokens + text_tokens) ** 2 * flux_cfg.hidden_size * (flux_cfg.depth + flux_cfg.depth_single_blocks),
@@ -396,7 +437,10 @@ def one_gpu(e):
     back, and from the step's second backward on FSDP2 waits for that copy and adds it into the host's gradient on
     the CPU (time_back). Host memory counts the pinned parameters and gradients as the host allocator rounds them
     (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
-    weights + AdamW state while saving."""
+    weights + AdamW state while saving. Full, resident: no FSDP, the fp32 weights, gradients and AdamW state on the
+    GPU, autocast's bf16 copy of the block computing. Model calls per prompt: the rollout's (calls(e)) and the
+    branches', e["passes"] each (CFG: 2, each with its forward, recompute and backward; FSDP2 is assumed to regather
+    and to send gradients back once per call)."""
     lora_n, base = e["lora params"], e["params"]
     lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
     full_host = 2 * pinned(e["base sizes"], 4) + base * 8
@@ -405,15 +449,17 @@ def one_gpu(e):
     recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
     graphs = max(inputs + e["vae"] + max(e["reward"], e["vae stage"]), recompute)
     root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
-    lora_flop, full_flop = (ROLLOUT + 2 * 3) * e["forward flop"], (ROLLOUT + 2 * 4) * e["forward flop"]
-    gathers = ROLLOUT + 2 * 2
+    rollout, branches = e["rollout passes"] * ROLLOUT, 2 * e["passes"]
+    lora_flop, full_flop = (rollout + branches * 3) * e["forward flop"], (rollout + branches * 4) * e["forward flop"]
+    gathers = rollout + branches * 2
     return {
         f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop,
                                                  0),
         f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, lora_host, base * 2,
-                                                gathers * base * 2, lora_flop, 2 * lora_n * 4),
+                                                gathers * base * 2, lora_flop, branches * lora_n * 4),
+        "full, resident": (base * STATE_BYTES + fixed + graphs + e["block params"] * 2, 0, 0, 0, full_flop, 0),
         "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
-                            base * 12, gathers * base * 4, full_flop, 2 * base * 4),
+                            base * 12, gathers * base * 4, full_flop, branches * base * 4),
     }
 
 
@@ -439,18 +485,49 @@ def time_back(back):
     return f"copies {copies}; CPU adds {BATCH * back * 3 / HOST_ADD / 60:.1f} (at {HOST_ADD / GB:.0f} GB/s)"
 
 
+CARDS = (24, 48, 80)  # GiB
+
+
+def fits(height, width, lora_rank):
+    """FLUX.2 [klein] 4B and 9B base (rollout with CFG), the branch velocity with CFG (both passes with gradient, the
+    default) or the conditional pass alone: each one-GPU mode's GPU and host GB and which cards it fits."""
+    print(f"one SRPO step at {height}x{width}, one GPU, LoRA rank {lora_rank}, rollout {ROLLOUT} steps with CFG; "
+          f"GPU fits a card of N GiB ({', '.join(map(str, CARDS))})")
+    print(f"{'model':<9} {'branch velocity':<22} {'mode':<20} {'GPU GB':>7} {'host GB':>8}  {'fits':<8}  "
+          "model calls a prompt")
+    for name in ("klein-4b", "klein-9b"):
+        for passes, how in ((2, "CFG, both passes"), (1, "conditional pass")):
+            e = estimate(height, width, *MODELS[name], lora_rank=lora_rank, passes=passes, rollout_passes=2)
+            calls = f"{2 * ROLLOUT + 2 * passes} ({2 * passes} with gradient)"
+            for mode, (gpu, host, *_) in one_gpu(e).items():
+                ok = "/".join(str(c) for c in CARDS if gpu <= c * 2**30) or "-"
+                print(f"{name:<9} {how:<22} {mode:<20} {gpu / GB:7.1f} {host / GB:8.1f}  {ok:<8}  {calls}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--lora-rank", type=int, default=0, help="also the one-GPU modes, with LoRA of this rank")
+    parser.add_argument("--model", choices=MODELS, default="flux-dev", help="the transformer and VAE (flux2_model's "
+                        "presets for klein; klein base: the rollout samples with CFG)")
+    parser.add_argument("--cfg", action="store_true", help="FLUX.2 [klein] base: the branch velocity with CFG, both "
+                        "passes with gradient (default: the conditional pass alone)")
+    parser.add_argument("--fits", action="store_true", help="the one-GPU table of klein 4B and 9B on 24/48/80 GB cards")
     args = parser.parse_args()
     try:
         sampling.check_size(args.height, args.width)
+        if args.cfg and args.model == "flux-dev":
+            raise util.InputError("--cfg is for a model sampled with CFG (--model klein-4b or klein-9b); FLUX.1-dev's "
+                                  "guidance is its embedding")
     except util.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(util.EXIT_INPUT)
-    e = estimate(args.height, args.width, lora_rank=args.lora_rank)
+    if args.fits:
+        return fits(args.height, args.width, args.lora_rank or 64)
+    klein = args.model != "flux-dev"
+    e = estimate(args.height, args.width, *MODELS[args.model], lora_rank=args.lora_rank, passes=1 + args.cfg,
+                 rollout_passes=1 + klein)
     report(e, args.height, args.width)
     if args.lora_rank:
         report_one_gpu(e)
