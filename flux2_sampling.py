@@ -1,5 +1,5 @@
-"""Sampling FLUX.2 [klein] as diffusers' Flux2KleinPipeline does: what differs from FLUX.1's sampling (sampling.py,
-which runs the Euler sampler, the files and the `sample` command for both families).
+"""Sampling FLUX.2 as diffusers' Flux2KleinPipeline (klein) and Flux2Pipeline (dev) do: what differs from FLUX.1's
+sampling (sampling.py, which runs the Euler sampler, the files and the `sample` command for both families).
 
 - The schedule: sampling.flux_schedule's time shift with FLUX.2's empirical mu, fitted on the image length and the
   number of steps (empirical_mu), instead of FLUX.1's mu linear in the image length.
@@ -7,11 +7,10 @@ which runs the Euler sampler, the files and the `sample` command for both famili
   Flux2Pipeline.prepare_latents draws it (FLUX.1's FluxPipeline draws (B, C, H/8, W/8) and packs 2x2 patches).
 - The velocity (Flux2Conditioning): klein base is not guidance-distilled, so the pipeline runs real classifier-free
   guidance against the empty prompt, two model calls a step; klein distilled (the folder's `is_distilled`) is one
-  call and ignores the guidance scale; a model with a guidance embedding (FLUX.2 [dev]) takes the scale as input.
-- The text: Qwen3's hidden states (flux2_model.Qwen3Conditioner); the decode is Flux2AutoEncoder's, whose decode
-  undoes the latent batch-norm normalisation before the VAE's decoder.
-
-FLUX.2 [dev] (Flux2Pipeline) folders are refused: its Mistral-3 text encoder is not implemented here yet.
+  call and ignores the guidance scale; FLUX.2 [dev] has a guidance embedding and takes the scale as input.
+- The text: Qwen3's hidden states for klein (flux2_model.Qwen3Conditioner), Mistral-3's for dev
+  (flux2_model.Mistral3Conditioner; Flux2Pipeline's optional caption upsampling is not done).
+- The decode: Flux2AutoEncoder.decode undoes the latent batch-norm normalisation before the VAE's decoder.
 """
 
 import os
@@ -22,7 +21,7 @@ import torch
 
 import flux2_model as f2
 import flux2_weights as f2w
-from util import InputError, check_folder, read_json, to_device
+from util import check_folder, read_json, to_device
 
 GUIDANCE = 4.0  # Flux2KleinPipeline's (and Flux2Pipeline's) default guidance_scale
 NEGATIVE_PROMPT = ""  # Flux2KleinPipeline's negative prompt for classifier-free guidance, fixed
@@ -81,35 +80,33 @@ def conditioning(embedding, height, width, device, dtype=None):
 # A FLUX.2 [klein] folder
 
 
+TEXT_ENCODERS = {"Flux2KleinPipeline": f2.Qwen3Conditioner, "Flux2Pipeline": f2.Mistral3Conditioner}
+
+
 def pipeline_config(flux_dir):
-    """The folder's model_index.json, refused unless it is a FLUX.2 [klein] one (Flux2KleinPipeline)."""
-    path = os.path.join(flux_dir, "model_index.json")
-    config = read_json(path)
-    if config.get("_class_name") != "Flux2KleinPipeline":
-        raise InputError(f"{path}: _class_name {config.get('_class_name')!r}: sampling FLUX.2 takes a "
-                         f"Flux2KleinPipeline folder (FLUX.2 [klein]); FLUX.2 [dev]'s Mistral-3 text encoder is not "
-                         f"implemented yet")
-    return config
+    """The folder's model_index.json (its _class_name one of TEXT_ENCODERS', as flux_weights.family_of checks)."""
+    return read_json(os.path.join(flux_dir, "model_index.json"))
 
 
 def is_distilled(flux_dir):
     """Whether the folder's klein model is step-distilled (model_index.json's is_distilled, as the pipeline reads it):
-    then the pipeline makes one model call a step and ignores the guidance scale."""
+    then the pipeline makes one model call a step and ignores the guidance scale. dev's pipeline has no such key."""
     return bool(pipeline_config(flux_dir).get("is_distilled", False))
 
 
 def load_folder(flux_dir, transformer_file, dtype, device):
-    """(transformer, autoencoder) of a diffusers FLUX.2 [klein] folder, optionally with replacement transformer weights
-    (a BFL single file, e.g. flux-2-klein-4b.safetensors)."""
-    check_folder(flux_dir, "a diffusers FLUX.2 [klein] folder")
-    pipeline_config(flux_dir)
+    """(transformer, autoencoder) of a diffusers FLUX.2 folder, optionally with replacement transformer weights (a BFL
+    single file, e.g. flux-2-klein-4b.safetensors)."""
+    check_folder(flux_dir, "a diffusers FLUX.2 folder")
     model = f2w.load_transformer(transformer_file or os.path.join(flux_dir, "transformer"), None, dtype, device)
     return model, f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
 
 
 def uses_cfg(flux_dir, guidance):
-    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a model that is not distilled."""
-    return guidance > 1 and not is_distilled(flux_dir)
+    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a klein model that is not distilled.
+    Flux2Pipeline (dev) never runs it: its transformer takes the scale through its guidance embedding."""
+    klein = pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
+    return klein and guidance > 1 and not is_distilled(flux_dir)
 
 
 def sample_guidance(s, rank):
@@ -124,8 +121,9 @@ def sample_guidance(s, rank):
 def sample_models(s, prompts, dtype, device):
     """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder: the prompts (and the empty negative
     prompt when guidance is classifier-free) encoded first on the CPU, the text encoder freed before the transformer
-    loads (Qwen3-4B is 8 GB in bf16)."""
-    text = f2.Qwen3Conditioner.from_folder(s.flux, dtype, device, s.max_sequence_length)
+    loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
+    encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
+    text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
     negative = (text([NEGATIVE_PROMPT]).cpu(),) if uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance) \
         else ()
     embeddings = {p: (text([p]).cpu(), *negative) for p in dict.fromkeys(prompts)}

@@ -1,21 +1,22 @@
-"""`srpo.py sample` on FLUX.2 [klein] folders (flux2_sampling.py) against diffusers' Flux2KleinPipeline, the
-independent reference, on tiny random folders written by its own save_pretrained (references.flux2_folder).
+"""`srpo.py sample` on FLUX.2 folders (flux2_sampling.py) against diffusers' Flux2KleinPipeline (klein base and
+distilled) and Flux2Pipeline (dev), the independent references, on tiny random folders written by their own
+save_pretrained.
 
 Images: float32 on both sides, the same 8-bit PNG up to a float32 tie at a rounding boundary (one level in a rare
 pixel), as tests/test_flux.py holds FLUX.1 to FluxPipeline. Schedule and noise: bit for bit.
 """
 
+import dataclasses
 import json
-import os
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
+from references import byte_alphabet, diffusers_flux2_transformer, diffusers_flux2_vae, rel_err
 from references import flux2_folder as make_flux2_folder
 
 import flux2_model as f2
@@ -98,7 +99,7 @@ def test_sample_gives_the_flux2_klein_pipeline_image(klein, case, tmp_path, caps
     paths = [out] if batch == 1 else [str(tmp_path / f"ours-{i}.png") for i in range(batch)]
     for i, path in enumerate(paths):
         assert same_8bit(read_png(path), expected[i]), (case, i)
-    if name == "base" and guidance != "1":  # the negative pass shows: without it the image is another one
+    if case == "base-cfg":  # the negative pass shows: without it the image is another one
         one_pass = pipeline_images(klein[name], PROMPT, height, width, steps, seed, 1.0, batch, tokens)
         assert not same_8bit(one_pass[0], expected[0])
 
@@ -109,24 +110,93 @@ def test_prompt_file_on_klein_gives_the_pipeline_images_and_a_manifest(klein, tm
     prompts, out = [PROMPT, "two dogs"], tmp_path / "eval"
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     srpo.main(["sample", "--flux", klein["base"], "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
-               "--height", "32", "--width", "64", "--steps", "3", "--seed", "5", "--max-sequence-length", "40"])
+               "--height", "32", "--width", "64", "--steps", "2", "--seed", "5", "--max-sequence-length", "40"])
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
     assert [(r["image"], r["prompt"], r["guidance"]) for r in rows] == [("00000.png", PROMPT, 4.0),
                                                                          ("00001.png", "two dogs", 4.0)]
     for row in rows:
-        expected = pipeline_images(klein["base"], row["prompt"], 32, 64, 3, 5, 4.0, max_sequence_length=40)
+        expected = pipeline_images(klein["base"], row["prompt"], 32, 64, 2, 5, 4.0, max_sequence_length=40)
         assert same_8bit(read_png(out / row["image"]), expected[0]), row
 
 
-def test_flux2_dev_folder_is_refused_in_one_line(flux2_folder, tmp_path, capsys):
-    """A Flux2Pipeline (FLUX.2 [dev]) folder: its Mistral-3 text encoder is not implemented, said in one line naming
-    the file, before anything is loaded."""
-    folder = tmp_path / "dev"
-    shutil.copytree(flux2_folder, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "Flux2Pipeline"}))
-    with pytest.raises(SystemExit) as exit_info:
-        srpo.main(["sample", "--flux", str(folder), "--out", str(tmp_path / "x.png"), "--steps", "1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code != 0 and len(err) == 1
-    assert all(w in err[0] for w in [os.path.join(str(folder), "model_index.json"), "Flux2Pipeline", "Mistral-3"])
+# FLUX.2 [dev]: Flux2Pipeline, Mistral-3's text conditioning and the guidance embedding
+
+# Mistral-3's chat template cut to what Flux2Pipeline sends: a system turn, then user turns, their text content
+MISTRAL3_CHAT_TEMPLATE = (
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + m['content'][0]['text'] + "
+    "'[/SYSTEM_PROMPT]' }}{%- else %}{{ '[INST]' + m['content'][0]['text'] + '[/INST]' }}{%- endif %}{%- endfor %}")
+
+
+def pixtral_processor():
+    """Pixtral's processor (what Flux2Pipeline's tokenizer is) on a byte-level BPE tokenizer made offline, Mistral's
+    special tokens and the cut chat template."""
+    from transformers import PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_alphabet())} | {"ca": 256, "cat": 257}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t")])
+    tok.add_special_tokens({"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
+                                                          "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]})
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok,
+                            chat_template=MISTRAL3_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def dev_folder(tmp_path_factory):
+    """A tiny FLUX.2 [dev] folder written by Flux2Pipeline.save_pretrained: a random Mistral-3 (30 layers, so that 10,
+    20 and 30 are its hidden states; a one-layer vision tower), the tiny VAE and a tiny transformer with a guidance
+    embedding."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(0)
+    processor = pixtral_processor()
+    tok = processor.tokenizer
+    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=tok.pad_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=16)
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))).eval()
+    cfg = dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                         vae=diffusers_flux2_vae(f2.Flux2AutoEncoderConfig.preset("tiny")), text_encoder=mistral,
+                         tokenizer=processor, transformer=diffusers_flux2_transformer(cfg))
+    folder = tmp_path_factory.mktemp("dev") / "flux2-dev"
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_dev_text_conditioning_is_flux2_pipelines(dev_folder):
+    """Mistral3Conditioner on the saved folder against Flux2Pipeline.encode_prompt: the same embeddings (system
+    message, chat template, padding, truncation, "[IMG]" removed, layers 10/20/30 stacked), and text ids."""
+    # BFL's system message alone is ~170 tokens of this byte-level tokenizer: the second prompt is truncated
+    prompts, T = ["a red cat, on a mat!", "[IMG]two dogs " * 6], 224
+    pipe = Flux2Pipeline.from_pretrained(dev_folder, local_files_only=True)
+    theirs, ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=T)
+    ours = f2.Mistral3Conditioner.from_folder(dev_folder, torch.float32, "cpu", T)(prompts)
+    assert ours.shape == theirs.shape == (2, T, 48) and rel_err(ours, theirs) <= 1e-6
+    assert torch.equal(f2.text_ids(T).expand(2, -1, -1), ids.float())
+
+
+@pytest.mark.parametrize("guidance,height,width", [(None, 48, 80), ("2.5", 64, 32)])
+def test_sample_gives_the_flux2_pipeline_image(dev_folder, guidance, height, width, tmp_path):
+    """FLUX.2 [dev]: one pass a step, the guidance scale through the guidance embedding (default 4, as the
+    pipeline's), the empirical-mu schedule: Flux2Pipeline's 8-bit image."""
+    out = str(tmp_path / "ours.png")
+    srpo.main(["sample", "--flux", dev_folder, "--prompt", PROMPT, "--height", str(height), "--width", str(width),
+               "--steps", "3", "--seed", "9", "--out", out, "--max-sequence-length", "200",
+               *(["--guidance", guidance] if guidance else [])])
+    pipe = Flux2Pipeline.from_pretrained(dev_folder, local_files_only=True)
+    images = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=3, max_sequence_length=200,
+                  guidance_scale=float(guidance or 4.0), generator=torch.Generator("cpu").manual_seed(9),
+                  output_type="np").images
+    assert same_8bit(read_png(out), (images[0] * 255).round().astype(np.int32))
+
+
+def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_folder, tmp_path):
+    """`sample --flux` takes FLUX.2 from model_index.json alone; a FluxPipeline folder, the tiny built-in models and a
+    folder without model_index.json (a FLUX.1 transformer and VAE, as before FLUX.2) stay FLUX.1."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    cases = {flux2_folder: True, dev_folder: True, flux_folder: False, None: False, str(bare): False}
+    for folder, flux2 in cases.items():
+        assert sampling.is_flux2(sampling.SampleConfig(out="x.png", flux=folder)) is flux2, folder
