@@ -8,6 +8,8 @@ pixel), as tests/test_flux.py holds FLUX.1 to FluxPipeline. Schedule and noise: 
 
 import dataclasses
 import json
+import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,11 +18,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
-from references import byte_alphabet, diffusers_flux2_transformer, diffusers_flux2_vae, rel_err
+from references import byte_alphabet, diffusers_flux2_transformer, diffusers_flux2_vae, randomize, rel_err
 from references import flux2_folder as make_flux2_folder
+from safetensors.torch import save_file
 
 import flux2_model as f2
 import flux2_sampling as f2s
+import flux2_weights as f2w
 import sampling
 import srpo
 
@@ -200,3 +204,32 @@ def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_fo
     cases = {flux2_folder: True, dev_folder: True, flux_folder: False, None: False, str(bare): False}
     for folder, flux2 in cases.items():
         assert sampling.is_flux2(sampling.SampleConfig(out="x.png", flux=folder)) is flux2, folder
+
+
+def test_lora_on_a_flux2_folder_is_refused_in_one_line(flux2_folder, tmp_path, capsys):
+    """--lora is FLUX.1's (lora.py) so far: on a FLUX.2 folder, one line naming the flag and the folder, nothing
+    made."""
+    (tmp_path / "l.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(["sample", "--flux", flux2_folder, "--lora", str(tmp_path / "l.safetensors"), "--out",
+                   str(tmp_path / "x.png"), "--steps", "1", "--height", "32", "--width", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code != 0 and len(err) == 1 and "--lora" in err[0] and flux2_folder in err[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_transformer_file_replaces_the_folders(flux2_folder, tmp_path):
+    """--transformer FILE (BFL's single-file names, e.g. flux-2-klein-4b.safetensors) on a klein folder: the image of
+    the folder whose transformer/ holds those weights, not the folder's own."""
+    model = randomize(f2w.load_transformer(os.path.join(flux2_folder, "transformer")), seed=3)
+    save_file(model.state_dict(), str(tmp_path / "flux-2-klein.safetensors"))
+    shutil.copytree(flux2_folder, tmp_path / "swapped", ignore=shutil.ignore_patterns("transformer"))
+    f2w.save_transformer(model, str(tmp_path / "swapped" / "transformer"))
+    args = ["sample", "--prompt", PROMPT, "--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length",
+            "40"]
+    srpo.main([*args, "--flux", flux2_folder, "--transformer", str(tmp_path / "flux-2-klein.safetensors"), "--out",
+               str(tmp_path / "file.png")])
+    srpo.main([*args, "--flux", str(tmp_path / "swapped"), "--out", str(tmp_path / "swapped.png")])
+    srpo.main([*args, "--flux", flux2_folder, "--out", str(tmp_path / "own.png")])
+    assert np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "swapped.png"))
+    assert not np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "own.png"))
