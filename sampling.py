@@ -1,5 +1,6 @@
 """Sampling FLUX.1 as diffusers' FluxPipeline does: the schedule a folder's scheduler config asks for, the noise of a
-seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once).
+seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once),
+for FLUX.2 folders too (what differs there is flux2_sampling.py's).
 
 Flow matching: x_sigma = sigma * eps + (1 - sigma) * x0; the model predicts v ~ eps - x0."""
 
@@ -422,9 +423,9 @@ def sample_guidance(s, cfg, rank):
 def sample(s):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
-    folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 [klein] folder gives Flux2KleinPipeline's images
-    the same way (flux2_sampling.py). A --prompts folder is one run's while it runs (OUT/.lock,
-    held by rank 0 for every process, as `train` holds its folder)."""
+    folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 folder gives Flux2KleinPipeline's (klein) or
+    Flux2Pipeline's (dev) images the same way (flux2_sampling.py). A --prompts folder is one run's while it runs
+    (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
     check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
