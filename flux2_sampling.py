@@ -77,7 +77,7 @@ def conditioning(embedding, height, width, device, dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A FLUX.2 [klein] folder
+# A FLUX.2 folder: klein (Flux2KleinPipeline) or dev (Flux2Pipeline)
 
 
 TEXT_ENCODERS = {"Flux2KleinPipeline": f2.Qwen3Conditioner, "Flux2Pipeline": f2.Mistral3Conditioner}
@@ -96,7 +96,7 @@ def is_distilled(flux_dir):
 
 def load_folder(flux_dir, transformer_file, dtype, device):
     """(transformer, autoencoder) of a diffusers FLUX.2 folder, optionally with replacement transformer weights (a BFL
-    single file, e.g. flux-2-klein-4b.safetensors)."""
+    single file, e.g. flux-2-klein-4b.safetensors, or a diffusers transformer/ folder)."""
     check_folder(flux_dir, "a diffusers FLUX.2 folder")
     model = f2w.load_transformer(transformer_file or os.path.join(flux_dir, "transformer"), None, dtype, device)
     return model, f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
@@ -120,12 +120,12 @@ def sample_guidance(s, rank):
 
 def sample_models(s, prompts, dtype, device):
     """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder: the prompts (and the empty negative
-    prompt when guidance is classifier-free) encoded first on the CPU, the text encoder freed before the transformer
-    loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
+    prompt when guidance is classifier-free) encoded first and kept on the CPU, the text encoder freed before the
+    transformer loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
     encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
     text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
-    negative = (text([NEGATIVE_PROMPT]).cpu(),) if uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance) \
-        else ()
+    guidance = GUIDANCE if s.guidance is None else s.guidance
+    negative = (text([NEGATIVE_PROMPT]).cpu(),) if uses_cfg(s.flux, guidance) else ()
     embeddings = {p: (text([p]).cpu(), *negative) for p in dict.fromkeys(prompts)}
     del text
     return *load_folder(s.flux, s.transformer, dtype, device), embeddings
