@@ -158,7 +158,7 @@ def build_parser():
     """The parser of the three commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1-dev: train, sample and score.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sample_flags(sub.add_parser("sample", help="generate images with a FLUX.1 model (or the tiny built-in one)",
+    sample_flags(sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                                 description="Generate images. Without --flux, a tiny random model built in code "
                                 "runs offline."))
     train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
@@ -196,7 +196,8 @@ def device_flags(p, device_help):
 
 def sample_flags(p):
     p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; "
-                   "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent)")
+                   "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent), or FLUX.2 folder "
+                   "([klein] or [dev], as its model_index.json says)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
@@ -207,10 +208,12 @@ def sample_flags(p):
     p.add_argument("--width", type=SIZE, default=None, help="image width, a multiple of 16 (1024; tiny: 64)")
     p.add_argument("--steps", type=TIMESTEPS, default=50, help="Euler steps (default 50; FLUX.1-schnell: 4)")
     p.add_argument("--guidance", type=GUIDANCE, default=None, help="distilled guidance scale (default 3.5; ignored, "
-                   "with a note, by a transformer without a guidance embedding such as FLUX.1-schnell's)")
+                   "with a note, by a transformer without a guidance embedding such as FLUX.1-schnell's); FLUX.2 "
+                   "(default 4): klein base's classifier-free guidance scale (two passes a step above 1), dev's "
+                   "guidance embedding, ignored by klein distilled")
     p.add_argument("--max-sequence-length", type=TOKENS, default=None, metavar="N",
                    help="T5 prompt tokens, 1..512 (default 512, as FluxPipeline; tiny: 32; FLUX.1-schnell is run with "
-                   "256)")
+                   "256); FLUX.2: Qwen3 / Mistral-3 tokens, chat template included (default 512, as its pipelines)")
     p.add_argument("--seed", type=SEED, default=0, help="noise seed: the same seed gives diffusers' image")
     p.add_argument("--batch", type=IMAGES_PER_PROMPT, default=1,
                    help="images per prompt (diffusers' num_images_per_prompt)")

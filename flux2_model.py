@@ -1,6 +1,7 @@
 """FLUX.2 beside flux_model.py: the transformer and the autoencoder, as diffusers' Flux2Transformer2DModel and
 AutoencoderKLFlux2 compute them, built from flux_model's pieces where FLUX.2 is the same, and FLUX.2 [klein]'s text
-conditioning (Qwen3's hidden states) as Flux2KleinPipeline computes it.
+conditioning (Qwen3's hidden states) as Flux2KleinPipeline computes it, and FLUX.2 [dev]'s (Mistral-3's) as
+Flux2Pipeline does.
 
 What FLUX.2 changes (the rest is FLUX.1's: LayerNorm + adaLN, QK RMSNorm + RoPE, joint attention, the two kinds of
 block, the sinusoidal time embedding, the VAE's encoder and decoder):
@@ -265,4 +266,48 @@ class Qwen3Conditioner(nn.Module):
         parts = fm.load_parts(folder, "FLUX.2 [klein]", dtype, [
             ("text_encoder", Qwen3Model, ["config.json"]),
             ("tokenizer", Qwen2TokenizerFast, ["tokenizer.json|vocab.json"])])
+        return cls(parts["text_encoder"].to(device), parts["tokenizer"], max_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text conditioning of FLUX.2 [dev]: Mistral-3's hidden states, as Flux2Pipeline computes them
+
+# black-forest-labs/flux2's system message for text-to-image (src/flux2/system_messages.py), as Flux2Pipeline sends it
+SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
+                  "object relationships, object\nattribution and actions without speculation.")
+
+
+class Mistral3Conditioner(nn.Module):
+    """Each prompt as a user turn after BFL's system message, through Mistral-3's chat template (no generation prompt),
+    padded to max_length; the hidden states after layers 10, 20 and 30 stacked per token: txt (B, max_length,
+    3 * width), FLUX.2 [dev]'s context (3 x Mistral-3 Small's 5120). "[IMG]" is removed from prompts first, as the
+    pipeline does (Pixtral's processor counts image tokens). Its ids are text_ids."""
+
+    LAYERS = (10, 20, 30)
+
+    def __init__(self, model, processor, max_length=512):
+        super().__init__()
+        self.model, self.processor, self.max_length = model.eval().requires_grad_(False), processor, max_length
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        messages = [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+                     {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]}] for p in prompts]
+        tokens = self.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                                    return_dict=True, return_tensors="pt", padding="max_length",
+                                                    truncation=True, max_length=self.max_length)
+        out = self.model(input_ids=tokens["input_ids"].to(self.model.device),
+                         attention_mask=tokens["attention_mask"].to(self.model.device), output_hidden_states=True,
+                         use_cache=False)
+        return torch.stack([out.hidden_states[k] for k in self.LAYERS], dim=2).flatten(2)
+
+    @classmethod
+    def from_folder(cls, folder, dtype=torch.bfloat16, device="cpu", max_length=512):
+        """Read text_encoder/ (Mistral-3 without its language-model head: only hidden states are used; its vision
+        tower is loaded but never run) and tokenizer/ (Pixtral's processor) of a diffusers FLUX.2 [dev] folder."""
+        from transformers import AutoProcessor, Mistral3Model  # slow to import: only here
+
+        parts = fm.load_parts(folder, "FLUX.2 [dev]", dtype, [
+            ("text_encoder", Mistral3Model, ["config.json"]),
+            ("tokenizer", AutoProcessor, ["tokenizer.json"])])
         return cls(parts["text_encoder"].to(device), parts["tokenizer"], max_length)

@@ -1,5 +1,6 @@
 """Sampling FLUX.1 as diffusers' FluxPipeline does: the schedule a folder's scheduler config asks for, the noise of a
-seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once).
+seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once),
+for FLUX.2 folders too (what differs there is flux2_sampling.py's).
 
 Flow matching: x_sigma = sigma * eps + (1 - sigma) * x0; the model predicts v ~ eps - x0."""
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import flux2_sampling as f2s
 import flux_model as fm
 import flux_weights as fw
 import lora
@@ -119,16 +121,17 @@ def read_schedule(flux_dir):
     return schedule_from_config(read_json(path), path)
 
 
-def flux_schedule(steps, seq_len, schedule=FLUX_DEV):
+def flux_schedule(steps, seq_len, schedule=FLUX_DEV, mu=None):
     """FluxPipeline's sigmas for `steps` Euler steps on seq_len packed tokens: t = linspace(1, 1/steps, steps),
     shifted, then 0 appended, in float32 as diffusers computes them (numpy, bit for bit). The shift is dynamic
-    (time_shift with mu linear in seq_len: 0.5 at 256 tokens, 1.15 at 4096 for FLUX.1-dev) or static,
-    sigma = s t / (1 + (s - 1) t); shift_terminal then stretches 1 - sigma so that the last sigma is that value."""
+    (time_shift with mu linear in seq_len: 0.5 at 256 tokens, 1.15 at 4096 for FLUX.1-dev; or the given mu, as the
+    FLUX.2 pipelines give theirs, flux2_sampling.empirical_mu) or static, sigma = s t / (1 + (s - 1) t), where the
+    scheduler ignores a given mu; shift_terminal then stretches 1 - sigma so that the last sigma is that value."""
     s = schedule
     t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)  # numpy's linspace, as diffusers
     if s.use_dynamic_shifting:
         m = (s.max_shift - s.base_shift) / (s.max_image_seq_len - s.base_image_seq_len)
-        sigmas = time_shift(seq_len * m + (s.base_shift - m * s.base_image_seq_len), t)
+        sigmas = time_shift(seq_len * m + (s.base_shift - m * s.base_image_seq_len) if mu is None else mu, t)
     else:
         sigmas = s.shift * t / (1 + (s.shift - 1) * t)
     if s.shift_terminal:
@@ -352,10 +355,11 @@ def sample_jobs(s):
 def image_settings(s, dtype):
     """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
     rerun into the folder skips only images that it would have made itself."""
+    default_guidance = f2s.GUIDANCE if is_flux2(s) else GUIDANCE
     files = {k: v and os.path.realpath(v) for k, v in [("flux", s.flux), ("transformer", s.transformer),
                                                          ("lora", s.lora)]}
     return {"seed": s.seed, **files, "lora_scale": s.lora_scale if s.lora else None, "height": s.height,
-            "width": s.width, "steps": s.steps, "guidance": GUIDANCE if s.guidance is None else s.guidance,
+            "width": s.width, "steps": s.steps, "guidance": default_guidance if s.guidance is None else s.guidance,
             "max_sequence_length": s.max_sequence_length, "batch": s.batch,
             "dtype": str(dtype).removeprefix("torch.")}
 
@@ -381,6 +385,15 @@ def check_sample_flags(s):
     check_size(s.height, s.width)
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
+    if s.lora and is_flux2(s):
+        raise InputError(f"--lora with the FLUX.2 folder {s.flux}: merging a LoRA into FLUX.2 is not implemented yet "
+                         f"(lora.py merges FLUX.1 LoRAs)")
+
+
+def is_flux2(s):
+    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of). The
+    tiny built-in models, FluxPipeline folders and folders without a model_index.json are FLUX.1's, as before."""
+    return bool(s.flux) and os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
 
 
 def sample_models(s, prompts, dtype, device):
@@ -410,8 +423,9 @@ def sample_guidance(s, cfg, rank):
 def sample(s):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
-    folder's scheduler config (FLUX.1-dev's without one). A --prompts folder is one run's while it runs (OUT/.lock,
-    held by rank 0 for every process, as `train` holds its folder)."""
+    folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 folder gives Flux2KleinPipeline's (klein) or
+    Flux2Pipeline's (dev) images the same way (flux2_sampling.py). A --prompts folder is one run's while it runs
+    (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
     check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
@@ -422,7 +436,8 @@ def sample(s):
         if s.prompts:
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
-            meta = (load_flux_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
+            load_folder = f2s.load_folder if is_flux2(s) else load_flux_folder
+            meta = (load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
                     tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
@@ -443,26 +458,35 @@ def my_jobs(s, jobs, settings, rank, world):
 
 
 def make_images(s, jobs, dtype, device, rank):
-    """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn."""
-    sigmas = flux_schedule(s.steps, (s.height // 16) * (s.width // 16), read_schedule(s.flux) if s.flux else FLUX_DEV)
-    model, ae, embeddings = sample_models(s, [p for p, _ in jobs], dtype, device)
+    """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn. A FLUX.2 folder
+    takes flux2_sampling's mu, models, guidance, noise and conditioning; the sampler and the rest are the same."""
+    flux2, seq_len = is_flux2(s), (s.height // 16) * (s.width // 16)
+    mu = f2s.empirical_mu(seq_len, s.steps) if flux2 else None
+    sigmas = flux_schedule(s.steps, seq_len, read_schedule(s.flux) if s.flux else FLUX_DEV, mu)
+    model, ae, embeddings = (f2s.sample_models if flux2 else sample_models)(s, [p for p, _ in jobs], dtype, device)
     if s.lora:
         lora.merge_lora(model, s.lora, s.lora_scale)
     model.set_attention_backend(attention_backend(s.attn, device))
-    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
+    if flux2:
+        family = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels), f2s.conditioning
+        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, f2s.sample_guidance(s, rank), s, *family)
+    else:
+        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
 
 
-def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s):
-    """Each job's images, written as soon as they are made. SIGTERM / SIGINT stop after the current prompt's images
-    (Stopped), a failed write ends with a Fault: the images written are whole, and the same command continues."""
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, noise=initial_noise,
+                        make_conditioning=conditioning):
+    """Each job's images, written as soon as they are made; `noise` and `make_conditioning` are the model family's
+    (FLUX.1's here, FLUX.2's in flux2_sampling). SIGTERM / SIGINT stop after the current prompt's images (Stopped),
+    a failed write ends with a Fault: the images written are whole, and the same command continues."""
     device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
     again = "the images written are complete, and the same command makes the rest"
     with StopSignals() as signals:
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
-            txt, y = (t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
-            x = initial_noise(s.batch, s.height, s.width, s.seed, txt.dtype).to(device, dtype)
-            cond = conditioning((txt, y), s.height, s.width, device, dtype)
+            embedding = tuple(t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
+            x = noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
+            cond = make_conditioning(embedding, s.height, s.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
                                    s.height, s.width)
             try:
