@@ -385,9 +385,6 @@ def check_sample_flags(s):
     check_size(s.height, s.width)
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
-    if s.lora and is_flux2(s):
-        raise InputError(f"--lora with the FLUX.2 folder {s.flux}: merging a LoRA into FLUX.2 is not implemented yet "
-                         f"(lora.py merges FLUX.1 LoRAs)")
 
 
 def is_flux2(s):

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import flux2_model as f2
 import flux2_sampling as f2s
 import flux2_weights as f2w
+import lora
 import sampling
 import srpo
 
@@ -206,16 +207,31 @@ def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_fo
         assert sampling.is_flux2(sampling.SampleConfig(out="x.png", flux=folder)) is flux2, folder
 
 
-def test_lora_on_a_flux2_folder_is_refused_in_one_line(flux2_folder, tmp_path, capsys):
-    """--lora is FLUX.1's (lora.py) so far: on a FLUX.2 folder, one line naming the flag and the folder, nothing
-    made."""
-    (tmp_path / "l.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit) as exit_info:
-        srpo.main(["sample", "--flux", flux2_folder, "--lora", str(tmp_path / "l.safetensors"), "--out",
-                   str(tmp_path / "x.png"), "--steps", "1", "--height", "32", "--width", "32"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code != 0 and len(err) == 1 and "--lora" in err[0] and flux2_folder in err[0]
-    assert not (tmp_path / "x.png").exists()
+def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp_path):
+    """--lora on a klein folder: random adapters saved by lora.save_lora, merged by `sample`, give the image of
+    Flux2KleinPipeline after its load_lora_weights (CFG on: both passes carry the LoRA), and the LoRA shows."""
+    model = lora.add_adapters(f2w.load_transformer(os.path.join(flux2_folder, "transformer")), 4, 8.0, seed=5)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapters = {n: p.detach() for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    path = lora.save_lora(adapters, model.cfg, 8.0 / 4, str(tmp_path / "lora"))
+    height, width, steps, seed = 32, 48, 3, 9
+    pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    theirs = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=4.0,
+                  generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=40, output_type="np")
+    images = {}
+    for name, extra in (("lora", ["--lora", path]), ("base", [])):
+        images[name] = str(tmp_path / f"{name}.png")
+        srpo.main(["sample", "--flux", flux2_folder, "--prompt", PROMPT, "--height", str(height), "--width",
+                   str(width), "--steps", str(steps), "--seed", str(seed), "--max-sequence-length", "40", "--out",
+                   images[name], *extra])
+    ours = read_png(images["lora"])
+    assert same_8bit(ours, (theirs.images[0] * 255).round().astype(np.int32))
+    assert np.abs(read_png(images["base"]) - ours).mean() > 1
 
 
 def test_transformer_file_replaces_the_folders(flux2_folder, tmp_path):
