@@ -30,7 +30,7 @@ import flux_weights as fw
 import lora
 from flux2_model import Flux2, Flux2Config
 from flux_model import Flux, FluxConfig
-from util import InputError, atomic_write, check_folder, read_json, written
+from util import InputError, atomic_write, check_folder, read_json, write_json, written
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
@@ -45,23 +45,24 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 @dataclass(frozen=True)
 class Family:
     """What an export needs of a model family: its transformer and config classes, its weights module's functions
-    (transformer_sources, load_transformer, save_transformer, the diffusers config) and what its BFL files are."""
+    (transformer_sources, load_transformer, the key links to diffusers' names, the diffusers config) and what its
+    BFL files are."""
     name: str
     model: type
     config: type
     sources: Callable
     load: Callable
-    save: Callable
+    links: Callable
     to_diffusers: Callable
     bfl: str
 
 
 FAMILIES = {
     "FluxTransformer2DModel": Family("FLUX.1", Flux, FluxConfig, fw.transformer_sources, fw.load_transformer,
-                                     fw.save_transformer, fw.flux_config_to_diffusers,
+                                     fw.transformer_links, fw.flux_config_to_diffusers,
                                      "black-forest-labs/flux parameter names, as flux1-dev.safetensors"),
     "Flux2Transformer2DModel": Family("FLUX.2", Flux2, Flux2Config, f2w.transformer_sources, f2w.load_transformer,
-                                      f2w.save_transformer, f2w.config_to_diffusers,
+                                      f2w.transformer_links, f2w.config_to_diffusers,
                                       "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors")}
 FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
 
@@ -365,12 +366,18 @@ def describe_lora(report, rank):
 
 def merge(checkpoint, base, out, dtype=torch.bfloat16):
     """A LoRA checkpoint folded into its base, W + B A (lora.merge_lora, what `sample --lora` does, in dtype),
-    written as a diffusers transformer folder by the family's save_transformer. Peak memory: the model once in
-    dtype (safetensors writes from the tensors' own memory). -> the weights file's path."""
+    written as a diffusers transformer folder (diffusers' keys along the family's links, config.json), a tensor at a
+    time. Peak memory: the model once in dtype. -> the weights file's path."""
     if checkpoint_kind(checkpoint) != "lora":
         raise InputError(f"{checkpoint}: a full checkpoint: its {FULL_FILE} is already the merged model")
     model = merged_model(checkpoint, base, dtype)
-    return family_of_config(model.cfg).save(model, out)
+    family = family_of_config(model.cfg)
+    theirs = fw.to_theirs(model.state_dict(), family.links(model.cfg))
+    os.makedirs(out, exist_ok=True)
+    path = write_safetensors(os.path.join(out, FULL_FILE), [(k, t.shape, t.dtype) for k, t in theirs.items()],
+                             lambda k: theirs[k].contiguous(), {"format": "pt"})
+    write_json(os.path.join(out, "config.json"), family.to_diffusers(model.cfg))
+    return path
 
 
 def export(checkpoint, to, out, base=None, rank=None, dtype=torch.bfloat16, device="cpu"):
