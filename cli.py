@@ -12,6 +12,7 @@ import torch
 import clip_weights as cw
 import evaluation
 import export
+import flux2_sampling as f2s
 import image_data
 import methods
 import reward
@@ -110,9 +111,12 @@ TRAIN_HELP = {
     "height": "training image height, a multiple of 16",
     "width": "training image width, a multiple of 16",
     "rollout_steps": "Euler steps of the online rollout",
-    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
-    "rollout_guidance": "guidance of the online rollout",
-    "guidance": "guidance of the two branch model calls and of the sample grids",
+    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: the same "
+             "sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)",
+    "rollout_guidance": "guidance of the online rollout (FLUX.2 [klein] base: classifier-free, and at 1 the "
+                        "conditional pass alone, as the pipeline samples at guidance_scale 1)",
+    "guidance": "guidance of the two branch model calls and of the sample grids (FLUX.2 [klein] base: the "
+                "classifier-free guidance scale, two passes per call above 1; FLUX.2's default is 4, the pipeline's)",
     "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, G + 1)), G --window-grid",
     "window_grid": "G, the steps of the schedule S the window is cut from (the official --vis_sampling_step)",
     "window_points": "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
@@ -123,6 +127,11 @@ TRAIN_HELP = {
     "margin": "hinge margin m: loss = relu(m - r) / 2 per branch",
     "no_inversion": "ablation: train the denoise branch only (the official README's check of an implementation: "
                     "without the inversion branch, reward hacking comes back)",
+    "no_branch_cfg": "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), give the training "
+                     "model calls (the branches' and the rollout's) the conditional pass alone: 1 model call each, "
+                     "where by default a branch at --guidance > 1 is v_neg + g (v_pos - v_neg), 2 calls, both with "
+                     "gradient, as the model is sampled (no effect on FLUX.1, whose guidance is an input); the sample "
+                     "grids and evaluations keep the guidance",
     "plain_reward": "ablation, SRP off: every branch rewards the reward model's plain score of the prompt, no control "
                     "words (with the inversion branch kept, its gradient then opposes the denoise branch's). A "
                     "logit-scaled reward (pickscore, clip) scores about 20: give a --margin above that, else the hinge "
@@ -231,7 +240,11 @@ def sample_flags(p):
 def train_flags(p):
     """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
-                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP)")
+                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
+                   "or a FLUX.2 [klein] folder (its model_index.json says which)")
+    p.add_argument("--family", choices=("flux1", "flux2"), help="the tiny demo's model family (default flux1): flux2 "
+                   "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on (with "
+                   "--flux, the folder's model_index.json decides)")
     reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
         "; with another --reward: a second, independent reward that scores the held-out evaluations"
         if kind.name == "pickscore" else ""))
@@ -344,6 +357,7 @@ def config_from_flags(args, world):
     --lr). The config checks itself."""
     config = srpo.TrainConfig
     defaults = {**srpo.REWARD_RECIPES.get(args.reward or config.reward, {}),
+                **({"guidance": f2s.GUIDANCE} if family(args) == "flux2" else {}),
                 **({**DEMO_DEFAULTS, "batch": world} if args.flux is None else {}),
                 **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
     values = {}
@@ -358,11 +372,20 @@ def run_config(args):
     """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=family(args), reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
         attn=args.attn, images=args.images)
+
+
+def family(args):
+    """`train`'s model family: --flux's (its model_index.json; a folder without one is FLUX.1's), else --family's."""
+    if args.flux and args.family:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
+    if args.flux:
+        return "flux2" if sampling.is_flux2(args) else "flux1"
+    return args.family or "flux1"
 
 
 def check_reward_flags(args, name):
@@ -377,7 +400,7 @@ def check_reward_flags(args, name):
         raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
     if demo:
         return
-    check_folder(args.flux, "a diffusers FLUX.1 folder")
+    check_folder(args.flux, "a diffusers FLUX folder")
     path = getattr(args, name)
     if not path:
         kind = reward.REWARDS[name]

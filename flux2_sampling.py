@@ -13,6 +13,7 @@ sampling (sampling.py, which runs the Euler sampler, the files and the `sample` 
 - The decode: Flux2AutoEncoder.decode undoes the latent batch-norm normalisation before the VAE's decoder.
 """
 
+import functools
 import os
 import sys
 from typing import NamedTuple
@@ -68,12 +69,42 @@ class Flux2Conditioning(NamedTuple):
         v_neg = model(x, self.img_ids, self.negative, self.txt_ids, t, guidance)
         return v_neg + guidance[:, None, None] * (v - v_neg)
 
+    def at_guidance(self, guidance):
+        """The conditioning sampled at this scale: at guidance <= 1 the conditional pass alone, one model call, as
+        Flux2KleinPipeline's do_classifier_free_guidance (guidance_scale > 1) decides."""
+        return self if guidance > 1 else self._replace(negative=None)
+
 
 def conditioning(embedding, height, width, device, dtype=None):
     """The Flux2Conditioning of one prompt's embedding, (txt,) or (txt, negative txt), at height x width."""
     txt, *negative = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
     ids = f2.image_ids(height, width, device).to(dtype or torch.float32)
     return Flux2Conditioning(ids, txt, f2.text_ids(txt.shape[1], device).to(dtype or torch.float32), *negative)
+
+
+def embedder(text, cfg):
+    """text (prompts -> txt) made to give a prompt's embedding as `conditioning` takes it: (txt,), or for
+    classifier-free guidance (txt, negative txt), the negative prompt encoded once and shared."""
+    if not cfg:
+        return lambda prompts: (text(prompts),)
+    negative = text([NEGATIVE_PROMPT])
+    return lambda prompts: (text(prompts), negative.expand(len(prompts), -1, -1))
+
+
+def tiny_models(seed=0):
+    """The tiny FLUX.2 demo's models, random with a fixed seed, no files: a klein-base-like transformer (no guidance
+    embedding: sampled with classifier-free guidance), its VAE and a tiny Qwen3 text encoder."""
+    torch.manual_seed(seed)
+    model = f2.Flux2(f2.Flux2Config.preset("tiny")).eval()
+    ae = f2.Flux2AutoEncoder(f2.Flux2AutoEncoderConfig.preset("tiny")).eval()
+    return model, ae, f2.Qwen3Conditioner.tiny(model.cfg.context_in_dim // 3, seed=seed)
+
+
+def tiny_parts(device, weights):
+    """runtime.frozen_parts of the tiny FLUX.2 demo: (VAE, text with the negative prompt, transformer config,
+    load(device) of the transformer in `weights`)."""
+    model, ae, text = tiny_models()
+    return ae, embedder(text.to(device), cfg=True), model.cfg, functools.partial(model.to, dtype=weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,6 +138,18 @@ def uses_cfg(flux_dir, guidance):
     Flux2Pipeline (dev) never runs it: its transformer takes the scale through its guidance embedding."""
     klein = pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
     return klein and guidance > 1 and not is_distilled(flux_dir)
+
+
+def training_parts(flux_dir, dtype, device, weights):
+    """(VAE, text encoder, transformer config, load(device) of the transformer in `weights`) of a FLUX.2 folder for
+    training: klein base's text gives the negative prompt too (its branches sample with classifier-free guidance);
+    klein distilled and dev have one pass."""
+    sub = os.path.join(flux_dir, "transformer")
+    flux_cfg = f2w.config_from_diffusers(read_json(os.path.join(sub, "config.json")), sub)
+    ae = f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    text = TEXT_ENCODERS[pipeline_config(flux_dir)["_class_name"]].from_folder(flux_dir, dtype, device)
+    text = embedder(text, cfg=uses_cfg(flux_dir, GUIDANCE))  # klein base: with the negative prompt
+    return ae, text, flux_cfg, functools.partial(f2w.load_transformer, sub, flux_cfg, weights)
 
 
 def sample_guidance(s, rank):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import flux2_model as f2
 import flux2_sampling as f2s
 import flux_model as fm
 import flux_weights as fw
@@ -157,6 +159,7 @@ def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=Fals
     if timesteps is None:
         timesteps = (sigmas * 1000).to(x.dtype) / 1000
     timesteps = timesteps.to(x.device)  # one copy to the device, not one per step
+    cond = cond.at_guidance(guidance)
     g = torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         v = cond.velocity(model, x, timesteps[i].expand(x.shape[0]), g)
@@ -186,13 +189,14 @@ def autocast(device):
 @torch.no_grad()
 def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, schedule=FLUX_DEV):
     """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
-    `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's):
-    a training run's before/after view and its held-out evaluations."""
-    images = []
+    `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's;
+    the noise and mu the model family's): a training run's before/after view and its held-out evaluations."""
+    images, fam = [], family(model)
     for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
-        x = initial_noise(1, height, width, seed, torch.float32).to(device)
+        x = fam.initial_noise(1, height, width, seed, torch.float32).to(device)
+        mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
         with autocast(device):
-            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule), cond, guidance)
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond, guidance)
             images.append(decode_images(ae, x, height, width).float())
     return torch.cat(images, dim=3)
 
@@ -269,12 +273,38 @@ class Conditioning(NamedTuple):
         """v(x, t): one call of the guidance-distilled FLUX.1 transformer, the guidance scale an input."""
         return model(x, self.img_ids, self.txt, self.txt_ids, self.y, t, guidance)
 
+    def at_guidance(self, guidance):
+        """The conditioning sampled at this scale: the same (the scale is the model's input, not a second pass)."""
+        return self
+
 
 def conditioning(embedding, height, width, device, dtype=None):
     """The Conditioning of one prompt's (txt, y) embedding at height x width, on device (in dtype if given)."""
     txt, y = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
     ids = fm.image_ids(height, width, device).to(dtype or torch.float32)
     return Conditioning(ids, txt, torch.zeros(txt.shape[1], 3, device=device, dtype=dtype), y)
+
+
+class Family(NamedTuple):
+    """What a model family changes outside its transformer, for the sampler and the training step: the packed noise
+    of a seed, the Conditioning of a prompt's embedding, and the schedule's mu (None: the scheduler's own, FLUX.1's;
+    FLUX.2's pipelines give an empirical one)."""
+
+    initial_noise: Callable  # (batch, height, width, seed, dtype) -> packed latents
+    conditioning: Callable  # (embedding, height, width, device, dtype=None) -> a Conditioning
+    mu: Callable | None = None  # (seq_len, steps) -> mu
+
+
+FLUX1 = Family(initial_noise, conditioning)
+
+
+def family(model):
+    """The Family of a transformer, by its config: FLUX.2's (flux2_sampling; its noise has the model's latent
+    channels) or FLUX.1's."""
+    if isinstance(model.cfg, f2.Flux2Config):
+        noise = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels)
+        return Family(noise, f2s.conditioning, f2s.empirical_mu)
+    return FLUX1
 
 
 # ----------------------------------------------------------------------------------------------------------------
