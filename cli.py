@@ -379,6 +379,9 @@ def run_config(args):
         attn=args.attn, images=args.images)
 
 
+CLIP_VOCABULARY = ("vocab.json", "merges.txt")
+
+
 def family(args):
     """`train`'s model family: --flux's (its model_index.json; a folder without one is FLUX.1's), else --family's."""
     if args.flux and args.family:
@@ -409,6 +412,11 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
+    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family(args), reward_model=path))
+    if family(args) == "flux2" and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
+        raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
+                         f"tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there (CLIP's, e.g. "
+                         f"a FLUX.1 folder's tokenizer/ files)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -425,11 +425,18 @@ def encode_captions(parts, cfg, ranks, captions_of):
 
 def load_reward(run, name, device):
     """The reward model `name` (reward.REWARDS), fp32 weights: in the demo a tiny random one built in code; else
-    from its file or folder, with the CLIP tokenizer of that folder (vocab.json + merges.txt) or, without one, of
-    the FLUX.1 folder."""
+    from its file or folder, with the CLIP tokenizer of reward_tokenizer."""
     if run.flux is None:
         return REWARDS[name].tiny(device=device)
-    return REWARDS[name].load(run.reward_model, tokenizer_folder(run.reward_model, run.flux), device)
+    return REWARDS[name].load(run.reward_model, reward_tokenizer(run), device)
+
+
+def reward_tokenizer(run):
+    """Where the reward's CLIP tokenizer (vocab.json + merges.txt) comes from: the reward's folder when it holds one,
+    else the FLUX.1 folder's tokenizer/; a FLUX.2 folder's tokenizer/ is Qwen's, so there the folder of the reward's
+    file (HPS: put CLIP's two files beside HPS_v2.1_compressed.pt)."""
+    fallback = run.flux if run.family == "flux1" else os.path.dirname(os.path.abspath(run.reward_model))
+    return tokenizer_folder(run.reward_model, fallback)
 
 
 def check_guidance_embedding(flux, cfg):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from references import rel_err
-from test_train import SMALL, log_lines, official_branches, official_t, shift3, tiny_clip_folder, weights
+from safetensors.torch import save_file
+from test_train import SMALL, log_lines, official_branches, official_t, run_cli, shift3, tiny_clip_folder, weights
 
 import flux2_sampling as f2s
 import flux2_weights as f2w
@@ -152,16 +153,21 @@ def test_flux2_offload_in_one_process_matches_the_run_without_it(tmp_path):
     assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-5
 
 
+def clip_vocabulary(folder):
+    """The tiny HPS scorer's byte-level CLIP vocabulary written into folder as vocab.json + merges.txt."""
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(HPSReward.tiny().tokenizer.bpe.get_vocab(), f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+
+
 @pytest.fixture(scope="module")
 def folder_args(flux2_folder, tmp_path_factory):
     """`train` arguments for a run from the tiny FLUX.2 [klein] base folder: a tiny CLIP reward folder holding its
     own CLIP vocabulary (the klein folder's tokenizer is Qwen's), a prompt file."""
     root = tmp_path_factory.mktemp("f2run")
     clip = tiny_clip_folder(root / "clip")
-    with open(os.path.join(clip, "vocab.json"), "w") as f:
-        json.dump(HPSReward.tiny().tokenizer.bpe.get_vocab(), f)
-    with open(os.path.join(clip, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+    clip_vocabulary(clip)
     (root / "prompts.txt").write_text("a cat on a mat\na dog in the fog\n")
     return ["train", "--flux", flux2_folder, "--reward", "clip", "--clip", clip, "--prompts",
             str(root / "prompts.txt"), "--batch", "1", "--steps", "1", *SMALL]
@@ -203,3 +209,17 @@ def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_
     merged = lora.merge_lora(f2w.load_transformer(os.path.join(flux2_folder, "transformer")),
                              os.path.join(lora_dir, lora.LORA_FILE))
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
+
+
+def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_args, tmp_path, capsys):
+    """The klein folder's tokenizer/ is Qwen's: --hps FILE takes CLIP's vocab.json + merges.txt from FILE's folder,
+    and without them the run is refused in one line before any model loads."""
+    hps = str(tmp_path / "hps.safetensors")
+    save_file(HPSReward.tiny(seed=1).clip.state_dict(), hps)
+    i = folder_args.index("--reward")
+    args = [*folder_args[:i], "--hps", hps, *folder_args[i + 4:], "--out", str(tmp_path / "run"), "--samples", "0"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "on a FLUX.2 folder (whose tokenizer/ is Qwen's)" in err[0], err
+    clip_vocabulary(tmp_path)
+    srpo.main(args)
+    assert [line["step"] for line in log_lines(str(tmp_path / "run"))] == [1]
