@@ -486,25 +486,23 @@ def my_jobs(s, jobs, settings, rank, world):
 
 def make_images(s, jobs, dtype, device, rank):
     """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn. A FLUX.2 folder
-    takes flux2_sampling's mu, models, guidance, noise and conditioning; the sampler and the rest are the same."""
+    takes flux2_sampling's models and guidance, and its Family's mu, noise and conditioning; the sampler and the
+    rest are the same."""
     flux2, seq_len = is_flux2(s), (s.height // 16) * (s.width // 16)
-    mu = f2s.empirical_mu(seq_len, s.steps) if flux2 else None
-    sigmas = flux_schedule(s.steps, seq_len, read_schedule(s.flux) if s.flux else FLUX_DEV, mu)
+    schedule = read_schedule(s.flux) if s.flux else FLUX_DEV  # a bad scheduler config: refused before the models
     model, ae, embeddings = (f2s.sample_models if flux2 else sample_models)(s, [p for p, _ in jobs], dtype, device)
+    fam = family(model)
+    sigmas = flux_schedule(s.steps, seq_len, schedule, fam.mu(seq_len, s.steps) if fam.mu else None)
     if s.lora:
         lora.merge_lora(model, s.lora, s.lora_scale)
     model.set_attention_backend(attention_backend(s.attn, device))
-    if flux2:
-        family = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels), f2s.conditioning
-        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, f2s.sample_guidance(s, rank), s, *family)
-    else:
-        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
+    guidance = f2s.sample_guidance(s, rank) if flux2 else sample_guidance(s, model.cfg, rank)
+    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam)
 
 
-def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, noise=initial_noise,
-                        make_conditioning=conditioning):
-    """Each job's images, written as soon as they are made; `noise` and `make_conditioning` are the model family's
-    (FLUX.1's here, FLUX.2's in flux2_sampling). SIGTERM / SIGINT stop after the current prompt's images (Stopped),
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam):
+    """Each job's images, written as soon as they are made, with the noise and conditioning of the model's Family
+    `fam`. SIGTERM / SIGINT stop after the current prompt's images (Stopped),
     a failed write ends with a Fault: the images written are whole, and the same command continues."""
     device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
     again = "the images written are complete, and the same command makes the rest"
@@ -512,8 +510,8 @@ def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, noise=
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
             embedding = tuple(t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
-            x = noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
-            cond = make_conditioning(embedding, s.height, s.width, device, dtype)
+            x = fam.initial_noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
+            cond = fam.conditioning(embedding, s.height, s.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
                                    s.height, s.width)
             try:
