@@ -30,9 +30,11 @@ One step (`train_step`), for each prompt of the global batch:
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
 is the method; where it runs (processes, FSDP2, checkpoints) is runtime.py's, sampling sampling.py's, the reward
 models reward.py's, the held-out evaluations that show reward hacking coming evaluation.py's, and the command line
-(flags, defaults, the commands) cli.py's.
+(flags, defaults, the commands) cli.py's. The model family (FLUX.1, FLUX.2 [klein]) is sampling.Family's: the noise,
+the conditioning and its velocity; the step never asks which.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
+    python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
     python srpo.py sample | score ...    # every command's --help lists its flags
 """
 
@@ -95,7 +97,7 @@ class TrainConfig:
     margin: Annotated[float, bounds.FINITE] = 0.7  # m: L = relu(m - r) / 2 per branch
     no_inversion: bool = False  # ablation: the denoise branch only (the official README: reward hacking comes back)
     plain_reward: bool = False  # ablation, SRP off: every branch rewards score(image, prompt), no control words
-    no_branch_cfg: bool = False  # a CFG model (FLUX.2 [klein] base): the conditional pass alone, 1 call, not 2
+    no_branch_cfg: bool = False  # a CFG model (FLUX.2 [klein] base): training calls take the conditional pass alone
     # the run: updates numbered 1..steps (the official loop's step 20 only saves: its checkpoint holds 19 updates)
     steps: Annotated[int, bounds.RUN_STEPS] = 19
     save_every: Annotated[int, bounds.RUN_STEPS] = 5

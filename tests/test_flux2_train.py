@@ -6,6 +6,7 @@ calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a F
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -143,6 +144,24 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     assert theirs.config.guidance_embeds is False
     start, trained = f2s.tiny_models()[0].state_dict(), f2w.load_transformer(folder).state_dict()
     assert max(rel_err(trained[k], v) for k, v in start.items()) > 1e-3  # it trained
+
+
+def test_flux2_demo_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+    """A checkpoint of step 1 resumed to step 2 == two steps straight (the FLUX.2 weights reloaded exactly)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    srpo.main(run_args(straight, "--samples", "0", "--save-every", "1", "--keep", "2"))
+    first = runtime.CHECKPOINT.format(1)
+    shutil.copytree(straight / first, resumed / first)
+    shutil.copy(straight / "log.jsonl", resumed)
+    srpo.main(run_args(resumed, "--samples", "0", "--save-every", "1", "--keep", "2", "--resume"))
+    a, b = weights(str(straight), 2), weights(str(resumed), 2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(str(resumed)) == log_lines(str(straight))
+
+
+def test_family_is_the_demo_s_and_refused_with_a_folder(flux2_folder, tmp_path, capsys):
+    code, err = run_cli(["train", "--flux", flux2_folder, "--family", "flux2", "--out", str(tmp_path)], capsys)
+    assert (code, err) == (2, ["error: --family is the tiny demo's: with --flux, the folder's model_index.json says "
+                               "the family"])
 
 
 def test_flux2_offload_in_one_process_matches_the_run_without_it(tmp_path):
