@@ -159,7 +159,6 @@ def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=Fals
     if timesteps is None:
         timesteps = (sigmas * 1000).to(x.dtype) / 1000
     timesteps = timesteps.to(x.device)  # one copy to the device, not one per step
-    cond = cond.at_guidance(guidance)
     g = torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype)
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         v = cond.velocity(model, x, timesteps[i].expand(x.shape[0]), g)
@@ -196,7 +195,8 @@ def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, s
         x = fam.initial_noise(1, height, width, seed, torch.float32).to(device)
         mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
         with autocast(device):
-            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond, guidance)
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond.at_guidance(guidance),
+                             guidance)
             images.append(decode_images(ae, x, height, width).float())
     return torch.cat(images, dim=3)
 
@@ -262,7 +262,8 @@ class Conditioning(NamedTuple):
     """What FLUX.1 sees besides the latents and the time: the image tokens' positions, the T5 tokens and their
     positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
     for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
-    passes) is another conditioning class."""
+    passes) is another conditioning class, with at_guidance(g): itself as sampled at scale g (training's rollout
+    and the sample grids ask for it)."""
 
     img_ids: torch.Tensor
     txt: torch.Tensor
@@ -300,8 +301,8 @@ FLUX1 = Family(initial_noise, conditioning)
 
 def family(model):
     """The Family of a transformer, by its config: FLUX.2's (flux2_sampling; its noise has the model's latent
-    channels) or FLUX.1's."""
-    if isinstance(model.cfg, f2.Flux2Config):
+    channels), else FLUX.1's (a model without a FLUX config too: a stand-in's)."""
+    if isinstance(getattr(model, "cfg", None), f2.Flux2Config):
         noise = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels)
         return Family(noise, f2s.conditioning, f2s.empirical_mu)
     return FLUX1

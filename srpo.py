@@ -195,8 +195,9 @@ def online_rollout(model, eps, cond, cfg, steps=None):
     state at sigmas[steps] (ReFL's chain stops early)."""
     sigmas, timesteps = rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)
     stop = cfg.rollout_steps if steps is None else steps
-    with autocast(eps.device):
-        return euler_sample(model, eps, sigmas[: stop + 1], cond, cfg.rollout_guidance, timesteps)
+    with autocast(eps.device):  # at guidance 1, a CFG family's conditional pass alone (its at_guidance)
+        return euler_sample(model, eps, sigmas[: stop + 1], cond.at_guidance(cfg.rollout_guidance),
+                            cfg.rollout_guidance, timesteps)
 
 
 def timestep_window(cfg):
