@@ -134,10 +134,11 @@ def load_folder(flux_dir, transformer_file, dtype, device):
 
 
 def uses_cfg(flux_dir, guidance):
-    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a klein model that is not distilled.
-    Flux2Pipeline (dev) never runs it: its transformer takes the scale through its guidance embedding."""
-    klein = pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
-    return klein and guidance > 1 and not is_distilled(flux_dir)
+    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a klein model that is not distilled
+    (flux_dir None: the tiny demo's klein-base-like one). Flux2Pipeline (dev) never runs it: its transformer takes the
+    scale through its guidance embedding."""
+    klein = flux_dir is None or pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
+    return klein and guidance > 1 and not (flux_dir and is_distilled(flux_dir))
 
 
 def training_parts(flux_dir, dtype, device, weights):
@@ -155,20 +156,27 @@ def training_parts(flux_dir, dtype, device, weights):
 def sample_guidance(s, rank):
     """--guidance, GUIDANCE unless given; said once if given to a distilled model, which ignores it (as the pipeline
     warns)."""
-    if s.guidance is not None and is_distilled(s.flux) and rank == 0:
+    if s.guidance is not None and s.flux and is_distilled(s.flux) and rank == 0:
         print("note: this FLUX.2 [klein] model is distilled (model_index.json is_distilled): --guidance is ignored",
               file=sys.stderr)
     return GUIDANCE if s.guidance is None else s.guidance
 
 
 def sample_models(s, prompts, dtype, device):
-    """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder: the prompts (and the empty negative
-    prompt when guidance is classifier-free) encoded first and kept on the CPU, the text encoder freed before the
-    transformer loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
-    encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
-    text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
-    guidance = GUIDANCE if s.guidance is None else s.guidance
-    negative = (text([NEGATIVE_PROMPT]).cpu(),) if uses_cfg(s.flux, guidance) else ()
-    embeddings = {p: (text([p]).cpu(), *negative) for p in dict.fromkeys(prompts)}
+    """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder, or without one the tiny FLUX.2
+    demo's (`train --family flux2`; --transformer: its checkpoint): the prompts (and the empty negative prompt when
+    guidance is classifier-free) encoded first and kept on the CPU, the text encoder freed before the transformer
+    loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
+    if s.flux:
+        encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
+        text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
+    else:
+        model, ae, text = tiny_models()
+        text.max_length = s.max_sequence_length
+    text = embedder(text, uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance))
+    embeddings = {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
     del text
-    return *load_folder(s.flux, s.transformer, dtype, device), embeddings
+    if s.flux:
+        return *load_folder(s.flux, s.transformer, dtype, device), embeddings
+    model = f2w.load_transformer(s.transformer, model.cfg, dtype, device) if s.transformer else model
+    return model.to(device, dtype), ae.to(device, dtype), embeddings

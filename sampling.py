@@ -24,6 +24,7 @@ import flux2_sampling as f2s
 import flux_model as fm
 import flux_weights as fw
 import lora
+from export import family_of_config
 from util import (
     MANIFEST,
     Fault,
@@ -225,10 +226,10 @@ def load_flux_folder(flux_dir, transformer_file, dtype, device):
 
 
 def tiny_transformer(path, cfg, dtype, device):
-    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint), sampled with the
-    demo's tiny VAE and text encoders."""
+    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint; cfg a FluxConfig, or
+    with --family flux2 a Flux2Config), sampled with the demo's tiny VAE and text encoders."""
     try:
-        return fw.load_transformer(path, cfg, dtype, device)
+        return family_of_config(cfg).load(path, cfg, dtype, device)
     except InputError as e:
         raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
                          f"diffusion_pytorch_model.safetensors: give --flux for a FLUX.1 one)") from None
@@ -363,6 +364,7 @@ class SampleConfig:
     batch: int = 1  # images per prompt
     dtype: str | None = None  # None: bfloat16 on CUDA, else float32
     lora: str | None = None  # a LoRA file merged into the transformer at load time
+    family: str | None = None  # without flux: the tiny demo's family (flux2: `train --family flux2`'s models)
     lora_scale: float = 1.0
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
@@ -414,14 +416,19 @@ def check_rerun(out, jobs, settings):
 def check_sample_flags(s):
     """What ties the settings together (each flag's range is cli.py's), before anything is read."""
     check_size(s.height, s.width)
+    if s.flux and s.family:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
 
 
 def is_flux2(s):
-    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of). The
-    tiny built-in models, FluxPipeline folders and folders without a model_index.json are FLUX.1's, as before."""
-    return bool(s.flux) and os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
+    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of), or
+    without --flux whether --family is flux2 (the tiny FLUX.2 demo's models). The tiny built-in models, FluxPipeline
+    folders and folders without a model_index.json are FLUX.1's, as before."""
+    if not s.flux:
+        return s.family == "flux2"
+    return os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
 
 
 def sample_models(s, prompts, dtype, device):
@@ -465,8 +472,9 @@ def sample(s):
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
             load_folder = f2s.load_folder if is_flux2(s) else load_flux_folder
+            tiny = (f2.Flux2Config if is_flux2(s) else fm.FluxConfig).preset("tiny")
             meta = (load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                    tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
+                    tiny_transformer(s.transformer, tiny, dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs

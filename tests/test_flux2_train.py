@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from PIL import Image
 from references import rel_err
 from safetensors.torch import save_file
 from test_train import SMALL, log_lines, official_branches, official_t, run_cli, shift3, tiny_clip_folder, weights
@@ -133,8 +134,16 @@ def run_args(out, *flags):
 
 def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path):
     """`train --family flux2`: two updates of the random tiny FLUX.2, the before/after grids and the held-out
-    evaluation sampled through FLUX.2's family; the checkpoint loads strictly into Flux2Transformer2DModel."""
+    evaluation sampled through FLUX.2's family: `sample --family flux2 --transformer CHECKPOINT --seed 0 --steps 28`
+    makes the evaluation's image of step 2, pixel for pixel (not step 0's); the checkpoint loads strictly into
+    Flux2Transformer2DModel."""
     srpo.main(run_args(tmp_path))
+    (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
+    png = str(tmp_path / "sample.png")
+    srpo.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path, runtime.CHECKPOINT.format(2)),
+               "--prompt", prompt, "--seed", "0", "--steps", "28", "--height", "32", "--width", "32", "--out", png])
+    tile = [np.asarray(Image.open(tmp_path / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 2)]
+    assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
     lines = log_lines(str(tmp_path))
     assert [line["step"] for line in lines] == [1, 2] and all(np.isfinite(line["loss"]) for line in lines)
     assert all(os.path.isfile(tmp_path / f"samples-{when}.png") for when in ("before", "after"))
@@ -202,8 +211,6 @@ def test_flux2_folder_run_samples_from_its_checkpoint(folder_args, flux2_folder,
         images[name] = str(tmp_path / f"{name}.png")
         srpo.main(["sample", "--flux", flux2_folder, "--height", "32", "--width", "32", "--steps", "2", "--out",
                    images[name], *extra])
-    from PIL import Image
-
     trained, base = (np.asarray(Image.open(images[n]), dtype=np.float32) for n in ("trained", "base"))
     assert trained.shape == (32, 32, 3) and np.abs(trained - base).mean() > 0
 
