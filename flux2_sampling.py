@@ -11,6 +11,8 @@ sampling (sampling.py, which runs the Euler sampler, the files and the `sample` 
 - The text: Qwen3's hidden states for klein (flux2_model.Qwen3Conditioner), Mistral-3's for dev
   (flux2_model.Mistral3Conditioner; Flux2Pipeline's optional caption upsampling is not done).
 - The decode: Flux2AutoEncoder.decode undoes the latent batch-norm normalisation before the VAE's decoder.
+For `train` (sampling.Family is the seam the step uses): a folder's frozen parts with the negative prompt's
+embedding for klein base, and the tiny FLUX.2 demo's random models (`train --family flux2`).
 """
 
 import functools
@@ -100,7 +102,7 @@ def tiny_models(seed=0):
     return model, ae, f2.Qwen3Conditioner.tiny(model.cfg.context_in_dim // 3, seed=seed)
 
 
-def tiny_parts(device, weights):
+def tiny_frozen_parts(device, weights):
     """runtime.frozen_parts of the tiny FLUX.2 demo: (VAE, text with the negative prompt, transformer config,
     load(device) of the transformer in `weights`)."""
     model, ae, text = tiny_models()
@@ -141,10 +143,10 @@ def uses_cfg(flux_dir, guidance):
     return klein and guidance > 1 and not (flux_dir and is_distilled(flux_dir))
 
 
-def training_parts(flux_dir, dtype, device, weights):
-    """(VAE, text encoder, transformer config, load(device) of the transformer in `weights`) of a FLUX.2 folder for
-    training: klein base's text gives the negative prompt too (its branches sample with classifier-free guidance);
-    klein distilled and dev have one pass."""
+def frozen_parts(flux_dir, dtype, device, weights):
+    """runtime.frozen_parts of a FLUX.2 folder: (VAE, text encoder, transformer config, load(device) of the
+    transformer in `weights`); klein base's text gives the negative prompt too (its branches sample with
+    classifier-free guidance), klein distilled's and dev's do not (one pass)."""
     sub = os.path.join(flux_dir, "transformer")
     flux_cfg = f2w.config_from_diffusers(read_json(os.path.join(sub, "config.json")), sub)
     ae = f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)

@@ -380,16 +380,16 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x
 
 def frozen_parts(run, dtype, device, weights=torch.float32):
     """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
-    freezes it): the --flux folder's (a FLUX.2 one's: flux2_sampling.training_parts), or without one the tiny demo's
+    freezes it): the --flux folder's (a FLUX.2 one's: flux2_sampling.frozen_parts), or without one the tiny demo's
     random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
     flux = run.flux
     if flux is None and run.family == "flux2":
-        return f2s.tiny_parts(device, weights)
+        return f2s.tiny_frozen_parts(device, weights)
     if flux is None:
         tiny, ae, text = tiny_models()
         return ae, text.to(device), tiny.cfg, functools.partial(tiny.to, dtype=weights)
     if fw.family_of(flux) == "flux2":
-        return f2s.training_parts(flux, dtype, device, weights)
+        return f2s.frozen_parts(flux, dtype, device, weights)
     sub = os.path.join(flux, "transformer")
     flux_cfg = fw.read_flux_config(sub)
     ae = fw.load_autoencoder(os.path.join(flux, "vae"), None, dtype, device)
