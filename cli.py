@@ -12,6 +12,7 @@ import torch
 import clip_weights as cw
 import evaluation
 import export
+import flux2_sampling as f2s
 import image_data
 import methods
 import reward
@@ -110,9 +111,12 @@ TRAIN_HELP = {
     "height": "training image height, a multiple of 16",
     "width": "training image width, a multiple of 16",
     "rollout_steps": "Euler steps of the online rollout",
-    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t)",
-    "rollout_guidance": "guidance of the online rollout",
-    "guidance": "guidance of the two branch model calls and of the sample grids",
+    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: the same "
+             "sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)",
+    "rollout_guidance": "guidance of the online rollout (FLUX.2 [klein] base: classifier-free, and at 1 the "
+                        "conditional pass alone, as the pipeline samples at guidance_scale 1)",
+    "guidance": "guidance of the two branch model calls and of the sample grids (FLUX.2 [klein] base: the "
+                "classifier-free guidance scale, two passes per call above 1; FLUX.2's default is 4, the pipeline's)",
     "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, G + 1)), G --window-grid",
     "window_grid": "G, the steps of the schedule S the window is cut from (the official --vis_sampling_step)",
     "window_points": "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
@@ -123,6 +127,11 @@ TRAIN_HELP = {
     "margin": "hinge margin m: loss = relu(m - r) / 2 per branch",
     "no_inversion": "ablation: train the denoise branch only (the official README's check of an implementation: "
                     "without the inversion branch, reward hacking comes back)",
+    "no_branch_cfg": "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), give the training "
+                     "model calls (the branches' and the rollout's) the conditional pass alone: 1 model call each, "
+                     "where by default a branch at --guidance > 1 is v_neg + g (v_pos - v_neg), 2 calls, both with "
+                     "gradient, as the model is sampled (no effect on FLUX.1, whose guidance is an input); the sample "
+                     "grids and evaluations keep the guidance",
     "plain_reward": "ablation, SRP off: every branch rewards the reward model's plain score of the prompt, no control "
                     "words (with the inversion branch kept, its gradient then opposes the denoise branch's). A "
                     "logit-scaled reward (pickscore, clip) scores about 20: give a --margin above that, else the hinge "
@@ -147,6 +156,9 @@ TRAIN_HELP = {
 # reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
 # so that the demo runs under torchrun with any number of processes).
 DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
+# The tiny FLUX.2 demo (--family flux2): at lr 1e-3 its denoise-branch reward and held-out score barely move in 80
+# steps (the denoise reward fell, the held-out HPS rose); at 3e-3 both rise.
+FLUX2_DEMO_DEFAULTS = {**DEMO_DEFAULTS, "lr": 3e-3}
 DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
@@ -200,6 +212,9 @@ def sample_flags(p):
                    "([klein] or [dev], as its model_index.json says)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
+    p.add_argument("--family", choices=("flux1", "flux2"), help="without --flux, the tiny demo's model family "
+                   "(default flux1); flux2: `train --family flux2`'s tiny FLUX.2 and Qwen3, with --transformer its "
+                   "checkpoint folder")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
                    "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
@@ -231,7 +246,11 @@ def sample_flags(p):
 def train_flags(p):
     """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
-                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP)")
+                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
+                   "or a FLUX.2 [klein] folder (its model_index.json says which)")
+    p.add_argument("--family", choices=("flux1", "flux2"), help="the tiny demo's model family (default flux1): flux2 "
+                   "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
+                   f"--lr {FLUX2_DEMO_DEFAULTS['lr']:g} (with --flux, the folder's model_index.json decides)")
     reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
         "; with another --reward: a second, independent reward that scores the held-out evaluations"
         if kind.name == "pickscore" else ""))
@@ -339,12 +358,15 @@ def add_config_flags(parser):
 
 
 def config_from_flags(args, world):
-    """TrainConfig from the flags: where a flag is not given, the official values of --reward's recipe, or, in the
-    tiny demo, the demo's (its --batch: one prompt per process of the `world`; with --lora-rank on FLUX.1, LoRA's
-    --lr). The config checks itself."""
+    """TrainConfig from the flags: where a flag is not given, the official values of --reward's recipe (on FLUX.2,
+    the pipeline's guidance 4), or, in the tiny demo, the demo's (its --batch: one prompt per process of the
+    `world`; with --lora-rank on FLUX.1, LoRA's --lr). The config checks itself."""
     config = srpo.TrainConfig
+    flux2 = family(args) == "flux2"
+    demo = FLUX2_DEMO_DEFAULTS if flux2 else DEMO_DEFAULTS
     defaults = {**srpo.REWARD_RECIPES.get(args.reward or config.reward, {}),
-                **({**DEMO_DEFAULTS, "batch": world} if args.flux is None else {}),
+                **({"guidance": f2s.GUIDANCE} if flux2 else {}),
+                **({**demo, "batch": world} if args.flux is None else {}),
                 **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
     values = {}
     for f in fields(config):
@@ -358,11 +380,23 @@ def run_config(args):
     """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=family(args), reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
         attn=args.attn, images=args.images)
+
+
+CLIP_VOCABULARY = ("vocab.json", "merges.txt")
+
+
+def family(args):
+    """`train`'s model family: --flux's (its model_index.json; a folder without one is FLUX.1's), else --family's."""
+    if args.flux and args.family:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
+    if args.flux:
+        return "flux2" if sampling.is_flux2(args) else "flux1"
+    return args.family or "flux1"
 
 
 def check_reward_flags(args, name):
@@ -377,7 +411,7 @@ def check_reward_flags(args, name):
         raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
     if demo:
         return
-    check_folder(args.flux, "a diffusers FLUX.1 folder")
+    check_folder(args.flux, "a diffusers FLUX folder")
     path = getattr(args, name)
     if not path:
         kind = reward.REWARDS[name]
@@ -386,6 +420,11 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
+    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family(args), reward_model=path))
+    if family(args) == "flux2" and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
+        raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
+                         f"tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there (CLIP's, e.g. "
+                         f"a FLUX.1 folder's tokenizer/ files)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ def family_of(path):
 
 
 def family_of_config(cfg):
-    """The Family of a model's config (FluxConfig or Flux2Config)."""
-    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config))
+    """The Family of a model's config: FLUX.2's for a Flux2Config, else FLUX.1's (a FluxConfig)."""
+    return FAMILIES["Flux2Transformer2DModel" if isinstance(cfg, Flux2Config) else "FluxTransformer2DModel"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -268,6 +268,31 @@ class Qwen3Conditioner(nn.Module):
             ("tokenizer", Qwen2TokenizerFast, ["tokenizer.json|vocab.json"])])
         return cls(parts["text_encoder"].to(device), parts["tokenizer"], max_length)
 
+    @classmethod
+    def tiny(cls, width=16, max_length=32, seed=0):
+        """A random tiny Qwen3 (28 layers, so that 9, 18 and 27 are inner ones) with a byte tokenizer: the offline
+        FLUX.2 demo's text encoder, txt (B, max_length, 3 * width) as the tiny transformer takes it."""
+        from transformers import Qwen3Config, Qwen3Model  # ~4 s: only here
+
+        torch.manual_seed(seed)
+        qwen = Qwen3Model(Qwen3Config(vocab_size=ChatByteTokenizer.vocab_size, hidden_size=width,
+                                      intermediate_size=2 * width, num_hidden_layers=28, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8, pad_token_id=0, eos_token_id=1))
+        return cls(qwen, ChatByteTokenizer(), max_length)
+
+
+class ChatByteTokenizer(fm.ByteTokenizer):
+    """The tiny demo's offline stand-in for Qwen's tokenizer: a plain chat template, byte tokens and their mask."""
+
+    def apply_chat_template(self, messages, **_):
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    def __call__(self, prompts, max_length, **_):
+        from transformers import BatchEncoding
+
+        ids = super().__call__(prompts, max_length)["input_ids"]
+        return BatchEncoding({"input_ids": ids, "attention_mask": (ids != 0).long()})
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Text conditioning of FLUX.2 [dev]: Mistral-3's hidden states, as Flux2Pipeline computes them

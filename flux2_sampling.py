@@ -11,8 +11,11 @@ sampling (sampling.py, which runs the Euler sampler, the files and the `sample` 
 - The text: Qwen3's hidden states for klein (flux2_model.Qwen3Conditioner), Mistral-3's for dev
   (flux2_model.Mistral3Conditioner; Flux2Pipeline's optional caption upsampling is not done).
 - The decode: Flux2AutoEncoder.decode undoes the latent batch-norm normalisation before the VAE's decoder.
+For `train` (sampling.Family is the seam the step uses): a folder's frozen parts with the negative prompt's
+embedding for klein base, and the tiny FLUX.2 demo's random models (`train --family flux2`).
 """
 
+import functools
 import os
 import sys
 from typing import NamedTuple
@@ -68,12 +71,42 @@ class Flux2Conditioning(NamedTuple):
         v_neg = model(x, self.img_ids, self.negative, self.txt_ids, t, guidance)
         return v_neg + guidance[:, None, None] * (v - v_neg)
 
+    def at_guidance(self, guidance):
+        """The conditioning sampled at this scale: at guidance <= 1 the conditional pass alone, one model call, as
+        Flux2KleinPipeline's do_classifier_free_guidance (guidance_scale > 1) decides."""
+        return self if guidance > 1 else self._replace(negative=None)
+
 
 def conditioning(embedding, height, width, device, dtype=None):
     """The Flux2Conditioning of one prompt's embedding, (txt,) or (txt, negative txt), at height x width."""
     txt, *negative = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
     ids = f2.image_ids(height, width, device).to(dtype or torch.float32)
     return Flux2Conditioning(ids, txt, f2.text_ids(txt.shape[1], device).to(dtype or torch.float32), *negative)
+
+
+def embedder(text, cfg):
+    """text (prompts -> txt) made to give a prompt's embedding as `conditioning` takes it: (txt,), or for
+    classifier-free guidance (txt, negative txt), the negative prompt encoded once and shared."""
+    if not cfg:
+        return lambda prompts: (text(prompts),)
+    negative = text([NEGATIVE_PROMPT])
+    return lambda prompts: (text(prompts), negative.expand(len(prompts), -1, -1))
+
+
+def tiny_models(seed=0):
+    """The tiny FLUX.2 demo's models, random with a fixed seed, no files: a klein-base-like transformer (no guidance
+    embedding: sampled with classifier-free guidance), its VAE and a tiny Qwen3 text encoder."""
+    torch.manual_seed(seed)
+    model = f2.Flux2(f2.Flux2Config.preset("tiny")).eval()
+    ae = f2.Flux2AutoEncoder(f2.Flux2AutoEncoderConfig.preset("tiny")).eval()
+    return model, ae, f2.Qwen3Conditioner.tiny(model.cfg.context_in_dim // 3, seed=seed)
+
+
+def tiny_frozen_parts(device, weights):
+    """runtime.frozen_parts of the tiny FLUX.2 demo: (VAE, text with the negative prompt, transformer config,
+    load(device) of the transformer in `weights`)."""
+    model, ae, text = tiny_models()
+    return ae, embedder(text.to(device), cfg=True), model.cfg, functools.partial(model.to, dtype=weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,29 +136,49 @@ def load_folder(flux_dir, transformer_file, dtype, device):
 
 
 def uses_cfg(flux_dir, guidance):
-    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a klein model that is not distilled.
-    Flux2Pipeline (dev) never runs it: its transformer takes the scale through its guidance embedding."""
-    klein = pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
-    return klein and guidance > 1 and not is_distilled(flux_dir)
+    """Flux2KleinPipeline's do_classifier_free_guidance: guidance_scale > 1 on a klein model that is not distilled
+    (flux_dir None: the tiny demo's klein-base-like one). Flux2Pipeline (dev) never runs it: its transformer takes the
+    scale through its guidance embedding."""
+    klein = flux_dir is None or pipeline_config(flux_dir)["_class_name"] == "Flux2KleinPipeline"
+    return klein and guidance > 1 and not (flux_dir and is_distilled(flux_dir))
+
+
+def frozen_parts(flux_dir, dtype, device, weights):
+    """runtime.frozen_parts of a FLUX.2 folder: (VAE, text encoder, transformer config, load(device) of the
+    transformer in `weights`); klein base's text gives the negative prompt too (its branches sample with
+    classifier-free guidance), klein distilled's and dev's do not (one pass)."""
+    sub = os.path.join(flux_dir, "transformer")
+    flux_cfg = f2w.config_from_diffusers(read_json(os.path.join(sub, "config.json")), sub)
+    ae = f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    text = TEXT_ENCODERS[pipeline_config(flux_dir)["_class_name"]].from_folder(flux_dir, dtype, device)
+    text = embedder(text, cfg=uses_cfg(flux_dir, GUIDANCE))  # klein base: with the negative prompt
+    return ae, text, flux_cfg, functools.partial(f2w.load_transformer, sub, flux_cfg, weights)
 
 
 def sample_guidance(s, rank):
     """--guidance, GUIDANCE unless given; said once if given to a distilled model, which ignores it (as the pipeline
     warns)."""
-    if s.guidance is not None and is_distilled(s.flux) and rank == 0:
+    if s.guidance is not None and s.flux and is_distilled(s.flux) and rank == 0:
         print("note: this FLUX.2 [klein] model is distilled (model_index.json is_distilled): --guidance is ignored",
               file=sys.stderr)
     return GUIDANCE if s.guidance is None else s.guidance
 
 
 def sample_models(s, prompts, dtype, device):
-    """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder: the prompts (and the empty negative
-    prompt when guidance is classifier-free) encoded first and kept on the CPU, the text encoder freed before the
-    transformer loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
-    encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
-    text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
-    guidance = GUIDANCE if s.guidance is None else s.guidance
-    negative = (text([NEGATIVE_PROMPT]).cpu(),) if uses_cfg(s.flux, guidance) else ()
-    embeddings = {p: (text([p]).cpu(), *negative) for p in dict.fromkeys(prompts)}
+    """(model, ae, {prompt: (txt,) or (txt, negative txt)}) of the --flux folder, or without one the tiny FLUX.2
+    demo's (`train --family flux2`; --transformer: its checkpoint): the prompts (and the empty negative prompt when
+    guidance is classifier-free) encoded first and kept on the CPU, the text encoder freed before the transformer
+    loads (Qwen3-4B is 8 GB in bf16, Mistral-3 Small 48 GB)."""
+    if s.flux:
+        encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
+        text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
+    else:
+        model, ae, text = tiny_models()
+        text.max_length = s.max_sequence_length
+    text = embedder(text, uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance))
+    embeddings = {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
     del text
-    return *load_folder(s.flux, s.transformer, dtype, device), embeddings
+    if s.flux:
+        return *load_folder(s.flux, s.transformer, dtype, device), embeddings
+    model = f2w.load_transformer(s.transformer, model.cfg, dtype, device) if s.transformer else model
+    return model.to(device, dtype), ae.to(device, dtype), embeddings

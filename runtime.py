@@ -27,10 +27,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import flux2_sampling as f2s
 import flux_model as fm
 import flux_weights as fw
 import image_data
 import lora
+from export import family_of_config
 from kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from sampling import encode_prompts, tiny_models
@@ -64,7 +66,8 @@ class RunConfig:
     a step computes. cli.py makes it from `train`'s flags."""
 
     out: str = "runs/srpo"  # checkpoint-STEP/, log.jsonl, samples-*.png, eval/
-    flux: str | None = None  # a diffusers FLUX.1 folder; None: the tiny demo's random models built in code
+    flux: str | None = None  # a diffusers FLUX.1 or FLUX.2 folder; None: the tiny demo's random models built in code
+    family: str = "flux1"  # the tiny demo's model family (flux1 | flux2); with flux, its model_index.json's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
     judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
     resume: bool = False  # continue from the latest complete checkpoint in out
@@ -253,7 +256,7 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dt
         model = adapt(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = adapt(fm.Flux(flux_cfg).to(dtype))
+            model = adapt(family_of_config(flux_cfg).model(flux_cfg).to(dtype))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
@@ -323,15 +326,15 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
     mine = [p for step in range(start + 1, last + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
     frozen = frozen_dtype(ranks.device)
     base = frozen if cfg.lora_rank else torch.float32
-    ae, text, flux_cfg, load = frozen_parts(run.flux, frozen, ranks.device, base)
+    ae, text, flux_cfg, load = frozen_parts(run, frozen, ranks.device, base)
     ae = ae.to(ranks.device, frozen)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(run.eval_prompts))
     del text
     if ranks.device.type == "cuda":
         torch.cuda.empty_cache()
     x0_of = offline_x0(images, ae, run.out, cfg, ranks) if images else online
-    if folder and not cfg.lora_rank:
-        load = functools.partial(fw.load_transformer, folder, flux_cfg, torch.float32)  # resume its weights
+    if folder and not cfg.lora_rank:  # resume its weights
+        load = functools.partial(family_of_config(flux_cfg).load, folder, flux_cfg, torch.float32)
     model = build_transformer(load, flux_cfg, ranks, attention_backend(run.attn, ranks.device), adapters(cfg, folder),
                               base)
     reward = load_reward(run, cfg.reward, ranks.device)
@@ -375,13 +378,18 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start, x0_of)
 
 
-def frozen_parts(flux, dtype, device, weights=torch.float32):
+def frozen_parts(run, dtype, device, weights=torch.float32):
     """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
-    freezes it): the FLUX.1 folder's, or without one the tiny demo's random ones built in code (the same start on
-    every rank; rank 0's is broadcast under FSDP anyway)."""
+    freezes it): the --flux folder's (a FLUX.2 one's: flux2_sampling.frozen_parts), or without one the tiny demo's
+    random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
+    flux = run.flux
+    if flux is None and run.family == "flux2":
+        return f2s.tiny_frozen_parts(device, weights)
     if flux is None:
         tiny, ae, text = tiny_models()
         return ae, text.to(device), tiny.cfg, functools.partial(tiny.to, dtype=weights)
+    if fw.family_of(flux) == "flux2":
+        return f2s.frozen_parts(flux, dtype, device, weights)
     sub = os.path.join(flux, "transformer")
     flux_cfg = fw.read_flux_config(sub)
     ae = fw.load_autoencoder(os.path.join(flux, "vae"), None, dtype, device)
@@ -403,17 +411,39 @@ def adapters(cfg, folder):
     return adapt if cfg.lora_rank else lambda model: model
 
 
+def encode_captions(parts, cfg, ranks, captions_of):
+    """Every reward caption of the steps this rank runs (captions_of(step, prompt): SRP's "word. prompt", both
+    words) through the reward's text tower now, one at a time as in a step: the steps then find them cached, with no
+    text work and no copy of token ids to the device inside a step (beyond the cache's 4096 captions, a long run
+    encodes the rest as it meets them, so no more steps ahead than the cache holds captions: a run of a million
+    steps starts at once)."""
+    for step in range(parts.start + 1, min(cfg.steps, parts.start + parts.reward.cache_size) + 1):
+        for _, prompt in my_prompts(parts.prompt_of, step, cfg, ranks):
+            for caption in captions_of(step, prompt):
+                parts.reward.text_features([caption])
+
+
 def load_reward(run, name, device):
     """The reward model `name` (reward.REWARDS), fp32 weights: in the demo a tiny random one built in code; else
-    from its file or folder, with the CLIP tokenizer of that folder (vocab.json + merges.txt) or, without one, of
-    the FLUX.1 folder."""
+    from its file or folder, with the CLIP tokenizer of reward_tokenizer."""
     if run.flux is None:
         return REWARDS[name].tiny(device=device)
-    return REWARDS[name].load(run.reward_model, tokenizer_folder(run.reward_model, run.flux), device)
+    return REWARDS[name].load(run.reward_model, reward_tokenizer(run), device)
+
+
+def reward_tokenizer(run):
+    """Where the reward's CLIP tokenizer (vocab.json + merges.txt) comes from: the reward's folder when it holds one,
+    else the FLUX.1 folder's tokenizer/; a FLUX.2 folder's tokenizer/ is Qwen's, so there the folder of the reward's
+    file (HPS: put CLIP's two files beside HPS_v2.1_compressed.pt)."""
+    fallback = run.flux if run.family == "flux1" else os.path.dirname(os.path.abspath(run.reward_model))
+    return tokenizer_folder(run.reward_model, fallback)
 
 
 def check_guidance_embedding(flux, cfg):
-    """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a transformer without the embedding cannot take it."""
+    """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a FLUX.1 transformer without the embedding cannot take
+    it (FLUX.2 [klein] base takes the scale as classifier-free guidance instead: flux2_sampling.Flux2Conditioning)."""
+    if fw.family_of(flux) == "flux2":
+        return
     if not fw.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
         raise InputError(f"{flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
                          f"feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
@@ -518,10 +548,11 @@ def save_weights(weights, flux_cfg, cfg, folder):
     if cfg.lora_rank:
         lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)
         return {"adapters": weights}
+    family = family_of_config(flux_cfg)
     with torch.device("meta"):
-        full = fm.Flux(flux_cfg)
+        full = family.model(flux_cfg)
     full.load_state_dict(weights, assign=True)
-    fw.save_transformer(full, folder)
+    family.save(full, folder)
     return {}
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -18,10 +19,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import flux2_model as f2
 import flux2_sampling as f2s
 import flux_model as fm
 import flux_weights as fw
 import lora
+from export import family_of_config
 from util import (
     MANIFEST,
     Fault,
@@ -186,13 +189,15 @@ def autocast(device):
 @torch.no_grad()
 def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, schedule=FLUX_DEV):
     """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
-    `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's):
-    a training run's before/after view and its held-out evaluations."""
-    images = []
+    `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's;
+    the noise and mu the model family's): a training run's before/after view and its held-out evaluations."""
+    images, fam = [], family(model)
     for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
-        x = initial_noise(1, height, width, seed, torch.float32).to(device)
+        x = fam.initial_noise(1, height, width, seed, torch.float32).to(device)
+        mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
         with autocast(device):
-            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule), cond, guidance)
+            x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond.at_guidance(guidance),
+                             guidance)
             images.append(decode_images(ae, x, height, width).float())
     return torch.cat(images, dim=3)
 
@@ -221,10 +226,10 @@ def load_flux_folder(flux_dir, transformer_file, dtype, device):
 
 
 def tiny_transformer(path, cfg, dtype, device):
-    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint), sampled with the
-    demo's tiny VAE and text encoders."""
+    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint; cfg a FluxConfig, or
+    with --family flux2 a Flux2Config), sampled with the demo's tiny VAE and text encoders."""
     try:
-        return fw.load_transformer(path, cfg, dtype, device)
+        return family_of_config(cfg).load(path, cfg, dtype, device)
     except InputError as e:
         raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
                          f"diffusion_pytorch_model.safetensors: give --flux for a FLUX.1 one)") from None
@@ -258,7 +263,8 @@ class Conditioning(NamedTuple):
     """What FLUX.1 sees besides the latents and the time: the image tokens' positions, the T5 tokens and their
     positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
     for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
-    passes) is another conditioning class."""
+    passes) is another conditioning class, with at_guidance(g): itself as sampled at scale g (training's rollout
+    and the sample grids ask for it)."""
 
     img_ids: torch.Tensor
     txt: torch.Tensor
@@ -269,12 +275,38 @@ class Conditioning(NamedTuple):
         """v(x, t): one call of the guidance-distilled FLUX.1 transformer, the guidance scale an input."""
         return model(x, self.img_ids, self.txt, self.txt_ids, self.y, t, guidance)
 
+    def at_guidance(self, guidance):
+        """The conditioning sampled at this scale: the same (the scale is the model's input, not a second pass)."""
+        return self
+
 
 def conditioning(embedding, height, width, device, dtype=None):
     """The Conditioning of one prompt's (txt, y) embedding at height x width, on device (in dtype if given)."""
     txt, y = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
     ids = fm.image_ids(height, width, device).to(dtype or torch.float32)
     return Conditioning(ids, txt, torch.zeros(txt.shape[1], 3, device=device, dtype=dtype), y)
+
+
+class Family(NamedTuple):
+    """What a model family changes outside its transformer, for the sampler and the training step: the packed noise
+    of a seed, the Conditioning of a prompt's embedding, and the schedule's mu (None: the scheduler's own, FLUX.1's;
+    FLUX.2's pipelines give an empirical one)."""
+
+    initial_noise: Callable  # (batch, height, width, seed, dtype) -> packed latents
+    conditioning: Callable  # (embedding, height, width, device, dtype=None) -> a Conditioning
+    mu: Callable | None = None  # (seq_len, steps) -> mu
+
+
+FLUX1 = Family(initial_noise, conditioning)
+
+
+def family(model):
+    """The Family of a transformer, by its config: FLUX.2's (flux2_sampling; its noise has the model's latent
+    channels), else FLUX.1's (a model without a FLUX config too: a stand-in's)."""
+    if isinstance(getattr(model, "cfg", None), f2.Flux2Config):
+        noise = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels)
+        return Family(noise, f2s.conditioning, f2s.empirical_mu)
+    return FLUX1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,6 +364,7 @@ class SampleConfig:
     batch: int = 1  # images per prompt
     dtype: str | None = None  # None: bfloat16 on CUDA, else float32
     lora: str | None = None  # a LoRA file merged into the transformer at load time
+    family: str | None = None  # without flux: the tiny demo's family (flux2: `train --family flux2`'s models)
     lora_scale: float = 1.0
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
@@ -383,14 +416,19 @@ def check_rerun(out, jobs, settings):
 def check_sample_flags(s):
     """What ties the settings together (each flag's range is cli.py's), before anything is read."""
     check_size(s.height, s.width)
+    if s.flux and s.family:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
 
 
 def is_flux2(s):
-    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of). The
-    tiny built-in models, FluxPipeline folders and folders without a model_index.json are FLUX.1's, as before."""
-    return bool(s.flux) and os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
+    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of), or
+    without --flux whether --family is flux2 (the tiny FLUX.2 demo's models). The tiny built-in models, FluxPipeline
+    folders and folders without a model_index.json are FLUX.1's, as before."""
+    if not s.flux:
+        return s.family == "flux2"
+    return os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
 
 
 def sample_models(s, prompts, dtype, device):
@@ -434,8 +472,9 @@ def sample(s):
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
             load_folder = f2s.load_folder if is_flux2(s) else load_flux_folder
+            tiny = (f2.Flux2Config if is_flux2(s) else fm.FluxConfig).preset("tiny")
             meta = (load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                    tiny_transformer(s.transformer, fm.FluxConfig.preset("tiny"), dtype, "meta"))
+                    tiny_transformer(s.transformer, tiny, dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs
@@ -456,25 +495,23 @@ def my_jobs(s, jobs, settings, rank, world):
 
 def make_images(s, jobs, dtype, device, rank):
     """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn. A FLUX.2 folder
-    takes flux2_sampling's mu, models, guidance, noise and conditioning; the sampler and the rest are the same."""
+    takes flux2_sampling's models and guidance, and its Family's mu, noise and conditioning; the sampler and the
+    rest are the same."""
     flux2, seq_len = is_flux2(s), (s.height // 16) * (s.width // 16)
-    mu = f2s.empirical_mu(seq_len, s.steps) if flux2 else None
-    sigmas = flux_schedule(s.steps, seq_len, read_schedule(s.flux) if s.flux else FLUX_DEV, mu)
+    schedule = read_schedule(s.flux) if s.flux else FLUX_DEV  # a bad scheduler config: refused before the models
     model, ae, embeddings = (f2s.sample_models if flux2 else sample_models)(s, [p for p, _ in jobs], dtype, device)
+    fam = family(model)
+    sigmas = flux_schedule(s.steps, seq_len, schedule, fam.mu(seq_len, s.steps) if fam.mu else None)
     if s.lora:
         lora.merge_lora(model, s.lora, s.lora_scale)
     model.set_attention_backend(attention_backend(s.attn, device))
-    if flux2:
-        family = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels), f2s.conditioning
-        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, f2s.sample_guidance(s, rank), s, *family)
-    else:
-        sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, sample_guidance(s, model.cfg, rank), s)
+    guidance = f2s.sample_guidance(s, rank) if flux2 else sample_guidance(s, model.cfg, rank)
+    sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam)
 
 
-def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, noise=initial_noise,
-                        make_conditioning=conditioning):
-    """Each job's images, written as soon as they are made; `noise` and `make_conditioning` are the model family's
-    (FLUX.1's here, FLUX.2's in flux2_sampling). SIGTERM / SIGINT stop after the current prompt's images (Stopped),
+def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam):
+    """Each job's images, written as soon as they are made, with the noise and conditioning of the model's Family
+    `fam`. SIGTERM / SIGINT stop after the current prompt's images (Stopped),
     a failed write ends with a Fault: the images written are whole, and the same command continues."""
     device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
     again = "the images written are complete, and the same command makes the rest"
@@ -482,8 +519,8 @@ def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, noise=
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
             embedding = tuple(t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
-            x = noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
-            cond = make_conditioning(embedding, s.height, s.width, device, dtype)
+            x = fam.initial_noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
+            cond = fam.conditioning(embedding, s.height, s.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
                                    s.height, s.width)
             try:

@@ -30,9 +30,11 @@ One step (`train_step`), for each prompt of the global batch:
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
 is the method; where it runs (processes, FSDP2, checkpoints) is runtime.py's, sampling sampling.py's, the reward
 models reward.py's, the held-out evaluations that show reward hacking coming evaluation.py's, and the command line
-(flags, defaults, the commands) cli.py's.
+(flags, defaults, the commands) cli.py's. The model family (FLUX.1, FLUX.2 [klein]) is sampling.Family's: the noise,
+the conditioning and its velocity; the step never asks which.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
+    python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
     python srpo.py sample | score ...    # every command's --help lists its flags
 """
 
@@ -95,6 +97,7 @@ class TrainConfig:
     margin: Annotated[float, bounds.FINITE] = 0.7  # m: L = relu(m - r) / 2 per branch
     no_inversion: bool = False  # ablation: the denoise branch only (the official README: reward hacking comes back)
     plain_reward: bool = False  # ablation, SRP off: every branch rewards score(image, prompt), no control words
+    no_branch_cfg: bool = False  # a CFG model (FLUX.2 [klein] base): training calls take the conditional pass alone
     # the run: updates numbered 1..steps (the official loop's step 20 only saves: its checkpoint holds 19 updates)
     steps: Annotated[int, bounds.RUN_STEPS] = 19
     save_every: Annotated[int, bounds.RUN_STEPS] = 5
@@ -169,13 +172,13 @@ def official_timestep(sigma):
     return torch.floor(sigma * 1000) / 1000
 
 
-def shared_noise(cfg, step, device):
+def shared_noise(cfg, step, device, noise=initial_noise):
     """eps ~ N(0, I) in bf16 values, one draw per step used by the rollout, the noise injection and the recovery of
     every prompt on every rank. The official script draws it in bf16 on rank 0 and broadcasts it; here a float32
     draw seeded by (seed, step) is rounded to bf16: every rank makes the same tensor with no communication, and
-    makes it again after a resume."""
+    makes it again after a resume. noise: the model family's packed draw (sampling.Family)."""
     seed = derive_seed(cfg.seed, "noise", step)
-    return to_device(initial_noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float(), device)
+    return to_device(noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float(), device)
 
 
 @functools.cache
@@ -192,8 +195,9 @@ def online_rollout(model, eps, cond, cfg, steps=None):
     state at sigmas[steps] (ReFL's chain stops early)."""
     sigmas, timesteps = rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)
     stop = cfg.rollout_steps if steps is None else steps
-    with autocast(eps.device):
-        return euler_sample(model, eps, sigmas[: stop + 1], cond, cfg.rollout_guidance, timesteps)
+    with autocast(eps.device):  # at guidance 1, a CFG family's conditional pass alone (its at_guidance)
+        return euler_sample(model, eps, sigmas[: stop + 1], cond.at_guidance(cfg.rollout_guidance),
+                            cfg.rollout_guidance, timesteps)
 
 
 def timestep_window(cfg):
@@ -344,7 +348,7 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_loss
     branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
     reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
     -> {"loss", "reward_NAME" and "loss_NAME" per branch, "grad_norm"}, means over the global batch."""
-    eps = shared_noise(cfg, step, ranks.device)
+    eps = shared_noise(cfg, step, ranks.device, sampling.family(model).initial_noise)
     totals, names = 0, []
     for item in batch:
         x0 = item.x0
@@ -388,10 +392,12 @@ def learning_rate(cfg, step):
 
 
 def step_batch(parts, cfg, step, ranks):
-    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning, their draws,
-    their images' x0 when offline."""
-    return [Prompt(p, sampling.conditioning(parts.embeddings[p], cfg.height, cfg.width, ranks.device),
-                   draw_timestep(cfg, step, j), parts.x0_of(step, j))
+    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the model
+    family's; --no-branch-cfg: as at guidance 1, the conditional pass alone), their draws, their images' x0 when
+    offline."""
+    make = sampling.family(parts.model).conditioning
+    return [Prompt(p, make(parts.embeddings[p], cfg.height, cfg.width, ranks.device).at_guidance(
+                       1.0 if cfg.no_branch_cfg else math.inf), draw_timestep(cfg, step, j), parts.x0_of(step, j))
             for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
 
 
@@ -401,7 +407,7 @@ def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
     Stopped raised: the decision is taken together at the step boundary, so no rank waits in a collective the
     others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default); method: cfg.method's."""
     log = runtime.open_log(out, parts.start, ranks)
-    encode_captions(parts, cfg, ranks)
+    runtime.encode_captions(parts, cfg, ranks, step_captions)
     evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
     watch = watch or evaluation.Watch((), cfg, out)
     with StopSignals() as signals, watch.open(parts, ranks):
@@ -427,15 +433,9 @@ def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
                            parts.start < cfg.steps)
 
 
-def encode_captions(parts, cfg, ranks):
-    """Every SRP caption of the steps this rank runs ("word. prompt", both words) through the reward's text tower
-    now, one at a time as in a step: the steps then find them cached, with no text work and no copy of token ids to
-    the device inside a step (beyond the cache's 4096 captions, a long run encodes the rest as it meets them, so
-    no more steps ahead than the cache holds captions: a run of a million steps starts at once)."""
-    for step in range(parts.start + 1, min(cfg.steps, parts.start + parts.reward.cache_size) + 1):
-        for _, prompt in runtime.my_prompts(parts.prompt_of, step, cfg, ranks):
-            for word in control_words(step):
-                parts.reward.text_features([control_caption(word, prompt)])
+def step_captions(step, prompt):
+    """The SRP captions a step gives the reward for a prompt: "word. prompt" with each of its two words."""
+    return [control_caption(word, prompt) for word in control_words(step)]
 
 
 def main(argv=None):

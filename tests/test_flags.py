@@ -23,7 +23,8 @@ import srpo
 import util
 
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
-SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward"}  # store_true: no value
+# store_true: no value
+SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg"}
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 
 

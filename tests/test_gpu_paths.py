@@ -47,7 +47,7 @@ def test_an_offload_step_brings_the_host_gradient_norm_to_the_device(monkeypatch
     stopping at torch.cat's device mismatch."""
     cfg, device = srpo.TrainConfig(height=32, width=32, batch=1), torch.device("meta")
     model = torch.nn.Linear(2, 1, device=device)
-    monkeypatch.setattr(srpo, "shared_noise", lambda cfg, step, device: torch.zeros(1, device=device))
+    monkeypatch.setattr(srpo, "shared_noise", lambda cfg, step, device, noise=None: torch.zeros(1, device=device))
     monkeypatch.setattr(srpo, "online_rollout", lambda model, eps, cond, cfg: eps)
     monkeypatch.setattr(srpo, "srp_loss", lambda model, *args: (model.weight.sum(), torch.zeros(1, device=device)))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(0.5))  # on the host

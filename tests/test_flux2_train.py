@@ -1,0 +1,251 @@
+"""`train` on FLUX.2 [klein] base (issue 23, item 3): one step against the step written out here (the branch
+velocity with classifier-free guidance, both passes with gradient, spelled out from the model's calls), the model
+calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a FLUX.2 folder whose checkpoint
+`sample` reads and whose LoRA file diffusers' Flux2KleinPipeline loads, and --offload. Tiny models only."""
+
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from PIL import Image
+from references import rel_err
+from safetensors.torch import save_file
+from test_train import SMALL, log_lines, official_branches, official_t, run_cli, shift3, tiny_clip_folder, weights
+
+import flux2_sampling as f2s
+import flux2_weights as f2w
+import lora
+import runtime
+import sampling
+import srpo
+import util
+from reward import HPSReward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+POSITIVE, NEGATIVE = ["Natural-lighting", "Detail", "Detailed", "Real"], ["Concept art", "Painting", "Anime", "Flat",
+                                                                          "Oil"]
+
+
+@pytest.fixture(scope="module")
+def tiny2():
+    """(transformer, autoencoder, text -> (txt, negative txt), HPS scorer): the FLUX.2 demo's random tiny models."""
+    model, ae, text = f2s.tiny_models()
+    return model, ae, f2s.embedder(text, cfg=True), HPSReward.tiny()
+
+
+def train_tiny2(tiny2, out, cfg, prepare=lambda model: None, prompts=("a red fox",)):
+    """srpo.train, one process, on a fresh copy of the tiny FLUX.2 transformer; prepare(model) first (hooks)."""
+    model, ae, text, reward = tiny2
+    ranks = runtime.Ranks(0, 1, CPU)
+    model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
+    prepare(model)
+    prompts = list(prompts)
+    embeddings = sampling.encode_prompts(text, prompts)
+    parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
+    srpo.train(parts, prompts, cfg, str(out), ranks)
+    return model
+
+
+def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
+    """One prompt's SRPO step on FLUX.2 [klein] base, written out from the definitions (not from srpo.py), float32:
+    eps drawn as (1, C, H/16, W/16) and flattened channels-last, rounded to bf16; the rollout at guidance 1, the
+    conditional pass alone; each branch's velocity v_neg + g (v_pos - v_neg), both passes with gradient; the
+    recovery, the decode (tokens to 2x2 patches written out), SRP's reward (reward.relative_reward, itself checked
+    against the official step in test_train) and the hinge. Backpropagated into `model`. -> loss."""
+    txt, negative = text([prompt])
+    h, w, channels = cfg.height // 16, cfg.width // 16, model.cfg.in_channels
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    zeros = torch.zeros(h, w)
+    img_ids = torch.stack([zeros, rows, cols, zeros], -1).reshape(h * w, 4)
+    tokens = txt.shape[1]
+    txt_ids = torch.stack([torch.zeros(tokens)] * 3 + [torch.arange(tokens, dtype=torch.float32)], -1)
+    g = torch.tensor([cfg.guidance])
+    call = lambda x, sigma, c: model(x, img_ids, c, txt_ids, torch.tensor([official_t(sigma)]), g)  # noqa: E731
+    generator = torch.Generator().manual_seed(util.derive_seed(cfg.seed, "noise", step))
+    eps = torch.randn((1, channels, h, w), generator=generator).reshape(1, channels, h * w).transpose(1, 2)
+    eps = eps.bfloat16().float()
+    schedule = shift3(torch.linspace(1, 0, cfg.rollout_steps + 1))
+    x0 = eps
+    with torch.no_grad():
+        for i in range(cfg.rollout_steps):
+            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], txt)
+    _, denoise, inversion, mid = official_branches(sel)
+    k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[mid].item()
+    P, N = POSITIVE[step % 4], NEGATIVE[step % 5]
+    loss = 0
+    for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
+        x = s_from * eps + (1 - s_from) * x0
+        v_neg = call(x, s_from, negative)
+        x = x + (s_to - s_from) * (v_neg + cfg.guidance * (call(x, s_from, txt) - v_neg))
+        x0_hat = (x - s_to * eps) / (1 - s_to)
+        z = x0_hat.reshape(1, h, w, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, channels // 4, 2 * h,
+                                                                                          2 * w)
+        image = (ae.decode(z) / 2 + 0.5).clamp(0, 1)
+        r = reward.relative_reward(image, f"{pos}. {prompt}", f"{neg}. {prompt}", k, preprocess_mode="crop")
+        loss = loss + torch.relu(0.7 - r).mean() / 2
+    loss.backward()
+    return loss.item()
+
+
+@pytest.mark.parametrize("sel", [50, 500])  # sel <= K: the inversion branch ends one point noisier; sel > K
+def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypatch, sel):
+    """`train`'s first update on the tiny klein-base-like FLUX.2 against `written_out_step`: the loss and every
+    parameter gradient (before clipping) to 1e-5 relative in float32."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0)
+    monkeypatch.setattr(srpo, "draw_timestep", lambda *args: sel)
+    grads = {}
+
+    def prepare(model):
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
+
+    model, ae, text, reward = tiny2
+    reference = copy.deepcopy(model)
+    train_tiny2(tiny2, tmp_path, cfg, prepare)
+    (line,) = log_lines(str(tmp_path))
+    loss = written_out_step(reference, ae, reward, text, "a red fox", sel, 1, cfg)
+    assert loss > 0 and line["loss"] == pytest.approx(loss, rel=1e-5)
+    for name, p in reference.named_parameters():
+        assert p.grad.abs().max() > 0 and rel_err(grads[name], p.grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("flags, with_grad, without_grad", [
+    ({}, 4, 4),  # two passes per branch with gradient; the rollout at guidance 1: one pass per Euler step
+    ({"no_branch_cfg": True}, 2, 4),  # the conditional pass alone: one call per branch
+    ({"rollout_guidance": 2.0}, 4, 8)])  # PickScore's recipe: the rollout with classifier-free guidance
+def test_model_calls_per_step_with_and_without_branch_cfg(tiny2, tmp_path, flags, with_grad, without_grad):
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
+    calls = []
+    hook = lambda module, args: calls.append(torch.is_grad_enabled())  # noqa: E731
+    train_tiny2(tiny2, tmp_path, cfg, lambda model: model.register_forward_pre_hook(hook))
+    assert (calls.count(True), calls.count(False)) == (with_grad, without_grad)
+
+
+def run_args(out, *flags):
+    return ["train", "--family", "flux2", "--out", str(out), "--steps", "2", "--save-every", "2", *SMALL, *flags]
+
+
+def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path):
+    """`train --family flux2`: two updates of the random tiny FLUX.2, the before/after grids and the held-out
+    evaluation sampled through FLUX.2's family: `sample --family flux2 --transformer CHECKPOINT --seed 0 --steps 28`
+    makes the evaluation's image of step 2, pixel for pixel (not step 0's); the checkpoint loads strictly into
+    Flux2Transformer2DModel."""
+    srpo.main(run_args(tmp_path))
+    (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
+    png = str(tmp_path / "sample.png")
+    srpo.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path, runtime.CHECKPOINT.format(2)),
+               "--prompt", prompt, "--seed", "0", "--steps", "28", "--height", "32", "--width", "32", "--out", png])
+    tile = [np.asarray(Image.open(tmp_path / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 2)]
+    assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
+    lines = log_lines(str(tmp_path))
+    assert [line["step"] for line in lines] == [1, 2] and all(np.isfinite(line["loss"]) for line in lines)
+    assert all(os.path.isfile(tmp_path / f"samples-{when}.png") for when in ("before", "after"))
+    assert [row["step"] for row in util.read_jsonl(tmp_path / "eval.jsonl")] == [0, 2]
+    folder = os.path.join(tmp_path, runtime.CHECKPOINT.format(2))
+    theirs = Flux2Transformer2DModel.from_pretrained(folder)
+    assert theirs.config.guidance_embeds is False
+    start, trained = f2s.tiny_models()[0].state_dict(), f2w.load_transformer(folder).state_dict()
+    assert max(rel_err(trained[k], v) for k, v in start.items()) > 1e-3  # it trained
+
+
+def test_flux2_demo_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+    """A checkpoint of step 1 resumed to step 2 == two steps straight (the FLUX.2 weights reloaded exactly)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    srpo.main(run_args(straight, "--samples", "0", "--save-every", "1", "--keep", "2"))
+    first = runtime.CHECKPOINT.format(1)
+    shutil.copytree(straight / first, resumed / first)
+    shutil.copy(straight / "log.jsonl", resumed)
+    srpo.main(run_args(resumed, "--samples", "0", "--save-every", "1", "--keep", "2", "--resume"))
+    a, b = weights(str(straight), 2), weights(str(resumed), 2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(str(resumed)) == log_lines(str(straight))
+
+
+def test_family_is_the_demo_s_and_refused_with_a_folder(flux2_folder, tmp_path, capsys):
+    code, err = run_cli(["train", "--flux", flux2_folder, "--family", "flux2", "--out", str(tmp_path)], capsys)
+    assert (code, err) == (2, ["error: --family is the tiny demo's: with --flux, the folder's model_index.json says "
+                               "the family"])
+
+
+def test_flux2_offload_in_one_process_matches_the_run_without_it(tmp_path):
+    """--offload (FSDP2 in a group of one, shards on the CPU) == no FSDP: 1e-5."""
+    srpo.main(run_args(tmp_path / "plain", "--samples", "0"))
+    srpo.main(run_args(tmp_path / "off", "--samples", "0", "--offload"))
+    a, b = weights(str(tmp_path / "plain"), 2), weights(str(tmp_path / "off"), 2)
+    assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-5
+
+
+def clip_vocabulary(folder):
+    """The tiny HPS scorer's byte-level CLIP vocabulary written into folder as vocab.json + merges.txt."""
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(HPSReward.tiny().tokenizer.bpe.get_vocab(), f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+
+
+@pytest.fixture(scope="module")
+def folder_args(flux2_folder, tmp_path_factory):
+    """`train` arguments for a run from the tiny FLUX.2 [klein] base folder: a tiny CLIP reward folder holding its
+    own CLIP vocabulary (the klein folder's tokenizer is Qwen's), a prompt file."""
+    root = tmp_path_factory.mktemp("f2run")
+    clip = tiny_clip_folder(root / "clip")
+    clip_vocabulary(clip)
+    (root / "prompts.txt").write_text("a cat on a mat\na dog in the fog\n")
+    return ["train", "--flux", flux2_folder, "--reward", "clip", "--clip", clip, "--prompts",
+            str(root / "prompts.txt"), "--batch", "1", "--steps", "1", *SMALL]
+
+
+def test_flux2_folder_run_samples_from_its_checkpoint(folder_args, flux2_folder, tmp_path):
+    """Full fine-tuning from a klein base folder; `sample --flux FOLDER --transformer CHECKPOINT` reads the result
+    and gives another image than the base."""
+    srpo.main([*folder_args, "--out", str(tmp_path / "run"), "--samples", "0"])
+    checkpoint = os.path.join(tmp_path, "run", runtime.CHECKPOINT.format(1))
+    images = {}
+    for name, extra in [("trained", ["--transformer", checkpoint]), ("base", [])]:
+        images[name] = str(tmp_path / f"{name}.png")
+        srpo.main(["sample", "--flux", flux2_folder, "--height", "32", "--width", "32", "--steps", "2", "--out",
+                   images[name], *extra])
+    trained, base = (np.asarray(Image.open(images[n]), dtype=np.float32) for n in ("trained", "base"))
+    assert trained.shape == (32, 32, 3) and np.abs(trained - base).mean() > 0
+
+
+def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_folder, tmp_path):
+    """A LoRA run from a klein base folder: its pytorch_lora_weights.safetensors, loaded by diffusers'
+    Flux2KleinPipeline.load_lora_weights, gives the transformer our merge gives (1e-5)."""
+    from test_flux import run_ours
+    from test_flux2 import pipeline_ids, transformer_inputs
+    from test_flux2 import run_diffusers as run_flux2_diffusers
+
+    out = tmp_path / "lora"
+    srpo.main([*folder_args, "--out", str(out), "--samples", "0", "--lora-rank", "4", "--lora-alpha", "8",
+               "--lr", "1e-2"])
+    lora_dir = os.path.join(out, runtime.CHECKPOINT.format(1))
+    pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
+    cfg = f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg
+    x, ids = transformer_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)
+    base = run_flux2_diffusers(pipe.transformer, x, ids)
+    pipe.load_lora_weights(lora_dir)
+    theirs = run_flux2_diffusers(pipe.transformer, x, ids)
+    merged = lora.merge_lora(f2w.load_transformer(os.path.join(flux2_folder, "transformer")),
+                             os.path.join(lora_dir, lora.LORA_FILE))
+    assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
+
+
+def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_args, tmp_path, capsys):
+    """The klein folder's tokenizer/ is Qwen's: --hps FILE takes CLIP's vocab.json + merges.txt from FILE's folder,
+    and without them the run is refused in one line before any model loads."""
+    hps = str(tmp_path / "hps.safetensors")
+    save_file(HPSReward.tiny(seed=1).clip.state_dict(), hps)
+    i = folder_args.index("--reward")
+    args = [*folder_args[:i], "--hps", hps, *folder_args[i + 4:], "--out", str(tmp_path / "run"), "--samples", "0"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "on a FLUX.2 folder (whose tokenizer/ is Qwen's)" in err[0], err
+    clip_vocabulary(tmp_path)
+    srpo.main(args)
+    assert [line["step"] for line in log_lines(str(tmp_path / "run"))] == [1]
