@@ -45,13 +45,14 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 @dataclass(frozen=True)
 class Family:
     """What an export needs of a model family: its transformer and config classes, its weights module's functions
-    (transformer_sources, load_transformer, the key links to diffusers' names, the diffusers config) and what its
-    BFL files are."""
+    (transformer_sources, load_transformer, save_transformer, the key links to diffusers' names, the diffusers
+    config) and what its BFL files are."""
     name: str
     model: type
     config: type
     sources: Callable
     load: Callable
+    save: Callable
     links: Callable
     to_diffusers: Callable
     bfl: str
@@ -59,10 +60,10 @@ class Family:
 
 FAMILIES = {
     "FluxTransformer2DModel": Family("FLUX.1", Flux, FluxConfig, fw.transformer_sources, fw.load_transformer,
-                                     fw.transformer_links, fw.flux_config_to_diffusers,
+                                     fw.save_transformer, fw.transformer_links, fw.flux_config_to_diffusers,
                                      "black-forest-labs/flux parameter names, as flux1-dev.safetensors"),
     "Flux2Transformer2DModel": Family("FLUX.2", Flux2, Flux2Config, f2w.transformer_sources, f2w.load_transformer,
-                                      f2w.transformer_links, f2w.config_to_diffusers,
+                                      f2w.save_transformer, f2w.transformer_links, f2w.config_to_diffusers,
                                       "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors")}
 FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
 

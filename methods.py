@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import srpo
-from sampling import autocast, initial_noise
+from sampling import autocast, family
 from util import derive_seed, to_device
 
 REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
@@ -80,11 +80,11 @@ def refl_losses(model, ae, reward, x0, eps, item, step, cfg):
 refl_losses.own_rollout = True  # srpo.train_step makes no rollout for it
 
 
-def renoise(cfg, step, j, device):
+def renoise(cfg, step, j, device, noise):
     """eps_j ~ N(0, I), DRaFT-LV's j-th fresh noise of update `step`: like SRPO's eps (srpo.shared_noise), one draw
-    per step shared by its prompts and ranks, made again after a resume."""
+    per step shared by its prompts and ranks, made again after a resume, in the model family's packing (noise)."""
     seed = derive_seed(cfg.seed, "renoise", step, j)
-    return to_device(initial_noise(1, cfg.height, cfg.width, seed, torch.float32), device)
+    return to_device(noise(1, cfg.height, cfg.width, seed, torch.float32), device)
 
 
 def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
@@ -99,9 +99,10 @@ def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
     Each re-noising is a branch ("renoise1", ...), backpropagated in turn. Cost: T + n model calls, n with
     gradient."""
     sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
+    noise = family(model).initial_noise
     for j in range(DRAFT_LV_NOISES):
-        x0_hat = srpo.direct_align(model, x0, renoise(cfg, step, j, eps.device), sigma, torch.zeros(()), item.cond,
-                                   cfg.guidance)
+        x0_hat = srpo.direct_align(model, x0, renoise(cfg, step, j, eps.device, noise), sigma, torch.zeros(()),
+                                   item.cond, cfg.guidance)
         r = srpo.image_reward(ae, reward, x0_hat, item.text, cfg)
         yield f"renoise{j + 1}", -r.mean() / DRAFT_LV_NOISES, r
 

@@ -5,6 +5,7 @@ calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a F
 
 import copy
 import json
+import math
 import os
 import shutil
 
@@ -249,3 +250,13 @@ def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_
     clip_vocabulary(tmp_path)
     srpo.main(args)
     assert [line["step"] for line in log_lines(str(tmp_path / "run"))] == [1]
+
+
+@pytest.mark.parametrize("method", ["direct-align", "refl", "draft-lv"])
+def test_every_method_trains_the_tiny_flux2(method, tmp_path):
+    """The baselines of methods.py take the model family from the seam too (DRaFT-LV's fresh noise in FLUX.2's
+    packing): one update each on the tiny FLUX.2, its loss and gradient norm finite, the weights moved."""
+    srpo.main([*run_args(tmp_path, "--method", method), "--steps", "1", "--save-every", "1"])
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        (line,) = [json.loads(text) for text in f]
+    assert all(math.isfinite(line[key]) and line[key] != 0 for key in ("loss", "grad_norm")), line
