@@ -238,7 +238,7 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
 
 STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
 TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
-    "weights": (fw, "save_transformer", 1 << 20, None, "the checkpoint"),
+    "weights": (fw, "save_diffusers", 1 << 20, None, "the checkpoint"),  # under save_transformer, by the family
     "training.pt": (runtime, "save_pt", 1 << 20, runtime.CHECKPOINT.format(4), "the checkpoint"),
     "state.json": (runtime, "write_json", 0, None, "the checkpoint"),
     "log": (runtime, "append_log", 0, "log.jsonl", "the log"),
