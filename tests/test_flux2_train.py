@@ -16,7 +16,18 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 from references import rel_err
 from safetensors.torch import save_file
-from test_train import SMALL, log_lines, official_branches, official_t, run_cli, shift3, tiny_clip_folder, weights
+from test_train import (
+    SMALL,
+    TORCHRUN,
+    cli,
+    log_lines,
+    official_branches,
+    official_t,
+    run_cli,
+    shift3,
+    tiny_clip_folder,
+    weights,
+)
 
 import flux2_sampling as f2s
 import flux2_weights as f2w
@@ -260,3 +271,17 @@ def test_every_method_trains_the_tiny_flux2(method, tmp_path):
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
         (line,) = [json.loads(text) for text in f]
     assert all(math.isfinite(line[key]) and line[key] != 0 for key in ("loss", "grad_norm")), line
+
+
+def test_fsdp_two_processes_match_one_process_on_the_tiny_flux2(tmp_path):
+    """torchrun, 2 gloo processes with one prompt each == 1 process with both prompts (--batch 2 either way) on the
+    tiny FLUX.2: FSDP2's meta build, sharding, gathering and saving follow the family."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    flags = ["--device", "cpu", "--batch", "2", "--save-every", "1", "--keep", "2"]
+    cli(*TORCHRUN, *run_args(two, *flags))
+    srpo.main(run_args(one, *flags))
+    a, b = weights(one, 2), weights(two, 2)
+    assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-5
+    assert max(rel_err(a[k], weights(one, 1)[k]) for k in a) > 1e-3  # the weights did move
+    for x, y in zip(log_lines(one), log_lines(two), strict=True):
+        assert x.pop("words") == y.pop("words") and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
