@@ -29,7 +29,7 @@ from util import InputError
 
 
 @dataclass
-class Flux2Config:
+class Flux2Config(fm.BlockWidths):
     in_channels: int = 128  # 32 latent channels patchified 2x2
     context_in_dim: int = 15360  # three hidden states of the text encoder, stacked (Mistral-3 Small: 3 x 5120)
     hidden_size: int = 6144
@@ -40,14 +40,6 @@ class Flux2Config:
     axes_dim: tuple = (32, 32, 32, 32)
     theta: int = 2000
     guidance_embed: bool = True
-
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self):
-        return int(self.hidden_size * self.mlp_ratio)
 
     @classmethod
     def preset(cls, name):

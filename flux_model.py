@@ -26,8 +26,20 @@ from util import InputError, check_folder, first_line
 # Configs
 
 
+class BlockWidths:
+    """What a config's width, head count and MLP ratio give the blocks (FLUX.1's and FLUX.2's alike)."""
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return int(self.hidden_size * self.mlp_ratio)
+
+
 @dataclass
-class FluxConfig:
+class FluxConfig(BlockWidths):
     in_channels: int = 64  # 16 latent channels packed 2x2
     vec_in_dim: int = 768  # CLIP-L pooled
     context_in_dim: int = 4096  # T5-XXL
@@ -39,14 +51,6 @@ class FluxConfig:
     axes_dim: tuple = (16, 56, 56)
     theta: int = 10000
     guidance_embed: bool = True
-
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self):
-        return int(self.hidden_size * self.mlp_ratio)
 
     @classmethod
     def preset(cls, name):

@@ -26,6 +26,7 @@ from test_train import (
     run_cli,
     shift3,
     tiny_clip_folder,
+    train_tiny,
     weights,
 )
 
@@ -33,7 +34,6 @@ import flux2_sampling as f2s
 import flux2_weights as f2w
 import lora
 import runtime
-import sampling
 import srpo
 import util
 from reward import HPSReward
@@ -49,19 +49,6 @@ def tiny2():
     """(transformer, autoencoder, text -> (txt, negative txt), HPS scorer): the FLUX.2 demo's random tiny models."""
     model, ae, text = f2s.tiny_models()
     return model, ae, f2s.embedder(text, cfg=True), HPSReward.tiny()
-
-
-def train_tiny2(tiny2, out, cfg, prepare=lambda model: None, prompts=("a red fox",)):
-    """srpo.train, one process, on a fresh copy of the tiny FLUX.2 transformer; prepare(model) first (hooks)."""
-    model, ae, text, reward = tiny2
-    ranks = runtime.Ranks(0, 1, CPU)
-    model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
-    prepare(model)
-    prompts = list(prompts)
-    embeddings = sampling.encode_prompts(text, prompts)
-    parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
-    srpo.train(parts, prompts, cfg, str(out), ranks)
-    return model
 
 
 def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
@@ -120,7 +107,7 @@ def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypat
 
     model, ae, text, reward = tiny2
     reference = copy.deepcopy(model)
-    train_tiny2(tiny2, tmp_path, cfg, prepare)
+    train_tiny(tiny2, tmp_path, cfg, prepare=prepare)
     (line,) = log_lines(str(tmp_path))
     loss = written_out_step(reference, ae, reward, text, "a red fox", sel, 1, cfg)
     assert loss > 0 and line["loss"] == pytest.approx(loss, rel=1e-5)
@@ -136,7 +123,7 @@ def test_model_calls_per_step_with_and_without_branch_cfg(tiny2, tmp_path, flags
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
     calls = []
     hook = lambda module, args: calls.append(torch.is_grad_enabled())  # noqa: E731
-    train_tiny2(tiny2, tmp_path, cfg, lambda model: model.register_forward_pre_hook(hook))
+    train_tiny(tiny2, tmp_path, cfg, prepare=lambda model: model.register_forward_pre_hook(hook))
     assert (calls.count(True), calls.count(False)) == (with_grad, without_grad)
 
 
