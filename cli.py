@@ -12,7 +12,7 @@ import torch
 import clip_weights as cw
 import evaluation
 import export
-import flux2_sampling as f2s
+import families
 import image_data
 import methods
 import reward
@@ -362,10 +362,10 @@ def config_from_flags(args, world):
     the pipeline's guidance 4), or, in the tiny demo, the demo's (its --batch: one prompt per process of the
     `world`; with --lora-rank on FLUX.1, LoRA's --lr). The config checks itself."""
     config = srpo.TrainConfig
-    flux2 = family(args) == "flux2"
+    flux2 = sampling.model_family(args) is families.FLUX2
     demo = FLUX2_DEMO_DEFAULTS if flux2 else DEMO_DEFAULTS
     defaults = {**srpo.REWARD_RECIPES.get(args.reward or config.reward, {}),
-                **({"guidance": f2s.GUIDANCE} if flux2 else {}),
+                **({"guidance": families.FLUX2.guidance} if flux2 else {}),
                 **({**demo, "batch": world} if args.flux is None else {}),
                 **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
     values = {}
@@ -380,7 +380,7 @@ def run_config(args):
     """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, family=family(args), reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=sampling.model_family(args).name, reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
@@ -388,15 +388,6 @@ def run_config(args):
 
 
 CLIP_VOCABULARY = ("vocab.json", "merges.txt")
-
-
-def family(args):
-    """`train`'s model family: --flux's (its model_index.json; a folder without one is FLUX.1's), else --family's."""
-    if args.flux and args.family:
-        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
-    if args.flux:
-        return "flux2" if sampling.is_flux2(args) else "flux1"
-    return args.family or "flux1"
 
 
 def check_reward_flags(args, name):
@@ -420,8 +411,9 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
-    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family(args), reward_model=path))
-    if family(args) == "flux2" and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
+    family = sampling.model_family(args)
+    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family.name, reward_model=path))
+    if family is families.FLUX2 and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
         raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
                          f"tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there (CLIP's, e.g. "
                          f"a FLUX.1 folder's tokenizer/ files)")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import families
 import hacking
 import runtime
 import sampling
@@ -73,7 +74,7 @@ def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
     """This rank's share of the eval prompts sampled, then scored one image at a time (as `score` does), fp32.
     -> [(index, image (3, H, W), {name: score})] of its own prompts."""
     indices, own = my_share(len(prompts), ranks)
-    make = sampling.family(parts.model).conditioning
+    make = families.of_model(parts.model).conditioning
     conds = [make(parts.embeddings[prompts[i]], cfg.height, cfg.width, ranks.device) for i in indices]
     row = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device,
                                seeds=indices, schedule=schedule)
@@ -125,7 +126,7 @@ def captioned_grid(images, captions):
 def grid_images(parts, prompts, cfg, path, ranks, wanted):
     """The before/after view: the first --samples prompts at FLUX.1-dev's inference settings (the model family's
     noise, mu and conditioning), written by rank 0."""
-    make = sampling.family(parts.model).conditioning
+    make = families.of_model(parts.model).conditioning
     conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for p in prompts[: cfg.samples]]
     if wanted and conds:
         images = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)

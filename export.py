@@ -25,70 +25,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import flux2_weights as f2w
+import families
 import flux_weights as fw
 import lora
-from flux2_model import Flux2, Flux2Config
-from flux_model import Flux, FluxConfig
-from util import InputError, atomic_write, check_folder, read_json, write_json, written
+from flux2_model import Flux2Config
+from flux_model import FluxConfig
+from util import InputError, atomic_write, check_folder, write_json, written
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                       torch.float8_e4m3fn: "F8_E4M3"}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-
-# ----------------------------------------------------------------------------------------------------------------
-# The two families
-
-
-@dataclass(frozen=True)
-class Family:
-    """What an export needs of a model family: its transformer and config classes, its weights module's functions
-    (transformer_sources, load_transformer, save_transformer, the key links to diffusers' names, the diffusers
-    config) and what its BFL files are."""
-    name: str
-    model: type
-    config: type
-    sources: Callable
-    load: Callable
-    save: Callable
-    links: Callable
-    to_diffusers: Callable
-    bfl: str
-
-
-FAMILIES = {
-    "FluxTransformer2DModel": Family("FLUX.1", Flux, FluxConfig, fw.transformer_sources, fw.load_transformer,
-                                     fw.save_transformer, fw.transformer_links, fw.flux_config_to_diffusers,
-                                     "black-forest-labs/flux parameter names, as flux1-dev.safetensors"),
-    "Flux2Transformer2DModel": Family("FLUX.2", Flux2, Flux2Config, f2w.transformer_sources, f2w.load_transformer,
-                                      f2w.save_transformer, f2w.transformer_links, f2w.config_to_diffusers,
-                                      "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors")}
-FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
-
-
-def family_of(path):
-    """The Family of a transformer: a folder's config.json `_class_name` (as diffusers writes it), a single file's
-    keys (FLUX.2's shared single_stream_modulation, BFL names, maybe prefixed as in an all-in-one file)."""
-    if os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        name = read_json(config).get("_class_name") if os.path.isfile(config) else None
-        if name not in FAMILIES:
-            raise InputError(f"{config}: _class_name {name!r} is not a FLUX transformer's (expected "
-                             f"{' or '.join(FAMILIES)})")
-        return FAMILIES[name]
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or folder")
-    keys = fw.read_sources([path])
-    flux2 = FLUX2_KEY in keys or fw.BFL_PREFIX + FLUX2_KEY in keys
-    return FAMILIES["Flux2Transformer2DModel" if flux2 else "FluxTransformer2DModel"]
-
-
-def family_of_config(cfg):
-    """The Family of a model's config: FLUX.2's for a Flux2Config, else FLUX.1's (a FluxConfig)."""
-    return FAMILIES["Flux2Transformer2DModel" if isinstance(cfg, Flux2Config) else "FluxTransformer2DModel"]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: a checkpoint or a base, one tensor at a time by our (BFL) name
@@ -104,13 +52,13 @@ class Weights:
 
     @property
     def family(self):
-        return family_of_config(self.cfg)
+        return families.of_config(self.cfg)
 
 
 def open_weights(path, cfg=None, family=None):
     """The Weights of a diffusers `transformer/` folder or a single file (diffusers or BFL keys, any float dtype),
     memory-mapped: keys and shapes checked now, each tensor read (and upcast) when asked for."""
-    family = family or family_of(path)
+    family = family or families.of_transformer(path)
     cfg, links, sources = family.sources(path, cfg)
     meta = fw.load_into(lambda: family.model(cfg), links, sources, path, torch.float32, "meta")  # keys, shapes
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -156,10 +104,10 @@ def open_base(base, like, what):
     """The base's Weights, checked against the checkpoint's (`like`) key by key: a base of another model (other
     widths, depths, no guidance embedding) is one line naming the first tensor that differs."""
     path = base_transformer(base, what)
-    family = family_of(path)
-    if family != like.family:
-        raise InputError(f"{path}: a {family.name} transformer, but the checkpoint {like.where} is "
-                         f"{like.family.name}: not the checkpoint's base model")
+    family = families.of_transformer(path)
+    if family is not like.family:
+        raise InputError(f"{path}: a {family.title} transformer, but the checkpoint {like.where} is "
+                         f"{like.family.title}: not the checkpoint's base model")
     weights = open_weights(path, None if os.path.isdir(path) else like.cfg, family)
     for key in [*like.shapes, *(k for k in weights.shapes if k not in like.shapes)]:  # in the model's order
         theirs, ours = weights.shapes.get(key), like.shapes.get(key)
@@ -172,7 +120,8 @@ def open_base(base, like, what):
 def merged_model(checkpoint, base, dtype):
     """A LoRA checkpoint merged into its base as `sample --lora` does (lora.merge_lora, in dtype): the model."""
     path = base_transformer(base, f"{checkpoint}: a LoRA checkpoint")
-    model = family_of(path).load(path, None, dtype)  # a single file's config: FLUX.1-dev's, FLUX.2's read off it
+    # a single file's config: FLUX.1-dev's, FLUX.2's read off it
+    model = families.of_transformer(path).load(path, None, dtype)
     return lora.merge_lora(model, os.path.join(checkpoint, lora.LORA_FILE))
 
 
@@ -241,14 +190,14 @@ def fp8_keys(cfg):
     RMSNorm scales of q and k, which multiply the attention logits. e4m3fn keeps 3 mantissa bits (a relative
     rounding error of up to 1/16), too coarse there."""
     with torch.device("meta"):
-        model = family_of_config(cfg).model(cfg)
+        model = families.of_config(cfg).model(cfg)
     return {f"{name}.weight" for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
 
 
 def export_metadata(weights, checkpoint, layout, dtype):
     """The header of an export: what it is, whence, and the diffusers config that rebuilds its shapes."""
-    return {"format": "pt", "model": f"{weights.family.name} transformer", "layout": layout, "dtype": dtype,
+    return {"format": "pt", "model": f"{weights.family.title} transformer", "layout": layout, "dtype": dtype,
             "source": os.path.normpath(checkpoint), "exported_by": "srpo.py export",
             "config": json.dumps(weights.family.to_diffusers(weights.cfg))}
 
@@ -372,7 +321,7 @@ def merge(checkpoint, base, out, dtype=torch.bfloat16):
     if checkpoint_kind(checkpoint) != "lora":
         raise InputError(f"{checkpoint}: a full checkpoint: its {FULL_FILE} is already the merged model")
     model = merged_model(checkpoint, base, dtype)
-    family = family_of_config(model.cfg)
+    family = families.of_config(model.cfg)
     theirs = fw.to_theirs(model.state_dict(), family.links(model.cfg))
     os.makedirs(out, exist_ok=True)
     path = write_safetensors(os.path.join(out, FULL_FILE), [(k, t.shape, t.dtype) for k, t in theirs.items()],

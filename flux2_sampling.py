@@ -1,5 +1,6 @@
-"""Sampling FLUX.2 as diffusers' Flux2KleinPipeline (klein) and Flux2Pipeline (dev) do: what differs from FLUX.1's
-sampling (sampling.py, which runs the Euler sampler, the files and the `sample` command for both families).
+"""Sampling FLUX.2 as diffusers' Flux2KleinPipeline (klein) and Flux2Pipeline (dev) do: what is FLUX.2's own against
+FLUX.1's (flux_sampling.py; families.py holds both in one table; sampling.py runs the Euler sampler, the files and the
+`sample` command for both).
 
 - The schedule: sampling.flux_schedule's time shift with FLUX.2's empirical mu, fitted on the image length and the
   number of steps (empirical_mu), instead of FLUX.1's mu linear in the image length.
@@ -11,7 +12,7 @@ sampling (sampling.py, which runs the Euler sampler, the files and the `sample` 
 - The text: Qwen3's hidden states for klein (flux2_model.Qwen3Conditioner), Mistral-3's for dev
   (flux2_model.Mistral3Conditioner; Flux2Pipeline's optional caption upsampling is not done).
 - The decode: Flux2AutoEncoder.decode undoes the latent batch-norm normalisation before the VAE's decoder.
-For `train` (sampling.Family is the seam the step uses): a folder's frozen parts with the negative prompt's
+For `train` (families.Family is the seam the step uses): a folder's frozen parts with the negative prompt's
 embedding for klein base, and the tiny FLUX.2 demo's random models (`train --family flux2`).
 """
 
@@ -24,6 +25,7 @@ import torch
 
 import flux2_model as f2
 import flux2_weights as f2w
+import flux_sampling as fs
 from util import check_folder, read_json, to_device
 
 GUIDANCE = 4.0  # Flux2KleinPipeline's (and Flux2Pipeline's) default guidance_scale
@@ -117,7 +119,7 @@ TEXT_ENCODERS = {"Flux2KleinPipeline": f2.Qwen3Conditioner, "Flux2Pipeline": f2.
 
 
 def pipeline_config(flux_dir):
-    """The folder's model_index.json (its _class_name one of TEXT_ENCODERS', as flux_weights.family_of checks)."""
+    """The folder's model_index.json (its _class_name one of TEXT_ENCODERS', as families.of_folder checks)."""
     return read_json(os.path.join(flux_dir, "model_index.json"))
 
 
@@ -155,7 +157,7 @@ def frozen_parts(flux_dir, dtype, device, weights):
     return ae, text, flux_cfg, functools.partial(f2w.load_transformer, sub, flux_cfg, weights)
 
 
-def sample_guidance(s, rank):
+def sample_guidance(s, cfg, rank):
     """--guidance, GUIDANCE unless given; said once if given to a distilled model, which ignores it (as the pipeline
     warns)."""
     if s.guidance is not None and s.flux and is_distilled(s.flux) and rank == 0:
@@ -176,9 +178,10 @@ def sample_models(s, prompts, dtype, device):
         model, ae, text = tiny_models()
         text.max_length = s.max_sequence_length
     text = embedder(text, uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance))
-    embeddings = {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
+    embeddings = fs.encode_prompts(text, prompts)
     del text
     if s.flux:
         return *load_folder(s.flux, s.transformer, dtype, device), embeddings
-    model = f2w.load_transformer(s.transformer, model.cfg, dtype, device) if s.transformer else model
+    if s.transformer:
+        model = fs.tiny_transformer(f2w.load_transformer, s.transformer, model.cfg, dtype, device)
     return model.to(device, dtype), ae.to(device, dtype), embeddings

@@ -1,5 +1,5 @@
 """FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`; the
-machinery flux2_weights.py reuses for FLUX.2, and `family_of`, which tells the two generations' folders apart.
+machinery flux2_weights.py reuses for FLUX.2.
 
 One table of links per model (`transformer_links`, `autoencoder_links`) maps our module names, which follow
 black-forest-labs/flux, to diffusers' keys; loading and saving both read it, so the two directions share a single
@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flux_model import AutoEncoder, AutoEncoderConfig, Flux, FluxConfig
-from util import InputError, atomic_write, check_folder, read_json, write_json
+from util import InputError, atomic_write, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weights: one table of links per model maps our (BFL) names to diffusers names; loading reads the links one way,
@@ -329,19 +329,3 @@ def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
         with torch.device("meta"):
             links = identity_links(AutoEncoder(cfg))
     return load_into(lambda: AutoEncoder(cfg), links, sources, path, dtype, device)
-
-
-FAMILIES = {"FluxPipeline": "flux1", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2"}
-
-
-def family_of(folder):
-    """'flux1' or 'flux2': the model family of a diffusers pipeline folder, as its model_index.json's _class_name
-    says (FluxPipeline; Flux2KleinPipeline for klein, Flux2Pipeline for dev)."""
-    check_folder(folder, "a diffusers FLUX pipeline folder")
-    path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{folder}: no model_index.json (expected a diffusers pipeline folder)")
-    name = read_json(path).get("_class_name")
-    if name not in FAMILIES:
-        raise InputError(f"{path}: _class_name {name!r} is not a FLUX pipeline (expected {', '.join(FAMILIES)})")
-    return FAMILIES[name]

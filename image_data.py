@@ -186,7 +186,7 @@ def preprocess(image, height, width):
 @torch.no_grad()
 def encode(ae, pixels):
     """x0 = pack(scale * (mean - shift)): the VAE posterior's mean, normalised as FLUX's latents are, in the packed
-    (1, (H/16)(W/16), 64) layout of the rollout's latents (sampling.initial_noise), float32 on the CPU.
+    (1, (H/16)(W/16), 64) layout of the rollout's latents (flux_sampling.initial_noise), float32 on the CPU.
     The mean, not a sample: x0 is cached once per image, and one cached draw would fix the same perturbation for
     the whole run (noise without a sample's point). The official script's commented-out path draws
     latent_dist.sample() instead (and resizes to 1024x1024 without keeping the aspect). The encoder runs in its

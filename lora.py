@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-import flux2_weights as f2w
+import families
 import flux_weights as fw
-from flux2_model import Flux2Config
 from util import InputError, atomic_write, derive_seed
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
@@ -67,15 +66,10 @@ def add_adapters(model, rank, alpha, seed):
     return model
 
 
-def transformer_links(flux_cfg):
-    """The family's table of links (our names <-> diffusers'): FLUX.2's for a Flux2Config, FLUX.1's otherwise."""
-    return f2w.transformer_links(flux_cfg) if isinstance(flux_cfg, Flux2Config) else fw.transformer_links(flux_cfg)
-
-
 def weight_links(flux_cfg, key):
     """{name: [links]} of the transformer's weights, by our name (key="ours") or diffusers' (key="theirs")."""
     links = {}
-    for link in transformer_links(flux_cfg):
+    for link in families.of_config(flux_cfg).links(flux_cfg):
         if link.ours.endswith(".weight"):
             links.setdefault(getattr(link, key), []).append(link)
     return links
@@ -135,7 +129,7 @@ def merge_lora(model, path, strength=1.0):
     so that sampling costs nothing per step. Keys and shapes are checked first; on the meta device only that."""
     links, layers = weight_links(model.cfg, "theirs"), read_lora(path)
     params = dict(model.named_parameters())
-    shapes = {k: v.shape for k, v in fw.to_theirs(params, transformer_links(model.cfg)).items()}
+    shapes = {k: v.shape for k, v in fw.to_theirs(params, families.of_config(model.cfg).links(model.cfg)).items()}
     for layer, parts in layers.items():
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         out_in = shapes.get(f"{layer}.weight")

@@ -24,8 +24,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+import families
 import srpo
-from sampling import autocast, family
+from sampling import autocast
 from util import derive_seed, to_device
 
 REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
@@ -99,7 +100,7 @@ def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
     Each re-noising is a branch ("renoise1", ...), backpropagated in turn. Cost: T + n model calls, n with
     gradient."""
     sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
-    noise = family(model).initial_noise
+    noise = families.of_model(model).initial_noise
     for j in range(DRAFT_LV_NOISES):
         x0_hat = srpo.direct_align(model, x0, renoise(cfg, step, j, eps.device, noise), sigma, torch.zeros(()),
                                    item.cond, cfg.guidance)

@@ -27,15 +27,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import flux2_sampling as f2s
-import flux_model as fm
+import families
 import flux_weights as fw
 import image_data
 import lora
-from export import family_of_config
+from flux_sampling import encode_prompts
 from kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
-from sampling import encode_prompts, tiny_models
 from util import (
     Diverged,
     Fault,
@@ -256,7 +254,7 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dt
         model = adapt(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = adapt(family_of_config(flux_cfg).model(flux_cfg).to(dtype))
+            model = adapt(families.of_config(flux_cfg).model(flux_cfg).to(dtype))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
@@ -334,7 +332,7 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
         torch.cuda.empty_cache()
     x0_of = offline_x0(images, ae, run.out, cfg, ranks) if images else online
     if folder and not cfg.lora_rank:  # resume its weights
-        load = functools.partial(family_of_config(flux_cfg).load, folder, flux_cfg, torch.float32)
+        load = functools.partial(families.of_config(flux_cfg).load, folder, flux_cfg, torch.float32)
     model = build_transformer(load, flux_cfg, ranks, attention_backend(run.attn, ranks.device), adapters(cfg, folder),
                               base)
     reward = load_reward(run, cfg.reward, ranks.device)
@@ -380,21 +378,11 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x
 
 def frozen_parts(run, dtype, device, weights=torch.float32):
     """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
-    freezes it): the --flux folder's (a FLUX.2 one's: flux2_sampling.frozen_parts), or without one the tiny demo's
-    random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
-    flux = run.flux
-    if flux is None and run.family == "flux2":
-        return f2s.tiny_frozen_parts(device, weights)
-    if flux is None:
-        tiny, ae, text = tiny_models()
-        return ae, text.to(device), tiny.cfg, functools.partial(tiny.to, dtype=weights)
-    if fw.family_of(flux) == "flux2":
-        return f2s.frozen_parts(flux, dtype, device, weights)
-    sub = os.path.join(flux, "transformer")
-    flux_cfg = fw.read_flux_config(sub)
-    ae = fw.load_autoencoder(os.path.join(flux, "vae"), None, dtype, device)
-    text = fm.TextConditioner.from_folder(flux, dtype, device)
-    return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, weights)
+    freezes it): the --flux folder's, as its family loads it (families.Family.frozen_parts), or without one the tiny
+    demo's random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
+    if run.flux is None:
+        return families.by_name(run.family).tiny_frozen_parts(device, weights)
+    return families.of_folder(run.flux).frozen_parts(run.flux, dtype, device, weights)
 
 
 def adapters(cfg, folder):
@@ -442,7 +430,7 @@ def reward_tokenizer(run):
 def check_guidance_embedding(flux, cfg):
     """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a FLUX.1 transformer without the embedding cannot take
     it (FLUX.2 [klein] base takes the scale as classifier-free guidance instead: flux2_sampling.Flux2Conditioning)."""
-    if fw.family_of(flux) == "flux2":
+    if families.of_folder(flux) is families.FLUX2:
         return
     if not fw.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
         raise InputError(f"{flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
@@ -548,7 +536,7 @@ def save_weights(weights, flux_cfg, cfg, folder):
     if cfg.lora_rank:
         lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)
         return {"adapters": weights}
-    family = family_of_config(flux_cfg)
+    family = families.of_config(flux_cfg)
     with torch.device("meta"):
         full = family.model(flux_cfg)
     full.load_state_dict(weights, assign=True)

@@ -1,6 +1,6 @@
-"""Sampling FLUX.1 as diffusers' FluxPipeline does: the schedule a folder's scheduler config asks for, the noise of a
-seed, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models loaded once),
-for FLUX.2 folders too (what differs there is flux2_sampling.py's).
+"""Sampling FLUX as diffusers' FluxPipeline (Flux2KleinPipeline, Flux2Pipeline) does: the schedule a folder's scheduler
+config asks for, the Euler sampler, decoding; and the `sample` command (one prompt, or a prompt file with models
+loaded once). What a model family changes (its noise, conditioning, mu, models) is its Family's (families.py).
 
 Flow matching: x_sigma = sigma * eps + (1 - sigma) * x0; the model predicts v ~ eps - x0."""
 
@@ -9,22 +9,17 @@ import functools
 import json
 import math
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-import flux2_model as f2
-import flux2_sampling as f2s
+import families
 import flux_model as fm
-import flux_weights as fw
+import flux_sampling as fs
 import lora
-from export import family_of_config
 from util import (
     MANIFEST,
     Fault,
@@ -34,14 +29,12 @@ from util import (
     StopSignals,
     atomic_write,
     attention_backend,
-    check_folder,
     check_writable,
     manifest_rows,
     parse_dtype,
     read_json,
     read_prompts,
     this_process,
-    to_device,
     write_manifest,
     written,
 )
@@ -51,7 +44,6 @@ from util import (
 
 
 DEFAULT_PROMPT = "a photo of a red fox in the snow"
-GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
 
 def time_shift(mu, sigmas):
@@ -167,12 +159,6 @@ def euler_sample(model, x, sigmas, cond, guidance, timesteps=None, progress=Fals
     return x
 
 
-def initial_noise(batch, height, width, seed, dtype):
-    """Packed N(0, I) latents drawn on the CPU exactly as diffusers' FluxPipeline draws them for this seed."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    return fm.pack(torch.randn((batch, 16, 2 * (height // 16), 2 * (width // 16)), generator=g, dtype=dtype))
-
-
 def decode_images(ae, x, height, width):
     """Packed latents -> images in [0, 1], (B, 3, H, W)."""
     return (ae.decode(fm.unpack(x, height, width)) / 2 + 0.5).clamp(0, 1)
@@ -191,7 +177,7 @@ def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, s
     """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
     `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's;
     the noise and mu the model family's): a training run's before/after view and its held-out evaluations."""
-    images, fam = [], family(model)
+    images, fam = [], families.of_model(model)
     for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
         x = fam.initial_noise(1, height, width, seed, torch.float32).to(device)
         mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
@@ -204,35 +190,6 @@ def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, s
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and prompts
-
-
-def tiny_models(seed=0):
-    """The built-in tiny FLUX, autoencoder and text encoders, random with a fixed seed: no files, no downloads."""
-    torch.manual_seed(seed)
-    model = fm.Flux(fm.FluxConfig.preset("tiny")).eval()
-    ae = fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).eval()
-    text = fm.TextConditioner.tiny(model.cfg.context_in_dim, model.cfg.vec_in_dim, seed=seed)
-    return model, ae, text
-
-
-def load_flux_folder(flux_dir, transformer_file, dtype, device):
-    """A diffusers FLUX.1 folder, optionally with replacement transformer weights (e.g. SRPO's file)."""
-    check_folder(flux_dir, "a diffusers FLUX.1 folder")
-    sub = os.path.join(flux_dir, "transformer")
-    cfg = fw.read_flux_config(sub)
-    model = fw.load_transformer(transformer_file or sub, cfg, dtype, device)
-    ae = fw.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
-    return model, ae
-
-
-def tiny_transformer(path, cfg, dtype, device):
-    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint; cfg a FluxConfig, or
-    with --family flux2 a Flux2Config), sampled with the demo's tiny VAE and text encoders."""
-    try:
-        return family_of_config(cfg).load(path, cfg, dtype, device)
-    except InputError as e:
-        raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
-                         f"diffusion_pytorch_model.safetensors: give --flux for a FLUX.1 one)") from None
 
 
 def check_size(height, width):
@@ -251,62 +208,6 @@ def check_training_size(height, width):
         raise InputError(f"--height/--width {height}x{width}: training takes at most {MAX_TRAINING_SIDE} px a side "
                          f"(the official decode for the reward is tiled above that, this one is not): train at "
                          f"{MAX_TRAINING_SIDE} or less; `srpo.py sample` takes larger sizes")
-
-
-def encode_prompts(text, prompts):
-    """{prompt: (txt (1, T, ctx), y (1, vec))} on the CPU: each prompt through the text encoders once, so that
-    they can be freed before the transformer is loaded (T5-XXL alone is 9.5 GB in bf16)."""
-    return {p: tuple(t.cpu() for t in text([p])) for p in dict.fromkeys(prompts)}
-
-
-class Conditioning(NamedTuple):
-    """What FLUX.1 sees besides the latents and the time: the image tokens' positions, the T5 tokens and their
-    positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
-    for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
-    passes) is another conditioning class, with at_guidance(g): itself as sampled at scale g (training's rollout
-    and the sample grids ask for it)."""
-
-    img_ids: torch.Tensor
-    txt: torch.Tensor
-    txt_ids: torch.Tensor
-    y: torch.Tensor
-
-    def velocity(self, model, x, t, guidance):
-        """v(x, t): one call of the guidance-distilled FLUX.1 transformer, the guidance scale an input."""
-        return model(x, self.img_ids, self.txt, self.txt_ids, self.y, t, guidance)
-
-    def at_guidance(self, guidance):
-        """The conditioning sampled at this scale: the same (the scale is the model's input, not a second pass)."""
-        return self
-
-
-def conditioning(embedding, height, width, device, dtype=None):
-    """The Conditioning of one prompt's (txt, y) embedding at height x width, on device (in dtype if given)."""
-    txt, y = (to_device(t, device).to(dtype or t.dtype) for t in embedding)
-    ids = fm.image_ids(height, width, device).to(dtype or torch.float32)
-    return Conditioning(ids, txt, torch.zeros(txt.shape[1], 3, device=device, dtype=dtype), y)
-
-
-class Family(NamedTuple):
-    """What a model family changes outside its transformer, for the sampler and the training step: the packed noise
-    of a seed, the Conditioning of a prompt's embedding, and the schedule's mu (None: the scheduler's own, FLUX.1's;
-    FLUX.2's pipelines give an empirical one)."""
-
-    initial_noise: Callable  # (batch, height, width, seed, dtype) -> packed latents
-    conditioning: Callable  # (embedding, height, width, device, dtype=None) -> a Conditioning
-    mu: Callable | None = None  # (seq_len, steps) -> mu
-
-
-FLUX1 = Family(initial_noise, conditioning)
-
-
-def family(model):
-    """The Family of a transformer, by its config: FLUX.2's (flux2_sampling; its noise has the model's latent
-    channels), else FLUX.1's (a model without a FLUX config too: a stand-in's)."""
-    if isinstance(getattr(model, "cfg", None), f2.Flux2Config):
-        noise = functools.partial(f2s.initial_noise, channels=model.cfg.in_channels)
-        return Family(noise, f2s.conditioning, f2s.empirical_mu)
-    return FLUX1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,7 +259,7 @@ class SampleConfig:
     height: int = 1024
     width: int = 1024
     steps: int = 50
-    guidance: float | None = None  # None: GUIDANCE (ignored, with a note, without a guidance embedding)
+    guidance: float | None = None  # None: the family's (ignored, with a note, by a model that cannot take it)
     max_sequence_length: int = 512  # T5 tokens
     seed: int = 0
     batch: int = 1  # images per prompt
@@ -388,7 +289,7 @@ def sample_jobs(s):
 def image_settings(s, dtype):
     """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
     rerun into the folder skips only images that it would have made itself."""
-    default_guidance = f2s.GUIDANCE if is_flux2(s) else GUIDANCE
+    default_guidance = model_family(s).guidance
     files = {k: v and os.path.realpath(v) for k, v in [("flux", s.flux), ("transformer", s.transformer),
                                                          ("lora", s.lora)]}
     return {"seed": s.seed, **files, "lora_scale": s.lora_scale if s.lora else None, "height": s.height,
@@ -416,42 +317,20 @@ def check_rerun(out, jobs, settings):
 def check_sample_flags(s):
     """What ties the settings together (each flag's range is cli.py's), before anything is read."""
     check_size(s.height, s.width)
-    if s.flux and s.family:
-        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
+    model_family(s)  # --family with --flux refused, a bad model_index.json too
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
 
 
-def is_flux2(s):
-    """Whether --flux is a FLUX.2 folder: its model_index.json names a FLUX.2 pipeline (flux_weights.family_of), or
-    without --flux whether --family is flux2 (the tiny FLUX.2 demo's models). The tiny built-in models, FluxPipeline
-    folders and folders without a model_index.json are FLUX.1's, as before."""
+def model_family(s):
+    """The model family (families.Family) of a command's --flux, as its model_index.json says (families.of_folder; a
+    folder without one is FLUX.1's, as before FLUX.2), or without --flux --family's (the tiny demo's models; FLUX.1's
+    by default)."""
+    if s.flux and s.family:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
     if not s.flux:
-        return s.family == "flux2"
-    return os.path.isfile(os.path.join(s.flux, "model_index.json")) and fw.family_of(s.flux) == "flux2"
-
-
-def sample_models(s, prompts, dtype, device):
-    """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny built-in ones; the prompts are encoded first."""
-    if not s.flux:
-        model, ae, text = tiny_models()
-        text.max_length = s.max_sequence_length
-        if s.transformer:
-            model = tiny_transformer(s.transformer, model.cfg, dtype, device)
-        return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
-    text = fm.TextConditioner.from_folder(s.flux, dtype, device, s.max_sequence_length)
-    embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16
-    del text  # the text encoders (10 GB for T5-XXL) are not needed past this point
-    return *load_flux_folder(s.flux, s.transformer, dtype, device), embeddings
-
-
-def sample_guidance(s, cfg, rank):
-    """--guidance, GUIDANCE unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
-    guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""
-    if not cfg.guidance_embed and s.guidance is not None and rank == 0:
-        print("note: this transformer has no guidance embedding (e.g. FLUX.1-schnell): --guidance is ignored",
-              file=sys.stderr)
-    return GUIDANCE if s.guidance is None else s.guidance
+        return families.by_name(s.family or "flux1")
+    return families.of_folder(s.flux) if os.path.isfile(os.path.join(s.flux, "model_index.json")) else families.FLUX1
 
 
 @torch.no_grad()
@@ -471,10 +350,9 @@ def sample(s):
         if s.prompts:
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
-            load_folder = f2s.load_folder if is_flux2(s) else load_flux_folder
-            tiny = (f2.Flux2Config if is_flux2(s) else fm.FluxConfig).preset("tiny")
-            meta = (load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                    tiny_transformer(s.transformer, tiny, dtype, "meta"))
+            fam = model_family(s)
+            meta = (fam.load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
+                    fs.tiny_transformer(fam.load, s.transformer, fam.config.preset("tiny"), dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs
@@ -494,18 +372,17 @@ def my_jobs(s, jobs, settings, rank, world):
 
 
 def make_images(s, jobs, dtype, device, rank):
-    """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn. A FLUX.2 folder
-    takes flux2_sampling's models and guidance, and its Family's mu, noise and conditioning; the sampler and the
-    rest are the same."""
-    flux2, seq_len = is_flux2(s), (s.height // 16) * (s.width // 16)
+    """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn: the family's
+    models, guidance, mu, noise and conditioning (families.Family); the sampler and the rest are the same."""
+    seq_len = (s.height // 16) * (s.width // 16)
     schedule = read_schedule(s.flux) if s.flux else FLUX_DEV  # a bad scheduler config: refused before the models
-    model, ae, embeddings = (f2s.sample_models if flux2 else sample_models)(s, [p for p, _ in jobs], dtype, device)
-    fam = family(model)
+    model, ae, embeddings = model_family(s).sample_models(s, [p for p, _ in jobs], dtype, device)
+    fam = families.of_model(model)
     sigmas = flux_schedule(s.steps, seq_len, schedule, fam.mu(seq_len, s.steps) if fam.mu else None)
     if s.lora:
         lora.merge_lora(model, s.lora, s.lora_scale)
     model.set_attention_backend(attention_backend(s.attn, device))
-    guidance = f2s.sample_guidance(s, rank) if flux2 else sample_guidance(s, model.cfg, rank)
+    guidance = fam.sample_guidance(s, model.cfg, rank)
     sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam)
 
 

@@ -30,8 +30,8 @@ One step (`train_step`), for each prompt of the global batch:
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
 is the method; where it runs (processes, FSDP2, checkpoints) is runtime.py's, sampling sampling.py's, the reward
 models reward.py's, the held-out evaluations that show reward hacking coming evaluation.py's, and the command line
-(flags, defaults, the commands) cli.py's. The model family (FLUX.1, FLUX.2 [klein]) is sampling.Family's: the noise,
-the conditioning and its velocity; the step never asks which.
+(flags, defaults, the commands) cli.py's. The model family (FLUX.1, FLUX.2) is families.Family's: the noise, the
+conditioning and its velocity; the step never asks which.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
     python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
@@ -51,11 +51,12 @@ from tqdm import tqdm
 
 import bounds
 import evaluation
+import families
 import runtime
 import sampling
 from bounds import Bounded, check_fields
 from reward import REWARDS
-from sampling import autocast, check_size, decode_images, euler_sample, initial_noise
+from sampling import autocast, check_size, decode_images, euler_sample
 from util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
@@ -172,11 +173,11 @@ def official_timestep(sigma):
     return torch.floor(sigma * 1000) / 1000
 
 
-def shared_noise(cfg, step, device, noise=initial_noise):
+def shared_noise(cfg, step, device, noise=families.FLUX1.initial_noise):
     """eps ~ N(0, I) in bf16 values, one draw per step used by the rollout, the noise injection and the recovery of
     every prompt on every rank. The official script draws it in bf16 on rank 0 and broadcasts it; here a float32
     draw seeded by (seed, step) is rounded to bf16: every rank makes the same tensor with no communication, and
-    makes it again after a resume. noise: the model family's packed draw (sampling.Family)."""
+    makes it again after a resume. noise: the model family's packed draw (families.Family)."""
     seed = derive_seed(cfg.seed, "noise", step)
     return to_device(noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float(), device)
 
@@ -337,7 +338,7 @@ class Prompt(NamedTuple):
     x0 of its image (None: the step's online rollout makes x0)."""
 
     text: str
-    cond: sampling.Conditioning
+    cond: tuple  # the model family's conditioning: cond.velocity(model, x, t, guidance)
     sel: int
     x0: torch.Tensor | None = None
 
@@ -348,7 +349,7 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_loss
     branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
     reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
     -> {"loss", "reward_NAME" and "loss_NAME" per branch, "grad_norm"}, means over the global batch."""
-    eps = shared_noise(cfg, step, ranks.device, sampling.family(model).initial_noise)
+    eps = shared_noise(cfg, step, ranks.device, families.of_model(model).initial_noise)
     totals, names = 0, []
     for item in batch:
         x0 = item.x0
@@ -393,11 +394,11 @@ def learning_rate(cfg, step):
 
 def step_batch(parts, cfg, step, ranks):
     """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the model
-    family's; --no-branch-cfg: as at guidance 1, the conditional pass alone), their draws, their images' x0 when
-    offline."""
-    make = sampling.family(parts.model).conditioning
-    return [Prompt(p, make(parts.embeddings[p], cfg.height, cfg.width, ranks.device).at_guidance(
-                       1.0 if cfg.no_branch_cfg else math.inf), draw_timestep(cfg, step, j), parts.x0_of(step, j))
+    family's, as sampled at the branch guidance: a CFG family's with both passes; --no-branch-cfg: as at guidance 1,
+    the conditional pass alone), their draws, their images' x0 when offline."""
+    make, guidance = families.of_model(parts.model).conditioning, 1.0 if cfg.no_branch_cfg else cfg.guidance
+    return [Prompt(p, make(parts.embeddings[p], cfg.height, cfg.width, ranks.device).at_guidance(guidance),
+                   draw_timestep(cfg, step, j), parts.x0_of(step, j))
             for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
 
 

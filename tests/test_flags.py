@@ -14,7 +14,9 @@ import bounds
 import cli
 import clip_weights as cw
 import evaluation
+import flux2_sampling
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import reward
 import runtime
@@ -42,8 +44,9 @@ def no_models(monkeypatch):
 
     load_into = fw.load_into
     monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
-    for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "sample_models"),
-                        (sampling, "tiny_models"), (cw, "convert_checkpoint"), (evaluation.Watch, "for_run")]:
+    for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "make_images"),
+                        (flux_sampling, "tiny_models"), (flux2_sampling, "tiny_models"), (cw, "convert_checkpoint"),
+                        (evaluation.Watch, "for_run")]:
         monkeypatch.setattr(owner, name, called)
     monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
     for kind in reward.REWARDS.values():

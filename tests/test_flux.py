@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import cli
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import sampling
 import srpo
@@ -305,8 +306,8 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
     """--prompts: every line's images are FluxPipeline's for that prompt, seed and num_images_per_prompt, listed
     with their prompts in images.jsonl; the models load once."""
     loads = []
-    load = sampling.load_flux_folder
-    monkeypatch.setattr(sampling, "load_flux_folder", lambda *a: loads.append(a[-1]) or load(*a))
+    load = fw.load_transformer
+    monkeypatch.setattr(fw, "load_transformer", lambda *a: loads.append(a[-1]) or load(*a))
     prompts, height, width, steps, seed, batch = ["a red cat, on a mat!", "two dogs", "a red cat, on a mat!"], 32, 48, \
         3, 5, 2
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")  # blank line: skipped
@@ -409,10 +410,10 @@ def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
     prompt, height, width, steps, seed = "two dogs", 32, 64, 3, 7
     expected = pipeline_image(flux_folder, prompt, height, width, steps, seed)
     text = fm.TextConditioner.from_folder(flux_folder, torch.float32)
-    model, ae = sampling.load_flux_folder(flux_folder, None, torch.float32, "cpu")
+    model, ae = flux_sampling.load_folder(flux_folder, None, torch.float32, "cpu")
     txt, y = text([prompt])
-    x = sampling.initial_noise(1, height, width, seed, torch.float32)
-    cond = sampling.Conditioning(fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
+    x = flux_sampling.initial_noise(1, height, width, seed, torch.float32)
+    cond = flux_sampling.Conditioning(fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
     x = sampling.euler_sample(model, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
     ours = sampling.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
     assert rel_err(ours, torch.from_numpy(expected[0])) <= TOL

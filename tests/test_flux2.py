@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 from references import diffusers_flux2_transformer, diffusers_flux2_vae, randomize, rel_err
 from safetensors.torch import load_file, save_file
 
+import families
 import flux2_model as f2
 import flux2_weights as f2w
 import flux_model as fm
@@ -305,7 +306,7 @@ def test_triton_backend_matches_sdpa_on_the_tiny_transformer(triton_only):
                                          ("Flux2Pipeline", "flux2")])
 def test_family_of_reads_model_index(name, family, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": name, "_diffusers_version": "0.36.0"}))
-    assert fw.family_of(str(tmp_path)) == family
+    assert families.of_folder(str(tmp_path)).name == family
 
 
 def test_family_of_refuses_other_folders_in_one_line(tmp_path):
@@ -316,7 +317,7 @@ def test_family_of_refuses_other_folders_in_one_line(tmp_path):
              "empty": ["no model_index.json"], "missing": ["no such folder"]}
     for folder, words in cases.items():
         with pytest.raises(InputError) as e:
-            fw.family_of(str(tmp_path / folder))
+            families.of_folder(str(tmp_path / folder))
         assert len(str(e.value).splitlines()) == 1 and all(w in str(e.value) for w in words), (folder, e.value)
 
 
@@ -361,7 +362,7 @@ def test_klein_folder_loads_and_its_text_conditioning_is_the_pipelines(flux2_fol
     """The folder is told FLUX.2 by its model_index.json, its transformer and VAE load, and Qwen3Conditioner gives
     the pipeline's own encode_prompt: the same embeddings (chat template, padding, truncation, layers 9/18/27 stacked)
     and the same 4-axis text ids."""
-    assert fw.family_of(flux2_folder) == "flux2"
+    assert families.of_folder(flux2_folder) is families.FLUX2
     assert f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg == f2.Flux2Config.preset("tiny")
     assert f2w.load_autoencoder(os.path.join(flux2_folder, "vae")).cfg == f2.Flux2AutoEncoderConfig.preset("tiny")
     pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)

@@ -22,6 +22,7 @@ from references import byte_alphabet, diffusers_flux2_transformer, diffusers_flu
 from references import flux2_folder as make_flux2_folder
 from safetensors.torch import save_file
 
+import families
 import flux2_model as f2
 import flux2_sampling as f2s
 import flux2_weights as f2w
@@ -202,9 +203,10 @@ def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_fo
     folder without model_index.json (a FLUX.1 transformer and VAE, as before FLUX.2) stay FLUX.1."""
     bare = tmp_path / "bare"
     bare.mkdir()
-    cases = {flux2_folder: True, dev_folder: True, flux_folder: False, None: False, str(bare): False}
-    for folder, flux2 in cases.items():
-        assert sampling.is_flux2(sampling.SampleConfig(out="x.png", flux=folder)) is flux2, folder
+    cases = {flux2_folder: families.FLUX2, dev_folder: families.FLUX2, flux_folder: families.FLUX1,
+             None: families.FLUX1, str(bare): families.FLUX1}
+    for folder, family in cases.items():
+        assert sampling.model_family(sampling.SampleConfig(out="x.png", flux=folder)) is family, folder
 
 
 def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp_path):

@@ -14,9 +14,9 @@ from PIL import Image
 from references import diffusers_vae, rel_err
 
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import image_data
-import sampling
 from util import InputError
 
 H, W = 32, 48  # the training size of most tests (height x width)
@@ -238,7 +238,7 @@ def test_x0_matches_diffusers(tmp_path, tiny_ae):
     pixels = VaeImageProcessor(vae_scale_factor=16).preprocess(image, H, W, resize_mode="crop")
     z = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
     expected = FluxPipeline._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
-    assert x0.shape == sampling.initial_noise(1, H, W, 0, torch.float32).shape
+    assert x0.shape == flux_sampling.initial_noise(1, H, W, 0, torch.float32).shape
     assert rel_err(x0, expected) <= 1e-5
 
 

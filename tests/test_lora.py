@@ -20,11 +20,11 @@ import clip_weights as cw
 import flux2_model as f2
 import flux2_weights as f2w
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import lora
 import reward as reward_module
 import runtime
-import sampling
 import srpo
 import util
 from reward import HPSReward
@@ -48,7 +48,7 @@ def adapter_names(model):
 
 
 def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_path):
-    base, ae, text = sampling.tiny_models()
+    base, ae, text = flux_sampling.tiny_models()
     original = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=2, samples=0, batch=1, lora_rank=4, lr=1e-3)
     ranks = runtime.Ranks(0, 1, CPU)
@@ -57,7 +57,7 @@ def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_p
     x = transformer_inputs(base.cfg, 32, 48, 5, 2)
     assert torch.equal(run_ours(model, x), run_ours(base, x))  # B = 0: bit for bit
     assert len(adapter_names(model)) == 2 * (8 * base.cfg.depth + 2 * base.cfg.depth_single_blocks)
-    embeddings = sampling.encode_prompts(text, ["a red fox"])
+    embeddings = flux_sampling.encode_prompts(text, ["a red fox"])
     parts = runtime.ready(model, ae, HPSReward.tiny(), embeddings, runtime.prompt_schedule(["a red fox"], cfg), cfg,
                           0, None, ranks)
     trained = {id(p) for group in parts.opt.param_groups for p in group["params"]}

@@ -12,9 +12,9 @@ import torch
 from references import rel_err
 
 import flux_model as fm
+import flux_sampling
 import methods
 import runtime
-import sampling
 import srpo
 from util import derive_seed
 
@@ -37,7 +37,7 @@ def setup(tiny, rollout_steps=4):
     """(model copy, ae, reward, cfg, conditioning, eps, call(x, sigma, guidance) = v of the copy)."""
     model, ae, text, reward = tiny
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=rollout_steps)
-    cond = sampling.conditioning(text([PROMPT]), cfg.height, cfg.width, CPU)
+    cond = flux_sampling.conditioning(text([PROMPT]), cfg.height, cfg.width, CPU)
     model = copy.deepcopy(model)
     return model, ae, reward, cfg, cond, srpo.shared_noise(cfg, 1, CPU), caller(model, cond)
 
@@ -144,7 +144,8 @@ def test_draft_lv_renoises_the_final_sample_twice_and_ascends_the_mean_reward(ti
     out, grads = run_method(methods.draft_lv_losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3,
                             cfg)
     assert list(out) == ["renoise1", "renoise2"]
-    noises = [sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, j), torch.float32) for j in (0, 1)]
+    noises = [flux_sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, j), torch.float32)
+              for j in (0, 1)]
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], eps)
     ref_call, s = caller(reference, cond), sigmas[-2]
     rewards = []
@@ -187,7 +188,7 @@ def train_tiny(tiny, out, cfg, method=srpo.srpo_losses, prepare=lambda model: No
     ranks = runtime.Ranks(0, 1, CPU)
     model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
     prepare(model)
-    embeddings = sampling.encode_prompts(text, [PROMPT])
+    embeddings = flux_sampling.encode_prompts(text, [PROMPT])
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule([PROMPT], cfg), cfg, 0, None, ranks)
     srpo.train(parts, [PROMPT], cfg, str(out), ranks, method=method)
     return model

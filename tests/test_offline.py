@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import flux_sampling
 import image_data
 import runtime
-import sampling
 import srpo
 from util import InputError
 
@@ -70,7 +70,7 @@ def test_offline_step_equals_the_online_step_given_its_x0(tmp_path, monkeypatch)
     train("--images", folder, "--out", tmp_path / "offline", "--batch", 2, "--steps", 2, "--save-every", 2)
 
     images = image_data.ImageSet(folder, 32, 32)
-    latents = image_data.Latents(images, sampling.tiny_models()[1], str(tmp_path / "offline" / "latents"))
+    latents = image_data.Latents(images, flux_sampling.tiny_models()[1], str(tmp_path / "offline" / "latents"))
     assert all(latents.cached(i) is not None for i in range(len(images)))  # the run's own entries, read back
     order = runtime.visit_order(len(images), srpo.TrainConfig(batch=2))
     queue = [latents[order(step, j)] for step in (1, 2) for j in (0, 1)]
@@ -109,7 +109,7 @@ def test_rank_0_encodes_and_the_others_read_its_entries(tmp_path, monkeypatch):
     x0 for the same (step, j), the one image_data.Latents gives. A rank that does not see rank 0's entries (another
     machine, --out not shared) stops the run rather than encode them itself, into the files of its neighbours."""
     images = image_data.ImageSet(image_folder(tmp_path / "images"), 32, 32)
-    ae, cfg, out = sampling.tiny_models()[1], srpo.TrainConfig(batch=2, height=32, width=32), str(tmp_path)
+    ae, cfg, out = flux_sampling.tiny_models()[1], srpo.TrainConfig(batch=2, height=32, width=32), str(tmp_path)
     monkeypatch.setattr(runtime.Ranks, "from_main", lambda self, obj: obj)  # rank 0 raised nothing
     monkeypatch.setattr(runtime.Ranks, "any", lambda self, flag: flag)  # the other rank agrees
     calls = counted_encodes(monkeypatch)
@@ -137,7 +137,7 @@ def test_bad_image_folders_exit_2_naming_the_file_before_any_model_loads(case, t
         image_folder(folder, CAPTIONS if case in ("uncaptioned", "with-prompts") else ())
     if case == "uncaptioned":
         os.remove(folder / "1.txt")
-    for owner, name in [(sampling, "tiny_models"), (runtime, "frozen_parts"), (runtime, "processes")]:
+    for owner, name in [(flux_sampling, "tiny_models"), (runtime, "frozen_parts"), (runtime, "processes")]:
         monkeypatch.setattr(owner, name, lambda *a, **k: pytest.fail("a model was loaded or the run started"))
     extra = ["--prompts", tmp_path / "prompts.txt"] if case == "with-prompts" else []
     with pytest.raises(SystemExit) as exit_info:

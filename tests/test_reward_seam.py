@@ -18,8 +18,8 @@ from test_train import log_lines, train_tiny
 from transformers import CLIPModel
 
 import clip_weights as cw
+import flux_sampling
 import reward
-import sampling
 import srpo
 from clip_tokenizer import OpenClipTokenizer
 
@@ -92,7 +92,7 @@ def test_a_new_reward_scores_and_rewards_as_its_definition(checkpoint):
 def test_training_on_a_new_reward_needs_nothing_else(checkpoint, tmp_path):
     """One `train` step (runtime.ready, srpo.train) on the new reward and on HPS with the same weights: the same
     rollout, images and features, so the logged SRP rewards differ by c = 30 / 10 against HPS's c = 1."""
-    model, ae, text = sampling.tiny_models()
+    model, ae, text = flux_sampling.tiny_models()
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1)
     logged = {}
     for kind in (reward.HPSReward, reward.REWARDS["aesthetic"]):

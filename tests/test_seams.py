@@ -1,6 +1,6 @@
 """The seams new work lands on, each shown with a stand-in defined here and nothing changed in the library: a training
 method is one function from a rollout to branch losses (srpo.srpo_losses' shape), a model family is its conditioning's
-velocity (sampling.Conditioning's), a reward is one class and one registry entry (tests/test_reward_seam.py)."""
+velocity (flux_sampling.Conditioning's), a reward is one class and one registry entry (tests/test_reward_seam.py)."""
 
 from typing import NamedTuple
 

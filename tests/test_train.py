@@ -22,6 +22,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 import cli as command_line
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import reward as reward_module
 import runtime
@@ -88,7 +89,7 @@ def test_recovery_returns_x0_for_any_sigma_pair():
     ideal = lambda x, img_ids, txt, txt_ids, y, t, guidance: eps - x0  # noqa: E731
     for sigma_from, sigma_t in [(0.964, 0.75), (0.75, 0.964), (0.9, 0.85), (0.3, 0.99), (0.99, 0.01)]:
         sigma_from, sigma_t = torch.tensor(sigma_from), torch.tensor(sigma_t)
-        no_text = sampling.Conditioning(None, None, None, None)
+        no_text = flux_sampling.Conditioning(None, None, None, None)
         x0_hat = srpo.direct_align(ideal, x0, eps, sigma_from, sigma_t, no_text, 3.5)
         assert rel_err(x0_hat, x0) < 1e-5, (sigma_from, sigma_t)
 
@@ -147,7 +148,7 @@ def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
         calls.append((t.item(), guidance.item(), torch.is_grad_enabled()))
         return torch.ones_like(x)
 
-    x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), sampling.Conditioning(None, None, None, None), cfg)
+    x0 = srpo.online_rollout(model, torch.zeros(1, 4, 64), flux_sampling.Conditioning(None, None, None, None), cfg)
     sigmas = shift3(torch.linspace(1, 0, 26))
     assert [c[0] for c in calls] == [pytest.approx(official_t(s), rel=1e-7) for s in sigmas[:-1]]
     assert {c[1:] for c in calls} == {(1.0, False)}
@@ -157,7 +158,7 @@ def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
 def branch_setup(tiny, prompt="a red fox"):
     model, ae, text, reward = tiny
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4)
-    cond = sampling.conditioning(text([prompt]), cfg.height, cfg.width, CPU)
+    cond = flux_sampling.conditioning(text([prompt]), cfg.height, cfg.width, CPU)
     eps = srpo.shared_noise(cfg, 0, CPU)
     return copy.deepcopy(model), ae, reward, cfg, cond, eps, srpo.online_rollout(model, eps, cond, cfg)
 
@@ -222,7 +223,7 @@ def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: Non
     model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
     prepare(model)
     prompts = list(prompts)
-    embeddings = sampling.encode_prompts(text, prompts)
+    embeddings = flux_sampling.encode_prompts(text, prompts)
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
     srpo.train(parts, prompts, cfg, str(out), ranks)
     return model

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 import flux_model as fm
+import flux_sampling
 import flux_weights as fw
 import sampling
 
@@ -61,7 +62,7 @@ def bench(cfg, size, text, steps, repeat):
                     output_type="latent").images
 
     def mine():
-        x = sampling.initial_noise(1, size, size, 0, torch.float32)
+        x = flux_sampling.initial_noise(1, size, size, 0, torch.float32)
         cond = (fm.image_ids(size, size), txt, torch.zeros(text, 3), y)
         return sampling.euler_sample(ours, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
 

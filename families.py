@@ -1,0 +1,118 @@
+"""The model families, FLUX.1 and FLUX.2, in one table: everything the sampler, the training step, a run and an
+export ask of a family. The rest of the project is the same for both.
+
+Each family is its model (flux_model.py, flux2_model.py), its weights on disk (flux_weights.py, flux2_weights.py) and
+its sampling (flux_sampling.py, flux2_sampling.py: noise, conditioning, schedule, folders); a Family names the
+functions of those modules that the family-independent code calls. What is given tells the family: a diffusers
+pipeline folder its model_index.json `_class_name`, a transformer folder its config.json's, a single file its keys,
+a model its config's class, the tiny demo its --family."""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import flux2_sampling as f2s
+import flux2_weights as f2w
+import flux_sampling as fs
+import flux_weights as fw
+from flux2_model import Flux2, Flux2Config
+from flux_model import Flux, FluxConfig
+from util import InputError, check_folder, read_json
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the tiny demo's --family
+    title: str
+    pipelines: tuple[str, ...]  # its diffusers folders' model_index.json _class_name
+    transformer_class: str  # its transformer's config.json _class_name
+    model: type
+    config: type
+    # its weights: (path, cfg) -> (cfg, links, sources); load (path, cfg, dtype, device); save (model, folder);
+    # links (cfg) -> our names <-> diffusers'; to_diffusers (cfg) -> config.json; bfl: what its BFL files are
+    sources: Callable
+    load: Callable
+    save: Callable
+    links: Callable
+    to_diffusers: Callable
+    bfl: str
+    # its sampling: the packed noise of a seed (batch, height, width, seed, dtype, channels), the conditioning of a
+    # prompt's embedding (embedding, height, width, device, dtype=None), the schedule's mu (seq_len, steps) or None
+    # (the scheduler config's own), the default guidance scale, and the models of a folder or of the tiny demo
+    initial_noise: Callable
+    conditioning: Callable
+    mu: Callable | None
+    guidance: float
+    load_folder: Callable  # (flux_dir, transformer_file, dtype, device) -> (model, ae)
+    sample_models: Callable  # (sample config, prompts, dtype, device) -> (model, ae, embeddings)
+    sample_guidance: Callable  # (sample config, transformer config, rank) -> the scale
+    frozen_parts: Callable  # (flux_dir, dtype, device, weights) -> (ae, text, cfg, load(device))
+    tiny_frozen_parts: Callable  # (device, weights) -> the same, of the tiny demo
+
+
+FLUX1 = Family("flux1", "FLUX.1", ("FluxPipeline",), "FluxTransformer2DModel", Flux, FluxConfig,
+               fw.transformer_sources, fw.load_transformer, fw.save_transformer, fw.transformer_links,
+               fw.flux_config_to_diffusers, "black-forest-labs/flux parameter names, as flux1-dev.safetensors",
+               fs.initial_noise, fs.conditioning, None, fs.GUIDANCE, fs.load_folder, fs.sample_models,
+               fs.sample_guidance, fs.frozen_parts, fs.tiny_frozen_parts)
+FLUX2 = Family("flux2", "FLUX.2", tuple(f2s.TEXT_ENCODERS), "Flux2Transformer2DModel", Flux2, Flux2Config,
+               f2w.transformer_sources, f2w.load_transformer, f2w.save_transformer, f2w.transformer_links,
+               f2w.config_to_diffusers, "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors",
+               f2s.initial_noise, f2s.conditioning, f2s.empirical_mu, f2s.GUIDANCE, f2s.load_folder,
+               f2s.sample_models, f2s.sample_guidance, f2s.frozen_parts, f2s.tiny_frozen_parts)
+FAMILIES = (FLUX1, FLUX2)
+FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
+
+
+def by_name(name):
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def of_config(cfg):
+    """The family of a transformer config: FLUX.2's for a Flux2Config, else FLUX.1's (a FluxConfig)."""
+    return FLUX2 if isinstance(cfg, Flux2Config) else FLUX1
+
+
+def of_model(model):
+    """The family of a transformer, its noise drawn with the model's latent channels; a model without a FLUX config
+    (a stand-in's) is FLUX.1's."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, (FluxConfig, Flux2Config)):
+        return FLUX1
+    family = of_config(cfg)
+    return dataclasses.replace(family, initial_noise=functools.partial(family.initial_noise,
+                                                                       channels=cfg.in_channels))
+
+
+def of_folder(folder):
+    """The family of a diffusers pipeline folder, as its model_index.json's _class_name says (FluxPipeline;
+    Flux2KleinPipeline for klein, Flux2Pipeline for dev)."""
+    check_folder(folder, "a diffusers FLUX pipeline folder")
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{folder}: no model_index.json (expected a diffusers pipeline folder)")
+    name = read_json(path).get("_class_name")
+    family = next((f for f in FAMILIES if name in f.pipelines), None)
+    if family is None:
+        raise InputError(f"{path}: _class_name {name!r} is not a FLUX pipeline (expected "
+                         f"{', '.join(p for f in FAMILIES for p in f.pipelines)})")
+    return family
+
+
+def of_transformer(path):
+    """The family of a transformer: a folder's config.json `_class_name` (as diffusers writes it), a single file's
+    keys (FLUX.2's shared single_stream_modulation, BFL names, maybe prefixed as in an all-in-one file)."""
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        name = read_json(config).get("_class_name") if os.path.isfile(config) else None
+        family = next((f for f in FAMILIES if f.transformer_class == name), None)
+        if family is None:
+            raise InputError(f"{config}: _class_name {name!r} is not a FLUX transformer's (expected "
+                             f"{' or '.join(f.transformer_class for f in FAMILIES)})")
+        return family
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    keys = fw.read_sources([path])
+    return FLUX2 if FLUX2_KEY in keys or fw.BFL_PREFIX + FLUX2_KEY in keys else FLUX1
