@@ -14,6 +14,8 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
+from references import flux2_dev_folder as make_dev_folder
+from references import flux2_folder as make_flux2_folder
 from references import rel_err
 from safetensors.torch import save_file
 from test_train import (
@@ -189,29 +191,51 @@ def clip_vocabulary(folder):
 
 
 @pytest.fixture(scope="module")
-def folder_args(flux2_folder, tmp_path_factory):
-    """`train` arguments for a run from the tiny FLUX.2 [klein] base folder: a tiny CLIP reward folder holding its
-    own CLIP vocabulary (the klein folder's tokenizer is Qwen's), a prompt file."""
+def folders(flux2_folder, tmp_path_factory):
+    """The tiny FLUX.2 folders, each written by its diffusers pipeline: klein base (CFG), and the one-pass ones,
+    klein distilled (is_distilled) and dev (Flux2Pipeline: Mistral-3, a guidance embedding)."""
+    root = tmp_path_factory.mktemp("f2folders")
+    return {"base": flux2_folder, "distilled": make_flux2_folder(root, is_distilled=True),
+            "dev": make_dev_folder(root)}
+
+
+@pytest.fixture(scope="module")
+def reward_args(tmp_path_factory):
+    """`train` arguments for a run from a tiny FLUX.2 folder, but --flux: a tiny CLIP reward folder holding its own
+    CLIP vocabulary (the folders' tokenizers are Qwen's and Pixtral's), a prompt file."""
     root = tmp_path_factory.mktemp("f2run")
     clip = tiny_clip_folder(root / "clip")
     clip_vocabulary(clip)
     (root / "prompts.txt").write_text("a cat on a mat\na dog in the fog\n")
-    return ["train", "--flux", flux2_folder, "--reward", "clip", "--clip", clip, "--prompts",
-            str(root / "prompts.txt"), "--batch", "1", "--steps", "1", *SMALL]
+    return ["--reward", "clip", "--clip", clip, "--prompts", str(root / "prompts.txt"), "--batch", "1", "--steps",
+            "1", *SMALL]
 
 
-def test_flux2_folder_run_samples_from_its_checkpoint(folder_args, flux2_folder, tmp_path):
-    """Full fine-tuning from a klein base folder; `sample --flux FOLDER --transformer CHECKPOINT` reads the result
-    and gives another image than the base."""
-    srpo.main([*folder_args, "--out", str(tmp_path / "run"), "--samples", "0"])
-    checkpoint = os.path.join(tmp_path, "run", runtime.CHECKPOINT.format(1))
-    images = {}
-    for name, extra in [("trained", ["--transformer", checkpoint]), ("base", [])]:
-        images[name] = str(tmp_path / f"{name}.png")
-        srpo.main(["sample", "--flux", flux2_folder, "--height", "32", "--width", "32", "--steps", "2", "--out",
-                   images[name], *extra])
-    trained, base = (np.asarray(Image.open(images[n]), dtype=np.float32) for n in ("trained", "base"))
-    assert trained.shape == (32, 32, 3) and np.abs(trained - base).mean() > 0
+@pytest.fixture(scope="module")
+def folder_args(flux2_folder, reward_args):
+    """`train` arguments for a run from the tiny FLUX.2 [klein] base folder."""
+    return ["train", "--flux", flux2_folder, *reward_args]
+
+
+@pytest.mark.parametrize("lora_flags", [[], ["--lora-rank", "4", "--lora-alpha", "8"]], ids=["full", "lora"])
+@pytest.mark.parametrize("kind", ["base", "distilled", "dev"])
+def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folders, reward_args, kind, lora_flags,
+                                                                           tmp_path):
+    """One update from a klein base, klein distilled or dev folder, full or LoRA: `sample --flux FOLDER` with the
+    checkpoint (--transformer CHECKPOINT, or --lora FILE), --seed 0 --steps 28 and the default guidance (4, as
+    training's on FLUX.2) makes the run's held-out evaluation image of step 1, pixel for pixel, not step 0's."""
+    out = tmp_path / "run"
+    srpo.main(["train", "--flux", folders[kind], *reward_args, "--out", str(out), "--samples", "0", "--lr", "1e-3",
+               *lora_flags])
+    checkpoint = os.path.join(out, runtime.CHECKPOINT.format(1))
+    weights_flags = ["--lora", os.path.join(checkpoint, lora.LORA_FILE)] if lora_flags else ["--transformer",
+                                                                                           checkpoint]
+    (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
+    png = str(tmp_path / "sample.png")
+    srpo.main(["sample", "--flux", folders[kind], *weights_flags, "--prompt", prompt, "--seed", "0", "--steps", "28",
+               "--height", "32", "--width", "32", "--out", png])
+    tile = [np.asarray(Image.open(out / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 1)]
+    assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
 
 
 def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_folder, tmp_path):
