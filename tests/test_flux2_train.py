@@ -260,6 +260,33 @@ def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
 
 
+@pytest.mark.parametrize("flags", [{}, {"rollout_guidance": 2.0}, {"no_branch_cfg": True}])
+@pytest.mark.parametrize("kind", ["distilled", "dev"])
+def test_one_pass_folders_call_the_model_once_per_branch_and_rollout_step(folders, kind, flags, tmp_path):
+    """klein distilled and dev (flux2_sampling.frozen_parts: no negative prompt): per prompt and step, one model call
+    with gradient per branch and one without per rollout step, whatever the rollout guidance or --no-branch-cfg,
+    each with the prompt's own embedding. dev's transformer gets the rollout guidance in the rollout and --guidance
+    in the branches (its guidance embedding runs on every call); distilled's ignores the value it is passed."""
+    ae, text, _, load = f2s.frozen_parts(folders[kind], torch.float32, CPU, torch.float32)
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0, **flags)
+    calls, embedded = [], []
+
+    def prepare(model):
+        model.register_forward_pre_hook(lambda m, args: calls.append((torch.is_grad_enabled(), args[2], args[5])))
+        if model.guidance_in is not None:
+            model.guidance_in.register_forward_pre_hook(lambda m, args: embedded.append(args))
+
+    train_tiny((load(CPU), ae, text, HPSReward.tiny()), tmp_path, cfg, prepare=prepare)
+    (txt,) = text(["a red fox"])  # the prompt's embedding alone: no negative prompt
+    assert all(torch.equal(prompt, txt) for _, prompt, _ in calls)
+    with_grad = [guidance.tolist() for grad, _, guidance in calls if grad]
+    without_grad = [guidance.tolist() for grad, _, guidance in calls if not grad]
+    assert (len(with_grad), len(without_grad)) == (2, 4)
+    if kind == "dev":
+        assert with_grad == [[cfg.guidance]] * 2 and without_grad == [[cfg.rollout_guidance]] * 4
+    assert len(embedded) == (6 if kind == "dev" else 0)
+
+
 def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_args, tmp_path, capsys):
     """The klein folder's tokenizer/ is Qwen's: --hps FILE takes CLIP's vocab.json + merges.txt from FILE's folder,
     and without them the run is refused in one line before any model loads."""
