@@ -4,6 +4,7 @@ calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a F
 `sample` reads and whose LoRA file diffusers' Flux2KleinPipeline loads, and --offload. Tiny models only."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from test_train import (
     weights,
 )
 
+import flux2_model as f2
 import flux2_sampling as f2s
 import flux2_weights as f2w
 import lora
@@ -53,13 +55,25 @@ def tiny2():
     return model, ae, f2s.embedder(text, cfg=True), HPSReward.tiny()
 
 
+@pytest.fixture(scope="module")
+def tiny2_dev():
+    """tiny2 shaped as FLUX.2 [dev]: the transformer with a guidance embedding, the text without a negative prompt
+    (one pass a velocity, the scale an input)."""
+    _, ae, text = f2s.tiny_models()
+    torch.manual_seed(1)
+    model = f2.Flux2(dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)).eval()
+    return model, ae, f2s.embedder(text, cfg=False), HPSReward.tiny()
+
+
 def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
-    """One prompt's SRPO step on FLUX.2 [klein] base, written out from the definitions (not from srpo.py), float32:
-    eps drawn as (1, C, H/16, W/16) and flattened channels-last, rounded to bf16; the rollout at guidance 1, the
-    conditional pass alone; each branch's velocity v_neg + g (v_pos - v_neg), both passes with gradient; the
-    recovery, the decode (tokens to 2x2 patches written out), SRP's reward (reward.relative_reward, itself checked
-    against the official step in test_train) and the hinge. Backpropagated into `model`. -> loss."""
-    txt, negative = text([prompt])
+    """One prompt's SRPO step on FLUX.2, written out from the definitions (not from srpo.py), float32: eps drawn as
+    (1, C, H/16, W/16) and flattened channels-last, rounded to bf16; the rollout's velocity the conditional pass at
+    the rollout guidance; each branch's velocity at cfg.guidance, with a negative prompt (klein base)
+    v_neg + g (v_pos - v_neg), both passes with gradient, without (dev) the one pass, the scale the guidance
+    embedding's input; the recovery, the decode (tokens to 2x2 patches written out), SRP's reward
+    (reward.relative_reward, itself checked against the official step in test_train) and the hinge. Backpropagated
+    into `model`. -> loss."""
+    txt, *negative = text([prompt])
     h, w, channels = cfg.height // 16, cfg.width // 16, model.cfg.in_channels
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                 indexing="ij")
@@ -67,8 +81,8 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     img_ids = torch.stack([zeros, rows, cols, zeros], -1).reshape(h * w, 4)
     tokens = txt.shape[1]
     txt_ids = torch.stack([torch.zeros(tokens)] * 3 + [torch.arange(tokens, dtype=torch.float32)], -1)
-    g = torch.tensor([cfg.guidance])
-    call = lambda x, sigma, c: model(x, img_ids, c, txt_ids, torch.tensor([official_t(sigma)]), g)  # noqa: E731
+    call = lambda x, sigma, c, g: model(x, img_ids, c, txt_ids, torch.tensor([official_t(sigma)]),  # noqa: E731
+                                        torch.tensor([g]))
     generator = torch.Generator().manual_seed(util.derive_seed(cfg.seed, "noise", step))
     eps = torch.randn((1, channels, h, w), generator=generator).reshape(1, channels, h * w).transpose(1, 2)
     eps = eps.bfloat16().float()
@@ -76,15 +90,18 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     x0 = eps
     with torch.no_grad():
         for i in range(cfg.rollout_steps):
-            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], txt)
+            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], txt, cfg.rollout_guidance)
     _, denoise, inversion, mid = official_branches(sel)
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[mid].item()
     P, N = POSITIVE[step % 4], NEGATIVE[step % 5]
     loss = 0
     for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
         x = s_from * eps + (1 - s_from) * x0
-        v_neg = call(x, s_from, negative)
-        x = x + (s_to - s_from) * (v_neg + cfg.guidance * (call(x, s_from, txt) - v_neg))
+        v = call(x, s_from, txt, cfg.guidance)
+        if negative:
+            v_neg = call(x, s_from, negative[0], cfg.guidance)
+            v = v_neg + cfg.guidance * (v - v_neg)
+        x = x + (s_to - s_from) * v
         x0_hat = (x - s_to * eps) / (1 - s_to)
         z = x0_hat.reshape(1, h, w, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, channels // 4, 2 * h,
                                                                                           2 * w)
@@ -95,11 +112,16 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     return loss.item()
 
 
+# klein base at the default rollout guidance 1 (its conditional pass alone); dev's rollout at 2, so that a rollout
+# fed the branches' scale (or the branches the rollout's) shows
+@pytest.mark.parametrize("models, rollout_guidance", [("tiny2", 1.0), ("tiny2_dev", 2.0)], ids=["klein-base", "dev"])
 @pytest.mark.parametrize("sel", [50, 500])  # sel <= K: the inversion branch ends one point noisier; sel > K
-def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypatch, sel):
-    """`train`'s first update on the tiny klein-base-like FLUX.2 against `written_out_step`: the loss and every
-    parameter gradient (before clipping) to 1e-5 relative in float32."""
-    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0)
+def test_flux2_train_step_equals_the_step_written_out(request, tmp_path, monkeypatch, sel, models, rollout_guidance):
+    """`train`'s first update on the tiny klein-base-like FLUX.2 (CFG branches) and on the tiny dev-shaped one
+    (guidance embedding, one pass) against `written_out_step`: the loss and every parameter gradient (before
+    clipping) to 1e-5 relative in float32."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0,
+                           rollout_guidance=rollout_guidance)
     monkeypatch.setattr(srpo, "draw_timestep", lambda *args: sel)
     grads = {}
 
@@ -107,9 +129,9 @@ def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypat
         for name, p in model.named_parameters():
             p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
 
-    model, ae, text, reward = tiny2
+    model, ae, text, reward = tiny = request.getfixturevalue(models)
     reference = copy.deepcopy(model)
-    train_tiny(tiny2, tmp_path, cfg, prepare=prepare)
+    train_tiny(tiny, tmp_path, cfg, prepare=prepare)
     (line,) = log_lines(str(tmp_path))
     loss = written_out_step(reference, ae, reward, text, "a red fox", sel, 1, cfg)
     assert loss > 0 and line["loss"] == pytest.approx(loss, rel=1e-5)
