@@ -1,7 +1,9 @@
-"""`train` on FLUX.2 [klein] base (issue 23, item 3): one step against the step written out here (the branch
+"""`train` on FLUX.2 (issue 23, item 3). klein base: one step against the step written out here (the branch
 velocity with classifier-free guidance, both passes with gradient, spelled out from the model's calls), the model
-calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a FLUX.2 folder whose checkpoint
-`sample` reads and whose LoRA file diffusers' Flux2KleinPipeline loads, and --offload. Tiny models only."""
+calls of --no-branch-cfg, the tiny demo (`train --family flux2`), --offload, FSDP2. klein distilled and dev (one pass,
+no negative prompt; dev's scale through its guidance embedding): a dev-shaped step against the same written-out step,
+the model calls and the guidance the transformer gets. Runs from each folder (full and LoRA) whose checkpoints
+`sample` reads, and whose LoRA files diffusers' pipelines load. Tiny models only."""
 
 import copy
 import dataclasses
@@ -13,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from PIL import Image
 from references import flux2_dev_folder as make_dev_folder
 from references import flux2_folder as make_flux2_folder
@@ -260,24 +262,25 @@ def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folde
     assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
 
 
-def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_folder, tmp_path):
-    """A LoRA run from a klein base folder: its pytorch_lora_weights.safetensors, loaded by diffusers'
-    Flux2KleinPipeline.load_lora_weights, gives the transformer our merge gives (1e-5)."""
-    from test_flux import run_ours
-    from test_flux2 import pipeline_ids, transformer_inputs
+@pytest.mark.parametrize("kind, pipeline", [("base", Flux2KleinPipeline), ("dev", Flux2Pipeline)])
+def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind, pipeline, tmp_path):
+    """A LoRA run from a klein base folder or a dev folder: its pytorch_lora_weights.safetensors, loaded by the
+    folder's diffusers pipeline (Flux2KleinPipeline / Flux2Pipeline.load_lora_weights), gives the transformer our
+    merge gives (1e-5; dev's at guidance 4 through its embedding)."""
+    from test_flux2 import pipeline_ids, run_ours, transformer_inputs
     from test_flux2 import run_diffusers as run_flux2_diffusers
 
-    out = tmp_path / "lora"
-    srpo.main([*folder_args, "--out", str(out), "--samples", "0", "--lora-rank", "4", "--lora-alpha", "8",
-               "--lr", "1e-2"])
+    out, folder = tmp_path / "lora", folders[kind]
+    srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", "--lora-rank", "4",
+               "--lora-alpha", "8", "--lr", "1e-2"])
     lora_dir = os.path.join(out, runtime.CHECKPOINT.format(1))
-    pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
-    cfg = f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg
+    pipe = pipeline.from_pretrained(folder, local_files_only=True)
+    cfg = f2w.load_transformer(os.path.join(folder, "transformer")).cfg
     x, ids = transformer_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)
     base = run_flux2_diffusers(pipe.transformer, x, ids)
     pipe.load_lora_weights(lora_dir)
     theirs = run_flux2_diffusers(pipe.transformer, x, ids)
-    merged = lora.merge_lora(f2w.load_transformer(os.path.join(flux2_folder, "transformer")),
+    merged = lora.merge_lora(f2w.load_transformer(os.path.join(folder, "transformer")),
                              os.path.join(lora_dir, lora.LORA_FILE))
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
 
