@@ -241,8 +241,13 @@ def folder_args(flux2_folder, reward_args):
     return ["train", "--flux", flux2_folder, *reward_args]
 
 
-@pytest.mark.parametrize("lora_flags", [[], ["--lora-rank", "4", "--lora-alpha", "8"]], ids=["full", "lora"])
-@pytest.mark.parametrize("kind", ["base", "distilled", "dev"])
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "8"]
+
+
+# klein base's LoRA file is checked against Flux2KleinPipeline below, and its `sample --lora` in test_flux2_sample
+@pytest.mark.parametrize("kind, lora_flags", [
+    ("base", []), ("distilled", []), ("distilled", LORA_FLAGS), ("dev", []), ("dev", LORA_FLAGS)],
+    ids=["base", "distilled", "distilled-lora", "dev", "dev-lora"])
 def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folders, reward_args, kind, lora_flags,
                                                                            tmp_path):
     """One update from a klein base, klein distilled or dev folder, full or LoRA: `sample --flux FOLDER` with the
@@ -271,8 +276,8 @@ def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind,
     from test_flux2 import run_diffusers as run_flux2_diffusers
 
     out, folder = tmp_path / "lora", folders[kind]
-    srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", "--lora-rank", "4",
-               "--lora-alpha", "8", "--lr", "1e-2"])
+    srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", *LORA_FLAGS, "--lr",
+               "1e-2"])
     lora_dir = os.path.join(out, runtime.CHECKPOINT.format(1))
     pipe = pipeline.from_pretrained(folder, local_files_only=True)
     cfg = f2w.load_transformer(os.path.join(folder, "transformer")).cfg
@@ -285,7 +290,7 @@ def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind,
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
 
 
-@pytest.mark.parametrize("flags", [{}, {"rollout_guidance": 2.0}, {"no_branch_cfg": True}])
+@pytest.mark.parametrize("flags", [{}, {"rollout_guidance": 2.0, "no_branch_cfg": True}])
 @pytest.mark.parametrize("kind", ["distilled", "dev"])
 def test_one_pass_folders_call_the_model_once_per_branch_and_rollout_step(folders, kind, flags, tmp_path):
     """klein distilled and dev (flux2_sampling.frozen_parts: no negative prompt): per prompt and step, one model call
