@@ -1,5 +1,5 @@
-"""What the tests compare with: tiny random diffusers models, a tiny diffusers-format FLUX.1 folder, and the error
-metric."""
+"""What the tests compare with: tiny random diffusers models, tiny diffusers-format FLUX.1 and FLUX.2 (klein, dev)
+folders, and the error metric."""
 
 import csv
 import dataclasses
@@ -213,5 +213,51 @@ def flux2_folder(root, is_distilled=False):
                               text_encoder=qwen, tokenizer=tok, is_distilled=is_distilled,
                               transformer=diffusers_flux2_transformer(f2.Flux2Config.preset("tiny")))
     folder = root / ("klein-distilled" if is_distilled else "klein-base")
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+# Mistral-3's chat template cut to what Flux2Pipeline sends: a system turn, then user turns, their text content
+MISTRAL3_CHAT_TEMPLATE = (
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + m['content'][0]['text'] + "
+    "'[/SYSTEM_PROMPT]' }}{%- else %}{{ '[INST]' + m['content'][0]['text'] + '[/INST]' }}{%- endif %}{%- endfor %}")
+
+
+def pixtral_processor():
+    """Pixtral's processor (what Flux2Pipeline's tokenizer is) on a byte-level BPE tokenizer made offline, Mistral's
+    special tokens and the cut chat template."""
+    from transformers import PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_alphabet())} | {"ca": 256, "cat": 257}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t")])
+    tok.add_special_tokens({"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
+                                                          "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]})
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok,
+                            chat_template=MISTRAL3_CHAT_TEMPLATE)
+
+
+def flux2_dev_folder(root):
+    """A tiny FLUX.2 [dev] folder written by Flux2Pipeline.save_pretrained: a random Mistral-3 (30 layers, so that 10,
+    20 and 30 are its hidden states; a one-layer vision tower), the tiny VAE and a tiny transformer with a guidance
+    embedding. Returns its path."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    import flux2_model as f2
+
+    torch.manual_seed(0)
+    processor = pixtral_processor()
+    tok = processor.tokenizer
+    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=tok.pad_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=16)
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))).eval()
+    cfg = dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                         vae=diffusers_flux2_vae(f2.Flux2AutoEncoderConfig.preset("tiny")), text_encoder=mistral,
+                         tokenizer=processor, transformer=diffusers_flux2_transformer(cfg))
+    folder = root / "flux2-dev"
     pipe.save_pretrained(folder)
     return str(folder)

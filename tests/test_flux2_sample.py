@@ -6,7 +6,6 @@ Images: float32 on both sides, the same 8-bit PNG up to a float32 tie at a round
 pixel), as tests/test_flux.py holds FLUX.1 to FluxPipeline. Schedule and noise: bit for bit.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,8 +17,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
-from references import byte_alphabet, diffusers_flux2_transformer, diffusers_flux2_vae, randomize, rel_err
+from references import flux2_dev_folder as make_dev_folder
 from references import flux2_folder as make_flux2_folder
+from references import randomize, rel_err
 from safetensors.torch import save_file
 
 import families
@@ -127,48 +127,10 @@ def test_prompt_file_on_klein_gives_the_pipeline_images_and_a_manifest(klein, tm
 
 # FLUX.2 [dev]: Flux2Pipeline, Mistral-3's text conditioning and the guidance embedding
 
-# Mistral-3's chat template cut to what Flux2Pipeline sends: a system turn, then user turns, their text content
-MISTRAL3_CHAT_TEMPLATE = (
-    "{%- for m in messages %}{%- if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + m['content'][0]['text'] + "
-    "'[/SYSTEM_PROMPT]' }}{%- else %}{{ '[INST]' + m['content'][0]['text'] + '[/INST]' }}{%- endif %}{%- endfor %}")
-
-
-def pixtral_processor():
-    """Pixtral's processor (what Flux2Pipeline's tokenizer is) on a byte-level BPE tokenizer made offline, Mistral's
-    special tokens and the cut chat template."""
-    from transformers import PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer
-
-    vocab = {c: i for i, c in enumerate(byte_alphabet())} | {"ca": 256, "cat": 257}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t")])
-    tok.add_special_tokens({"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
-                                                          "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]})
-    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok,
-                            chat_template=MISTRAL3_CHAT_TEMPLATE)
-
-
 @pytest.fixture(scope="module")
 def dev_folder(tmp_path_factory):
-    """A tiny FLUX.2 [dev] folder written by Flux2Pipeline.save_pretrained: a random Mistral-3 (30 layers, so that 10,
-    20 and 30 are its hidden states; a one-layer vision tower), the tiny VAE and a tiny transformer with a guidance
-    embedding."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
-
-    torch.manual_seed(0)
-    processor = pixtral_processor()
-    tok = processor.tokenizer
-    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=tok.pad_token_id)
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=32, patch_size=16)
-    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
-        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))).eval()
-    cfg = dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)
-    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-                         vae=diffusers_flux2_vae(f2.Flux2AutoEncoderConfig.preset("tiny")), text_encoder=mistral,
-                         tokenizer=processor, transformer=diffusers_flux2_transformer(cfg))
-    folder = tmp_path_factory.mktemp("dev") / "flux2-dev"
-    pipe.save_pretrained(folder)
-    return str(folder)
+    """The tiny FLUX.2 [dev] folder (references.flux2_dev_folder)."""
+    return make_dev_folder(tmp_path_factory.mktemp("dev"))
 
 
 def test_dev_text_conditioning_is_flux2_pipelines(dev_folder):

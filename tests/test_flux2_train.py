@@ -1,9 +1,12 @@
-"""`train` on FLUX.2 [klein] base (issue 23, item 3): one step against the step written out here (the branch
+"""`train` on FLUX.2 (issue 23, item 3). klein base: one step against the step written out here (the branch
 velocity with classifier-free guidance, both passes with gradient, spelled out from the model's calls), the model
-calls of --no-branch-cfg, the tiny demo (`train --family flux2`), a run from a FLUX.2 folder whose checkpoint
-`sample` reads and whose LoRA file diffusers' Flux2KleinPipeline loads, and --offload. Tiny models only."""
+calls of --no-branch-cfg, the tiny demo (`train --family flux2`), --offload, FSDP2. klein distilled and dev (one pass,
+no negative prompt; dev's scale through its guidance embedding): a dev-shaped step against the same written-out step,
+the model calls and the guidance the transformer gets. Runs from each folder (full and LoRA) whose checkpoints
+`sample` reads, and whose LoRA files diffusers' pipelines load. Tiny models only."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -12,8 +15,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from PIL import Image
+from references import flux2_dev_folder as make_dev_folder
+from references import flux2_folder as make_flux2_folder
 from references import rel_err
 from safetensors.torch import save_file
 from test_train import (
@@ -30,6 +35,7 @@ from test_train import (
     weights,
 )
 
+import flux2_model as f2
 import flux2_sampling as f2s
 import flux2_weights as f2w
 import lora
@@ -51,13 +57,25 @@ def tiny2():
     return model, ae, f2s.embedder(text, cfg=True), HPSReward.tiny()
 
 
+@pytest.fixture(scope="module")
+def tiny2_dev():
+    """tiny2 shaped as FLUX.2 [dev]: the transformer with a guidance embedding, the text without a negative prompt
+    (one pass a velocity, the scale an input)."""
+    _, ae, text = f2s.tiny_models()
+    torch.manual_seed(1)
+    model = f2.Flux2(dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)).eval()
+    return model, ae, f2s.embedder(text, cfg=False), HPSReward.tiny()
+
+
 def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
-    """One prompt's SRPO step on FLUX.2 [klein] base, written out from the definitions (not from srpo.py), float32:
-    eps drawn as (1, C, H/16, W/16) and flattened channels-last, rounded to bf16; the rollout at guidance 1, the
-    conditional pass alone; each branch's velocity v_neg + g (v_pos - v_neg), both passes with gradient; the
-    recovery, the decode (tokens to 2x2 patches written out), SRP's reward (reward.relative_reward, itself checked
-    against the official step in test_train) and the hinge. Backpropagated into `model`. -> loss."""
-    txt, negative = text([prompt])
+    """One prompt's SRPO step on FLUX.2, written out from the definitions (not from srpo.py), float32: eps drawn as
+    (1, C, H/16, W/16) and flattened channels-last, rounded to bf16; the rollout's velocity the conditional pass at
+    the rollout guidance; each branch's velocity at cfg.guidance, with a negative prompt (klein base)
+    v_neg + g (v_pos - v_neg), both passes with gradient, without (dev) the one pass, the scale the guidance
+    embedding's input; the recovery, the decode (tokens to 2x2 patches written out), SRP's reward
+    (reward.relative_reward, itself checked against the official step in test_train) and the hinge. Backpropagated
+    into `model`. -> loss."""
+    txt, *negative = text([prompt])
     h, w, channels = cfg.height // 16, cfg.width // 16, model.cfg.in_channels
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                 indexing="ij")
@@ -65,8 +83,8 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     img_ids = torch.stack([zeros, rows, cols, zeros], -1).reshape(h * w, 4)
     tokens = txt.shape[1]
     txt_ids = torch.stack([torch.zeros(tokens)] * 3 + [torch.arange(tokens, dtype=torch.float32)], -1)
-    g = torch.tensor([cfg.guidance])
-    call = lambda x, sigma, c: model(x, img_ids, c, txt_ids, torch.tensor([official_t(sigma)]), g)  # noqa: E731
+    call = lambda x, sigma, c, g: model(x, img_ids, c, txt_ids, torch.tensor([official_t(sigma)]),  # noqa: E731
+                                        torch.tensor([g]))
     generator = torch.Generator().manual_seed(util.derive_seed(cfg.seed, "noise", step))
     eps = torch.randn((1, channels, h, w), generator=generator).reshape(1, channels, h * w).transpose(1, 2)
     eps = eps.bfloat16().float()
@@ -74,15 +92,18 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     x0 = eps
     with torch.no_grad():
         for i in range(cfg.rollout_steps):
-            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], txt)
+            x0 = x0 + (schedule[i + 1] - schedule[i]) * call(x0, schedule[i], txt, cfg.rollout_guidance)
     _, denoise, inversion, mid = official_branches(sel)
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[mid].item()
     P, N = POSITIVE[step % 4], NEGATIVE[step % 5]
     loss = 0
     for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
         x = s_from * eps + (1 - s_from) * x0
-        v_neg = call(x, s_from, negative)
-        x = x + (s_to - s_from) * (v_neg + cfg.guidance * (call(x, s_from, txt) - v_neg))
+        v = call(x, s_from, txt, cfg.guidance)
+        if negative:
+            v_neg = call(x, s_from, negative[0], cfg.guidance)
+            v = v_neg + cfg.guidance * (v - v_neg)
+        x = x + (s_to - s_from) * v
         x0_hat = (x - s_to * eps) / (1 - s_to)
         z = x0_hat.reshape(1, h, w, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, channels // 4, 2 * h,
                                                                                           2 * w)
@@ -93,11 +114,16 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     return loss.item()
 
 
+# klein base at the default rollout guidance 1 (its conditional pass alone); dev's rollout at 2, so that a rollout
+# fed the branches' scale (or the branches the rollout's) shows
+@pytest.mark.parametrize("models, rollout_guidance", [("tiny2", 1.0), ("tiny2_dev", 2.0)], ids=["klein-base", "dev"])
 @pytest.mark.parametrize("sel", [50, 500])  # sel <= K: the inversion branch ends one point noisier; sel > K
-def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypatch, sel):
-    """`train`'s first update on the tiny klein-base-like FLUX.2 against `written_out_step`: the loss and every
-    parameter gradient (before clipping) to 1e-5 relative in float32."""
-    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0)
+def test_flux2_train_step_equals_the_step_written_out(request, tmp_path, monkeypatch, sel, models, rollout_guidance):
+    """`train`'s first update on the tiny klein-base-like FLUX.2 (CFG branches) and on the tiny dev-shaped one
+    (guidance embedding, one pass) against `written_out_step`: the loss and every parameter gradient (before
+    clipping) to 1e-5 relative in float32."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0,
+                           rollout_guidance=rollout_guidance)
     monkeypatch.setattr(srpo, "draw_timestep", lambda *args: sel)
     grads = {}
 
@@ -105,9 +131,9 @@ def test_flux2_train_step_equals_the_step_written_out(tiny2, tmp_path, monkeypat
         for name, p in model.named_parameters():
             p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
 
-    model, ae, text, reward = tiny2
+    model, ae, text, reward = tiny = request.getfixturevalue(models)
     reference = copy.deepcopy(model)
-    train_tiny(tiny2, tmp_path, cfg, prepare=prepare)
+    train_tiny(tiny, tmp_path, cfg, prepare=prepare)
     (line,) = log_lines(str(tmp_path))
     loss = written_out_step(reference, ae, reward, text, "a red fox", sel, 1, cfg)
     assert loss > 0 and line["loss"] == pytest.approx(loss, rel=1e-5)
@@ -189,51 +215,106 @@ def clip_vocabulary(folder):
 
 
 @pytest.fixture(scope="module")
-def folder_args(flux2_folder, tmp_path_factory):
-    """`train` arguments for a run from the tiny FLUX.2 [klein] base folder: a tiny CLIP reward folder holding its
-    own CLIP vocabulary (the klein folder's tokenizer is Qwen's), a prompt file."""
+def folders(flux2_folder, tmp_path_factory):
+    """The tiny FLUX.2 folders, each written by its diffusers pipeline: klein base (CFG), and the one-pass ones,
+    klein distilled (is_distilled) and dev (Flux2Pipeline: Mistral-3, a guidance embedding)."""
+    root = tmp_path_factory.mktemp("f2folders")
+    return {"base": flux2_folder, "distilled": make_flux2_folder(root, is_distilled=True),
+            "dev": make_dev_folder(root)}
+
+
+@pytest.fixture(scope="module")
+def reward_args(tmp_path_factory):
+    """`train` arguments for a run from a tiny FLUX.2 folder, but --flux: a tiny CLIP reward folder holding its own
+    CLIP vocabulary (the folders' tokenizers are Qwen's and Pixtral's), a prompt file."""
     root = tmp_path_factory.mktemp("f2run")
     clip = tiny_clip_folder(root / "clip")
     clip_vocabulary(clip)
     (root / "prompts.txt").write_text("a cat on a mat\na dog in the fog\n")
-    return ["train", "--flux", flux2_folder, "--reward", "clip", "--clip", clip, "--prompts",
-            str(root / "prompts.txt"), "--batch", "1", "--steps", "1", *SMALL]
+    return ["--reward", "clip", "--clip", clip, "--prompts", str(root / "prompts.txt"), "--batch", "1", "--steps",
+            "1", *SMALL]
 
 
-def test_flux2_folder_run_samples_from_its_checkpoint(folder_args, flux2_folder, tmp_path):
-    """Full fine-tuning from a klein base folder; `sample --flux FOLDER --transformer CHECKPOINT` reads the result
-    and gives another image than the base."""
-    srpo.main([*folder_args, "--out", str(tmp_path / "run"), "--samples", "0"])
-    checkpoint = os.path.join(tmp_path, "run", runtime.CHECKPOINT.format(1))
-    images = {}
-    for name, extra in [("trained", ["--transformer", checkpoint]), ("base", [])]:
-        images[name] = str(tmp_path / f"{name}.png")
-        srpo.main(["sample", "--flux", flux2_folder, "--height", "32", "--width", "32", "--steps", "2", "--out",
-                   images[name], *extra])
-    trained, base = (np.asarray(Image.open(images[n]), dtype=np.float32) for n in ("trained", "base"))
-    assert trained.shape == (32, 32, 3) and np.abs(trained - base).mean() > 0
+@pytest.fixture(scope="module")
+def folder_args(flux2_folder, reward_args):
+    """`train` arguments for a run from the tiny FLUX.2 [klein] base folder."""
+    return ["train", "--flux", flux2_folder, *reward_args]
 
 
-def test_flux2_lora_run_file_loads_with_flux2_klein_pipeline(folder_args, flux2_folder, tmp_path):
-    """A LoRA run from a klein base folder: its pytorch_lora_weights.safetensors, loaded by diffusers'
-    Flux2KleinPipeline.load_lora_weights, gives the transformer our merge gives (1e-5)."""
-    from test_flux import run_ours
-    from test_flux2 import pipeline_ids, transformer_inputs
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "8"]
+
+
+# klein base's LoRA file is checked against Flux2KleinPipeline below, and its `sample --lora` in test_flux2_sample
+@pytest.mark.parametrize("kind, lora_flags", [
+    ("base", []), ("distilled", []), ("distilled", LORA_FLAGS), ("dev", []), ("dev", LORA_FLAGS)],
+    ids=["base", "distilled", "distilled-lora", "dev", "dev-lora"])
+def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folders, reward_args, kind, lora_flags,
+                                                                           tmp_path):
+    """One update from a klein base, klein distilled or dev folder, full or LoRA: `sample --flux FOLDER` with the
+    checkpoint (--transformer CHECKPOINT, or --lora FILE), --seed 0 --steps 28 and the default guidance (4, as
+    training's on FLUX.2) makes the run's held-out evaluation image of step 1, pixel for pixel, not step 0's."""
+    out = tmp_path / "run"
+    srpo.main(["train", "--flux", folders[kind], *reward_args, "--out", str(out), "--samples", "0", "--lr", "1e-3",
+               *lora_flags])
+    checkpoint = os.path.join(out, runtime.CHECKPOINT.format(1))
+    weights_flags = ["--lora", os.path.join(checkpoint, lora.LORA_FILE)] if lora_flags else ["--transformer",
+                                                                                           checkpoint]
+    (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
+    png = str(tmp_path / "sample.png")
+    srpo.main(["sample", "--flux", folders[kind], *weights_flags, "--prompt", prompt, "--seed", "0", "--steps", "28",
+               "--height", "32", "--width", "32", "--out", png])
+    tile = [np.asarray(Image.open(out / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 1)]
+    assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
+
+
+@pytest.mark.parametrize("kind, pipeline", [("base", Flux2KleinPipeline), ("dev", Flux2Pipeline)])
+def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind, pipeline, tmp_path):
+    """A LoRA run from a klein base folder or a dev folder: its pytorch_lora_weights.safetensors, loaded by the
+    folder's diffusers pipeline (Flux2KleinPipeline / Flux2Pipeline.load_lora_weights), gives the transformer our
+    merge gives (1e-5; dev's at guidance 4 through its embedding)."""
+    from test_flux2 import pipeline_ids, run_ours, transformer_inputs
     from test_flux2 import run_diffusers as run_flux2_diffusers
 
-    out = tmp_path / "lora"
-    srpo.main([*folder_args, "--out", str(out), "--samples", "0", "--lora-rank", "4", "--lora-alpha", "8",
-               "--lr", "1e-2"])
+    out, folder = tmp_path / "lora", folders[kind]
+    srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", *LORA_FLAGS, "--lr",
+               "1e-2"])
     lora_dir = os.path.join(out, runtime.CHECKPOINT.format(1))
-    pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
-    cfg = f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg
+    pipe = pipeline.from_pretrained(folder, local_files_only=True)
+    cfg = f2w.load_transformer(os.path.join(folder, "transformer")).cfg
     x, ids = transformer_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)
     base = run_flux2_diffusers(pipe.transformer, x, ids)
     pipe.load_lora_weights(lora_dir)
     theirs = run_flux2_diffusers(pipe.transformer, x, ids)
-    merged = lora.merge_lora(f2w.load_transformer(os.path.join(flux2_folder, "transformer")),
+    merged = lora.merge_lora(f2w.load_transformer(os.path.join(folder, "transformer")),
                              os.path.join(lora_dir, lora.LORA_FILE))
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
+
+
+@pytest.mark.parametrize("flags", [{}, {"rollout_guidance": 2.0, "no_branch_cfg": True}])
+@pytest.mark.parametrize("kind", ["distilled", "dev"])
+def test_one_pass_folders_call_the_model_once_per_branch_and_rollout_step(folders, kind, flags, tmp_path):
+    """klein distilled and dev (flux2_sampling.frozen_parts: no negative prompt): per prompt and step, one model call
+    with gradient per branch and one without per rollout step, whatever the rollout guidance or --no-branch-cfg,
+    each with the prompt's own embedding. dev's transformer gets the rollout guidance in the rollout and --guidance
+    in the branches (its guidance embedding runs on every call); distilled's ignores the value it is passed."""
+    ae, text, _, load = f2s.frozen_parts(folders[kind], torch.float32, CPU, torch.float32)
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0, **flags)
+    calls, embedded = [], []
+
+    def prepare(model):
+        model.register_forward_pre_hook(lambda m, args: calls.append((torch.is_grad_enabled(), args[2], args[5])))
+        if model.guidance_in is not None:
+            model.guidance_in.register_forward_pre_hook(lambda m, args: embedded.append(args))
+
+    train_tiny((load(CPU), ae, text, HPSReward.tiny()), tmp_path, cfg, prepare=prepare)
+    (txt,) = text(["a red fox"])  # the prompt's embedding alone: no negative prompt
+    assert all(torch.equal(prompt, txt) for _, prompt, _ in calls)
+    with_grad = [guidance.tolist() for grad, _, guidance in calls if grad]
+    without_grad = [guidance.tolist() for grad, _, guidance in calls if not grad]
+    assert (len(with_grad), len(without_grad)) == (2, 4)
+    if kind == "dev":
+        assert with_grad == [[cfg.guidance]] * 2 and without_grad == [[cfg.rollout_guidance]] * 4
+    assert len(embedded) == (6 if kind == "dev" else 0)
 
 
 def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_args, tmp_path, capsys):
