@@ -343,11 +343,9 @@ def model_calls(cfg, sampled_with_cfg):
 
 def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
              lora_rank=0, calls=None):
-    """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
-    recomputed blocks carry LoRA adapters. calls: model_calls' (without, with gradient) a prompt, by default
-    FLUX.1-dev's at train's defaults; each branch's velocity is calls[1] / 2 passes, both measured with gradient."""
+    """Every number of the table, in bytes: a dict (see `report`). lora_rank: adapters on the transformer and the
+    recomputed blocks; calls: model_calls' (FLUX.1-dev's at train's defaults), each branch's calls[1] / 2 measured."""
     calls = calls or model_calls(srpo.TrainConfig(), sampled_with_cfg=False)
-    passes = calls[1] // 2
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
     clip_cfg = clip_cfg or cw.clip_config(**VIT_H_14)
@@ -358,7 +356,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     tokens = (height // 16) * (width // 16)
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
-                                scorer.to_empty(device="cuda"), height, width, text_tokens, passes)
+                                scorer.to_empty(device="cuda"), height, width, text_tokens, calls[1] // 2)
         stages = measure_vae_stages(ae, height, width, flux_cfg.in_channels)
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
