@@ -1,4 +1,5 @@
-"""tools/memory_estimate.py on tiny models, held to arithmetic done here, so its README numbers cannot drift."""
+"""tools/memory_estimate.py on tiny models, held to arithmetic done here and its model calls to those a real tiny
+training step makes, so its README numbers cannot drift."""
 
 import math
 
