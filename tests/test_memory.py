@@ -1,9 +1,12 @@
-"""tools/memory_estimate.py on tiny models, held to arithmetic done here, so its README numbers cannot drift."""
+"""tools/memory_estimate.py on tiny models, held to arithmetic done here and its model calls to those a real tiny
+training step makes, so its README numbers cannot drift."""
 
 import math
 
 import pytest
 import torch
+from test_flux2_train import tiny2  # noqa: F401 (a fixture)
+from test_train import train_tiny
 
 import clip_weights as cw
 import flux2_model as f2
@@ -19,24 +22,24 @@ TEXT_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_estimate():
     cfgs = fm.FluxConfig.preset("tiny"), fm.AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
     return cfgs, me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS)
 
 
-def test_checkpointed_block_inputs_are_one_bf16_stream_per_block(tiny):
+def test_checkpointed_block_inputs_are_one_bf16_stream_per_block(tiny_estimate):
     """Each block's checkpoint keeps its input stream, (image + text tokens) x width in bf16, and the shared
     conditioning vector vec (1 x width, bf16) once; nothing of the blocks' insides."""
-    (flux_cfg, _, _), e = tiny
+    (flux_cfg, _, _), e = tiny_estimate
     blocks = flux_cfg.depth + flux_cfg.depth_single_blocks
     tokens = (HEIGHT // 16) * (WIDTH // 16) + TEXT_TOKENS
     assert e["block inputs"] == blocks * tokens * flux_cfg.hidden_size * 2 + flux_cfg.hidden_size * 2
 
 
-def test_vae_largest_saved_tensor_is_an_fp32_group_norm_input(tiny):
+def test_vae_largest_saved_tensor_is_an_fp32_group_norm_input(tiny_estimate):
     """CUDA autocast runs GroupNorm in fp32: the decoder's largest saved tensor is the fp32 copy of the input of
     the first full-resolution block, ch * ch_mult[1] channels at H x W (a bf16 rule would give half)."""
-    (_, ae_cfg, _), e = tiny
+    (_, ae_cfg, _), e = tiny_estimate
     assert e["vae largest"] == ae_cfg.ch * ae_cfg.ch_mult[1] * HEIGHT * WIDTH * 4
 
 
@@ -73,11 +76,11 @@ def test_training_decodes_checkpointed_and_sampling_does_not(tmp_path, monkeypat
     assert seen == [True] and not fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).decoder.checkpointing
 
 
-def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_two(tiny):
+def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_two(tiny_estimate):
     """--offload on CUDA: FSDP2 pins each fp32 parameter and gradient as its own tensor, and PyTorch's host allocator
     rounds each block up to a power of two (full fine-tuning of FLUX.1-dev: ~224 GB of host memory, not 190);
     AdamW's state is not pinned."""
-    (flux_cfg, _, _), e = tiny
+    (flux_cfg, _, _), e = tiny_estimate
     with torch.device("meta"):
         sizes = [p.numel() for p in fm.Flux(flux_cfg).parameters()]
     expected = sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in sizes)
@@ -87,10 +90,11 @@ def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_
 @pytest.fixture(scope="module")
 def klein_tiny():
     """The tiny FLUX.2 transformer and VAE, LoRA rank 4; the branch's velocity with CFG (2 passes) and the
-    conditional pass alone (1), the rollout with CFG in both."""
+    conditional pass alone (1, --no-branch-cfg), at train's defaults otherwise (the rollout at guidance 1)."""
     cfgs = f2.Flux2Config.preset("tiny"), f2.Flux2AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
-    return cfgs, {p: me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS, lora_rank=4, passes=p,
-                                 rollout_passes=2) for p in (1, 2)}
+    calls = {p: me.model_calls(srpo.TrainConfig(no_branch_cfg=p == 1), sampled_with_cfg=True) for p in (1, 2)}
+    return cfgs, {p: me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS, lora_rank=4, calls=calls[p])
+                  for p in (1, 2)}
 
 
 def test_flux2_branch_with_cfg_keeps_both_passes_graphs(klein_tiny):
@@ -106,22 +110,42 @@ def test_flux2_branch_with_cfg_keeps_both_passes_graphs(klein_tiny):
 
 def test_flux2_lora_params_and_model_calls(klein_tiny):
     """FLUX.2's adapters: R (in + out) per adapted layer, SwiGLU's input layer 2 x the MLP width out; the base's
-    count is Flux2's. Model calls per prompt with CFG: 2 R rollout forwards and 2 x 2 branch passes, each branch pass
-    3 forwards' work for LoRA (forward, recompute, input gradients), 4 for full."""
+    count is Flux2's. Model calls per prompt: R rollout forwards (guidance 1: the conditional pass alone) and 2
+    branches of `passes` calls, each 3 forwards' work for LoRA (forward, recompute, input gradients), 4 for full."""
     (cfg, _, _), e = klein_tiny
     h, m = cfg.hidden_size, cfg.mlp_hidden
     double, single = 2 * ((h + 3 * h) + (h + h) + (h + 2 * m) + (m + h)), (h + 3 * h + 2 * m) + (h + m + h)
     assert e[2]["lora params"] == 4 * (cfg.depth * double + cfg.depth_single_blocks * single)
     assert e[2]["params"] == sum(p.numel() for p in f2.Flux2(cfg).parameters())
     for passes, modes in ((p, me.one_gpu(e[p])) for p in (1, 2)):
-        assert modes["LoRA r=4, resident"][4] == (2 * me.ROLLOUT + 2 * passes * 3) * e[passes]["forward flop"]
-        assert modes["full, --offload"][4] == (2 * me.ROLLOUT + 2 * passes * 4) * e[passes]["forward flop"]
+        rollout = srpo.TrainConfig.rollout_steps
+        assert modes["LoRA r=4, resident"][4] == (rollout + 2 * passes * 3) * e[passes]["forward flop"]
+        assert modes["full, --offload"][4] == (rollout + 2 * passes * 4) * e[passes]["forward flop"]
         assert modes["full, resident"][0] > 16 * e[passes]["params"]  # fp32 weights, gradients, AdamW state
 
 
-def test_cfg_on_flux_dev_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["memory_estimate", "--cfg"])
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("models, sampled_with_cfg, flags", [
+    ("tiny2", True, {}),  # klein base at train's defaults: the rollout at guidance 1, CFG branches: R + 4
+    ("tiny2", True, {"no_branch_cfg": True}),  # R + 2
+    ("tiny2", True, {"rollout_guidance": 2.0}),  # PickScore's recipe: the rollout with CFG, 2 R + 4
+    ("tiny2", True, {"rollout_guidance": 2.0, "no_branch_cfg": True}),  # every call the conditional pass: R + 2
+    ("tiny", False, {"rollout_guidance": 2.0})])  # FLUX.1: the guidance an input of one call, R + 2
+def test_model_calls_counted_are_those_a_training_step_makes(request, tmp_path, models, sampled_with_cfg, flags):
+    """The calls the time model counts (model_calls: the FLOP, the --offload copies, the minutes) are the transformer
+    calls one real `train` step makes on the tiny klein-base-like FLUX.2 or FLUX.1, without and with gradient (a
+    forward pre-hook), for the same TrainConfig."""
+    cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
+    calls = []
+    hook = lambda module, args: calls.append(torch.is_grad_enabled())  # noqa: E731
+    train_tiny(request.getfixturevalue(models), tmp_path, cfg,
+               prepare=lambda model: model.register_forward_pre_hook(hook))
+    assert me.model_calls(cfg, sampled_with_cfg) == (calls.count(False), calls.count(True))
+
+
+def test_a_flag_out_of_train_range_is_one_line(capsys):
+    """The tool's flags are train's, checked by TrainConfig: one line naming the flag, exit 2."""
     with pytest.raises(SystemExit) as exit_info:
-        me.main()
+        me.main(["--model", "klein-4b", "--rollout-guidance", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --cfg is for a model sampled")
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --rollout-guidance must be")

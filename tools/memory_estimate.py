@@ -4,15 +4,20 @@ weights, seconds.
     python -m tools.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
     python -m tools.memory_estimate --height 1024 --width 1024
     python -m tools.memory_estimate --lora-rank 64   # + one GPU: LoRA resident or offloaded, full with --offload
-    python -m tools.memory_estimate --model klein-4b --cfg --lora-rank 64   # FLUX.2 [klein] 4B, CFG branches
+    python -m tools.memory_estimate --model klein-4b --lora-rank 64   # FLUX.2 [klein] 4B base, train's defaults
+    python -m tools.memory_estimate --model klein-4b --lora-rank 64 --rollout-guidance 2   # PickScore's recipe
     python -m tools.memory_estimate --fits --lora-rank 64   # klein 4B / 9B: which one-GPU mode fits 24 / 48 / 80 GB
 
-FLUX.2 [klein] base samples with classifier-free guidance, v = v_neg + w (v_pos - v_neg): two model calls per step.
-With --cfg a branch's velocity is that one, both passes with gradient (the way the model is sampled): the branch
-keeps two transformer graphs until its backward, each rollout step costs two forwards and each branch two forwards
-and two backwards; per prompt (R rollout steps with CFG, 2 branches) 2 R + 4 model calls, 4 with gradient; the
-conditional pass alone (no --cfg) 2 R + 2, 2 with gradient (FLUX.1-dev, guidance-distilled: R + 2). The text encoder
-(T5-XXL, Qwen3) is not counted: training embeds the prompts and frees it first.
+The run described is `train`'s with the same flags (a TrainConfig: --rollout-guidance, --no-branch-cfg, the size,
+the rank; the rest its defaults, the HPS recipe, whose reward is the one measured). FLUX.2 [klein] base samples with
+classifier-free guidance, v = v_neg + w (v_pos - v_neg): two model calls a velocity, where training asks for it
+(model_calls). Each branch's velocity is that one by default, both passes with gradient (the way the model is
+sampled): the branch keeps two transformer graphs until its backward and costs two forwards and two backwards. The
+rollout samples with CFG only above --rollout-guidance 1 (Flux2Conditioning.at_guidance; 1 by default, PickScore's
+recipe 2), and --no-branch-cfg gives every training call the conditional pass alone. Per prompt (R rollout steps, 2
+branches): R + 4 model calls, 4 with gradient (2 R + 4 at rollout guidance 2); with --no-branch-cfg R + 2, 2 with
+gradient; FLUX.1-dev, whose guidance is its embedding's input: R + 2 at any guidance. The text encoder (T5-XXL,
+Qwen3) is not counted: training embeds the prompts and frees it first.
 
 Measured: the project's own modules (flux_model.Flux and AutoEncoder with their FLUX.1-dev configs, or
 flux2_model.Flux2 and Flux2AutoEncoder with klein's presets; reward.py's ViT-H-14 HPS scorer) are built on the meta
@@ -56,6 +61,7 @@ import lora
 import reward
 import runtime
 import sampling
+import srpo
 import util
 
 GB = 1e9
@@ -64,6 +70,7 @@ TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on; Qwen3 tokens klein 
 MODELS = {"flux-dev": (fm.FluxConfig.preset("flux-dev"), fm.AutoEncoderConfig.preset("flux-dev")),
           "klein-4b": (f2.Flux2Config.preset("klein-4b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
           "klein-9b": (f2.Flux2Config.preset("klein-9b"), f2.Flux2AutoEncoderConfig.preset("flux2"))}
+SAMPLED_WITH_CFG = ("klein-4b", "klein-9b")  # klein base (klein distilled shares the shapes and makes one call)
 CFG_SCALE = 4.0  # Flux2KleinPipeline's default guidance_scale (any w: the graphs do not depend on it)
 ALLOWANCE = 3.0  # GB: CUDA context, NCCL buffers, allocator slack (an allowance, not a measurement)
 WORLDS = (2, 3, 4, 8, 32)  # GPUs N in the table (3 does not divide the default global batch of 32: for the record)
@@ -324,11 +331,21 @@ def meta_models(flux_cfg, ae_cfg, lora_rank):
     return flux, one, meta(lambda: autoencoder(ae_cfg).requires_grad_(False), torch.bfloat16)
 
 
+def model_calls(cfg, sampled_with_cfg):
+    """(model calls without gradient, with gradient) of one prompt in a `train` step of TrainConfig `cfg`: the
+    rollout's R Euler steps and SRPO's two branches, each velocity one call, or two (v_neg + g (v_pos - v_neg)) on a
+    model sampled with classifier-free guidance where srpo.py asks for it: the branches unless --no-branch-cfg
+    (srpo.step_batch: at_guidance(inf), or 1), the rollout above --rollout-guidance 1 (srpo.online_rollout) on the
+    branches' conditioning, which --no-branch-cfg left without the negative prompt. FLUX.1-dev: one call each."""
+    cfg_passes = 2 if sampled_with_cfg and not cfg.no_branch_cfg else 1
+    return cfg.rollout_steps * (cfg_passes if cfg.rollout_guidance > 1 else 1), 2 * cfg_passes
+
+
 def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, text_tokens=TEXT_TOKENS,
-             lora_rank=0, passes=1, rollout_passes=1):
-    """Every number of the table, in bytes: a dict (see `report`). With lora_rank, the transformer and the
-    recomputed blocks carry LoRA adapters; passes=2, the branch's velocity with CFG (both calls with gradient);
-    rollout_passes=2, a rollout sampled with CFG (klein base)."""
+             lora_rank=0, calls=None):
+    """Every number of the table, in bytes: a dict (see `report`). lora_rank: adapters on the transformer and the
+    recomputed blocks; calls: model_calls' (FLUX.1-dev's at train's defaults), each branch's calls[1] / 2 measured."""
+    calls = calls or model_calls(srpo.TrainConfig(), sampled_with_cfg=False)
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
     clip_cfg = clip_cfg or cw.clip_config(**VIT_H_14)
@@ -339,7 +356,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     tokens = (height // 16) * (width // 16)
     with fake_cuda():
         branch = measure_branch(checkpointed(flux.to_empty(device="cuda")), ae.to_empty(device="cuda"),
-                                scorer.to_empty(device="cuda"), height, width, text_tokens, passes)
+                                scorer.to_empty(device="cuda"), height, width, text_tokens, calls[1] // 2)
         stages = measure_vae_stages(ae, height, width, flux_cfg.in_channels)
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
@@ -358,7 +375,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
         "pickscore weights": numel(scorer) * 2,  # --pickscore: a ViT-H-14 CLIP too, held in bf16 for scoring only
         "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
-        "lora rank": lora_rank, "passes": passes, "rollout passes": rollout_passes,
+        "lora rank": lora_rank, "calls": calls,
         "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
         "forward flop": 2 * base * (tokens + text_tokens)
@@ -423,7 +440,7 @@ def report(e, height, width):
 
 PCIE = {"PCIe 4.0 x16": 25e9, "PCIe 5.0 x16": 50e9}  # host-to-device bytes/s a pinned copy sustains (assumed)
 SUSTAINED = {"H100/H200": 400e12, "A100 / L40S class": 200e12, "RTX 4090 class": 150e12}  # bf16 FLOP/s (assumed)
-ROLLOUT, BATCH = 25, 32  # forwards without gradient per prompt; prompts per official step
+BATCH = srpo.TrainConfig.batch  # prompts per official step
 HOST_ADD = 50e9  # bytes/s a multi-threaded torch add moves through host memory (assumed)
 
 
@@ -438,9 +455,9 @@ def one_gpu(e):
     the CPU (time_back). Host memory counts the pinned parameters and gradients as the host allocator rounds them
     (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
     weights + AdamW state while saving. Full, resident: no FSDP, the fp32 weights, gradients and AdamW state on the
-    GPU, autocast's bf16 copy of the block computing. Model calls per prompt: the rollout's (calls(e)) and the
-    branches', e["passes"] each (CFG: 2, each with its forward, recompute and backward; FSDP2 is assumed to regather
-    and to send gradients back once per call)."""
+    GPU, autocast's bf16 copy of the block computing. Model calls per prompt: e["calls"], the rollout's forwards and
+    the branches' calls with gradient, each a forward, a recompute and a backward (FSDP2 is assumed to regather and
+    to send gradients back once per call)."""
     lora_n, base = e["lora params"], e["params"]
     lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
     full_host = 2 * pinned(e["base sizes"], 4) + base * 8
@@ -449,7 +466,7 @@ def one_gpu(e):
     recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
     graphs = max(inputs + e["vae"] + max(e["reward"], e["vae stage"]), recompute)
     root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
-    rollout, branches = e["rollout passes"] * ROLLOUT, 2 * e["passes"]
+    rollout, branches = e["calls"]
     lora_flop, full_flop = (rollout + branches * 3) * e["forward flop"], (rollout + branches * 4) * e["forward flop"]
     gathers = rollout + branches * 2
     return {
@@ -464,8 +481,10 @@ def one_gpu(e):
 
 
 def report_one_gpu(e):
-    print("\none GPU (GB; LoRA's backward computes no base weight gradients: 3 forwards' work per branch, 4 "
-          "for full):")
+    rollout, with_grad = e["calls"]
+    print(f"\none GPU (GB; a prompt makes {rollout + with_grad} model calls: the rollout's {rollout} forwards and "
+          f"{with_grad} with gradient, each 3 forwards' work for LoRA, whose backward computes no base weight "
+          "gradients, 4 for full):")
     print(f"  LoRA rank {e['lora rank']}: {e['lora params'] / 1e6:.1f} M adapter parameters, "
           f"{e['lora params'] * STATE_BYTES / GB:.2f} GB with gradients and AdamW state")
     for mode, (gpu, host, extra, copied, flop, back) in one_gpu(e).items():
@@ -488,48 +507,52 @@ def time_back(back):
 CARDS = (24, 48, 80)  # GiB
 
 
-def fits(height, width, lora_rank):
-    """FLUX.2 [klein] 4B and 9B base (rollout with CFG), the branch velocity with CFG (both passes with gradient, the
-    default) or the conditional pass alone: each one-GPU mode's GPU and host GB and which cards it fits."""
-    print(f"one SRPO step at {height}x{width}, one GPU, LoRA rank {lora_rank}, rollout {ROLLOUT} steps with CFG; "
-          f"GPU fits a card of N GiB ({', '.join(map(str, CARDS))})")
+def fits(cfg):
+    """FLUX.2 [klein] 4B and 9B base in a `train` run of TrainConfig `cfg`, the branch velocity with CFG (both passes
+    with gradient, train's default) or the conditional pass alone (--no-branch-cfg): each one-GPU mode's GPU and host
+    GB, which cards it fits, and the model calls a prompt (model_calls: the rollout's follow --rollout-guidance)."""
+    print(f"one SRPO step at {cfg.height}x{cfg.width}, one GPU, LoRA rank {cfg.lora_rank}, rollout {cfg.rollout_steps} "
+          f"steps at guidance {cfg.rollout_guidance:g}; GPU fits a card of N GiB ({', '.join(map(str, CARDS))})")
     print(f"{'model':<9} {'branch velocity':<22} {'mode':<20} {'GPU GB':>7} {'host GB':>8}  {'fits':<8}  "
           "model calls a prompt")
     for name in ("klein-4b", "klein-9b"):
-        for passes, how in ((2, "CFG, both passes"), (1, "conditional pass")):
-            e = estimate(height, width, *MODELS[name], lora_rank=lora_rank, passes=passes, rollout_passes=2)
-            calls = f"{2 * ROLLOUT + 2 * passes} ({2 * passes} with gradient)"
+        for no_branch_cfg, how in ((False, "CFG, both passes"), (True, "conditional pass")):
+            calls = model_calls(dataclasses.replace(cfg, no_branch_cfg=no_branch_cfg), name in SAMPLED_WITH_CFG)
+            e = estimate(cfg.height, cfg.width, *MODELS[name], lora_rank=cfg.lora_rank, calls=calls)
             for mode, (gpu, host, *_) in one_gpu(e).items():
                 ok = "/".join(str(c) for c in CARDS if gpu <= c * 2**30) or "-"
-                print(f"{name:<9} {how:<22} {mode:<20} {gpu / GB:7.1f} {host / GB:8.1f}  {ok:<8}  {calls}")
+                print(f"{name:<9} {how:<22} {mode:<20} {gpu / GB:7.1f} {host / GB:8.1f}  {ok:<8}  "
+                      f"{sum(calls)} ({calls[1]} with gradient)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--lora-rank", type=int, default=0, help="also the one-GPU modes, with LoRA of this rank")
     parser.add_argument("--model", choices=MODELS, default="flux-dev", help="the transformer and VAE (flux2_model's "
-                        "presets for klein; klein base: the rollout samples with CFG)")
-    parser.add_argument("--cfg", action="store_true", help="FLUX.2 [klein] base: the branch velocity with CFG, both "
-                        "passes with gradient (default: the conditional pass alone)")
-    parser.add_argument("--fits", action="store_true", help="the one-GPU table of klein 4B and 9B on 24/48/80 GB cards")
-    args = parser.parse_args()
-    try:
-        sampling.check_size(args.height, args.width)
-        if args.cfg and args.model == "flux-dev":
-            raise util.InputError("--cfg is for a model sampled with CFG (--model klein-4b or klein-9b); FLUX.1-dev's "
-                                  "guidance is its embedding")
+                        "presets for klein base, sampled with classifier-free guidance)")
+    parser.add_argument("--rollout-guidance", type=float, default=srpo.TrainConfig.rollout_guidance, help="as train's "
+                        "(default TrainConfig's, the HPS recipe's, whose reward is measured; PickScore's recipe: 2): "
+                        "klein base's rollout samples with CFG above 1, two model calls a step")
+    parser.add_argument("--no-branch-cfg", action="store_true", help="as train's: klein base's training calls take "
+                        "the conditional pass alone (default: each branch's velocity with CFG, both passes with "
+                        "gradient); no effect on FLUX.1-dev")
+    parser.add_argument("--fits", action="store_true", help="the one-GPU table of klein 4B and 9B on 24/48/80 GB "
+                        "cards, with and without --no-branch-cfg (LoRA rank 64 unless given)")
+    args = parser.parse_args(argv)
+    try:  # the run described, checked as train checks it
+        cfg = srpo.TrainConfig(height=args.height, width=args.width, rollout_guidance=args.rollout_guidance,
+                               no_branch_cfg=args.no_branch_cfg, lora_rank=args.lora_rank or (64 if args.fits else 0))
     except util.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(util.EXIT_INPUT)
     if args.fits:
-        return fits(args.height, args.width, args.lora_rank or 64)
-    klein = args.model != "flux-dev"
-    e = estimate(args.height, args.width, *MODELS[args.model], lora_rank=args.lora_rank, passes=1 + args.cfg,
-                 rollout_passes=1 + klein)
-    report(e, args.height, args.width)
-    if args.lora_rank:
+        return fits(cfg)
+    calls = model_calls(cfg, args.model in SAMPLED_WITH_CFG)
+    e = estimate(cfg.height, cfg.width, *MODELS[args.model], lora_rank=cfg.lora_rank, calls=calls)
+    report(e, cfg.height, cfg.width)
+    if cfg.lora_rank:
         report_one_gpu(e)
 
 
