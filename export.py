@@ -65,12 +65,12 @@ FAMILIES = {
     "Flux2Transformer2DModel": Family("FLUX.2", Flux2, Flux2Config, f2w.transformer_sources, f2w.load_transformer,
                                       f2w.save_transformer, f2w.transformer_links, f2w.config_to_diffusers,
                                       "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors")}
-FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
+FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'
 
 
 def family_of(path):
     """The Family of a transformer: a folder's config.json `_class_name` (as diffusers writes it), a single file's
-    keys (FLUX.2's shared single_stream_modulation, BFL names, maybe prefixed as in an all-in-one file)."""
+    keys (FLUX.2's shared single_stream_modulation in BFL's or diffusers' names, BFL's maybe prefixed: all-in-one)."""
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
         name = read_json(config).get("_class_name") if os.path.isfile(config) else None
@@ -81,7 +81,7 @@ def family_of(path):
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     keys = fw.read_sources([path])
-    flux2 = FLUX2_KEY in keys or fw.BFL_PREFIX + FLUX2_KEY in keys
+    flux2 = any(k in keys or fw.BFL_PREFIX + k in keys for k in FLUX2_KEYS)  # FLUX.2's shared modulation: no FLUX.1
     return FAMILIES["Flux2Transformer2DModel" if flux2 else "FluxTransformer2DModel"]
 
 
