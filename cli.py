@@ -293,9 +293,9 @@ def export_flags(p):
                    "folded into full weights (a diffusers transformer folder)")
     p.add_argument("--out", required=True, help="the file (bfl, fp8) or folder (lora, merged) to write")
     p.add_argument("--base", metavar="FLUX", help="the model the checkpoint was trained from (a diffusers FLUX.1 or "
-                   "FLUX.2 folder, its transformer/, or the BFL file: flux1-dev.safetensors, "
-                   "flux-2-klein-4b.safetensors), of the checkpoint's family: needed by lora, merged and a LoRA "
-                   "checkpoint's bfl/fp8")
+                   "FLUX.2 folder, its transformer/, or one file of it: BFL's flux1-dev.safetensors, "
+                   "flux-2-klein-4b.safetensors, or one in diffusers keys), of the checkpoint's family: needed by "
+                   "lora, merged and a LoRA checkpoint's bfl/fp8")
     p.add_argument("--rank", type=LORA_RANK, help="--to lora: the rank R of the extracted LoRA (the energy table "
                    "printed after it helps choose)")
     p.add_argument("--dtype", default="bfloat16", help="bfl and merged: float32, bfloat16 (default, the "

@@ -63,7 +63,7 @@ FLUX2 = Family("flux2", "FLUX.2", tuple(f2s.TEXT_ENCODERS), "Flux2Transformer2DM
                f2s.initial_noise, f2s.conditioning, f2s.empirical_mu, f2s.GUIDANCE, f2s.load_folder,
                f2s.sample_models, f2s.sample_guidance, f2s.frozen_parts, f2s.tiny_frozen_parts)
 FAMILIES = (FLUX1, FLUX2)
-FLUX2_KEY = "single_stream_modulation.lin.weight"  # FLUX.2's shared modulation: no FLUX.1 file has it
+FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'
 
 
 def by_name(name):
@@ -103,7 +103,7 @@ def of_folder(folder):
 
 def of_transformer(path):
     """The family of a transformer: a folder's config.json `_class_name` (as diffusers writes it), a single file's
-    keys (FLUX.2's shared single_stream_modulation, BFL names, maybe prefixed as in an all-in-one file)."""
+    keys (FLUX.2's shared single_stream_modulation in BFL's or diffusers' names, BFL's maybe prefixed: all-in-one)."""
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
         name = read_json(config).get("_class_name") if os.path.isfile(config) else None
@@ -115,4 +115,5 @@ def of_transformer(path):
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     keys = fw.read_sources([path])
-    return FLUX2 if FLUX2_KEY in keys or fw.BFL_PREFIX + FLUX2_KEY in keys else FLUX1
+    flux2 = any(k in keys or fw.BFL_PREFIX + k in keys for k in FLUX2_KEYS)  # FLUX.2's shared modulation: no FLUX.1
+    return FLUX2 if flux2 else FLUX1

@@ -1,10 +1,11 @@
-"""FLUX.2 weights on disk: diffusers folders and BFL single files read into (diffusers folders written from)
-`flux2_model`, with flux_weights' machinery.
+"""FLUX.2 weights on disk: diffusers folders and single files (BFL's names or diffusers') read into (diffusers
+folders written from) `flux2_model`, with flux_weights' machinery.
 
 The same scheme as FLUX.1's (flux_weights.py): one table of links per model maps our module names, which follow
 black-forest-labs/flux2, to diffusers' keys (Flux2Transformer2DModel, AutoencoderKLFlux2); loading and saving read
 the same table; loading builds on the meta device, checks every key and shape, then copies straight from the mapped
-files. A folder's config.json gives the shapes; a key it leaves out takes diffusers' default, as diffusers does."""
+files. A folder's config.json gives the shapes (a key it leaves out takes diffusers' default, as diffusers does); a
+single file's are read off its tensors."""
 
 import dataclasses
 import os
@@ -104,29 +105,47 @@ def config_to_diffusers(cfg: Flux2Config):
             "guidance_embeds": cfg.guidance_embed}
 
 
-def bfl_config(sources, prefix, where):
-    """The Flux2Config of a BFL single file, read off its shapes: the head width is the QK norms', the MLP's from the
-    single blocks' output projection; 4 RoPE axes of a quarter head each and theta 2000, as every released FLUX.2."""
-    def shape(key):
-        return fw.shape_of(sources[prefix + key][0], prefix + key)
+# The tensors a single file's config is read off, in each layout's names: BFL's (black-forest-labs/flux2) and
+# diffusers' (Flux2Transformer2DModel); "modulation" and "img_in" tell the layouts apart
+FILE_KEYS = {
+    "BFL": {"img_in": "img_in.weight", "txt_in": "txt_in.weight", "modulation": "single_stream_modulation.lin.weight",
+            "doubles": "double_blocks", "singles": "single_blocks", "guidance": "guidance_in.in_layer.weight",
+            "double_norm": "double_blocks.0.img_attn.norm.query_norm.scale",
+            "single_norm": "single_blocks.0.norm.query_norm.scale",
+            "double_mlp_out": "double_blocks.0.img_mlp.2.weight", "single_out": "single_blocks.0.linear2.weight"},
+    "diffusers": {"img_in": "x_embedder.weight", "txt_in": "context_embedder.weight",
+                  "modulation": "single_stream_modulation.linear.weight", "doubles": "transformer_blocks",
+                  "singles": "single_transformer_blocks",
+                  "guidance": "time_guidance_embed.guidance_embedder.linear_1.weight",
+                  "double_norm": "transformer_blocks.0.attn.norm_q.weight",
+                  "single_norm": "single_transformer_blocks.0.attn.norm_q.weight",
+                  "double_mlp_out": "transformer_blocks.0.ff.linear_out.weight",
+                  "single_out": "single_transformer_blocks.0.attn.to_out.weight"}}
 
-    def count(blocks):
-        return len({k[len(prefix + blocks):].split(".")[1] for k in sources if k.startswith(prefix + blocks + ".")})
 
-    hidden, in_channels = shape("img_in.weight")
-    norm = "single_blocks.0.norm.query_norm.scale"
-    head = shape(norm if prefix + norm in sources else "double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    mlp = shape("single_blocks.0.linear2.weight")[1] - hidden if count("single_blocks") else \
-        shape("double_blocks.0.img_mlp.2.weight")[1]
-    return Flux2Config(in_channels=in_channels, context_in_dim=shape("txt_in.weight")[1], hidden_size=hidden,
-                       mlp_ratio=mlp / hidden, num_heads=hidden // head, depth=count("double_blocks"),
-                       depth_single_blocks=count("single_blocks"), axes_dim=(head // 4,) * 4,
-                       guidance_embed=prefix + "guidance_in.in_layer.weight" in sources)
+def file_config(sources, keys):
+    """The Flux2Config of a single file, read off its shapes (keys: FILE_KEYS' names of its layout, maybe prefixed):
+    the head width is the QK norms', the MLP's from the single blocks' output projection (hidden + mlp inputs); 4
+    RoPE axes of a quarter head each and theta 2000, as every released FLUX.2 (neither is in the shapes)."""
+    def shape(role):
+        return fw.shape_of(sources[keys[role]][0], keys[role])
+
+    def count(role):
+        return len({k[len(keys[role]) + 1:].split(".")[0] for k in sources if k.startswith(keys[role] + ".")})
+
+    hidden, in_channels = shape("img_in")
+    head = shape("single_norm" if keys["single_norm"] in sources else "double_norm")[0]
+    mlp = shape("single_out")[1] - hidden if count("singles") else shape("double_mlp_out")[1]
+    return Flux2Config(in_channels=in_channels, context_in_dim=shape("txt_in")[1], hidden_size=hidden,
+                       mlp_ratio=mlp / hidden, num_heads=hidden // head, depth=count("doubles"),
+                       depth_single_blocks=count("singles"), axes_dim=(head // 4,) * 4,
+                       guidance_embed=keys["guidance"] in sources)
 
 
 def transformer_sources(path, cfg=None):
-    """(cfg, links, sources) of a diffusers `transformer/` folder (its config.json) or of a BFL single file (our
-    names, maybe prefixed as in an all-in-one file; its config read off its shapes unless given), opened lazily."""
+    """(cfg, links, sources) of a diffusers `transformer/` folder (its config.json) or of a single file, in BFL's
+    names (maybe prefixed as in an all-in-one file) or diffusers' (a folder's diffusion_pytorch_model.safetensors
+    copied out); a single file's config is read off its shapes unless given. Opened lazily."""
     if os.path.isdir(path):
         cfg = cfg or config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
         return cfg, transformer_links(cfg), fw.read_sources(fw.weight_files(path))
@@ -134,18 +153,23 @@ def transformer_sources(path, cfg=None):
         raise InputError(f"{path}: no such file or folder")
     sources = fw.transformer_keys(fw.read_sources([path]))
     prefix = fw.BFL_PREFIX if all(k.startswith(fw.BFL_PREFIX) for k in sources) else ""
-    if prefix + "single_stream_modulation.lin.weight" not in sources or prefix + "img_in.weight" not in sources:
-        raise InputError(f"{path}: not a FLUX.2 transformer in BFL's layout (no single_stream_modulation.lin.weight or "
-                         f"img_in.weight; keys look like {', '.join(sorted(sources)[:3])}); a diffusers one loads "
-                         f"from its folder")
-    cfg = cfg or bfl_config(sources, prefix, path)
+    layout = next((name for name, keys in FILE_KEYS.items()
+                   if prefix + keys["modulation"] in sources and prefix + keys["img_in"] in sources), None)
+    if layout is None:
+        raise InputError(f"{path}: not a FLUX.2 transformer (expected BFL's single_stream_modulation.lin.weight and "
+                         f"img_in.weight, or diffusers' single_stream_modulation.linear.weight and x_embedder.weight; "
+                         f"keys look like {', '.join(sorted(sources)[:3])})")
+    cfg = cfg or file_config(sources, {role: prefix + key for role, key in FILE_KEYS[layout].items()})
+    if layout == "diffusers":
+        return cfg, transformer_links(cfg), sources
     with torch.device("meta"):
         return cfg, fw.identity_links(Flux2(cfg), prefix), sources
 
 
 def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
-    """The FLUX.2 transformer of a diffusers `transformer/` folder (one file or shards with an index), or of a BFL
-    single file (`flux-2-klein-4b.safetensors`, an fp8 one upcast to dtype on load, or an all-in-one file)."""
+    """The FLUX.2 transformer of a diffusers `transformer/` folder (one file or shards with an index), of a BFL
+    single file (`flux-2-klein-4b.safetensors`, an fp8 one upcast to dtype on load, or an all-in-one file), or of a
+    single file in diffusers' keys."""
     cfg, links, sources = transformer_sources(path, cfg)
     return fw.load_into(lambda: Flux2(cfg), links, sources, path, dtype, device)
 

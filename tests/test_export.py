@@ -1,9 +1,13 @@
 """export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
 safetensors and by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads
-in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line."""
+in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line. A test taking the `family`
+fixture runs on each family's tiny model (its `base` and `finetune` are that family's); FLUX1_ONLY ones on FLUX.1's."""
 
 import json
 import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -29,53 +33,130 @@ import srpo
 from util import InputError
 
 CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
+CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases
 RANK = 3
+H, W, T, B = 32, 48, 5, 2  # the transformer inputs' image size, text tokens and batch
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the tests need of one model family: its tiny model, our weights module and diffusers' counterparts."""
+    name: str  # as export's headers and errors say it
+    cfg: fm.FluxConfig | f2.Flux2Config
+    model: type
+    weights: object  # flux_weights or flux2_weights
+    file_cfg: object  # the cfg our loader needs for a BFL single file (FLUX.2's is read off its shapes)
+    repo: str  # the BFL repository whose parameter names the bfl export writes
+    to_diffusers: Callable  # cfg -> the diffusers config.json
+    diffusers: type  # the transformer class
+    pipeline: Callable  # a pipeline around a transformer alone (for load_lora_weights)
+    converter: Callable  # diffusers' BFL -> diffusers state-dict converter
+    inputs: Callable  # () -> our transformer's inputs, H x W, T tokens, batch B
+    run_diffusers: Callable  # (diffusers transformer, our inputs) -> its output
+    untargeted: str  # a tensor no LoRA layer holds, moved by the fine-tune (FLUX.2 has no biases)
+    fp8_linears: tuple  # (block linears cast to fp8 per double block, per single block)
+    fp8_kept: frozenset  # tensors that stay bf16 in an fp8 file
+
+
+FAMILIES = {
+    "flux1": Family(
+        name="FLUX.1", cfg=CFG, model=fm.Flux, weights=fw, file_cfg=CFG, repo="black-forest-labs/flux",
+        to_diffusers=fw.flux_config_to_diffusers, diffusers=FluxTransformer2DModel,
+        pipeline=lambda t: FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                        text_encoder_2=None, tokenizer_2=None, transformer=t),
+        converter=diffusers_flux_converter(CFG.hidden_size), inputs=lambda: transformer_inputs(CFG, H, W, T, B),
+        run_diffusers=run_diffusers, untargeted="single_blocks.1.linear2.bias",
+        fp8_linears=(10, 3),  # with each block's own modulation
+        fp8_kept=frozenset({"img_in.weight", "txt_in.weight", "final_layer.linear.weight",
+                            "single_blocks.1.linear1.bias", "double_blocks.0.img_attn.norm.query_norm.scale"})),
+    "flux2": Family(
+        name="FLUX.2", cfg=CFG2, model=f2.Flux2, weights=f2w, file_cfg=None, repo="black-forest-labs/flux2",
+        to_diffusers=f2w.config_to_diffusers, diffusers=Flux2Transformer2DModel,
+        pipeline=lambda t: Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                              transformer=t),
+        converter=single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers,
+        inputs=lambda: flux2_inputs(CFG2, H, W, T, B),
+        run_diffusers=lambda model, x: run_flux2_diffusers(model, x, pipeline_ids(CFG2, H, W, T, B)),
+        untargeted="single_blocks.1.norm.key_norm.scale",
+        fp8_linears=(8, 2),  # the modulations are shared across blocks, and kept in bf16
+        fp8_kept=frozenset({"single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight",
+                            "img_in.weight", "final_layer.linear.weight", "single_blocks.0.norm.query_norm.scale"}))}
+FLUX1_ONLY = pytest.mark.parametrize("family", ["flux1"], indirect=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def full_checkpoint(folder, model):
-    fw.save_transformer(model, str(folder))
+def saved(family, model, folder):
+    """model in a diffusers folder (a full checkpoint, or a base's transformer/) -> the folder."""
+    family.weights.save_transformer(model, str(folder))
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """(base model, a diffusers FLUX.1 folder holding it as transformer/)."""
-    model = randomize(fm.Flux(CFG), seed=1).eval()
-    folder = tmp_path_factory.mktemp("base")
-    fw.save_transformer(model, str(folder / "transformer"))
+def new_base(family, folder):
+    """(a random tiny base model of the family, folder holding it as transformer/ in diffusers keys)."""
+    model = randomize(family.model(family.cfg), seed=1).eval()
+    saved(family, model, folder / "transformer")
     return model, str(folder)
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
 @pytest.fixture(scope="module")
-def finetune(base, tmp_path_factory):
-    """A full checkpoint: the base plus an exactly rank-RANK difference on every LoRA layer, and a moved bias
-    (a tensor LoRA leaves out). -> (model, checkpoint folder)."""
+def base(family, tmp_path_factory):
+    """(base model, a diffusers folder holding it as transformer/) of FLUX.1 or FLUX.2."""
+    return new_base(family, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def finetune(family, base, tmp_path_factory):
+    """A full checkpoint: the base plus an exactly rank-RANK difference on every LoRA layer, and a moved tensor that
+    LoRA leaves out (a bias; in FLUX.2, which has none, a QK-norm scale). -> (model, checkpoint folder)."""
     model, _ = base
     g = torch.Generator().manual_seed(2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for layer in export.lora_layers(CFG):
+    for layer in export.lora_layers(family.cfg):
         w = state[f"{layer}.weight"]
         w += torch.randn(w.shape[0], RANK, generator=g) @ torch.randn(RANK, w.shape[1], generator=g) * 0.01
-    state["single_blocks.1.linear2.bias"] += 0.25
-    tuned = fm.Flux(CFG).eval()
+    state[family.untargeted] += 0.25
+    tuned = family.model(family.cfg).eval()
     tuned.load_state_dict(state)
-    return tuned, full_checkpoint(tmp_path_factory.mktemp("ft") / "checkpoint-000002", tuned)
+    return tuned, saved(family, tuned, tmp_path_factory.mktemp("ft") / "checkpoint-000002")
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(family, base, tmp_path_factory):
+    """A LoRA checkpoint of the base as `train --lora-rank 4 --lora-alpha 8` writes it, with random B."""
+    adapted = lora.add_adapters(family.model(family.cfg).eval(), 4, 8.0, seed=0)
+    adapted.load_state_dict(base[0].state_dict(), strict=False)
+    g = torch.Generator().manual_seed(5)
+    adapters = {n: (torch.randn(p.shape, generator=g) * 0.3 if n.endswith("lora_B") else p.detach())
+                for n, p in adapted.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    folder = str(tmp_path_factory.mktemp("lora") / "checkpoint-000004")
+    lora.save_lora(adapters, family.cfg, 8.0 / 4, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def extracted(finetune, base, tmp_path_factory):
+    """The rank-RANK LoRA extracted from the fine-tune: export.extract_lora's report."""
+    return export.extract_lora(finetune[1], base[1], RANK, str(tmp_path_factory.mktemp("extracted")))
 
 
 @pytest.fixture
-def from_single_file_at_tiny_width(monkeypatch):
-    """diffusers' from_single_file with the config of a local FLUX.1 folder (offline), its FLUX converter's one
-    hard-coded width (3072) set to the tiny model's."""
+def from_single_file(family, monkeypatch):
+    """diffusers' from_single_file with the config of a local folder of the family (offline), FLUX.1's converter's
+    one hard-coded width (3072) set to the tiny model's."""
     entry = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
-    entry["checkpoint_mapping_fn"] = diffusers_flux_converter(CFG.hidden_size)
+    entry["checkpoint_mapping_fn"] = FAMILIES["flux1"].converter
     monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", entry)
 
-    def load(path, flux_folder):
-        return FluxTransformer2DModel.from_single_file(path, config=flux_folder, subfolder="transformer",
-                                                       torch_dtype=torch.float32, local_files_only=True).eval()
+    def load(path, folder):
+        return family.diffusers.from_single_file(path, config=folder, subfolder="transformer",
+                                                 torch_dtype=torch.float32, local_files_only=True).eval()
     return load
 
 
@@ -95,127 +176,139 @@ def test_streamed_file_is_what_safetensors_reads(tmp_path):
         assert f.metadata() == {"what": "a test"}
 
 
-def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(base, finetune, from_single_file_at_tiny_width,
-                                                             tmp_path):
+def test_bfl_file_has_bfl_keys_and_loads_to_the_same_weights(family, base, finetune, from_single_file, tmp_path):
+    """--to bfl: BFL's names (black-forest-labs/flux, flux2), the same tensors back through our loader (FLUX.2's
+    config read off the file's shapes), through diffusers' BFL -> diffusers converter and from_single_file to the
+    checkpoint's diffusers tensors; the header names the family, the source and the diffusers config; bf16 unless
+    told."""
     (_, base_dir), (model, ckpt) = base, finetune
-    path = export.to_bfl(ckpt, str(tmp_path / "flux1-srpo.safetensors"), dtype=torch.float32)
+    path = export.to_bfl(ckpt, str(tmp_path / "srpo.safetensors"), dtype=torch.float32)
     ours = model.state_dict()
     written = load_file(path)  # safetensors' own reader on our streamed file
     assert written.keys() == ours.keys() and all(torch.equal(written[k], ours[k]) for k in ours)
-    assert "double_blocks.0.img_attn.qkv.weight" in written and "single_blocks.1.linear1.bias" in written
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"} <= written.keys()
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["model"] == "FLUX.1 transformer" and meta["source"] == ckpt and meta["dtype"] == "float32"
-    loaded = fw.load_transformer(path, CFG).state_dict()
-    assert all(torch.equal(loaded[k], ours[k]) for k in ours)
-    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
+    assert meta["model"] == f"{family.name} transformer" and meta["source"] == ckpt and meta["dtype"] == "float32"
+    assert meta["layout"].startswith(f"BFL ({family.repo} parameter names")
+    assert json.loads(meta["config"]) == family.to_diffusers(family.cfg)
+    loaded = family.weights.load_transformer(path, family.file_cfg)
+    assert loaded.cfg == family.cfg and all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
     expected = load_file(os.path.join(ckpt, export.FULL_FILE))
+    converted = family.converter(dict(written))
+    assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
+    theirs = from_single_file(path, base_dir).state_dict()
     assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
     default = load_file(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")))  # bf16 unless told
     assert all(default[k].dtype == torch.bfloat16 and torch.equal(default[k], ours[k].bfloat16()) for k in ours)
 
 
-def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(base, finetune,
-                                                                         from_single_file_at_tiny_width, tmp_path):
-    """fp8 = plain round-to-nearest casts of the block linears (bit for bit), the rest bf16; our loader and
-    from_single_file read it to the same float32 weights. On the tiny random model (weights N(0, 0.05^2)) its output
-    is within 1e-2 of the bf16 file's (measured 2.5e-3, and 1.9e-3 to 2.8e-3 over three other random models; the
-    bf16 file's own is 2.2e-3 from float32)."""
+def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(family, finetune, from_single_file, base,
+                                                                         tmp_path):
+    """fp8 = plain round-to-nearest casts of the block linears (bit for bit), the rest bf16 (FLUX.2's shared
+    modulations too); our loader and from_single_file read it to the same float32 weights. On the tiny random
+    models (weights N(0, 0.05^2)) the bf16 file's output is within 5e-3 of float32's and the fp8 file's within 1e-2
+    of the bf16 file's (FLUX.1 measured: 2.2e-3 and 2.5e-3, 1.9e-3 to 2.8e-3 over three other random models)."""
     (_, base_dir), (model, ckpt) = base, finetune
     path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
-    written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG)
-    assert len(low) == 10 * CFG.depth + 3 * CFG.depth_single_blocks  # 10 linears a double block, 3 a single one
-    assert {"double_blocks.0.img_mod.lin.weight", "single_blocks.1.linear1.weight"} <= low
-    assert not low & {"img_in.weight", "txt_in.weight", "final_layer.linear.weight", "single_blocks.1.linear1.bias",
-                      "double_blocks.0.img_attn.norm.query_norm.scale"}
+    written, ours, low, cfg = load_file(path), model.state_dict(), export.fp8_keys(family.cfg), family.cfg
+    per_double, per_single = family.fp8_linears
+    assert len(low) == per_double * cfg.depth + per_single * cfg.depth_single_blocks
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight"} <= low
+    assert not low & family.fp8_kept
     for k, v in ours.items():
         dtype = torch.float8_e4m3fn if k in low else torch.bfloat16
         assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
-    fp8 = fw.load_transformer(path, CFG)
+    fp8 = family.weights.load_transformer(path, family.file_cfg)
     assert all(torch.equal(fp8.state_dict()[k], written[k].float()) for k in ours)
-    theirs = from_single_file_at_tiny_width(path, base_dir).state_dict()
-    expected = fw.to_theirs(fp8.state_dict(), fw.transformer_links(CFG))
+    theirs = from_single_file(path, base_dir).state_dict()
+    expected = fw.to_theirs(fp8.state_dict(), family.weights.transformer_links(cfg))
     assert all(torch.equal(theirs[k], expected[k]) for k in expected)
-    bf16 = fw.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")), CFG)
-    x = transformer_inputs(CFG, 32, 48, 5, 2)
-    reference = run_ours(model, x)
-    assert rel_err(run_ours(bf16, x), reference) <= 5e-3
-    error = rel_err(run_ours(fp8, x), run_ours(bf16, x))
-    assert 1e-4 < error <= 1e-2  # the fp8 weights are used, and cost little
+    bf16 = family.weights.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")), family.file_cfg)
+    x = family.inputs()
+    assert rel_err(run_ours(bf16, x), run_ours(model, x)) <= 5e-3
+    assert 1e-4 < rel_err(run_ours(fp8, x), run_ours(bf16, x)) <= 1e-2  # the fp8 weights are used, and cost little
 
 
-def test_extracted_lora_of_a_rank_r_difference_is_exact(base, finetune, tmp_path):
+def test_extracted_lora_of_a_rank_r_difference_is_exact(family, base, finetune, extracted, tmp_path):
     """Energy 1 at rank r, the merge gives the fine-tune's LoRA layers (1e-5); rank r - 1 keeps what numpy's SVD
-    of the difference (float64) says; the moved bias is reported as left out; a base given as a BFL single file
-    (flux1-dev.safetensors' layout) gives the same LoRA as its diffusers folder."""
-    (base_model, base_dir), (tuned, ckpt) = base, finetune
-    report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
+    of the difference (float64) says; the moved tensor is reported as left out; a base given as a single file, in
+    BFL's names (flux1-dev.safetensors' layout) or diffusers' (a folder's file copied out), gives the same LoRA as
+    its diffusers folder."""
+    (base_model, base_dir), (tuned, ckpt), report = base, finetune, extracted
     assert report["overall"] == pytest.approx(1.0, abs=1e-6)
     assert min(report["energy"].values()) == pytest.approx(1.0, abs=1e-6)
-    merged = lora.merge_lora(fw.load_transformer(os.path.join(base_dir, "transformer")), report["path"])
-    m, t = merged.state_dict(), tuned.state_dict()
-    for layer in export.lora_layers(CFG):
+    merged = lora.merge_lora(family.weights.load_transformer(os.path.join(base_dir, "transformer")), report["path"])
+    m, t, b = merged.state_dict(), tuned.state_dict(), base_model.state_dict()
+    for layer in export.lora_layers(family.cfg):
         k = f"{layer}.weight"
-        assert rel_err(m[k] - base_model.state_dict()[k], t[k] - base_model.state_dict()[k]) <= 1e-5, k
-    assert report["untargeted"][0] == "single_blocks.1.linear2.bias"
+        assert rel_err(m[k] - b[k], t[k] - b[k]) <= 1e-5, k
+    assert report["untargeted"][0] == family.untargeted
     assert report["untargeted"][1] == pytest.approx(0.25, abs=1e-6)
     layer = "double_blocks.1.img_mlp.0"
-    d = (t[f"{layer}.weight"] - base_model.state_dict()[f"{layer}.weight"]).double().numpy()
+    d = (t[f"{layer}.weight"] - b[f"{layer}.weight"]).double().numpy()
     s2 = np.linalg.svd(d, compute_uv=False) ** 2
     low = export.extract_lora(ckpt, base_dir, RANK - 1, str(tmp_path / "low"))
     assert low["energy"][layer] == pytest.approx(s2[: RANK - 1].sum() / s2.sum(), rel=1e-5)
     lines = export.describe_lora(low, RANK - 1)
     assert any(line.startswith(f"{RANK - 1:>4}  ") and line.endswith("<-") for line in lines)
+    first = load_file(report["path"])
     bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
                              dtype=torch.float32)
-    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
-    first = load_file(report["path"])
-    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    diffusers_base = shutil.copy(os.path.join(base_dir, "transformer", export.FULL_FILE), tmp_path / "d.safetensors")
+    for i, single_file in enumerate([bfl_base, str(diffusers_base)]):
+        again = load_file(export.extract_lora(ckpt, single_file, RANK, str(tmp_path / f"from_file{i}"))["path"])
+        assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first), single_file
 
 
-def test_extracted_lora_loads_in_diffusers_load_lora_weights(base, finetune, tmp_path):
-    """FluxPipeline.load_lora_weights on the extracted folder gives the fine-tune's output (1e-5)."""
-    (base_model, base_dir), (tuned, ckpt) = base, finetune
-    out = str(tmp_path / "lora")
-    export.extract_lora(ckpt, base_dir, RANK, out)
-    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(base_dir, "transformer")).eval()
-    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
-    pipe.load_lora_weights(out)
-    x = transformer_inputs(CFG, 32, 48, 5, 2)
-    bias = "single_blocks.1.linear2.bias"  # the moved bias, which a LoRA cannot carry
-    lora_part = fm.Flux(CFG).eval()
-    lora_part.load_state_dict({**tuned.state_dict(), bias: base_model.state_dict()[bias]})
-    assert rel_err(run_diffusers(pipe.transformer, x), run_ours(lora_part, x)) <= 1e-5
-
-
-@pytest.fixture(scope="module")
-def lora_checkpoint(base, tmp_path_factory):
-    """A LoRA checkpoint as `train --lora-rank 4 --lora-alpha 8` writes it, with random B."""
-    model, _ = base
-    adapted = lora.add_adapters(fm.Flux(CFG).eval(), 4, 8.0, seed=0)
-    adapted.load_state_dict(model.state_dict(), strict=False)
-    g = torch.Generator().manual_seed(5)
-    adapters = {n: (torch.randn(p.shape, generator=g) * 0.3 if n.endswith("lora_B") else p.detach())
-                for n, p in adapted.named_parameters() if n.endswith(("lora_A", "lora_B"))}
-    folder = str(tmp_path_factory.mktemp("lora") / "checkpoint-000004")
-    lora.save_lora(adapters, CFG, 8.0 / 4, folder)
-    return folder
+def test_extracted_lora_loads_in_diffusers_load_lora_weights(family, base, finetune, extracted):
+    """FluxPipeline's (Flux2KleinPipeline's) load_lora_weights on the extracted folder gives the fine-tune's output
+    without the moved tensor, which a LoRA cannot carry (1e-5)."""
+    (base_model, base_dir), (tuned, _) = base, finetune
+    pipe = family.pipeline(family.diffusers.from_pretrained(os.path.join(base_dir, "transformer")).eval())
+    pipe.load_lora_weights(os.path.dirname(extracted["path"]))
+    lora_part = family.model(family.cfg).eval()
+    lora_part.load_state_dict({**tuned.state_dict(), family.untargeted: base_model.state_dict()[family.untargeted]})
+    x = family.inputs()
+    assert rel_err(family.run_diffusers(pipe.transformer, x), run_ours(lora_part, x)) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_equals_sample_lora_merge(base, lora_checkpoint, dtype, tmp_path):
-    _, base_dir = base
+def test_merged_equals_sample_lora_merge(family, base, lora_checkpoint, dtype, tmp_path):
+    """--to merged == lora.merge_lora on the base (`sample --lora`'s merge), a diffusers folder in dtype; a LoRA
+    checkpoint to a BFL file: the same merge."""
+    model, base_dir = base
     path = export.merge(lora_checkpoint, base_dir, str(tmp_path / "merged"), dtype)
-    expected = lora.merge_lora(fw.load_transformer(os.path.join(base_dir, "transformer"), dtype=dtype),
+    expected = lora.merge_lora(family.weights.load_transformer(os.path.join(base_dir, "transformer"), dtype=dtype),
                                os.path.join(lora_checkpoint, lora.LORA_FILE)).state_dict()
-    got = fw.load_transformer(os.path.dirname(path), dtype=dtype).state_dict()
+    got = family.weights.load_transformer(os.path.dirname(path), dtype=dtype).state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    key = "single_blocks.0.linear1.weight"
+    assert not torch.equal(expected[key], model.state_dict()[key].to(dtype))  # the LoRA was merged
     assert load_file(path)["x_embedder.weight"].dtype == dtype  # a diffusers folder, in dtype
-    if dtype == torch.float32:  # a LoRA checkpoint to a BFL file: the same merge
-        bfl = fw.load_transformer(export.to_bfl(lora_checkpoint, str(tmp_path / "bfl.safetensors"), base_dir,
-                                                dtype), CFG).state_dict()
+    if dtype == torch.float32:
+        bfl = family.weights.load_transformer(export.to_bfl(lora_checkpoint, str(tmp_path / "bfl.safetensors"),
+                                                            base_dir, dtype), family.file_cfg).state_dict()
         assert all(torch.equal(bfl[k], expected[k]) for k in expected)
+
+
+def test_a_base_of_the_other_family_is_refused(family, finetune, lora_checkpoint, tmp_path, capsys):
+    """A FLUX.1 base for a FLUX.2 checkpoint (and the reverse), full or LoRA: one line, exit 2, nothing written."""
+    other = next(f for f in FAMILIES.values() if f is not family)
+    _, other_dir = new_base(other, tmp_path / "other")
+    _, ckpt = finetune
+    none = str(tmp_path / "none")
+    capsys.readouterr()  # the progress bars so far
+    for flags, words in [([ckpt, "--to", "lora", "--rank", "2", "--base", other_dir],
+                          f"a {other.name} transformer, but the checkpoint {ckpt} is {family.name}: not the "
+                          f"checkpoint's base model"),
+                         ([lora_checkpoint, "--to", "merged", "--base", other_dir],
+                          "is not a linear layer of this FLUX")]:
+        with pytest.raises(SystemExit) as exit_info:
+            srpo.main(["export", *flags, "--out", none])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+        assert not os.path.exists(none)
 
 
 def other_base(folder):
@@ -225,7 +318,8 @@ def other_base(folder):
     return str(folder)
 
 
-def test_bad_input_is_one_line(base, finetune, lora_checkpoint, tmp_path):
+@FLUX1_ONLY
+def test_bad_input_is_one_line(family, base, finetune, lora_checkpoint, tmp_path):
     (_, base_dir), (_, ckpt) = base, finetune
     (tmp_path / "empty").mkdir()
     wide = other_base(tmp_path / "wide")
@@ -253,11 +347,12 @@ def test_bad_input_is_one_line(base, finetune, lora_checkpoint, tmp_path):
     with torch.no_grad():
         big.single_blocks[0].linear2.weight[0, 0] = 500.0
     with pytest.raises(InputError, match=r"single_blocks.0.linear2.weight holds 500, beyond float8_e4m3fn's range"):
-        export.to_fp8(full_checkpoint(tmp_path / "big", big), str(tmp_path / "big.safetensors"))
+        export.to_fp8(saved(family, big, tmp_path / "big"), str(tmp_path / "big.safetensors"))
     assert not os.path.exists(tmp_path / "big.safetensors.tmp")  # no half file left
 
 
-def test_the_export_command_writes_what_the_library_does(base, finetune, tmp_path, capsys):
+@FLUX1_ONLY
+def test_the_export_command_writes_what_the_library_does(family, base, finetune, tmp_path, capsys):
     """`srpo.py export` is export.export from the flags: the same bytes for --to bfl, the extracted LoRA's energy
     table printed with --to lora, and a missing --rank or --base is one line, exit 2, nothing written."""
     _, checkpoint = finetune
@@ -275,140 +370,8 @@ def test_the_export_command_writes_what_the_library_does(base, finetune, tmp_pat
         assert not os.path.exists(tmp_path / "none")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# FLUX.2: the same four exports of a tiny Flux2 checkpoint (config.json's _class_name: Flux2Transformer2DModel)
-
-CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases
-
-
-@pytest.fixture(scope="module")
-def base2(tmp_path_factory):
-    """(base model, a folder holding it as transformer/ in diffusers keys)."""
-    model = randomize(f2.Flux2(CFG2), seed=1).eval()
-    folder = tmp_path_factory.mktemp("base2")
-    f2w.save_transformer(model, str(folder / "transformer"))
-    return model, str(folder)
-
-
-@pytest.fixture(scope="module")
-def finetune2(base2, tmp_path_factory):
-    """A full FLUX.2 checkpoint: the base plus an exactly rank-RANK difference on every LoRA layer, and a moved
-    QK-norm scale (FLUX.2 has no biases: a tensor LoRA leaves out). -> (model, checkpoint folder)."""
-    model, _ = base2
-    g = torch.Generator().manual_seed(2)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for layer in export.lora_layers(CFG2):
-        w = state[f"{layer}.weight"]
-        w += torch.randn(w.shape[0], RANK, generator=g) @ torch.randn(RANK, w.shape[1], generator=g) * 0.01
-    state["single_blocks.1.norm.key_norm.scale"] += 0.25
-    tuned = f2.Flux2(CFG2).eval()
-    tuned.load_state_dict(state)
-    folder = tmp_path_factory.mktemp("ft2") / "checkpoint-000002"
-    f2w.save_transformer(tuned, str(folder))
-    return tuned, str(folder)
-
-
-def test_flux2_bfl_file_round_trips_through_our_loader_and_diffusers(base2, finetune2, tmp_path):
-    """--to bfl on a FLUX.2 checkpoint: BFL's (black-forest-labs/flux2) names, the same tensors back through
-    flux2_weights' loader (config read off the file's shapes), through diffusers' BFL -> diffusers converter and
-    Flux2Transformer2DModel.from_single_file to the checkpoint's diffusers tensors; the header says FLUX.2 and holds
-    the diffusers config."""
-    model, ckpt = finetune2
-    path = export.to_bfl(ckpt, str(tmp_path / "flux2-srpo.safetensors"), dtype=torch.float32)
-    ours, written = model.state_dict(), load_file(path)
-    assert written.keys() == ours.keys() and all(torch.equal(written[k], ours[k]) for k in ours)
-    assert {"double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight"} <= written.keys()
-    loaded = f2w.load_transformer(path)
-    assert loaded.cfg == CFG2 and all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
-    converted = single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers(dict(written))
-    expected = load_file(os.path.join(ckpt, export.FULL_FILE))
-    assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
-    theirs = Flux2Transformer2DModel.from_single_file(path, config=base2[1], subfolder="transformer",
-                                                      torch_dtype=torch.float32, local_files_only=True).state_dict()
-    assert theirs.keys() == expected.keys() and all(torch.equal(theirs[k], expected[k]) for k in expected)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    assert meta["model"] == "FLUX.2 transformer" and "flux2" in meta["layout"]
-    assert json.loads(meta["config"]) == f2w.config_to_diffusers(CFG2)
-
-
-def test_flux2_fp8_keeps_the_shared_modulations_and_embedders_in_bf16(finetune2, tmp_path):
-    """fp8: the block linears cast (bit for bit), the shared modulations, embedders and final layer bf16; our
-    loader reads it; the output within 1e-2 of the bf16 file's (as for FLUX.1)."""
-    model, ckpt = finetune2
-    path = export.to_fp8(ckpt, str(tmp_path / "fp8.safetensors"))
-    written, ours, low = load_file(path), model.state_dict(), export.fp8_keys(CFG2)
-    assert len(low) == 8 * CFG2.depth + 2 * CFG2.depth_single_blocks  # no per-block modulation in FLUX.2
-    assert not low & {"single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight",
-                      "img_in.weight", "final_layer.linear.weight", "single_blocks.0.norm.query_norm.scale"}
-    for k, v in ours.items():
-        dtype = torch.float8_e4m3fn if k in low else torch.bfloat16
-        assert written[k].dtype == dtype and torch.equal(written[k].float(), v.to(dtype).float()), k
-    fp8 = f2w.load_transformer(path)
-    bf16 = f2w.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")))
-    x = flux2_inputs(CFG2, 32, 48, 5, 2)
-    assert 1e-4 < rel_err(run_ours(fp8, x), run_ours(bf16, x)) <= 1e-2
-
-
-def test_flux2_extracted_lora_is_exact_and_loads_in_flux2_klein_pipeline(base2, finetune2, tmp_path):
-    """A rank-r FLUX.2 difference: energy 1, the moved norm scale reported as left out, and
-    Flux2KleinPipeline.load_lora_weights on the base gives the fine-tune's output without that scale (1e-5); a base
-    given as a BFL single file gives the same LoRA as its diffusers folder."""
-    (base_model, base_dir), (tuned, ckpt) = base2, finetune2
-    report = export.extract_lora(ckpt, base_dir, RANK, str(tmp_path / "lora"))
-    assert report["overall"] == pytest.approx(1.0, abs=1e-6)
-    assert report["untargeted"][0] == "single_blocks.1.norm.key_norm.scale"
-    transformer = Flux2Transformer2DModel.from_pretrained(os.path.join(base_dir, "transformer")).eval()
-    pipe = Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    scale = "single_blocks.1.norm.key_norm.scale"
-    lora_part = f2.Flux2(CFG2).eval()
-    lora_part.load_state_dict({**tuned.state_dict(), scale: base_model.state_dict()[scale]})
-    x, ids = flux2_inputs(CFG2, 32, 48, 5, 2), pipeline_ids(CFG2, 32, 48, 5, 2)
-    assert rel_err(run_flux2_diffusers(pipe.transformer, x, ids), run_ours(lora_part, x)) <= 1e-5
-    bfl_base = export.to_bfl(os.path.join(base_dir, "transformer"), str(tmp_path / "base.safetensors"),
-                             dtype=torch.float32)  # a base given as BFL's single file: the same LoRA
-    again = load_file(export.extract_lora(ckpt, bfl_base, RANK, str(tmp_path / "from_file"))["path"])
-    first = load_file(report["path"])
-    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-
-
-def test_flux2_merged_equals_merge_lora_and_a_base_of_the_other_family_is_refused(base, base2, finetune, tmp_path,
-                                                                                  capsys):
-    """--to merged on a FLUX.2 LoRA checkpoint == lora.merge_lora on the base (a diffusers Flux2 folder); a FLUX.1
-    base for a FLUX.2 checkpoint (and the reverse) is one line, exit 2."""
-    (model, base_dir), (_, flux1_dir), (_, finetune_flux1) = base2, base, finetune
-    adapted = lora.add_adapters(f2.Flux2(CFG2).eval(), 4, 8.0, seed=0)
-    adapted.load_state_dict(model.state_dict(), strict=False)
-    g = torch.Generator().manual_seed(5)
-    adapters = {n: (torch.randn(p.shape, generator=g) * 0.3 if n.endswith("lora_B") else p.detach())
-                for n, p in adapted.named_parameters() if n.endswith(("lora_A", "lora_B"))}
-    ckpt = str(tmp_path / "checkpoint-000004")
-    lora.save_lora(adapters, CFG2, 8.0 / 4, ckpt)
-    path = export.merge(ckpt, base_dir, str(tmp_path / "merged"), torch.float32)
-    expected = lora.merge_lora(f2w.load_transformer(os.path.join(base_dir, "transformer")),
-                               os.path.join(ckpt, lora.LORA_FILE)).state_dict()
-    got = f2w.load_transformer(os.path.dirname(path)).state_dict()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
-    key = "single_blocks.0.linear1.weight"
-    assert not torch.equal(expected[key], model.state_dict()[key])  # the LoRA was merged
-    bfl = f2w.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bfl.safetensors"), base_dir, torch.float32))
-    assert all(torch.equal(bfl.state_dict()[k], expected[k]) for k in expected)  # a LoRA checkpoint to BFL: the merge
-    full, none = str(tmp_path / "full"), str(tmp_path / "none")
-    f2w.save_transformer(model, full)
-    capsys.readouterr()  # the progress bars so far
-    for flags, words in [([full, "--to", "lora", "--rank", "2", "--base", flux1_dir], "a FLUX.1 transformer, but the "
-                          f"checkpoint {full} is FLUX.2: not the checkpoint's base model"),
-                         ([finetune_flux1, "--to", "lora", "--rank", "2", "--base", base_dir], "a FLUX.2 transformer"),
-                         ([ckpt, "--to", "merged", "--base", flux1_dir], "is not a linear layer of this FLUX")]:
-        with pytest.raises(SystemExit) as exit_info:
-            srpo.main(["export", *flags, "--out", none])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
-        assert not os.path.exists(none)
-
-
-def test_the_image_of_an_fp8_export_stays_near_the_bf16_export_s(finetune, tmp_path):
+@FLUX1_ONLY
+def test_the_image_of_an_fp8_export_stays_near_the_bf16_export_s(family, finetune, tmp_path):
     """`sample --transformer` (the tiny built-in VAE and text encoders, 4 Euler steps, seed 0) from the fp8 file and
     from the bf16 file: the 8-bit images differ by at most 3 levels in a pixel, 0.5 on average (measured on this
     tiny random model: 1 and 0.055), and they do differ (the fp8 weights are used)."""

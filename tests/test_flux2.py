@@ -96,33 +96,41 @@ def test_names_are_bfl_through_diffusers_converter(tmp_path):
         assert torch.equal(converted[k], expected[k]), k
 
 
-@pytest.mark.parametrize("prefix", ["", fw.BFL_PREFIX])
-def test_bfl_single_file_loads_with_its_config_read_off_its_shapes(prefix, tmp_path):
-    """A BFL single file (our names, maybe prefixed, maybe inside an all-in-one file beside a VAE and a text encoder)
-    gives diffusers' output, its config read off its shapes."""
+@pytest.mark.parametrize("layout", ["BFL", "BFL in an all-in-one file", "diffusers"])
+def test_single_file_loads_with_its_config_read_off_its_shapes(layout, tmp_path):
+    """A single file gives diffusers' output, its config read off its shapes equal to the one diffusers had: BFL's
+    names (maybe prefixed, inside an all-in-one file beside a VAE and a text encoder), or diffusers' own (the
+    state_dict a folder's diffusion_pytorch_model.safetensors holds, saved alone); with and without guidance."""
+    prefix = fw.BFL_PREFIX if "all-in-one" in layout else ""
     for name in ("3heads-guidance", "tiny"):
         cfg, height, width, T, B = CONFIGS[name]
         ref = diffusers_flux2_transformer(cfg, seed=4)
         ref.save_pretrained(tmp_path / name)
-        bfl = {prefix + k: v for k, v in f2w.load_transformer(str(tmp_path / name)).state_dict().items()}
+        state = ref.state_dict() if layout == "diffusers" else \
+            {prefix + k: v for k, v in f2w.load_transformer(str(tmp_path / name)).state_dict().items()}
         others = {"vae.encoder.conv_in.weight": torch.zeros(2), "text_encoders.qwen3.w": torch.zeros(3)} if prefix \
             else {}
-        save_file(bfl | others, tmp_path / f"{name}.safetensors")
+        save_file(state | others, tmp_path / f"{name}.safetensors")
         ours = f2w.load_transformer(str(tmp_path / f"{name}.safetensors"))
-        assert ours.cfg == cfg, name
+        assert ours.cfg == f2w.config_from_diffusers(dict(ref.config), "diffusers") == cfg, name
         x = transformer_inputs(cfg, height, width, T, B)
         assert rel_err(run_ours(ours, x), run_diffusers(ref, x, pipeline_ids(cfg, height, width, T, B))) <= TOL
 
 
 def test_other_single_files_are_refused_in_one_line(tmp_path):
-    """A FLUX.1 BFL file (per-block modulation) or a diffusers-keyed file is not read as a FLUX.2 transformer."""
+    """A FLUX.1 file (per-block modulation), in BFL's names or diffusers', is not read as a FLUX.2 transformer: one
+    line naming the file and the keys either layout has."""
     save_file({"img_in.weight": torch.zeros(2, 2), "double_blocks.0.img_mod.lin.weight": torch.zeros(2)},
               tmp_path / "flux1.safetensors")
-    save_file({"x_embedder.weight": torch.zeros(2, 2)}, tmp_path / "diffusers.safetensors")
+    save_file({"x_embedder.weight": torch.zeros(2, 2), "transformer_blocks.0.norm1.linear.weight": torch.zeros(2)},
+              tmp_path / "diffusers.safetensors")
     for name in ("flux1", "diffusers"):
         with pytest.raises(InputError) as e:
             f2w.load_transformer(str(tmp_path / f"{name}.safetensors"))
-        assert len(str(e.value).splitlines()) == 1 and "not a FLUX.2 transformer" in str(e.value), e.value
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and message.startswith(str(tmp_path / f"{name}.safetensors")), message
+        assert "not a FLUX.2 transformer" in message and "single_stream_modulation.lin.weight" in message and \
+            "single_stream_modulation.linear.weight" in message, message
 
 
 def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):

@@ -199,19 +199,22 @@ def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp
 
 
 def test_transformer_file_replaces_the_folders(flux2_folder, tmp_path):
-    """--transformer FILE (BFL's single-file names, e.g. flux-2-klein-4b.safetensors) on a klein folder: the image of
-    the folder whose transformer/ holds those weights, not the folder's own."""
+    """--transformer FILE (BFL's single-file names, e.g. flux-2-klein-4b.safetensors, or diffusers' keys: a folder's
+    diffusion_pytorch_model.safetensors copied out) on a klein folder: the image of the folder whose transformer/
+    holds those weights, not the folder's own."""
     model = randomize(f2w.load_transformer(os.path.join(flux2_folder, "transformer")), seed=3)
     save_file(model.state_dict(), str(tmp_path / "flux-2-klein.safetensors"))
     shutil.copytree(flux2_folder, tmp_path / "swapped", ignore=shutil.ignore_patterns("transformer"))
-    f2w.save_transformer(model, str(tmp_path / "swapped" / "transformer"))
+    diffusers_file = shutil.copy(f2w.save_transformer(model, str(tmp_path / "swapped" / "transformer")), tmp_path)
     args = ["sample", "--prompt", PROMPT, "--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length",
             "40"]
     srpo.main([*args, "--flux", flux2_folder, "--transformer", str(tmp_path / "flux-2-klein.safetensors"), "--out",
                str(tmp_path / "file.png")])
+    srpo.main([*args, "--flux", flux2_folder, "--transformer", str(diffusers_file), "--out", str(tmp_path / "d.png")])
     srpo.main([*args, "--flux", str(tmp_path / "swapped"), "--out", str(tmp_path / "swapped.png")])
     srpo.main([*args, "--flux", flux2_folder, "--out", str(tmp_path / "own.png")])
     assert np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "swapped.png"))
+    assert np.array_equal(read_png(tmp_path / "d.png"), read_png(tmp_path / "swapped.png"))
     assert not np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "own.png"))
 
 
