@@ -76,7 +76,11 @@ class Flux2Conditioning(NamedTuple):
     def at_guidance(self, guidance):
         """The conditioning sampled at this scale: at guidance <= 1 the conditional pass alone, one model call, as
         Flux2KleinPipeline's do_classifier_free_guidance (guidance_scale > 1) decides."""
-        return self if guidance > 1 else self._replace(negative=None)
+        return self if guidance > 1 else self.conditional()
+
+    def conditional(self):
+        """The conditional pass alone, one model call (the guidance scale then only reaches a guidance embedding)."""
+        return self._replace(negative=None)
 
 
 def conditioning(embedding, height, width, device, dtype=None):

@@ -36,7 +36,7 @@ class Conditioning(NamedTuple):
     positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
     for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
     passes) is another conditioning class, with at_guidance(g): itself as sampled at scale g (training's rollout
-    and the sample grids ask for it)."""
+    and the sample grids ask for it), and conditional(): its conditional pass alone (train --no-branch-cfg)."""
 
     img_ids: torch.Tensor
     txt: torch.Tensor
@@ -49,6 +49,10 @@ class Conditioning(NamedTuple):
 
     def at_guidance(self, guidance):
         """The conditioning sampled at this scale: the same (the scale is the model's input, not a second pass)."""
+        return self
+
+    def conditional(self):
+        """The conditional pass alone: the same (one pass already)."""
         return self
 
 

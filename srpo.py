@@ -394,12 +394,12 @@ def learning_rate(cfg, step):
 
 def step_batch(parts, cfg, step, ranks):
     """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the model
-    family's, as sampled at the branch guidance: a CFG family's with both passes; --no-branch-cfg: as at guidance 1,
-    the conditional pass alone), their draws, their images' x0 when offline."""
-    make, guidance = families.of_model(parts.model).conditioning, 1.0 if cfg.no_branch_cfg else cfg.guidance
-    return [Prompt(p, make(parts.embeddings[p], cfg.height, cfg.width, ranks.device).at_guidance(guidance),
-                   draw_timestep(cfg, step, j), parts.x0_of(step, j))
-            for j, p in runtime.my_prompts(parts.prompt_of, step, cfg, ranks)]
+    family's, as the model is sampled; --no-branch-cfg: a CFG family's conditional pass alone, for the branches and
+    the rollout), their draws, their images' x0 when offline."""
+    mine, make = runtime.my_prompts(parts.prompt_of, step, cfg, ranks), families.of_model(parts.model).conditioning
+    conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for _, p in mine]
+    return [Prompt(p, c.conditional() if cfg.no_branch_cfg else c, draw_timestep(cfg, step, j), parts.x0_of(step, j))
+            for (j, p), c in zip(mine, conds, strict=True)]
 
 
 def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
