@@ -60,6 +60,11 @@ NON_NEGATIVE = Bounded(float, 0)
 GUIDANCE = Bounded(float, 0, why="a negative scale is outside what FLUX.1-dev was distilled on")
 SEED = Bounded(int, 0, 2**64 - 1, why="what torch.Generator takes")
 SIZE = Bounded(int, 16, 4096, why="multiples of 16; 4096 = 65,536 image tokens, 16 times FLUX.1's 1024 x 1024")
+# Training decodes for the reward untiled; the official script decodes with diffusers' VAE tiling, which splits images
+# above 1024 px a side into tiles and changes them (4.4e-2 apart at 1040^2, 1.3e-6 at 1024^2): larger sizes would not
+# be the official reward's image.
+TRAIN_SIZE = Bounded(int, 16, 1024, why="multiples of 16; the official decode for the reward is tiled above 1024, "
+                                        "this one is not; `sample` takes up to 4096")
 TIMESTEPS = Bounded(int, 1, 1000, why="FlowMatch's 1000 training timesteps")
 RUN_STEPS = Bounded(int, 1, STEPS_MAX, why="50,000 times the official run's 19 updates")
 BETA = Bounded(float, 0, 1, open_high=True, why="AdamW's moment decay")

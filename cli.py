@@ -108,8 +108,8 @@ TRAIN_HELP = {
     "adam_eps": "AdamW epsilon",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this",
-    "height": "training image height, a multiple of 16",
-    "width": "training image width, a multiple of 16",
+    "height": "training image height, a multiple of 16, at most 1024",
+    "width": "training image width, a multiple of 16, at most 1024",
     "rollout_steps": "Euler steps of the online rollout",
     "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: the same "
              "sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)",

@@ -197,23 +197,6 @@ def check_size(height, width):
         raise InputError(f"height and width must be positive multiples of 16, got {height}x{width}")
 
 
-MAX_TRAINING_SIDE = 1024
-
-
-def check_training_size(height, width):
-    """Training decodes for the reward untiled; the official script decodes with diffusers' VAE tiling, which splits
-    images above 1024 px a side into tiles and changes them (4.4e-2 apart at 1040^2, 1.3e-6 at 1024^2): refuse what
-    would not be the official reward's image."""
-    if max(height, width) > MAX_TRAINING_SIDE:
-        raise InputError(f"--height/--width {height}x{width}: training takes at most {MAX_TRAINING_SIDE} px a side "
-                         f"(the official decode for the reward is tiled above that, this one is not): train at "
-                         f"{MAX_TRAINING_SIDE} or less; `srpo.py sample` takes larger sizes")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-
-
 def check_png_path(out):
     """Fail before any work if the image cannot be written there."""
     folder = os.path.dirname(os.path.abspath(out))

@@ -53,7 +53,6 @@ import bounds
 import evaluation
 import families
 import runtime
-import sampling
 from bounds import Bounded, check_fields
 from reward import REWARDS
 from sampling import autocast, check_size, decode_images, euler_sample
@@ -82,8 +81,8 @@ class TrainConfig:
     weight_decay: Annotated[float, bounds.NON_NEGATIVE] = 1e-4
     grad_clip: Annotated[float, bounds.POSITIVE] = 0.1
     # the online rollout: x0 from 25 Euler steps of the shift-3 schedule
-    height: Annotated[int, bounds.SIZE] = 720  # a multiple of 16, at most 1024 (the official decode is tiled above)
-    width: Annotated[int, bounds.SIZE] = 720
+    height: Annotated[int, bounds.TRAIN_SIZE] = 720  # a multiple of 16, at most 1024 (bounds.TRAIN_SIZE says why)
+    width: Annotated[int, bounds.TRAIN_SIZE] = 720
     rollout_steps: Annotated[int, bounds.TIMESTEPS] = 25
     shift: Annotated[float, bounds.POSITIVE] = 3.0  # sigma = s t / (1 + (s - 1) t), the rollout's and the window's
     rollout_guidance: Annotated[float, bounds.GUIDANCE] = 1.0
@@ -119,7 +118,6 @@ class TrainConfig:
         if not self.window[0] < self.window[1] <= self.window_grid:
             raise InputError(f"--window A B must satisfy A < B <= --window-grid {self.window_grid}, got "
                              f"{self.window[0]} {self.window[1]}")
-        sampling.check_training_size(self.height, self.width)  # the official decode is tiled above 1024
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)

@@ -114,7 +114,7 @@ def test_training_above_1024_px_a_side_is_refused_in_one_line():
     """The official decode for the reward is tiled above 1024 px a side (diffusers' AutoencoderKL tiles beyond its
     1024 sample size), which changes the image; this decode is not tiled: training refuses those sizes (before
     anything is loaded: TrainConfig is built from the flags)."""
-    for height, width in ((1040, 1024), (512, 1040)):
-        with pytest.raises(util.InputError, match=f"--height/--width {height}x{width}: training takes at most 1024 px"):
+    for height, width, flag in ((1040, 1024, "--height"), (512, 1040, "--width")):
+        with pytest.raises(util.InputError, match=f"{flag} must be at least 16 and at most 1024 .*tiled above 1024"):
             srpo.TrainConfig(height=height, width=width)
     assert srpo.TrainConfig(height=1024, width=1024).height == 1024
