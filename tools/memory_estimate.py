@@ -335,8 +335,9 @@ def model_calls(cfg, sampled_with_cfg):
     """(model calls without gradient, with gradient) of one prompt in a `train` step of TrainConfig `cfg`: the
     rollout's R Euler steps and SRPO's two branches, each velocity one call, or two (v_neg + g (v_pos - v_neg)) on a
     model sampled with classifier-free guidance where srpo.py asks for it: the branches unless --no-branch-cfg
-    (srpo.step_batch: at_guidance(inf), or 1), the rollout above --rollout-guidance 1 (srpo.online_rollout) on the
-    branches' conditioning, which --no-branch-cfg left without the negative prompt. FLUX.1-dev: one call each."""
+    (srpo.step_batch: the family's conditioning, or its conditional()), the rollout above --rollout-guidance 1
+    (srpo.online_rollout) on the same conditioning, which --no-branch-cfg left without the negative prompt.
+    FLUX.1-dev: one call each."""
     cfg_passes = 2 if sampled_with_cfg and not cfg.no_branch_cfg else 1
     return cfg.rollout_steps * (cfg_passes if cfg.rollout_guidance > 1 else 1), 2 * cfg_passes
 
