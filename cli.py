@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import torch
 
+import checkpoints
 import clip_weights as cw
 import evaluation
 import export
@@ -525,15 +526,15 @@ def cmd_train(args):
     images, prompts = train_data(run, args.prompts, cfg)
     evaluation.check_run(run)
     with runtime.processes(run, cfg, world) as ranks:
-        begin = runtime.start_point(run.out, cfg, run.resume, ranks)  # a refused --resume: before any model loads
+        begin = checkpoints.start_point(run.out, cfg, run.resume, ranks)  # a refused --resume: before any model loads
         watch = evaluation.Watch.for_run(run, cfg, ranks)
         try:
             parts = runtime.training_parts(run, cfg, prompts, ranks, begin, images)
             srpo.train(parts, prompts, cfg, run.out, ranks, watch, methods.METHODS[cfg.method])
         except (Fault, Diverged) as e:
-            raise type(e)(f"{e}; {runtime.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
+            raise type(e)(f"{e}; {checkpoints.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
     if ranks.main:
-        runtime.report(run.out)
+        checkpoints.report(run.out)
         evaluation.report(run.out, cfg)
 
 

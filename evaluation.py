@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoints
 import families
 import hacking
 import runtime
@@ -162,7 +163,7 @@ class Watch:
         self.parts, self.ranks = parts, ranks
         keep = parts.start if parts.start else -1
         path = os.path.join(self.out, "eval.jsonl")
-        ranks.main_writes(f"the evaluation log {path}", functools.partial(runtime.trim_log, path, keep))
+        ranks.main_writes(f"the evaluation log {path}", functools.partial(checkpoints.trim_log, path, keep))
         if self.board and ranks.main:
             from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard imports tensorboard
 
@@ -221,7 +222,7 @@ class Watch:
                 json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
                 for path, (i, _, _) in zip(paths, results, strict=True)))
             atomic_write(folder + ".png", functools.partial(Image.fromarray(grid).save, format="PNG"))
-            runtime.append_log(os.path.join(self.out, "eval.jsonl"), record)
+            checkpoints.append_log(os.path.join(self.out, "eval.jsonl"), record)
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
             if os.path.exists(folder + ".png"):
@@ -261,7 +262,7 @@ def best_checkpoint(out, path, records, cfg):
         return None
     best, name = found
     records = [r for r in records if name in r]  # a line mended by hand without its scores is not compared
-    folder = runtime.checkpoints(out).get(best["step"])
+    folder = checkpoints.complete(out).get(best["step"])
     return (f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
             f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "
             f"step {records[-1]['step']}: {records[-1][name]:.4f}")

@@ -1,16 +1,11 @@
-"""The systems side of training: processes (torchrun) and FSDP2, the trained transformer's setup, checkpoints and
-resume, the JSONL log. srpo.py says what a step computes; this file says where it runs and what survives it."""
+"""The systems side of training: processes (torchrun) and FSDP2, the trained transformer's setup, the frozen parts
+and the reward. srpo.py says what a step computes; this file says where it runs; checkpoints.py what survives it."""
 
 import contextlib
 import functools
-import json
 import os
-import pickle
-import re
-import shutil
-import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -20,13 +15,11 @@ from torch.distributed import fsdp
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import checkpoints
 import families
 import flux_weights as fw
 import image_data
@@ -39,18 +32,11 @@ from util import (
     Fault,
     InputError,
     RunLock,
-    append_line,
-    atomic_write,
     attention_backend,
     check_writable,
     derive_seed,
-    first_line,
-    read_json,
-    read_jsonl,
     this_process,
     to_device,
-    write_json,
-    write_text,
     written,
 )
 
@@ -371,7 +357,7 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, fused=True)
     if folder:
-        load_training_state(model, opt, folder, ranks, cfg.lora_rank)
+        checkpoints.load_training_state(model, opt, folder, ranks, cfg.lora_rank)
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start, x0_of)
 
@@ -391,8 +377,8 @@ def adapters(cfg, folder):
     def adapt(model):
         lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
         if folder and model.img_in.weight.device.type != "meta":
-            state = read_training_state(folder, cfg.lora_rank)
-            check_names(state, model, os.path.join(folder, "training.pt"))
+            state = checkpoints.read_training_state(folder, cfg.lora_rank)
+            checkpoints.check_names(state, model, os.path.join(folder, "training.pt"))
             model.load_state_dict(state["adapters"], strict=False)  # the adapters only: the base is --flux's, unchanged
         return model
 
@@ -446,258 +432,3 @@ def warm_up_kernels(model, cfg, text_tokens, device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what autocast hands the kernels
         warm_up((cfg.height // 16) * (cfg.width // 16) + text_tokens, model.cfg.num_heads, model.cfg.head_dim, dtype,
                 device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
-
-
-CHECKPOINT = "checkpoint-{:06d}"
-
-
-def state_dict_options(ranks, load=False):
-    """Full (unsharded) state dicts keyed by parameter name: gathered to rank 0's CPU to save; to load, a single
-    process takes its own and under FSDP rank 0's is broadcast into the shards."""
-    if load:
-        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if ranks.fsdp else None
-    # LoRA: the adapters alone (the frozen base is --flux's own weights)
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
-
-def checkpoints(out):
-    """{step: folder} of the complete checkpoints in out (state.json is written last: no state.json, no save)."""
-    found = {}
-    for name in os.listdir(out):
-        m = re.fullmatch(r"checkpoint-(\d+)", name)
-        if m and os.path.isfile(os.path.join(out, name, "state.json")):
-            found[int(m[1])] = os.path.join(out, name)
-    return found
-
-
-def save_checkpoint(model, opt, step, cfg, out, ranks, best=None):
-    """out/checkpoint-STEP/ holding, each written to a temp file then renamed:
-      diffusion_pytorch_model.safetensors + config.json  the transformer in diffusers format, fp32 (the model
-                                                         card's snippet loads it; the exact weights for resume)
-      training.pt                                        AdamW state (parameter names as keys) and RNG state
-      (LoRA: pytorch_lora_weights.safetensors            the adapters for diffusers' load_lora_weights, in place
-       + training.pt's adapters                          of the transformer, which stays --flux's)
-      state.json                                         step and config, written last: it marks the save complete
-    Under FSDP the full state is gathered to rank 0's CPU and rank 0 writes. Older checkpoints beyond --keep are
-    deleted (but the `best` step's: the held-out evaluations' best, which the end-of-run note names) only after this
-    one is complete, so a crash during a save leaves the previous one loadable, and a failed
-    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault. Weights that are
-    not finite are never written (check_finite): the run ends as Diverged."""
-    weights = get_model_state_dict(model, options=state_dict_options(ranks))
-    optim = get_optimizer_state_dict(model, opt, options=state_dict_options(ranks))
-    folder = os.path.join(out, CHECKPOINT.format(step))
-
-    def write():
-        check_finite(weights, step, cfg)
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        state = {"optimizer": optim, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
-        try:
-            state |= save_weights(weights, model.cfg, cfg, folder)
-            atomic_write(os.path.join(folder, "training.pt"), functools.partial(save_pt, state))
-            write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)  # no state.json, no checkpoint: leave no half of one either
-            raise
-        for old in sorted(checkpoints(out))[: -cfg.keep]:
-            if old != best:
-                shutil.rmtree(os.path.join(out, CHECKPOINT.format(old)))
-
-    ranks.main_writes(f"the checkpoint {folder}", write)
-
-
-def save_pt(obj, path):
-    """torch.save through a Python file: a full disk then surfaces as the OSError behind torch's RuntimeError
-    (util.full_disk), where torch's own writer to a path keeps no reason."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def check_finite(weights, step, cfg):
-    """Refuse to save non-finite weights (a too large --lr can overflow them in one update while the loss that
-    update was computed from was finite): the run ends as Diverged, the last checkpoint stays the last finite one."""
-    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise Diverged(f"step {step}: the weights after the update are not finite ({len(bad)} of {len(weights)} "
-                       f"tensors, e.g. {bad[0]}), so checkpoint {step} was not saved: {LOWER_LR.format(cfg.lr)}")
-
-
-# What to try after a divergence: a resume repeats the run's settings, and with them the same steps.
-LOWER_LR = "try a lower --lr than {:g} in a new run (another --out; --resume keeps the run's settings)"
-
-
-def save_weights(weights, flux_cfg, cfg, folder):
-    """The trained weights: the whole transformer in diffusers format, or LoRA's adapters in the layout diffusers'
-    load_lora_weights reads (lora.py), kept as trained for resume too (the file folds alpha / r into B).
-    -> what training.pt adds."""
-    if cfg.lora_rank:
-        lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)
-        return {"adapters": weights}
-    family = families.of_config(flux_cfg)
-    with torch.device("meta"):
-        full = family.model(flux_cfg)
-    full.load_state_dict(weights, assign=True)
-    family.save(full, folder)
-    return {}
-
-
-def read_training_state(folder, lora_rank, mmap=False):
-    """folder/training.pt, refused in one line unless it is what save_checkpoint writes for this kind of run
-    (torch.load's weights_only refuses any pickle that would run code: a tampered file too). mmap: only the
-    structure is read, not the tensors (the check of resume_point)."""
-    path = os.path.join(folder, "training.pt")
-    try:
-        state = torch.load(path, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file (a checkpoint holds its AdamW and RNG state there): resume from "
-                         f"a complete checkpoint, or start again in another --out") from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise InputError(f"{path}: not a training state this program can read ({first_line(e)[:200]}): the file is "
-                         f"damaged or not one a checkpoint wrote") from None
-    rng = state.get("rng") if isinstance(state, dict) else None
-    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor) and isinstance(rng.get("cuda"), list)
-            and isinstance(state.get("optimizer"), dict) and ("adapters" in state) == bool(lora_rank)):
-        kind, keys = ("LoRA adapters (--lora-rank)", "optimizer, rng, adapters") if lora_rank else \
-            ("full fine-tuning (no --lora-rank)", "optimizer, rng")
-        raise InputError(f"{path}: not the training state of a checkpoint of {kind}: expected a dict of {keys} as "
-                         f"a checkpoint writes it")
-    return state
-
-
-def check_names(state, model, path):
-    """The trained parameters the state is for must be the model's own, with their shapes (another run's file
-    would load silently into whatever matches)."""
-    trained = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    groups = state["optimizer"].get("param_groups")
-    named = [n for g in groups for n in g.get("params", ())] if isinstance(groups, list) else None
-    adapters = state.get("adapters")
-    shapes = trained if adapters is None else \
-        {n: getattr(t, "shape", None) for n, t in adapters.items()} if isinstance(adapters, dict) else {}
-    if named is None or set(named) != set(trained) or shapes != trained:
-        raise InputError(f"{path}: its parameters are not this model's trained parameters (another run's file?): "
-                         f"resume with the settings and --flux of the run that wrote it")
-
-
-def load_training_state(model, opt, folder, ranks, lora_rank):
-    """AdamW and RNG state of a checkpoint (the weights were loaded with the model): read and checked by rank 0
-    only, its refusal raised on every rank."""
-    state, error = {"optimizer": {}, "rng": None}, None  # under FSDP the other ranks get rank 0's by broadcast
-    if ranks.main:
-        try:
-            state = read_training_state(folder, lora_rank)
-            check_names(state, model, os.path.join(folder, "training.pt"))
-        except InputError as e:
-            error = e
-    error = ranks.from_main(error)
-    if error:
-        raise error
-    set_optimizer_state_dict(model, opt, state["optimizer"], options=state_dict_options(ranks, load=True))
-    rng = ranks.from_main(state["rng"])
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-RUN_LENGTH = ("steps", "save_every", "keep", "samples")  # what --resume may change: not the trajectory
-
-
-def resume_point(out, cfg, resume):
-    """(step, folder) to start from: (0, None) for a new run, else the latest complete checkpoint. Refuses to mix a
-    new run into a folder that holds checkpoints, or to resume with settings that change the trajectory."""
-    found = checkpoints(out)
-    if not found:
-        if resume:
-            print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
-        return 0, None
-    step = max(found)
-    if not resume:
-        raise InputError(f"{out} already holds checkpoints (latest: step {step}): pass --resume to continue, or "
-                         f"choose another --out")
-    # a setting the checkpoint does not record (saved before it existed) was then the default: compare with that
-    defaults = json.loads(json.dumps(asdict(type(cfg)())))
-    saved = {**defaults, **read_state(found[step], step)}
-    ours = json.loads(json.dumps(asdict(cfg)))
-    changed = [k for k in saved if k not in RUN_LENGTH and saved[k] != ours.get(k)]
-    if changed:
-        raise InputError(f"--resume with other settings than the checkpoint's: {', '.join(changed)} (the "
-                         f"checkpoint has {', '.join(f'{k}={saved[k]}' for k in changed)})")
-    read_training_state(found[step], cfg.lora_rank, mmap=True)  # a damaged one refused before anything is loaded
-    return step, found[step]
-
-
-def read_state(folder, step):
-    """The config a checkpoint's state.json records, refused in one line unless it is what save_checkpoint
-    writes: {"step": the folder's step, "config": {...}}."""
-    path = os.path.join(folder, "state.json")
-    state = read_json(path)
-    if type(state.get("step")) is not int or state["step"] != step or not isinstance(state.get("config"), dict):
-        raise InputError(f"{path}: expected {{\"step\": {step}, \"config\": {{...}}}} as a checkpoint writes: "
-                         f"restore the file, or remove the folder to resume from an older checkpoint")
-    return state["config"]
-
-
-def start_point(out, cfg, resume, ranks):
-    """(step, folder) to start after, decided by rank 0 (resume_point) and the same on every rank: every rank
-    stops, or every rank starts from the same step."""
-    decision = None
-    if ranks.main:
-        try:
-            decision = resume_point(out, cfg, resume)
-        except InputError as e:
-            decision = e
-    decision = ranks.from_main(decision)
-    if isinstance(decision, InputError):
-        raise decision
-    return decision
-
-
-def checkpoint_note(out, diverged=False):
-    """Where a stopped or failed run can continue from (after a divergence: the last weights that are finite,
-    which every saved checkpoint's are)."""
-    found = checkpoints(out)
-    if diverged:
-        return f"the last checkpoint with finite weights: {found[max(found)] if found else 'none'}"
-    if not found:
-        return "no checkpoint is complete yet: the same command starts the run again"
-    return f"the last complete checkpoint, {found[max(found)]}, is intact: the same command with --resume continues"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The log
-
-
-def open_log(out, start, ranks):
-    """out/log.jsonl, one JSON line per step, trimmed to the steps <= start (a resumed run redoes the rest)."""
-    log = os.path.join(out, "log.jsonl")
-    ranks.main_writes(f"the log {log}", functools.partial(trim_log, log, start))
-    return log
-
-
-def append_log(path, record):
-    """One JSON line per step (log.jsonl, eval.jsonl), appended whole or not at all."""
-    append_line(path, json.dumps(record) + "\n")
-
-
-def trim_log(path, step):
-    """Keep the log lines of steps <= step (a resumed run redoes the steps after its checkpoint; a torn last line
-    is dropped)."""
-    if os.path.exists(path):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
-
-
-def report(out):
-    """Where the results are, and the reward curve in two numbers."""
-    rewards = [r["reward_denoise"] for r in read_jsonl(os.path.join(out, "log.jsonl")) if "reward_denoise" in r]
-    if rewards:
-        # The control words cycle every 20 steps (4 x 5) and move the reward by more than training does in a
-        # short run: compare whole cycles.
-        n = max(1, min(20, len(rewards) // 2))
-        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
-        print(f"denoise-branch reward, mean of the first {n} steps -> last {n}: {first:.4f} -> {last:.4f}")
-    latest = checkpoints(out)
-    grids = [os.path.join(out, f"samples-{when}.png") for when in ("before", "after")]
-    print(f"checkpoint: {latest[max(latest)] if latest else 'none'}; log: {os.path.join(out, 'log.jsonl')}; "
-          f"samples: {', '.join(g for g in grids if os.path.exists(g)) or 'none'}")

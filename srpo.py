@@ -28,10 +28,10 @@ One step (`train_step`), for each prompt of the global batch:
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
-is the method; where it runs (processes, FSDP2, checkpoints) is runtime.py's, sampling sampling.py's, the reward
-models reward.py's, the held-out evaluations that show reward hacking coming evaluation.py's, and the command line
-(flags, defaults, the commands) cli.py's. The model family (FLUX.1, FLUX.2) is families.Family's: the noise, the
-conditioning and its velocity; the step never asks which.
+is the method; where it runs (processes, FSDP2) is runtime.py's, what it leaves (checkpoints, the log)
+checkpoints.py's, sampling sampling.py's, the reward models reward.py's, the held-out evaluations that show reward
+hacking coming evaluation.py's, and the command line (flags, defaults, the commands) cli.py's. The model family
+(FLUX.1, FLUX.2) is families.Family's: the noise, the conditioning and its velocity; the step never asks which.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
     python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bounds
+import checkpoints
 import evaluation
 import families
 import runtime
@@ -375,7 +376,7 @@ def optimizer_step(model, opt, totals, names, step, cfg, ranks):
     bad = [f"{label} {value}" for label, value in zip(labels, values, strict=True) if not math.isfinite(value)]
     if bad:  # every rank has the same values (means over the ranks): every rank stops here
         raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
-                       f"{runtime.LOWER_LR.format(cfg.lr)}")
+                       f"{checkpoints.LOWER_LR.format(cfg.lr)}")
     for group in opt.param_groups:  # set each update from its step: a resumed run continues the warm-up
         group["lr"] = learning_rate(cfg, step)
     opt.step()
@@ -405,7 +406,7 @@ def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
     before/after grids. On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and
     Stopped raised: the decision is taken together at the step boundary, so no rank waits in a collective the
     others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default); method: cfg.method's."""
-    log = runtime.open_log(out, parts.start, ranks)
+    log = checkpoints.open_log(out, parts.start, ranks)
     runtime.encode_captions(parts, cfg, ranks, step_captions)
     evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
     watch = watch or evaluation.Watch((), cfg, out)
@@ -418,16 +419,16 @@ def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
             values = train_step(*parts[:4], step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
             record = {"step": step, **values, "lr": learning_rate(cfg, step), "words": control_words(step),
                       "seconds": round(time.time() - t0, 3)}
-            ranks.main_writes(f"the log {log}", functools.partial(runtime.append_log, log, record))
+            ranks.main_writes(f"the log {log}", functools.partial(checkpoints.append_log, log, record))
             watch.log(record)
             stop = ranks.any(signals.received is not None)
             if watch.due(step):  # before the checkpoint: a saved step is never left without its evaluation
                 watch.evaluate(step)
             if stop or step % cfg.save_every == 0 or step == cfg.steps:
-                runtime.save_checkpoint(parts.model, parts.opt, step, cfg, out, ranks, watch.best_step())
+                checkpoints.save_checkpoint(parts.model, parts.opt, step, cfg, out, ranks, watch.best_step())
             if stop and step < cfg.steps:
                 raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
-                              f"{cfg.steps}; {runtime.checkpoint_note(out)}")
+                              f"{cfg.steps}; {checkpoints.checkpoint_note(out)}")
     evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks,
                            parts.start < cfg.steps)
 

@@ -26,9 +26,9 @@ from test_train import (  # noqa: F401  real_args is a fixture
     tiny_clip_folder,
 )
 
+import checkpoints
 import evaluation
 import hacking
-import runtime
 import srpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +85,7 @@ def test_eval_images_are_sample_of_the_checkpoint_and_scores_are_score_of_the_fi
     assert [line["step"] for line in lines] == [0, 1, 2]
     for line in lines:
         step, folder = line["step"], os.path.join(out, "eval", f"step-{line['step']:06d}")
-        transformer = ["--transformer", os.path.join(out, runtime.CHECKPOINT.format(step),
+        transformer = ["--transformer", os.path.join(out, checkpoints.CHECKPOINT.format(step),
                                                      "diffusion_pytorch_model.safetensors")] if step else []
         for i, (prompt, tile) in enumerate(zip(EVAL, tiles(out, step, len(EVAL)), strict=True)):
             png = str(tmp_path / f"sample-{step}-{i}.png")
@@ -190,7 +190,7 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
     out = str(tmp_path)
     flags = ["train", *SMALL, "--save-every", "1", "--keep", "3", "--eval-every", "1", "--tensorboard", "--out", out]
     srpo.main([*flags, "--steps", "3"])
-    shutil.rmtree(os.path.join(out, runtime.CHECKPOINT.format(3)))
+    shutil.rmtree(os.path.join(out, checkpoints.CHECKPOINT.format(3)))
     with open(os.path.join(out, "eval.jsonl")) as f:
         before = f.read()
     srpo.main([*flags, "--steps", "4", "--resume"])

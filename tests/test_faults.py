@@ -21,9 +21,9 @@ import torch
 from references import kept_checkpoints
 from safetensors.torch import load_file
 
+import checkpoints
 import evaluation
 import flux_weights as fw
-import runtime
 import sampling
 import srpo
 import util
@@ -35,7 +35,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # as torchrun's workers: the same f
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, checkpoints.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
 
 
 def log_steps(out):
@@ -79,7 +79,8 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("target", ["log", "grid", "eval"])
 def test_a_failed_log_or_grid_write_ends_in_one_line(tmp_path, capsys, monkeypatch, target):
-    module, name, file = {"log": (runtime, "append_log", "log.jsonl"), "eval": (runtime, "append_log", "eval.jsonl"),
+    module, name, file = {"log": (checkpoints, "append_log", "log.jsonl"),
+                          "eval": (checkpoints, "append_log", "eval.jsonl"),
                           "grid": (sampling, "save_png", "samples-before.png")}[target]
     original = getattr(module, name)
 
@@ -106,7 +107,7 @@ def test_a_signal_stops_train_at_a_step_boundary_with_a_checkpoint(straight, tmp
                             lambda: os.path.exists(log) and os.path.getsize(log) > 0, sig)
     assert code == util.EXIT_STOPPED == 75, err[-2000:]
     done = len(log_steps(out))
-    assert 1 <= done < 6 and sorted(runtime.checkpoints(out)) == kept_checkpoints(out, done)
+    assert 1 <= done < 6 and sorted(checkpoints.complete(out)) == kept_checkpoints(out, done)
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"stopped: {sig.name}: stopped after step {done} of 6") and "--resume" in last, err
     cli(*TRAIN, "--out", out, "--resume")
@@ -126,7 +127,7 @@ def test_sigterm_to_a_two_process_torchrun_stops_both_at_the_same_step(tmp_path)
     _, err = signal_when([*TORCHRUN, "srpo.py", *args, "--out", out],
                          lambda: os.path.exists(log) and os.path.getsize(log) > 0, signal.SIGTERM)
     done = len(log_steps(out))
-    assert 1 <= done < 4 and sorted(runtime.checkpoints(out)) == kept_checkpoints(out, done), err[-3000:]
+    assert 1 <= done < 4 and sorted(checkpoints.complete(out)) == kept_checkpoints(out, done), err[-3000:]
     assert err.count("stopped: SIGTERM: stopped after step") == 1, err[-3000:]  # rank 0 alone says it
     r = subprocess.run([*TORCHRUN, "srpo.py", *args, "--out", out, "--resume"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
@@ -239,9 +240,9 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
 STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
 TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
     "weights": (fw, "save_diffusers", 1 << 20, None, "the checkpoint"),  # under save_transformer, by the family
-    "training.pt": (runtime, "save_pt", 1 << 20, runtime.CHECKPOINT.format(4), "the checkpoint"),
-    "state.json": (runtime, "write_json", 0, None, "the checkpoint"),
-    "log": (runtime, "append_log", 0, "log.jsonl", "the log"),
+    "training.pt": (checkpoints, "save_pt", 1 << 20, checkpoints.CHECKPOINT.format(4), "the checkpoint"),
+    "state.json": (checkpoints, "write_json", 0, None, "the checkpoint"),
+    "log": (checkpoints, "append_log", 0, "log.jsonl", "the log"),
     "eval": (evaluation.Watch, "write", 0, None, "the evaluation of step 0"),
     "grid": (sampling, "save_png", 0, "samples-before.png", "samples-before.png"),
 }
@@ -259,13 +260,13 @@ def test_a_real_full_disk_ends_in_one_line_and_resume_completes(straight, disk, 
     out = os.path.join(disk, "run")
     line = one_line_and_nothing_half_written(out, capsys, [*STEP_2, "--out", out])
     assert words in line and "No space left on device" in line, line
-    last = os.path.join(out, runtime.CHECKPOINT.format(2))
+    last = os.path.join(out, checkpoints.CHECKPOINT.format(2))
     if target == "training.pt":
-        assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 2)
+        assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 2)
         assert f"the last complete checkpoint, {last}, is intact" in line
-        assert not os.path.exists(os.path.join(out, runtime.CHECKPOINT.format(4)))
+        assert not os.path.exists(os.path.join(out, checkpoints.CHECKPOINT.format(4)))
     else:
-        assert not runtime.checkpoints(out) and "no checkpoint is complete yet" in line, line
+        assert not checkpoints.complete(out) and "no checkpoint is complete yet" in line, line
         assert not os.path.exists(last)
     assert not os.path.exists(os.path.join(out, "eval", "step-000000")) or target != "eval"
     free(disk)
@@ -317,7 +318,7 @@ def test_full_disk_is_recognised_in_the_libraries_own_errors(disk):
     from safetensors.torch import save_file
 
     state = {"w": torch.zeros(1 << 20)}
-    writers = [lambda tmp: torch.save(state, tmp), functools.partial(runtime.save_pt, state),
+    writers = [lambda tmp: torch.save(state, tmp), functools.partial(checkpoints.save_pt, state),
                lambda tmp: save_file(state, tmp)]
     fill(disk, 1 << 20)
     for write in writers:
@@ -356,8 +357,8 @@ def test_a_divergence_names_the_last_checkpoint_with_finite_weights(tmp_path, ca
     line = one_line_and_nothing_half_written(out, capsys, ["train", "--steps", "3", "--save-every", "1", "--keep", "5",
                                                           *SMALL, "--out", out], util.EXIT_DIVERGED)
     assert "step 2: the weights after the update are not finite (1 of 84 tensors, e.g. img_in.weight)" in line, line
-    assert f"with finite weights: {os.path.join(out, runtime.CHECKPOINT.format(1))}" in line, line
-    assert sorted(runtime.checkpoints(out)) == [1] and len(os.listdir(out)) == len(set(os.listdir(out)))
+    assert f"with finite weights: {os.path.join(out, checkpoints.CHECKPOINT.format(1))}" in line, line
+    assert sorted(checkpoints.complete(out)) == [1] and len(os.listdir(out)) == len(set(os.listdir(out)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def resumable(straight, tmp_path):
     """A copy of the uninterrupted run, its last checkpoint at step 6, to damage. -> (out, checkpoint folder)."""
     out = str(tmp_path / "run")
     shutil.copytree(straight, out)
-    return out, os.path.join(out, runtime.CHECKPOINT.format(6))
+    return out, os.path.join(out, checkpoints.CHECKPOINT.format(6))
 
 
 @pytest.mark.parametrize("file", ["log.jsonl", "eval.jsonl"])

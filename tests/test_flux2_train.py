@@ -35,11 +35,11 @@ from test_train import (
     weights,
 )
 
+import checkpoints
 import flux2_model as f2
 import flux2_sampling as f2s
 import flux2_weights as f2w
 import lora
-import runtime
 import srpo
 import util
 from reward import HPSReward
@@ -165,7 +165,7 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     srpo.main(run_args(tmp_path))
     (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
     png = str(tmp_path / "sample.png")
-    srpo.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path, runtime.CHECKPOINT.format(2)),
+    srpo.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path, checkpoints.CHECKPOINT.format(2)),
                "--prompt", prompt, "--seed", "0", "--steps", "28", "--height", "32", "--width", "32", "--out", png])
     tile = [np.asarray(Image.open(tmp_path / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 2)]
     assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
@@ -173,7 +173,7 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     assert [line["step"] for line in lines] == [1, 2] and all(np.isfinite(line["loss"]) for line in lines)
     assert all(os.path.isfile(tmp_path / f"samples-{when}.png") for when in ("before", "after"))
     assert [row["step"] for row in util.read_jsonl(tmp_path / "eval.jsonl")] == [0, 2]
-    folder = os.path.join(tmp_path, runtime.CHECKPOINT.format(2))
+    folder = os.path.join(tmp_path, checkpoints.CHECKPOINT.format(2))
     theirs = Flux2Transformer2DModel.from_pretrained(folder)
     assert theirs.config.guidance_embeds is False
     start, trained = f2s.tiny_models()[0].state_dict(), f2w.load_transformer(folder).state_dict()
@@ -184,7 +184,7 @@ def test_flux2_demo_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path)
     """A checkpoint of step 1 resumed to step 2 == two steps straight (the FLUX.2 weights reloaded exactly)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     srpo.main(run_args(straight, "--samples", "0", "--save-every", "1", "--keep", "2"))
-    first = runtime.CHECKPOINT.format(1)
+    first = checkpoints.CHECKPOINT.format(1)
     shutil.copytree(straight / first, resumed / first)
     shutil.copy(straight / "log.jsonl", resumed)
     srpo.main(run_args(resumed, "--samples", "0", "--save-every", "1", "--keep", "2", "--resume"))
@@ -256,7 +256,7 @@ def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folde
     out = tmp_path / "run"
     srpo.main(["train", "--flux", folders[kind], *reward_args, "--out", str(out), "--samples", "0", "--lr", "1e-3",
                *lora_flags])
-    checkpoint = os.path.join(out, runtime.CHECKPOINT.format(1))
+    checkpoint = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     weights_flags = ["--lora", os.path.join(checkpoint, lora.LORA_FILE)] if lora_flags else ["--transformer",
                                                                                            checkpoint]
     (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
@@ -278,7 +278,7 @@ def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind,
     out, folder = tmp_path / "lora", folders[kind]
     srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", *LORA_FLAGS, "--lr",
                "1e-2"])
-    lora_dir = os.path.join(out, runtime.CHECKPOINT.format(1))
+    lora_dir = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     pipe = pipeline.from_pretrained(folder, local_files_only=True)
     cfg = f2w.load_transformer(os.path.join(folder, "transformer")).cfg
     x, ids = transformer_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import evaluation
 import runtime
 import srpo
@@ -77,7 +78,7 @@ def test_lora_under_fsdp_keeps_the_frozen_base_in_its_bf16_and_the_adapters_in_f
             dtypes[name] = (p.requires_grad, p.dtype)
 
     monkeypatch.setattr(srpo, "train", inspect)
-    monkeypatch.setattr(runtime, "report", lambda out: None)
+    monkeypatch.setattr(checkpoints, "report", lambda out: None)
     srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload", "--steps", "1",
                "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"])
     frozen = {d for trained, d in dtypes.values() if not trained}

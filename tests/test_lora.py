@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
+import checkpoints
 import cli as command_line
 import clip_weights as cw
 import flux2_model as f2
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_file(out, step):
-    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), lora.LORA_FILE))
+    return load_file(os.path.join(out, checkpoints.CHECKPOINT.format(step), lora.LORA_FILE))
 
 
 def adapter_names(model):
@@ -82,7 +83,7 @@ def random_lora(folder, flux_cfg, rank=4, alpha=8.0, seed=3):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     adapters = {n: p.detach() for n, p in model.named_parameters() if n in adapter_names(model)}
     cfg = srpo.TrainConfig(lora_rank=rank, lora_alpha=alpha)
-    runtime.save_weights(adapters, model.cfg, cfg, os.path.join(folder, "lora"))
+    checkpoints.save_weights(adapters, model.cfg, cfg, os.path.join(folder, "lora"))
     return model, os.path.join(folder, "lora")
 
 
@@ -230,13 +231,13 @@ def test_offload_matches_the_run_without_it(runs):
 def test_lora_resume_is_exact(runs, tmp_path):
     out = str(tmp_path)
     straight = runs["lora"]
-    first = runtime.CHECKPOINT.format(1)
+    first = checkpoints.CHECKPOINT.format(1)
     shutil.copytree(os.path.join(straight, first), os.path.join(out, first))
     shutil.copy(os.path.join(straight, "log.jsonl"), out)
     srpo.main([*RUN, *LORA, "--out", out, "--resume"])
     a, b = lora_file(straight, 2), lora_file(out, 2)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(out) == log_lines(straight)
-    opt_a, opt_b = (torch.load(os.path.join(f, runtime.CHECKPOINT.format(2), "training.pt"), weights_only=True)
+    opt_a, opt_b = (torch.load(os.path.join(f, checkpoints.CHECKPOINT.format(2), "training.pt"), weights_only=True)
                     for f in (straight, out))
     state_a, state_b = opt_a["optimizer"]["state"], opt_b["optimizer"]["state"]
     assert state_a.keys() == state_b.keys() and all(k.endswith(("lora_A", "lora_B")) for k in state_a)
@@ -282,7 +283,7 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     load_lora_weights(folder) takes: the trained adapters give our transformer's output (1e-5)."""
     out = str(tmp_path / "out")
     srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
-    folder = os.path.join(out, runtime.CHECKPOINT.format(1))
+    folder = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     config = util.read_json(os.path.join(folder, "state.json"))["config"]
     assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (command_line.LORA_LR, 4, 4.0)
     flux = real_args[real_args.index("--flux") + 1]
@@ -315,7 +316,7 @@ def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
 def test_lora_fsdp_resume_is_exact(runs, tmp_path):
     """The 2-process LoRA run's step-1 checkpoint resumed by 2 processes: rank 0 reads the adapters, FSDP
     broadcasts them into the shards, and step 2 is the uninterrupted 2-process run's."""
-    out, first = str(tmp_path), runtime.CHECKPOINT.format(1)
+    out, first = str(tmp_path), checkpoints.CHECKPOINT.format(1)
     shutil.copytree(os.path.join(runs["lora2"], first), os.path.join(out, first))
     shutil.copy(os.path.join(runs["lora2"], "log.jsonl"), out)
     cli(*TORCHRUN, *RUN, *LORA, "--out", out, "--resume")

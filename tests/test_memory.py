@@ -8,11 +8,11 @@ import torch
 from test_flux2_train import tiny2  # noqa: F401 (a fixture)
 from test_train import train_tiny
 
+import checkpoints
 import clip_weights as cw
 import flux2_model as f2
 import flux_model as fm
 import reward
-import runtime
 import sampling
 import srpo
 from tools import memory_estimate as me
@@ -70,7 +70,7 @@ def test_training_decodes_checkpointed_and_sampling_does_not(tmp_path, monkeypat
     without gradient, where it does nothing."""
     seen = []
     monkeypatch.setattr(srpo, "train", lambda parts, *args: seen.append(parts.ae.decoder.checkpointing))
-    monkeypatch.setattr(runtime, "report", lambda out: None)
+    monkeypatch.setattr(checkpoints, "report", lambda out: None)
     srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32",
                "--rollout-steps", "4", "--samples", "1"])
     assert seen == [True] and not fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).decoder.checkpointing

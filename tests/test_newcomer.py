@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoints
 import cli
 import evaluation
-import runtime
 import srpo
 import util
 
@@ -41,7 +41,7 @@ def test_the_demo_checkpoint_samples_without_flux_as_its_evaluation_did(demo, tm
     """`sample --transformer CHECKPOINT/diffusion_pytorch_model.safetensors --seed i --steps 28` without --flux samples
     with the demo's tiny VAE and text encoders: the image the run's evaluation of that step made of eval prompt i,
     byte for byte (and not the untrained model's); a file of another shape is refused in one line."""
-    weights = os.path.join(demo, runtime.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors")
+    weights = os.path.join(demo, checkpoints.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors")
     i, out = 1, tmp_path / "x.png"
     srpo.main(["sample", "--transformer", weights, "--prompt", evaluation.EVAL_PROMPTS[i], "--seed", str(i),
                "--steps", "28", *SIZE, "--out", str(out)])

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import flux_sampling
 import image_data
 import runtime
@@ -47,7 +48,7 @@ def log_lines(out):
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, checkpoints.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
 
 
 def counted_encodes(monkeypatch):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+import checkpoints
 import cli as command_line
 import flux_model as fm
 import flux_sampling
@@ -64,7 +65,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, runtime.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, checkpoints.CHECKPOINT.format(step), "diffusion_pytorch_model.safetensors"))
 
 
 def log_lines(out):
@@ -552,7 +553,7 @@ def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs)
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
         assert x.keys() == y.keys() and x.pop("words") == y.pop("words")
         assert all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
-    opt_one, opt_two = (torch.load(os.path.join(out, runtime.CHECKPOINT.format(2), "training.pt"),
+    opt_one, opt_two = (torch.load(os.path.join(out, checkpoints.CHECKPOINT.format(2), "training.pt"),
                                    weights_only=True)["optimizer"]["state"] for out in (one, two))
     names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
     assert opt_one.keys() == opt_two.keys() == names  # the full AdamW state, gathered from the shards
@@ -565,13 +566,14 @@ def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs,
     AdamW state broadcast from rank 0's files give the uninterrupted 2-process run's step 2."""
     _, two = fsdp_runs
     out = str(tmp_path)
-    shutil.copytree(os.path.join(two, runtime.CHECKPOINT.format(1)), os.path.join(out, runtime.CHECKPOINT.format(1)))
+    first = checkpoints.CHECKPOINT.format(1)
+    shutil.copytree(os.path.join(two, first), os.path.join(out, first))
     shutil.copy(os.path.join(two, "log.jsonl"), out)
     cli(*TORCHRUN, *FSDP_ARGS, "--out", out, "--resume")
     a, b = weights(two, 2), weights(out, 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_lines(out) == log_lines(two)
-    opt_straight, opt_resumed = (torch.load(os.path.join(folder, runtime.CHECKPOINT.format(2), "training.pt"),
+    opt_straight, opt_resumed = (torch.load(os.path.join(folder, checkpoints.CHECKPOINT.format(2), "training.pt"),
                                             weights_only=True)["optimizer"]["state"] for folder in (two, out))
     assert all(torch.equal(opt_straight[n][k], opt_resumed[n][k]) for n in opt_straight for k in opt_straight[n])
 
@@ -587,7 +589,7 @@ def straight(tmp_path_factory):
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
     out = str(tmp_path)
     srpo.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
-    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 2)  # --keep 1
+    assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 2)  # --keep 1
     srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
     a, b = weights(straight, 3), weights(out, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -595,7 +597,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
 
 
 def test_saved_transformer_loads_strictly_into_diffusers(straight):
-    folder = os.path.join(straight, runtime.CHECKPOINT.format(3))
+    folder = os.path.join(straight, checkpoints.CHECKPOINT.format(3))
     state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     theirs = FluxTransformer2DModel.from_pretrained(folder)  # config.json written beside the weights
     theirs.load_state_dict(state, strict=True)  # the model card's snippet
@@ -606,11 +608,11 @@ def test_saved_transformer_loads_strictly_into_diffusers(straight):
 
 def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
     names = set(os.listdir(straight))
-    assert {"log.jsonl", "samples-before.png", "samples-after.png", runtime.CHECKPOINT.format(3)} <= names
+    assert {"log.jsonl", "samples-before.png", "samples-after.png", checkpoints.CHECKPOINT.format(3)} <= names
     assert [line["step"] for line in log_lines(straight)] == [1, 2, 3]
     line = log_lines(straight)[0]
     assert {"loss", "reward_denoise", "reward_inversion", "grad_norm", "lr"} <= line.keys()
-    state = util.read_json(os.path.join(straight, runtime.CHECKPOINT.format(3), "state.json"))
+    state = util.read_json(os.path.join(straight, checkpoints.CHECKPOINT.format(3), "state.json"))
     assert state["step"] == 3 and state["config"]["lr"] == command_line.DEMO_DEFAULTS["lr"]
 
 
@@ -650,8 +652,8 @@ def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args
     lines = log_lines(out)
     assert [line["step"] for line in lines] == list(range(1, 20))
     assert [line["words"] for line in lines] == [[POSITIVE[s % 4], NEGATIVE[s % 5]] for s in range(1, 20)]
-    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 19)
-    assert util.read_json(os.path.join(out, runtime.CHECKPOINT.format(19), "state.json"))["step"] == 19
+    assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 19)
+    assert util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(19), "state.json"))["step"] == 19
 
 
 @pytest.mark.slow
@@ -664,7 +666,7 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
     assert len(rewards) == command_line.DEMO_DEFAULTS["steps"]
     assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
     last = command_line.DEMO_DEFAULTS["steps"]
-    assert sorted(runtime.checkpoints(str(tmp_path))) == kept_checkpoints(str(tmp_path), last)
+    assert sorted(checkpoints.complete(str(tmp_path))) == kept_checkpoints(str(tmp_path), last)
     assert os.path.exists(tmp_path / "samples-after.png")
 
 
@@ -674,8 +676,8 @@ def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
     one-process test's): the demo's --batch is one prompt per process, so it runs under any process count."""
     cli(*TORCHRUN, "train", "--steps", "3", "--out", str(tmp_path))
     lines = log_lines(str(tmp_path))
-    assert len(lines) == 3 and sorted(runtime.checkpoints(str(tmp_path))) == kept_checkpoints(str(tmp_path), 3)
-    state = util.read_json(os.path.join(str(tmp_path), runtime.CHECKPOINT.format(len(lines)), "state.json"))
+    assert len(lines) == 3 and sorted(checkpoints.complete(str(tmp_path))) == kept_checkpoints(str(tmp_path), 3)
+    state = util.read_json(os.path.join(str(tmp_path), checkpoints.CHECKPOINT.format(len(lines)), "state.json"))
     assert state["config"]["batch"] == 2
 
 
@@ -721,14 +723,14 @@ def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
     code, err = run_cli(["train", "--steps", "4", *SMALL, "--lr", "0.5", "--out", straight, "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "lr" in err[0]
     after = weights(straight, 3)
-    assert sorted(runtime.checkpoints(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(checkpoints.complete(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path, capsys):
     """A state.json written before a setting existed (here: no "reward", as before --reward) resumes as if it held
     the default: --reward clip, whose recipe equals HPS's, is refused, naming it; the default resumes."""
     out = str(tmp_path)
-    name = runtime.CHECKPOINT.format(3)
+    name = checkpoints.CHECKPOINT.format(3)
     shutil.copytree(os.path.join(straight, name), os.path.join(out, name))
     path = os.path.join(out, name, "state.json")
     state = util.read_json(path)
@@ -738,7 +740,7 @@ def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path,
     code, err = run_cli([*args, "--reward", "clip"], capsys)
     assert code == 2 and len(err) == 1 and "reward" in err[0] and "reward=hps" in err[0], err
     srpo.main(args)
-    assert sorted(runtime.checkpoints(out)) == kept_checkpoints(out, 4)
+    assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 4)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -756,10 +758,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
     errors = [line for line in err if line.startswith("error: ")]  # after the progress bar's lines
     assert code == util.EXIT_DIVERGED == 65 and len(errors) == 1 and errors[0] == err[-1], err
     for words in ["step 3: not finite: loss nan, denoise reward nan", "the weights were not updated", "lower --lr",
-                  f"the last checkpoint with finite weights: {os.path.join(out, runtime.CHECKPOINT.format(2))}"]:
+                  f"the last checkpoint with finite weights: {os.path.join(out, checkpoints.CHECKPOINT.format(2))}"]:
         assert words in err[-1], (words, err)
-    assert sorted(runtime.checkpoints(out)) == [1, 2]
-    model = fw.load_transformer(os.path.join(out, runtime.CHECKPOINT.format(2)))
+    assert sorted(checkpoints.complete(out)) == [1, 2]
+    model = fw.load_transformer(os.path.join(out, checkpoints.CHECKPOINT.format(2)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -859,14 +861,14 @@ def test_a_step_with_a_clip_reward_moves_the_weights_and_resume_refuses_another_
     start, after = load_file(os.path.join(flux, "transformer", "diffusion_pytorch_model.safetensors")), weights(out, 1)
     assert start.keys() == after.keys()
     assert 2.5e-6 < max((after[k] - start[k]).abs().max().item() for k in start) < 7.5e-6
-    config = util.read_json(os.path.join(out, runtime.CHECKPOINT.format(1), "state.json"))["config"]
+    config = util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(1), "state.json"))["config"]
     assert config["reward"] == name and config["rollout_guidance"] == OFFICIAL_SCRIPTS[name][1]["rollout_guidance"]
     assert config["window"] == list(OFFICIAL_SCRIPTS[name][1]["window"])
     capsys.readouterr()  # the run's progress bars
     code, err = run_cli([*real_args, "--out", out, "--steps", "2", "--resume"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --resume with other settings"), err
     assert f"reward={name}" in err[0], err
-    assert sorted(runtime.checkpoints(out)) == [1] and len(log_lines(out)) == 1
+    assert sorted(checkpoints.complete(out)) == [1] and len(log_lines(out)) == 1
 
 
 def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, capsys):
@@ -899,5 +901,5 @@ def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
     """`train --reward pickscore` without --flux: the demo on a tiny random PickScore, with PickScore's recipe."""
     out = str(tmp_path)
     srpo.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
-    config = util.read_json(os.path.join(out, runtime.CHECKPOINT.format(2), "state.json"))["config"]
+    config = util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(2), "state.json"))["config"]
     assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2
