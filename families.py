@@ -7,7 +7,6 @@ functions of those modules that the family-independent code calls. What is given
 pipeline folder its model_index.json `_class_name`, a transformer folder its config.json's, a single file its keys,
 a model its config's class, the tiny demo its --family."""
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -76,14 +75,17 @@ def of_config(cfg):
 
 
 def of_model(model):
-    """The family of a transformer, its noise drawn with the model's latent channels; a model without a FLUX config
-    (a stand-in's) is FLUX.1's."""
+    """The family of a transformer, by its config; a model without a FLUX config (a stand-in's) is FLUX.1's."""
     cfg = getattr(model, "cfg", None)
-    if not isinstance(cfg, (FluxConfig, Flux2Config)):
-        return FLUX1
-    family = of_config(cfg)
-    return dataclasses.replace(family, initial_noise=functools.partial(family.initial_noise,
-                                                                       channels=cfg.in_channels))
+    return of_config(cfg) if isinstance(cfg, (FluxConfig, Flux2Config)) else FLUX1
+
+
+def noise_of(model):
+    """The family's initial_noise for this transformer: (batch, height, width, seed, dtype) -> packed latents with
+    the model's latent channels."""
+    cfg = getattr(model, "cfg", None)
+    noise = of_model(model).initial_noise
+    return functools.partial(noise, channels=cfg.in_channels) if isinstance(cfg, (FluxConfig, Flux2Config)) else noise
 
 
 def of_folder(folder):

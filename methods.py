@@ -100,7 +100,7 @@ def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
     Each re-noising is a branch ("renoise1", ...), backpropagated in turn. Cost: T + n model calls, n with
     gradient."""
     sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
-    noise = families.of_model(model).initial_noise
+    noise = families.noise_of(model)
     for j in range(DRAFT_LV_NOISES):
         x0_hat = srpo.direct_align(model, x0, renoise(cfg, step, j, eps.device, noise), sigma, torch.zeros(()),
                                    item.cond, cfg.guidance)

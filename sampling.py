@@ -177,9 +177,9 @@ def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, s
     """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
     `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's;
     the noise and mu the model family's): a training run's before/after view and its held-out evaluations."""
-    images, fam = [], families.of_model(model)
+    images, fam, noise = [], families.of_model(model), families.noise_of(model)
     for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
-        x = fam.initial_noise(1, height, width, seed, torch.float32).to(device)
+        x = noise(1, height, width, seed, torch.float32).to(device)
         mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
         with autocast(device):
             x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond.at_guidance(guidance),
@@ -370,16 +370,16 @@ def make_images(s, jobs, dtype, device, rank):
 
 
 def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam):
-    """Each job's images, written as soon as they are made, with the noise and conditioning of the model's Family
+    """Each job's images, written as soon as they are made, with the noise and conditioning of the model's family
     `fam`. SIGTERM / SIGINT stop after the current prompt's images (Stopped),
     a failed write ends with a Fault: the images written are whole, and the same command continues."""
-    device, dtype = model.img_in.weight.device, model.img_in.weight.dtype
+    device, dtype, noise = model.img_in.weight.device, model.img_in.weight.dtype, families.noise_of(model)
     again = "the images written are complete, and the same command makes the rest"
     with StopSignals() as signals:
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):
             # one text encoding per prompt, repeated for its images, as FluxPipeline does for num_images_per_prompt
             embedding = tuple(t.expand(s.batch, *t.shape[1:]) for t in embeddings[prompt])
-            x = fam.initial_noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
+            x = noise(s.batch, s.height, s.width, s.seed, embedding[0].dtype).to(device, dtype)
             cond = fam.conditioning(embedding, s.height, s.width, device, dtype)
             images = decode_images(ae, euler_sample(model, x, sigmas, cond, guidance, progress=len(jobs) == 1),
                                    s.height, s.width)

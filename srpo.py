@@ -348,7 +348,7 @@ def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_loss
     branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
     reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
     -> {"loss", "reward_NAME" and "loss_NAME" per branch, "grad_norm"}, means over the global batch."""
-    eps = shared_noise(cfg, step, ranks.device, families.of_model(model).initial_noise)
+    eps = shared_noise(cfg, step, ranks.device, families.noise_of(model))
     totals, names = 0, []
     for item in batch:
         x0 = item.x0

@@ -6,6 +6,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from tools import backend_parity
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -34,3 +38,13 @@ def test_every_tool_is_named_in_the_readme():
         if tool.name in ("__init__.py", "__pycache__"):
             continue
         assert f"tools.{tool.stem}" in readme or f"tools/{tool.name}" in readme, tool.name
+
+
+def test_backend_parity_runs_the_kernels_of_both_families_in_the_interpreter(monkeypatch, capsys):
+    """tools.backend_parity, which gpu_check.sh runs compiled, on this CPU: the Triton interpreter (conftest imports
+    the kernels so), fp32, both families' tiny models (FLUX.2's with CFG's two passes) against SDPA."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        backend_parity.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 0 and len(lines) == 2 and all(line.endswith("OK") for line in lines), lines
