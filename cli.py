@@ -168,8 +168,8 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
 
 
 def build_parser():
-    """The parser of the three commands."""
-    parser = Parser(prog="srpo.py", description="SRPO on FLUX.1-dev: train, sample and score.")
+    """The parser of the four commands."""
+    parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
     sub = parser.add_subparsers(dest="command", required=True)
     sample_flags(sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                                 description="Generate images. Without --flux, a tiny random model built in code "
