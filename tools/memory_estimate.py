@@ -1,5 +1,5 @@
-"""GPU memory of one SRPO training step at FLUX.1-dev's or FLUX.2 [klein]'s sizes, measured on a CPU: no GPU, no
-weights, seconds.
+"""GPU memory of one SRPO training step at FLUX.1-dev's, FLUX.2 [klein]'s or FLUX.2 [dev]'s sizes, measured on a CPU: no
+GPU, no weights, seconds.
 
     python -m tools.memory_estimate                  # 720x720, FSDP2 over N = 2, 3, 4, 8, 32 GPUs
     python -m tools.memory_estimate --height 1024 --width 1024
@@ -7,6 +7,7 @@ weights, seconds.
     python -m tools.memory_estimate --model klein-4b --lora-rank 64   # FLUX.2 [klein] 4B base, train's defaults
     python -m tools.memory_estimate --model klein-4b --lora-rank 64 --rollout-guidance 2   # PickScore's recipe
     python -m tools.memory_estimate --fits --lora-rank 64   # klein 4B / 9B: which one-GPU mode fits 24 / 48 / 80 GB
+    python -m tools.memory_estimate --model flux2-dev --lora-rank 64   # FLUX.2 [dev], 32 B: FSDP2 and one GPU
 
 The run described is `train`'s with the same flags (a TrainConfig: --rollout-guidance, --no-branch-cfg, the size,
 the rank; the rest its defaults, the HPS recipe, whose reward is the one measured). FLUX.2 [klein] base samples with
@@ -69,7 +70,8 @@ STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp
 TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on; Qwen3 tokens klein is (Flux2KleinPipeline's 512)
 MODELS = {"flux-dev": (fm.FluxConfig.preset("flux-dev"), fm.AutoEncoderConfig.preset("flux-dev")),
           "klein-4b": (f2.Flux2Config.preset("klein-4b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
-          "klein-9b": (f2.Flux2Config.preset("klein-9b"), f2.Flux2AutoEncoderConfig.preset("flux2"))}
+          "klein-9b": (f2.Flux2Config.preset("klein-9b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
+          "flux2-dev": (f2.Flux2Config.preset("flux2-dev"), f2.Flux2AutoEncoderConfig.preset("flux2"))}
 SAMPLED_WITH_CFG = ("klein-4b", "klein-9b")  # klein base (klein distilled shares the shapes and makes one call)
 CFG_SCALE = 4.0  # Flux2KleinPipeline's default guidance_scale (any w: the graphs do not depend on it)
 ALLOWANCE = 3.0  # GB: CUDA context, NCCL buffers, allocator slack (an allowance, not a measurement)
@@ -532,7 +534,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--lora-rank", type=int, default=0, help="also the one-GPU modes, with LoRA of this rank")
     parser.add_argument("--model", choices=MODELS, default="flux-dev", help="the transformer and VAE (flux2_model's "
-                        "presets for klein base, sampled with classifier-free guidance)")
+                        "presets: klein base, sampled with classifier-free guidance; [dev], one call a velocity)")
     parser.add_argument("--rollout-guidance", type=float, default=srpo.TrainConfig.rollout_guidance, help="as train's "
                         "(default TrainConfig's, the HPS recipe's, whose reward is measured; PickScore's recipe: 2): "
                         "klein base's rollout samples with CFG above 1, two model calls a step")
