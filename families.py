@@ -51,16 +51,22 @@ class Family:
     tiny_frozen_parts: Callable  # (device, weights) -> the same, of the tiny demo
 
 
-FLUX1 = Family("flux1", "FLUX.1", ("FluxPipeline",), "FluxTransformer2DModel", Flux, FluxConfig,
-               fw.transformer_sources, fw.load_transformer, fw.save_transformer, fw.transformer_links,
-               fw.flux_config_to_diffusers, "black-forest-labs/flux parameter names, as flux1-dev.safetensors",
-               fs.initial_noise, fs.conditioning, None, fs.GUIDANCE, fs.load_folder, fs.sample_models,
-               fs.sample_guidance, fs.frozen_parts, fs.tiny_frozen_parts)
-FLUX2 = Family("flux2", "FLUX.2", tuple(f2s.TEXT_ENCODERS), "Flux2Transformer2DModel", Flux2, Flux2Config,
-               f2w.transformer_sources, f2w.load_transformer, f2w.save_transformer, f2w.transformer_links,
-               f2w.config_to_diffusers, "black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors",
-               f2s.initial_noise, f2s.conditioning, f2s.empirical_mu, f2s.GUIDANCE, f2s.load_folder,
-               f2s.sample_models, f2s.sample_guidance, f2s.frozen_parts, f2s.tiny_frozen_parts)
+FLUX1 = Family(
+    name="flux1", title="FLUX.1", pipelines=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
+    model=Flux, config=FluxConfig,
+    sources=fw.transformer_sources, load=fw.load_transformer, save=fw.save_transformer, links=fw.transformer_links,
+    to_diffusers=fw.flux_config_to_diffusers, bfl="black-forest-labs/flux parameter names, as flux1-dev.safetensors",
+    initial_noise=fs.initial_noise, conditioning=fs.conditioning, mu=None, guidance=fs.GUIDANCE,
+    load_folder=fs.load_folder, sample_models=fs.sample_models, sample_guidance=fs.sample_guidance,
+    frozen_parts=fs.frozen_parts, tiny_frozen_parts=fs.tiny_frozen_parts)
+FLUX2 = Family(
+    name="flux2", title="FLUX.2", pipelines=tuple(f2s.TEXT_ENCODERS), transformer_class="Flux2Transformer2DModel",
+    model=Flux2, config=Flux2Config,
+    sources=f2w.transformer_sources, load=f2w.load_transformer, save=f2w.save_transformer, links=f2w.transformer_links,
+    to_diffusers=f2w.config_to_diffusers, bfl="black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors",
+    initial_noise=f2s.initial_noise, conditioning=f2s.conditioning, mu=f2s.empirical_mu, guidance=f2s.GUIDANCE,
+    load_folder=f2s.load_folder, sample_models=f2s.sample_models, sample_guidance=f2s.sample_guidance,
+    frozen_parts=f2s.frozen_parts, tiny_frozen_parts=f2s.tiny_frozen_parts)
 FAMILIES = (FLUX1, FLUX2)
 FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'
 
