@@ -189,7 +189,7 @@ def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models and prompts
+# Checks and image files
 
 
 def check_size(height, width):
