@@ -153,6 +153,7 @@ TRAIN_HELP = {
     "lora_alpha": "LoRA alpha (0: the rank, i.e. scale 1)",
 }
 
+FAMILY_NAMES = tuple(f.name for f in families.FAMILIES)  # --family: the tiny demo's models
 # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
 # reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
 # so that the demo runs under torchrun with any number of processes).
@@ -213,7 +214,7 @@ def sample_flags(p):
                    "([klein] or [dev], as its model_index.json says)")
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
-    p.add_argument("--family", choices=("flux1", "flux2"), help="without --flux, the tiny demo's model family "
+    p.add_argument("--family", choices=FAMILY_NAMES, help="without --flux, the tiny demo's model family "
                    "(default flux1); flux2: `train --family flux2`'s tiny FLUX.2 and Qwen3, with --transformer its "
                    "checkpoint folder")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
@@ -249,7 +250,7 @@ def train_flags(p):
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
                    "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
                    "or a FLUX.2 [klein] folder (its model_index.json says which)")
-    p.add_argument("--family", choices=("flux1", "flux2"), help="the tiny demo's model family (default flux1): flux2 "
+    p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
                    f"--lr {FLUX2_DEMO_DEFAULTS['lr']:g} (with --flux, the folder's model_index.json decides)")
     reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
