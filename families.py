@@ -89,9 +89,10 @@ def of_model(model):
 def noise_of(model):
     """The family's initial_noise for this transformer: (batch, height, width, seed, dtype) -> packed latents with
     the model's latent channels."""
-    cfg = getattr(model, "cfg", None)
-    noise = of_model(model).initial_noise
-    return functools.partial(noise, channels=cfg.in_channels) if isinstance(cfg, (FluxConfig, Flux2Config)) else noise
+    family, cfg = of_model(model), getattr(model, "cfg", None)
+    if not isinstance(cfg, family.config):  # a stand-in: the family's default channels
+        return family.initial_noise
+    return functools.partial(family.initial_noise, channels=cfg.in_channels)
 
 
 def of_folder(folder):

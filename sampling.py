@@ -269,10 +269,10 @@ def sample_jobs(s):
     return [(p, png_paths(os.path.join(s.out, f"{i:05d}.png"), s.batch)) for i, p in enumerate(prompts)]
 
 
-def image_settings(s, dtype):
+def image_settings(s, dtype, family):
     """What `sample`'s images depend on besides their prompt: recorded beside each image in images.jsonl, so that a
     rerun into the folder skips only images that it would have made itself."""
-    default_guidance = model_family(s).guidance
+    default_guidance = family.guidance
     files = {k: v and os.path.realpath(v) for k, v in [("flux", s.flux), ("transformer", s.transformer),
                                                          ("lora", s.lora)]}
     return {"seed": s.seed, **files, "lora_scale": s.lora_scale if s.lora else None, "height": s.height,
@@ -298,11 +298,13 @@ def check_rerun(out, jobs, settings):
 
 
 def check_sample_flags(s):
-    """What ties the settings together (each flag's range is cli.py's), before anything is read."""
+    """What ties the settings together (each flag's range is cli.py's), before anything is read. -> the model
+    family (--family with --flux refused, a bad model_index.json too)."""
     check_size(s.height, s.width)
-    model_family(s)  # --family with --flux refused, a bad model_index.json too
+    family = model_family(s)
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
+    return family
 
 
 def model_family(s):
@@ -323,24 +325,23 @@ def sample(s):
     folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 folder gives Flux2KleinPipeline's (klein) or
     Flux2Pipeline's (dev) images the same way (flux2_sampling.py). A --prompts folder is one run's while it runs
     (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
-    check_sample_flags(s)
+    fam = check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
     if world > 1 and not s.prompts:
         raise InputError("under torchrun, sample splits the lines of --prompts over the processes: give --prompts")
-    jobs, settings = sample_jobs(s), image_settings(s, dtype)
+    jobs, settings = sample_jobs(s), image_settings(s, dtype, fam)
     with RunLock(s.out) if s.prompts and rank == 0 else contextlib.nullcontext():
         if s.prompts:
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
-            fam = model_family(s)
             meta = (fam.load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
                     fs.tiny_transformer(fam.load, s.transformer, fam.config.preset("tiny"), dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs
         if jobs:
-            make_images(s, jobs, dtype, device, rank)
+            make_images(s, jobs, dtype, device, rank, fam)
 
 
 def my_jobs(s, jobs, settings, rank, world):
@@ -354,13 +355,12 @@ def my_jobs(s, jobs, settings, rank, world):
     return jobs
 
 
-def make_images(s, jobs, dtype, device, rank):
+def make_images(s, jobs, dtype, device, rank, fam):
     """The models loaded (the LoRA merged once: no per-step cost), then each job's images in turn: the family's
-    models, guidance, mu, noise and conditioning (families.Family); the sampler and the rest are the same."""
+    models, guidance, mu, noise and conditioning (`fam`, a families.Family); the sampler and the rest are the same."""
     seq_len = (s.height // 16) * (s.width // 16)
     schedule = read_schedule(s.flux) if s.flux else FLUX_DEV  # a bad scheduler config: refused before the models
-    model, ae, embeddings = model_family(s).sample_models(s, [p for p, _ in jobs], dtype, device)
-    fam = families.of_model(model)
+    model, ae, embeddings = fam.sample_models(s, [p for p, _ in jobs], dtype, device)
     sigmas = flux_schedule(s.steps, seq_len, schedule, fam.mu(seq_len, s.steps) if fam.mu else None)
     if s.lora:
         lora.merge_lora(model, s.lora, s.lora_scale)
