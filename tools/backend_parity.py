@@ -13,11 +13,8 @@ import sys
 import torch
 
 import families
-import flux2_sampling
-import flux_sampling
 from kernels.dispatch import INTERPRETED
 
-TINY = {"FLUX.1": flux_sampling.tiny_models, "FLUX.2": flux2_sampling.tiny_models}
 PROMPTS = ["a red fox in the snow", "two dogs on a beach"]
 HEIGHT, WIDTH = 64, 96  # non-square: 4 x 6 tokens
 # (weights, autocast, tolerance on the velocity): gradients sum over many tokens, so theirs is 10 times looser
@@ -33,13 +30,12 @@ def velocity_and_grads(model, cond, x, t, guidance, autocast):
     return v.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
 
-def parity(name, dtype, autocast, device):
-    """(relative error of the velocity, of the weight gradients): max |triton - sdpa| / max |sdpa|."""
-    model, _, text = TINY[name]()
-    model = model.to(device, dtype)
-    family = families.of_model(model)
-    embed = text if family is families.FLUX1 else flux2_sampling.embedder(text, cfg=True)
-    cond = family.conditioning(embed(PROMPTS), HEIGHT, WIDTH, device, dtype)
+def parity(family, dtype, autocast, device):
+    """(relative error of the velocity, of the weight gradients): max |triton - sdpa| / max |sdpa|, on the tiny demo's
+    models as training builds them (family.tiny_frozen_parts: FLUX.2's text with the negative prompt)."""
+    _, text, _, load = family.tiny_frozen_parts("cpu", dtype)
+    model = load(device)
+    cond = family.conditioning(text(PROMPTS), HEIGHT, WIDTH, device, dtype)
     x = families.noise_of(model)(len(PROMPTS), HEIGHT, WIDTH, 0, torch.float32).to(device, dtype)
     t, guidance = (torch.full((len(PROMPTS),), value, device=device, dtype=dtype) for value in (0.7, 3.5))
     out = {}
@@ -56,13 +52,13 @@ def main():
                  "reference, and the check empty): TRITON_INTERPRET=1 python -m tools.backend_parity")
     cases = CASES if device.type == "cuda" else CASES[:1]  # the interpreter's bf16 is not the GPU's
     failed = False
-    for name in TINY:
+    for family in families.FAMILIES:
         for dtype, autocast, tol in cases:
-            err = parity(name, dtype, autocast, device)
+            err = parity(family, dtype, autocast, device)
             ok = err[0] <= tol and err[1] <= 10 * tol
             failed |= not ok
-            print(f"tiny {name} {dtype}{' + bf16 autocast' if autocast else ''} on {device.type}: triton vs sdpa "
-                  f"rel. err. velocity {err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
+            print(f"tiny {family.title} {dtype}{' + bf16 autocast' if autocast else ''} on {device.type}: triton vs "
+                  f"sdpa rel. err. velocity {err[0]:.1e}, weight grads {err[1]:.1e}:", "OK" if ok else "FAIL")
     sys.exit(1 if failed else 0)
 
 
