@@ -14,7 +14,6 @@ import html
 from itertools import groupby
 from pathlib import Path
 
-import ftfy
 import regex
 import torch
 from tokenizers import pre_tokenizers
@@ -22,7 +21,7 @@ from tokenizers import pre_tokenizers
 from util import InputError, first_line, read_json
 
 # transformers is imported where a tokenizer is built: importing it takes ~4 s, which every command, and every input
-# error before its one line, would pay otherwise.
+# error before its one line, would pay otherwise. ftfy is imported where HPS captions are cleaned (clean_prompt).
 
 CONTEXT_LENGTH = 77  # CLIP's text context: [start] 75 tokens [end]
 
@@ -38,6 +37,11 @@ def _byte_symbols():
 def clean_prompt(text):
     """open_clip's 'lower' cleaning (basic_clean, whitespace_clean, lower): ftfy.fix_text, html.unescape twice,
     whitespace collapsed and stripped, lower case."""
+    try:
+        import ftfy  # here, not above: only HPS's captions need it, and everything else runs where it is missing
+    except ModuleNotFoundError as e:
+        raise InputError(f"HPS cleans its captions with ftfy, as open_clip does, and ftfy cannot be imported here "
+                         f"({e}): pip install ftfy (requirements.txt)") from None
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 

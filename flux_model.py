@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention as flash_attention
-from kernels.rope import norm_rope as fused_norm_rope
-from kernels.rope import norm_rope_reference
+from flux_kernels.attention import attention as flash_attention
+from flux_kernels.rope import norm_rope as fused_norm_rope
+from flux_kernels.rope import norm_rope_reference
 from util import InputError, check_folder, first_line
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,13 +110,13 @@ def rope_freqs(ids, axes_dim, theta):
 
 def qk_norm_rope(x, scale, cos, sin, backend):
     """QK RMSNorm (learnable scale, eps 1e-6) then RoPE on interleaved pairs, in fp32: the fused kernel
-    (kernels.rope.norm_rope) for backend 'triton', its PyTorch reference otherwise."""
+    (flux_kernels.rope.norm_rope) for backend 'triton', its PyTorch reference otherwise."""
     return (fused_norm_rope if backend == "triton" else norm_rope_reference)(x, scale, cos, sin)
 
 
 def attend(q, k, v, backend):
     """softmax(q k^T / sqrt(D)) v over the joint [txt, img] sequence, no mask. (B, H, N, D) -> (B, N, H*D).
-    The flash kernel (kernels.attention.attention) for backend 'triton', torch SDPA otherwise."""
+    The flash kernel (flux_kernels.attention.attention) for backend 'triton', torch SDPA otherwise."""
     out = flash_attention(q, k, v) if backend == "triton" else F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
@@ -296,7 +296,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(h, cfg.in_channels)
 
     def set_attention_backend(self, backend):
-        """'sdpa' (torch) or 'triton' (kernels/: fused QK-norm + RoPE and flash attention)."""
+        """'sdpa' (torch) or 'triton' (flux_kernels/: fused QK-norm + RoPE and flash attention)."""
         if backend not in ("sdpa", "triton"):
             raise InputError(f"unknown attention backend {backend!r}: expected 'sdpa' or 'triton'")
         for block in [*self.double_blocks, *self.single_blocks]:

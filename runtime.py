@@ -24,8 +24,8 @@ import families
 import flux_weights as fw
 import image_data
 import lora
+from flux_kernels.attention import warm_up
 from flux_sampling import encode_prompts
-from kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from util import (
     Diverged,
@@ -427,7 +427,7 @@ def check_guidance_embedding(flux, cfg):
 
 def warm_up_kernels(model, cfg, text_tokens, device):
     """Tune the Triton attention kernels at the run's sequence length (image + text tokens: the rollout, both
-    branches and the grids all use it) and in autocast's bf16, before the first step (see kernels.attention)."""
+    branches and the grids all use it) and in autocast's bf16, before the first step (see flux_kernels.attention)."""
     if model.double_blocks[0].backend == "triton":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what autocast hands the kernels
         warm_up((cfg.height // 16) * (cfg.width // 16) + text_tokens, model.cfg.num_heads, model.cfg.head_dim, dtype,

@@ -1,9 +1,9 @@
-"""On a machine without a GPU, import `kernels` (and with it triton) in Triton-interpreter mode.
+"""On a machine without a GPU, import `flux_kernels` (and with it triton) in Triton-interpreter mode.
 
 Triton fixes compiled vs interpreted when a function is decorated with `@triton.jit`: its own library at
-`import triton`, our kernels at `import kernels`. transformers/diffusers import triton early, so this must run
+`import triton`, our kernels at `import flux_kernels`. transformers/diffusers import triton early, so this must run
 before any test module is collected. TRITON_INTERPRET is then restored, so CPU calls keep running the torch
-references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); see kernels/dispatch.py.
+references unless a test sets TRITON_INTERPRET=1 itself (monkeypatch.setenv); see flux_kernels/dispatch.py.
 """
 
 import os
@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import kernels.attention  # noqa: F401
-    import kernels.rope  # noqa: F401
+    import flux_kernels.attention  # noqa: F401
+    import flux_kernels.rope  # noqa: F401
 
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]

@@ -633,7 +633,7 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The attention switch: kernels/ (Triton; interpreted on a CPU) and torch SDPA give the same model
+# The attention switch: flux_kernels/ (Triton; interpreted on a CPU) and torch SDPA give the same model
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])

@@ -22,9 +22,9 @@ import flux2_model as f2
 import flux2_weights as f2w
 import flux_model as fm
 import flux_weights as fw
-from kernels import attention as attention_module
-from kernels import rope as rope_module
-from kernels.dispatch import INTERPRETED
+from flux_kernels import attention as attention_module
+from flux_kernels import rope as rope_module
+from flux_kernels.dispatch import INTERPRETED
 from util import InputError
 
 TOL = 1e-5
@@ -251,7 +251,7 @@ def test_autoencoder_statistics_matter(tmp_path):
 
 @pytest.fixture
 def triton_only(monkeypatch):
-    """The kernels, never their PyTorch references: TRITON_INTERPRET=1 on CPU (kernels/dispatch.py), and the
+    """The kernels, never their PyTorch references: TRITON_INTERPRET=1 on CPU (flux_kernels/dispatch.py), and the
     references made to fail."""
     if not INTERPRETED and not torch.cuda.is_available():
         pytest.skip("kernels compiled for a GPU in this process")

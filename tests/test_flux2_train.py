@@ -343,13 +343,20 @@ def test_every_method_trains_the_tiny_flux2(method, tmp_path):
 
 def test_fsdp_two_processes_match_one_process_on_the_tiny_flux2(tmp_path):
     """torchrun, 2 gloo processes with one prompt each == 1 process with both prompts (--batch 2 either way) on the
-    tiny FLUX.2: FSDP2's meta build, sharding, gathering and saving follow the family."""
+    tiny FLUX.2: FSDP2's meta build, sharding, gathering and saving follow the family.
+
+    The tolerance is fp32's reduction order, not a difference between the runs: after step 1 they agree to 4e-7;
+    after step 2 to 1.3e-5, where the second update is a small difference of the two branches' gradients, then AdamW's
+    m / sqrt(v), and this model's rollouts compound it. One process at 2 threads instead of 1 (BLAS's summation order
+    alone, no FSDP) moves the same weights 5.4e-5 from itself (measured 2026-12-07, transformers 5.25, torch 2.14.1).
+    A fault (a gradient not reduced, a shard not gathered or saved) moves them by the update itself, > 1e-3."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     flags = ["--device", "cpu", "--batch", "2", "--save-every", "1", "--keep", "2"]
     cli(*TORCHRUN, *run_args(two, *flags))
     srpo.main(run_args(one, *flags))
     a, b = weights(one, 2), weights(two, 2)
-    assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-5
+    assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-4
+    assert max(rel_err(weights(two, 1)[k], weights(one, 1)[k]) for k in a) <= 1e-5
     assert max(rel_err(a[k], weights(one, 1)[k]) for k in a) > 1e-3  # the weights did move
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
         assert x.pop("words") == y.pop("words") and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)

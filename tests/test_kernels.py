@@ -1,6 +1,6 @@
 """The Triton kernels against float64 math written here (not the modules' references).
 
-On a CPU-only machine the kernels run in the Triton interpreter: conftest.py imports triton and `kernels` in
+On a CPU-only machine the kernels run in the Triton interpreter: conftest.py imports triton and `flux_kernels` in
 interpreter mode, and the autouse fixture sets TRITON_INTERPRET=1 at call time, which is what routes CPU tensors to
 the kernels. With a GPU they run compiled on it.
 
@@ -24,11 +24,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernels import attention as attention_module
-from kernels import rope as rope_module
-from kernels.attention import attention, attention_reference
-from kernels.dispatch import INTERPRETED, new_output
-from kernels.rope import norm_rope, norm_rope_reference
+from flux_kernels import attention as attention_module
+from flux_kernels import rope as rope_module
+from flux_kernels.attention import attention, attention_reference
+from flux_kernels.dispatch import INTERPRETED, new_output
+from flux_kernels.rope import norm_rope, norm_rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -291,7 +291,7 @@ WITHOUT_KNOBS = """
 import sys, torch, triton
 del triton.knobs  # as before triton 3.4, which reads TRITON_INTERPRET when @triton.jit decorates
 import flux_model
-from kernels import attention, dispatch, rope
+from flux_kernels import attention, dispatch, rope
 assert not hasattr(triton, "knobs") and dispatch.INTERPRETED == (sys.argv[1] == "1")
 torch.manual_seed(0)
 q, k, v, x = (torch.randn(1, 2, 77, 32) for _ in range(4))

@@ -341,7 +341,7 @@ def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_firs
     """With --attn triton the attention kernels are tuned once, at image + text tokens, before any model call."""
     cfg = srpo.TrainConfig(height=32, width=48, rollout_steps=2, steps=1, samples=1, batch=1)
     events = []
-    monkeypatch.setattr(runtime, "warm_up", lambda *args: events.append(("warm_up", *args)))  # kernels.attention's
+    monkeypatch.setattr(runtime, "warm_up", lambda *args: events.append(("warm_up", *args)))  # flux_kernels.attention's
 
     def prepare(model):
         model.set_attention_backend("triton")

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import families
-from kernels.dispatch import INTERPRETED
+from flux_kernels.dispatch import INTERPRETED
 
 PROMPTS = ["a red fox in the snow", "two dogs on a beach"]
 HEIGHT, WIDTH = 64, 96  # non-square: 4 x 6 tokens

@@ -19,10 +19,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from kernels import attention as attention_module
-from kernels.attention import attention, attention_reference
-from kernels.dispatch import INTERPRETED
-from kernels.rope import norm_rope, norm_rope_reference
+from flux_kernels import attention as attention_module
+from flux_kernels.attention import attention, attention_reference
+from flux_kernels.dispatch import INTERPRETED
+from flux_kernels.rope import norm_rope, norm_rope_reference
 
 HEADS, HEAD_DIM, DTYPE = 24, 128, torch.bfloat16
 SHAPES = [(1, 4608), (2, 4608), (1, 2537), (2, 2537)]  # (B, N): 1024^2 and 720^2 images with 512 text tokens

@@ -31,9 +31,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import native_specialize_impl
 
-from kernels import attention as attention_module
-from kernels import rope as rope_module
-from kernels.dispatch import INTERPRETED
+from flux_kernels import attention as attention_module
+from flux_kernels import rope as rope_module
+from flux_kernels.dispatch import INTERPRETED
 
 
 @dataclasses.dataclass(frozen=True)

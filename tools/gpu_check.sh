@@ -10,9 +10,17 @@
 #   tools/gpu_check.sh bench   call 2 (~5 min): the kernel benchmark tables for BENCHMARKS.md
 #   tools/gpu_check.sh tests   call 3 (~10 min, another session's time): the kernel tests compiled
 #
+# The device image is not ours (torch 2.11, triton 3.6, transformers 5.17; no ftfy, no wcwidth, nothing can be
+# installed there): each call starts with `python -m tools.preflight` (seconds), which names what is missing. Bring
+# the missing pure-Python packages as wheels: here, before the device call, `tools/gpu_check.sh wheels` downloads
+# them into .whl/ (git-ignored) at constraints.txt's versions; name `.whl` in the call's carry, and this script
+# installs them into a temporary folder on the device before the pre-flight. Call 1 stops at a failed pre-flight
+# (its steps need everything); calls 2 and 3 need only torch and triton and go on.
+#
 # Each section runs under its own `timeout`, so one that hangs or runs long cannot take the others' time. The limits
 # are estimates for an H100-class card (timeout's 5 s kill grace each):
-#   call 1:  card 10 + versions 20 + 3 steps 3 x 60 + parity 150 (+ 6 x 5 grace)  = 390 s
+#   each:    pre-flight 60 (+ 5 grace; it takes seconds: imports, no GPU work)
+#   call 1:  card 10 + versions 20 + 3 steps 3 x 60 + parity 150 (+ 6 x 5 grace)  = 390 s (+ the pre-flight)
 #            steps: start-up, the tiny models, a 4-step rollout and 2 branches at 64x64 on SDPA (no kernel compiles),
 #            the before/after grids and the checkpoint (~20 s each)
 #            parity: the kernels compile for the tiny models' head width (32, both families) in fp32 and bf16,
@@ -33,8 +41,8 @@ export PYTHONUNBUFFERED=1  # a section stopped by its timeout still shows what i
 py="${PYTHON:-python3}"  # the device image's python3 holds torch; `python` may not exist there
 stamp() { echo "--- $(date -u +%H:%M:%S) $*"; }
 
-section() {  # section NAME SECONDS COMMAND...: COMMAND under its own time limit; says how it ended
-    local name=$1 limit=$2 rc
+section() {  # section NAME SECONDS COMMAND...: COMMAND under its own time limit; says how it ended (and leaves rc)
+    local name=$1 limit=$2
     shift 2
     stamp "$name (limit ${limit} s)"
     timeout -k 5 "$limit" "$@"
@@ -45,6 +53,21 @@ section() {  # section NAME SECONDS COMMAND...: COMMAND under its own time limit
         echo "--- $name: exit code $rc"
     fi
 }
+
+if [ "${1:-}" = wheels ]; then  # here, not on the device: ftfy and wcwidth, pure Python, at the tested versions
+    pins=$(grep -iE '^(ftfy|wcwidth)==' constraints.txt)
+    "$py" -m pip download -q --no-deps --only-binary=:all: -d .whl $pins && ls .whl
+    exit
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels: installed beside the image's packages, not over them
+    site=$(mktemp -d)
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl && export PYTHONPATH="$site"
+fi
+section pre-flight 60 "$py" -m tools.preflight
+if [ "$rc" -ne 0 ] && [ -z "${1:-}" ]; then
+    echo "--- call 1 stops here: its training steps need what the pre-flight names (see this script's header)"
+    exit 1
+fi
 
 if [ "${1:-}" = tests ]; then
     if ! "$py" -c "import pytest" 2>/dev/null; then

@@ -55,9 +55,9 @@ from transformers import CLIPModel
 
 import clip_weights as cw
 import flux2_model as f2
+import flux_kernels.attention
+import flux_kernels.rope
 import flux_model as fm
-import kernels.attention
-import kernels.rope
 import lora
 import reward
 import runtime
@@ -115,8 +115,8 @@ def fake_cuda():
                mock.patch("torch.cuda.is_bf16_supported", return_value=True),
                mock.patch("torch.cuda.device_of", lambda tensor: contextlib.nullcontext()),
                mock.patch("torch.nn.functional.scaled_dot_product_attention", gpu_sdpa),
-               mock.patch.object(kernels.attention, "_fwd_kernel", NoLaunch()),
-               mock.patch.object(kernels.rope, "_norm_rope_fwd_kernel", NoLaunch())]
+               mock.patch.object(flux_kernels.attention, "_fwd_kernel", NoLaunch()),
+               mock.patch.object(flux_kernels.rope, "_norm_rope_fwd_kernel", NoLaunch())]
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)

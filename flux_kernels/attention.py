@@ -29,8 +29,8 @@ Any N is supported: each loop runs over the full blocks without masks and then o
 block, so the common path pays nothing for the tail. Padded rows are loaded as zeros and never stored; padded
 columns of P are forced to 0 where they would otherwise leak into a stored row.
 
-Dispatch: `kernels.dispatch.use_triton` (CUDA: compiled; CPU with TRITON_INTERPRET=1: interpreted; else
-`attention_reference`); every launch runs under `torch.cuda.device_of(q)` (kernels/dispatch.py says why).
+Dispatch: `flux_kernels.dispatch.use_triton` (CUDA: compiled; CPU with TRITON_INTERPRET=1: interpreted; else
+`attention_reference`); every launch runs under `torch.cuda.device_of(q)` (flux_kernels/dispatch.py says why).
 """
 
 import math
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import INTERPRETED, new_output, use_triton
+from flux_kernels.dispatch import INTERPRETED, new_output, use_triton
 
 LOG2E = 1.4426950408889634
 

@@ -25,7 +25,7 @@ arithmetic, and that copy (BENCHMARKS.md).
 The kernel also performs the layout change: x may be any strided (B, H, N, D) view (e.g. a permute of the qkv
 projection's (B, N, 3, H, D) output) and out is contiguous (B, H, N, D), ready for attention.
 
-Dispatch: `kernels.dispatch.use_triton`, as for attention. Loads are upcast to fp32 unconditionally (the math is
+Dispatch: `flux_kernels.dispatch.use_triton`, as for attention. Loads are upcast to fp32 unconditionally (the math is
 fp32 by spec), so the interpreter's broken bf16 arithmetic is never reached; its truncating fp32 -> bf16 store is
 avoided by `new_output` writing fp32 there.
 """
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import new_output, use_triton
+from flux_kernels.dispatch import new_output, use_triton
 
 
 def _rows_per_program(D: int) -> int:
@@ -118,7 +118,7 @@ class _NormRope(torch.autograd.Function):
         B, H, N, D = x.shape
         block_n = _rows_per_program(D)
         out = new_output((B, H, N, D), x.dtype, x.device)
-        with torch.cuda.device_of(x):  # Triton launches on the current device (kernels/dispatch.py)
+        with torch.cuda.device_of(x):  # Triton launches on the current device (flux_kernels/dispatch.py)
             _norm_rope_fwd_kernel[(triton.cdiv(N, block_n), B * H)](
                 x, scale, cos, sin, out, *x.stride()[:3], H, N, eps, D=D, BLOCK_N=block_n, num_warps=4)
         ctx.save_for_backward(x, scale, cos, sin)

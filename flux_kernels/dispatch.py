@@ -1,4 +1,4 @@
-"""Where the kernels of this package run, and the buffers they write: shared by kernels/attention.py and rope.py.
+"""Where the kernels of this package run, and the buffers they write: shared by flux_kernels/attention.py and rope.py.
 
 Dispatch (`use_triton`): CUDA tensors run the compiled kernels; CPU tensors run the same kernels in the Triton
 interpreter when TRITON_INTERPRET=1 at call time; anything else runs the kernel's plain-PyTorch `*_reference`.

@@ -1,7 +1,0 @@
-"""Triton kernels for the FLUX transformer: `kernels.attention.attention` (fused attention) and
-`kernels.rope.norm_rope` (fused per-head RMSNorm + interleaved RoPE), each with a plain-PyTorch `*_reference`;
-`kernels.dispatch` decides where they run (compiled, interpreted or the reference).
-
-The functions are not re-exported here: `kernels.attention` must stay the module, not its function of that name.
-Benchmarks and the compile report: `python -m tools.bench_kernels`, `python -m tools.compile_report`.
-"""
