@@ -105,13 +105,11 @@ def test_the_tested_set_pins_every_requirement_within_its_range():
 
 
 def test_the_readme_s_commands_and_ci_install_the_tested_set():
-    first = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[2:4]
-    assert first[0].split("#")[0].split() == "pip install -r requirements.txt -c constraints.txt && python srpo.py "\
-                                             "train".split()
-    test_command = first[1].split("#")[0].strip()
-    assert test_command.split() == "pip install -r requirements-dev.txt -c constraints.txt && python -m pytest "\
-                                   "-q".split()
-    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()[-1] == test_command
+    install, test = (" ".join(line.split("#")[0].split())
+                     for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[2:4])
+    assert install == "pip install -r requirements.txt -c constraints.txt && python srpo.py train"
+    assert test == "pip install -r requirements-dev.txt -c constraints.txt && python -m pytest -q"
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()[-1] == test
 
 
 def test_try_newest_reports_each_change_against_the_tested_set():

@@ -11,11 +11,11 @@
 #   tools/gpu_check.sh tests   call 3 (~10 min, another session's time): the kernel tests compiled
 #
 # The device image is not ours (torch 2.11, triton 3.6, transformers 5.17; no ftfy, no wcwidth, nothing can be
-# installed there): each call starts with `python -m tools.preflight` (seconds), which names what is missing. Bring
-# the missing pure-Python packages as wheels: here, before the device call, `tools/gpu_check.sh wheels` downloads
-# them into .whl/ (git-ignored) at constraints.txt's versions; name `.whl` in the call's carry, and this script
-# installs them into a temporary folder on the device before the pre-flight. Call 1 stops at a failed pre-flight
-# (its steps need everything); calls 2 and 3 need only torch and triton and go on.
+# installed there): each call starts with `python -m tools.preflight` (seconds), which names what is missing.
+# Bring the missing packages as wheels: here, before the device call, `tools/gpu_check.sh wheels` downloads them
+# for the image's Python 3.12 into .whl/ (git-ignored) at constraints.txt's versions; name `.whl` in the call's
+# carry, and this script installs them into a temporary folder there before the pre-flight. Call 1 stops at a
+# failed pre-flight (its steps need everything); calls 2 and 3 need only torch and triton and go on.
 #
 # Each section runs under its own `timeout`, so one that hangs or runs long cannot take the others' time. The limits
 # are estimates for an H100-class card (timeout's 5 s kill grace each):
@@ -54,14 +54,17 @@ section() {  # section NAME SECONDS COMMAND...: COMMAND under its own time limit
     fi
 }
 
-if [ "${1:-}" = wheels ]; then  # here, not on the device: ftfy and wcwidth, pure Python, at the tested versions
+if [ "${1:-}" = wheels ]; then  # here, not on the device: ftfy and wcwidth at the tested versions, for its Python
     pins=$(grep -iE '^(ftfy|wcwidth)==' constraints.txt)
-    "$py" -m pip download -q --no-deps --only-binary=:all: -d .whl $pins && ls .whl
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        $pins && ls .whl
     exit
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels: installed beside the image's packages, not over them
     site=$(mktemp -d)
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl && export PYTHONPATH="$site"
+    "$py" -m pip install -q --root-user-action ignore --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
+        && export PYTHONPATH="$site"
 fi
 section pre-flight 60 "$py" -m tools.preflight
 if [ "$rc" -ne 0 ] && [ -z "${1:-}" ]; then
