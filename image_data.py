@@ -252,11 +252,13 @@ class ImageSet:
 
 def vae_fingerprint(ae):
     """sha256 of the autoencoder's config and every weight (name, dtype, shape, bytes): an entry is reused only with
-    the VAE that wrote it (not another checkpoint, a fine-tuned one, or the same one in bf16)."""
+    the VAE that wrote it (not another checkpoint, a fine-tuned one, or the same one in bf16). Each tensor is
+    flattened before its bytes are viewed: a 0-d one (FLUX.2's BatchNorm counter num_batches_tracked) has no
+    dimension to view as bytes."""
     h = hashlib.sha256(f"{CACHE_FORMAT} {ae.cfg}".encode())
     for name, t in ae.state_dict().items():
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
