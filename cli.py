@@ -306,7 +306,8 @@ def export_flags(p):
 
 
 def score_flags(p):
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode (converted to RGB)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` reads "
+                   "them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
     reward_flags(p, lambda kind: f"score with {kind.title}: {kind.path_help}")
     p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
                    "folder (its tokenizer/); default for --pickscore/--clip: the model folder's own files")

@@ -17,7 +17,10 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ from util import InputError, atomic_write, check_folder, first_line, read_lines,
 METADATA = "metadata.jsonl"
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow opens 16-bit greyscale PNG/TIFF as one of these
 ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
-UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # what a corrupt file raises
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)  # what a corrupt file raises
 LISTED = 20  # bad files named one per line in the error; more are counted
 CACHE_FORMAT = "image_data 1"  # in every cache key: change it when preprocessing or encoding changes
 
@@ -41,13 +44,13 @@ CACHE_FORMAT = "image_data 1"  # in every cache key: change it when preprocessin
 
 
 def image_files(folder):
-    """The paths of the folder's own files that Pillow opens by their extension, sorted; hidden files (macOS's
-    ._a.png) skipped."""
+    """The paths of the folder's own entries named as files Pillow opens (by their extension), sorted; hidden ones
+    (macOS's ._a.png) skipped. Entries that are not readable files (a broken link, a folder named a.png) are kept:
+    the check names them rather than leave them out without a word."""
     Image.init()
     known = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-    paths = (os.path.normpath(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-             if not name.startswith(".") and os.path.splitext(name)[1].lower() in known)
-    return [path for path in paths if os.path.isfile(path)]
+    return [os.path.normpath(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in known]
 
 
 def caption_text(lines):
@@ -81,7 +84,7 @@ def metadata_captions(folder, problems):
             problems.append(f"{where}: {row[0]} is listed again (first on line {line_of[image]})")
             continue
         line_of[image] = number
-        if not os.path.isfile(image):
+        if not os.path.lexists(image):  # an entry that is there but no readable file is named by the check
             problems.append(f"{where}: {image}: no such file")
         elif not caption_text(row[1].splitlines()):
             problems.append(f"{where}: {row[0]}: empty caption")
@@ -152,17 +155,67 @@ def to_rgb(im, path):
         raise InputError(f"{path}: cannot convert its {im.mode} pixels to RGB ({first_line(e)})") from None
 
 
-def load_image(data, path, height, width):
-    """The RGB image in `data`, the bytes of file `path`: its first frame, upright (EXIF orientation applied, as
-    diffusers' load_image does). Refused in one line when unreadable, or when it would have to be enlarged to cover
-    width x height (either side shorter than the training size's): enlarging invents no detail, and the model would
-    learn blur as a real image."""
+def file_problem(path):
+    """Why the entry at `path` is no file to read, or None for a file (or a link to one): nothing there, a broken
+    symbolic link, a folder, or a pipe, socket or device (whose read could wait forever)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = to_rgb(ImageOps.exif_transpose(im), path)
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}: {e.strerror})"
+        return "no such file" if isinstance(e, FileNotFoundError) else f"cannot read it ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image"
+    return None if stat.S_ISREG(mode) else "is not a regular file (a pipe, socket or device), not an image"
+
+
+def read_bytes(path):
+    """The bytes of the image file `path`; what is no file (file_problem) or cannot be read is refused in one line."""
+    problem = file_problem(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def too_large(path, error):
+    """The one line for Pillow's DecompressionBombError: the image's pixel count (from Pillow's message) against the
+    limit, twice Image.MAX_IMAGE_PIXELS (Pillow only warns between once and twice it)."""
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    count = f"{int(pixels[1]):,} pixels" if pixels else first_line(error)
+    return InputError(f"{path}: too large to read: {count}, over the limit of {2 * Image.MAX_IMAGE_PIXELS:,} (twice "
+                      f"Pillow's Image.MAX_IMAGE_PIXELS, its guard against decompression bombs): make it smaller")
+
+
+def read_rgb(path, data=None):
+    """The image file `path` (its bytes `data`, when the caller has read them) as 8-bit RGB, as both `score` and
+    `train --images` see it: its first frame, upright (EXIF orientation applied, as diffusers' load_image does), every
+    mode made RGB by to_rgb. Refused in one line when it is no file, too large or unreadable (Pillow's reason).
+    Pillow's warnings are about what it read anyway (metadata it skipped, a size under the limit, a palette it would
+    rather see as RGBA, which to_rgb does), so they are kept off stderr, where only the command's lines belong."""
+    data = read_bytes(path) if data is None else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im), path)
+    except Image.DecompressionBombError as e:
+        raise too_large(path, e) from None
+    except Image.UnidentifiedImageError:  # Pillow's own message names only the in-memory copy
+        raise InputError(f"{path}: not a readable image (no format Pillow knows: damaged, or not an image)") from None
     except UNREADABLE as e:
         raise InputError(f"{path}: not a readable image ({first_line(e)})") from None
+
+
+def load_image(data, path, height, width):
+    """The RGB image in `data`, the bytes of file `path` (read_rgb). Refused in one line when unreadable, or when it
+    would have to be enlarged to cover width x height (either side shorter than the training size's): enlarging
+    invents no detail, and the model would learn blur as a real image."""
+    rgb = read_rgb(path, data)
     if rgb.width < width or rgb.height < height:
         raise InputError(f"{path}: {rgb.width}x{rgb.height} pixels (width x height), smaller than the training size "
                          f"{width}x{height}: images are never enlarged")
@@ -199,14 +252,6 @@ def encode(ae, pixels):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The image set and its cached latents
-
-
-def read_bytes(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def problem_report(folder, problems):
@@ -252,11 +297,13 @@ class ImageSet:
 
 def vae_fingerprint(ae):
     """sha256 of the autoencoder's config and every weight (name, dtype, shape, bytes): an entry is reused only with
-    the VAE that wrote it (not another checkpoint, a fine-tuned one, or the same one in bf16)."""
+    the VAE that wrote it (not another checkpoint, a fine-tuned one, or the same one in bf16). Each tensor is
+    flattened before its bytes are viewed: a 0-d one (FLUX.2's BatchNorm counter num_batches_tracked) has no
+    dimension to view as bytes."""
     h = hashlib.sha256(f"{CACHE_FORMAT} {ae.cfg}".encode())
     for name, t in ae.state_dict().items():
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -16,16 +16,15 @@ clip_tokenizer.py's.
 import functools
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import clip_weights as cw
+import image_data
 from clip_tokenizer import CLIPProcessorTokenizer, OpenClipTokenizer, clean_prompt
-from util import InputError, check_folder, first_line, read_json
+from util import InputError, check_folder, read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -304,17 +303,7 @@ def preprocess(images, size=224, mode="hpsv2"):
 
 
 def load_image(path):
-    """(3, H, W) float32 in [0, 1] from an image file; any mode (RGBA, L, P, CMYK) converted to RGB as hpsv2 does."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an image")
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read image ({first_line(e)})") from None
+    """(3, H, W) float32 in [0, 1] from an image file, read as `train --images` reads it (image_data.read_rgb: any
+    mode made RGB, transparency on white, 16-bit scaled, upright), so that a score means the image trained on."""
+    rgb = np.asarray(image_data.read_rgb(path))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
-
-

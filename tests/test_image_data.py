@@ -4,6 +4,9 @@ AutoencoderKL, FluxPipeline's packing), and the latent cache. Real files written
 
 import json
 import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import image_data
 from util import InputError
 
 H, W = 32, 48  # the training size of most tests (height x width)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_image(width, height, seed=0, mode="RGB"):
@@ -181,6 +185,16 @@ def test_sixteen_bit_scaled_not_clipped(tmp_path):
     assert out[0, :, 0].tolist() == [0, 0, 1, 1, 255, 127]
 
 
+def test_palette_transparency_bytes_composited(tmp_path):
+    """A palette with a transparency byte per entry (PNG's tRNS): each colour composited on white by its own alpha."""
+    colours = np.array([[0, 0, 0], [200, 100, 50], [10, 20, 30]])
+    im = Image.fromarray(np.array([[0, 1, 2, 1]] * 4, np.uint8), "P")
+    im.putpalette(colours.astype(np.uint8).tobytes())
+    im.save(tmp_path / "p.png", transparency=bytes([0, 128, 255]))
+    out = loaded(str(tmp_path / "p.png"))
+    assert np.abs(out[0] - over_white(colours[[0, 1, 2, 1]], np.array([0, 128, 255, 128]))).max() <= 1
+
+
 def test_cmyk_and_greyscale(tmp_path):
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
     cmyk.putpixel((1, 1), (0, 0, 0, 255))  # full black
@@ -208,6 +222,97 @@ def test_exif_orientation_applied(tmp_path):
     Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)
     out = loaded(str(tmp_path / "o.png"))
     assert out.shape == (6, 4, 3) and (out[0, -1] == [255, 0, 0]).all() and out.sum() == 255
+
+
+def too_large_line(path):
+    return (f"{path}: too large to read: 2,250 pixels, over the limit of 2,000 (twice Pillow's Image.MAX_IMAGE_PIXELS, "
+            f"its guard against decompression bombs): make it smaller")
+
+
+def test_too_large_refused_naming_its_pixels_and_the_limit(tmp_path, monkeypatch):
+    """Pillow decodes at most twice Image.MAX_IMAGE_PIXELS (its guard against decompression bombs), lowered here to
+    keep the files small: an image over it is refused in one line that gives its pixel count and the limit, one
+    between the two is read without Pillow's warning (warnings are errors here)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    big = write(tmp_path, "big.png", random_image(50, 45), caption="x")
+    write(tmp_path, "mid.png", random_image(40, 30), caption="x")  # 1,200 pixels: over MAX, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert problems(tmp_path, 16, 16) == [too_large_line(big)]
+
+
+def test_entries_that_are_not_images_named(tmp_path):
+    """Nothing named like an image is left out without a word: a broken symbolic link (also when metadata.jsonl
+    lists it), a folder, a pipe and a file the kernel will not read (/proc/self/mem: tests run as root, whom
+    permissions do not stop) are each named once, with why; a link to an image is an image."""
+    good = write(tmp_path, "good.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "broken.png")
+    os.symlink(good, tmp_path / "linked.png")
+    os.symlink("/proc/self/mem", tmp_path / "mem.png")
+    os.mkdir(tmp_path / "folder.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkdir(tmp_path / "sub")
+    os.symlink(tmp_path / "sub" / "gone.png", tmp_path / "sub" / "broken.png")
+    names = ["good", "broken", "linked", "mem", "folder", "pipe", "sub/broken"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "text": n}) + "\n"
+                                                     for n in names))
+    missing = "No such file or directory"
+    assert sorted(problems(tmp_path)) == sorted([
+        f"{tmp_path / 'broken.png'}: is a broken symbolic link (to {tmp_path / 'gone.png'}: {missing})",
+        f"{tmp_path / 'folder.png'}: is a folder, not an image",
+        f"{tmp_path / 'mem.png'}: cannot read it (Input/output error)",
+        f"{tmp_path / 'pipe.png'}: is not a regular file (a pipe, socket or device), not an image",
+        f"{tmp_path / 'sub' / 'broken.png'}: is a broken symbolic link (to {tmp_path / 'sub' / 'gone.png'}: "
+        f"{missing})"])
+    os.remove(tmp_path / "metadata.jsonl")  # the .txt convention: the same lines, and each "no caption"
+    lines = problems(tmp_path)
+    assert f"{tmp_path / 'broken.png'}: is a broken symbolic link (to {tmp_path / 'gone.png'}: {missing})" in lines
+    assert f"{tmp_path / 'broken.png'}: no caption (expected broken.txt beside it, or a metadata.jsonl)" in lines
+    assert f"{tmp_path / 'linked.png'}: no caption (expected linked.txt beside it, or a metadata.jsonl)" in lines
+    assert len(lines) == 6 + 4  # the 6 images' missing captions, and the 4 entries that are not readable files
+
+
+def warning_files(folder, captions=False):
+    """Real files that make Pillow warn though they read: a palette with a transparency byte per entry (converted
+    to RGB by Pillow, it warns to convert it to RGBA), EXIF with a tag past its end (orientation still applied), and
+    1,200 pixels (over an Image.MAX_IMAGE_PIXELS of 1000, under twice it); then one of 2,250 pixels (too large).
+    Their paths, the too-large last."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0112] = "Maker", 6
+    corrupt = exif.tobytes().replace(b"\x01\x0f\x00\x02\x00\x00\x00\x06", b"\x01\x0f\x00\x02\x00\x00\x00\x60")
+    files = [("p.png", random_image(20, 20).quantize(4), {"transparency": bytes([0, 128, 255, 255])}),
+             ("exif.png", random_image(20, 20), {"exif": corrupt}), ("mid.png", random_image(40, 30), {}),
+             ("big.png", random_image(50, 45), {})]
+    for name, image, options in files:
+        image.save(folder / name, **options)
+        if captions:
+            (folder / name).with_suffix(".txt").write_text("a cat")
+    return [folder / name for name, _, _ in files]
+
+
+def run_srpo(*args):
+    """`python srpo.py ARGS` as a real process, Pillow's Image.MAX_IMAGE_PIXELS set to 1000 first (so the test
+    files stay small): (exit code, stdout lines, stderr lines)."""
+    code = "import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000; import srpo; srpo.main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stdout.splitlines(), done.stderr.splitlines()
+
+
+def test_score_stderr_holds_its_own_lines_only(tmp_path):
+    """`score` of files that make Pillow warn prints its note and scores, and no warning (its refusal of a file too
+    large: tests/test_reward.py)."""
+    warn = warning_files(tmp_path)[:-1]
+    code, out, err = run_srpo("score", "--prompt", "a cat", *warn)
+    assert code == 0 and [line.split("\t")[1] for line in out] == list(map(str, warn))
+    assert len(err) == 1 and err[0].startswith("note: no --hps, --pickscore or --clip"), err
+
+
+def test_train_stderr_holds_its_own_lines_only(tmp_path):
+    """`train --images` over the same files: its error naming the file too large, and no warning of the others."""
+    big = warning_files(tmp_path, captions=True)[-1]
+    code, _, err = run_srpo("train", "--images", tmp_path, "--height", 16, "--width", 16, "--out", tmp_path / "run")
+    assert (code, err) == (2, [f"error: {tmp_path}: 1 problem(s) with the images, one per line:", too_large_line(big)])
 
 
 @pytest.mark.parametrize("size, height, width", [((100, 70), 48, 64), ((70, 100), 48, 64), ((64, 48), 48, 64),

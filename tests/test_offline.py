@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoints
+import families
 import flux_sampling
 import image_data
 import runtime
@@ -62,24 +63,31 @@ def no_rollout(*args):
     raise AssertionError("an offline run made an online rollout")
 
 
-def test_offline_step_equals_the_online_step_given_its_x0(tmp_path, monkeypatch):
+def tiny_vae(family):
+    """The tiny demo's VAE of --family (FLUX.2's holds a 0-d BatchNorm counter, which the cache key hashes too)."""
+    return next(f for f in families.FAMILIES if f.name == family).tiny_frozen_parts("cpu", torch.float32)[0]
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_offline_step_equals_the_online_step_given_its_x0(family, tmp_path, monkeypatch):
     """The offline run, and an online run over the same captions whose rollout returns, in the order the steps ask,
     the x0 of the image the schedule pairs with that caption: the same log and weights, bit for bit (2 updates of 2
-    prompts over 3 images: the second update wraps around the set)."""
+    prompts over 3 images: the second update wraps around the set), for each family's tiny demo."""
     folder = image_folder(tmp_path / "images")
     monkeypatch.setattr(srpo, "online_rollout", no_rollout)
-    train("--images", folder, "--out", tmp_path / "offline", "--batch", 2, "--steps", 2, "--save-every", 2)
+    train("--family", family, "--images", folder, "--out", tmp_path / "offline", "--batch", 2, "--steps", 2,
+          "--save-every", 2)
 
     images = image_data.ImageSet(folder, 32, 32)
-    latents = image_data.Latents(images, flux_sampling.tiny_models()[1], str(tmp_path / "offline" / "latents"))
+    latents = image_data.Latents(images, tiny_vae(family), str(tmp_path / "offline" / "latents"))
     assert all(latents.cached(i) is not None for i in range(len(images)))  # the run's own entries, read back
     order = runtime.visit_order(len(images), srpo.TrainConfig(batch=2))
     queue = [latents[order(step, j)] for step in (1, 2) for j in (0, 1)]
     assert sorted({order(step, j) for step in (1, 2) for j in (0, 1)}) == [0, 1, 2]
     monkeypatch.setattr(srpo, "online_rollout", lambda model, eps, cond, cfg: queue.pop(0))
     (tmp_path / "prompts.txt").write_text("".join(caption + "\n" for caption in images.captions))
-    train("--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "online", "--batch", 2, "--steps", 2,
-          "--save-every", 2)
+    train("--family", family, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "online", "--batch", 2,
+          "--steps", 2, "--save-every", 2)
 
     assert queue == []
     assert log_lines(tmp_path / "offline") == log_lines(tmp_path / "online")
@@ -88,20 +96,21 @@ def test_offline_step_equals_the_online_step_given_its_x0(tmp_path, monkeypatch)
     assert all(line["grad_norm"] > 0 for line in log_lines(tmp_path / "offline"))  # the steps did move the weights
 
 
-def test_resume_reuses_the_cache_and_encodes_only_changed_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_resume_reuses_the_cache_and_encodes_only_changed_images(family, tmp_path, monkeypatch):
     """The decision: the cache is keyed by each file's content, so a resumed run encodes nothing it has seen, and a
     changed image (or another folder) is encoded again, never given a stale x0."""
-    folder, out = image_folder(tmp_path / "images"), tmp_path / "run"
+    folder, out, tiny = image_folder(tmp_path / "images"), tmp_path / "run", ["--family", family]
     calls = counted_encodes(monkeypatch)
     monkeypatch.setattr(srpo, "online_rollout", no_rollout)
-    train("--images", folder, "--out", out, "--steps", 1, "--save-every", 1)
+    train(*tiny, "--images", folder, "--out", out, "--steps", 1, "--save-every", 1)
     assert len(calls) == 3 and len(os.listdir(out / "latents")) == 3
 
-    train("--images", folder, "--out", out, "--steps", 2, "--save-every", 1, "--resume")
+    train(*tiny, "--images", folder, "--out", out, "--steps", 2, "--save-every", 1, "--resume")
     assert len(calls) == 3 and len(log_lines(out)) == 2
 
     Image.new("RGB", (48, 40), (200, 30, 30)).save(os.path.join(folder, "1.png"))
-    train("--images", folder, "--out", out, "--steps", 3, "--save-every", 1, "--resume")
+    train(*tiny, "--images", folder, "--out", out, "--steps", 3, "--save-every", 1, "--resume")
     assert len(calls) == 4 and len(os.listdir(out / "latents")) == 4 and len(log_lines(out)) == 3
 
 

@@ -37,6 +37,7 @@ from transformers import CLIPModel
 import cli
 import clip_weights as cw
 import flux_weights as fw
+import image_data
 import reward
 import srpo
 from clip_tokenizer import OpenClipTokenizer
@@ -334,15 +335,53 @@ def test_hpsv2_keeps_a_pixel_of_images_thinner_than_1_to_448(height, width):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_image_files_in_any_mode_are_converted_to_rgb(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    for mode in ("RGBA", "L", "P", "CMYK"):
-        image = Image.fromarray(rgb).convert(mode)
-        image.save(tmp_path / f"{mode}.png" if mode != "CMYK" else tmp_path / f"{mode}.jpg")
-    for path in tmp_path.iterdir():
-        loaded = reward.load_image(path)
-        expected = np.array(Image.open(path).convert("RGB"))
-        assert loaded.shape == (3, 20, 30) and torch.equal(loaded, torch.from_numpy(expected).permute(2, 0, 1) / 255)
+def files_in_each_mode(folder):
+    """Real 6x5 files in the modes Pillow opens (RGB, RGBA, LA, L, 1, 16-bit I;16, 32-bit I, CMYK, a palette with
+    a transparency byte per entry, and one stored sideways with EXIF orientation 6): their paths."""
+    rng = np.random.default_rng(2)
+    rgb, alpha = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8), rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    sixteen = rng.integers(0, 65536, (5, 6))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [("rgb.png", Image.fromarray(rgb), {}), ("rgba.png", Image.fromarray(np.dstack([rgb, alpha])), {}),
+             ("la.png", Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"), {}),
+             ("l.png", Image.fromarray(rgb[..., 0]), {}), ("1.png", Image.fromarray(rgb[..., 0]).convert("1"), {}),
+             ("g16.png", Image.fromarray(sixteen.astype(np.uint16)), {}),
+             ("i32.tif", Image.fromarray(sixteen.astype(np.int32)), {}),
+             ("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), {}),
+             ("p.png", Image.fromarray(rgb).quantize(8), {"transparency": bytes(range(0, 256, 32))}),
+             ("sideways.png", Image.fromarray(rgb), {"exif": exif})]
+    for name, image, options in files:
+        image.save(folder / name, **options)
+    return [folder / name for name, _, _ in files]
+
+
+def test_score_reads_images_as_training_does(tmp_path):
+    """One reader: `score` sees every file as `train --images` does (transparency on white, 16-bit scaled, upright);
+    a 16-bit greyscale PNG as round(v / 257), not Pillow's clip to white."""
+    for path in files_in_each_mode(tmp_path):
+        with open(path, "rb") as f:
+            trained = np.asarray(image_data.load_image(f.read(), str(path), 1, 1))
+        assert torch.equal(reward.load_image(path), torch.from_numpy(trained.copy()).permute(2, 0, 1) / 255), path
+    v16 = np.asarray(Image.open(tmp_path / "g16.png")).astype(np.float64)
+    assert torch.equal(reward.load_image(tmp_path / "g16.png")[0] * 255, torch.from_numpy(np.rint(v16 / 257)).float())
+    assert reward.load_image(tmp_path / "sideways.png").shape == (3, 6, 5)
+    Image.fromarray(np.zeros((5, 6), np.float32)).save(tmp_path / "f.tif")  # no fixed scale: refused by both
+    assert error_of(reward.load_image, tmp_path / "f.tif") == (f"{tmp_path / 'f.tif'}: 32-bit float pixels (mode F): "
+                                                               f"save it as an 8- or 16-bit image")
+
+
+def test_score_refuses_an_image_too_large_in_one_line(tmp_path, monkeypatch, capsys):
+    """Over twice Pillow's Image.MAX_IMAGE_PIXELS (lowered here to keep the file small): exit 2 and one line with
+    the pixel count and the limit, before the scorer loads (was Pillow's DecompressionBombError, a traceback)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (50, 45)).save(tmp_path / "big.png")
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(["score", "--prompt", "a cat", str(tmp_path / "big.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'big.png'}: too large to read: 2,250 pixels, over the limit of 2,000 (twice Pillow's "
+        f"Image.MAX_IMAGE_PIXELS, its guard against decompression bombs): make it smaller"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -510,7 +549,9 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path, bpe_dir):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     assert "not a torch checkpoint" in error_of(cw.load_clip, tmp_path / "garbage.pt")
     (tmp_path / "garbage.png").write_bytes(b"not an image")
-    assert "cannot read image" in error_of(reward.load_image, tmp_path / "garbage.png")
+    garbage = tmp_path / "garbage.png"
+    assert error_of(reward.load_image, garbage) == f"{garbage}: not a readable image (no format Pillow knows: " \
+                                                   f"damaged, or not an image)"
     assert "tokenizer folder not found" in error_of(OpenClipTokenizer.from_folder, tmp_path / "nope")
     scorer = reward.HPSReward.tiny()
     assert "empty prompt" in error_of(scorer.score, random_images(1, 32, 32), "  ")
@@ -686,7 +727,7 @@ def test_cli_bad_input_exits_2(case, cli_pair, bpe_dir, tmp_path, capsys):
     elif case == "empty-prompt":
         prompt, words = "", "empty prompt"
     elif case == "not-an-image":
-        image, words = tmp_path / "text.png", "cannot read image"
+        image, words = tmp_path / "text.png", "not a readable image"
         image.write_text("hello")
     elif case == "image-folder":
         image, words = tmp_path, "is a folder, not an image"
