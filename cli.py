@@ -556,7 +556,8 @@ def train_data(run, prompt_file, cfg):
 def cmd_export(args):
     """Write a training checkpoint in the formats people run (export.py): a BFL-keyed single file for ComfyUI and
     Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
-    is written tensor by tensor to a temporary name, then renamed."""
+    is written tensor by tensor to a temporary name, then renamed, under the output folder's lock; an --out onto
+    what the export reads or into a run's checkpoint is refused."""
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device) if args.dtype else None  # None: the format's own
     print(export.export(args.checkpoint, args.to, args.out, args.base, args.rank, dtype, device))
