@@ -296,12 +296,13 @@ def export_flags(p):
     p.add_argument("--out", required=True, help="the file (bfl, fp8) or folder (lora, merged) to write")
     p.add_argument("--base", metavar="FLUX", help="the model the checkpoint was trained from (a diffusers FLUX.1 or "
                    "FLUX.2 folder, its transformer/, or one file of it: BFL's flux1-dev.safetensors, "
-                   "flux-2-klein-4b.safetensors, or one in diffusers keys), of the checkpoint's family: needed by "
-                   "lora, merged and a LoRA checkpoint's bfl/fp8")
+                   "flux-2-klein-4b.safetensors, or one in diffusers keys), of the checkpoint's family; `demo`: "
+                   "the tiny demo's (a checkpoint of `train` without --flux): needed by lora, merged and a LoRA "
+                   "checkpoint's bfl/fp8")
     p.add_argument("--rank", type=LORA_RANK, help="--to lora: the rank R of the extracted LoRA (the energy table "
                    "printed after it helps choose)")
-    p.add_argument("--dtype", default="bfloat16", help="bfl and merged: float32, bfloat16 (default, the "
-                   "released models') or float16")
+    p.add_argument("--dtype", help="bfl and merged only: float32, bfloat16 (default, the released models') or "
+                   "float16")
     p.add_argument("--device", default="cpu", help="where lora's SVDs run: cpu, cuda or cuda:N")
 
 
@@ -556,10 +557,11 @@ def train_data(run, prompt_file, cfg):
 def cmd_export(args):
     """Write a training checkpoint in the formats people run (export.py): a BFL-keyed single file for ComfyUI and
     Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
-    is written tensor by tensor to a temporary name, then renamed."""
+    is written tensor by tensor to a temporary name, then renamed, under the output folder's lock; an --out onto
+    what the export reads or into a run's checkpoint is refused."""
     device = parse_device(args.device)
-    print(export.export(args.checkpoint, args.to, args.out, args.base, args.rank, parse_dtype(args.dtype, device),
-                        device))
+    dtype = parse_dtype(args.dtype, device) if args.dtype else None  # None: the format's own
+    print(export.export(args.checkpoint, args.to, args.out, args.base, args.rank, dtype, device))
 
 
 def cmd_sample(args):

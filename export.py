@@ -12,12 +12,21 @@ config.json `_class_name`: FluxTransformer2DModel or Flux2Transformer2DModel; a 
 A checkpoint folder holds the whole transformer in diffusers keys (diffusion_pytorch_model.safetensors and
 config.json) or a LoRA (lora.LORA_FILE). Single files are written one tensor at a time from the memory-mapped
 checkpoint (write_safetensors), so memory holds one tensor, not the model; a LoRA checkpoint is first merged into
-its base in memory (the model once, in the export's dtype)."""
+its base in memory (the model once, in the export's dtype).
 
+An export never writes over what it reads, nor into a run's checkpoint; it holds its output folder's lock
+(util.RunLock) while it writes, so that a second export to the same place is refused; SIGTERM / SIGINT stop it
+before its next tensor with its temporary file removed (util.Stopped), and the temporary file of an export that was
+killed is removed by the next one to the same output."""
+
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,18 +34,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import checkpoints
 import families
 import flux_weights as fw
 import lora
 from flux2_model import Flux2Config
 from flux_model import FluxConfig
-from util import InputError, atomic_write, check_folder, write_json, written
+from util import (
+    InputError,
+    RunLock,
+    Stopped,
+    StopSignals,
+    atomic_write,
+    check_folder,
+    check_writable,
+    write_json,
+    written,
+)
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                       torch.float8_e4m3fn: "F8_E4M3"}
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+FOLDER_FORMATS = ("lora", "merged")  # --out is a folder; bfl and fp8 write one file
+DEMO = "demo"  # --base demo: the tiny demo's base transformer, built in code as `train` without --flux builds it
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: a checkpoint or a base, one tensor at a time by our (BFL) name
@@ -74,10 +95,10 @@ def open_weights(path, cfg=None, family=None):
     return Weights(cfg, shapes, read, path)
 
 
-def in_memory(model):
-    """The Weights of a model in memory (a merged LoRA checkpoint)."""
+def in_memory(model, where="memory"):
+    """The Weights of a model in memory (a merged LoRA checkpoint, the demo's base)."""
     state = model.state_dict()
-    return Weights(model.cfg, {k: tuple(v.shape) for k, v in state.items()}, lambda k: state[k].float(), "memory")
+    return Weights(model.cfg, {k: tuple(v.shape) for k, v in state.items()}, lambda k: state[k].float(), where)
 
 
 def checkpoint_kind(folder):
@@ -94,21 +115,47 @@ def checkpoint_kind(folder):
 def base_transformer(base, what):
     """The transformer of --base: a diffusers FLUX.1 folder's transformer/, a transformer folder, or a single file."""
     if base is None:
-        raise InputError(f"{what} needs the base model the checkpoint was trained from (a diffusers FLUX.1 or FLUX.2 "
-                         f"folder, or its BFL single file: flux1-dev.safetensors, flux-2-klein-4b.safetensors)")
+        raise InputError(f"{what} needs --base, the model the checkpoint was trained from (a diffusers FLUX.1 or "
+                         f"FLUX.2 folder, or its BFL single file: flux1-dev.safetensors, flux-2-klein-4b.safetensors; "
+                         f"--base demo for a checkpoint of the tiny demo, `train` without --flux)")
     sub = os.path.join(base, "transformer")
     return sub if os.path.isdir(sub) else base
+
+
+def demo_base(family):
+    """--base demo: the tiny demo's base transformer of the family in float32, built as `train` without --flux
+    builds it (the family's tiny_frozen_parts: random with a fixed seed), what a demo checkpoint was trained from."""
+    *_, load = family.tiny_frozen_parts("cpu", torch.float32)
+    return load("cpu")
+
+
+def demo_family(lora_file):
+    """The family whose tiny demo transformer a LoRA file adapts (its layers and shapes, checked on the meta
+    device): a LoRA checkpoint names no family of its own."""
+    for family in families.FAMILIES:
+        with torch.device("meta"):
+            model = family.model(family.config.preset("tiny"))
+        try:
+            lora.merge_lora(model, lora_file)
+        except InputError:
+            continue
+        return family
+    raise InputError(f"{lora_file}: adapts neither tiny demo transformer (FLUX.1's, FLUX.2's): --base demo is for a "
+                     f"checkpoint of `srpo.py train` without --flux")
 
 
 def open_base(base, like, what):
     """The base's Weights, checked against the checkpoint's (`like`) key by key: a base of another model (other
     widths, depths, no guidance embedding) is one line naming the first tensor that differs."""
-    path = base_transformer(base, what)
-    family = families.of_transformer(path)
-    if family is not like.family:
-        raise InputError(f"{path}: a {family.title} transformer, but the checkpoint {like.where} is "
-                         f"{like.family.title}: not the checkpoint's base model")
-    weights = open_weights(path, None if os.path.isdir(path) else like.cfg, family)
+    if base == DEMO:
+        weights, path = in_memory(demo_base(like.family), "the tiny demo's base"), "--base demo"
+    else:
+        path = base_transformer(base, what)
+        family = families.of_transformer(path)
+        if family is not like.family:
+            raise InputError(f"{path}: a {family.title} transformer, but the checkpoint {like.where} is "
+                             f"{like.family.title}: not the checkpoint's base model")
+        weights = open_weights(path, None if os.path.isdir(path) else like.cfg, family)
     for key in [*like.shapes, *(k for k in weights.shapes if k not in like.shapes)]:  # in the model's order
         theirs, ours = weights.shapes.get(key), like.shapes.get(key)
         if theirs != ours:
@@ -119,10 +166,13 @@ def open_base(base, like, what):
 
 def merged_model(checkpoint, base, dtype):
     """A LoRA checkpoint merged into its base as `sample --lora` does (lora.merge_lora, in dtype): the model."""
+    lora_file = os.path.join(checkpoint, lora.LORA_FILE)
+    if base == DEMO:
+        return lora.merge_lora(demo_base(demo_family(lora_file)).to(dtype), lora_file)
     path = base_transformer(base, f"{checkpoint}: a LoRA checkpoint")
     # a single file's config: FLUX.1-dev's, FLUX.2's read off it
     model = families.of_transformer(path).load(path, None, dtype)
-    return lora.merge_lora(model, os.path.join(checkpoint, lora.LORA_FILE))
+    return lora.merge_lora(model, lora_file)
 
 
 def checkpoint_weights(checkpoint, base, dtype):
@@ -136,13 +186,14 @@ def checkpoint_weights(checkpoint, base, dtype):
 # Writing a safetensors file one tensor at a time
 
 
-def write_safetensors(path, specs, make, metadata):
+def write_safetensors(path, specs, make, metadata, signals=None):
     """Write path as safetensors from specs = [(name, shape, dtype)], calling make(name) for each tensor just
     before its bytes are written, so memory holds one tensor at a time (safetensors' own save_file needs them all).
     The format (huggingface/safetensors, "Format"): an 8-byte little-endian header size, a JSON header
     {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}} padded with spaces to a multiple of 8, then
     the tensors' bytes back to back. Wider dtypes come first, as safetensors' writer orders them, so every tensor
-    starts at a multiple of its item size. Written atomically (temp file, then rename)."""
+    starts at a multiple of its item size. Written atomically (temp file, then rename); a stop signal (signals, a
+    util.StopSignals) ends it before the next tensor."""
     specs = sorted(specs, key=lambda s: -s[2].itemsize)
     header, offset = {"__metadata__": metadata}, 0
     for name, shape, dtype in specs:
@@ -157,6 +208,7 @@ def write_safetensors(path, specs, make, metadata):
         with open(tmp, "wb") as f, tqdm(total=offset, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
             f.write(struct.pack("<Q", len(text)) + text)
             for name, shape, dtype in specs:
+                check_stop(signals, path)
                 t = make(name).to(dtype).contiguous()
                 if tuple(t.shape) != tuple(shape):  # the header is written: a wrong size would corrupt the file
                     raise ValueError(f"{name}: made {list(t.shape)}, the header says {list(shape)}")
@@ -168,13 +220,91 @@ def write_safetensors(path, specs, make, metadata):
     return path
 
 
-def check_file_out(out):
-    """A single-file export's --out names a file in a folder that exists (a mistyped path is not made a folder)."""
-    if os.path.isdir(out):
-        raise InputError(f"{out}: a folder (expected the path of the .safetensors file to write)")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise InputError(f"{out}: cannot write there, no folder {folder} (make it first)")
+def within(path, folder):
+    """Whether path is folder or lies inside it (both real paths)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def run_checkpoint_of(path):
+    """The checkpoint folder of a run (one checkpoints.complete lists: checkpoint-N holding state.json) that the
+    real path is or lies in, or None."""
+    while path != os.path.dirname(path):
+        parent = os.path.dirname(path)
+        if os.path.basename(path).startswith("checkpoint-") and os.path.isdir(parent) \
+                and path in checkpoints.complete(parent).values():
+            return path
+        path = parent
+    return None
+
+
+def check_out(checkpoint, to, out, base):
+    """Before anything is read: --out is not what the export reads (the checkpoint, --base), inside it or, for a
+    folder, around it, nor in a run's checkpoint folder, where train --resume would take it for the run's own."""
+    target, folder_out = os.path.realpath(out), to in FOLDER_FORMATS
+    for flag, given in [("the checkpoint", checkpoint), ("--base", None if base == DEMO else base)]:
+        if given is None:
+            continue
+        source = os.path.realpath(given)
+        if within(target, source) or (folder_out and within(source, target)):
+            where = "is" if target == source else "lies inside" if within(target, source) else "holds"
+            raise InputError(f"--out {out} {where} {flag} {given}: an export never writes over what it reads, give "
+                             f"another --out")
+    found = run_checkpoint_of(target)
+    if found:
+        raise InputError(f"--out {out} lies in the checkpoint {found} of a run (its state.json): `train --resume` "
+                         f"would take what is written there for the run's own, give another --out")
+
+
+@contextlib.contextmanager
+def output_folder(out, to):
+    """The folder an export writes into, checked before anything is read (a read-only or full file system is one
+    line, exit 2): a single file's, which must exist (a mistyped path is not made a folder), or --out for lora and
+    merged, made if missing and removed again if the export does not complete (no empty folder left behind)."""
+    if to not in FOLDER_FORMATS:
+        if os.path.isdir(out):
+            raise InputError(f"{out}: a folder (expected the path of the .safetensors file to write)")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise InputError(f"{out}: cannot write there, no folder {folder} (make it first)")
+        check_room(folder)
+        yield folder
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out}: a file, but --to {to} writes a folder: give a folder's path")
+    made = not os.path.exists(out)
+    try:
+        check_room(out)
+        yield out
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def check_room(folder):
+    """util.check_writable (made if missing, a file created in it), and a block free: on a file system with none
+    left even the folder's lock could not be written."""
+    check_writable(folder)
+    if os.statvfs(folder).f_bavail == 0:
+        raise InputError(f"{folder}: cannot write the output folder ({os.strerror(errno.ENOSPC)})")
+
+
+def remove_stale(paths):
+    """The temporary files (util.atomic_write's PATH.tmp) of an export that was killed before it renamed them: with
+    the folder's lock held, no live export is writing them. Each removed with a note."""
+    for path in paths:
+        tmp = path + ".tmp"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+            print(f"note: {tmp}: removed the partial file of an export that did not finish", file=sys.stderr)
+
+
+def check_stop(signals, out):
+    """After SIGTERM / SIGINT (util.StopSignals: it only notes the signal), the export stops before its next tensor or
+    layer: util.Stopped (exit 75) unwinds through atomic_write, which removes the temporary file, and output_folder."""
+    if signals is not None and signals.received:
+        raise Stopped(f"{signals.received}: the export to {out} stopped before it completed; nothing of it is left "
+                      f"(a file there before is as it was): run the same command again")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,34 +332,45 @@ def export_metadata(weights, checkpoint, layout, dtype):
             "config": json.dumps(weights.family.to_diffusers(weights.cfg))}
 
 
-def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16):
+def in_range(weights, narrow, dtype, instead):
+    """make(key) for write_safetensors: the tensor, refused in one line naming it and its largest magnitude when a
+    key of `narrow` lies beyond dtype's range, where the cast would write inf (float16) or NaN (float8_e4m3fn, which
+    has no infinity)."""
+    limit = torch.finfo(dtype).max
+
+    def make(key):
+        t = weights.read(key)
+        if key in narrow and not t.abs().max() <= limit:
+            raise InputError(f"{weights.where}: {key} holds {t.abs().max().item():.4g}, beyond {str(dtype)[6:]}'s "
+                             f"range (+-{limit:g}): {instead}")
+        return t
+
+    return make
+
+
+def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16, signals=None):
     """checkpoint -> out, one .safetensors file in BFL's names (no prefix), every tensor in dtype (bf16: the released
-    models' own). A LoRA checkpoint is merged into base first. -> out."""
-    check_file_out(out)
+    models' own; float16's range, +-65504, is checked tensor by tensor). A LoRA checkpoint is merged into base
+    first. -> out."""
     weights = checkpoint_weights(checkpoint, base, dtype)
     specs = [(k, shape, dtype) for k, shape in weights.shapes.items()]
     layout = f"BFL ({weights.family.bfl})"
-    return write_safetensors(out, specs, weights.read, export_metadata(weights, checkpoint, layout, str(dtype)[6:]))
+    narrow = set(weights.shapes) if dtype == torch.float16 else set()  # bf16 has float32's range
+    make = in_range(weights, narrow, dtype, "export it in bfloat16 (the default) or float32")
+    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, str(dtype)[6:]), signals)
 
 
-def to_fp8(checkpoint, out, base=None):
+def to_fp8(checkpoint, out, base=None, signals=None):
     """checkpoint -> out in BFL's names, fp8_keys(cfg) in float8_e4m3fn (round to nearest, no scales: FLUX's
     weights lie well inside e4m3fn's +-448, and one beyond it is refused), the rest bf16. A LoRA checkpoint is merged
     into base (in bf16) first. -> out."""
-    check_file_out(out)
     weights = checkpoint_weights(checkpoint, base, torch.bfloat16)
     low = fp8_keys(weights.cfg)
     specs = [(k, shape, torch.float8_e4m3fn if k in low else torch.bfloat16) for k, shape in weights.shapes.items()]
     layout = "BFL names; block linear weights float8_e4m3fn (plain casts, no scales), the rest bfloat16"
-
-    def make(key):
-        t = weights.read(key)
-        if key in low and t.abs().max() > FP8_MAX:  # the cast would make NaN: e4m3fn has no infinity
-            raise InputError(f"{weights.where}: {key} holds {t.abs().max().item():.4g}, beyond float8_e4m3fn's "
-                             f"range (+-{FP8_MAX:g}): export it with --to bfl")
-        return t
-
-    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, "float8_e4m3fn"))
+    make = in_range(weights, low, torch.float8_e4m3fn, "export it with --to bfl")
+    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, "float8_e4m3fn"),
+                             signals)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,7 +418,7 @@ def largest_untargeted(finetuned, base, layers):
     return worst
 
 
-def extract_lora(finetuned, base, rank, out, device="cpu"):
+def extract_lora(finetuned, base, rank, out, device="cpu", signals=None):
     """A LoRA of rank `rank` from a full checkpoint and its base: per adapted layer (our fused qkv / linear1 as one
     matrix, the layout of `train --lora-rank`), the truncated SVD of (W_ft - W_base) in float32 on device, written
     to out/pytorch_lora_weights.safetensors by lora.save_lora. -> {"path", "energy": {layer: kept}, "overall",
@@ -290,11 +431,15 @@ def extract_lora(finetuned, base, rank, out, device="cpu"):
     check_rank(rank, ft, layers)
     adapters, spectra = {}, {}
     for layer in tqdm(layers, desc="SVD", unit="layer"):
+        check_stop(signals, out)
         key = f"{layer}.weight"
         delta = (ft.read(key) - bw.read(key)).to(device)
         a, b, spectra[layer] = (t.cpu() for t in svd_lora(delta, rank))
         adapters[f"{layer}.lora_A"], adapters[f"{layer}.lora_B"] = a, b
-    path = lora.save_lora(adapters, ft.cfg, 1.0, out)
+    if not any(s2.sum() > 0 for s2 in spectra.values()):  # else the table would say it "keeps 100 %" of nothing
+        raise InputError(f"{finetuned}: no difference from the base {base} in any layer a LoRA adapts, so there is "
+                         f"no LoRA to extract (is --base the checkpoint itself?)")
+    path = written(os.path.join(out, lora.LORA_FILE), lambda: lora.save_lora(adapters, ft.cfg, 1.0, out))
     widest = max(len(s2) for s2 in spectra.values())
     table = {r: energy(spectra.values(), r) for r in sorted({2 ** i for i in range(2, 10) if 2 ** i < widest} | {rank})}
     return {"path": path, "energy": {layer: energy([s2], rank) for layer, s2 in spectra.items()},
@@ -314,7 +459,7 @@ def describe_lora(report, rank):
     return lines
 
 
-def merge(checkpoint, base, out, dtype=torch.bfloat16):
+def merge(checkpoint, base, out, dtype=torch.bfloat16, signals=None):
     """A LoRA checkpoint folded into its base, W + B A (lora.merge_lora, what `sample --lora` does, in dtype),
     written as a diffusers transformer folder (diffusers' keys along the family's links, config.json), a tensor at a
     time. Peak memory: the model once in dtype. -> the weights file's path."""
@@ -325,26 +470,49 @@ def merge(checkpoint, base, out, dtype=torch.bfloat16):
     theirs = fw.to_theirs(model.state_dict(), family.links(model.cfg))
     os.makedirs(out, exist_ok=True)
     path = write_safetensors(os.path.join(out, FULL_FILE), [(k, t.shape, t.dtype) for k, t in theirs.items()],
-                             lambda k: theirs[k].contiguous(), {"format": "pt"})
-    write_json(os.path.join(out, "config.json"), family.to_diffusers(model.cfg))
+                             lambda k: theirs[k].contiguous(), {"format": "pt"}, signals)
+    config = os.path.join(out, "config.json")
+    written(config, lambda: write_json(config, family.to_diffusers(model.cfg)))
     return path
 
 
-def export(checkpoint, to, out, base=None, rank=None, dtype=torch.bfloat16, device="cpu"):
-    """`srpo.py export`: checkpoint to one of FORMATS at out; a LoRA extraction prints its energy table. -> out's
-    file (bfl, fp8) or weights file (lora, merged)."""
+def outputs(to, out):
+    """The files an export writes."""
+    if to not in FOLDER_FORMATS:
+        return [out]
+    return [os.path.join(out, lora.LORA_FILE)] if to == "lora" else [os.path.join(out, f) for f in (FULL_FILE,
+                                                                                                  "config.json")]
+
+
+def check_flags(to, rank, dtype):
+    """The flags that go together, before any file is looked at."""
     if to not in FORMATS:
         raise InputError(f"unknown export format {to!r}: expected one of {', '.join(FORMATS)}")
     if rank is not None and to != "lora":
         raise InputError(f"a rank is for a LoRA export (--to lora), not --to {to}")
-    if to == "bfl":
-        return to_bfl(checkpoint, out, base, dtype)
-    if to == "fp8":
-        return to_fp8(checkpoint, out, base)
-    if to == "merged":
-        return merge(checkpoint, base, out, dtype)
-    if rank is None:
+    if rank is None and to == "lora":
         raise InputError("a LoRA export needs its rank (--rank R)")
-    report = extract_lora(checkpoint, base, rank, out, device)
-    print("\n".join(describe_lora(report, rank)))
-    return report["path"]
+    if dtype is not None and to in ("fp8", "lora"):
+        raise InputError(f"--dtype is for --to bfl and merged: --to {to} writes "
+                         f"{'float8_e4m3fn and bfloat16' if to == 'fp8' else 'float32 (the SVD factors)'}")
+
+
+def export(checkpoint, to, out, base=None, rank=None, dtype=None, device="cpu"):
+    """`srpo.py export`: checkpoint to one of FORMATS at out (bfl and merged in dtype, bfloat16 unless given),
+    refused in one line before anything is read if --out is an input or in a run's checkpoint (check_out), holding
+    the output folder's lock while it writes; a LoRA extraction prints its energy table. -> out's file (bfl, fp8) or
+    weights file (lora, merged)."""
+    check_flags(to, rank, dtype)
+    check_out(checkpoint, to, out, base)
+    dtype = dtype or torch.bfloat16
+    with StopSignals() as signals, output_folder(out, to) as folder, RunLock(folder):
+        remove_stale(outputs(to, out))
+        if to == "bfl":
+            return to_bfl(checkpoint, out, base, dtype, signals)
+        if to == "fp8":
+            return to_fp8(checkpoint, out, base, signals)
+        if to == "merged":
+            return merge(checkpoint, base, out, dtype, signals)
+        report = extract_lora(checkpoint, base, rank, out, device, signals)
+        print("\n".join(describe_lora(report, rank)))
+        return report["path"]

@@ -6,6 +6,10 @@ fixture runs on each family's tiny model (its `base` and `finetune` are that fam
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -327,8 +331,8 @@ def test_bad_input_is_one_line(family, base, finetune, lora_checkpoint, tmp_path
         (lambda: export.export(str(tmp_path / "empty"), "bfl", str(tmp_path / "x.safetensors")),
          "neither a full checkpoint"),
         (lambda: export.export(lora_checkpoint, "lora", str(tmp_path / "l"), base_dir, 2), "a LoRA checkpoint already"),
-        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), None, 2), "needs the base model"),
-        (lambda: export.export(lora_checkpoint, "merged", str(tmp_path / "m")), "needs the base model"),
+        (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), None, 2), "needs --base"),
+        (lambda: export.export(lora_checkpoint, "merged", str(tmp_path / "m")), "needs --base"),
         (lambda: export.export(ckpt, "merged", str(tmp_path / "m"), base_dir), "already the merged model"),
         (lambda: export.export(ckpt, "lora", str(tmp_path / "l"), wide, 2),
          "img_in.weight has shape [96, 64] but the checkpoint"),
@@ -362,7 +366,7 @@ def test_the_export_command_writes_what_the_library_does(family, base, finetune,
     srpo.main(["export", checkpoint, "--to", "lora", "--rank", str(RANK), "--base", base[1], "--out",
                str(tmp_path / "lora")])
     assert "energy" in capsys.readouterr().out.lower()
-    for flags, words in [(["--to", "lora", "--base", base[1]], "--rank"), (["--to", "lora", "--rank", "2"], "base")]:
+    for flags, words in [(["--to", "lora", "--base", base[1]], "--rank"), (["--to", "lora", "--rank", "2"], "--base")]:
         with pytest.raises(SystemExit) as exit_info:
             srpo.main(["export", checkpoint, *flags, "--out", str(tmp_path / "none")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -384,3 +388,209 @@ def test_the_image_of_an_fp8_export_stays_near_the_bf16_export_s(family, finetun
         images.append(np.asarray(Image.open(tmp_path / f"{to}.png")).astype(np.int16))
     difference = np.abs(images[0] - images[1])
     assert 0 < difference.max() <= 3 and difference.mean() <= 0.5, (difference.max(), difference.mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a careless or unlucky user meets: outputs onto inputs, two exports at once, signals, numbers out of range,
+# the demo's checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def refused(args, capsys):
+    """srpo.main(args) -> its one error line, asserting exit 2 and nothing else on stderr but progress bars."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(args)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def snapshot(folder):
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(folder) for f in files}
+
+
+@FLUX1_ONLY
+def test_an_out_onto_an_input_or_into_a_run_checkpoint_is_refused(family, base, finetune, lora_checkpoint, tmp_path,
+                                                                  capsys):
+    """--out equal to, inside (or, for a folder, around) the checkpoint or --base, or inside any checkpoint folder of
+    a run (checkpoints.complete's: checkpoint-N with state.json): one line, exit 2, every file as it was."""
+    (_, base_dir), (_, ckpt) = base, finetune
+    run_checkpoint = tmp_path / "run" / "checkpoint-000003"
+    saved(family, randomize(fm.Flux(CFG), seed=7), run_checkpoint)
+    (run_checkpoint / "state.json").write_text('{"step": 3}')
+    before = {p: snapshot(p) for p in (ckpt, lora_checkpoint, base_dir, str(tmp_path / "run"))}
+    cases = [
+        (["export", ckpt, "--to", "bfl", "--out", os.path.join(ckpt, export.FULL_FILE)], ckpt),
+        (["export", str(run_checkpoint), "--to", "bfl", "--out", str(run_checkpoint / export.FULL_FILE)],
+         str(run_checkpoint)),
+        (["export", ckpt, "--to", "fp8", "--out", str(run_checkpoint / "fp8.safetensors")], str(run_checkpoint)),
+        (["export", ckpt, "--to", "lora", "--rank", "2", "--base", base_dir, "--out", ckpt], ckpt),
+        (["export", ckpt, "--to", "lora", "--rank", "2", "--base", base_dir, "--out", str(run_checkpoint / "l")],
+         str(run_checkpoint)),
+        (["export", ckpt, "--to", "lora", "--rank", "2", "--base", base_dir, "--out", os.path.dirname(ckpt)], ckpt),
+        (["export", lora_checkpoint, "--to", "merged", "--base", base_dir, "--out", lora_checkpoint], lora_checkpoint),
+        (["export", lora_checkpoint, "--to", "merged", "--base", base_dir, "--out", base_dir], base_dir),
+        (["export", lora_checkpoint, "--to", "bfl", "--base", base_dir, "--out",
+          os.path.join(base_dir, "transformer", export.FULL_FILE)], base_dir),
+    ]
+    for args, named in cases:
+        line = refused(args, capsys)
+        assert "--out" in line and named in line, (args, line)
+    assert {p: snapshot(p) for p in before} == before
+
+
+def export_process(*args):
+    return subprocess.Popen([sys.executable, "srpo.py", "export", *args], cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for(ready, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return ready()
+
+
+@FLUX1_ONLY
+def test_a_second_export_to_the_same_out_is_refused_while_the_first_runs(family, finetune, tmp_path):
+    """Two real export processes to one --out: the first holds the folder's lock (it is stopped with SIGSTOP while
+    it holds it), the second ends in one line and exit 2, the first then completes with the checkpoint's file."""
+    _, ckpt = finetune
+    out = str(tmp_path / "srpo.safetensors")
+    first = export_process(ckpt, "--to", "bfl", "--out", out)
+    try:
+        assert wait_for(lambda: os.path.exists(tmp_path / ".lock"), first), first.communicate()[1][-2000:]
+        os.kill(first.pid, signal.SIGSTOP)
+        second = export_process(ckpt, "--to", "bfl", "--out", out, "--dtype", "float32")
+        _, err = second.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.startswith("error")]
+        assert second.returncode == 2 and len(lines) == 1 and "another run is writing" in lines[0], err[-2000:]
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
+    export.to_bfl(ckpt, str(tmp_path / "library.safetensors"))
+    assert (tmp_path / "library.safetensors").read_bytes() == (tmp_path / "srpo.safetensors").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["library.safetensors", "srpo.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """A full FLUX.1 checkpoint of 35 M parameters (hidden 512): its float32 export (140 MB) takes long enough to be
+    signalled while it writes."""
+    cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=512, num_heads=4, depth=2,
+                        depth_single_blocks=4, axes_dim=(16, 56, 56))
+    folder = tmp_path_factory.mktemp("wide") / "checkpoint-000001"
+    fw.save_transformer(fm.Flux(cfg), str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_during_an_export_leaves_no_temp_file_behind(wide_checkpoint, tmp_path, sig):
+    """SIGINT / SIGTERM while the file is being written: exit 75, one line, no temp file, no lock, no output. kill -9
+    leaves the temp file; the next export to that --out removes it with a one-line note, and completes."""
+    out = str(tmp_path / "srpo.safetensors")
+    args = [wide_checkpoint, "--to", "bfl", "--dtype", "float32", "--out", out]
+    p = export_process(*args)
+    assert wait_for(lambda: os.path.exists(out + ".tmp"), p), p.communicate()[1][-2000:]
+    os.kill(p.pid, sig)
+    code, err = p.wait(timeout=120), p.stderr.read()
+    if sig == signal.SIGKILL:
+        assert code == -9 and os.path.exists(out + ".tmp")
+        again = export_process(*args)
+        _, err = again.communicate(timeout=120)
+        assert again.returncode == 0, err[-2000:]
+        notes = [line for line in err.splitlines() if line.startswith("note") and out + ".tmp" in line]
+        assert len(notes) == 1 and "removed" in notes[0], err[-2000:]
+        assert sorted(os.listdir(tmp_path)) == ["srpo.safetensors"]
+        return
+    last = err.strip().splitlines()[-1]
+    assert code == 75 and last.startswith(f"stopped: {sig.name}") and "Traceback" not in err, err[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
+@FLUX1_ONLY
+def test_an_existing_file_as_a_folder_out_is_one_line(family, base, finetune, lora_checkpoint, tmp_path, capsys):
+    """--to lora / merged with --out an existing file: one line naming it, exit 2, the file as it was."""
+    (_, base_dir), (_, ckpt) = base, finetune
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for args in (["export", ckpt, "--to", "lora", "--rank", "2", "--base", base_dir],
+                 ["export", lora_checkpoint, "--to", "merged", "--base", base_dir]):
+        line = refused([*args, "--out", str(taken)], capsys)
+        assert str(taken) in line and "a file" in line, line
+    assert taken.read_text() == "mine"
+
+
+@FLUX1_ONLY
+def test_numbers_a_format_cannot_hold_and_an_empty_difference_are_refused(family, base, finetune, tmp_path, capsys):
+    """float16 with a weight beyond 65504 names the tensor and its value (the cast would write inf); a LoRA of a
+    checkpoint against itself has nothing to extract; --dtype with --to fp8 or lora, which do not take one."""
+    (_, base_dir), (_, ckpt) = base, finetune
+    big = randomize(fm.Flux(CFG), seed=1)
+    with torch.no_grad():
+        big.double_blocks[1].img_mlp[0].weight[0, 0] = -70000.0
+    big_dir = saved(family, big, tmp_path / "big")
+    out = str(tmp_path / "fp16.safetensors")
+    with pytest.raises(InputError, match=r"double_blocks.1.img_mlp.0.weight holds 7e\+04, beyond float16's range"):
+        export.export(big_dir, "bfl", out, dtype=torch.float16)
+    assert os.listdir(tmp_path) == ["big"]
+    line = refused(["export", ckpt, "--to", "lora", "--rank", "2", "--base", ckpt, "--out", str(tmp_path / "l")],
+                   capsys)
+    assert "no difference" in line, line
+    for flags in (["--to", "fp8", "--out", str(tmp_path / "x.safetensors")],
+                  ["--to", "lora", "--rank", "2", "--base", base_dir, "--out", str(tmp_path / "l")]):
+        line = refused(["export", ckpt, *flags, "--dtype", "float16"], capsys)
+        assert "--dtype" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoints(tmp_path_factory):
+    """The checkpoints `python srpo.py train` writes with the tiny demo's models built in code (2 steps, 32 x 32),
+    full and LoRA (--lora-rank 4), at --lr 1e-2 so that two steps move the images. -> (full, LoRA) folders."""
+    folders = []
+    for name, flags in (("full", []), ("lora", ["--lora-rank", "4"])):
+        out = str(tmp_path_factory.mktemp(f"demo-{name}"))
+        srpo.main(["train", "--steps", "2", "--save-every", "2", "--height", "32", "--width", "32", "--rollout-steps",
+                   "4", "--samples", "1", "--lr", "1e-2", *flags, "--out", out])
+        folders.append(os.path.join(out, "checkpoint-000002"))
+    return folders
+
+
+def demo_image(folder, name, *flags):
+    """`sample` with the tiny demo's models (4 steps, seed 0) -> the 8-bit image."""
+    path = str(folder / f"{name}.png")
+    srpo.main(["sample", "--steps", "4", "--height", "64", "--width", "48", *flags, "--out", path])
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+def test_a_demo_checkpoint_exports_to_lora_and_merged_with_base_demo(demo_checkpoints, tmp_path, capsys):
+    """--base demo is the demo's base transformer: a demo LoRA checkpoint merged in float32 samples exactly as
+    `sample --lora` with it, and the rank-4 LoRA extracted back from that merge samples as it too (within 1 level of
+    256); the full-rank LoRA of a full demo checkpoint merged into the demo's base gives the checkpoint's LoRA layers
+    (1e-5; the rest, which Adam moved by lr x steps = 0.02, a LoRA cannot carry). Without --base the line says
+    --base (and --base demo)."""
+    full, lora_checkpoint = demo_checkpoints
+    line = refused(["export", full, "--to", "lora", "--rank", "16", "--out", str(tmp_path / "none")], capsys)
+    assert "--base" in line and "--base demo" in line, line
+    merged = str(tmp_path / "merged")
+    srpo.main(["export", lora_checkpoint, "--to", "merged", "--base", "demo", "--dtype", "float32", "--out", merged])
+    srpo.main(["export", merged, "--to", "lora", "--rank", "4", "--base", "demo", "--out", str(tmp_path / "back")])
+    adapted = demo_image(tmp_path, "adapted", "--lora", os.path.join(lora_checkpoint, lora.LORA_FILE))
+    assert np.array_equal(demo_image(tmp_path, "merged", "--transformer", os.path.join(merged, export.FULL_FILE)),
+                          adapted)
+    back = demo_image(tmp_path, "back", "--lora", str(tmp_path / "back" / lora.LORA_FILE))
+    assert np.abs(back - adapted).max() <= 1 and not np.array_equal(adapted, demo_image(tmp_path, "base"))
+    capsys.readouterr()
+    srpo.main(["export", full, "--to", "lora", "--rank", "64", "--base", "demo", "--out", str(tmp_path / "full")])
+    assert "rank 64 keeps 100.00%" in capsys.readouterr().out
+    tuned, demo = fw.load_transformer(full).state_dict(), export.demo_base(export.families.FLUX1)
+    base = {k: v.clone() for k, v in demo.state_dict().items()}
+    extracted = lora.merge_lora(demo, str(tmp_path / "full" / lora.LORA_FILE)).state_dict()
+    for layer in export.lora_layers(demo.cfg):
+        key = f"{layer}.weight"
+        assert rel_err(extracted[key] - base[key], tuned[key] - base[key]) <= 1e-5, key

@@ -23,7 +23,9 @@ from safetensors.torch import load_file
 
 import checkpoints
 import evaluation
+import flux_model as fm
 import flux_weights as fw
+import lora
 import sampling
 import srpo
 import util
@@ -452,3 +454,60 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(resumable, capsys, how)
     line = one_line_and_nothing_half_written(out, capsys, [*TRAIN, "--out", out, "--resume"], util.EXIT_INPUT)
     assert line.startswith(f"error: {path}: "), line
     assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `export` onto a full or read-only file system
+
+
+@pytest.fixture(scope="module")
+def export_inputs(tmp_path_factory):
+    """A tiny full checkpoint, its base (a diffusers folder's transformer/) and a LoRA checkpoint of that base."""
+    root = tmp_path_factory.mktemp("export")
+    base = fm.Flux(fm.FluxConfig.preset("tiny")).eval()
+    fw.save_transformer(base, str(root / "base" / "transformer"))
+    tuned = fm.Flux(base.cfg).eval()
+    with torch.no_grad():
+        tuned.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    fw.save_transformer(tuned, str(root / "full"))
+    adapted = lora.add_adapters(fm.Flux(base.cfg).eval(), 2, 2.0, seed=0)
+    lora.save_lora({n: torch.randn_like(p) for n, p in adapted.named_parameters() if "lora_" in n}, base.cfg, 1.0,
+                   str(root / "lora"))
+    return str(root / "full"), str(root / "base"), str(root / "lora")
+
+
+def export_args(export_inputs, to, out):
+    full, base, lora_checkpoint = export_inputs
+    return {"bfl": ["export", full, "--to", "bfl"], "fp8": ["export", lora_checkpoint, "--to", "fp8", "--base", base],
+            "lora": ["export", full, "--to", "lora", "--rank", "2", "--base", base],
+            "merged": ["export", lora_checkpoint, "--to", "merged", "--base", base]}[to] + ["--out", out]
+
+
+@pytest.mark.parametrize("leave", [0, 8192])
+@pytest.mark.parametrize("to", ["bfl", "fp8", "lora", "merged"])
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(export_inputs, disk, capsys, to, leave):
+    """The disk full before the export starts: with no byte left, the folder's lock cannot be written (exit 2, up
+    front); with two pages left, the file's write fails (exit 74). One line saying so, nothing left on the disk (no
+    temp file, no lock, no folder); with the space back the same command writes it."""
+    out = os.path.join(disk, "out" if to in ("lora", "merged") else "out.safetensors")
+    fill(disk, leave)
+    code = util.EXIT_FAULT if leave else util.EXIT_INPUT
+    line = one_line_and_nothing_half_written(disk, capsys, export_args(export_inputs, to, out), code)
+    assert "No space left on device" in line and (out if leave else os.path.dirname(out)) in line, line
+    assert os.listdir(disk) == ["filler"]
+    free(disk)
+    srpo.main(export_args(export_inputs, to, out))
+    assert os.path.exists(out)
+
+
+@pytest.mark.parametrize("to", ["bfl", "lora"])
+def test_an_export_onto_a_read_only_file_system_is_one_line(export_inputs, disk, capsys, to):
+    """A read-only mount (the tmpfs remounted ro: root's permissions do not stop writes, a read-only file system
+    does): exit 2 before anything is read, one line naming --out's folder and the reason."""
+    out = os.path.join(disk, "out" if to == "lora" else "out.safetensors")
+    r = subprocess.run(["mount", "-o", "remount,ro", disk], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot remount the tmpfs read-only: {r.stderr.strip()}")
+    line = one_line_and_nothing_half_written(disk, capsys, export_args(export_inputs, to, out), util.EXIT_INPUT)
+    assert "Read-only file system" in line and os.path.dirname(out) in line, line
+    assert os.listdir(disk) == []
