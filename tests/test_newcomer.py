@@ -97,3 +97,14 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
         code, err = run_cli(["train", flag, str(tmp_path / "empty.txt"), *TINY, "--out", str(tmp_path / "x")], capsys)
         assert code == util.EXIT_INPUT and len(err) == 1 and "empty.txt: no prompts" in err[0], err
         assert not os.path.exists(tmp_path / "x" / "log.jsonl")
+
+
+def test_the_readme_sampling_benchmark_runs_at_its_smallest_setting(capsys):
+    """`python -m tools.bench_sample`, as the README names it, at one step, one repeat, the tiny config only: its
+    table row, ours and diffusers' final latents agreeing."""
+    from tools import bench_sample
+
+    bench_sample.main(["--steps", "1", "--repeat", "1", "--configs", "tiny"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1, rows
+    assert float(rows[0].strip("| ").split(" | ")[-1]) < 1e-4, rows
