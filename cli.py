@@ -69,7 +69,8 @@ def check_ranges(parser, args):
 
 
 
-TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
+TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev or FLUX.2, with an HPS, PickScore or
+CLIP reward.
 
     python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~1 min)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
@@ -175,7 +176,7 @@ def build_parser():
     sample_flags(sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                                 description="Generate images. Without --flux, a tiny random model built in code "
                                 "runs offline."))
-    train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
+    train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev or FLUX.2 (or the tiny offline demo)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
@@ -249,7 +250,7 @@ def train_flags(p):
     """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
                    "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
-                   "or a FLUX.2 [klein] folder (its model_index.json says which)")
+                   "or a FLUX.2 [klein] or [dev] folder (its model_index.json says which)")
     p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
                    f"--lr {FLUX2_DEMO_DEFAULTS['lr']:g} (with --flux, the folder's model_index.json decides)")

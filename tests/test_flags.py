@@ -224,3 +224,13 @@ def test_nan_weights_are_refused_when_loaded_naming_the_tensor(nan_flux, tmp_pat
     assert not os.path.exists(tmp_path / "x.png")
     with pytest.raises(srpo.InputError, match="NaN"):
         fw.load_transformer(os.path.join(nan_flux, "transformer"), dtype=torch.float32)
+
+
+def test_the_help_of_train_names_both_families_it_trains():
+    """`train` trains FLUX.1 and FLUX.2 ([klein] and [dev]): the command list, the usage's first line and --flux say
+    so, not FLUX.1-dev alone."""
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    listed = {a.dest: a.help for a in commands._choices_actions}
+    flux = next(a.help for a in COMMANDS["train"]._actions if a.dest == "flux")
+    assert "FLUX.2" in listed["train"] and "FLUX.2" in COMMANDS["train"].description.splitlines()[0], listed
+    assert all(name in flux for name in ("FLUX.1-dev", "FLUX.2", "[klein]", "[dev]")), flux
