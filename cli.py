@@ -14,6 +14,7 @@ import clip_weights as cw
 import evaluation
 import export
 import families
+import flux2_sampling as f2s
 import image_data
 import methods
 import reward
@@ -390,6 +391,18 @@ def run_config(args):
         attn=args.attn, images=args.images)
 
 
+def check_branch_cfg(args, cfg):
+    """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
+    base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
+    (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
+    family = sampling.model_family(args)
+    if not cfg.no_branch_cfg or (family is families.FLUX2 and f2s.uses_cfg(args.flux, f2s.GUIDANCE)):
+        return
+    given = f"--flux {args.flux}" if args.flux else f"--family {family.name} (the tiny demo)"
+    raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
+                     f"pass a velocity (no CFG): nothing for it to do; give one or the other")
+
+
 CLIP_VOCABULARY = ("vocab.json", "merges.txt")
 
 
@@ -521,6 +534,7 @@ def cmd_train(args):
     """`srpo.py train`: the configs from the flags, every input checked, then the run (runtime.py sets it up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_from_flags(args, world)
+    check_branch_cfg(args, cfg)
     check_reward_flags(args, cfg.reward)
     if args.flux:
         runtime.check_guidance_embedding(args.flux, cfg)

@@ -234,3 +234,40 @@ def test_the_help_of_train_names_both_families_it_trains():
     flux = next(a.help for a in COMMANDS["train"]._actions if a.dest == "flux")
     assert "FLUX.2" in listed["train"] and "FLUX.2" in COMMANDS["train"].description.splitlines()[0], listed
     assert all(name in flux for name in ("FLUX.1-dev", "FLUX.2", "[klein]", "[dev]")), flux
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Switches that would do nothing: refused, naming both flags
+
+
+@pytest.mark.parametrize("method", ["refl", "draft-lv"])
+@pytest.mark.parametrize("switch", ["--no-inversion", "--plain-reward"])
+def test_srpo_ablations_are_refused_with_a_method_that_has_no_such_part(method, switch, tmp_path, capsys, no_models):
+    """ReFL and DRaFT-LV have no inversion branch and reward the plain score already: SRPO's ablation switches would
+    be accepted and ignored."""
+    code, err = run_cli(["train", "--method", method, switch, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(err) == 1 and switch in err[0] and f"--method {method}" in err[0], err
+
+
+@pytest.fixture(scope="module")
+def one_pass_flux2(flux2_folder, tmp_path_factory):
+    """A copy of the tiny FLUX.2 [klein] base folder marked distilled (model_index.json is_distilled): one pass."""
+    folder = tmp_path_factory.mktemp("distilled") / "klein"
+    shutil.copytree(flux2_folder, folder)
+    index = util.read_json(folder / "model_index.json")
+    util.write_json(str(folder / "model_index.json"), {**index, "is_distilled": True})
+    return folder
+
+
+def test_no_branch_cfg_is_refused_where_the_branches_make_one_pass(flux_folder, one_pass_flux2, tmp_path, capsys,
+                                                                   no_models, monkeypatch):
+    """FLUX.1 (the demo's or a folder's: guidance is the model's input) and a one-pass FLUX.2 folder have no CFG
+    pass to drop; the tiny FLUX.2 demo (klein base: CFG) takes the flag."""
+    (tmp_path / "hps.pt").write_bytes(b"never read")
+    for model, words in [([], "--family flux1"), (["--flux", flux_folder, "--hps", tmp_path / "hps.pt"], "--flux"),
+                         (["--flux", one_pass_flux2], "--flux")]:
+        code, err = run_cli(["train", *model, "--no-branch-cfg", "--out", tmp_path / "run"], capsys)
+        assert code == 2 and len(err) == 1 and "--no-branch-cfg" in err[0] and words in err[0], err
+    monkeypatch.setattr(evaluation.Watch, "for_run", lambda *a: (_ for _ in ()).throw(util.Stopped("set up")))
+    code, err = run_cli(["train", "--family", "flux2", "--no-branch-cfg", "--out", tmp_path / "run"], capsys)
+    assert code == 75 and err == ["stopped: set up"], err
