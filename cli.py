@@ -45,6 +45,7 @@ from util import (
     InputError,
     Stopped,
     check_folder,
+    check_writable,
     parse_device,
     parse_dtype,
     read_manifest,
@@ -170,6 +171,10 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
 
 
 
+# Where `sample` writes without --out: under runs/ (git ignores it, train writes there too), not beside the code
+SAMPLE_PNG, SAMPLE_FOLDER = os.path.join("runs", "sample.png"), os.path.join("runs", "samples")
+
+
 def build_parser():
     """The parser of the four commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
@@ -198,7 +203,7 @@ def parse_args(parser, argv):
     args = parser.parse_args(argv)
     if args.command == "sample":  # the tiny built-in model is small and offline: its own defaults
         for name, real, tiny in [("height", 1024, 64), ("width", 1024, 64), ("max_sequence_length", 512, 32),
-                                  ("out", "samples" if args.prompts else "sample.png", None)]:
+                                  ("out", SAMPLE_FOLDER if args.prompts else SAMPLE_PNG, None)]:
             if getattr(args, name) is None:
                 setattr(args, name, real if args.flux or tiny is None else tiny)
     return args
@@ -236,8 +241,8 @@ def sample_flags(p):
     p.add_argument("--seed", type=SEED, default=0, help="noise seed: the same seed gives diffusers' image")
     p.add_argument("--batch", type=IMAGES_PER_PROMPT, default=1,
                    help="images per prompt (diffusers' num_images_per_prompt)")
-    p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
-                   "OUT-(N-1).png; with --prompts, a folder (default samples)")
+    p.add_argument("--out", default=None, help=f"output PNG (default {SAMPLE_PNG}); with --batch N, OUT-0.png .. "
+                   f"OUT-(N-1).png; with --prompts, a folder (default {SAMPLE_FOLDER})")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
                    "float32)")
     p.add_argument("--lora", metavar="FILE", help="a FLUX LoRA (a training checkpoint's pytorch_lora_weights."
@@ -577,7 +582,10 @@ def cmd_export(args):
 
 
 def cmd_sample(args):
-    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags."""
+    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags (the default --out's runs/
+    made first, as train makes its --out)."""
+    if args.out == SAMPLE_PNG:
+        check_writable(os.path.dirname(SAMPLE_PNG))
     sampling.sample(sampling.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampling.SampleConfig)}))
 
 

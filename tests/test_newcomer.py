@@ -108,3 +108,15 @@ def test_the_readme_sampling_benchmark_runs_at_its_smallest_setting(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 1, rows
     assert float(rows[0].strip("| ").split(" | ")[-1]) < 1e-4, rows
+
+
+def test_sample_writes_under_runs_by_default(tmp_path, monkeypatch):
+    """`sample` without --out, run from the repository root, leaves nothing beside the code: its image goes to
+    runs/sample.png (the folder made, as train makes runs/srpo), a --prompts run's to runs/samples/."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a fox\n")
+    srpo.main(["sample", *SIZE, "--steps", "1"])
+    srpo.main(["sample", *SIZE, "--steps", "1", "--prompts", "prompts.txt"])
+    assert sorted(os.listdir(tmp_path)) == ["prompts.txt", "runs"]
+    runs = tmp_path / "runs"
+    assert os.path.isfile(runs / "sample.png") and os.path.isfile(runs / "samples" / "00000.png")
