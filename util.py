@@ -85,8 +85,11 @@ def full_disk(error, folder):
 # Files: written atomically, with the umask's mode; JSON; folders
 
 def check_folder(path, what):
-    if not os.path.isdir(path):
-        raise InputError(f"{path}: no such folder (expected {what})")
+    """A folder that is there; a file given in its place is called a file (a model's .safetensors for its folder)."""
+    if os.path.isdir(path):
+        return
+    raise InputError(f"{path}: {'a file, not a folder' if os.path.exists(path) else 'no such folder'} (expected "
+                     f"{what})")
 
 
 def read_json(path):

@@ -271,3 +271,21 @@ def test_no_branch_cfg_is_refused_where_the_branches_make_one_pass(flux_folder, 
     monkeypatch.setattr(evaluation.Watch, "for_run", lambda *a: (_ for _ in ()).throw(util.Stopped("set up")))
     code, err = run_cli(["train", "--family", "flux2", "--no-branch-cfg", "--out", tmp_path / "run"], capsys)
     assert code == 75 and err == ["stopped: set up"], err
+
+
+def test_a_file_where_a_folder_is_expected_is_called_a_file(flux_folder, tmp_path, capsys, no_models):
+    """An existing file given for a folder (--flux, --tokenizer, --pickscore, --images, export's checkpoint) is named
+    as the file it is, not as a folder that does not exist."""
+    afile = tmp_path / "model.safetensors"
+    afile.write_bytes(b"x")
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(png)
+    for args in (["sample", "--flux", afile, "--out", tmp_path / "x.png"],
+                 ["train", "--flux", afile, "--hps", afile, "--out", tmp_path / "run"],
+                 ["train", "--flux", flux_folder, "--reward", "pickscore", "--pickscore", afile, "--out",
+                  tmp_path / "run"],
+                 ["train", "--images", afile, "--out", tmp_path / "run"],
+                 ["score", "--hps", afile, "--tokenizer", afile, "--prompt", "a cat", png],
+                 ["export", afile, "--to", "bfl", "--out", tmp_path / "x.safetensors"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and len(err) == 1 and f"{afile}: a file, not a folder" in err[0], (args, err)
