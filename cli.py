@@ -222,8 +222,8 @@ def sample_flags(p):
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
     p.add_argument("--family", choices=FAMILY_NAMES, help="without --flux, the tiny demo's model family "
-                   "(default flux1); flux2: `train --family flux2`'s tiny FLUX.2 and Qwen3, with --transformer its "
-                   "checkpoint folder")
+                   "(default: --transformer's own, as its config.json or keys say, else flux1); flux2: `train "
+                   "--family flux2`'s tiny FLUX.2 and Qwen3")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
                    "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
