@@ -320,7 +320,10 @@ def model_family(s):
     transformer = getattr(s, "transformer", None)  # train has none
     if not transformer:
         return families.by_name(s.family or "flux1")
-    family = families.of_transformer(transformer)
+    try:
+        family = families.of_transformer(transformer)
+    except InputError as e:
+        raise fs.not_a_demo_checkpoint(e) from None
     if s.family and s.family != family.name:
         raise InputError(f"--family {s.family}, but --transformer {transformer} is a {family.title} transformer "
                          f"(--family {family.name}): without --family, the checkpoint's own family is taken")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -79,6 +80,51 @@ def full_disk(error, folder):
     except OSError:
         pass  # the folder itself is gone: the library's exception stands
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers models from local folders
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers at error level and without its progress bar while a model loads: its loading report (a table on
+    stderr of the keys it left unused or could not fit, such as the lm_head of Qwen3's causal-LM file, which a text
+    encoder does not use) would bury the one-line errors; load_pretrained checks the load itself. Both restored
+    after."""
+    from transformers.utils import logging as hf_logging  # ~4 s to import: only where a model loads
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(kind, folder, what, **kwargs):
+    """kind.from_pretrained(folder) of a transformers model, offline and quietly, every weight of its config in the
+    files with its shape (transformers would make a missing or misfitting one up at random); keys the model does not
+    use are ignored, as transformers does. -> the model; else an InputError naming the folder, the first missing or
+    misfitting key with both shapes (and how many more), or what transformers could not read."""
+    from safetensors import SafetensorError
+
+    with quiet_transformers():
+        try:
+            model, info = kind.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True, **kwargs)
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+            raise InputError(f"{folder}: cannot load the {what} ({first_line(e)})") from None
+    problems = [*(f"missing key '{key}'" for key in sorted(info["missing_keys"])),
+                *(f"key '{key}' {tuple(theirs)} does not fit config.json's {tuple(ours)}"
+                  for key, theirs, ours in sorted(info["mismatched_keys"]))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{folder}: {problems[0]}{more}")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ read (the builders are patched to fail the test if called)."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ import util
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 # store_true: no value
 SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 
 
@@ -289,3 +292,51 @@ def test_a_file_where_a_folder_is_expected_is_called_a_file(flux_folder, tmp_pat
                  ["export", afile, "--to", "bfl", "--out", tmp_path / "x.safetensors"]):
         code, err = run_cli(args, capsys)
         assert code == 2 and len(err) == 1 and f"{afile}: a file, not a folder" in err[0], (args, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoders: a config that does not fit its weights, and transformers' loading report
+
+
+@pytest.fixture(scope="module")
+def misfit_text_encoders(flux_folder, flux2_folder, tmp_path_factory):
+    """Copies of the tiny FLUX.1 and FLUX.2 folders whose text_encoder/config.json says intermediate_size 48 where
+    the weights have 64 (CLIP-L) and 32 (Qwen3): each MLP weight of the file misfits the model the config builds."""
+    copies = {}
+    for name, folder in [("flux1", flux_folder), ("flux2", flux2_folder)]:
+        copies[name] = tmp_path_factory.mktemp("misfit") / name
+        shutil.copytree(folder, copies[name])
+        config = copies[name] / "text_encoder" / "config.json"
+        util.write_json(str(config), {**util.read_json(config), "intermediate_size": 48})
+    return copies
+
+
+@pytest.mark.parametrize("family,key,shapes", [
+    ("flux1", "encoder.layers.0.mlp.fc1.bias", "(64,) does not fit config.json's (48,)"),
+    ("flux2", "layers.0.mlp.down_proj.weight", "(16, 32) does not fit config.json's (16, 48)")])
+def test_a_text_encoder_config_that_misfits_its_weights_is_one_line(misfit_text_encoders, family, key, shapes,
+                                                                    tmp_path, capsys):
+    """transformers' mismatch table and a RuntimeError traceback before: now the folder and component, the first
+    misfitting key and both shapes, exit 2."""
+    folder = misfit_text_encoders[family]
+    code, err = run_cli(["sample", "--flux", folder, "--height", "32", "--width", "32", "--steps", "1", "--out",
+                         tmp_path / "x.png"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {folder / 'text_encoder'}: ") and f"key '{key}' {shapes}" in err[0], err
+    assert "more)" in err[0], err
+
+
+def test_a_flux2_text_encoder_loads_without_transformers_loading_report(flux2_folder, misfit_text_encoders, tmp_path):
+    """Qwen3's causal-LM file holds an lm_head the text encoder does not use: transformers' LOAD REPORT table of it
+    is not printed (a real `srpo.py sample`: transformers logs to the stderr it found at import), and a real misfit
+    is still its one line."""
+    def sample(folder):
+        return subprocess.run([sys.executable, "srpo.py", "sample", "--flux", str(folder), "--height", "32", "--width",
+                               "32", "--steps", "1", "--out", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    done = sample(flux2_folder)
+    assert done.returncode == 0 and os.path.isfile(tmp_path / "x.png"), done.stderr
+    assert "LOAD REPORT" not in done.stderr and "lm_head" not in done.stderr, done.stderr
+    refused = sample(misfit_text_encoders["flux2"])
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
