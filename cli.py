@@ -39,6 +39,7 @@ from util import (
     EXIT_DIVERGED,
     EXIT_FAULT,
     EXIT_INPUT,
+    EXIT_INTERRUPTED,
     EXIT_STOPPED,
     Diverged,
     Fault,
@@ -605,3 +606,12 @@ def main(argv=None):
             print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
         codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
         sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
+    except KeyboardInterrupt:
+        # SIGINT where no StopSignals waits for a step or a prompt's images to end: while train loads its models
+        # (before its first step), or a command with nothing to save. Every write is atomic: nothing is half written.
+        if os.environ.get("RANK", "0") == "0":
+            again = " (with --resume once --out holds a checkpoint)" if args.command == "train" else ""
+            print(f"stopped: SIGINT (Ctrl-C) with nothing to save ({args.command} was not in a step it could finish: "
+                  f"setting up, e.g. loading the models): every file written is whole; the same command{again} starts "
+                  f"again", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -33,6 +33,7 @@ EXIT_INPUT = 2  # bad input: nothing was done
 EXIT_DIVERGED = 65  # EX_DATAERR: the numbers went bad (a loss, gradient or weight not finite); nothing non-finite saved
 EXIT_FAULT = 74  # EX_IOERR (sysexits.h): a write failed under the run; the last complete checkpoint is intact
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; run it again (with --resume) to continue
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it: Ctrl-C where there was nothing to save (set-up)
 
 
 class Fault(Exception):

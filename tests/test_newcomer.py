@@ -2,10 +2,15 @@
 scorer, and the README's held-out prompt recipe gives, from the repository alone, a prompt set that `train
 --eval-prompts` takes. Tiny models only."""
 
+import errno
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -120,3 +125,40 @@ def test_sample_writes_under_runs_by_default(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["prompts.txt", "runs"]
     runs = tmp_path / "runs"
     assert os.path.isfile(runs / "sample.png") and os.path.isfile(runs / "samples" / "00000.png")
+
+
+def reader_waiting(fifo, process, timeout=300):
+    """A write end of the named pipe, opened once a reader waits on it (before: ENXIO): the moment `process` is in
+    its open() or read() of the file."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"the process never read {fifo}: {process.communicate()[1]}")
+
+
+def test_ctrl_c_while_train_loads_its_models_is_one_line(flux_folder, tmp_path):
+    """SIGINT to a real `srpo.py train` while it loads the models (its VAE's config.json is a named pipe that the test
+    holds open, so the signal comes while the read waits, in set-up, before any step): one line and exit 130, with
+    nothing to save, the run's lock released; a traceback before."""
+    folder, out = tmp_path / "flux", tmp_path / "run"
+    shutil.copytree(flux_folder, folder)
+    config = folder / "vae" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    (tmp_path / "hps.pt").write_bytes(b"never read: the run stops first")
+    train = subprocess.Popen([sys.executable, "srpo.py", "train", "--flux", str(folder), "--hps",
+                              str(tmp_path / "hps.pt"), *TINY, "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+    writer = reader_waiting(config, train)
+    try:
+        train.send_signal(signal.SIGINT)
+        err = train.communicate(timeout=120)[1].splitlines()
+    finally:
+        os.close(writer)
+    assert train.returncode == 130 and len(err) == 1 and err[0].startswith("stopped: SIGINT"), err
+    assert "nothing to save" in err[0] and os.listdir(out) == [], err
