@@ -162,3 +162,14 @@ def test_ctrl_c_while_train_loads_its_models_is_one_line(flux_folder, tmp_path):
         os.close(writer)
     assert train.returncode == 130 and len(err) == 1 and err[0].startswith("stopped: SIGINT"), err
     assert "nothing to save" in err[0] and os.listdir(out) == [], err
+
+
+def test_the_readme_says_how_to_install_without_cuda_wheels_at_the_tested_torch():
+    """The install paragraph, before the training section, warns of the CUDA wheels a plain install pulls and gives
+    PyTorch's CPU-wheel line first, at constraints.txt's torch (PEP 440: 2.14.1+cpu satisfies torch==2.14.1)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        top = f.read().split("\n## Training")[0]
+    with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
+        torch_pin = next(line.strip() for line in f if line.startswith("torch=="))
+    line = f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu"
+    assert line in top and "CUDA" in top.split(line)[0][-400:], line
