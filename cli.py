@@ -14,6 +14,7 @@ import clip_weights as cw
 import evaluation
 import export
 import families
+import flux2_sampling as f2s
 import image_data
 import methods
 import reward
@@ -38,12 +39,14 @@ from util import (
     EXIT_DIVERGED,
     EXIT_FAULT,
     EXIT_INPUT,
+    EXIT_INTERRUPTED,
     EXIT_STOPPED,
     Diverged,
     Fault,
     InputError,
     Stopped,
     check_folder,
+    check_writable,
     parse_device,
     parse_dtype,
     read_manifest,
@@ -69,7 +72,8 @@ def check_ranges(parser, args):
 
 
 
-TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev with an HPS, PickScore or CLIP reward.
+TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev or FLUX.2, with an HPS, PickScore or
+CLIP reward.
 
     python srpo.py train                       # tiny offline demo on the CPU (random tiny models, ~1 min)
     python srpo.py train --flux FLUX_DIR --hps HPS_v2.1_compressed.pt --prompts prompts.txt --out runs/srpo
@@ -168,6 +172,10 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
 
 
 
+# Where `sample` writes without --out: under runs/ (git ignores it, train writes there too), not beside the code
+SAMPLE_PNG, SAMPLE_FOLDER = os.path.join("runs", "sample.png"), os.path.join("runs", "samples")
+
+
 def build_parser():
     """The parser of the four commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
@@ -175,7 +183,7 @@ def build_parser():
     sample_flags(sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                                 description="Generate images. Without --flux, a tiny random model built in code "
                                 "runs offline."))
-    train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev (or the tiny offline demo)",
+    train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev or FLUX.2 (or the tiny offline demo)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
@@ -196,7 +204,7 @@ def parse_args(parser, argv):
     args = parser.parse_args(argv)
     if args.command == "sample":  # the tiny built-in model is small and offline: its own defaults
         for name, real, tiny in [("height", 1024, 64), ("width", 1024, 64), ("max_sequence_length", 512, 32),
-                                  ("out", "samples" if args.prompts else "sample.png", None)]:
+                                  ("out", SAMPLE_FOLDER if args.prompts else SAMPLE_PNG, None)]:
             if getattr(args, name) is None:
                 setattr(args, name, real if args.flux or tiny is None else tiny)
     return args
@@ -215,8 +223,8 @@ def sample_flags(p):
     p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
                    "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
     p.add_argument("--family", choices=FAMILY_NAMES, help="without --flux, the tiny demo's model family "
-                   "(default flux1); flux2: `train --family flux2`'s tiny FLUX.2 and Qwen3, with --transformer its "
-                   "checkpoint folder")
+                   "(default: --transformer's own, as its config.json or keys say, else flux1); flux2: `train "
+                   "--family flux2`'s tiny FLUX.2 and Qwen3")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
                    "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
@@ -234,8 +242,8 @@ def sample_flags(p):
     p.add_argument("--seed", type=SEED, default=0, help="noise seed: the same seed gives diffusers' image")
     p.add_argument("--batch", type=IMAGES_PER_PROMPT, default=1,
                    help="images per prompt (diffusers' num_images_per_prompt)")
-    p.add_argument("--out", default=None, help="output PNG (default sample.png); with --batch N, OUT-0.png .. "
-                   "OUT-(N-1).png; with --prompts, a folder (default samples)")
+    p.add_argument("--out", default=None, help=f"output PNG (default {SAMPLE_PNG}); with --batch N, OUT-0.png .. "
+                   f"OUT-(N-1).png; with --prompts, a folder (default {SAMPLE_FOLDER})")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
                    "float32)")
     p.add_argument("--lora", metavar="FILE", help="a FLUX LoRA (a training checkpoint's pytorch_lora_weights."
@@ -249,7 +257,7 @@ def train_flags(p):
     """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
     p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
                    "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
-                   "or a FLUX.2 [klein] folder (its model_index.json says which)")
+                   "or a FLUX.2 [klein] or [dev] folder (its model_index.json says which)")
     p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
                    f"--lr {FLUX2_DEMO_DEFAULTS['lr']:g} (with --flux, the folder's model_index.json decides)")
@@ -391,6 +399,18 @@ def run_config(args):
         attn=args.attn, images=args.images)
 
 
+def check_branch_cfg(args, cfg):
+    """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
+    base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
+    (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
+    family = sampling.model_family(args)
+    if not cfg.no_branch_cfg or (family is families.FLUX2 and f2s.uses_cfg(args.flux, f2s.GUIDANCE)):
+        return
+    given = f"--flux {args.flux}" if args.flux else f"--family {family.name} (the tiny demo)"
+    raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
+                     f"pass a velocity (no CFG): nothing for it to do; give one or the other")
+
+
 CLIP_VOCABULARY = ("vocab.json", "merges.txt")
 
 
@@ -522,6 +542,7 @@ def cmd_train(args):
     """`srpo.py train`: the configs from the flags, every input checked, then the run (runtime.py sets it up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_from_flags(args, world)
+    check_branch_cfg(args, cfg)
     check_reward_flags(args, cfg.reward)
     if args.flux:
         runtime.check_guidance_embedding(args.flux, cfg)
@@ -565,7 +586,10 @@ def cmd_export(args):
 
 
 def cmd_sample(args):
-    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags."""
+    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags (the default --out's runs/
+    made first, as train makes its --out)."""
+    if args.out == SAMPLE_PNG:
+        check_writable(os.path.dirname(SAMPLE_PNG))
     sampling.sample(sampling.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampling.SampleConfig)}))
 
 
@@ -585,3 +609,12 @@ def main(argv=None):
             print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
         codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
         sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
+    except KeyboardInterrupt:
+        # SIGINT where no StopSignals waits for a step or a prompt's images to end: while train loads its models
+        # (before its first step), or a command with nothing to save. Every write is atomic: nothing is half written.
+        if os.environ.get("RANK", "0") == "0":
+            again = " (with --resume once --out holds a checkpoint)" if args.command == "train" else ""
+            print(f"stopped: SIGINT (Ctrl-C) with nothing to save ({args.command} was not in a step it could finish: "
+                  f"setting up, e.g. loading the models): every file written is whole; the same command{again} starts "
+                  f"again", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import flux_weights as fw
 from clip_tokenizer import CONTEXT_LENGTH
-from util import InputError, atomic_write, first_line
+from util import InputError, atomic_write, first_line, load_pretrained
 
 # transformers is imported in the functions that build its models and configs: importing it takes ~4 s, which every
 # command, and every input error before its one line, would pay otherwise.
@@ -291,24 +291,6 @@ def load_clip_folder(folder, device="cpu", dtype=torch.float32):
     random); extra keys are ignored, as transformers does.
     """
     from transformers import CLIPModel  # here, not above: see the imports
-    from transformers.utils import logging as hf_logging
 
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no missing/mismatched-key report nor progress bar: one-line errors below
-    hf_logging.disable_progress_bar()
-    try:
-        clip, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                               output_loading_info=True, ignore_mismatched_sizes=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
-        raise InputError(f"{folder}: cannot load the CLIP model ({first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-    problems = [*(f"missing key '{key}'" for key in sorted(info["missing_keys"])),
-                *(f"key '{key}' {tuple(theirs)} does not fit the config ({tuple(ours)})"
-                  for key, theirs, ours in sorted(info["mismatched_keys"]))]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InputError(f"{folder}: {problems[0]}{more}")
+    clip = load_pretrained(CLIPModel, folder, "CLIP model", dtype=dtype)
     return clip.to(device).eval().requires_grad_(False)

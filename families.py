@@ -115,7 +115,10 @@ def of_transformer(path):
     keys (FLUX.2's shared single_stream_modulation in BFL's or diffusers' names, BFL's maybe prefixed: all-in-one)."""
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
-        name = read_json(config).get("_class_name") if os.path.isfile(config) else None
+        if not os.path.isfile(config):
+            raise InputError(f"{path}: no config.json (expected a diffusers transformer folder: config.json and its "
+                             f"weights)")
+        name = read_json(config).get("_class_name")
         family = next((f for f in FAMILIES if f.transformer_class == name), None)
         if family is None:
             raise InputError(f"{config}: _class_name {name!r} is not a FLUX transformer's (expected "

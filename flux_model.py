@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from flux_kernels.attention import attention as flash_attention
 from flux_kernels.rope import norm_rope as fused_norm_rope
 from flux_kernels.rope import norm_rope_reference
-from util import InputError, check_folder, first_line
+from util import InputError, check_folder, first_line, load_pretrained, quiet_transformers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
@@ -524,9 +524,12 @@ def load_parts(folder, family, dtype, parts):
         for need in needs:
             if not any(os.path.isfile(os.path.join(sub, n)) for n in need.split("|")):
                 raise InputError(f"{sub}: no {need.replace('|', ' or ')}")
-        extra = {"dtype": dtype} if name.startswith("text_encoder") else {}
+        if name.startswith("text_encoder"):  # a config that misfits its weights: one line, not a table
+            loaded[name] = load_pretrained(kind, sub, kind.__name__, dtype=dtype)
+            continue
         try:
-            loaded[name] = kind.from_pretrained(sub, local_files_only=True, **extra)
+            with quiet_transformers():
+                loaded[name] = kind.from_pretrained(sub, local_files_only=True)
         except (OSError, ValueError, TypeError, SafetensorError) as e:
             raise InputError(f"{sub}: cannot load {kind.__name__}: {first_line(e)}") from None
     return loaded

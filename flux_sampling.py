@@ -88,8 +88,13 @@ def tiny_transformer(load, path, cfg, dtype, device):
     try:
         return load(path, cfg, dtype, device)
     except InputError as e:
-        raise InputError(f"{e} (without --flux, --transformer is a tiny demo checkpoint's "
-                         f"diffusion_pytorch_model.safetensors: give --flux for a full-size one)") from None
+        raise not_a_demo_checkpoint(e) from None
+
+
+def not_a_demo_checkpoint(error):
+    """An InputError about --transformer without --flux, with what it should have been."""
+    return InputError(f"{error} (without --flux, --transformer is a tiny demo checkpoint's folder or its "
+                      f"diffusion_pytorch_model.safetensors: give --flux for a full-size one)")
 
 
 def load_folder(flux_dir, transformer_file, dtype, device):

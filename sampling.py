@@ -309,13 +309,25 @@ def check_sample_flags(s):
 
 def model_family(s):
     """The model family (families.Family) of a command's --flux, as its model_index.json says (families.of_folder; a
-    folder without one is FLUX.1's, as before FLUX.2), or without --flux --family's (the tiny demo's models; FLUX.1's
-    by default)."""
+    folder without one is FLUX.1's, as before FLUX.2); without --flux, a demo checkpoint's (`sample --transformer`:
+    its config.json or keys, families.of_transformer), else --family's (the tiny demo's models; FLUX.1's by
+    default)."""
     if s.flux and s.family:
         raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
-    if not s.flux:
+    if s.flux:
+        return families.of_folder(s.flux) if os.path.isfile(os.path.join(s.flux, "model_index.json")) else \
+            families.FLUX1
+    transformer = getattr(s, "transformer", None)  # train has none
+    if not transformer:
         return families.by_name(s.family or "flux1")
-    return families.of_folder(s.flux) if os.path.isfile(os.path.join(s.flux, "model_index.json")) else families.FLUX1
+    try:
+        family = families.of_transformer(transformer)
+    except InputError as e:
+        raise fs.not_a_demo_checkpoint(e) from None
+    if s.family and s.family != family.name:
+        raise InputError(f"--family {s.family}, but --transformer {transformer} is a {family.title} transformer "
+                         f"(--family {family.name}): without --family, the checkpoint's own family is taken")
+    return family
 
 
 @torch.no_grad()

@@ -66,6 +66,11 @@ WINDOW = Bounded(int, 0, 1000, why="indices into the grid S of --window-grid ste
 PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
 
 
+# The methods made of SRPO's denoise and inversion branches and their SRP reward, which --no-inversion and
+# --plain-reward change (direct-align is SRPO with both); the other baselines of methods.py have neither.
+BRANCH_METHODS = ("srpo", "direct-align")
+
+
 @dataclass
 class TrainConfig:
     """SRPO's hyperparameters. Every default is the official FLUX.1-dev run's (HPSv2.1, global batch 32, 19 updates);
@@ -119,6 +124,11 @@ class TrainConfig:
         if not self.window[0] < self.window[1] <= self.window_grid:
             raise InputError(f"--window A B must satisfy A < B <= --window-grid {self.window_grid}, got "
                              f"{self.window[0]} {self.window[1]}")
+        for switch in ("no_inversion", "plain_reward"):
+            if getattr(self, switch) and self.method not in BRANCH_METHODS:
+                raise InputError(f"--{switch.replace('_', '-')} is an ablation of SRPO's branches, and --method "
+                                 f"{self.method} has none: no inversion branch, the plain score rewarded already "
+                                 f"(methods.py); give one or the other")
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)

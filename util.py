@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -32,6 +33,7 @@ EXIT_INPUT = 2  # bad input: nothing was done
 EXIT_DIVERGED = 65  # EX_DATAERR: the numbers went bad (a loss, gradient or weight not finite); nothing non-finite saved
 EXIT_FAULT = 74  # EX_IOERR (sysexits.h): a write failed under the run; the last complete checkpoint is intact
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; run it again (with --resume) to continue
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it: Ctrl-C where there was nothing to save (set-up)
 
 
 class Fault(Exception):
@@ -82,11 +84,59 @@ def full_disk(error, folder):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# transformers models from local folders
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers at error level and without its progress bar while a model loads: its loading report (a table on
+    stderr of the keys it left unused or could not fit, such as the lm_head of Qwen3's causal-LM file, which a text
+    encoder does not use) would bury the one-line errors; load_pretrained checks the load itself. Both restored
+    after."""
+    from transformers.utils import logging as hf_logging  # ~4 s to import: only where a model loads
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(kind, folder, what, **kwargs):
+    """kind.from_pretrained(folder) of a transformers model, offline and quietly, every weight of its config in the
+    files with its shape (transformers would make a missing or misfitting one up at random); keys the model does not
+    use are ignored, as transformers does. -> the model; else an InputError naming the folder, the first missing or
+    misfitting key with both shapes (and how many more), or what transformers could not read."""
+    from safetensors import SafetensorError
+
+    with quiet_transformers():
+        try:
+            model, info = kind.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True, **kwargs)
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+            raise InputError(f"{folder}: cannot load the {what} ({first_line(e)})") from None
+    problems = [*(f"missing key '{key}'" for key in sorted(info["missing_keys"])),
+                *(f"key '{key}' {tuple(theirs)} does not fit config.json's {tuple(ours)}"
+                  for key, theirs, ours in sorted(info["mismatched_keys"]))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{folder}: {problems[0]}{more}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Files: written atomically, with the umask's mode; JSON; folders
 
 def check_folder(path, what):
-    if not os.path.isdir(path):
-        raise InputError(f"{path}: no such folder (expected {what})")
+    """A folder that is there; a file given in its place is called a file (a model's .safetensors for its folder)."""
+    if os.path.isdir(path):
+        return
+    raise InputError(f"{path}: {'a file, not a folder' if os.path.exists(path) else 'no such folder'} (expected "
+                     f"{what})")
 
 
 def read_json(path):

@@ -250,13 +250,14 @@ def test_bad_evaluation_input_gives_one_line_errors_before_training(real_args, t
     shutil.copytree(tiny_clip_folder(tmp_path / "clip"), bad)
     with open(bad / "model.safetensors", "r+b") as f:
         f.truncate(100)  # a damaged download
+    capsys.readouterr()  # the folder's writing (transformers' progress bar, when no earlier test turned it off)
     out = str(tmp_path / "out")
     cases = [
         (["train", "--eval-prompts", str(tmp_path / "none.txt")], ["none.txt", "cannot read the prompt file"]),
         (["train", "--eval-prompts", str(empty)], ["empty.txt", "no prompts"]),
         (["train", "--eval-every", "0"], ["--eval-every", "at least 1"]),
         ([*real_args, "--pickscore", str(tmp_path / "nothing")], ["nothing", "no such folder"]),
-        ([*real_args, "--pickscore", str(tmp_path / "empty.txt")], ["empty.txt", "no such folder"]),
+        ([*real_args, "--pickscore", str(tmp_path / "empty.txt")], ["empty.txt", "a file, not a folder"]),
         ([*real_args, "--pickscore", str(bad)], ["broken", "cannot load the CLIP model"]),
     ]
     for args, words in cases:

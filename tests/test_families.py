@@ -54,3 +54,11 @@ def test_a_transformer_folder_of_another_model_is_one_line(tmp_path):
     assert str(e.value).count("\n") == 0 and all(w in str(e.value) for w in (
         os.path.join(str(tmp_path), "config.json"), "SD3Transformer2DModel", "FluxTransformer2DModel",
         "Flux2Transformer2DModel"))
+
+
+def test_a_transformer_folder_without_its_config_says_which_file_is_missing(tmp_path):
+    """A folder with the weights but no config.json: the missing file named, not a `_class_name None`."""
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    with pytest.raises(families.InputError) as e:
+        families.of_transformer(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path}: no config.json (expected a diffusers transformer folder"), e.value

@@ -4,6 +4,8 @@ read (the builders are patched to fail the test if called)."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ import util
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 # store_true: no value
 SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 
 
@@ -224,3 +227,116 @@ def test_nan_weights_are_refused_when_loaded_naming_the_tensor(nan_flux, tmp_pat
     assert not os.path.exists(tmp_path / "x.png")
     with pytest.raises(srpo.InputError, match="NaN"):
         fw.load_transformer(os.path.join(nan_flux, "transformer"), dtype=torch.float32)
+
+
+def test_the_help_of_train_names_both_families_it_trains():
+    """`train` trains FLUX.1 and FLUX.2 ([klein] and [dev]): the command list, the usage's first line and --flux say
+    so, not FLUX.1-dev alone."""
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    listed = {a.dest: a.help for a in commands._choices_actions}
+    flux = next(a.help for a in COMMANDS["train"]._actions if a.dest == "flux")
+    assert "FLUX.2" in listed["train"] and "FLUX.2" in COMMANDS["train"].description.splitlines()[0], listed
+    assert all(name in flux for name in ("FLUX.1-dev", "FLUX.2", "[klein]", "[dev]")), flux
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Switches that would do nothing: refused, naming both flags
+
+
+@pytest.mark.parametrize("method", ["refl", "draft-lv"])
+@pytest.mark.parametrize("switch", ["--no-inversion", "--plain-reward"])
+def test_srpo_ablations_are_refused_with_a_method_that_has_no_such_part(method, switch, tmp_path, capsys, no_models):
+    """ReFL and DRaFT-LV have no inversion branch and reward the plain score already: SRPO's ablation switches would
+    be accepted and ignored."""
+    code, err = run_cli(["train", "--method", method, switch, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(err) == 1 and switch in err[0] and f"--method {method}" in err[0], err
+
+
+@pytest.fixture(scope="module")
+def one_pass_flux2(flux2_folder, tmp_path_factory):
+    """A copy of the tiny FLUX.2 [klein] base folder marked distilled (model_index.json is_distilled): one pass."""
+    folder = tmp_path_factory.mktemp("distilled") / "klein"
+    shutil.copytree(flux2_folder, folder)
+    index = util.read_json(folder / "model_index.json")
+    util.write_json(str(folder / "model_index.json"), {**index, "is_distilled": True})
+    return folder
+
+
+def test_no_branch_cfg_is_refused_where_the_branches_make_one_pass(flux_folder, one_pass_flux2, tmp_path, capsys,
+                                                                   no_models, monkeypatch):
+    """FLUX.1 (the demo's or a folder's: guidance is the model's input) and a one-pass FLUX.2 folder have no CFG
+    pass to drop; the tiny FLUX.2 demo (klein base: CFG) takes the flag."""
+    (tmp_path / "hps.pt").write_bytes(b"never read")
+    for model, words in [([], "--family flux1"), (["--flux", flux_folder, "--hps", tmp_path / "hps.pt"], "--flux"),
+                         (["--flux", one_pass_flux2], "--flux")]:
+        code, err = run_cli(["train", *model, "--no-branch-cfg", "--out", tmp_path / "run"], capsys)
+        assert code == 2 and len(err) == 1 and "--no-branch-cfg" in err[0] and words in err[0], err
+    monkeypatch.setattr(evaluation.Watch, "for_run", lambda *a: (_ for _ in ()).throw(util.Stopped("set up")))
+    code, err = run_cli(["train", "--family", "flux2", "--no-branch-cfg", "--out", tmp_path / "run"], capsys)
+    assert code == 75 and err == ["stopped: set up"], err
+
+
+def test_a_file_where_a_folder_is_expected_is_called_a_file(flux_folder, tmp_path, capsys, no_models):
+    """An existing file given for a folder (--flux, --tokenizer, --pickscore, --images, export's checkpoint) is named
+    as the file it is, not as a folder that does not exist."""
+    afile = tmp_path / "model.safetensors"
+    afile.write_bytes(b"x")
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(png)
+    for args in (["sample", "--flux", afile, "--out", tmp_path / "x.png"],
+                 ["train", "--flux", afile, "--hps", afile, "--out", tmp_path / "run"],
+                 ["train", "--flux", flux_folder, "--reward", "pickscore", "--pickscore", afile, "--out",
+                  tmp_path / "run"],
+                 ["train", "--images", afile, "--out", tmp_path / "run"],
+                 ["score", "--hps", afile, "--tokenizer", afile, "--prompt", "a cat", png],
+                 ["export", afile, "--to", "bfl", "--out", tmp_path / "x.safetensors"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and len(err) == 1 and f"{afile}: a file, not a folder" in err[0], (args, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoders: a config that does not fit its weights, and transformers' loading report
+
+
+@pytest.fixture(scope="module")
+def misfit_text_encoders(flux_folder, flux2_folder, tmp_path_factory):
+    """Copies of the tiny FLUX.1 and FLUX.2 folders whose text_encoder/config.json says intermediate_size 48 where
+    the weights have 64 (CLIP-L) and 32 (Qwen3): each MLP weight of the file misfits the model the config builds."""
+    copies = {}
+    for name, folder in [("flux1", flux_folder), ("flux2", flux2_folder)]:
+        copies[name] = tmp_path_factory.mktemp("misfit") / name
+        shutil.copytree(folder, copies[name])
+        config = copies[name] / "text_encoder" / "config.json"
+        util.write_json(str(config), {**util.read_json(config), "intermediate_size": 48})
+    return copies
+
+
+@pytest.mark.parametrize("family,key,shapes", [
+    ("flux1", "encoder.layers.0.mlp.fc1.bias", "(64,) does not fit config.json's (48,)"),
+    ("flux2", "layers.0.mlp.down_proj.weight", "(16, 32) does not fit config.json's (16, 48)")])
+def test_a_text_encoder_config_that_misfits_its_weights_is_one_line(misfit_text_encoders, family, key, shapes,
+                                                                    tmp_path, capsys):
+    """transformers' mismatch table and a RuntimeError traceback before: now the folder and component, the first
+    misfitting key and both shapes, exit 2."""
+    folder = misfit_text_encoders[family]
+    code, err = run_cli(["sample", "--flux", folder, "--height", "32", "--width", "32", "--steps", "1", "--out",
+                         tmp_path / "x.png"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {folder / 'text_encoder'}: ") and f"key '{key}' {shapes}" in err[0], err
+    assert "more)" in err[0], err
+
+
+def test_a_flux2_text_encoder_loads_without_transformers_loading_report(flux2_folder, misfit_text_encoders, tmp_path):
+    """Qwen3's causal-LM file holds an lm_head the text encoder does not use: transformers' LOAD REPORT table of it
+    is not printed (a real `srpo.py sample`: transformers logs to the stderr it found at import), and a real misfit
+    is still its one line."""
+    def sample(folder):
+        return subprocess.run([sys.executable, "srpo.py", "sample", "--flux", str(folder), "--height", "32", "--width",
+                               "32", "--steps", "1", "--out", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    done = sample(flux2_folder)
+    assert done.returncode == 0 and os.path.isfile(tmp_path / "x.png"), done.stderr
+    assert "LOAD REPORT" not in done.stderr and "lm_head" not in done.stderr, done.stderr
+    refused = sample(misfit_text_encoders["flux2"])
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr

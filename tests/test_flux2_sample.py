@@ -257,3 +257,22 @@ def test_bf16_klein_sample_is_as_close_to_the_fp32_image_as_the_pipelines(flux2_
                   output_type="np").images[0]
     ours_gap, theirs_gap = np.abs(read_png(out) - fp32), np.abs((theirs * 255).round().astype(np.int32) - fp32)
     assert ours_gap.mean() <= 1.1 * theirs_gap.mean() and ours_gap.max() <= 16
+
+
+def test_a_flux2_demo_checkpoint_samples_without_family(tmp_path, capsys):
+    """`sample --transformer CKPT` without --flux: the checkpoint's config.json (a single file: its keys) says FLUX.2,
+    so it samples as with --family flux2, byte for byte, where it was taken for FLUX.1 and refused; a --family of
+    the other family beside it is one line naming both."""
+    torch.manual_seed(1)  # not the demo's untrained weights
+    ckpt = tmp_path / "checkpoint-000002"
+    families.FLUX2.save(f2.Flux2(f2.Flux2Config.preset("tiny")), str(ckpt))
+    small = ["--height", "32", "--width", "32", "--steps", "2"]
+    srpo.main(["sample", "--transformer", str(ckpt), "--family", "flux2", *small, "--out", str(tmp_path / "a.png")])
+    for i, given in enumerate([ckpt, ckpt / "diffusion_pytorch_model.safetensors"]):
+        srpo.main(["sample", "--transformer", str(given), *small, "--out", str(tmp_path / f"{i}.png")])
+        assert (tmp_path / f"{i}.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        srpo.main(["sample", "--transformer", str(ckpt), "--family", "flux1", *small, "--out", str(tmp_path / "b.png")])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--family flux1" in err[0] and str(ckpt) in err[0], err

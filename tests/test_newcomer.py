@@ -2,10 +2,15 @@
 scorer, and the README's held-out prompt recipe gives, from the repository alone, a prompt set that `train
 --eval-prompts` takes. Tiny models only."""
 
+import errno
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -97,3 +102,74 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
         code, err = run_cli(["train", flag, str(tmp_path / "empty.txt"), *TINY, "--out", str(tmp_path / "x")], capsys)
         assert code == util.EXIT_INPUT and len(err) == 1 and "empty.txt: no prompts" in err[0], err
         assert not os.path.exists(tmp_path / "x" / "log.jsonl")
+
+
+def test_the_readme_sampling_benchmark_runs_at_its_smallest_setting(capsys):
+    """`python -m tools.bench_sample`, as the README names it, at one step, one repeat, the tiny config only: its
+    table row, ours and diffusers' final latents agreeing."""
+    from tools import bench_sample
+
+    bench_sample.main(["--steps", "1", "--repeat", "1", "--configs", "tiny"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1, rows
+    assert float(rows[0].strip("| ").split(" | ")[-1]) < 1e-4, rows
+
+
+def test_sample_writes_under_runs_by_default(tmp_path, monkeypatch):
+    """`sample` without --out, run from the repository root, leaves nothing beside the code: its image goes to
+    runs/sample.png (the folder made, as train makes runs/srpo), a --prompts run's to runs/samples/."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a fox\n")
+    srpo.main(["sample", *SIZE, "--steps", "1"])
+    srpo.main(["sample", *SIZE, "--steps", "1", "--prompts", "prompts.txt"])
+    assert sorted(os.listdir(tmp_path)) == ["prompts.txt", "runs"]
+    runs = tmp_path / "runs"
+    assert os.path.isfile(runs / "sample.png") and os.path.isfile(runs / "samples" / "00000.png")
+
+
+def reader_waiting(fifo, process, timeout=300):
+    """A write end of the named pipe, opened once a reader waits on it (before: ENXIO): the moment `process` is in
+    its open() or read() of the file."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"the process never read {fifo}: {process.communicate()[1]}")
+
+
+def test_ctrl_c_while_train_loads_its_models_is_one_line(flux_folder, tmp_path):
+    """SIGINT to a real `srpo.py train` while it loads the models (its VAE's config.json is a named pipe that the test
+    holds open, so the signal comes while the read waits, in set-up, before any step): one line and exit 130, with
+    nothing to save, the run's lock released; a traceback before."""
+    folder, out = tmp_path / "flux", tmp_path / "run"
+    shutil.copytree(flux_folder, folder)
+    config = folder / "vae" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    (tmp_path / "hps.pt").write_bytes(b"never read: the run stops first")
+    train = subprocess.Popen([sys.executable, "srpo.py", "train", "--flux", str(folder), "--hps",
+                              str(tmp_path / "hps.pt"), *TINY, "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+    writer = reader_waiting(config, train)
+    try:
+        train.send_signal(signal.SIGINT)
+        err = train.communicate(timeout=120)[1].splitlines()
+    finally:
+        os.close(writer)
+    assert train.returncode == 130 and len(err) == 1 and err[0].startswith("stopped: SIGINT"), err
+    assert "nothing to save" in err[0] and os.listdir(out) == [], err
+
+
+def test_the_readme_says_how_to_install_without_cuda_wheels_at_the_tested_torch():
+    """The install paragraph, before the training section, warns of the CUDA wheels a plain install pulls and gives
+    PyTorch's CPU-wheel line first, at constraints.txt's torch (PEP 440: 2.14.1+cpu satisfies torch==2.14.1)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        top = f.read().split("\n## Training")[0]
+    with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
+        torch_pin = next(line.strip() for line in f if line.startswith("torch=="))
+    line = f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu"
+    assert line in top and "CUDA" in top.split(line)[0][-400:], line

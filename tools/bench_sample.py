@@ -1,6 +1,6 @@
 """Time per sampling step: ours (`sampling.euler_sample`) vs diffusers' FluxPipeline, same weights, same steps.
 
-    python -m tools.bench_sample [--steps 8 --repeat 5 --threads N]
+    python -m tools.bench_sample [--steps 8 --repeat 5 --threads N --configs tiny small]
 
 Both start from the same noise and text embeddings (text encoding is not timed) and end at packed latents; the
 script checks that they agree, then prints a table. diffusers is a test-only dependency (requirements-dev.txt).
@@ -63,7 +63,7 @@ def bench(cfg, size, text, steps, repeat):
 
     def mine():
         x = flux_sampling.initial_noise(1, size, size, 0, torch.float32)
-        cond = (fm.image_ids(size, size), txt, torch.zeros(text, 3), y)
+        cond = flux_sampling.Conditioning(fm.image_ids(size, size), txt, torch.zeros(text, 3), y)
         return sampling.euler_sample(ours, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
 
     err = ((mine() - theirs()).abs().max() / theirs().abs().max()).item()
@@ -71,18 +71,20 @@ def bench(cfg, size, text, steps, repeat):
     return 1e3 * t_ours / steps, 1e3 * t_theirs / steps, err
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    a = p.parse_args()
+    p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=tuple(CONFIGS), help="the rows to time")
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"float32, {a.steps} steps, {a.threads} CPU threads, best of {a.repeat}, torch {torch.__version__}\n")
     print("| config | width x blocks | tokens (image + text) | diffusers ms/step | ours ms/step | ours / diffusers "
           "| latents rel. diff |")
     print("|---|---|---|---|---|---|---|")
-    for name, (cfg, size, text) in CONFIGS.items():
+    for name in a.configs:
+        cfg, size, text = CONFIGS[name]
         ours, theirs, err = bench(cfg, size, text, a.steps, a.repeat)
         print(f"| {name} | {cfg.hidden_size} x ({cfg.depth} + {cfg.depth_single_blocks}) | {(size // 16) ** 2} + "
               f"{text} | {theirs:.2f} | {ours:.2f} | {ours / theirs:.2f} | {err:.1e} |")
