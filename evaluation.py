@@ -38,7 +38,7 @@ import sampling
 from reward import REWARDS, tokenizer_folder
 from util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 
-# Held out from the demo's training prompts (cli.DEMO_PROMPTS); a real run gives --eval-prompts (README).
+# Held out from the demo's training prompts (cli.DEMO_PROMPTS); a real run gives --eval-prompts (docs/evaluation.md).
 EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
                 "a watercolor painting of a harbor at sunset", "a close-up portrait of a smiling child")
 GRID_COLUMNS = 8

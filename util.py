@@ -18,7 +18,7 @@ import time
 import torch
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors: one line on stderr and an exit code that says which (README, "Exit codes")
+# Errors: one line on stderr and an exit code that says which (docs/faults.md, the exit-code table)
 
 class InputError(Exception):
     """Bad user input (a missing file, a wrong key or shape, a bad flag): srpo.py prints it on one line, exit 2."""

@@ -300,7 +300,8 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
 
 def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
     """tools/memory_estimate --lora-rank on tiny models: the adapters it builds are R (in + out) per layer, the
-    layers README lists (a double block's 2 x (qkv, proj, mlp.0, mlp.2), a single block's linear1 and linear2)."""
+    layers docs/training.md lists (a double block's 2 x (qkv, proj, mlp.0, mlp.2), a single block's linear1 and
+    linear2)."""
     from tools import memory_estimate as me
 
     cfg = fm.FluxConfig.preset("tiny")

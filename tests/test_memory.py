@@ -1,5 +1,5 @@
 """tools/memory_estimate.py on tiny models, held to arithmetic done here and its model calls to those a real tiny
-training step makes, so its README numbers cannot drift."""
+training step makes, so the numbers of docs/memory.md cannot drift."""
 
 import math
 
@@ -47,7 +47,7 @@ def test_vae_largest_saved_tensor_is_an_fp32_group_norm_input(tiny_estimate):
 def test_checkpointed_vae_decode_has_the_same_gradient_and_keeps_under_a_quarter_of_the_tensors():
     """Training's decode for the reward (Decoder.checkpointing) keeps each stage's input only and recomputes the
     stage in the backward: the gradient to the latents is the one without it (fp32), the saved bytes shrink (at
-    FLUX.1-dev's size 9.95 GB -> the stage inputs, see the README's Memory)."""
+    FLUX.1-dev's size 9.95 GB -> the stage inputs, see docs/memory.md)."""
     ae = fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).requires_grad_(False)
     tokens = (HEIGHT // 16) * (WIDTH // 16)
     latents = torch.randn(1, tokens, 4 * ae.cfg.z_channels, generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,5 @@
 """The newcomer's path: the demo's checkpoint samples without --flux, `score` without a model tries the demo's tiny
-scorer, and the README's held-out prompt recipe gives, from the repository alone, a prompt set that `train
+scorer, and the held-out prompt recipe of docs/evaluation.md gives, from the repository alone, a prompt set that `train
 --eval-prompts` takes. Tiny models only."""
 
 import errno
@@ -75,8 +75,9 @@ def test_score_without_a_model_scores_with_the_demo_reward(demo, capsys):
 
 
 def readme_recipe(output):
-    """The README's command that cuts the held-out prompt set from data/, writing to output instead."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    """The documented command (docs/evaluation.md, linked from the README) that cuts the held-out prompt set from
+    data/, writing to output instead."""
+    with open(os.path.join(ROOT, "docs", "evaluation.md"), encoding="utf-8") as f:
         commands = [line.strip() for line in f if "> eval_prompts.txt" in line and line.startswith("    ")]
     assert len(commands) == 1, commands
     return re.sub(r"> eval_prompts\.txt.*", f"> {output}", commands[0])
@@ -165,10 +166,11 @@ def test_ctrl_c_while_train_loads_its_models_is_one_line(flux_folder, tmp_path):
 
 
 def test_the_readme_says_how_to_install_without_cuda_wheels_at_the_tested_torch():
-    """The install paragraph, before the training section, warns of the CUDA wheels a plain install pulls and gives
-    PyTorch's CPU-wheel line first, at constraints.txt's torch (PEP 440: 2.14.1+cpu satisfies torch==2.14.1)."""
+    """The install paragraph, at the README's top before its first section, warns of the CUDA wheels a plain install
+    pulls and gives PyTorch's CPU-wheel line first, at constraints.txt's torch (PEP 440: 2.14.1+cpu satisfies
+    torch==2.14.1)."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        top = f.read().split("\n## Training")[0]
+        top = f.read().split("\n## ")[0]
     with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
         torch_pin = next(line.strip() for line in f if line.startswith("torch=="))
     line = f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu"
