@@ -75,14 +75,16 @@ LORA_RANK = Bounded(int, 1, 3072, why="at most a layer's smaller side, FLUX.1's 
 
 
 def check_fields(config):
-    """Every field of a dataclass annotated `Annotated[type, Bounded]` within its range, else a one-line InputError
-    naming its flag (--name-with-dashes)."""
+    """Every field of a dataclass annotated `Annotated[type, Bounded, ...]` within its range, else a one-line
+    InputError naming its flag (--name-with-dashes)."""
     for name, hint in typing.get_type_hints(type(config), include_extras=True).items():
         for bounded in getattr(hint, "__metadata__", ()):
-            bounded.check("--" + name.replace("_", "-"), getattr(config, name))
+            if isinstance(bounded, Bounded):
+                bounded.check("--" + name.replace("_", "-"), getattr(config, name))
 
 
-def bound_of(config, name):
-    """The Bounded of a config field, or None."""
+def annotation(config, name, kind):
+    """What the `Annotated[type, ...]` of a config field says of `kind` (Bounded: its range; str: its help), or
+    None."""
     hint = typing.get_type_hints(config, include_extras=True)[name]
-    return next(iter(getattr(hint, "__metadata__", ())), None)
+    return next((note for note in getattr(hint, "__metadata__", ()) if isinstance(note, kind)), None)

@@ -1,6 +1,7 @@
-"""The command line of srpo.py: the parser (each flag defined once, with its help and range), the layering of the
-defaults (the official run's, each reward's recipe, the tiny demo's), the typed configs made from the flags, and
-the commands. Every field of srpo.TrainConfig is a flag of `train`; the library modules take configs, not flags."""
+"""The command line of srpo.py: the parser, the typed configs made from the flags, and the commands. Every field of
+srpo.TrainConfig is a flag of `train`, made from the field (its help, range and default are declared there), and
+its default is the official run's, or srpo.PRESETS' (each reward's recipe, FLUX.2's, the tiny demos', LoRA's) where
+they fit the command line; the library modules take configs, not flags."""
 
 import argparse
 import os
@@ -32,7 +33,7 @@ from bounds import (
     TIMESTEPS,
     TOKENS,
     Bounded,
-    bound_of,
+    annotation,
 )
 from sampling import DEFAULT_PROMPT
 from util import (
@@ -83,8 +84,9 @@ CLIP reward.
     python srpo.py train --flux FLUX_DIR --hps ... --images photos/ --out runs/offline   # offline: real images
 
 Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
-updates, as the released checkpoint holds); the demo only changes --lr, --height/--width, --batch (one prompt per
-process) and the length.
+updates, as the released checkpoint holds). Presets change a few (each flag's help says which, and to what); a later
+one wins, a flag you give wins over all: the reward's recipe (below) <- flux2 on a FLUX.2 model <- demo without
+--flux (and --batch: one prompt per process) <- flux2-demo on the tiny FLUX.2 <- lora (--lora-rank with --flux).
 
 Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
 clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
@@ -94,77 +96,7 @@ exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS". The cont
 official README warns that they may suit PickScore less. Each reward's official launch script sets its defaults
 (CLIP has none: it takes the HPS values); a flag you give wins:"""
 
-# LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
-# ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16 on
-# FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA default.
-LORA_LR = 1e-4
-
-# The help of each TrainConfig field's flag (srpo.TrainConfig holds the values, their ranges and one-line notes).
-TRAIN_HELP = {
-    "reward": "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H (--clip), as the "
-              "official --reward_model; it picks the per-reward defaults (the table above)",
-    "method": "the training method: SRPO, or a baseline of its paper's Table 1 (methods.py; the README's Methods "
-              "table): direct-align (Direct-Align, the plain reward: --no-inversion --plain-reward), refl (ReFL, "
-              "ImageReward's), draft-lv (DRaFT-LV)",
-    "lr": "AdamW learning rate, constant after the warm-up",
-    "lr_warmup": "N, a linear warm-up: update s = 1, 2, ... steps with lr * min(1, s / N) (0: none, the official "
-                 "constant lr)",
-    "betas": "AdamW betas",
-    "adam_eps": "AdamW epsilon",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm to this",
-    "height": "training image height, a multiple of 16, at most 1024",
-    "width": "training image width, a multiple of 16, at most 1024",
-    "rollout_steps": "Euler steps of the online rollout",
-    "shift": "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: the same "
-             "sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)",
-    "rollout_guidance": "guidance of the online rollout (FLUX.2 [klein] base: classifier-free, and at 1 the "
-                        "conditional pass alone, as the pipeline samples at guidance_scale 1)",
-    "guidance": "guidance of the two branch model calls and of the sample grids (FLUX.2 [klein] base: the "
-                "classifier-free guidance scale, two passes per call above 1; FLUX.2's default is 4, the pipeline's)",
-    "window": "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, G + 1)), G --window-grid",
-    "window_grid": "G, the steps of the schedule S the window is cut from (the official --vis_sampling_step)",
-    "window_points": "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)",
-    "max_gap": "K_max, the largest gap in window points between a branch's start and sigma_t (the official "
-               "int((1 - 0.9) * 1000) + 1, which is 100 in floating point)",
-    "k_denoise": "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]",
-    "k_inversion": "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]",
-    "margin": "hinge margin m: loss = relu(m - r) / 2 per branch",
-    "no_inversion": "ablation: train the denoise branch only (the official README's check of an implementation: "
-                    "without the inversion branch, reward hacking comes back)",
-    "no_branch_cfg": "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), give the training "
-                     "model calls (the branches' and the rollout's) the conditional pass alone: 1 model call each, "
-                     "where by default a branch at --guidance > 1 is v_neg + g (v_pos - v_neg), 2 calls, both with "
-                     "gradient, as the model is sampled (no effect on FLUX.1, whose guidance is an input); the sample "
-                     "grids and evaluations keep the guidance",
-    "plain_reward": "ablation, SRP off: every branch rewards the reward model's plain score of the prompt, no control "
-                    "words (with the inversion branch kept, its gradient then opposes the denoise branch's). A "
-                    "logit-scaled reward (pickscore, clip) scores about 20: give a --margin above that, else the hinge "
-                    "is 0",
-    "steps": "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop counts "
-             "to 20 but its step 20 only saves, so its released checkpoint holds 19 updates: the default (a resumed "
-             "run stops at N too)",
-    "save_every": "save a checkpoint every N updates (and after the last one)",
-    "keep": "complete checkpoints kept; older ones are deleted once a newer one is complete, except the one that "
-            "scored best on the held-out prompts",
-    "batch": "prompts per optimizer step (global batch), split over the processes: each runs batch / world of them "
-             "(tiny demo: one per process)",
-    "seed": "seed of the prompt order, the shared noise and the timestep draws",
-    "samples": "prompts (the first of the prompt list) in the before/after sample grids; 0: none",
-    "lora_rank": "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP layers "
-                 f"instead of the whole transformer (0: full fine-tuning; with --flux the default --lr becomes "
-                 f"{LORA_LR:g})",
-    "lora_alpha": "LoRA alpha (0: the rank, i.e. scale 1)",
-}
-
 FAMILY_NAMES = tuple(f.name for f in families.FAMILIES)  # --family: the tiny demo's models
-# The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
-# reward within a minute or two; everything else keeps the official values (and --batch is one prompt per process,
-# so that the demo runs under torchrun with any number of processes).
-DEMO_DEFAULTS = {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20}
-# The tiny FLUX.2 demo (--family flux2): at lr 1e-3 its denoise-branch reward and held-out score barely move in 80
-# steps (the denoise reward fell, the held-out HPS rose); at 3e-3 both rise.
-FLUX2_DEMO_DEFAULTS = {**DEMO_DEFAULTS, "lr": 3e-3}
 DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
@@ -260,7 +192,7 @@ def train_flags(p):
                    "or a FLUX.2 [klein] or [dev] folder (its model_index.json says which)")
     p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
-                   f"--lr {FLUX2_DEMO_DEFAULTS['lr']:g} (with --flux, the folder's model_index.json decides)")
+                   f"--lr {srpo.PRESETS['flux2-demo']['lr']:g} (with --flux, the folder's model_index.json decides)")
     reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
         "; with another --reward: a second, independent reward that scores the held-out evaluations"
         if kind.name == "pickscore" else ""))
@@ -343,7 +275,7 @@ def flag_value(value):
 
 def recipe_table():
     """The defaults that differ between the rewards, one column per reward (for --help)."""
-    recipes = srpo.REWARD_RECIPES
+    recipes = {name: srpo.PRESETS[name] for name in reward.REWARDS}
     differ = [f for f in fields(srpo.TrainConfig) if any(f.name in recipe for recipe in recipes.values())]
     rows = [["", *(f"--reward {name}" for name in recipes)]]
     rows += [["--" + f.name.replace("_", "-"), *(flag_value(recipe.get(f.name, f.default))
@@ -352,40 +284,41 @@ def recipe_table():
 
 
 def add_config_flags(parser):
-    """One flag per TrainConfig field, its range the field's annotation; default None so that config_from_flags can
-    tell the demo's and the reward's defaults apart."""
+    """One flag per TrainConfig field: its help, range and type the field's annotation, the default and each
+    preset's value stated; default None, so that config_from_flags can tell a flag given from one left out."""
     choices = {"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)}
     for f in fields(srpo.TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), annotation(srpo.TrainConfig, f.name, str)
         if isinstance(f.default, bool):  # an ablation switch, off by default
-            parser.add_argument(flag, action="store_true", default=None, help=TRAIN_HELP[f.name])
+            parser.add_argument(flag, action="store_true", default=None, help=text)
             continue
-        notes = [f"; --reward {r} {flag_value(recipe[f.name])}" for r, recipe in srpo.REWARD_RECIPES.items()
-                 if f.name in recipe]
-        tiny = f"; tiny demo {DEMO_DEFAULTS[f.name]}" if f.name in DEMO_DEFAULTS else ""
+        notes = "".join(f"; {f'--reward {name}' if name in reward.REWARDS else name} {flag_value(preset[f.name])}"
+                        for name, preset in srpo.PRESETS.items() if f.name in preset)
         pair = isinstance(f.default, tuple)
-        parser.add_argument(flag, type=bound_of(srpo.TrainConfig, f.name), default=None, choices=choices.get(f.name),
-                            nargs=2 if pair else None, metavar=("A", "B") if pair else None,
-                            help=f"{TRAIN_HELP[f.name]} (default {flag_value(f.default)}{''.join(notes)}{tiny})")
+        parser.add_argument(flag, type=annotation(srpo.TrainConfig, f.name, Bounded), default=None,
+                            choices=choices.get(f.name), nargs=2 if pair else None,
+                            metavar=("A", "B") if pair else None,
+                            help=f"{text} (default {flag_value(f.default)}{notes})")
 
 
 def config_from_flags(args, world):
-    """TrainConfig from the flags: where a flag is not given, the official values of --reward's recipe (on FLUX.2,
-    the pipeline's guidance 4), or, in the tiny demo, the demo's (its --batch: one prompt per process of the
-    `world`; with --lora-rank on FLUX.1, LoRA's --lr). The config checks itself."""
-    config = srpo.TrainConfig
-    flux2 = sampling.model_family(args) is families.FLUX2
-    demo = FLUX2_DEMO_DEFAULTS if flux2 else DEMO_DEFAULTS
-    defaults = {**srpo.REWARD_RECIPES.get(args.reward or config.reward, {}),
-                **({"guidance": families.FLUX2.guidance} if flux2 else {}),
-                **({**demo, "batch": world} if args.flux is None else {}),
-                **({"lr": LORA_LR} if args.lora_rank and args.flux else {})}
+    """TrainConfig from the flags: the srpo.PRESETS that fit the command line, in their order, over TrainConfig's
+    defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given over them all.
+    The config checks itself."""
+    flux2, demo = sampling.model_family(args) is families.FLUX2, args.flux is None
+    fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo}
+    defaults = {}
+    for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
+        if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):
+            defaults |= preset
+    if demo:
+        defaults["batch"] = world
     values = {}
-    for f in fields(config):
+    for f in fields(srpo.TrainConfig):
         value = getattr(args, f.name)
         value = defaults.get(f.name, f.default) if value is None else value
         values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
-    return config(**values)
+    return srpo.TrainConfig(**values)
 
 
 def run_config(args):

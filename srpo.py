@@ -73,47 +73,86 @@ BRANCH_METHODS = ("srpo", "direct-align")
 
 @dataclass
 class TrainConfig:
-    """SRPO's hyperparameters. Every default is the official FLUX.1-dev run's (HPSv2.1, global batch 32, 19 updates);
-    each is a flag of `srpo.py train` (cli.py: --name-with-dashes, its help there) and is checked here against the
-    range its annotation states."""
+    """SRPO's hyperparameters, each declared here once: `name: Annotated[type, range, help] = default`. The default
+    is the official FLUX.1-dev run's (HPSv2.1, global batch 32, 19 updates); PRESETS (below) change some of them for
+    a reward, FLUX.2, the tiny demo or LoRA. Each field is a flag of `srpo.py train` (cli.py makes --name-with-dashes
+    from it: its type, the help, the range stated), and is checked here against its range (a bounds.Bounded)."""
 
-    reward: str = "hps"  # the reward model trained against: hps | pickscore | clip, with its recipe (below)
-    method: str = "srpo"  # srpo_losses here, or a baseline of methods.py (cli.py passes its function to train)
-    # AdamW at a constant learning rate (after a linear warm-up of lr_warmup updates; 0: none), the norm clipped
-    lr: Annotated[float, bounds.POSITIVE] = 5e-6
-    lr_warmup: Annotated[int, Bounded(int, 0, bounds.STEPS_MAX, why="updates")] = 0
-    betas: Annotated[tuple, bounds.BETA] = (0.9, 0.999)
-    adam_eps: Annotated[float, bounds.POSITIVE] = 1e-8
-    weight_decay: Annotated[float, bounds.NON_NEGATIVE] = 1e-4
-    grad_clip: Annotated[float, bounds.POSITIVE] = 0.1
+    reward: Annotated[str, "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H (--clip), "
+                           "as the official --reward_model; it picks the per-reward defaults (the table above)"] = "hps"
+    method: Annotated[str, "the training method: SRPO, or a baseline of its paper's Table 1 (methods.py; the README's "
+                           "Methods table): direct-align (Direct-Align, the plain reward: --no-inversion "
+                           "--plain-reward), refl (ReFL, ImageReward's), draft-lv (DRaFT-LV)"] = "srpo"
+    # AdamW at a constant learning rate, the gradient norm clipped
+    lr: Annotated[float, bounds.POSITIVE, "AdamW learning rate, constant after the warm-up"] = 5e-6
+    lr_warmup: Annotated[int, Bounded(int, 0, bounds.STEPS_MAX, why="updates"),
+                         "N, a linear warm-up: update s = 1, 2, ... steps with lr * min(1, s / N) (0: none, the "
+                         "official constant lr)"] = 0
+    betas: Annotated[tuple, bounds.BETA, "AdamW betas"] = (0.9, 0.999)
+    adam_eps: Annotated[float, bounds.POSITIVE, "AdamW epsilon"] = 1e-8
+    weight_decay: Annotated[float, bounds.NON_NEGATIVE, "AdamW weight decay"] = 1e-4
+    grad_clip: Annotated[float, bounds.POSITIVE, "clip the gradient norm to this"] = 0.1
     # the online rollout: x0 from 25 Euler steps of the shift-3 schedule
-    height: Annotated[int, bounds.TRAIN_SIZE] = 720  # a multiple of 16, at most 1024 (bounds.TRAIN_SIZE says why)
-    width: Annotated[int, bounds.TRAIN_SIZE] = 720
-    rollout_steps: Annotated[int, bounds.TIMESTEPS] = 25
-    shift: Annotated[float, bounds.POSITIVE] = 3.0  # sigma = s t / (1 + (s - 1) t), the rollout's and the window's
-    rollout_guidance: Annotated[float, bounds.GUIDANCE] = 1.0
-    guidance: Annotated[float, bounds.GUIDANCE] = 3.5  # the two branch model calls' and the sample grids'
+    height: Annotated[int, bounds.TRAIN_SIZE, "training image height, a multiple of 16, at most 1024"] = 720
+    width: Annotated[int, bounds.TRAIN_SIZE, "training image width, a multiple of 16, at most 1024"] = 720
+    rollout_steps: Annotated[int, bounds.TIMESTEPS, "Euler steps of the online rollout"] = 25
+    shift: Annotated[float, bounds.POSITIVE,
+                     "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: "
+                     "the same sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)"] = 3.0
+    rollout_guidance: Annotated[float, bounds.GUIDANCE,
+                                "guidance of the online rollout (FLUX.2 [klein] base: classifier-free, and at 1 the "
+                                "conditional pass alone, as the pipeline samples at guidance_scale 1)"] = 1.0
+    guidance: Annotated[float, bounds.GUIDANCE,
+                        "guidance of the two branch model calls and of the sample grids (FLUX.2 [klein] base: the "
+                        "classifier-free guidance scale, two passes per call above 1; FLUX.2's default, the flux2 "
+                        "preset, is the pipeline's)"] = 3.5
     # Direct-Align's window and branches, SRP's k and the hinge
-    window: Annotated[tuple, WINDOW] = (5, 25)  # sigmas between S[A] and S[B], S = shift(linspace(1, 0, 51))
-    window_grid: Annotated[int, bounds.TIMESTEPS] = 50  # S's steps: the official --vis_sampling_step
-    window_points: Annotated[int, bounds.WINDOW_POINTS] = 1000  # N: sigmas_l = linspace(S[A], S[B], N)
-    max_gap: Annotated[int, bounds.WINDOW_POINTS] = K_MAX  # K_max, window points from a branch's start to sigma_t
-    k_denoise: Annotated[tuple, bounds.FINITE] = (0.1, 0.25)  # k_d = linspace(A, B, N)[sel]
-    k_inversion: Annotated[tuple, bounds.FINITE] = (0.3, 0.01)  # k_i = linspace(A, B, N)[max(sel - K, 1)]
-    margin: Annotated[float, bounds.FINITE] = 0.7  # m: L = relu(m - r) / 2 per branch
-    no_inversion: bool = False  # ablation: the denoise branch only (the official README: reward hacking comes back)
-    plain_reward: bool = False  # ablation, SRP off: every branch rewards score(image, prompt), no control words
-    no_branch_cfg: bool = False  # a CFG model (FLUX.2 [klein] base): training calls take the conditional pass alone
-    # the run: updates numbered 1..steps (the official loop's step 20 only saves: its checkpoint holds 19 updates)
-    steps: Annotated[int, bounds.RUN_STEPS] = 19
-    save_every: Annotated[int, bounds.RUN_STEPS] = 5
-    keep: Annotated[int, bounds.RUN_STEPS] = 1  # complete checkpoints kept (and the best held-out one)
-    batch: Annotated[int, PROMPTS] = 32  # prompts per update (global batch), split over the processes
-    seed: Annotated[int, bounds.SEED] = 0  # the prompt order, the shared noise and the timestep draws
-    samples: Annotated[int, Bounded(int, 0, 64, why="one row of images")] = 4  # prompts in the before/after grids
-    # LoRA (lora.py): the transformer frozen, adapters y = W x + (alpha / r) B A x trained instead; rank 0: full
-    lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072")] = 0
-    lora_alpha: Annotated[float, bounds.NON_NEGATIVE] = 0.0  # 0: the rank, i.e. scale 1
+    window: Annotated[tuple, WINDOW, "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, "
+                                     "G + 1)), G --window-grid"] = (5, 25)
+    window_grid: Annotated[int, bounds.TIMESTEPS,
+                           "G, the steps of the schedule S the window is cut from (the official "
+                           "--vis_sampling_step)"] = 50
+    window_points: Annotated[int, bounds.WINDOW_POINTS,
+                             "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)"] = 1000
+    max_gap: Annotated[int, bounds.WINDOW_POINTS,
+                       "K_max, the largest gap in window points between a branch's start and sigma_t (the official "
+                       "int((1 - 0.9) * 1000) + 1, which is 100 in floating point)"] = K_MAX
+    k_denoise: Annotated[tuple, bounds.FINITE,
+                         "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]"] = (0.1, 0.25)
+    k_inversion: Annotated[tuple, bounds.FINITE,
+                           "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]"] = (0.3, 0.01)
+    margin: Annotated[float, bounds.FINITE, "hinge margin m: loss = relu(m - r) / 2 per branch"] = 0.7
+    no_inversion: Annotated[bool, "ablation: train the denoise branch only (the official README's check of an "
+                                  "implementation: without the inversion branch, reward hacking comes back)"] = False
+    plain_reward: Annotated[bool, "ablation, SRP off: every branch rewards the reward model's plain score of the "
+                                  "prompt, no control words (with the inversion branch kept, its gradient then "
+                                  "opposes the denoise branch's). A logit-scaled reward (pickscore, clip) scores about "
+                                  "20: give a --margin above that, else the hinge is 0"] = False
+    no_branch_cfg: Annotated[bool, "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), give the "
+                                   "training model calls (the branches' and the rollout's) the conditional pass alone: "
+                                   "1 model call each, where by default a branch at --guidance > 1 is v_neg + g (v_pos "
+                                   "- v_neg), 2 calls, both with gradient, as the model is sampled (no effect on "
+                                   "FLUX.1, whose guidance is an input); the sample grids and evaluations keep the "
+                                   "guidance"] = False
+    # the run
+    steps: Annotated[int, bounds.RUN_STEPS,
+                     "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop "
+                     "counts to 20 but its step 20 only saves, so its released checkpoint holds 19 updates: the "
+                     "default (a resumed run stops at N too)"] = 19
+    save_every: Annotated[int, bounds.RUN_STEPS, "save a checkpoint every N updates (and after the last one)"] = 5
+    keep: Annotated[int, bounds.RUN_STEPS, "complete checkpoints kept; older ones are deleted once a newer one is "
+                                           "complete, except the one that scored best on the held-out prompts"] = 1
+    batch: Annotated[int, PROMPTS, "prompts per optimizer step (global batch), split over the processes: each runs "
+                                   "batch / world of them (tiny demo: one per process)"] = 32
+    seed: Annotated[int, bounds.SEED, "seed of the prompt order, the shared noise and the timestep draws"] = 0
+    samples: Annotated[int, Bounded(int, 0, 64, why="one row of images"),
+                       "prompts (the first of the prompt list) in the before/after sample grids; 0: none"] = 4
+    # LoRA (lora.py): the transformer frozen, its adapters trained instead
+    lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"),
+                         "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP "
+                         "layers instead of the whole transformer (0: full fine-tuning; with --flux, --lr is the lora "
+                         "preset's)"] = 0
+    lora_alpha: Annotated[float, bounds.NON_NEGATIVE, "LoRA alpha (0: the rank, i.e. scale 1)"] = 0.0
 
     def __post_init__(self):
         """Refuse what the run cannot take, naming the flag: each field within its range, then what ties them."""
@@ -134,15 +173,33 @@ class TrainConfig:
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
 
 
-# Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
-# on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
-# --discount_pos 0.1 0.5, --discount_inv 0.6 0.01; nothing else differs). CLIP has no launch script nor recipe of
-# its own: fastvideo/SRPO.py's defaults for the window and both k schedules are the HPS values, so a CLIP run is the
-# HPS launch script with --reward_model CLIP, and CLIP takes the HPS values.
-REWARD_RECIPES = {
+# Named presets: plain dicts of TrainConfig values that replace its defaults (the official FLUX.1-dev HPS run). cli.py
+# applies those that fit the command line in this order, a later one winning, and the flags given win over them all:
+#     the reward's recipe (--reward) <- flux2 (a FLUX.2 model) <- demo (no --flux) <- flux2-demo (no --flux, FLUX.2)
+#     <- lora (--lora-rank with --flux)
+PRESETS = {
+    # Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
+    # on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
+    # --discount_pos 0.1 0.5, --discount_inv 0.6 0.01; nothing else differs). CLIP has no launch script nor recipe of
+    # its own: fastvideo/SRPO.py's defaults for the window and both k schedules are the HPS values, so a CLIP run is
+    # the HPS launch script with --reward_model CLIP, and CLIP takes the HPS values.
     "hps": {},
     "pickscore": {"rollout_guidance": 2.0, "window": (5, 30), "k_denoise": (0.1, 0.5), "k_inversion": (0.6, 0.01)},
     "clip": {},
+    # FLUX.2's branches and grids at the pipeline's guidance
+    "flux2": {"guidance": families.FLUX2.guidance},
+    # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
+    # reward within a minute or two; everything else keeps the official values (and its --batch is one prompt per
+    # process, cli.py's, so that the demo runs under torchrun with any number of processes).
+    "demo": {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20},
+    # The tiny FLUX.2 demo (--family flux2): at lr 1e-3 its denoise-branch reward and held-out score barely move in 80
+    # steps (the denoise reward fell, the held-out HPS rose); at 3e-3 both rise.
+    "flux2-demo": {"lr": 3e-3},
+    # LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
+    # ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16
+    # on FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA
+    # default.
+    "lora": {"lr": 1e-4},
 }
 
 

@@ -2,6 +2,7 @@
 transformer weights with a NaN. Each ends in one line on stderr and exit 2, before any model is built or any weight
 read (the builders are patched to fail the test if called)."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -144,6 +145,17 @@ def test_the_config_checks_its_ranges_for_library_users_too():
                 {"lr": float("inf")}, {"margin": float("nan")}, {"steps": 10**23}]:
         with pytest.raises(srpo.InputError, match="--" + next(iter(bad)).replace("_", "-")):
             srpo.TrainConfig(**bad)
+
+
+def test_each_train_config_field_declares_its_help_and_a_number_its_range():
+    """TrainConfig is where `train`'s flags are declared: every field carries its help, every number its Bounded,
+    and every preset names fields of it."""
+    for f in dataclasses.fields(srpo.TrainConfig):
+        assert bounds.annotation(srpo.TrainConfig, f.name, str), f.name
+        numeric = f.type.__origin__ in (int, float, tuple)
+        assert (bounds.annotation(srpo.TrainConfig, f.name, bounds.Bounded) is not None) == numeric, f.name
+    names = {f.name for f in dataclasses.fields(srpo.TrainConfig)}
+    assert all(set(preset) <= names for preset in srpo.PRESETS.values())
 
 
 def test_a_long_run_starts_without_a_pass_over_every_step(tmp_path, capsys, monkeypatch):

@@ -16,7 +16,6 @@ from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_i
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
 import checkpoints
-import cli as command_line
 import clip_weights as cw
 import flux2_model as f2
 import flux2_weights as f2w
@@ -285,7 +284,7 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
     folder = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     config = util.read_json(os.path.join(folder, "state.json"))["config"]
-    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (command_line.LORA_LR, 4, 4.0)
+    assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (srpo.PRESETS["lora"]["lr"], 4, 4.0)
     flux = real_args[real_args.index("--flux") + 1]
     ours = lora.add_adapters(fw.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
     ours.load_state_dict(torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"], strict=False)

@@ -129,7 +129,7 @@ def test_defaults_are_the_official_run():
                 "rollout_steps": 25, "shift": 3.0, "window": (5, 25), "window_points": 1000, "max_gap": 100,
                 "k_denoise": (0.1, 0.25), "k_inversion": (0.3, 0.01), "batch": 32, "steps": 19}
     assert {name: getattr(cfg, name) for name in official} == official
-    assert set(command_line.DEMO_DEFAULTS) <= {"lr", "height", "width", "steps", "save_every"}  # nothing else
+    assert set(srpo.PRESETS["demo"]) <= {"lr", "height", "width", "steps", "save_every"}  # nothing else
 
 
 def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
@@ -613,7 +613,7 @@ def test_run_folder_holds_checkpoint_log_and_sample_grids(straight):
     line = log_lines(straight)[0]
     assert {"loss", "reward_denoise", "reward_inversion", "grad_norm", "lr"} <= line.keys()
     state = util.read_json(os.path.join(straight, checkpoints.CHECKPOINT.format(3), "state.json"))
-    assert state["step"] == 3 and state["config"]["lr"] == command_line.DEMO_DEFAULTS["lr"]
+    assert state["step"] == 3 and state["config"]["lr"] == srpo.PRESETS["demo"]["lr"]
 
 
 @pytest.fixture
@@ -663,9 +663,9 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     rewards = [line["reward_denoise"] for line in log_lines(str(tmp_path))]
-    assert len(rewards) == command_line.DEMO_DEFAULTS["steps"]
+    assert len(rewards) == srpo.PRESETS["demo"]["steps"]
     assert sum(rewards[-20:]) > sum(rewards[:20])  # the same 20 control-word pairs
-    last = command_line.DEMO_DEFAULTS["steps"]
+    last = srpo.PRESETS["demo"]["steps"]
     assert sorted(checkpoints.complete(str(tmp_path))) == kept_checkpoints(str(tmp_path), last)
     assert os.path.exists(tmp_path / "samples-after.png")
 
