@@ -487,7 +487,7 @@ def cmd_train(args):
         watch = evaluation.Watch.for_run(run, cfg, ranks)
         try:
             parts = runtime.training_parts(run, cfg, prompts, ranks, begin, images)
-            srpo.train(parts, prompts, cfg, run.out, ranks, watch, methods.METHODS[cfg.method])
+            srpo.train(parts, prompts, cfg, run.out, ranks, methods.METHODS[cfg.method], watch)
         except (Fault, Diverged) as e:
             raise type(e)(f"{e}; {checkpoints.checkpoint_note(run.out, isinstance(e, Diverged))}") from None
     if ranks.main:

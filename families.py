@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import flux2_sampling as f2s
 import flux2_weights as f2w
@@ -19,6 +20,20 @@ import flux_weights as fw
 from flux2_model import Flux2, Flux2Config
 from flux_model import Flux, FluxConfig
 from util import InputError, check_folder, read_json
+
+
+class Conditioning(Protocol):
+    """A family's conditioning of one prompt (flux_sampling.Conditioning, flux2_sampling.Flux2Conditioning): what
+    the sampler and the training step ask of it, never unpacking it."""
+
+    def velocity(self, model, x, t, guidance):
+        """v(x, t) at the guidance scale (B,): the family's model call(s)."""
+
+    def at_guidance(self, guidance):
+        """Itself as sampled at this scale (a CFG family's: its conditional pass alone at scale <= 1)."""
+
+    def conditional(self):
+        """Its conditional pass alone (train --no-branch-cfg)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,7 @@ class Family:
     links: Callable
     to_diffusers: Callable
     bfl: str
-    # its sampling: the packed noise of a seed (batch, height, width, seed, dtype, channels), the conditioning of a
+    # its sampling: the packed noise of a seed (batch, height, width, seed, dtype, channels), the Conditioning of a
     # prompt's embedding (embedding, height, width, device, dtype=None), the schedule's mu (seq_len, steps) or None
     # (the scheduler config's own), the default guidance scale, and the models of a folder or of the tiny demo
     initial_noise: Callable

@@ -33,10 +33,11 @@ def initial_noise(batch, height, width, seed, dtype, channels=64):
 
 class Conditioning(NamedTuple):
     """What FLUX.1 sees besides the latents and the time: the image tokens' positions, the T5 tokens and their
-    positions (all zero), the pooled CLIP vector. A model family's seam: the sampler and the training step ask it
-    for the velocity and never unpack it, so another family (another model call, classifier-free guidance's two
-    passes) is another conditioning class, with at_guidance(g): itself as sampled at scale g (training's rollout
-    and the sample grids ask for it), and conditional(): its conditional pass alone (train --no-branch-cfg)."""
+    positions (all zero), the pooled CLIP vector. A model family's seam (families.Conditioning): the sampler and the
+    training step ask it for the velocity and never unpack it, so another family (another model call,
+    classifier-free guidance's two passes) is another conditioning class, with at_guidance(g): itself as sampled at
+    scale g (training's rollout and the sample grids ask for it), and conditional(): its conditional pass alone
+    (train --no-branch-cfg)."""
 
     img_ids: torch.Tensor
     txt: torch.Tensor

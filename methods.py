@@ -1,9 +1,9 @@
-"""The methods SRPO is compared with in its paper's Table 1 (Shen et al. 2025, arXiv 2509.06942), each a function of
-srpo.srpo_losses' shape: (model, ae, reward, x0, eps, item, step, cfg) -> (name, L, r) per branch, every branch
-backpropagated by srpo.train_step as soon as it is yielded. They are built from SRPO's own parts (the rollout, the
-Euler model step, Direct-Align, the reward of a decoded image), so that what differs from SRPO is what is written
-here. `train --method NAME` picks one (METHODS); the rest of the step (the batch, the shared eps, clipping, AdamW)
-is SRPO's.
+"""The training methods: SRPO and the methods it is compared with in its paper's Table 1 (Shen et al. 2025, arXiv
+2509.06942), each a Method whose losses are a function of srpo.srpo_losses' shape: (model, ae, reward, x0, eps, item,
+step, cfg) -> (name, L, r) per branch, every branch backpropagated by srpo.train_step as soon as it is yielded. The
+baselines are built from SRPO's own parts (the rollout, the Euler model step, Direct-Align, the reward of a decoded
+image), so that what differs from SRPO is what is written here. `train --method NAME` picks one (METHODS); the rest
+of the step (the batch, the shared eps, clipping, AdamW) is SRPO's.
 
 The SRPO paper does not say how it ran the baselines on FLUX.1-dev beyond their names and costs; each follows the
 paper that defined it, carried over to a flow as FlowBP does ("Exploring the Design Space of Reward Backpropagation
@@ -20,6 +20,8 @@ gradient are at --guidance, the reward sees SRPO's training crop.
 """
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,15 @@ REFL_MARGIN = 2.0  # ImageReward's reward-to-loss map phi(r) = relu(2 - r)
 # n, DRaFT-LV's re-noisings of the final image per sample: 2 as we recall Clark et al. 2023's experiments (not
 # checked against the paper here); the SRPO paper does not give it
 DRAFT_LV_NOISES = 2
+
+
+class Method(NamedTuple):
+    """A training method as srpo.train_step takes it: its name (train --method), its losses (srpo.srpo_losses'
+    shape), and own_rollout: it rolls its own chain from eps (ReFL), so the step makes no x0 for it."""
+
+    name: str
+    losses: Callable
+    own_rollout: bool = False
 
 
 def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
@@ -78,9 +89,6 @@ def refl_losses(model, ae, reward, x0, eps, item, step, cfg):
     yield "refl", F.relu(REFL_MARGIN - r).mean(), r
 
 
-refl_losses.own_rollout = True  # srpo.train_step makes no rollout for it
-
-
 def renoise(cfg, step, j, device, noise):
     """eps_j ~ N(0, I), DRaFT-LV's j-th fresh noise of update `step`: like SRPO's eps (srpo.shared_noise), one draw
     per step shared by its prompts and ranks, made again after a resume, in the model family's packing (noise)."""
@@ -108,5 +116,6 @@ def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
         yield f"renoise{j + 1}", -r.mean() / DRAFT_LV_NOISES, r
 
 
-METHODS = {"srpo": srpo.srpo_losses, "direct-align": direct_align_losses, "refl": refl_losses,
-           "draft-lv": draft_lv_losses}
+SRPO = Method("srpo", srpo.srpo_losses)
+METHODS = {m.name: m for m in (SRPO, Method("direct-align", direct_align_losses),
+                               Method("refl", refl_losses, own_rollout=True), Method("draft-lv", draft_lv_losses))}

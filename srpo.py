@@ -1,9 +1,9 @@
-"""SRPO on FLUX.1-dev: Direct-Align and Semantic Relative Preference Optimization (Shen et al. 2025, "Directly
+"""SRPO on FLUX.1 and FLUX.2: Direct-Align and Semantic Relative Preference Optimization (Shen et al. 2025, "Directly
 Aligning the Full Diffusion Trajectory with Fine-Grained Human Preference", arXiv 2509.06942), trained exactly as the
-official FLUX.1-dev script does it (Tencent-Hunyuan/SRPO: fastvideo/SRPO.py and its HPS launch script).
+official FLUX.1-dev script does it (Tencent-Hunyuan/SRPO: fastvideo/SRPO.py and its HPS and PickScore launch scripts).
 
-Reward fine-tuning backpropagates a differentiable reward (here HPSv2.1) through the images the model makes. Done
-through a multi-step denoising chain (ReFL, DRaFT), it is costly and reaches only the last, low-noise steps, where
+Reward fine-tuning backpropagates a differentiable reward (HPSv2.1, PickScore, CLIP) through the images the model makes.
+Done through a multi-step denoising chain (ReFL, DRaFT), it is costly and reaches only the last, low-noise steps, where
 the model learns to please the reward model rather than people (reward hacking). SRPO changes two things.
 
 Direct-Align. A flow-matching state is an interpolation of noise and image (the paper's noise prior):
@@ -11,7 +11,8 @@ Direct-Align. A flow-matching state is an interpolation of noise and image (the 
 so, with eps known, one model step from any sigma gives back a clean image by interpolation:
     x_t    = x_from + (sigma_t - sigma_from) v(x_from, sigma_from)       one Euler step, the only one with gradient
     x0_hat = (x_t - sigma_t eps) / (1 - sigma_t)                         the recovery
-and the reward sees x0_hat at early, noisy timesteps too, for the backward of one model call.
+and the reward sees x0_hat at early, noisy timesteps too, for the backward of one model call. The paper sums such
+rewards over timesteps, discounting late ones by lambda(t); the official script (and this code) takes one, undiscounted.
 
 SRP, the semantic relative reward. The reward compares the image with the prompt under a positive and a negative
 control word, so that what both share (the reward model's own biases) cancels:
@@ -24,14 +25,13 @@ One step (`train_step`), for each prompt of the global batch:
     eps ~ N(0, I), one draw shared by every prompt and rank            shared_noise
     x0 = 25-step Euler rollout of the current model, no gradient       online_rollout
       or offline (train --images): the VAE encoding of a real image    image_data.py, runtime.offline_x0
-    sel ~ U{5..995}: each branch's sigmas and k in the window          timestep_window, draw_timestep, branch_sigmas
+    sel ~ U{5..995}, an index into the window w of N = 1000 sigmas     timestep_window, draw_timestep
+      sigma_t = w[N - sel]; each branch's start, and its k, from sel   branch_sigmas, k_schedule
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
-then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file
-is the method; where it runs (processes, FSDP2) is runtime.py's, what it leaves (checkpoints, the log)
-checkpoints.py's, sampling sampling.py's, the reward models reward.py's, the held-out evaluations that show reward
-hacking coming evaluation.py's, and the command line (flags, defaults, the commands) cli.py's. The model family
-(FLUX.1, FLUX.2) is families.Family's: the noise, the conditioning and its velocity; the step never asks which.
+then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file is the
+method; where it runs is runtime.py's, what it leaves checkpoints.py's, the rewards reward.py's, the baselines
+methods.py's, the command line cli.py's, the model family (FLUX.1, FLUX.2: noise, conditioning) families.py's.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
     python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
@@ -232,18 +232,17 @@ def shifted_schedule(steps, shift):
 
 
 def official_timestep(sigma):
-    """The timestep the official script hands the transformer at sigma: int(1000 sigma) / 1000, in float32.
-
-    The truncation is what the released SRPO checkpoint was trained with: the rollout and both branches feed it to
-    the model, while the Euler updates, the noise injection and the recovery use the exact sigma."""
+    """The timestep the official script hands the transformer at sigma: int(1000 sigma) / 1000, in float32. The
+    released SRPO checkpoint was trained with this truncation: the rollout and both branches feed it to the model,
+    while the Euler updates, the noise injection and the recovery use the exact sigma."""
     return torch.floor(sigma * 1000) / 1000
 
 
-def shared_noise(cfg, step, device, noise=families.FLUX1.initial_noise):
-    """eps ~ N(0, I) in bf16 values, one draw per step used by the rollout, the noise injection and the recovery of
-    every prompt on every rank. The official script draws it in bf16 on rank 0 and broadcasts it; here a float32
-    draw seeded by (seed, step) is rounded to bf16: every rank makes the same tensor with no communication, and
-    makes it again after a resume. noise: the model family's packed draw (families.Family)."""
+def shared_noise(cfg, step, device, noise):
+    """eps ~ N(0, I) in bf16 values, one draw per step for the rollout, the noise injection and the recovery of every
+    prompt on every rank, in the family's packing (noise: families.noise_of(model)). The official script draws it in
+    bf16 on rank 0 and broadcasts it; here a float32 draw seeded by (seed, step) is rounded to bf16: every rank makes
+    the same tensor with no communication, and makes it again after a resume."""
     seed = derive_seed(cfg.seed, "noise", step)
     return to_device(noise(1, cfg.height, cfg.width, seed, torch.float32).bfloat16().float(), device)
 
@@ -257,9 +256,8 @@ def rollout_schedule(steps, shift, device):
 
 @torch.no_grad()
 def online_rollout(model, eps, cond, cfg, steps=None):
-    """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the clean image that
-    Direct-Align noises and recovers is the current model's own sample (online). steps: only the first ones, the
-    state at sigmas[steps] (ReFL's chain stops early)."""
+    """x0 = Euler(eps) over shift(linspace(1, 0, 26)) at the rollout guidance, no gradient: the current model's own
+    sample (online), which Direct-Align noises and recovers. steps: stop there, at sigmas[steps] (ReFL's chain)."""
     sigmas, timesteps = rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)
     stop = cfg.rollout_steps if steps is None else steps
     with autocast(eps.device):  # at guidance 1, a CFG family's conditional pass alone (its at_guidance)
@@ -275,23 +273,21 @@ def timestep_window(cfg):
 
 
 def draw_timestep(cfg, step, j):
-    """sel ~ U{5 .. N - 5} for prompt j of the global batch, drawn from (seed, step, j): the same on any number
-    of ranks."""
+    """sel ~ U{5 .. N - 5} for prompt j of the global batch, drawn from (seed, step, j): the same on any ranks."""
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "timestep", step, j))
     return int(torch.randint(5, cfg.window_points - 4, (), generator=g))
 
 
 def branch_sigmas(window, sel, max_gap):
-    """Each branch's (sigma_from, sigma_to) on the window w (N points, sigma falling), as the official script:
+    """Each branch's (sigma_from, sigma_to) on the window w of N sigmas, as the official script picks them: both
+    end at sigma_t = w[N - sel], each starting K = min(K_max, N - sel, sel) window points away, on its own side:
 
-        K = min(K_max, N - sel, sel)
-        denoise:   w[N - sel - K] -> w[N - sel]      (sigma_hi, noisier, down to sigma_t)
-        inversion: w[N - mid] -> w[N - start],  mid = max(sel - K, 1), start = min(mid + K, N)
+        index w:  0 ... N-sel-K ----------> N-sel <---------- N-sel+K ... N-1       (sigma falls to the right)
+                        sigma_hi  denoise  sigma_t  inversion  sigma_lo
 
-    For sel > K the inversion branch is w[N - sel + K] -> w[N - sel], up to the same sigma_t. For sel <= K (about
-    10 % of draws) mid = 1: it starts at w[N - 1] and ends one window point noisier than the denoise branch's
-    sigma_t, and recovers there; the official script does this, so it is kept. -> (denoise, inversion, K), each
-    branch a pair of 0-d float32 tensors."""
+    The official script's inversion is w[N - mid] -> w[N - start], mid = max(sel - K, 1), start = min(mid + K, N): the
+    picture for sel > K. For sel <= K (about 10 % of draws) mid = 1: from w[N - 1] to one point noisier than sigma_t,
+    where it recovers; the official script's, kept. -> (denoise, inversion, K), pairs of 0-d float32 tensors."""
     n = len(window)
     gap = min(max_gap, n - sel, sel)
     mid = max(sel - gap, 1)
@@ -312,9 +308,8 @@ def inject_noise(x0, eps, sigma):
 
 
 def model_step(model, x, sigma_from, sigma_to, cond, guidance):
-    """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)): one Euler step, one model call (with gradient when
-    enabled), t the official truncated timestep. Down in sigma for the denoise branch, up (an inversion step) for
-    the inversion branch."""
+    """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)), t the official timestep: one Euler step, one model call
+    (with gradient when enabled), down in sigma for the denoise branch, up for the inversion branch."""
     b = x.shape[0]
     t = official_timestep(sigma_from).item()  # a host tensor: filled in on the device, no copy
     v = cond.velocity(model, x, x.new_full((b,), t), x.new_full((b,), guidance))
@@ -336,9 +331,8 @@ def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance):
 
 
 def hinge_loss(r, margin):
-    """L = relu(m - r) / 2 per branch (ReFL's hinge with SRPO's margin). The / 2: the official run accumulates the
-    two branches' gradients of one prompt before its optimizer step, so each branch weighs half: the loss of a
-    prompt is the mean of its branches' hinges."""
+    """L = relu(m - r) / 2 per branch (ReFL's hinge, SRPO's margin). The / 2: the official run accumulates a prompt's
+    two branches' gradients before its optimizer step: a prompt's loss is the mean of its branches' hinges."""
     return F.relu(margin - r).mean() / 2
 
 
@@ -366,10 +360,10 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     """One branch: x0_hat = direct_align(sigma_from -> sigma_to), r = SRP(image(x0_hat), "P. prompt", "N. prompt",
     k) with the branch's word order, L = relu(m - r) / 2. The words go to the reward only, never to the model.
 
-    This is the official code's SRP: r = c img . ((1 + k) txt(P. prompt) - txt(N. prompt)). The paper defines SRP
-    as the difference of the two text-conditioned rewards, r = f_img(x) . (C_1 - C_2) with C_1, C_2 the embeddings
-    of the prompt with the positive and the negative words; the code weighs the positive term by (1 + k), k
-    scheduled per branch (k_schedule): at k = 0 the two coincide. -> (L, r)."""
+    This is the official code's SRP: r = c img . ((1 + k) txt(P. prompt) - txt(N. prompt)). The paper's is the
+    difference of the two text-conditioned rewards, r = f_img(x) . (C_1 - C_2), C_1, C_2 the embeddings of the prompt
+    with the positive and the negative words: no k (k scheduled per branch, k_schedule) and no c (c = 1 for HPS,
+    exp(logit_scale) / 20 for PickScore and CLIP: reward.py). At k = 0 and c = 1 the two coincide. -> (L, r)."""
     x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
     r = image_reward(ae, reward, x0_hat, item.text, cfg, None if cfg.plain_reward else branch)
     return hinge_loss(r, cfg.margin), r
@@ -404,43 +398,41 @@ class Prompt(NamedTuple):
     x0 of its image (None: the step's online rollout makes x0)."""
 
     text: str
-    cond: tuple  # the model family's conditioning: cond.velocity(model, x, t, guidance)
+    cond: families.Conditioning
     sel: int
     x0: torch.Tensor | None = None
 
 
-def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method=srpo_losses):
-    """One update on this rank's share of the global batch ([Prompt]): per prompt its x0 (the online rollout, or
-    offline its image's; none for a method that rolls its own chain from eps, own_rollout: ReFL) and the method's
-    branches, each branch backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward
-    reduce-scatters, rather than holding a full fp32 gradient until the last), then clip and AdamW.
-    -> {"loss", "reward_NAME" and "loss_NAME" per branch, "grad_norm"}, means over the global batch."""
+def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method):
+    """One update of a methods.Method on this rank's share of the global batch ([Prompt]): per prompt its x0 (the
+    online rollout, or offline its image's; none if method.own_rollout) and the method's branches, each backpropagated
+    as soon as it is built (one graph alive at a time; under FSDP each backward reduce-scatters, rather than holding a
+    full fp32 gradient until the last), then clip and AdamW. -> {"loss", "reward_NAME", "loss_NAME", "grad_norm"}."""
     eps = shared_noise(cfg, step, ranks.device, families.noise_of(model))
-    totals, names = 0, []
+    totals = {}
     for item in batch:
         x0 = item.x0
-        if x0 is None and not getattr(method, "own_rollout", False):
+        if x0 is None and not method.own_rollout:
             x0 = online_rollout(model, eps, item.cond, cfg)
-        losses, rewards = [], []
-        for name, loss, r in method(model, ae, reward, x0, eps, item, step, cfg):
+        rewards, losses = {}, {}
+        for name, loss, r in method.losses(model, ae, reward, x0, eps, item, step, cfg):
             (loss * (1 / len(batch))).backward()  # FSDP averages over the ranks: 1 / global batch in all
-            names += [name] if name not in names else []
-            losses.append(loss.detach())
-            rewards.append(r.detach().mean())
-        totals = totals + torch.stack([sum(losses), *rewards, *losses]) / len(batch)
-    return optimizer_step(model, opt, totals, names, step, cfg, ranks)
+            rewards[f"reward_{name}"], losses[f"loss_{name}"] = r.detach().mean(), loss.detach()
+        for key, value in {"loss": sum(losses.values()), **rewards, **losses}.items():
+            totals[key] = totals.get(key, 0) + value / len(batch)
+    return optimizer_step(model, opt, totals, step, cfg, ranks)
 
 
-def optimizer_step(model, opt, totals, names, step, cfg, ranks):
-    """Clip the gradient norm, read the step's values to the host (its one read: everything stayed on the device,
-    where FSDP's prefetch runs ahead), refuse non-finite ones, then AdamW."""
+def optimizer_step(model, opt, totals, step, cfg, ranks):
+    """Clip the gradient norm, read the step's values ({key: 0-d tensor} and the norm) to the host in one stack (its
+    one read: everything stayed on the device, where FSDP's prefetch runs ahead), refuse non-finite ones, AdamW."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     # with --offload the norm is the host gradients': it joins the others on the device
     norm = norm.to(ranks.device, torch.float64).reshape(1)
-    values = torch.cat([ranks.mean(totals.double()), norm]).tolist()
-    labels = ["loss", *(f"{name} reward" for name in names), *(f"{name} loss" for name in names), "gradient norm"]
-    bad = [f"{label} {value}" for label, value in zip(labels, values, strict=True) if not math.isfinite(value)]
+    means = ranks.mean(torch.stack(list(totals.values())).double())  # over the ranks
+    values = dict(zip([*totals, "grad_norm"], torch.cat([means, norm]).tolist(), strict=True))
+    bad = [f"{key} {value}" for key, value in values.items() if not math.isfinite(value)]
     if bad:  # every rank has the same values (means over the ranks): every rank stops here
         raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
                        f"{checkpoints.LOWER_LR.format(cfg.lr)}")
@@ -448,8 +440,7 @@ def optimizer_step(model, opt, totals, names, step, cfg, ranks):
         group["lr"] = learning_rate(cfg, step)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    keys = ["loss", *(f"reward_{name}" for name in names), *(f"loss_{name}" for name in names), "grad_norm"]
-    return dict(zip(keys, values, strict=True))
+    return values
 
 
 def learning_rate(cfg, step):
@@ -459,20 +450,19 @@ def learning_rate(cfg, step):
 
 
 def step_batch(parts, cfg, step, ranks):
-    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the model
-    family's, as the model is sampled; --no-branch-cfg: a CFG family's conditional pass alone, for the branches and
-    the rollout), their draws, their images' x0 when offline."""
+    """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the family's, as
+    sampled; --no-branch-cfg: a CFG family's conditional pass alone), their draws, their images' x0 when offline."""
     mine, make = runtime.my_prompts(parts.prompt_of, step, cfg, ranks), families.of_model(parts.model).conditioning
     conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for _, p in mine]
     return [Prompt(p, c.conditional() if cfg.no_branch_cfg else c, draw_timestep(cfg, step, j), parts.x0_of(step, j))
             for (j, p), c in zip(mine, conds, strict=True)]
 
 
-def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
-    """The loop: train_step per update, the log, the held-out evaluations when due, the checkpoints, the
-    before/after grids. On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and
-    Stopped raised: the decision is taken together at the step boundary, so no rank waits in a collective the
-    others have left. watch: evaluation.Watch (held-out prompts, TensorBoard; none by default); method: cfg.method's."""
+def train(parts, prompts, cfg, out, ranks, method, watch=None):
+    """The loop of a methods.Method: train_step per update, the log, the held-out evaluations when due (watch:
+    evaluation.Watch; none by default), the checkpoints, the before/after grids. On SIGTERM or SIGINT (on any rank)
+    every rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken together at the
+    step boundary, so no rank waits in a collective the others have left."""
     log = checkpoints.open_log(out, parts.start, ranks)
     runtime.encode_captions(parts, cfg, ranks, step_captions)
     evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
@@ -483,7 +473,8 @@ def train(parts, prompts, cfg, out, ranks, watch=None, method=srpo_losses):
         for step in tqdm(range(parts.start + 1, cfg.steps + 1), initial=parts.start, total=cfg.steps, desc="train",
                          disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
-            values = train_step(*parts[:4], step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
+            values = train_step(parts.model, parts.opt, parts.ae, parts.reward, step_batch(parts, cfg, step, ranks),
+                                step, cfg, ranks, method)
             record = {"step": step, **values, "lr": learning_rate(cfg, step), "words": control_words(step),
                       "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(checkpoints.append_log, log, record))

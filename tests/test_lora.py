@@ -23,6 +23,7 @@ import flux_model as fm
 import flux_sampling
 import flux_weights as fw
 import lora
+import methods
 import reward as reward_module
 import runtime
 import srpo
@@ -64,7 +65,7 @@ def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_p
     names = {n for n, p in model.named_parameters() if id(p) in trained}
     assert names == adapter_names(model)  # AdamW holds the adapters alone
     assert all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if n not in names)
-    srpo.train(parts, ["a red fox"], cfg, str(tmp_path), ranks)
+    srpo.train(parts, ["a red fox"], cfg, str(tmp_path), ranks, methods.SRPO)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in original.items())  # the base, byte for byte
     assert all(state[n].abs().max() > 0 for n in names if n.endswith("lora_B"))  # every B moved off zero

@@ -39,7 +39,8 @@ def setup(tiny, rollout_steps=4):
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=rollout_steps)
     cond = flux_sampling.conditioning(text([PROMPT]), cfg.height, cfg.width, CPU)
     model = copy.deepcopy(model)
-    return model, ae, reward, cfg, cond, srpo.shared_noise(cfg, 1, CPU), caller(model, cond)
+    eps = srpo.shared_noise(cfg, 1, CPU, flux_sampling.initial_noise)
+    return model, ae, reward, cfg, cond, eps, caller(model, cond)
 
 
 def caller(model, cond):
@@ -177,11 +178,11 @@ def test_every_method_is_built_from_srpos_parts(tiny, monkeypatch):
                 "draft-lv": ["direct_align", "model_step", "image_reward"] * 2}
     for name, method in methods.METHODS.items():
         calls.clear()
-        run_method(method, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3, cfg)
+        run_method(method.losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3, cfg)
         assert calls == expected[name], name
 
 
-def train_tiny(tiny, out, cfg, method=srpo.srpo_losses, prepare=lambda model: None):
+def train_tiny(tiny, out, cfg, method=methods.SRPO, prepare=lambda model: None):
     """srpo.train, one process, one prompt, on a fresh copy of the tiny transformer; prepare(model) first."""
     model, ae, text, reward = tiny
     os.makedirs(out, exist_ok=True)
@@ -190,7 +191,7 @@ def train_tiny(tiny, out, cfg, method=srpo.srpo_losses, prepare=lambda model: No
     prepare(model)
     embeddings = flux_sampling.encode_prompts(text, [PROMPT])
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule([PROMPT], cfg), cfg, 0, None, ranks)
-    srpo.train(parts, [PROMPT], cfg, str(out), ranks, method=method)
+    srpo.train(parts, [PROMPT], cfg, str(out), ranks, method)
     return model
 
 
@@ -199,9 +200,9 @@ def log_lines(out):
         return [json.loads(line) for line in f]
 
 
-COSTS = {"srpo": (srpo.srpo_losses, {}, (4, 2)), "no-inversion": (srpo.srpo_losses, {"no_inversion": True}, (4, 1)),
-         "direct-align": (methods.direct_align_losses, {}, (4, 1)), "refl": (methods.refl_losses, {}, (3, 1)),
-         "draft-lv": (methods.draft_lv_losses, {}, (4, 2))}
+COSTS = {"srpo": ("srpo", {}, (4, 2)), "no-inversion": ("srpo", {"no_inversion": True}, (4, 1)),
+         "direct-align": ("direct-align", {}, (4, 1)), "refl": ("refl", {}, (3, 1)),
+         "draft-lv": ("draft-lv", {}, (4, 2))}
 
 
 @pytest.mark.parametrize("name", list(COSTS))
@@ -212,7 +213,8 @@ def test_model_calls_per_step_are_each_methods_stated_cost(tiny, tmp_path, name)
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
     calls = []
     hook = lambda module, args: calls.append(torch.is_grad_enabled())  # noqa: E731
-    train_tiny(tiny, tmp_path, cfg, method, prepare=lambda model: model.register_forward_pre_hook(hook))
+    prepare = lambda model: model.register_forward_pre_hook(hook)  # noqa: E731
+    train_tiny(tiny, tmp_path, cfg, methods.METHODS[method], prepare=prepare)
     assert (calls.count(False), calls.count(True)) == expected
 
 

@@ -1,12 +1,15 @@
 """The seams new work lands on, each shown with a stand-in defined here and nothing changed in the library: a training
-method is one function from a rollout to branch losses (srpo.srpo_losses' shape), a model family is its conditioning's
-velocity (flux_sampling.Conditioning's), a reward is one class and one registry entry (tests/test_reward_seam.py)."""
+method is one function from a rollout to branch losses (srpo.srpo_losses' shape, in a methods.Method record), a model
+family is its conditioning's velocity (flux_sampling.Conditioning's), a reward is one class and one registry entry
+(tests/test_reward_seam.py)."""
 
 from typing import NamedTuple
 
 import torch
 from references import rel_err
 
+import flux_sampling
+import methods
 import runtime
 import sampling
 import srpo
@@ -22,18 +25,19 @@ def test_a_training_method_is_one_function_from_the_rollout_to_branch_losses(mon
     start = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(srpo, "online_rollout", lambda model, eps, cond, cfg: eps * 0.5)
 
-    def method(model, ae, reward, x0, eps, item, step, cfg):  # two branches of a made-up method
+    def losses(model, ae, reward, x0, eps, item, step, cfg):  # two branches of a made-up method
         for name, scale in (("near", 1.0), ("far", 2.0)):
             loss = scale * model(x0 + item.sel).pow(2).mean()
             yield name, loss, -loss
 
     batch = [srpo.Prompt("a", None, 1), srpo.Prompt("b", None, 2)]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    method = methods.Method("made-up", losses)
     values = srpo.train_step(model, opt, None, None, batch, 3, cfg, runtime.Ranks(0, 1, CPU), method)
 
     ref = torch.nn.Linear(64, 64)
     ref.load_state_dict(start)
-    x0 = srpo.shared_noise(cfg, 3, CPU) * 0.5
+    x0 = srpo.shared_noise(cfg, 3, CPU, flux_sampling.initial_noise) * 0.5
     near = [ref(x0 + sel).pow(2).mean() for sel in (1, 2)]
     total = sum(3 * n for n in near) / 2  # near + far (twice near) per prompt, mean over the batch
     total.backward()

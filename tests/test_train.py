@@ -25,6 +25,7 @@ import cli as command_line
 import flux_model as fm
 import flux_sampling
 import flux_weights as fw
+import methods
 import reward as reward_module
 import runtime
 import sampling
@@ -134,11 +135,11 @@ def test_defaults_are_the_official_run():
 
 def test_noise_is_shared_by_prompts_and_ranks_and_new_each_step():
     cfg = srpo.TrainConfig(height=32, width=48)
-    eps = srpo.shared_noise(cfg, 7, CPU)
-    assert eps.shape == (1, 6, 64) and torch.equal(eps, srpo.shared_noise(cfg, 7, CPU))
+    eps = srpo.shared_noise(cfg, 7, CPU, flux_sampling.initial_noise)
+    assert eps.shape == (1, 6, 64) and torch.equal(eps, srpo.shared_noise(cfg, 7, CPU, flux_sampling.initial_noise))
     assert eps.dtype == torch.float32 and torch.equal(eps.bfloat16().float(), eps)  # bf16 values, as drawn officially
     assert 0.9 < eps.std() < 1.1
-    assert not torch.equal(eps, srpo.shared_noise(cfg, 8, CPU))
+    assert not torch.equal(eps, srpo.shared_noise(cfg, 8, CPU, flux_sampling.initial_noise))
 
 
 def test_rollout_is_25_euler_steps_on_the_shift3_schedule_without_gradient():
@@ -160,7 +161,7 @@ def branch_setup(tiny, prompt="a red fox"):
     model, ae, text, reward = tiny
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4)
     cond = flux_sampling.conditioning(text([prompt]), cfg.height, cfg.width, CPU)
-    eps = srpo.shared_noise(cfg, 0, CPU)
+    eps = srpo.shared_noise(cfg, 0, CPU, flux_sampling.initial_noise)
     return copy.deepcopy(model), ae, reward, cfg, cond, eps, srpo.online_rollout(model, eps, cond, cfg)
 
 
@@ -226,7 +227,7 @@ def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: Non
     prompts = list(prompts)
     embeddings = flux_sampling.encode_prompts(text, prompts)
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
-    srpo.train(parts, prompts, cfg, str(out), ranks)
+    srpo.train(parts, prompts, cfg, str(out), ranks, methods.SRPO)
     return model
 
 
@@ -263,7 +264,7 @@ def test_every_timestep_and_guidance_the_model_receives_in_one_step(tiny, tmp_pa
     assert [(t, g) for _, (t,), (g,), _ in calls] == [(pytest.approx(t, rel=1e-7), g) for t, g in expected]
 
     rollout, (denoise, inversion) = calls[: cfg.rollout_steps], calls[cfg.rollout_steps :]
-    eps = srpo.shared_noise(cfg, 1, CPU)
+    eps = srpo.shared_noise(cfg, 1, CPU, flux_sampling.initial_noise)
     assert torch.equal(rollout[0][0], eps)
     x, *_, v = rollout[-1]
     x0 = x + (0 - schedule[-2]) * v  # the rollout's last Euler step, to sigma 0
@@ -331,7 +332,8 @@ def test_train_step_equals_the_official_step_written_out(tiny, tmp_path, monkeyp
     reference = copy.deepcopy(model)
     train_tiny(tiny, tmp_path, cfg, prepare=prepare)
     (line,) = log_lines(str(tmp_path))
-    loss = official_step(reference, ae, reward, text, "a red fox", srpo.shared_noise(cfg, 1, CPU), sel, 1, cfg)
+    eps = srpo.shared_noise(cfg, 1, CPU, flux_sampling.initial_noise)
+    loss = official_step(reference, ae, reward, text, "a red fox", eps, sel, 1, cfg)
     assert line["loss"] == pytest.approx(loss, rel=1e-5) and line["words"] == ["Detail", "Painting"]
     for name, p in reference.named_parameters():
         assert p.grad.abs().max() > 0 and rel_err(grads[name], p.grad) <= 1e-5, name
@@ -757,7 +759,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
     code, err = run_cli(["train", "--steps", "5", "--save-every", "1", "--keep", "5", *SMALL, "--out", out], capsys)
     errors = [line for line in err if line.startswith("error: ")]  # after the progress bar's lines
     assert code == util.EXIT_DIVERGED == 65 and len(errors) == 1 and errors[0] == err[-1], err
-    for words in ["step 3: not finite: loss nan, denoise reward nan", "the weights were not updated", "lower --lr",
+    for words in ["step 3: not finite: loss nan, reward_denoise nan", "the weights were not updated", "lower --lr",
                   f"the last checkpoint with finite weights: {os.path.join(out, checkpoints.CHECKPOINT.format(2))}"]:
         assert words in err[-1], (words, err)
     assert sorted(checkpoints.complete(out)) == [1, 2]
