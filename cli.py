@@ -10,19 +10,11 @@ from dataclasses import fields
 
 import torch
 
-import checkpoints
-import clip_weights as cw
-import evaluation
-import export
 import families
-import flux2_sampling as f2s
-import image_data
 import methods
 import reward
-import runtime
-import sampling
 import srpo
-from bounds import (
+from common.bounds import (
     FINITE,
     GUIDANCE,
     IMAGES_PER_PROMPT,
@@ -35,8 +27,7 @@ from bounds import (
     Bounded,
     annotation,
 )
-from sampling import DEFAULT_PROMPT
-from util import (
+from common.util import (
     EXIT_DIVERGED,
     EXIT_FAULT,
     EXIT_INPUT,
@@ -53,6 +44,10 @@ from util import (
     read_manifest,
     read_prompts,
 )
+from sampling import flux2_sampling, sampler
+from sampling.sampler import DEFAULT_PROMPT
+from training import checkpoints, evaluation, image_data, runtime
+from weights import clip_weights, export
 
 
 class Parser(argparse.ArgumentParser):
@@ -305,7 +300,7 @@ def config_from_flags(args, world):
     """TrainConfig from the flags: the srpo.PRESETS that fit the command line, in their order, over TrainConfig's
     defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given over them all.
     The config checks itself."""
-    flux2, demo = sampling.model_family(args) is families.FLUX2, args.flux is None
+    flux2, demo = sampler.model_family(args) is families.FLUX2, args.flux is None
     fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
@@ -325,7 +320,7 @@ def run_config(args):
     """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, family=sampling.model_family(args).name, reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=sampler.model_family(args).name, reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
@@ -336,8 +331,9 @@ def check_branch_cfg(args, cfg):
     """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
     base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
     (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
-    family = sampling.model_family(args)
-    if not cfg.no_branch_cfg or (family is families.FLUX2 and f2s.uses_cfg(args.flux, f2s.GUIDANCE)):
+    family = sampler.model_family(args)
+    if not cfg.no_branch_cfg or (family is families.FLUX2
+                                 and flux2_sampling.uses_cfg(args.flux, flux2_sampling.GUIDANCE)):
         return
     given = f"--flux {args.flux}" if args.flux else f"--family {family.name} (the tiny demo)"
     raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
@@ -368,7 +364,7 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
-    family = sampling.model_family(args)
+    family = sampler.model_family(args)
     vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family.name, reward_model=path))
     if family is families.FLUX2 and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
         raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
@@ -405,7 +401,7 @@ def score_inputs(args):
     model = getattr(args, models[0])
     tokenizer = check_tokenizer(model, args.tokenizer) if paths else None
     if args.save_safetensors:
-        cw.convert_checkpoint(args.hps, args.save_safetensors)
+        clip_weights.convert_checkpoint(args.hps, args.save_safetensors)
         print(args.save_safetensors)
         model = args.save_safetensors
     return (reward.REWARDS[models[0]], model, tokenizer, paths, prompts) if paths else None
@@ -472,7 +468,8 @@ def cmd_score(args):
 
 
 def cmd_train(args):
-    """`srpo.py train`: the configs from the flags, every input checked, then the run (runtime.py sets it up)."""
+    """`srpo.py train`: the configs from the flags, every input checked, then the run (training/runtime.py sets it
+    up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_from_flags(args, world)
     check_branch_cfg(args, cfg)
@@ -509,8 +506,8 @@ def train_data(run, prompt_file, cfg):
 
 
 def cmd_export(args):
-    """Write a training checkpoint in the formats people run (export.py): a BFL-keyed single file for ComfyUI and
-    Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
+    """Write a training checkpoint in the formats people run (weights/export.py): a BFL-keyed single file for ComfyUI
+    and Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
     is written tensor by tensor to a temporary name, then renamed, under the output folder's lock; an --out onto
     what the export reads or into a run's checkpoint is refused."""
     device = parse_device(args.device)
@@ -519,11 +516,11 @@ def cmd_export(args):
 
 
 def cmd_sample(args):
-    """`srpo.py sample`: the images of sampling.sample, its SampleConfig from the flags (the default --out's runs/
+    """`srpo.py sample`: the images of sampler.sample, its SampleConfig from the flags (the default --out's runs/
     made first, as train makes its --out)."""
     if args.out == SAMPLE_PNG:
         check_writable(os.path.dirname(SAMPLE_PNG))
-    sampling.sample(sampling.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampling.SampleConfig)}))
+    sampler.sample(sampler.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampler.SampleConfig)}))
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export}

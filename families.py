@@ -1,11 +1,11 @@
 """The model families, FLUX.1 and FLUX.2, in one table: everything the sampler, the training step, a run and an
 export ask of a family. The rest of the project is the same for both.
 
-Each family is its model (flux_model.py, flux2_model.py), its weights on disk (flux_weights.py, flux2_weights.py) and
-its sampling (flux_sampling.py, flux2_sampling.py: noise, conditioning, schedule, folders); a Family names the
-functions of those modules that the family-independent code calls. What is given tells the family: a diffusers
-pipeline folder its model_index.json `_class_name`, a transformer folder its config.json's, a single file its keys,
-a model its config's class, the tiny demo its --family."""
+Each family is its model (flux_model.py, flux2_model.py), its weights on disk (weights/flux_weights.py,
+weights/flux2_weights.py) and its sampling (sampling/flux_sampling.py, sampling/flux2_sampling.py: noise, conditioning,
+schedule, folders); a Family names the functions of those modules that the family-independent code calls. What is given
+tells the family: a diffusers pipeline folder its model_index.json `_class_name`, a transformer folder its
+config.json's, a single file its keys, a model its config's class, the tiny demo its --family."""
 
 import functools
 import os
@@ -13,13 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import flux2_sampling as f2s
-import flux2_weights as f2w
-import flux_sampling as fs
-import flux_weights as fw
+from common.util import InputError, check_folder, read_json
 from flux2_model import Flux2, Flux2Config
 from flux_model import Flux, FluxConfig
-from util import InputError, check_folder, read_json
+from sampling import flux2_sampling, flux_sampling
+from weights import flux2_weights, flux_weights
 
 
 class Conditioning(Protocol):
@@ -69,19 +67,25 @@ class Family:
 FLUX1 = Family(
     name="flux1", title="FLUX.1", pipelines=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
     model=Flux, config=FluxConfig,
-    sources=fw.transformer_sources, load=fw.load_transformer, save=fw.save_transformer, links=fw.transformer_links,
-    to_diffusers=fw.flux_config_to_diffusers, bfl="black-forest-labs/flux parameter names, as flux1-dev.safetensors",
-    initial_noise=fs.initial_noise, conditioning=fs.conditioning, mu=None, guidance=fs.GUIDANCE,
-    load_folder=fs.load_folder, sample_models=fs.sample_models, sample_guidance=fs.sample_guidance,
-    frozen_parts=fs.frozen_parts, tiny_frozen_parts=fs.tiny_frozen_parts)
+    sources=flux_weights.transformer_sources, load=flux_weights.load_transformer,
+    save=flux_weights.save_transformer, links=flux_weights.transformer_links,
+    to_diffusers=flux_weights.flux_config_to_diffusers,
+    bfl="black-forest-labs/flux parameter names, as flux1-dev.safetensors",
+    initial_noise=flux_sampling.initial_noise, conditioning=flux_sampling.conditioning, mu=None,
+    guidance=flux_sampling.GUIDANCE, load_folder=flux_sampling.load_folder,
+    sample_models=flux_sampling.sample_models, sample_guidance=flux_sampling.sample_guidance,
+    frozen_parts=flux_sampling.frozen_parts, tiny_frozen_parts=flux_sampling.tiny_frozen_parts)
 FLUX2 = Family(
-    name="flux2", title="FLUX.2", pipelines=tuple(f2s.TEXT_ENCODERS), transformer_class="Flux2Transformer2DModel",
-    model=Flux2, config=Flux2Config,
-    sources=f2w.transformer_sources, load=f2w.load_transformer, save=f2w.save_transformer, links=f2w.transformer_links,
-    to_diffusers=f2w.config_to_diffusers, bfl="black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors",
-    initial_noise=f2s.initial_noise, conditioning=f2s.conditioning, mu=f2s.empirical_mu, guidance=f2s.GUIDANCE,
-    load_folder=f2s.load_folder, sample_models=f2s.sample_models, sample_guidance=f2s.sample_guidance,
-    frozen_parts=f2s.frozen_parts, tiny_frozen_parts=f2s.tiny_frozen_parts)
+    name="flux2", title="FLUX.2", pipelines=tuple(flux2_sampling.TEXT_ENCODERS),
+    transformer_class="Flux2Transformer2DModel", model=Flux2, config=Flux2Config,
+    sources=flux2_weights.transformer_sources, load=flux2_weights.load_transformer,
+    save=flux2_weights.save_transformer, links=flux2_weights.transformer_links,
+    to_diffusers=flux2_weights.config_to_diffusers,
+    bfl="black-forest-labs/flux2 parameter names, as flux-2-klein-4b.safetensors",
+    initial_noise=flux2_sampling.initial_noise, conditioning=flux2_sampling.conditioning,
+    mu=flux2_sampling.empirical_mu, guidance=flux2_sampling.GUIDANCE, load_folder=flux2_sampling.load_folder,
+    sample_models=flux2_sampling.sample_models, sample_guidance=flux2_sampling.sample_guidance,
+    frozen_parts=flux2_sampling.frozen_parts, tiny_frozen_parts=flux2_sampling.tiny_frozen_parts)
 FAMILIES = (FLUX1, FLUX2)
 FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'
 
@@ -141,6 +145,7 @@ def of_transformer(path):
         return family
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
-    keys = fw.read_sources([path])
-    flux2 = any(k in keys or fw.BFL_PREFIX + k in keys for k in FLUX2_KEYS)  # FLUX.2's shared modulation: no FLUX.1
+    keys = flux_weights.read_sources([path])
+    # FLUX.2's shared modulation: no FLUX.1
+    flux2 = any(k in keys or flux_weights.BFL_PREFIX + k in keys for k in FLUX2_KEYS)
     return FLUX2 if flux2 else FLUX1

@@ -11,7 +11,8 @@ block, the sinusoidal time embedding, the VAE's encoder and decoder):
 - 4-axis RoPE over (t, h, w, l), theta 2000: image tokens count along h and w, text tokens along l;
 - the autoencoder has 32 latent channels and 1x1 quant convs, and its latents are normalised per channel of their 2x2
   patchified (128-channel) form by the batch-norm statistics the released VAE carries, as the Flux2 pipelines do.
-Module names follow black-forest-labs/flux2 (its single-file checkpoints); flux2_weights.py maps them to diffusers'.
+Module names follow black-forest-labs/flux2 (its single-file checkpoints); weights/flux2_weights.py maps them to
+diffusers'.
 
 Shapes: B batch, L image tokens, T text tokens, h hidden width.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 import flux_model as fm
-from util import InputError
+from common.util import InputError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs

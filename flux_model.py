@@ -2,7 +2,7 @@
 
 Read top to bottom: configs, the transformer's pieces (embeddings, RoPE, attention, double and single blocks),
 the transformer, the autoencoder, then text conditioning. Module names follow black-forest-labs/flux; reading and
-writing the released weights (diffusers folders, BFL single files) is flux_weights.py's.
+writing the released weights (diffusers folders, BFL single files) is weights/flux_weights.py's.
 
 Shapes: B batch, L image tokens, T text tokens, H heads, D head width, h hidden width.
 """
@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.util import InputError, check_folder, first_line, load_pretrained, quiet_transformers
 from flux_kernels.attention import attention as flash_attention
 from flux_kernels.rope import norm_rope as fused_norm_rope
 from flux_kernels.rope import norm_rope_reference
-from util import InputError, check_folder, first_line, load_pretrained, quiet_transformers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs

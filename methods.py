@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 import families
 import srpo
-from sampling import autocast
-from util import derive_seed, to_device
+from common.util import derive_seed, to_device
+from sampling.sampler import autocast
 
 REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
 REFL_MARGIN = 2.0  # ImageReward's reward-to-loss map phi(r) = relu(2 - r)

@@ -9,8 +9,8 @@ what the command line shows (PickScore and CLIP-H share FolderCLIPScorer: the of
 Adding a reward is one class and one REWARDS entry (tests/test_reward_seam.py).
 
 Read top to bottom: the scorer, the rewards, SRPO's control words, the `score` command, the differentiable
-preprocessing of (B, 3, H, W) images in [0, 1]. The weights' I/O is clip_weights.py's, the tokenizers are
-clip_tokenizer.py's.
+preprocessing of (B, 3, H, W) images in [0, 1]. The weights' I/O is weights/clip_weights.py's, the tokenizers are
+weights/clip_tokenizer.py's.
 """
 
 import functools
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import clip_weights as cw
-import image_data
-from clip_tokenizer import CLIPProcessorTokenizer, OpenClipTokenizer, clean_prompt
-from util import InputError, check_folder, read_json
+from common.images import read_rgb
+from common.util import InputError, check_folder, read_json
+from weights import clip_weights
+from weights.clip_tokenizer import CLIPProcessorTokenizer, OpenClipTokenizer, clean_prompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,7 +91,7 @@ class CLIPScorer(torch.nn.Module):
         tokenizer = cls.tokenizer_class.byte_level()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            clip = CLIPModel(cw.clip_config(**TINY, vocab_size=tokenizer.vocab_size))
+            clip = CLIPModel(clip_weights.clip_config(**TINY, vocab_size=tokenizer.vocab_size))
         return cls(clip.to(device=device, dtype=dtype), tokenizer)
 
     @property
@@ -186,9 +186,10 @@ class HPSReward(CLIPScorer):
 
     @classmethod
     def check_path(cls, path):
-        cw.check_checkpoint(path, "an HPSv2/HPSv2.1 checkpoint: HPS_v2.1_compressed.pt or its converted .safetensors")
+        clip_weights.check_checkpoint(path, "an HPSv2/HPSv2.1 checkpoint: HPS_v2.1_compressed.pt or its converted "
+                                            ".safetensors")
 
-    read_clip = staticmethod(cw.load_clip)
+    read_clip = staticmethod(clip_weights.load_clip)
 
 
 class FolderCLIPScorer(CLIPScorer):
@@ -207,7 +208,7 @@ class FolderCLIPScorer(CLIPScorer):
     def check_path(cls, path):
         check_clip_folder(path, cls.title)
 
-    read_clip = staticmethod(cw.load_clip_folder)
+    read_clip = staticmethod(clip_weights.load_clip_folder)
 
 
 class PickScoreReward(FolderCLIPScorer):
@@ -303,7 +304,7 @@ def preprocess(images, size=224, mode="hpsv2"):
 
 
 def load_image(path):
-    """(3, H, W) float32 in [0, 1] from an image file, read as `train --images` reads it (image_data.read_rgb: any
+    """(3, H, W) float32 in [0, 1] from an image file, read as `train --images` reads it (common.images.read_rgb: any
     mode made RGB, transparency on white, 16-bit scaled, upright), so that a score means the image trained on."""
-    rgb = np.asarray(image_data.read_rgb(path))
+    rgb = np.asarray(read_rgb(path))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255

@@ -24,14 +24,14 @@ L = relu(0.7 - r) / 2.
 One step (`train_step`), for each prompt of the global batch:
     eps ~ N(0, I), one draw shared by every prompt and rank            shared_noise
     x0 = 25-step Euler rollout of the current model, no gradient       online_rollout
-      or offline (train --images): the VAE encoding of a real image    image_data.py, runtime.offline_x0
+      or offline (train --images): the VAE encoding of a real image    training/image_data.py, runtime.offline_x0
     sel ~ U{5..995}, an index into the window w of N = 1000 sigmas     timestep_window, draw_timestep
       sigma_t = w[N - sel]; each branch's start, and its k, from sel   branch_sigmas, k_schedule
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file is the
-method; where it runs is runtime.py's, what it leaves checkpoints.py's, the rewards reward.py's, the baselines
-methods.py's, the command line cli.py's, the model family (FLUX.1, FLUX.2: noise, conditioning) families.py's.
+method; where it runs is training/runtime.py's, what it leaves training/checkpoints.py's, the rewards reward.py's, the
+baselines methods.py's, the command line cli.py's, the model family (FLUX.1, FLUX.2: noise, conditioning) families.py's.
 
     python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
     python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
@@ -49,15 +49,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import bounds
-import checkpoints
-import evaluation
 import families
-import runtime
-from bounds import Bounded, check_fields
+from common import bounds
+from common.bounds import Bounded, check_fields
+from common.util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 from reward import REWARDS
-from sampling import autocast, check_size, decode_images, euler_sample
-from util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
+from sampling.sampler import autocast, check_size, decode_images, euler_sample
+from training import checkpoints, evaluation, runtime
 
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
@@ -147,7 +145,7 @@ class TrainConfig:
     seed: Annotated[int, bounds.SEED, "seed of the prompt order, the shared noise and the timestep draws"] = 0
     samples: Annotated[int, Bounded(int, 0, 64, why="one row of images"),
                        "prompts (the first of the prompt list) in the before/after sample grids; 0: none"] = 4
-    # LoRA (lora.py): the transformer frozen, its adapters trained instead
+    # LoRA (training/lora.py): the transformer frozen, its adapters trained instead
     lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"),
                          "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP "
                          "layers instead of the whole transformer (0: full fine-tuning; with --flux, --lr is the lora "
@@ -496,12 +494,7 @@ def step_captions(step, prompt):
     return [control_caption(word, prompt) for word in control_words(step)]
 
 
-def main(argv=None):
-    """`python srpo.py train|sample|score|export`: the command line is cli.py's (it imports this module, hence here)."""
+if __name__ == "__main__":  # `python srpo.py train|sample|score|export`: the command line is cli.py's
     import cli
 
-    cli.main(argv)
-
-
-if __name__ == "__main__":
-    main()
+    cli.main()

@@ -52,8 +52,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """(transformer, autoencoder, text encoders, HPS scorer): the tiny demo's random models, built in code."""
-    import flux_sampling
     from reward import HPSReward
+    from sampling import flux_sampling
 
     model, ae, text = flux_sampling.tiny_models()
     return model, ae, text, HPSReward.tiny()

@@ -18,9 +18,8 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 
-import flux2_weights as f2w
 import flux_model as fm
-import flux_weights as fw
+from weights import flux2_weights, flux_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +40,7 @@ def randomize(module, std=0.05, seed=0):
 
 
 def diffusers_transformer(cfg, seed=0):
-    kwargs = {k: v for k, v in fw.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in flux_weights.flux_config_to_diffusers(cfg).items() if not k.startswith("_")}
     return randomize(FluxTransformer2DModel(**kwargs).eval(), seed=seed)
 
 
@@ -56,7 +55,7 @@ def diffusers_vae(cfg, seed=0):
 
 
 def diffusers_flux2_transformer(cfg, seed=0):
-    kwargs = {k: v for k, v in f2w.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in flux2_weights.config_to_diffusers(cfg).items() if not k.startswith("_")}
     return randomize(Flux2Transformer2DModel(**kwargs).eval(), seed=seed)
 
 
@@ -159,7 +158,8 @@ def flux_variant(folder, root, scheduler, guidance_embed=True):
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0"} | scheduler, f)
     if not guidance_embed:
-        cfg = dataclasses.replace(fw.read_flux_config(os.path.join(folder, "transformer")), guidance_embed=False)
+        cfg = flux_weights.read_flux_config(os.path.join(folder, "transformer"))
+        cfg = dataclasses.replace(cfg, guidance_embed=False)
         shutil.rmtree(os.path.join(root, "transformer"))
         diffusers_transformer(cfg, seed=4).save_pretrained(os.path.join(root, "transformer"))
     return str(root)

@@ -71,12 +71,15 @@ def test_the_paper_to_code_table_names_what_exists():
     names = set()
     for row in rows:
         names |= set(re.findall(r"`(\w+(?:\.\w+)+)`", row.split("|")[2]))
-    modules = {path.stem for path in ROOT.glob("*.py")}
+    modules = {path.stem for path in ROOT.glob("*.py")} | {path.parent.name for path in ROOT.glob("*/__init__.py")}
     names = {name for name in names if name.split(".")[0] in modules}
     assert len(names) >= 20, names
     for name in sorted(names):
-        module, *attributes = name.split(".")
-        thing = importlib.import_module(module)
+        parts = name.split(".")
+        depth = 1  # the module: the longest prefix that is a module's file (training.runtime: training/runtime.py)
+        while ROOT.joinpath(*parts[:depth + 1]).with_suffix(".py").exists():
+            depth += 1
+        thing, attributes = importlib.import_module(".".join(parts[:depth])), parts[depth:]
         for attribute in attributes:
             assert hasattr(thing, attribute), f"README.md names {name}, which does not exist"
             thing = getattr(thing, attribute)

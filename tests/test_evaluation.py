@@ -1,6 +1,6 @@
-"""Held-out evaluation and TensorBoard (evaluation.py): the eval images against `srpo.py sample` of the checkpoint
-saved at that step, the eval scores against `srpo.py score --manifest` on those files, TensorBoard's event files
-(read with tensorboard's own reader) against log.jsonl and eval.jsonl, resume, 2 gloo processes against one, bad
+"""Held-out evaluation and TensorBoard (training/evaluation.py): the eval images against `srpo.py sample` of the
+checkpoint saved at that step, the eval scores against `srpo.py score --manifest` on those files, TensorBoard's event
+files (read with tensorboard's own reader) against log.jsonl and eval.jsonl, resume, 2 gloo processes against one, bad
 input. Tiny models only."""
 
 import io
@@ -26,10 +26,8 @@ from test_train import (  # noqa: F401  real_args is a fixture
     tiny_clip_folder,
 )
 
-import checkpoints
-import evaluation
-import hacking
-import srpo
+import cli as command_line
+from training import checkpoints, evaluation, hacking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = ["a red bicycle", "a harbor at sunset", "a smiling child"]  # 3: an uneven share over 2 processes
@@ -65,7 +63,7 @@ def prompt_file(folder, prompts=EVAL):
 
 def score_means(args, capsys):
     """`srpo.py score ARGS --manifest M` in this process: (per-image scores, the printed mean)."""
-    srpo.main(["score", *args])
+    command_line.main(["score", *args])
     lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     return [float(s) for s, _ in lines[:-1]], float(lines[-1][0])
 
@@ -78,8 +76,8 @@ def test_eval_images_are_sample_of_the_checkpoint_and_scores_are_score_of_the_fi
     flux, hps = real_args[real_args.index("--flux") + 1], real_args[real_args.index("--hps") + 1]
     pickscore = tiny_clip_folder(tmp_path / "pickscore")
     out = str(tmp_path / "out")
-    srpo.main([*real_args, "--out", out, "--steps", "2", "--save-every", "1", "--keep", "3", "--eval-prompts",
-               prompt_file(tmp_path), "--pickscore", pickscore])
+    command_line.main([*real_args, "--out", out, "--steps", "2", "--save-every", "1", "--keep", "3", "--eval-prompts",
+                       prompt_file(tmp_path), "--pickscore", pickscore])
     report = capsys.readouterr().out
     lines = eval_lines(out)
     assert [line["step"] for line in lines] == [0, 1, 2]
@@ -89,8 +87,8 @@ def test_eval_images_are_sample_of_the_checkpoint_and_scores_are_score_of_the_fi
                                                      "diffusion_pytorch_model.safetensors")] if step else []
         for i, (prompt, tile) in enumerate(zip(EVAL, tiles(out, step, len(EVAL)), strict=True)):
             png = str(tmp_path / f"sample-{step}-{i}.png")
-            srpo.main(["sample", "--flux", flux, *transformer, "--prompt", prompt, "--seed", str(i), "--steps", "28",
-                       "--height", "32", "--width", "32", "--out", png])
+            command_line.main(["sample", "--flux", flux, *transformer, "--prompt", prompt, "--seed", str(i),
+                               "--steps", "28", "--height", "32", "--width", "32", "--out", png])
             assert np.array_equal(pixels(os.path.join(folder, f"{i:05d}.png")), pixels(png)), (step, i)
             assert np.array_equal(tile, pixels(png)), (step, i)
         capsys.readouterr()
@@ -132,7 +130,7 @@ def check_tensorboard(out):
 
 def test_tensorboard_holds_every_scalar_and_grid(tmp_path):
     out = str(tmp_path)
-    srpo.main(["train", "--steps", "3", "--save-every", "2", *SMALL, "--tensorboard", "--out", out])
+    command_line.main(["train", "--steps", "3", "--save-every", "2", *SMALL, "--tensorboard", "--out", out])
     assert [line["step"] for line in eval_lines(out)] == [0, 2, 3]  # step 0, every --save-every, the last
     assert len(eval_lines(out)[0]["per_prompt"]["hps"]) == 1  # SMALL's one held-out prompt
     check_tensorboard(out)
@@ -146,7 +144,7 @@ def test_eval_log_holds_the_signs_of_reward_hacking(tmp_path, capsys):
     out = str(tmp_path)
     flags = ["train", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--save-every", "1",
              "--tensorboard", "--out", out]
-    srpo.main([*flags, "--steps", "2"])
+    command_line.main([*flags, "--steps", "2"])
     report = capsys.readouterr().out
     lines, n = eval_lines(out), len(evaluation.EVAL_PROMPTS)
     files = {line["step"]: np.stack([pixels(os.path.join(out, "eval", f"step-{line['step']:06d}", f"{i:05d}.png"))
@@ -169,7 +167,7 @@ def test_eval_log_holds_the_signs_of_reward_hacking(tmp_path, capsys):
         assert got == [(line["step"], pytest.approx(line[name], rel=1e-6, abs=1e-7)) for line in lines], name
     assert signs_line(report).startswith("step 0 -> 2: saturation ") and "drift_ssim 1 -> 0." in report, report
     shutil.rmtree(os.path.join(out, "eval", "step-000000"))  # as an older run folder might be
-    srpo.main([*flags, "--steps", "3", "--resume"])
+    command_line.main([*flags, "--steps", "3", "--resume"])
     last = eval_lines(out)[-1]
     assert last["step"] == 3 and "saturation" in last["per_prompt"]
     assert not {"drift_l2", "drift_ssim"} & {*last, *last["per_prompt"]}
@@ -189,11 +187,11 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
     one."""
     out = str(tmp_path)
     flags = ["train", *SMALL, "--save-every", "1", "--keep", "3", "--eval-every", "1", "--tensorboard", "--out", out]
-    srpo.main([*flags, "--steps", "3"])
+    command_line.main([*flags, "--steps", "3"])
     shutil.rmtree(os.path.join(out, checkpoints.CHECKPOINT.format(3)))
     with open(os.path.join(out, "eval.jsonl")) as f:
         before = f.read()
-    srpo.main([*flags, "--steps", "4", "--resume"])
+    command_line.main([*flags, "--steps", "4", "--resume"])
     lines = eval_lines(out)
     assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
     assert "".join(json.dumps(line) + "\n" for line in lines[:3]) == "".join(before.splitlines(True)[:3])
@@ -203,14 +201,14 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
 def test_a_resume_with_other_eval_prompts_is_refused(tmp_path, capsys):
     out = str(tmp_path / "out")
     flags = ["train", *SMALL, "--eval-prompts", prompt_file(tmp_path), "--out", out]
-    srpo.main([*flags, "--steps", "1"])
+    command_line.main([*flags, "--steps", "1"])
     capsys.readouterr()
     other = tmp_path / "other.txt"
     other.write_text("a different prompt\n")
     code, err = run_cli(["train", *SMALL, "--eval-prompts", str(other), "--out", out, "--steps", "2", "--resume"],
                         capsys)
     assert code == 2 and len(err) == 1 and "prompts.txt" in err[0] and "other prompts" in err[0], err
-    srpo.main([*flags, "--steps", "2", "--resume"])
+    command_line.main([*flags, "--steps", "2", "--resume"])
     assert [line["step"] for line in eval_lines(out)] == [0, 1, 2]
 
 
@@ -221,7 +219,7 @@ def test_two_processes_write_the_eval_log_of_one(tmp_path):
     flags = ["train", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "2", *SMALL,
              "--eval-prompts", prompt_file(tmp_path)]
     cli(*TORCHRUN, *flags, "--out", two)
-    srpo.main([*flags, "--out", one])
+    command_line.main([*flags, "--out", one])
     a, b = eval_lines(one), eval_lines(two)
     assert [line["step"] for line in a] == [line["step"] for line in b] == [0, 2]
     assert a[0] == b[0]
@@ -234,7 +232,7 @@ def test_two_processes_write_the_eval_log_of_one(tmp_path):
 
 
 def test_without_the_flag_tensorboard_is_never_imported(tmp_path):
-    code = ("import sys, srpo; srpo.main(['train', '--steps', '1', '--height', '32', '--width', '32', "
+    code = ("import sys, srpo; command_line.main(['train', '--steps', '1', '--height', '32', '--width', '32', "
             f"'--rollout-steps', '2', '--samples', '0', '--out', {str(tmp_path)!r}]); "
             "print(sorted(m for m in sys.modules if 'tensorboard' in m))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -1,4 +1,4 @@
-"""export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
+"""weights/export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
 safetensors and by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads
 in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line. A test taking the `family`
 fixture runs on each family's tiny model (its `base` and `finetune` are that family's); FLUX1_ONLY ones on FLUX.1's."""
@@ -27,14 +27,12 @@ from test_flux2 import pipeline_ids
 from test_flux2 import run_diffusers as run_flux2_diffusers
 from test_flux2 import transformer_inputs as flux2_inputs
 
-import export
+import cli
 import flux2_model as f2
-import flux2_weights as f2w
 import flux_model as fm
-import flux_weights as fw
-import lora
-import srpo
-from util import InputError
+from common.util import InputError
+from training import lora
+from weights import export, flux2_weights, flux_weights
 
 CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
 CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases
@@ -64,8 +62,8 @@ class Family:
 
 FAMILIES = {
     "flux1": Family(
-        name="FLUX.1", cfg=CFG, model=fm.Flux, weights=fw, file_cfg=CFG, repo="black-forest-labs/flux",
-        to_diffusers=fw.flux_config_to_diffusers, diffusers=FluxTransformer2DModel,
+        name="FLUX.1", cfg=CFG, model=fm.Flux, weights=flux_weights, file_cfg=CFG, repo="black-forest-labs/flux",
+        to_diffusers=flux_weights.flux_config_to_diffusers, diffusers=FluxTransformer2DModel,
         pipeline=lambda t: FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                         text_encoder_2=None, tokenizer_2=None, transformer=t),
         converter=diffusers_flux_converter(CFG.hidden_size), inputs=lambda: transformer_inputs(CFG, H, W, T, B),
@@ -74,8 +72,8 @@ FAMILIES = {
         fp8_kept=frozenset({"img_in.weight", "txt_in.weight", "final_layer.linear.weight",
                             "single_blocks.1.linear1.bias", "double_blocks.0.img_attn.norm.query_norm.scale"})),
     "flux2": Family(
-        name="FLUX.2", cfg=CFG2, model=f2.Flux2, weights=f2w, file_cfg=None, repo="black-forest-labs/flux2",
-        to_diffusers=f2w.config_to_diffusers, diffusers=Flux2Transformer2DModel,
+        name="FLUX.2", cfg=CFG2, model=f2.Flux2, weights=flux2_weights, file_cfg=None, repo="black-forest-labs/flux2",
+        to_diffusers=flux2_weights.config_to_diffusers, diffusers=Flux2Transformer2DModel,
         pipeline=lambda t: Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                               transformer=t),
         converter=single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers,
@@ -226,7 +224,7 @@ def test_fp8_file_casts_the_block_linears_reads_back_and_stays_near_bf16(family,
     fp8 = family.weights.load_transformer(path, family.file_cfg)
     assert all(torch.equal(fp8.state_dict()[k], written[k].float()) for k in ours)
     theirs = from_single_file(path, base_dir).state_dict()
-    expected = fw.to_theirs(fp8.state_dict(), family.weights.transformer_links(cfg))
+    expected = flux_weights.to_theirs(fp8.state_dict(), family.weights.transformer_links(cfg))
     assert all(torch.equal(theirs[k], expected[k]) for k in expected)
     bf16 = family.weights.load_transformer(export.to_bfl(ckpt, str(tmp_path / "bf16.safetensors")), family.file_cfg)
     x = family.inputs()
@@ -309,7 +307,7 @@ def test_a_base_of_the_other_family_is_refused(family, finetune, lora_checkpoint
                          ([lora_checkpoint, "--to", "merged", "--base", other_dir],
                           "is not a linear layer of this FLUX")]:
         with pytest.raises(SystemExit) as exit_info:
-            srpo.main(["export", *flags, "--out", none])
+            cli.main(["export", *flags, "--out", none])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
         assert not os.path.exists(none)
@@ -318,7 +316,7 @@ def test_a_base_of_the_other_family_is_refused(family, finetune, lora_checkpoint
 def other_base(folder):
     cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=96, num_heads=3, depth=2,
                         depth_single_blocks=2, axes_dim=(4, 14, 14))
-    fw.save_transformer(fm.Flux(cfg), str(folder / "transformer"))
+    flux_weights.save_transformer(fm.Flux(cfg), str(folder / "transformer"))
     return str(folder)
 
 
@@ -361,14 +359,14 @@ def test_the_export_command_writes_what_the_library_does(family, base, finetune,
     table printed with --to lora, and a missing --rank or --base is one line, exit 2, nothing written."""
     _, checkpoint = finetune
     export.to_bfl(checkpoint, str(tmp_path / "library.safetensors"))
-    srpo.main(["export", checkpoint, "--to", "bfl", "--out", str(tmp_path / "command.safetensors")])
+    cli.main(["export", checkpoint, "--to", "bfl", "--out", str(tmp_path / "command.safetensors")])
     assert (tmp_path / "library.safetensors").read_bytes() == (tmp_path / "command.safetensors").read_bytes()
-    srpo.main(["export", checkpoint, "--to", "lora", "--rank", str(RANK), "--base", base[1], "--out",
+    cli.main(["export", checkpoint, "--to", "lora", "--rank", str(RANK), "--base", base[1], "--out",
                str(tmp_path / "lora")])
     assert "energy" in capsys.readouterr().out.lower()
     for flags, words in [(["--to", "lora", "--base", base[1]], "--rank"), (["--to", "lora", "--rank", "2"], "--base")]:
         with pytest.raises(SystemExit) as exit_info:
-            srpo.main(["export", checkpoint, *flags, "--out", str(tmp_path / "none")])
+            cli.main(["export", checkpoint, *flags, "--out", str(tmp_path / "none")])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
         assert not os.path.exists(tmp_path / "none")
@@ -383,7 +381,7 @@ def test_the_image_of_an_fp8_export_stays_near_the_bf16_export_s(family, finetun
     images = []
     for to, export_file in (("bfl", export.to_bfl), ("fp8", export.to_fp8)):
         path = export_file(ckpt, str(tmp_path / f"{to}.safetensors"))
-        srpo.main(["sample", "--transformer", path, "--steps", "4", "--height", "64", "--width", "48",
+        cli.main(["sample", "--transformer", path, "--steps", "4", "--height", "64", "--width", "48",
                    "--out", str(tmp_path / f"{to}.png")])
         images.append(np.asarray(Image.open(tmp_path / f"{to}.png")).astype(np.int16))
     difference = np.abs(images[0] - images[1])
@@ -399,10 +397,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def refused(args, capsys):
-    """srpo.main(args) -> its one error line, asserting exit 2 and nothing else on stderr but progress bars."""
+    """cli.main(args) -> its one error line, asserting exit 2 and nothing else on stderr but progress bars."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        cli.main(args)
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
     assert exit_info.value.code == 2 and len(err) == 1, err
     return err[0]
@@ -484,7 +482,7 @@ def wide_checkpoint(tmp_path_factory):
     cfg = fm.FluxConfig(vec_in_dim=32, context_in_dim=32, hidden_size=512, num_heads=4, depth=2,
                         depth_single_blocks=4, axes_dim=(16, 56, 56))
     folder = tmp_path_factory.mktemp("wide") / "checkpoint-000001"
-    fw.save_transformer(fm.Flux(cfg), str(folder))
+    flux_weights.save_transformer(fm.Flux(cfg), str(folder))
     return str(folder)
 
 
@@ -555,7 +553,7 @@ def demo_checkpoints(tmp_path_factory):
     folders = []
     for name, flags in (("full", []), ("lora", ["--lora-rank", "4"])):
         out = str(tmp_path_factory.mktemp(f"demo-{name}"))
-        srpo.main(["train", "--steps", "2", "--save-every", "2", "--height", "32", "--width", "32", "--rollout-steps",
+        cli.main(["train", "--steps", "2", "--save-every", "2", "--height", "32", "--width", "32", "--rollout-steps",
                    "4", "--samples", "1", "--lr", "1e-2", *flags, "--out", out])
         folders.append(os.path.join(out, "checkpoint-000002"))
     return folders
@@ -564,7 +562,7 @@ def demo_checkpoints(tmp_path_factory):
 def demo_image(folder, name, *flags):
     """`sample` with the tiny demo's models (4 steps, seed 0) -> the 8-bit image."""
     path = str(folder / f"{name}.png")
-    srpo.main(["sample", "--steps", "4", "--height", "64", "--width", "48", *flags, "--out", path])
+    cli.main(["sample", "--steps", "4", "--height", "64", "--width", "48", *flags, "--out", path])
     return np.asarray(Image.open(path)).astype(np.int16)
 
 
@@ -578,17 +576,17 @@ def test_a_demo_checkpoint_exports_to_lora_and_merged_with_base_demo(demo_checkp
     line = refused(["export", full, "--to", "lora", "--rank", "16", "--out", str(tmp_path / "none")], capsys)
     assert "--base" in line and "--base demo" in line, line
     merged = str(tmp_path / "merged")
-    srpo.main(["export", lora_checkpoint, "--to", "merged", "--base", "demo", "--dtype", "float32", "--out", merged])
-    srpo.main(["export", merged, "--to", "lora", "--rank", "4", "--base", "demo", "--out", str(tmp_path / "back")])
+    cli.main(["export", lora_checkpoint, "--to", "merged", "--base", "demo", "--dtype", "float32", "--out", merged])
+    cli.main(["export", merged, "--to", "lora", "--rank", "4", "--base", "demo", "--out", str(tmp_path / "back")])
     adapted = demo_image(tmp_path, "adapted", "--lora", os.path.join(lora_checkpoint, lora.LORA_FILE))
     assert np.array_equal(demo_image(tmp_path, "merged", "--transformer", os.path.join(merged, export.FULL_FILE)),
                           adapted)
     back = demo_image(tmp_path, "back", "--lora", str(tmp_path / "back" / lora.LORA_FILE))
     assert np.abs(back - adapted).max() <= 1 and not np.array_equal(adapted, demo_image(tmp_path, "base"))
     capsys.readouterr()
-    srpo.main(["export", full, "--to", "lora", "--rank", "64", "--base", "demo", "--out", str(tmp_path / "full")])
+    cli.main(["export", full, "--to", "lora", "--rank", "64", "--base", "demo", "--out", str(tmp_path / "full")])
     assert "rank 64 keeps 100.00%" in capsys.readouterr().out
-    tuned, demo = fw.load_transformer(full).state_dict(), export.demo_base(export.families.FLUX1)
+    tuned, demo = flux_weights.load_transformer(full).state_dict(), export.demo_base(export.families.FLUX1)
     base = {k: v.clone() for k, v in demo.state_dict().items()}
     extracted = lora.merge_lora(demo, str(tmp_path / "full" / lora.LORA_FILE)).state_dict()
     for layer in export.lora_layers(demo.cfg):

@@ -21,14 +21,12 @@ import torch
 from references import kept_checkpoints
 from safetensors.torch import load_file
 
-import checkpoints
-import evaluation
+import cli as command_line
 import flux_model as fm
-import flux_weights as fw
-import lora
-import sampling
-import srpo
-import util
+from common import util
+from sampling import sampler
+from training import checkpoints, evaluation, lora
+from weights import flux_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]
@@ -47,7 +45,7 @@ def log_steps(out):
 
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        command_line.main(args)
     return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
 
 
@@ -83,7 +81,7 @@ def straight(tmp_path_factory):
 def test_a_failed_log_or_grid_write_ends_in_one_line(tmp_path, capsys, monkeypatch, target):
     module, name, file = {"log": (checkpoints, "append_log", "log.jsonl"),
                           "eval": (checkpoints, "append_log", "eval.jsonl"),
-                          "grid": (sampling, "save_png", "samples-before.png")}[target]
+                          "grid": (sampler, "save_png", "samples-before.png")}[target]
     original = getattr(module, name)
 
     def quota(*args):
@@ -161,14 +159,14 @@ def test_sigterm_stops_sample_prompts_after_an_image_and_a_rerun_completes(tmp_p
 def test_a_failed_image_write_ends_sample_in_one_line(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
-    save = sampling.save_png
+    save = sampler.save_png
 
     def disk_full_at_the_second(images, paths):
         if paths[0].endswith("00001.png"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(images, paths)
 
-    monkeypatch.setattr(sampling, "save_png", disk_full_at_the_second)
+    monkeypatch.setattr(sampler, "save_png", disk_full_at_the_second)
     out = str(tmp_path / "out")
     code, err = run_cli(["sample", "--prompts", str(prompts), "--steps", "2", "--out", out], capsys)
     assert code == 74 and len(err) == 1 and "00001.png" in err[0] and "No space left" in err[0], err
@@ -228,7 +226,7 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
     """Run args: exit code 74, one "error:" line and no traceback, no checkpoint without state.json, no .tmp file.
     -> the line."""
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        command_line.main(args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert exit_info.value.code == code and len(lines) == 1 and "Traceback" not in err, err[-3000:]
@@ -241,12 +239,13 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
 
 STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
 TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
-    "weights": (fw, "save_diffusers", 1 << 20, None, "the checkpoint"),  # under save_transformer, by the family
+    # under save_transformer, by the family
+    "weights": (flux_weights, "save_diffusers", 1 << 20, None, "the checkpoint"),
     "training.pt": (checkpoints, "save_pt", 1 << 20, checkpoints.CHECKPOINT.format(4), "the checkpoint"),
     "state.json": (checkpoints, "write_json", 0, None, "the checkpoint"),
     "log": (checkpoints, "append_log", 0, "log.jsonl", "the log"),
     "eval": (evaluation.Watch, "write", 0, None, "the evaluation of step 0"),
-    "grid": (sampling, "save_png", 0, "samples-before.png", "samples-before.png"),
+    "grid": (sampler, "save_png", 0, "samples-before.png", "samples-before.png"),
 }
 
 
@@ -273,7 +272,7 @@ def test_a_real_full_disk_ends_in_one_line_and_resume_completes(straight, disk, 
     assert not os.path.exists(os.path.join(out, "eval", "step-000000")) or target != "eval"
     free(disk)
     monkeypatch.undo()
-    srpo.main([*STEP_2, "--out", out, "--resume"])
+    command_line.main([*STEP_2, "--out", out, "--resume"])
     a, b = weights(straight, 6), weights(out, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(log_steps(out)) == 6
@@ -286,18 +285,18 @@ def test_a_real_full_disk_ends_sample_in_one_line(disk, tmp_path, capsys, monkey
     prompts.write_text("a\nb\nc\n")
     out = os.path.join(disk, "out")
     args = ["sample", "--prompts", str(prompts), "--steps", "2", "--out", out]
-    full_before(monkeypatch, sampling, "save_png", disk, 0, lambda images, paths: paths[0].endswith("00001.png"))
+    full_before(monkeypatch, sampler, "save_png", disk, 0, lambda images, paths: paths[0].endswith("00001.png"))
     line = one_line_and_nothing_half_written(out, capsys, args)
     assert "00001.png" in line and "No space left on device" in line and "makes the rest" in line, line
     assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
     free(disk)
     monkeypatch.undo()
-    full_before(monkeypatch, sampling, "write_manifest", disk, 0)
+    full_before(monkeypatch, sampler, "write_manifest", disk, 0)
     line = one_line_and_nothing_half_written(out, capsys, args)
     assert "images.jsonl" in line and "No space left on device" in line, line
     free(disk)
     monkeypatch.undo()
-    srpo.main(args)
+    command_line.main(args)
     assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "images.jsonl"]
 
 
@@ -388,7 +387,7 @@ def test_a_torn_last_log_line_is_dropped_with_a_note(resumable, capsys, file):
         whole = f.read()
     with open(path, "a") as f:
         f.write('{"step": 7, "lo')
-    srpo.main([*TRAIN, "--out", out, "--resume"])
+    command_line.main([*TRAIN, "--out", out, "--resume"])
     assert f"{path}, line {whole.count(chr(10)) + 1}: a torn last line" in capsys.readouterr().err
     with open(path) as f:
         assert f.read() == whole
@@ -465,11 +464,11 @@ def export_inputs(tmp_path_factory):
     """A tiny full checkpoint, its base (a diffusers folder's transformer/) and a LoRA checkpoint of that base."""
     root = tmp_path_factory.mktemp("export")
     base = fm.Flux(fm.FluxConfig.preset("tiny")).eval()
-    fw.save_transformer(base, str(root / "base" / "transformer"))
+    flux_weights.save_transformer(base, str(root / "base" / "transformer"))
     tuned = fm.Flux(base.cfg).eval()
     with torch.no_grad():
         tuned.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
-    fw.save_transformer(tuned, str(root / "full"))
+    flux_weights.save_transformer(tuned, str(root / "full"))
     adapted = lora.add_adapters(fm.Flux(base.cfg).eval(), 2, 2.0, seed=0)
     lora.save_lora({n: torch.randn_like(p) for n, p in adapted.named_parameters() if "lora_" in n}, base.cfg, 1.0,
                    str(root / "lora"))
@@ -496,7 +495,7 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(export_inputs
     assert "No space left on device" in line and (out if leave else os.path.dirname(out)) in line, line
     assert os.listdir(disk) == ["filler"]
     free(disk)
-    srpo.main(export_args(export_inputs, to, out))
+    command_line.main(export_args(export_inputs, to, out))
     assert os.path.exists(out)
 
 

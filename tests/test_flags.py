@@ -13,19 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import bounds
 import cli
-import clip_weights as cw
-import evaluation
-import flux2_sampling
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
 import reward
-import runtime
-import sampling
 import srpo
-import util
+from common import bounds, util
+from sampling import flux2_sampling, flux_sampling, sampler
+from training import evaluation, runtime
+from weights import clip_weights, flux_weights
 
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 # store_true: no value
@@ -36,7 +31,7 @@ FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relativ
 
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main([str(a) for a in args])
+        cli.main([str(a) for a in args])
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -46,10 +41,11 @@ def no_models(monkeypatch):
     def called(*args, **kwargs):
         pytest.fail("a model was built or weights read before the input error")
 
-    load_into = fw.load_into
-    monkeypatch.setattr(fw, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
-    for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampling, "make_images"),
-                        (flux_sampling, "tiny_models"), (flux2_sampling, "tiny_models"), (cw, "convert_checkpoint"),
+    load_into = flux_weights.load_into
+    monkeypatch.setattr(flux_weights, "load_into", lambda *a: load_into(*a) if str(a[-1]) == "meta" else called())
+    for owner, name in [(runtime, "training_parts"), (runtime, "frozen_parts"), (sampler, "make_images"),
+                        (flux_sampling, "tiny_models"), (flux2_sampling, "tiny_models"),
+                        (clip_weights, "convert_checkpoint"),
                         (evaluation.Watch, "for_run")]:
         monkeypatch.setattr(owner, name, called)
     monkeypatch.setattr(fm.TextConditioner, "from_folder", classmethod(called))
@@ -104,7 +100,7 @@ def base_command(command, flag, tmp):
         text = {"--manifest": [], "images": ["--prompt", "a cat"]}.get(flag, ["--prompt", "a cat", tmp / "a.png"])
         return ["score", *model, "--tokenizer", tmp / "tokenizer", *text]
     if command == "export":  # a real (tiny) checkpoint: only the flag's value is wrong
-        fw.save_transformer(fm.Flux(fm.FluxConfig.preset("tiny")), tmp / "checkpoint")
+        flux_weights.save_transformer(fm.Flux(fm.FluxConfig.preset("tiny")), tmp / "checkpoint")
         kind = ["--to", "lora", "--rank", "2", "--base", tmp / "checkpoint"] if flag in ("--base", "--device") else []
         return ["export", tmp / "checkpoint", "--to", "bfl", *kind, "--out", tmp / "x.safetensors"]
     return [command, *small, "--out", tmp / ("run" if command == "train" else "x.png")]
@@ -238,7 +234,7 @@ def test_nan_weights_are_refused_when_loaded_naming_the_tensor(nan_flux, tmp_pat
         assert "transformer_blocks.1.attn.to_k.weight" in errors[0] and "NaN or infinite" in errors[0], errors
     assert not os.path.exists(tmp_path / "x.png")
     with pytest.raises(srpo.InputError, match="NaN"):
-        fw.load_transformer(os.path.join(nan_flux, "transformer"), dtype=torch.float32)
+        flux_weights.load_transformer(os.path.join(nan_flux, "transformer"), dtype=torch.float32)
 
 
 def test_the_help_of_train_names_both_families_it_trains():

@@ -22,11 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import cli
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
-import sampling
-import srpo
-import util
+from common import util
+from sampling import flux_sampling, sampler
+from weights import flux_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -67,7 +65,7 @@ def test_transformer_from_diffusers_folder_matches_diffusers(name, tmp_path):
     ref = diffusers_transformer(cfg)
     ref.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index, as the released folder is
     assert os.path.isfile(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
-    ours = fw.load_transformer(str(tmp_path))
+    ours = flux_weights.load_transformer(str(tmp_path))
     assert ours.cfg == cfg
     x = transformer_inputs(cfg, height, width, T, B)
     assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) <= TOL
@@ -90,7 +88,7 @@ def test_float16_streams_are_clipped_like_diffusers(tmp_path):
     ref.save_pretrained(tmp_path)
     x = {k: v if k.endswith("_ids") else v.half() for k, v in transformer_inputs(cfg, height, width, T, B).items()}
     theirs = run_diffusers(ref.half(), x)
-    ours = run_ours(fw.load_transformer(str(tmp_path), dtype=torch.float16), x)
+    ours = run_ours(flux_weights.load_transformer(str(tmp_path), dtype=torch.float16), x)
     assert torch.isfinite(theirs).all() and torch.isfinite(ours).all()
     assert rel_err(ours, theirs) <= 1e-2  # measured 6.3e-3; diffusers' own fp16 output is 6.9e-3 from its fp32 one
 
@@ -105,12 +103,12 @@ def diffusers_flux_converter(hidden_size):
     return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
-@pytest.mark.parametrize("prefix", ["", fw.BFL_PREFIX])
+@pytest.mark.parametrize("prefix", ["", flux_weights.BFL_PREFIX])
 def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ref = diffusers_transformer(cfg, seed=3)
     ref.save_pretrained(tmp_path / "diffusers")
-    ours = fw.load_transformer(str(tmp_path / "diffusers"))
+    ours = flux_weights.load_transformer(str(tmp_path / "diffusers"))
     bfl = {prefix + k: v.clone() for k, v in ours.state_dict().items()}  # our names are BFL's
     assert len(bfl) == 20 + 24 * cfg.depth + 8 * cfg.depth_single_blocks  # as BFL: 780 keys at 19 + 38 blocks
     converted = diffusers_flux_converter(cfg.hidden_size)({k: v.clone() for k, v in bfl.items()})
@@ -123,7 +121,7 @@ def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
     others = {"vae.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3), "text_encoders.t5xxl.w": torch.zeros(3)}
     save_file(bfl | others, tmp_path / "all_in_one.safetensors")
     for name in ["flux1.safetensors"] + (["all_in_one.safetensors"] if prefix else []):
-        loaded = fw.load_transformer(str(tmp_path / name), cfg)
+        loaded = flux_weights.load_transformer(str(tmp_path / name), cfg)
         x = transformer_inputs(cfg, height, width, T, B)
         assert rel_err(run_ours(loaded, x), run_diffusers(ref, x)) <= TOL, name
 
@@ -131,12 +129,13 @@ def test_bfl_single_file_checked_through_diffusers_converter(prefix, tmp_path):
 def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ours = randomize(fm.Flux(cfg), seed=5).eval()
-    path = fw.save_transformer(ours, str(tmp_path))
+    path = flux_weights.save_transformer(ours, str(tmp_path))
     ref = FluxTransformer2DModel.from_pretrained(str(tmp_path)).eval()
     ref.load_state_dict(load_file(path), strict=True)  # what the seed's snippet does with SRPO's file
     x = transformer_inputs(cfg, height, width, T, B)
     assert rel_err(run_ours(ours, x), run_diffusers(ref, x)) <= TOL
-    assert torch.equal(run_ours(fw.load_transformer(str(tmp_path)), x), run_ours(ours, x))  # lossless round trip
+    # lossless round trip
+    assert torch.equal(run_ours(flux_weights.load_transformer(str(tmp_path)), x), run_ours(ours, x))
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -148,7 +147,7 @@ def test_written_files_get_the_mode_of_the_umask(umask, mode, tmp_path):
         util.write_text(str(tmp_path / "a.txt"), "a")
         util.write_json(str(tmp_path / "b.json"), {"b": 1})
         util.atomic_write(str(tmp_path / "c.safetensors"), lambda tmp: save_file({"c": torch.zeros(1)}, tmp))
-        fw.save_transformer(fm.Flux(CONFIGS["no-guidance"][0]), str(tmp_path / "checkpoint"))
+        flux_weights.save_transformer(fm.Flux(CONFIGS["no-guidance"][0]), str(tmp_path / "checkpoint"))
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
@@ -160,7 +159,7 @@ def test_wrong_weights_are_caught(tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ref = diffusers_transformer(cfg)
     ref.save_pretrained(tmp_path)
-    ours = fw.load_transformer(str(tmp_path))
+    ours = flux_weights.load_transformer(str(tmp_path))
     with torch.no_grad():
         qkv = ours.double_blocks[1].img_attn.qkv.weight
         qkv[: cfg.hidden_size], qkv[cfg.hidden_size: 2 * cfg.hidden_size] = (
@@ -178,7 +177,7 @@ AE_CONFIGS = [fm.AutoEncoderConfig.preset("tiny"),
 def test_autoencoder_matches_diffusers(cfg, tmp_path):
     vae = diffusers_vae(cfg)
     vae.save_pretrained(tmp_path)
-    ae = fw.load_autoencoder(str(tmp_path))
+    ae = flux_weights.load_autoencoder(str(tmp_path))
     assert ae.cfg == cfg
     x = torch.rand(2, 3, 48, 80) * 2 - 1
     z = ae.encode(x)
@@ -191,7 +190,7 @@ def test_autoencoder_matches_diffusers(cfg, tmp_path):
     assert sorted(converted) == sorted(expected)
     assert all(torch.equal(converted[k].reshape(expected[k].shape), expected[k]) for k in expected)
     save_file(dict(ae.state_dict()), tmp_path / "ae.safetensors")
-    assert torch.equal(fw.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
+    assert torch.equal(flux_weights.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg).decode(z), ae.decode(z))
 
 
 SCHEDULERS = {  # FlowMatchEulerDiscreteScheduler settings, beside its defaults
@@ -213,25 +212,25 @@ def test_schedule_matches_diffusers(name, steps, size, tmp_path):
     seq_len = (size[0] // 16) * (size[1] // 16)
     sched = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name])
     sched.save_pretrained(tmp_path / "scheduler")  # read back as a folder's file, every key written
-    ours = sampling.read_schedule(str(tmp_path))
+    ours = sampler.read_schedule(str(tmp_path))
     if sched.config.shift_terminal and steps == 1:  # diffusers divides 0 by 0 there
         with pytest.raises(util.InputError, match="shift_terminal"):
-            sampling.flux_schedule(steps, seq_len, ours)
+            sampler.flux_schedule(steps, seq_len, ours)
         return
     c = sched.config
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(
         seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
-    sigmas = sampling.flux_schedule(steps, seq_len, ours)
+    sigmas = sampler.flux_schedule(steps, seq_len, ours)
     assert sigmas.dtype == torch.float32 and torch.equal(sigmas, sched.sigmas)  # bit for bit
     if name == "dev":
-        assert ours == sampling.FLUX_DEV and torch.equal(sampling.flux_schedule(steps, seq_len), sched.sigmas)
+        assert ours == sampler.FLUX_DEV and torch.equal(sampler.flux_schedule(steps, seq_len), sched.sigmas)
 
 
 def test_folder_without_scheduler_file_gets_flux_dev_schedule(flux_folder, tmp_path):
     """The fallback is FLUX.1-dev's config, as the tiny folder's (written by diffusers with dev's settings) says."""
     shutil.copytree(flux_folder, tmp_path / "flux")
     shutil.rmtree(tmp_path / "flux" / "scheduler")
-    assert sampling.read_schedule(str(tmp_path / "flux")) == sampling.FLUX_DEV == sampling.read_schedule(flux_folder)
+    assert sampler.read_schedule(str(tmp_path / "flux")) == sampler.FLUX_DEV == sampler.read_schedule(flux_folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def test_sample_gives_the_same_image_as_flux_pipeline(flux_variants, variant, tm
     expected = pipeline_image(folder, prompt, height, width, steps, seed, batch, max_sequence_length=tokens)
     out = str(tmp_path / "ours.png")
     capsys.readouterr()
-    srpo.main(["sample", "--flux", folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
+    cli.main(["sample", "--flux", folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
                "--steps", str(steps), "--seed", str(seed), "--batch", str(batch), "--out", out,
                "--max-sequence-length", str(tokens), "--guidance", "3.5" if guidance_embed else "0"])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
@@ -306,13 +305,13 @@ def test_prompt_file_gives_each_prompt_the_flux_pipeline_images(flux_folder, tmp
     """--prompts: every line's images are FluxPipeline's for that prompt, seed and num_images_per_prompt, listed
     with their prompts in images.jsonl; the models load once."""
     loads = []
-    load = fw.load_transformer
-    monkeypatch.setattr(fw, "load_transformer", lambda *a: loads.append(a[-1]) or load(*a))
+    load = flux_weights.load_transformer
+    monkeypatch.setattr(flux_weights, "load_transformer", lambda *a: loads.append(a[-1]) or load(*a))
     prompts, height, width, steps, seed, batch = ["a red cat, on a mat!", "two dogs", "a red cat, on a mat!"], 32, 48, \
         3, 5, 2
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")  # blank line: skipped
     out = tmp_path / "eval"
-    srpo.main(["sample", "--flux", flux_folder, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+    cli.main(["sample", "--flux", flux_folder, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
                "--height", str(height), "--width", str(width), "--steps", str(steps), "--seed", str(seed), "--batch",
                str(batch)])
     assert [str(device) for device in loads] == ["meta", "cpu"]  # checked, then loaded once for all prompts
@@ -339,8 +338,8 @@ def test_prompt_file_with_bom_and_crlf_gives_the_same_prompts_and_images(tmp_pat
     assert (tmp_path / "windows.txt").read_bytes().startswith(b"\xef\xbb\xbfa red fox in snow\r\n")
     assert util.read_prompts(str(tmp_path / "windows.txt")) == util.read_prompts(str(tmp_path / "plain.txt")) == prompts
     for name in ("plain", "windows"):
-        srpo.main(["sample", "--prompts", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--steps", "2"])
-    srpo.main(["sample", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
+        cli.main(["sample", "--prompts", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--steps", "2"])
+    cli.main(["sample", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
     assert (tmp_path / "windows" / "images.jsonl").read_text() == (tmp_path / "plain" / "images.jsonl").read_text()
     for image in ("00000.png", "00001.png"):
         assert (tmp_path / "windows" / image).read_bytes() == (tmp_path / "plain" / image).read_bytes()
@@ -352,17 +351,17 @@ def test_prompt_file_run_resumes_where_it_stopped(tmp_path, capsys):
     whole image) and makes the missing ones again, the same bytes."""
     (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
     args = ["sample", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "s"), "--steps", "2"]
-    srpo.main(args)
+    cli.main(args)
     first = {name: (tmp_path / "s" / name).read_bytes() for name in ("00000.png", "00001.png", "00002.png")}
     assert len(set(first.values())) == 3
     (tmp_path / "s" / "00001.png").unlink()
     (tmp_path / "s" / "00000.png").write_bytes(b"kept")  # a run that regenerated it would overwrite this
     capsys.readouterr()
-    srpo.main(args)
+    cli.main(args)
     assert capsys.readouterr().out.split() == [str(tmp_path / "s" / "00001.png")]
     assert (tmp_path / "s" / "00001.png").read_bytes() == first["00001.png"]
     assert (tmp_path / "s" / "00000.png").read_bytes() == b"kept"
-    srpo.main(args)
+    cli.main(args)
     assert "nothing left to make" in capsys.readouterr().out
 
 
@@ -371,14 +370,14 @@ def test_prompt_file_is_split_over_torchrun_processes(tmp_path, monkeypatch, cap
     process 0 writes images.jsonl; together they make the single process's images, byte for byte."""
     (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
     sample = ["sample", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--out"]
-    srpo.main([*sample, str(tmp_path / "one")])
+    cli.main([*sample, str(tmp_path / "one")])
     names = ["00000.png", "00001.png", "00002.png"]
     for rank, made in ((1, ["00001.png"]), (0, ["00000.png", "00002.png"])):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         capsys.readouterr()
-        srpo.main([*sample, str(tmp_path / "two")])
+        cli.main([*sample, str(tmp_path / "two")])
         assert capsys.readouterr().out.split() == [str(tmp_path / "two" / name) for name in made]
         assert (tmp_path / "two" / "images.jsonl").exists() == (rank == 0)
     for name in names:
@@ -399,7 +398,7 @@ def test_half_precision_sample_is_as_close_to_diffusers_as_diffusers_is_to_itsel
     theirs = to_uint8(pipeline_image(flux_folder, prompt, height, width, steps, seed, dtype=getattr(torch, dtype))[0])
     theirs_fp32 = to_uint8(pipeline_image(flux_folder, prompt, height, width, steps, seed)[0])
     out = str(tmp_path / f"{dtype}.png")
-    srpo.main(["sample", "--flux", flux_folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
+    cli.main(["sample", "--flux", flux_folder, "--prompt", prompt, "--height", str(height), "--width", str(width),
                "--steps", str(steps), "--seed", str(seed), "--dtype", dtype, "--out", out])
     gap = np.abs(read_png(out) - theirs)
     assert gap.max() <= max_gap and gap.mean() < share * np.abs(theirs - theirs_fp32).mean()
@@ -414,19 +413,19 @@ def test_sampling_matches_flux_pipeline_before_rounding(flux_folder):
     txt, y = text([prompt])
     x = flux_sampling.initial_noise(1, height, width, seed, torch.float32)
     cond = flux_sampling.Conditioning(fm.image_ids(height, width), txt, torch.zeros(txt.shape[1], 3), y)
-    x = sampling.euler_sample(model, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
-    ours = sampling.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
+    x = sampler.euler_sample(model, x, sampler.flux_schedule(steps, x.shape[1]), cond, 3.5)
+    ours = sampler.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
     assert rel_err(ours, torch.from_numpy(expected[0])) <= TOL
 
 
 def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tmp_path):
     """--transformer FILE (diffusers keys, as SRPO's release) gives the image of a FluxPipeline whose transformer
     got that file through a strict load_state_dict."""
-    cfg = fw.read_flux_config(os.path.join(flux_folder, "transformer"))
-    path = fw.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
+    cfg = flux_weights.read_flux_config(os.path.join(flux_folder, "transformer"))
+    path = flux_weights.save_transformer(randomize(fm.Flux(cfg), seed=9), str(tmp_path / "srpo"))
     expected = pipeline_image(flux_folder, "a tree", 32, 32, 2, 0, transformer_file=path)
     out = str(tmp_path / "srpo.png")
-    srpo.main(["sample", "--flux", flux_folder, "--transformer", path, "--prompt", "a tree", "--height", "32",
+    cli.main(["sample", "--flux", flux_folder, "--transformer", path, "--prompt", "a tree", "--height", "32",
                "--width", "32", "--steps", "2", "--seed", "0", "--out", out])
     ours = read_png(out)
     assert np.abs(ours - to_uint8(expected[0])).max() <= 1 and np.mean(ours != to_uint8(expected[0])) < 1e-3
@@ -438,7 +437,7 @@ def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tm
 
 def test_tiny_default_sample_runs(tmp_path):
     out = str(tmp_path / "tiny.png")
-    srpo.main(["sample", "--out", out, "--steps", "3"])
+    cli.main(["sample", "--out", out, "--steps", "3"])
     img = read_png(out)
     assert img.shape == (64, 64, 3) and img.std() > 0
 
@@ -491,7 +490,7 @@ def bad_files(flux_folder, tmp):
 
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     return exit_info.value.code, err
 

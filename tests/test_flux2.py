@@ -1,5 +1,5 @@
-"""flux2_model.py and flux2_weights.py against diffusers (the independent reference), on random tiny models saved by
-diffusers' own save_pretrained and read by our loaders.
+"""flux2_model.py and weights/flux2_weights.py against diffusers (the independent reference), on random tiny models
+saved by diffusers' own save_pretrained and read by our loaders.
 
 Tolerance: float32, relative error max|ours - theirs| / max|theirs| <= 1e-5.
 """
@@ -19,13 +19,12 @@ from safetensors.torch import load_file, save_file
 
 import families
 import flux2_model as f2
-import flux2_weights as f2w
 import flux_model as fm
-import flux_weights as fw
+from common.util import InputError
 from flux_kernels import attention as attention_module
 from flux_kernels import rope as rope_module
 from flux_kernels.dispatch import INTERPRETED
-from util import InputError
+from weights import flux2_weights, flux_weights
 
 TOL = 1e-5
 
@@ -74,7 +73,7 @@ def test_transformer_from_diffusers_folder_matches_diffusers(name, tmp_path):
     ref = diffusers_flux2_transformer(cfg)
     ref.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index, as the released folders are
     assert os.path.isfile(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
-    ours = f2w.load_transformer(str(tmp_path))
+    ours = flux2_weights.load_transformer(str(tmp_path))
     assert ours.cfg == cfg
     x, ids = transformer_inputs(cfg, height, width, T, B), pipeline_ids(cfg, height, width, T, B)
     for ours_ids, theirs in zip((x["img_ids"], x["txt_ids"]), ids, strict=True):
@@ -88,7 +87,7 @@ def test_names_are_bfl_through_diffusers_converter(tmp_path):
     cfg = CONFIGS["3heads-guidance"][0]
     ref = diffusers_flux2_transformer(cfg, seed=3)
     ref.save_pretrained(tmp_path)
-    bfl = {k: v.clone() for k, v in f2w.load_transformer(str(tmp_path)).state_dict().items()}
+    bfl = {k: v.clone() for k, v in flux2_weights.load_transformer(str(tmp_path)).state_dict().items()}
     converted = single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers(bfl)
     expected = ref.state_dict()
     assert sorted(converted) == sorted(expected)
@@ -101,18 +100,18 @@ def test_single_file_loads_with_its_config_read_off_its_shapes(layout, tmp_path)
     """A single file gives diffusers' output, its config read off its shapes equal to the one diffusers had: BFL's
     names (maybe prefixed, inside an all-in-one file beside a VAE and a text encoder), or diffusers' own (the
     state_dict a folder's diffusion_pytorch_model.safetensors holds, saved alone); with and without guidance."""
-    prefix = fw.BFL_PREFIX if "all-in-one" in layout else ""
+    prefix = flux_weights.BFL_PREFIX if "all-in-one" in layout else ""
     for name in ("3heads-guidance", "tiny"):
         cfg, height, width, T, B = CONFIGS[name]
         ref = diffusers_flux2_transformer(cfg, seed=4)
         ref.save_pretrained(tmp_path / name)
         state = ref.state_dict() if layout == "diffusers" else \
-            {prefix + k: v for k, v in f2w.load_transformer(str(tmp_path / name)).state_dict().items()}
+            {prefix + k: v for k, v in flux2_weights.load_transformer(str(tmp_path / name)).state_dict().items()}
         others = {"vae.encoder.conv_in.weight": torch.zeros(2), "text_encoders.qwen3.w": torch.zeros(3)} if prefix \
             else {}
         save_file(state | others, tmp_path / f"{name}.safetensors")
-        ours = f2w.load_transformer(str(tmp_path / f"{name}.safetensors"))
-        assert ours.cfg == f2w.config_from_diffusers(dict(ref.config), "diffusers") == cfg, name
+        ours = flux2_weights.load_transformer(str(tmp_path / f"{name}.safetensors"))
+        assert ours.cfg == flux2_weights.config_from_diffusers(dict(ref.config), "diffusers") == cfg, name
         x = transformer_inputs(cfg, height, width, T, B)
         assert rel_err(run_ours(ours, x), run_diffusers(ref, x, pipeline_ids(cfg, height, width, T, B))) <= TOL
 
@@ -126,7 +125,7 @@ def test_other_single_files_are_refused_in_one_line(tmp_path):
               tmp_path / "diffusers.safetensors")
     for name in ("flux1", "diffusers"):
         with pytest.raises(InputError) as e:
-            f2w.load_transformer(str(tmp_path / f"{name}.safetensors"))
+            flux2_weights.load_transformer(str(tmp_path / f"{name}.safetensors"))
         message = str(e.value)
         assert len(message.splitlines()) == 1 and message.startswith(str(tmp_path / f"{name}.safetensors")), message
         assert "not a FLUX.2 transformer" in message and "single_stream_modulation.lin.weight" in message and \
@@ -136,12 +135,13 @@ def test_other_single_files_are_refused_in_one_line(tmp_path):
 def test_saved_transformer_loads_strictly_into_diffusers(tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ours = randomize(f2.Flux2(cfg), seed=5).eval()
-    path = f2w.save_transformer(ours, str(tmp_path))
+    path = flux2_weights.save_transformer(ours, str(tmp_path))
     ref = Flux2Transformer2DModel.from_pretrained(str(tmp_path)).eval()
     ref.load_state_dict(load_file(path), strict=True)
     x = transformer_inputs(cfg, height, width, T, B)
     assert rel_err(run_ours(ours, x), run_diffusers(ref, x, pipeline_ids(cfg, height, width, T, B))) <= TOL
-    assert torch.equal(run_ours(f2w.load_transformer(str(tmp_path)), x), run_ours(ours, x))  # lossless round trip
+    # lossless round trip
+    assert torch.equal(run_ours(flux2_weights.load_transformer(str(tmp_path)), x), run_ours(ours, x))
 
 
 @pytest.mark.parametrize("part", ["double qk rows", "final shift/scale"])
@@ -151,7 +151,7 @@ def test_wrong_weights_are_caught(part, tmp_path):
     cfg, height, width, T, B = CONFIGS["3heads-guidance"]
     ref = diffusers_flux2_transformer(cfg)
     ref.save_pretrained(tmp_path)
-    ours, h = f2w.load_transformer(str(tmp_path)), cfg.hidden_size
+    ours, h = flux2_weights.load_transformer(str(tmp_path)), cfg.hidden_size
     w = ours.double_blocks[1].txt_attn.qkv.weight if part == "double qk rows" else \
         ours.final_layer.adaLN_modulation[1].weight
     with torch.no_grad():
@@ -166,12 +166,12 @@ def test_presets_have_the_released_shapes():
     for name, billions in [("klein-4b", 4), ("klein-9b", 9), ("flux2-dev", 32)]:
         cfg = f2.Flux2Config.preset(name)
         with torch.device("meta"):
-            ref = Flux2Transformer2DModel(**{k: v for k, v in f2w.config_to_diffusers(cfg).items()
+            ref = Flux2Transformer2DModel(**{k: v for k, v in flux2_weights.config_to_diffusers(cfg).items()
                                              if not k.startswith("_")})
             ours = f2.Flux2(cfg)
         theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-        assert {k: tuple(v.shape) for k, v in fw.to_theirs(ours.state_dict(), f2w.transformer_links(cfg)).items()} \
-            == theirs, name
+        mapped = flux_weights.to_theirs(ours.state_dict(), flux2_weights.transformer_links(cfg))
+        assert {k: tuple(v.shape) for k, v in mapped.items()} == theirs, name
         assert round(sum(p.numel() for p in ours.parameters()) / 1e9) == billions, name
 
 
@@ -206,7 +206,7 @@ def test_autoencoder_matches_diffusers_and_the_pipelines_normalisation(name, tmp
     cfg = AE_CONFIGS[name]
     vae = diffusers_flux2_vae(cfg)
     vae.save_pretrained(tmp_path)
-    ae = f2w.load_autoencoder(str(tmp_path))
+    ae = flux2_weights.load_autoencoder(str(tmp_path))
     assert ae.cfg == cfg
     height, width = 48, 80
     x = torch.rand(2, 3, height, width) * 2 - 1
@@ -223,9 +223,9 @@ def test_autoencoder_bfl_single_file(tmp_path):
     and decoder, bn.* at the top; no diffusers converter exists to check it against) loads back equal."""
     cfg = AE_CONFIGS["tiny"]
     diffusers_flux2_vae(cfg).save_pretrained(tmp_path)
-    ae = f2w.load_autoencoder(str(tmp_path))
+    ae = flux2_weights.load_autoencoder(str(tmp_path))
     save_file(dict(ae.state_dict()), tmp_path / "ae.safetensors")
-    bfl = f2w.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg)
+    bfl = flux2_weights.load_autoencoder(str(tmp_path / "ae.safetensors"), cfg)
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     with torch.no_grad():
         z = ae.encode(x)
@@ -237,7 +237,7 @@ def test_autoencoder_statistics_matter(tmp_path):
     cfg = AE_CONFIGS["tiny"]
     vae = diffusers_flux2_vae(cfg)
     vae.save_pretrained(tmp_path)
-    ae = f2w.load_autoencoder(str(tmp_path))
+    ae = flux2_weights.load_autoencoder(str(tmp_path))
     ae.bn.reset_running_stats()
     ae.bn.running_var.sub_(cfg.bn_eps)
     with torch.no_grad():
@@ -345,7 +345,7 @@ def test_bad_configs_give_one_line_errors(part, changes, words, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text()) | changes
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError) as e:
-        (f2w.load_transformer if part == "transformer" else f2w.load_autoencoder)(str(tmp_path))
+        (flux2_weights.load_transformer if part == "transformer" else flux2_weights.load_autoencoder)(str(tmp_path))
     assert len(str(e.value).splitlines()) == 1 and all(w in str(e.value) for w in words), e.value
 
 
@@ -359,7 +359,7 @@ def test_missing_config_keys_take_diffusers_defaults(tmp_path):
         del config[key]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert Flux2Transformer2DModel.from_pretrained(str(tmp_path)).config.guidance_embeds
-    assert f2w.load_transformer(str(tmp_path)).cfg == cfg
+    assert flux2_weights.load_transformer(str(tmp_path)).cfg == cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,8 +371,10 @@ def test_klein_folder_loads_and_its_text_conditioning_is_the_pipelines(flux2_fol
     the pipeline's own encode_prompt: the same embeddings (chat template, padding, truncation, layers 9/18/27 stacked)
     and the same 4-axis text ids."""
     assert families.of_folder(flux2_folder) is families.FLUX2
-    assert f2w.load_transformer(os.path.join(flux2_folder, "transformer")).cfg == f2.Flux2Config.preset("tiny")
-    assert f2w.load_autoencoder(os.path.join(flux2_folder, "vae")).cfg == f2.Flux2AutoEncoderConfig.preset("tiny")
+    transformer = flux2_weights.load_transformer(os.path.join(flux2_folder, "transformer"))
+    assert transformer.cfg == f2.Flux2Config.preset("tiny")
+    vae = flux2_weights.load_autoencoder(os.path.join(flux2_folder, "vae"))
+    assert vae.cfg == f2.Flux2AutoEncoderConfig.preset("tiny")
     pipe = Flux2KleinPipeline.from_pretrained(flux2_folder, local_files_only=True)
     prompts, T = ["a cat", "two dogs on a mat, one asleep, under a very long and winding sentence that gets cut"], 40
     embeds, ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=T)

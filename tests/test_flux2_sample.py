@@ -1,4 +1,4 @@
-"""`srpo.py sample` on FLUX.2 folders (flux2_sampling.py) against diffusers' Flux2KleinPipeline (klein base and
+"""`srpo.py sample` on FLUX.2 folders (sampling/flux2_sampling.py) against diffusers' Flux2KleinPipeline (klein base and
 distilled) and Flux2Pipeline (dev), the independent references, on tiny random folders written by their own
 save_pretrained.
 
@@ -22,13 +22,12 @@ from references import flux2_folder as make_flux2_folder
 from references import randomize, rel_err
 from safetensors.torch import save_file
 
+import cli
 import families
 import flux2_model as f2
-import flux2_sampling as f2s
-import flux2_weights as f2w
-import lora
-import sampling
-import srpo
+from sampling import flux2_sampling, sampler
+from training import lora
+from weights import flux2_weights
 
 PROMPT = "a red cat, on a mat!"
 
@@ -46,12 +45,12 @@ def test_empirical_mu_and_schedule_match_the_pipeline(seq_len, flux2_folder):
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(flux2_folder, subfolder="scheduler")
     for steps in (1, 4, 28, 50):
         mu = compute_empirical_mu(seq_len, steps)
-        assert f2s.empirical_mu(seq_len, steps) == mu
+        assert flux2_sampling.empirical_mu(seq_len, steps) == mu
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-        ours = sampling.flux_schedule(steps, seq_len, sampling.read_schedule(flux2_folder), mu)
+        ours = sampler.flux_schedule(steps, seq_len, sampler.read_schedule(flux2_folder), mu)
         assert ours.dtype == torch.float32 and torch.equal(ours, sched.sigmas)
         if steps > 1:  # FLUX.1's mu would give other sigmas (one step's are 1, 0 whatever mu)
-            assert not torch.equal(ours, sampling.flux_schedule(steps, seq_len, sampling.read_schedule(flux2_folder)))
+            assert not torch.equal(ours, sampler.flux_schedule(steps, seq_len, sampler.read_schedule(flux2_folder)))
 
 
 @pytest.mark.parametrize("batch,height,width,channels", [(1, 48, 80, 32), (2, 64, 32, 128)])
@@ -62,7 +61,7 @@ def test_noise_and_ids_are_prepare_latents(batch, height, width, channels):
                            _pack_latents=Flux2KleinPipeline._pack_latents)
     theirs, ids = Flux2KleinPipeline.prepare_latents(pipe, batch, channels // 4, height, width, torch.float32, "cpu",
                                                      torch.Generator("cpu").manual_seed(11))
-    ours = f2s.initial_noise(batch, height, width, 11, torch.float32, channels)
+    ours = flux2_sampling.initial_noise(batch, height, width, 11, torch.float32, channels)
     assert ours.shape == theirs.shape and torch.equal(ours, theirs)
     assert torch.equal(f2.image_ids(height, width).expand(batch, -1, -1), ids.float())
 
@@ -96,7 +95,7 @@ def test_sample_gives_the_flux2_klein_pipeline_image(klein, case, tmp_path, caps
     name, guidance, batch, height, width, tokens = CASES[case]
     out, steps, seed = str(tmp_path / "ours.png"), 4, 1234
     capsys.readouterr()
-    srpo.main(["sample", "--flux", klein[name], "--prompt", PROMPT, "--height", str(height), "--width", str(width),
+    cli.main(["sample", "--flux", klein[name], "--prompt", PROMPT, "--height", str(height), "--width", str(width),
                "--steps", str(steps), "--seed", str(seed), "--batch", str(batch), "--out", out,
                "--max-sequence-length", str(tokens), *(["--guidance", guidance] if guidance else [])])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
@@ -115,7 +114,7 @@ def test_prompt_file_on_klein_gives_the_pipeline_images_and_a_manifest(klein, tm
     with the FLUX.2 default guidance (4) as what a rerun must match."""
     prompts, out = [PROMPT, "two dogs"], tmp_path / "eval"
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    srpo.main(["sample", "--flux", klein["base"], "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+    cli.main(["sample", "--flux", klein["base"], "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
                "--height", "32", "--width", "64", "--steps", "2", "--seed", "5", "--max-sequence-length", "40"])
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
     assert [(r["image"], r["prompt"], r["guidance"]) for r in rows] == [("00000.png", PROMPT, 4.0),
@@ -150,7 +149,7 @@ def test_sample_gives_the_flux2_pipeline_image(dev_folder, guidance, height, wid
     """FLUX.2 [dev]: one pass a step, the guidance scale through the guidance embedding (default 4, as the
     pipeline's), the empirical-mu schedule: Flux2Pipeline's 8-bit image."""
     out = str(tmp_path / "ours.png")
-    srpo.main(["sample", "--flux", dev_folder, "--prompt", PROMPT, "--height", str(height), "--width", str(width),
+    cli.main(["sample", "--flux", dev_folder, "--prompt", PROMPT, "--height", str(height), "--width", str(width),
                "--steps", "3", "--seed", "9", "--out", out, "--max-sequence-length", "200",
                *(["--guidance", guidance] if guidance else [])])
     pipe = Flux2Pipeline.from_pretrained(dev_folder, local_files_only=True)
@@ -168,13 +167,13 @@ def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_fo
     cases = {flux2_folder: families.FLUX2, dev_folder: families.FLUX2, flux_folder: families.FLUX1,
              None: families.FLUX1, str(bare): families.FLUX1}
     for folder, family in cases.items():
-        assert sampling.model_family(sampling.SampleConfig(out="x.png", flux=folder)) is family, folder
+        assert sampler.model_family(sampler.SampleConfig(out="x.png", flux=folder)) is family, folder
 
 
 def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp_path):
     """--lora on a klein folder: random adapters saved by lora.save_lora, merged by `sample`, give the image of
     Flux2KleinPipeline after its load_lora_weights (CFG on: both passes carry the LoRA), and the LoRA shows."""
-    model = lora.add_adapters(f2w.load_transformer(os.path.join(flux2_folder, "transformer")), 4, 8.0, seed=5)
+    model = lora.add_adapters(flux2_weights.load_transformer(os.path.join(flux2_folder, "transformer")), 4, 8.0, seed=5)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -190,7 +189,7 @@ def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp
     images = {}
     for name, extra in (("lora", ["--lora", path]), ("base", [])):
         images[name] = str(tmp_path / f"{name}.png")
-        srpo.main(["sample", "--flux", flux2_folder, "--prompt", PROMPT, "--height", str(height), "--width",
+        cli.main(["sample", "--flux", flux2_folder, "--prompt", PROMPT, "--height", str(height), "--width",
                    str(width), "--steps", str(steps), "--seed", str(seed), "--max-sequence-length", "40", "--out",
                    images[name], *extra])
     ours = read_png(images["lora"])
@@ -202,17 +201,18 @@ def test_transformer_file_replaces_the_folders(flux2_folder, tmp_path):
     """--transformer FILE (BFL's single-file names, e.g. flux-2-klein-4b.safetensors, or diffusers' keys: a folder's
     diffusion_pytorch_model.safetensors copied out) on a klein folder: the image of the folder whose transformer/
     holds those weights, not the folder's own."""
-    model = randomize(f2w.load_transformer(os.path.join(flux2_folder, "transformer")), seed=3)
+    model = randomize(flux2_weights.load_transformer(os.path.join(flux2_folder, "transformer")), seed=3)
     save_file(model.state_dict(), str(tmp_path / "flux-2-klein.safetensors"))
     shutil.copytree(flux2_folder, tmp_path / "swapped", ignore=shutil.ignore_patterns("transformer"))
-    diffusers_file = shutil.copy(f2w.save_transformer(model, str(tmp_path / "swapped" / "transformer")), tmp_path)
+    saved = flux2_weights.save_transformer(model, str(tmp_path / "swapped" / "transformer"))
+    diffusers_file = shutil.copy(saved, tmp_path)
     args = ["sample", "--prompt", PROMPT, "--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length",
             "40"]
-    srpo.main([*args, "--flux", flux2_folder, "--transformer", str(tmp_path / "flux-2-klein.safetensors"), "--out",
+    cli.main([*args, "--flux", flux2_folder, "--transformer", str(tmp_path / "flux-2-klein.safetensors"), "--out",
                str(tmp_path / "file.png")])
-    srpo.main([*args, "--flux", flux2_folder, "--transformer", str(diffusers_file), "--out", str(tmp_path / "d.png")])
-    srpo.main([*args, "--flux", str(tmp_path / "swapped"), "--out", str(tmp_path / "swapped.png")])
-    srpo.main([*args, "--flux", flux2_folder, "--out", str(tmp_path / "own.png")])
+    cli.main([*args, "--flux", flux2_folder, "--transformer", str(diffusers_file), "--out", str(tmp_path / "d.png")])
+    cli.main([*args, "--flux", str(tmp_path / "swapped"), "--out", str(tmp_path / "swapped.png")])
+    cli.main([*args, "--flux", flux2_folder, "--out", str(tmp_path / "own.png")])
     assert np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "swapped.png"))
     assert np.array_equal(read_png(tmp_path / "d.png"), read_png(tmp_path / "swapped.png"))
     assert not np.array_equal(read_png(tmp_path / "file.png"), read_png(tmp_path / "own.png"))
@@ -228,14 +228,14 @@ def test_klein_cfg_sampling_matches_the_pipeline_before_rounding(flux2_folder):
                     generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=tokens,
                     output_type="np").images[0]
     text = f2.Qwen3Conditioner.from_folder(flux2_folder, torch.float32, "cpu", tokens)
-    model, ae = f2s.load_folder(flux2_folder, None, torch.float32, "cpu")
-    cond = f2s.conditioning((text([PROMPT]), text([""])), height, width, torch.device("cpu"))
-    x = f2s.initial_noise(1, height, width, seed, torch.float32, model.cfg.in_channels)
+    model, ae = flux2_sampling.load_folder(flux2_folder, None, torch.float32, "cpu")
+    cond = flux2_sampling.conditioning((text([PROMPT]), text([""])), height, width, torch.device("cpu"))
+    x = flux2_sampling.initial_noise(1, height, width, seed, torch.float32, model.cfg.in_channels)
     seq_len = x.shape[1]
-    sigmas = sampling.flux_schedule(steps, seq_len, sampling.read_schedule(flux2_folder),
-                                    f2s.empirical_mu(seq_len, steps))
-    x = sampling.euler_sample(model, x, sigmas, cond, 3.0)
-    ours = sampling.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
+    sigmas = sampler.flux_schedule(steps, seq_len, sampler.read_schedule(flux2_folder),
+                                    flux2_sampling.empirical_mu(seq_len, steps))
+    x = sampler.euler_sample(model, x, sigmas, cond, 3.0)
+    ours = sampler.decode_images(ae, x, height, width)[0].permute(1, 2, 0)
     assert rel_err(ours, torch.from_numpy(expected)) <= 1e-5
 
 
@@ -247,7 +247,7 @@ def test_bf16_klein_sample_is_as_close_to_the_fp32_image_as_the_pipelines(flux2_
     the pipeline's bf16 image is (mean gap within 10 %), and never far."""
     height, width, steps, seed, tokens = 64, 96, 4, 2, 40
     out = str(tmp_path / "bf16.png")
-    srpo.main(["sample", "--flux", flux2_folder, "--prompt", PROMPT, "--height", str(height), "--width", str(width),
+    cli.main(["sample", "--flux", flux2_folder, "--prompt", PROMPT, "--height", str(height), "--width", str(width),
                "--steps", str(steps), "--seed", str(seed), "--dtype", "bfloat16", "--out", out,
                "--max-sequence-length", str(tokens)])
     fp32 = pipeline_images(flux2_folder, PROMPT, height, width, steps, seed, 4.0, 1, tokens)[0]
@@ -267,12 +267,12 @@ def test_a_flux2_demo_checkpoint_samples_without_family(tmp_path, capsys):
     ckpt = tmp_path / "checkpoint-000002"
     families.FLUX2.save(f2.Flux2(f2.Flux2Config.preset("tiny")), str(ckpt))
     small = ["--height", "32", "--width", "32", "--steps", "2"]
-    srpo.main(["sample", "--transformer", str(ckpt), "--family", "flux2", *small, "--out", str(tmp_path / "a.png")])
+    cli.main(["sample", "--transformer", str(ckpt), "--family", "flux2", *small, "--out", str(tmp_path / "a.png")])
     for i, given in enumerate([ckpt, ckpt / "diffusion_pytorch_model.safetensors"]):
-        srpo.main(["sample", "--transformer", str(given), *small, "--out", str(tmp_path / f"{i}.png")])
+        cli.main(["sample", "--transformer", str(given), *small, "--out", str(tmp_path / f"{i}.png")])
         assert (tmp_path / f"{i}.png").read_bytes() == (tmp_path / "a.png").read_bytes()
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(["sample", "--transformer", str(ckpt), "--family", "flux1", *small, "--out", str(tmp_path / "b.png")])
+        cli.main(["sample", "--transformer", str(ckpt), "--family", "flux1", *small, "--out", str(tmp_path / "b.png")])
     err = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--family flux1" in err[0] and str(ckpt) in err[0], err

@@ -35,14 +35,14 @@ from test_train import (
     weights,
 )
 
-import checkpoints
+import cli as command_line
 import flux2_model as f2
-import flux2_sampling as f2s
-import flux2_weights as f2w
-import lora
 import srpo
-import util
+from common import util
 from reward import HPSReward
+from sampling import flux2_sampling
+from training import checkpoints, lora
+from weights import flux2_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -53,18 +53,18 @@ POSITIVE, NEGATIVE = ["Natural-lighting", "Detail", "Detailed", "Real"], ["Conce
 @pytest.fixture(scope="module")
 def tiny2():
     """(transformer, autoencoder, text -> (txt, negative txt), HPS scorer): the FLUX.2 demo's random tiny models."""
-    model, ae, text = f2s.tiny_models()
-    return model, ae, f2s.embedder(text, cfg=True), HPSReward.tiny()
+    model, ae, text = flux2_sampling.tiny_models()
+    return model, ae, flux2_sampling.embedder(text, cfg=True), HPSReward.tiny()
 
 
 @pytest.fixture(scope="module")
 def tiny2_dev():
     """tiny2 shaped as FLUX.2 [dev]: the transformer with a guidance embedding, the text without a negative prompt
     (one pass a velocity, the scale an input)."""
-    _, ae, text = f2s.tiny_models()
+    _, ae, text = flux2_sampling.tiny_models()
     torch.manual_seed(1)
     model = f2.Flux2(dataclasses.replace(f2.Flux2Config.preset("tiny"), guidance_embed=True)).eval()
-    return model, ae, f2s.embedder(text, cfg=False), HPSReward.tiny()
+    return model, ae, flux2_sampling.embedder(text, cfg=False), HPSReward.tiny()
 
 
 def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
@@ -162,11 +162,12 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     evaluation sampled through FLUX.2's family: `sample --family flux2 --transformer CHECKPOINT --seed 0 --steps 28`
     makes the evaluation's image of step 2, pixel for pixel (not step 0's); the checkpoint loads strictly into
     Flux2Transformer2DModel."""
-    srpo.main(run_args(tmp_path))
+    command_line.main(run_args(tmp_path))
     (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
     png = str(tmp_path / "sample.png")
-    srpo.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path, checkpoints.CHECKPOINT.format(2)),
-               "--prompt", prompt, "--seed", "0", "--steps", "28", "--height", "32", "--width", "32", "--out", png])
+    command_line.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path,
+                       checkpoints.CHECKPOINT.format(2)), "--prompt", prompt, "--seed", "0", "--steps", "28",
+                       "--height", "32", "--width", "32", "--out", png])
     tile = [np.asarray(Image.open(tmp_path / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 2)]
     assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
     lines = log_lines(str(tmp_path))
@@ -176,18 +177,18 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     folder = os.path.join(tmp_path, checkpoints.CHECKPOINT.format(2))
     theirs = Flux2Transformer2DModel.from_pretrained(folder)
     assert theirs.config.guidance_embeds is False
-    start, trained = f2s.tiny_models()[0].state_dict(), f2w.load_transformer(folder).state_dict()
+    start, trained = flux2_sampling.tiny_models()[0].state_dict(), flux2_weights.load_transformer(folder).state_dict()
     assert max(rel_err(trained[k], v) for k, v in start.items()) > 1e-3  # it trained
 
 
 def test_flux2_demo_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
     """A checkpoint of step 1 resumed to step 2 == two steps straight (the FLUX.2 weights reloaded exactly)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    srpo.main(run_args(straight, "--samples", "0", "--save-every", "1", "--keep", "2"))
+    command_line.main(run_args(straight, "--samples", "0", "--save-every", "1", "--keep", "2"))
     first = checkpoints.CHECKPOINT.format(1)
     shutil.copytree(straight / first, resumed / first)
     shutil.copy(straight / "log.jsonl", resumed)
-    srpo.main(run_args(resumed, "--samples", "0", "--save-every", "1", "--keep", "2", "--resume"))
+    command_line.main(run_args(resumed, "--samples", "0", "--save-every", "1", "--keep", "2", "--resume"))
     a, b = weights(str(straight), 2), weights(str(resumed), 2)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(str(resumed)) == log_lines(str(straight))
 
@@ -200,8 +201,8 @@ def test_family_is_the_demo_s_and_refused_with_a_folder(flux2_folder, tmp_path, 
 
 def test_flux2_offload_in_one_process_matches_the_run_without_it(tmp_path):
     """--offload (FSDP2 in a group of one, shards on the CPU) == no FSDP: 1e-5."""
-    srpo.main(run_args(tmp_path / "plain", "--samples", "0"))
-    srpo.main(run_args(tmp_path / "off", "--samples", "0", "--offload"))
+    command_line.main(run_args(tmp_path / "plain", "--samples", "0"))
+    command_line.main(run_args(tmp_path / "off", "--samples", "0", "--offload"))
     a, b = weights(str(tmp_path / "plain"), 2), weights(str(tmp_path / "off"), 2)
     assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-5
 
@@ -254,15 +255,15 @@ def test_flux2_folder_run_samples_its_evaluation_image_from_its_checkpoint(folde
     checkpoint (--transformer CHECKPOINT, or --lora FILE), --seed 0 --steps 28 and the default guidance (4, as
     training's on FLUX.2) makes the run's held-out evaluation image of step 1, pixel for pixel, not step 0's."""
     out = tmp_path / "run"
-    srpo.main(["train", "--flux", folders[kind], *reward_args, "--out", str(out), "--samples", "0", "--lr", "1e-3",
-               *lora_flags])
+    command_line.main(["train", "--flux", folders[kind], *reward_args, "--out", str(out), "--samples", "0", "--lr",
+                       "1e-3", *lora_flags])
     checkpoint = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     weights_flags = ["--lora", os.path.join(checkpoint, lora.LORA_FILE)] if lora_flags else ["--transformer",
                                                                                            checkpoint]
     (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
     png = str(tmp_path / "sample.png")
-    srpo.main(["sample", "--flux", folders[kind], *weights_flags, "--prompt", prompt, "--seed", "0", "--steps", "28",
-               "--height", "32", "--width", "32", "--out", png])
+    command_line.main(["sample", "--flux", folders[kind], *weights_flags, "--prompt", prompt, "--seed", "0",
+                       "--steps", "28", "--height", "32", "--width", "32", "--out", png])
     tile = [np.asarray(Image.open(out / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 1)]
     assert np.array_equal(np.asarray(Image.open(png)), tile[1]) and not np.array_equal(tile[0], tile[1])
 
@@ -276,16 +277,16 @@ def test_flux2_lora_run_file_loads_with_the_pipeline(folders, reward_args, kind,
     from test_flux2 import run_diffusers as run_flux2_diffusers
 
     out, folder = tmp_path / "lora", folders[kind]
-    srpo.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", *LORA_FLAGS, "--lr",
-               "1e-2"])
+    command_line.main(["train", "--flux", folder, *reward_args, "--out", str(out), "--samples", "0", *LORA_FLAGS,
+                       "--lr", "1e-2"])
     lora_dir = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     pipe = pipeline.from_pretrained(folder, local_files_only=True)
-    cfg = f2w.load_transformer(os.path.join(folder, "transformer")).cfg
+    cfg = flux2_weights.load_transformer(os.path.join(folder, "transformer")).cfg
     x, ids = transformer_inputs(cfg, 32, 48, 5, 2), pipeline_ids(cfg, 32, 48, 5, 2)
     base = run_flux2_diffusers(pipe.transformer, x, ids)
     pipe.load_lora_weights(lora_dir)
     theirs = run_flux2_diffusers(pipe.transformer, x, ids)
-    merged = lora.merge_lora(f2w.load_transformer(os.path.join(folder, "transformer")),
+    merged = lora.merge_lora(flux2_weights.load_transformer(os.path.join(folder, "transformer")),
                              os.path.join(lora_dir, lora.LORA_FILE))
     assert rel_err(run_ours(merged, x), theirs) <= 1e-5 and rel_err(base, theirs) > 1e-3  # the run moved it (2e-3)
 
@@ -297,7 +298,7 @@ def test_one_pass_folders_call_the_model_once_per_branch_and_rollout_step(folder
     with gradient per branch and one without per rollout step, whatever the rollout guidance or --no-branch-cfg,
     each with the prompt's own embedding. dev's transformer gets the rollout guidance in the rollout and --guidance
     in the branches (its guidance embedding runs on every call); distilled's ignores the value it is passed."""
-    ae, text, _, load = f2s.frozen_parts(folders[kind], torch.float32, CPU, torch.float32)
+    ae, text, _, load = flux2_sampling.frozen_parts(folders[kind], torch.float32, CPU, torch.float32)
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, guidance=4.0, **flags)
     calls, embedded = [], []
 
@@ -327,7 +328,7 @@ def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_
     code, err = run_cli(args, capsys)
     assert code == 2 and len(err) == 1 and "on a FLUX.2 folder (whose tokenizer/ is Qwen's)" in err[0], err
     clip_vocabulary(tmp_path)
-    srpo.main(args)
+    command_line.main(args)
     assert [line["step"] for line in log_lines(str(tmp_path / "run"))] == [1]
 
 
@@ -335,7 +336,7 @@ def test_hps_on_a_flux2_folder_reads_the_clip_vocabulary_beside_its_file(folder_
 def test_every_method_trains_the_tiny_flux2(method, tmp_path):
     """The baselines of methods.py take the model family from the seam too (DRaFT-LV's fresh noise in FLUX.2's
     packing): one update each on the tiny FLUX.2, its loss and gradient norm finite, the weights moved."""
-    srpo.main([*run_args(tmp_path, "--method", method), "--steps", "1", "--save-every", "1"])
+    command_line.main([*run_args(tmp_path, "--method", method), "--steps", "1", "--save-every", "1"])
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
         (line,) = [json.loads(text) for text in f]
     assert all(math.isfinite(line[key]) and line[key] != 0 for key in ("loss", "grad_norm")), line
@@ -353,7 +354,7 @@ def test_fsdp_two_processes_match_one_process_on_the_tiny_flux2(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     flags = ["--device", "cpu", "--batch", "2", "--save-every", "1", "--keep", "2"]
     cli(*TORCHRUN, *run_args(two, *flags))
-    srpo.main(run_args(one, *flags))
+    command_line.main(run_args(one, *flags))
     a, b = weights(one, 2), weights(two, 2)
     assert a.keys() == b.keys() and max(rel_err(b[k], a[k]) for k in a) <= 1e-4
     assert max(rel_err(weights(two, 1)[k], weights(one, 1)[k]) for k in a) <= 1e-5

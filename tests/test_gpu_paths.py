@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import checkpoints
-import evaluation
+import cli
 import methods
-import runtime
 import srpo
-import util
+from common import util
+from training import checkpoints, evaluation, runtime
 
 
 @pytest.fixture
@@ -81,7 +80,7 @@ def test_lora_under_fsdp_keeps_the_frozen_base_in_its_bf16_and_the_adapters_in_f
 
     monkeypatch.setattr(srpo, "train", inspect)
     monkeypatch.setattr(checkpoints, "report", lambda out: None)
-    srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload", "--steps", "1",
+    cli.main(["train", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload", "--steps", "1",
                "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"])
     frozen = {d for trained, d in dtypes.values() if not trained}
     adapters = {d for trained, d in dtypes.values() if trained}

@@ -1,4 +1,4 @@
-"""The signs of reward hacking (hacking.py), each against an independent computation written out here with
+"""The signs of reward hacking (training/hacking.py), each against an independent computation written out here with
 numpy, colorsys and PIL, and on synthetic images whose answer is known. Non-square 8-bit images, so that a height /
 width mix-up or a scale slip shows; float64 throughout, so the tolerance where the math is the same is 1e-10 (the
 brief's 1e-5 with room to spare)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import hacking
+from training import hacking
 
 TOL = 1e-10
 
@@ -26,7 +26,7 @@ def random_pixels(seed, n=3, h=24, w=40):
 
 def as_tensor(pixels, dtype=torch.float64):
     """(n, h, w, 3) uint8 -> (n, 3, h, w) in [0, 1]; float64, so that the input's rounding stays below TOL
-    (evaluation.py gives float32, which image_signs is checked to take)."""
+    (training/evaluation.py gives float32, which image_signs is checked to take)."""
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(dtype) / 255
 
 

@@ -1,5 +1,5 @@
-"""image_data.py, offline SRPO's real images: captions in both folder conventions, every bad file named, the modes
-converted against formulas written out here, preprocessing and x0 against diffusers (VaeImageProcessor,
+"""training/image_data.py, offline SRPO's real images: captions in both folder conventions, every bad file named, the
+modes converted against formulas written out here, preprocessing and x0 against diffusers (VaeImageProcessor,
 AutoencoderKL, FluxPipeline's packing), and the latent cache. Real files written by Pillow in tmp_path."""
 
 import json
@@ -17,10 +17,11 @@ from PIL import Image
 from references import diffusers_vae, rel_err
 
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
-import image_data
-from util import InputError
+from common.images import SIXTEEN_BIT
+from common.util import InputError
+from sampling import flux_sampling
+from training import image_data
+from weights import flux_weights
 
 H, W = 32, 48  # the training size of most tests (height x width)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +177,7 @@ def test_palette_transparency_is_white(tmp_path):
 def test_sixteen_bit_scaled_not_clipped(tmp_path):
     v8 = np.arange(256 * 4).reshape(16, 64) % 256
     Image.fromarray((v8 * 257).astype(np.uint16)).save(tmp_path / "g16.png")  # 8 bits widened: v * 257
-    assert Image.open(tmp_path / "g16.png").mode in image_data.SIXTEEN_BIT
+    assert Image.open(tmp_path / "g16.png").mode in SIXTEEN_BIT
     assert (loaded(str(tmp_path / "g16.png")) == v8[..., None]).all()
     odd = np.array([[0, 128, 129, 385, 65535, 32767]], dtype=np.uint16)  # between the levels: the nearest
     Image.fromarray(odd).save(tmp_path / "odd.png")
@@ -293,7 +294,7 @@ def warning_files(folder, captions=False):
 def run_srpo(*args):
     """`python srpo.py ARGS` as a real process, Pillow's Image.MAX_IMAGE_PIXELS set to 1000 first (so the test
     files stay small): (exit code, stdout lines, stderr lines)."""
-    code = "import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000; import srpo; srpo.main(sys.argv[1:])"
+    code = "import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000; import cli; cli.main(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     return done.returncode, done.stdout.splitlines(), done.stderr.splitlines()
@@ -327,10 +328,11 @@ def test_preprocess_matches_diffusers(size, height, width):
 
 @pytest.fixture
 def tiny_ae(tmp_path):
-    """A tiny random diffusers AutoencoderKL with FLUX's shift and scale, saved and loaded by fw.load_autoencoder."""
+    """A tiny random diffusers AutoencoderKL with FLUX's shift and scale, saved and loaded by
+    flux_weights.load_autoencoder."""
     vae = diffusers_vae(fm.AutoEncoderConfig.preset("tiny"))
     vae.save_pretrained(tmp_path / "vae")
-    return vae, fw.load_autoencoder(str(tmp_path / "vae"))
+    return vae, flux_weights.load_autoencoder(str(tmp_path / "vae"))
 
 
 @torch.no_grad()
@@ -402,7 +404,7 @@ def test_encoded_in_the_weights_dtype(tmp_path, tiny_ae):
     x0 = image_data.Latents(images, ae, str(tmp_path / "fp32"))[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(image_data.Latents(images, ae, str(tmp_path / "autocast"))[0], x0)
-    bf16 = image_data.Latents(images, fw.load_autoencoder(str(tmp_path / "vae"), dtype=torch.bfloat16),
+    bf16 = image_data.Latents(images, flux_weights.load_autoencoder(str(tmp_path / "vae"), dtype=torch.bfloat16),
                               str(tmp_path / "fp32"))
     assert bf16.entry(0) != image_data.Latents(images, ae, str(tmp_path / "fp32")).entry(0)
     assert bf16[0].dtype == torch.float32 and rel_err(bf16[0], x0) <= 3e-2  # bf16's 8 bits of mantissa

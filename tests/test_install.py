@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-import clip_tokenizer
+from common.util import InputError
 from tools import preflight, try_newest
-from util import InputError
+from weights import clip_tokenizer
 
 ROOT = Path(__file__).parents[1]
 

@@ -14,17 +14,17 @@ import time
 
 import pytest
 
-import srpo
-import util
+import cli
+from common import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
 
 
 def run_cli(args, capsys):
-    """srpo.main(args) -> (exit code, stderr lines)."""
+    """cli.main(args) -> (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        cli.main(args)
     return exit_info.value.code, capsys.readouterr().err.splitlines()
 
 
@@ -86,7 +86,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
         holder.kill()
         holder.wait(timeout=60)
     assert os.path.getsize(lock) > 0  # left behind, no longer held
-    srpo.main(["train", "--steps", "2", *TINY, "--out", out])
+    cli.main(["train", "--steps", "2", *TINY, "--out", out])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
     assert len(notes) == 1 and f"pid {holder.pid} on " in notes[0] and "ended without releasing" in notes[0], notes
     assert log_steps(out) == [1, 2] and not os.path.exists(lock)
@@ -107,7 +107,7 @@ def test_a_sample_into_a_prompt_folder_another_process_holds_is_refused(tmp_path
         assert os.listdir(out) == [".lock"]
         holder.kill()
         holder.wait(timeout=60)
-    srpo.main(command)
+    cli.main(command)
     assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
 
 
@@ -118,7 +118,7 @@ def test_a_sample_rerun_with_other_settings_is_refused_and_the_same_command_cont
     prompts.write_text("a red fox\na blue bird\n")
     other.write_text("a green frog\na blue bird\n")
     command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "2"]
-    srpo.main(command)
+    cli.main(command)
     capsys.readouterr()
     made = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)}
     assert sorted(made) == ["00000.png", "00001.png", "images.jsonl"]
@@ -129,7 +129,7 @@ def test_a_sample_rerun_with_other_settings_is_refused_and_the_same_command_cont
         assert code == util.EXIT_INPUT and len(err) == 1 and words in err[0] and "00000.png" in err[0], err
         assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == made
     os.remove(os.path.join(out, "00001.png"))
-    srpo.main(command)
+    cli.main(command)
     assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == made
-    srpo.main(command)
+    cli.main(command)
     assert "nothing left to make" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""LoRA (lora.py) and FSDP2's CPU offload: step 0 is the base model, only the adapters train, the checkpoint's
+"""LoRA (training/lora.py) and FSDP2's CPU offload: step 0 is the base model, only the adapters train, the checkpoint's
 LoRA file is what diffusers' FluxPipeline.load_lora_weights (with PEFT) reads, `sample --lora` gives its image,
 2 processes == 1, resume is exact, --offload changes nothing but where the state lives. Tiny models only."""
 
@@ -15,20 +15,17 @@ from safetensors.torch import load_file, save_file
 from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_inputs
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
-import checkpoints
-import clip_weights as cw
+import cli as command_line
 import flux2_model as f2
-import flux2_weights as f2w
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
-import lora
 import methods
 import reward as reward_module
-import runtime
 import srpo
-import util
+from common import util
 from reward import HPSReward
+from sampling import flux_sampling
+from training import checkpoints, lora, runtime
+from weights import clip_weights, flux2_weights, flux_weights
 
 CPU = torch.device("cpu")
 
@@ -75,7 +72,7 @@ def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_p
 def random_lora(folder, flux_cfg, rank=4, alpha=8.0, seed=3):
     """Adapters with random A and B (B = 0 would test nothing), written as a checkpoint writes them; alpha != rank
     so that the scale alpha / r must reach diffusers. -> (our adapted model, the file's folder)."""
-    model = lora.add_adapters(fw.load_transformer(os.path.join(folder, "transformer")), rank, alpha, seed)
+    model = lora.add_adapters(flux_weights.load_transformer(os.path.join(folder, "transformer")), rank, alpha, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -91,7 +88,7 @@ def random_lora(folder, flux_cfg, rank=4, alpha=8.0, seed=3):
 def flux_with_lora(flux_folder, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("lora") / "flux")
     shutil.copytree(flux_folder, folder)
-    model, lora_dir = random_lora(folder, fw.read_flux_config(os.path.join(folder, "transformer")))
+    model, lora_dir = random_lora(folder, flux_weights.read_flux_config(os.path.join(folder, "transformer")))
     return folder, model, lora_dir
 
 
@@ -104,7 +101,7 @@ def test_lora_file_loads_into_flux_pipeline_and_gives_our_transformer_output(flu
     base = run_diffusers(pipe.transformer, x)
     pipe.load_lora_weights(lora_dir)
     theirs, adapted = run_diffusers(pipe.transformer, x), run_ours(ours, x)
-    merged = lora.merge_lora(fw.load_transformer(os.path.join(folder, "transformer")),
+    merged = lora.merge_lora(flux_weights.load_transformer(os.path.join(folder, "transformer")),
                              os.path.join(lora_dir, lora.LORA_FILE))
     assert rel_err(adapted, theirs) <= 1e-5 and rel_err(run_ours(merged, x), theirs) <= 1e-5
     assert rel_err(base, theirs) > 1e-2  # the LoRA does change the output
@@ -123,8 +120,8 @@ def test_sample_with_lora_gives_flux_pipeline_image(flux_with_lora, tmp_path):
     images = {}
     for name, extra in [("lora", ["--lora", os.path.join(lora_dir, lora.LORA_FILE)]), ("base", [])]:
         images[name] = str(tmp_path / f"{name}.png")
-        srpo.main(["sample", "--flux", folder, "--prompt", prompt, "--height", str(h), "--width", str(w), "--steps",
-                   str(steps), "--seed", str(seed), "--out", images[name], *extra])
+        command_line.main(["sample", "--flux", folder, "--prompt", prompt, "--height", str(h), "--width", str(w),
+                           "--steps", str(steps), "--seed", str(seed), "--out", images[name], *extra])
     ours = read_png(images["lora"])
     # the same 8-bit image; a float32 tie at a rounding boundary may move one level in a rare pixel
     assert np.abs(ours - to_uint8(out)).max() <= 1 and np.mean(ours != to_uint8(out)) < 1e-3
@@ -134,7 +131,7 @@ def test_sample_with_lora_gives_flux_pipeline_image(flux_with_lora, tmp_path):
 def test_lora_scale_scales_the_merged_update(flux_with_lora):
     folder, _, lora_dir = flux_with_lora
     path = os.path.join(lora_dir, lora.LORA_FILE)
-    base = fw.load_transformer(os.path.join(folder, "transformer"))
+    base = flux_weights.load_transformer(os.path.join(folder, "transformer"))
     full, half = (lora.merge_lora(copy.deepcopy(base), path, s).state_dict() for s in (1.0, 0.5))
     b = base.state_dict()
     key = "single_blocks.0.linear1.weight"
@@ -153,7 +150,7 @@ def test_flux2_lora_file_loads_into_flux2_klein_pipeline_and_gives_our_transform
     cfg, folder = f2.Flux2Config.preset("tiny"), str(tmp_path / "transformer")
     reference = diffusers_flux2_transformer(cfg)
     reference.save_pretrained(folder)
-    ours = lora.add_adapters(f2w.load_transformer(folder), 4, 8.0, seed=3)
+    ours = lora.add_adapters(flux2_weights.load_transformer(folder), 4, 8.0, seed=3)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in ours.named_parameters():
@@ -167,7 +164,7 @@ def test_flux2_lora_file_loads_into_flux2_klein_pipeline_and_gives_our_transform
     base = run_flux2_diffusers(pipe.transformer, x, ids)
     pipe.load_lora_weights(str(tmp_path / "lora"))
     theirs, adapted = run_flux2_diffusers(pipe.transformer, x, ids), run_ours(ours, x)
-    merged = lora.merge_lora(f2w.load_transformer(folder), path)
+    merged = lora.merge_lora(flux2_weights.load_transformer(folder), path)
     assert rel_err(adapted, theirs) <= 1e-5 and rel_err(run_ours(merged, x), theirs) <= 1e-5
     assert rel_err(base, theirs) > 1e-2  # the LoRA does change the output
     keys = {k.removesuffix(".lora_A.weight") for k in load_file(path) if k.endswith("lora_A.weight")}
@@ -179,7 +176,7 @@ def test_flux2_lora_file_loads_into_flux2_klein_pipeline_and_gives_our_transform
     other = lora.save_lora({n: p.detach() for n, p in flux1.named_parameters() if n in adapter_names(flux1)},
                            flux1.cfg, 1.0, str(tmp_path / "flux1"))
     with pytest.raises(util.InputError, match=r"single_transformer_blocks.0.attn.to_k is not a linear layer of this"):
-        lora.merge_lora(f2w.load_transformer(folder), other)
+        lora.merge_lora(flux2_weights.load_transformer(folder), other)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,7 +198,7 @@ def runs(tmp_path_factory):
         if two:
             cli(*TORCHRUN, *RUN, *flags, "--out", outs[name])
         else:  # in this process (no imports to pay again): the demo runs single-threaded, as torchrun's workers
-            srpo.main([*RUN, *flags, "--out", outs[name]])
+            command_line.main([*RUN, *flags, "--out", outs[name]])
     return outs
 
 
@@ -234,7 +231,7 @@ def test_lora_resume_is_exact(runs, tmp_path):
     first = checkpoints.CHECKPOINT.format(1)
     shutil.copytree(os.path.join(straight, first), os.path.join(out, first))
     shutil.copy(os.path.join(straight, "log.jsonl"), out)
-    srpo.main([*RUN, *LORA, "--out", out, "--resume"])
+    command_line.main([*RUN, *LORA, "--out", out, "--resume"])
     a, b = lora_file(straight, 2), lora_file(out, 2)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_lines(out) == log_lines(straight)
     opt_a, opt_b = (torch.load(os.path.join(f, checkpoints.CHECKPOINT.format(2), "training.pt"), weights_only=True)
@@ -282,12 +279,12 @@ def test_lora_run_from_a_flux_folder_loads_into_diffusers_and_resume_keeps_its_s
     """--flux with --lora-rank: LoRA's default learning rate, alpha = rank, and the checkpoint folder is what
     load_lora_weights(folder) takes: the trained adapters give our transformer's output (1e-5)."""
     out = str(tmp_path / "out")
-    srpo.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
+    command_line.main([*real_args, "--lora-rank", "4", "--out", out, "--steps", "1"])
     folder = os.path.join(out, checkpoints.CHECKPOINT.format(1))
     config = util.read_json(os.path.join(folder, "state.json"))["config"]
     assert (config["lr"], config["lora_rank"], config["lora_alpha"]) == (srpo.PRESETS["lora"]["lr"], 4, 4.0)
     flux = real_args[real_args.index("--flux") + 1]
-    ours = lora.add_adapters(fw.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
+    ours = lora.add_adapters(flux_weights.load_transformer(os.path.join(flux, "transformer")), 4, 4.0, 0)
     ours.load_state_dict(torch.load(os.path.join(folder, "training.pt"), weights_only=True)["adapters"], strict=False)
     pipe = FluxPipeline.from_pretrained(flux, local_files_only=True)
     pipe.load_lora_weights(folder)
@@ -305,7 +302,7 @@ def test_memory_estimate_counts_rank_times_in_plus_out_of_every_adapted_layer():
     from tools import memory_estimate as me
 
     cfg = fm.FluxConfig.preset("tiny")
-    e = me.estimate(64, 64, cfg, fm.AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward_module.TINY),
+    e = me.estimate(64, 64, cfg, fm.AutoEncoderConfig.preset("tiny"), clip_weights.clip_config(**reward_module.TINY),
                     text_tokens=8, lora_rank=4)
     h, m = cfg.hidden_size, cfg.mlp_hidden
     double, single = 2 * ((h + 3 * h) + (h + h) + (h + m) + (m + h)), (h + 3 * h + m) + (h + m + h)

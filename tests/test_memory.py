@@ -8,14 +8,15 @@ import torch
 from test_flux2_train import tiny2  # noqa: F401 (a fixture)
 from test_train import train_tiny
 
-import checkpoints
-import clip_weights as cw
+import cli
 import flux2_model as f2
 import flux_model as fm
 import reward
-import sampling
 import srpo
+from sampling import sampler
 from tools import memory_estimate as me
+from training import checkpoints
+from weights import clip_weights
 
 HEIGHT = WIDTH = 64
 TEXT_TOKENS = 8
@@ -23,7 +24,7 @@ TEXT_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def tiny_estimate():
-    cfgs = fm.FluxConfig.preset("tiny"), fm.AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
+    cfgs = fm.FluxConfig.preset("tiny"), fm.AutoEncoderConfig.preset("tiny"), clip_weights.clip_config(**reward.TINY)
     return cfgs, me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS)
 
 
@@ -56,7 +57,7 @@ def test_checkpointed_vae_decode_has_the_same_gradient_and_keeps_under_a_quarter
         ae.decoder.checkpointing = checkpointing
         x, saved = latents.clone().requires_grad_(), me.SavedTensors(ae)
         with saved.record("vae"):
-            images = sampling.decode_images(ae, x, HEIGHT, WIDTH)
+            images = sampler.decode_images(ae, x, HEIGHT, WIDTH)
         (images * torch.linspace(-1, 1, images.numel()).reshape(images.shape)).sum().backward()
         return x.grad, saved.total("vae")
 
@@ -71,7 +72,7 @@ def test_training_decodes_checkpointed_and_sampling_does_not(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(srpo, "train", lambda parts, *args: seen.append(parts.ae.decoder.checkpointing))
     monkeypatch.setattr(checkpoints, "report", lambda out: None)
-    srpo.main(["train", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32",
+    cli.main(["train", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32",
                "--rollout-steps", "4", "--samples", "1"])
     assert seen == [True] and not fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).decoder.checkpointing
 
@@ -91,7 +92,8 @@ def test_offload_host_memory_counts_each_pinned_tensor_rounded_up_to_a_power_of_
 def klein_tiny():
     """The tiny FLUX.2 transformer and VAE, LoRA rank 4; the branch's velocity with CFG (2 passes) and the
     conditional pass alone (1, --no-branch-cfg), at train's defaults otherwise (the rollout at guidance 1)."""
-    cfgs = f2.Flux2Config.preset("tiny"), f2.Flux2AutoEncoderConfig.preset("tiny"), cw.clip_config(**reward.TINY)
+    cfgs = (f2.Flux2Config.preset("tiny"), f2.Flux2AutoEncoderConfig.preset("tiny"),
+            clip_weights.clip_config(**reward.TINY))
     calls = {p: me.model_calls(srpo.TrainConfig(no_branch_cfg=p == 1), sampled_with_cfg=True) for p in (1, 2)}
     return cfgs, {p: me.estimate(HEIGHT, WIDTH, *cfgs, text_tokens=TEXT_TOKENS, lora_rank=4, calls=calls[p])
                   for p in (1, 2)}

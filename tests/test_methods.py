@@ -11,12 +11,13 @@ import pytest
 import torch
 from references import rel_err
 
+import cli
 import flux_model as fm
-import flux_sampling
 import methods
-import runtime
 import srpo
-from util import derive_seed
+from common.util import derive_seed
+from sampling import flux_sampling
+from training import runtime
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox"
@@ -270,9 +271,9 @@ def test_lr_warmup_is_linear_logged_and_continues_after_a_resume(tmp_path, monke
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: used.append(self.param_groups[0]["lr"])
                         or step(self, *a, **k))
     flags = ["train", *SMALL, "--lr-warmup", "3", "--save-every", "1"]
-    srpo.main([*flags, "--steps", "4", "--out", str(tmp_path / "straight")])
-    srpo.main([*flags, "--steps", "2", "--out", str(tmp_path / "resumed")])
-    srpo.main([*flags, "--steps", "4", "--out", str(tmp_path / "resumed"), "--resume"])
+    cli.main([*flags, "--steps", "4", "--out", str(tmp_path / "straight")])
+    cli.main([*flags, "--steps", "2", "--out", str(tmp_path / "resumed")])
+    cli.main([*flags, "--steps", "4", "--out", str(tmp_path / "resumed"), "--resume"])
     lr = 1e-3  # the demo's
     expected = [lr / 3, 2 * lr / 3, lr, lr]
     # torch's set_optimizer_state_dict makes AdamW's state with one step at lr 0 before loading it, on resume
@@ -283,9 +284,9 @@ def test_lr_warmup_is_linear_logged_and_continues_after_a_resume(tmp_path, monke
 
 def test_method_flag_runs_each_method_and_refuses_an_unknown_one(tmp_path, capsys):
     for name in methods.METHODS:
-        srpo.main(["train", *SMALL, "--steps", "1", "--method", name, "--out", str(tmp_path / name)])
+        cli.main(["train", *SMALL, "--steps", "1", "--method", name, "--out", str(tmp_path / name)])
         (line,) = log_lines(tmp_path / name)
         assert all(key in line for key in ("loss", "grad_norm", "lr")) and any(k.startswith("loss_") for k in line)
     with pytest.raises(SystemExit):
-        srpo.main(["train", "--method", "dpo"])
+        cli.main(["train", "--method", "dpo"])
     assert "--method" in capsys.readouterr().err

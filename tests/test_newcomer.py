@@ -16,11 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import checkpoints
 import cli
-import evaluation
-import srpo
-import util
+from common import util
+from training import checkpoints, evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
@@ -28,9 +26,9 @@ SIZE = ["--height", "32", "--width", "32"]
 
 
 def run_cli(args, capsys):
-    """srpo.main(args) -> (exit code, stderr lines)."""
+    """cli.main(args) -> (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        cli.main(args)
     return exit_info.value.code, capsys.readouterr().err.splitlines()
 
 
@@ -38,7 +36,7 @@ def run_cli(args, capsys):
 def demo(tmp_path_factory):
     """The tiny demo, 2 steps at 32 x 32, evaluated on its 4 built-in held-out prompts at steps 0 and 2."""
     out = str(tmp_path_factory.mktemp("demo"))
-    srpo.main(["train", "--steps", "2", "--save-every", "2", *TINY, "--out", out])
+    cli.main(["train", "--steps", "2", "--save-every", "2", *TINY, "--out", out])
     return out
 
 
@@ -48,7 +46,7 @@ def test_the_demo_checkpoint_samples_without_flux_as_its_evaluation_did(demo, tm
     byte for byte (and not the untrained model's); a file of another shape is refused in one line."""
     weights = os.path.join(demo, checkpoints.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors")
     i, out = 1, tmp_path / "x.png"
-    srpo.main(["sample", "--transformer", weights, "--prompt", evaluation.EVAL_PROMPTS[i], "--seed", str(i),
+    cli.main(["sample", "--transformer", weights, "--prompt", evaluation.EVAL_PROMPTS[i], "--seed", str(i),
                "--steps", "28", *SIZE, "--out", str(out)])
     tile = os.path.join(demo, "eval", "step-{:06d}", f"{i:05d}.png")
     with open(tile.format(2), "rb") as trained, open(tile.format(0), "rb") as untrained:
@@ -68,7 +66,7 @@ def test_score_without_a_model_scores_with_the_demo_reward(demo, capsys):
         scores = json.loads(f.readlines()[-1])["per_prompt"]["hps"]
     capsys.readouterr()
     for i, prompt in enumerate(evaluation.EVAL_PROMPTS):
-        srpo.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt])
+        cli.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt])
         captured = capsys.readouterr()
         assert abs(float(captured.out.split("\t")[0]) - scores[i]) <= 1e-6, (captured.out, scores[i])
         assert captured.err.count("\n") == 1 and "note: " in captured.err and "tiny random HPS" in captured.err
@@ -121,8 +119,8 @@ def test_sample_writes_under_runs_by_default(tmp_path, monkeypatch):
     runs/sample.png (the folder made, as train makes runs/srpo), a --prompts run's to runs/samples/."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a fox\n")
-    srpo.main(["sample", *SIZE, "--steps", "1"])
-    srpo.main(["sample", *SIZE, "--steps", "1", "--prompts", "prompts.txt"])
+    cli.main(["sample", *SIZE, "--steps", "1"])
+    cli.main(["sample", *SIZE, "--steps", "1", "--prompts", "prompts.txt"])
     assert sorted(os.listdir(tmp_path)) == ["prompts.txt", "runs"]
     runs = tmp_path / "runs"
     assert os.path.isfile(runs / "sample.png") and os.path.isfile(runs / "samples" / "00000.png")

@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoints
+import cli
 import families
-import flux_sampling
-import image_data
-import runtime
 import srpo
-from util import InputError
+from common.util import InputError
+from sampling import flux_sampling
+from training import checkpoints, image_data, runtime
 
 CAPTIONS = ("a red fox in the snow", "a bowl of peaches", "a lighthouse at dawn")
 TINY = ["--height", "32", "--width", "32", "--samples", "0", "--eval-every", "100",
@@ -40,7 +39,7 @@ def image_folder(folder, captions=CAPTIONS):
 
 
 def train(*args):
-    srpo.main(["train", *TINY, *map(str, args)])
+    cli.main(["train", *TINY, *map(str, args)])
 
 
 def log_lines(out):

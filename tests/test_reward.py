@@ -1,6 +1,6 @@
-"""reward.py, clip_weights.py and clip_tokenizer.py against open_clip and torchvision (independent references,
-test-only), on random tiny ViT-H-14-family models saved in the released HPS format (`{'state_dict': ...}`, fp16,
-open_clip keys); PickScore and CLIP-H against transformers' own model and processor.
+"""reward.py, weights/clip_weights.py and weights/clip_tokenizer.py against open_clip and torchvision (independent
+references, test-only), on random tiny ViT-H-14-family models saved in the released HPS format (`{'state_dict': ...}`,
+fp16, open_clip keys); PickScore and CLIP-H against transformers' own model and processor.
 
 Tolerances, float32:
 - image features, text features, HPS scores, SRP rewards: max|ours - ref| / max|ref| <= 1e-5;
@@ -35,13 +35,12 @@ from torchvision.transforms import functional as TF
 from transformers import CLIPModel
 
 import cli
-import clip_weights as cw
-import flux_weights as fw
-import image_data
 import reward
 import srpo
-from clip_tokenizer import OpenClipTokenizer
-from util import InputError
+from common.util import InputError
+from training import image_data
+from weights import clip_weights, tensor_files
+from weights.clip_tokenizer import OpenClipTokenizer
 
 CONFIGS = {
     "v160x2-t128x1": {"vision_width": 160, "vision_layers": 2, "text_width": 128, "text_layers": 1, "embed_dim": 64},
@@ -253,7 +252,8 @@ def test_vit_h_14_geometry_converts_to_the_reference_config():
     """The real architecture on the meta device: keys, shapes, heads and parameter count of the conversion."""
     with torch.device("meta"):
         ref = CLIP(**open_clip.get_model_config("ViT-H-14"))
-    model = cw._meta_clip(cw.open_clip_to_hf({k: tuple(v.shape) for k, v in ref.state_dict().items()}))
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    model = clip_weights._meta_clip(clip_weights.open_clip_to_hf(shapes))
     vision, text = model.config.vision_config, model.config.text_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
             vision.patch_size, vision.image_size) == (1280, 32, 16, 5120, 14, 224)
@@ -377,7 +377,7 @@ def test_score_refuses_an_image_too_large_in_one_line(tmp_path, monkeypatch, cap
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     Image.new("RGB", (50, 45)).save(tmp_path / "big.png")
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(["score", "--prompt", "a cat", str(tmp_path / "big.png")])
+        cli.main(["score", "--prompt", "a cat", str(tmp_path / "big.png")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'big.png'}: too large to read: 2,250 pixels, over the limit of 2,000 (twice Pillow's "
@@ -398,7 +398,7 @@ def same_weights(a, b):
 def test_safetensors_conversion_gives_the_same_scorer(pair, tmp_path):
     _, ours, path = pair
     converted = tmp_path / "hps.safetensors"
-    cw.convert_checkpoint(path, converted)
+    clip_weights.convert_checkpoint(path, converted)
     assert same_weights(reward.HPSReward.load(converted, ours.tokenizer), ours)
     x = random_images(1, 224, 224)
     half = reward.HPSReward.load(converted, ours.tokenizer, dtype=torch.bfloat16)
@@ -415,12 +415,12 @@ def test_open_clip_keys_in_a_safetensors_file_give_the_same_scorer(pair, tmp_pat
 
 
 def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monkeypatch):
-    """fp16 file, fp32 model: each tensor comes through fw.open_safetensors' lazy handle and is gone (cast, freed)
-    before the next is read, so memory never holds the file's weights next to the model's."""
+    """fp16 file, fp32 model: each tensor comes through tensor_files.open_safetensors' lazy handle and is gone (cast,
+    freed) before the next is read, so memory never holds the file's weights next to the model's."""
     _, _, path = pair
     converted = tmp_path / "hps.safetensors"
-    cw.convert_checkpoint(path, converted)
-    open_safetensors, alive, reads = fw.open_safetensors, [], []
+    clip_weights.convert_checkpoint(path, converted)
+    open_safetensors, alive, reads = tensor_files.open_safetensors, [], []
 
     class Handle:
         def __init__(self, path):
@@ -436,8 +436,8 @@ def test_safetensors_weights_are_read_one_tensor_at_a_time(pair, tmp_path, monke
             reads.append(key)
             return tensor
 
-    monkeypatch.setattr(fw, "open_safetensors", Handle)
-    clip = cw.load_clip(converted, dtype=torch.float32)
+    monkeypatch.setattr(clip_weights, "open_safetensors", Handle)
+    clip = clip_weights.load_clip(converted, dtype=torch.float32)
     assert sorted(reads) == sorted(load_file(converted)) == sorted(clip.state_dict())
     assert all(t.dtype == torch.float32 for t in clip.state_dict().values() if t.is_floating_point())
 
@@ -453,11 +453,11 @@ def test_conversion_writes_atomically(pair, tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(cw, "save_file", fail_half_way)
-    assert "No space left on device" in error_of(cw.convert_checkpoint, path, dst)
+    monkeypatch.setattr(clip_weights, "save_file", fail_half_way)
+    assert "No space left on device" in error_of(clip_weights.convert_checkpoint, path, dst)
     assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["hps.safetensors"]
     monkeypatch.undo()
-    cw.convert_checkpoint(path, dst)
+    clip_weights.convert_checkpoint(path, dst)
     assert os.listdir(tmp_path) == ["hps.safetensors"] and len(load_file(dst)) > 0
 
 
@@ -480,7 +480,7 @@ def test_tiny_scorer_builds_from_nothing_and_caches_text():
 def test_pickscore_is_logit_scaled_clip(bpe_dir, tmp_path):
     """PickScore (HF CLIP format) against transformers' own CLIPModel forward: logits_per_image on the diagonal."""
     torch.manual_seed(0)
-    clip = CLIPModel(cw.clip_config(**CONFIGS["v160x2-t128x1"]))
+    clip = CLIPModel(clip_weights.clip_config(**CONFIGS["v160x2-t128x1"]))
     clip.save_pretrained(tmp_path)
     scorer = reward.PickScoreReward.load(tmp_path, bpe_dir)
     x, prompts = random_images(2, 240, 300), ["a cat", "a dog on a skateboard"]
@@ -491,7 +491,7 @@ def test_pickscore_is_logit_scaled_clip(bpe_dir, tmp_path):
 
 def test_bad_pickscore_folders_are_one_line_errors(bpe_dir, tmp_path):
     torch.manual_seed(0)
-    CLIPModel(cw.clip_config(**CONFIGS["v160x2-t128x1"])).save_pretrained(tmp_path / "good")
+    CLIPModel(clip_weights.clip_config(**CONFIGS["v160x2-t128x1"])).save_pretrained(tmp_path / "good")
     weights = load_file(tmp_path / "good" / "model.safetensors")
     cases = {"bad-json": ("not valid JSON", "{not json", weights), "list-json": ("expected a JSON object", "[]", None),
              "bert": ("model_type 'bert'", json.dumps({"model_type": "bert"}), weights),
@@ -529,25 +529,25 @@ def test_checkpoint_of_another_architecture_names_the_key(tmp_path):
     vit_b = CLIP(64, CLIPVisionCfg(layers=1, width=192, head_width=64, patch_size=32, image_size=224),
                  CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=1))
     torch.save({"state_dict": vit_b.state_dict()}, tmp_path / "vit_b.pt")
-    message = error_of(cw.load_clip, tmp_path / "vit_b.pt")
+    message = error_of(clip_weights.load_clip, tmp_path / "vit_b.pt")
     assert "'visual.conv1.weight' (192, 3, 32, 32)" in message and "head width 80" in message
 
     torch.save({"double_blocks.0.img_attn.qkv.weight": torch.zeros(9, 3)}, tmp_path / "flux.pt")
-    assert "unexpected key 'double_blocks.0.img_attn.qkv.weight' (9, 3)" in error_of(cw.load_clip,
+    assert "unexpected key 'double_blocks.0.img_attn.qkv.weight' (9, 3)" in error_of(clip_weights.load_clip,
                                                                                       tmp_path / "flux.pt")
     tampered = open_clip_tiny(CONFIGS["v160x2-t128x1"]).state_dict()
     tampered["text_projection"] = torch.zeros(128, 32)
     torch.save(tampered, tmp_path / "tampered.pt")
-    message = error_of(cw.load_clip, tmp_path / "tampered.pt")
+    message = error_of(clip_weights.load_clip, tmp_path / "tampered.pt")
     assert "key 'text_projection' (128, 32) does not fit" in message and "needs (64, 128)" in message
 
 
 def test_unreadable_inputs_are_one_line_errors(tmp_path, bpe_dir):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-5)}, tmp_path / "pickled.pt")
-    assert "weights_only=True) refused" in error_of(cw.load_clip, tmp_path / "pickled.pt")
-    assert "checkpoint not found" in error_of(cw.load_clip, tmp_path / "missing.pt")
+    assert "weights_only=True) refused" in error_of(clip_weights.load_clip, tmp_path / "pickled.pt")
+    assert "checkpoint not found" in error_of(clip_weights.load_clip, tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert "not a torch checkpoint" in error_of(cw.load_clip, tmp_path / "garbage.pt")
+    assert "not a torch checkpoint" in error_of(clip_weights.load_clip, tmp_path / "garbage.pt")
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     garbage = tmp_path / "garbage.png"
     assert error_of(reward.load_image, garbage) == f"{garbage}: not a readable image (no format Pillow knows: " \
@@ -563,9 +563,9 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path, bpe_dir):
     assert "does not fit the model" in error_of(reward.HPSReward, scorer.clip, real_vocab)
 
     torch.save({"state_dict": [torch.zeros(1)]}, tmp_path / "list.pt")
-    assert "expected a state_dict of tensors" in error_of(cw.load_clip, tmp_path / "list.pt")
+    assert "expected a state_dict of tensors" in error_of(clip_weights.load_clip, tmp_path / "list.pt")
     assert "is a folder, not an image" in error_of(reward.load_image, tmp_path)
-    assert "is a folder, not a checkpoint" in error_of(cw.load_clip, tmp_path)
+    assert "is a folder, not a checkpoint" in error_of(clip_weights.load_clip, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["merges-latin1", "vocab-list", "vocab-string-ids", "vocab-bad-json"])
@@ -585,14 +585,14 @@ def test_bad_tokenizer_files_name_the_file(case, bpe_dir, tmp_path):
 
 def run_score(capsys, *args):
     """`python srpo.py score ARGS` in this process (no interpreter start): its stdout lines."""
-    srpo.main(["score", *map(str, args)])
+    cli.main(["score", *map(str, args)])
     return capsys.readouterr().out.splitlines()
 
 
 def score_error(capsys, *args):
     """The one stderr line of a `score` run that must exit 2 with nothing on stdout."""
     with pytest.raises(SystemExit) as info:
-        srpo.main(["score", *map(str, args)])
+        cli.main(["score", *map(str, args)])
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert info.value.code == 2 and out.out == "" and len(err) == 1 and err[0].startswith("error: "), out.err
@@ -769,7 +769,7 @@ def clip_reward_folder(folder, bpe_dir, legacy_eos, seed):
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(seed)
-    config = cw.clip_config(**CONFIGS["v160x2-t128x1"])
+    config = clip_weights.clip_config(**CONFIGS["v160x2-t128x1"])
     if legacy_eos:
         config.text_config.eos_token_id = 2
     clip = CLIPModel(config)

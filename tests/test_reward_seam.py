@@ -17,11 +17,11 @@ from test_reward import error_of, random_images, ref_crop
 from test_train import log_lines, train_tiny
 from transformers import CLIPModel
 
-import clip_weights as cw
-import flux_sampling
 import reward
 import srpo
-from clip_tokenizer import OpenClipTokenizer
+from sampling import flux_sampling
+from weights import clip_weights
+from weights.clip_tokenizer import OpenClipTokenizer
 
 LOGIT_SCALE = 30.0
 
@@ -37,9 +37,9 @@ class AestheticReward(reward.CLIPScorer):
 
     @classmethod
     def check_path(cls, path):
-        cw.check_checkpoint(path, "a TinyAesthetic .safetensors file")
+        clip_weights.check_checkpoint(path, "a TinyAesthetic .safetensors file")
 
-    read_clip = staticmethod(cw.load_clip)
+    read_clip = staticmethod(clip_weights.load_clip)
 
 
 @pytest.fixture

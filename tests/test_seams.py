@@ -8,11 +8,10 @@ from typing import NamedTuple
 import torch
 from references import rel_err
 
-import flux_sampling
 import methods
-import runtime
-import sampling
 import srpo
+from sampling import flux_sampling, sampler
+from training import runtime
 
 CPU = torch.device("cpu")
 
@@ -80,4 +79,4 @@ def test_a_model_family_is_its_conditioning_s_velocity():
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         t = torch.full((1,), s.item())
         x = x + (s_next - s) * (model(x, t, cond.empty) + guidance * (model(x, t, cond.text) - model(x, t, cond.empty)))
-    assert rel_err(sampling.euler_sample(model, eps, sigmas, cond, guidance), x) <= 1e-6
+    assert rel_err(sampler.euler_sample(model, eps, sigmas, cond, guidance), x) <= 1e-6

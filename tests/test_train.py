@@ -20,19 +20,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-import checkpoints
 import cli as command_line
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
 import methods
 import reward as reward_module
-import runtime
-import sampling
 import srpo
-import util
+from common import util
 from reward import HPSReward
+from sampling import flux_sampling, sampler
 from srpo import control_words
+from training import checkpoints, runtime
+from weights import flux_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -76,7 +74,7 @@ def log_lines(out):
 
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        srpo.main(args)
+        command_line.main(args)
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -505,7 +503,7 @@ def test_reward_and_loss_have_the_expected_signs(tiny):
 
     def denoise_reward():
         x0_hat = srpo.direct_align(model, x0, eps, sigma_hi, sigma_t, cond, cfg.guidance)
-        return reward.relative_reward(sampling.decode_images(ae, x0_hat, 32, 32), f"{P}. a red fox", f"{N}. a red fox",
+        return reward.relative_reward(sampler.decode_images(ae, x0_hat, 32, 32), f"{P}. a red fox", f"{N}. a red fox",
                                       k_d, "crop")
 
     before = denoise_reward()
@@ -541,7 +539,8 @@ def fsdp_runs(tmp_path_factory):
     torchrun running one each)."""
     one, two = str(tmp_path_factory.mktemp("one")), str(tmp_path_factory.mktemp("two"))
     cli(*TORCHRUN, *FSDP_ARGS, "--out", two)
-    srpo.main([*FSDP_ARGS, "--out", one])  # in this process: the demo runs single-threaded, as torchrun's workers
+    # in this process: the demo runs single-threaded, as torchrun's workers
+    command_line.main([*FSDP_ARGS, "--out", one])
     return one, two
 
 
@@ -584,15 +583,15 @@ def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs,
 def straight(tmp_path_factory):
     """An uninterrupted 3-step run, checkpoint after every step."""
     out = str(tmp_path_factory.mktemp("straight"))
-    srpo.main(["train", "--steps", "3", "--save-every", "1", "--keep", "3", *SMALL, "--out", out])
+    command_line.main(["train", "--steps", "3", "--save-every", "1", "--keep", "3", *SMALL, "--out", out])
     return out
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
     out = str(tmp_path)
-    srpo.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
+    command_line.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
     assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 2)  # --keep 1
-    srpo.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
+    command_line.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
     a, b = weights(straight, 3), weights(out, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert log_lines(out) == log_lines(straight)
@@ -639,8 +638,8 @@ def real_args(flux_folder, tmp_path):
 def test_real_run_from_a_flux_folder_and_an_hps_checkpoint(real_args, flux_folder, tmp_path):
     """--flux/--hps/--prompts, then a resume through the same path; the result loads strictly into diffusers."""
     out = str(tmp_path / "out")
-    srpo.main([*real_args, "--out", out, "--steps", "1"])
-    srpo.main([*real_args, "--out", out, "--steps", "2", "--resume"])
+    command_line.main([*real_args, "--out", out, "--steps", "1"])
+    command_line.main([*real_args, "--out", out, "--steps", "2", "--resume"])
     assert [line["step"] for line in log_lines(out)] == [1, 2]
     theirs = FluxTransformer2DModel.from_pretrained(os.path.join(flux_folder, "transformer"))
     theirs.load_state_dict(weights(out, 2), strict=True)
@@ -650,7 +649,7 @@ def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args
     """The official loop counts steps 1..20 and its step 20 only saves: without --steps a real run applies 19
     updates, update s with positive[s % 4] and negative[s % 5], and its last checkpoint is step 19."""
     out = str(tmp_path / "out")
-    srpo.main([*real_args, "--out", out, "--save-every", "10"])
+    command_line.main([*real_args, "--out", out, "--save-every", "10"])
     lines = log_lines(out)
     assert [line["step"] for line in lines] == list(range(1, 20))
     assert [line["words"] for line in lines] == [[POSITIVE[s % 4], NEGATIVE[s % 5]] for s in range(1, 20)]
@@ -741,7 +740,7 @@ def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path,
     args = ["train", "--steps", "4", "--save-every", "1", *SMALL, "--out", out, "--resume"]
     code, err = run_cli([*args, "--reward", "clip"], capsys)
     assert code == 2 and len(err) == 1 and "reward" in err[0] and "reward=hps" in err[0], err
-    srpo.main(args)
+    command_line.main(args)
     assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 4)
 
 
@@ -763,7 +762,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
                   f"the last checkpoint with finite weights: {os.path.join(out, checkpoints.CHECKPOINT.format(2))}"]:
         assert words in err[-1], (words, err)
     assert sorted(checkpoints.complete(out)) == [1, 2]
-    model = fw.load_transformer(os.path.join(out, checkpoints.CHECKPOINT.format(2)))
+    model = flux_weights.load_transformer(os.path.join(out, checkpoints.CHECKPOINT.format(2)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -836,12 +835,12 @@ def tiny_clip_folder(folder, seed=3):
     (in real_args the tiny HPS scorer's byte-level vocabulary)."""
     from transformers import CLIPModel
 
-    import clip_weights as cw
     import reward
+    from weights import clip_weights
 
     torch.manual_seed(seed)
     vocab_size = HPSReward.tiny().tokenizer.vocab_size
-    CLIPModel(cw.clip_config(**reward.TINY, vocab_size=vocab_size)).save_pretrained(folder)
+    CLIPModel(clip_weights.clip_config(**reward.TINY, vocab_size=vocab_size)).save_pretrained(folder)
     return str(folder)
 
 
@@ -857,8 +856,8 @@ def test_a_step_with_a_clip_reward_moves_the_weights_and_resume_refuses_another_
     """One official update (AdamW, lr 5e-6: every weight with a gradient moves by about lr) from the FLUX folder's
     transformer; the checkpoint records the reward and its recipe; --resume with --reward hps is one line, exit 2."""
     out = str(tmp_path / "out")
-    srpo.main([*reward_args(real_args, "--reward", name, f"--{name}", tiny_clip_folder(tmp_path / name)), "--out",
-               out, "--steps", "1"])
+    command_line.main([*reward_args(real_args, "--reward", name, f"--{name}", tiny_clip_folder(tmp_path / name)),
+                       "--out", out, "--steps", "1"])
     flux = real_args[real_args.index("--flux") + 1]
     start, after = load_file(os.path.join(flux, "transformer", "diffusion_pytorch_model.safetensors")), weights(out, 1)
     assert start.keys() == after.keys()
@@ -902,6 +901,6 @@ def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, caps
 def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
     """`train --reward pickscore` without --flux: the demo on a tiny random PickScore, with PickScore's recipe."""
     out = str(tmp_path)
-    srpo.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
+    command_line.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
     config = util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(2), "state.json"))["config"]
     assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2

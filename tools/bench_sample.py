@@ -1,4 +1,4 @@
-"""Time per sampling step: ours (`sampling.euler_sample`) vs diffusers' FluxPipeline, same weights, same steps.
+"""Time per sampling step: ours (`sampler.euler_sample`) vs diffusers' FluxPipeline, same weights, same steps.
 
     python -m tools.bench_sample [--steps 8 --repeat 5 --threads N --configs tiny small]
 
@@ -14,9 +14,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 import flux_model as fm
-import flux_sampling
-import flux_weights as fw
-import sampling
+from sampling import flux_sampling, sampler
+from weights import flux_weights
 
 
 def best_times(fns, repeat):
@@ -42,10 +41,11 @@ CONFIGS = {  # name: (FluxConfig, image side in pixels, text tokens)
 def bench(cfg, size, text, steps, repeat):
     """(ms per step ours, ms per step diffusers, relative difference of the final latents)."""
     torch.manual_seed(0)
-    ref = FluxTransformer2DModel(**{k: v for k, v in fw.flux_config_to_diffusers(cfg).items() if k[0] != "_"}).eval()
+    diffusers_cfg = flux_weights.flux_config_to_diffusers(cfg)
+    ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_cfg.items() if k[0] != "_"}).eval()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
-        ours = fw.load_transformer(d)
+        ours = flux_weights.load_transformer(d)
     vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         block_out_channels=[16, 32, 32, 32], latent_channels=16, norm_num_groups=8,
                         use_quant_conv=False, use_post_quant_conv=False)
@@ -64,7 +64,7 @@ def bench(cfg, size, text, steps, repeat):
     def mine():
         x = flux_sampling.initial_noise(1, size, size, 0, torch.float32)
         cond = flux_sampling.Conditioning(fm.image_ids(size, size), txt, torch.zeros(text, 3), y)
-        return sampling.euler_sample(ours, x, sampling.flux_schedule(steps, x.shape[1]), cond, 3.5)
+        return sampler.euler_sample(ours, x, sampler.flux_schedule(steps, x.shape[1]), cond, 3.5)
 
     err = ((mine() - theirs()).abs().max() / theirs().abs().max()).item()
     t_ours, t_theirs = best_times([mine, theirs], repeat)

@@ -53,17 +53,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CLIPModel
 
-import clip_weights as cw
 import flux2_model as f2
 import flux_kernels.attention
 import flux_kernels.rope
 import flux_model as fm
-import lora
 import reward
-import runtime
-import sampling
 import srpo
-import util
+from common import util
+from sampling import sampler
+from training import lora, runtime
+from weights import clip_weights
 
 GB = 1e9
 STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
@@ -220,13 +219,13 @@ def measure_branch(flux, ae, scorer, height, width, text_tokens=TEXT_TOKENS, pas
     x = torch.randn(1, (height // 16) * (width // 16), cfg.in_channels, device=device, requires_grad=True)
     saved = SavedTensors(flux, ae, scorer)
     label_block_inputs(flux, saved)
-    with sampling.autocast(device):
+    with sampler.autocast(device):
         with saved.record("transformer"):
             v = [flux(x, *model_inputs(cfg, height, width, text_tokens, device)).float() for _ in range(passes)]
             x0_hat = x + (v[0] if passes == 1 else v[1] + CFG_SCALE * (v[0] - v[1]))  # as srpo.model_step
         with saved.record("vae"):
             ae.decoder.checkpointing = True  # as runtime.ready sets it for training
-            images = sampling.decode_images(ae, x0_hat, height, width)
+            images = sampler.decode_images(ae, x0_hat, height, width)
         with saved.record("reward"):
             scorer.image_features(images, "crop")  # SRPO's training crop
     return saved
@@ -243,8 +242,8 @@ def measure_vae_stages(ae, height, width, latent_channels):
 
     z = torch.randn(1, (height // 16) * (width // 16), latent_channels, device="cuda", requires_grad=True)
     ae.decoder.checkpointing, ae.decoder.stage = False, labelled
-    with sampling.autocast(z.device):
-        sampling.decode_images(ae, z, height, width)
+    with sampler.autocast(z.device):
+        sampler.decode_images(ae, z, height, width)
     del ae.decoder.stage  # the class's own again
     return saved
 
@@ -253,7 +252,7 @@ def measure_reward(scorer, height, width):
     """Bytes the reward's image tower saves for one (3, height, width) bf16 image, as the decode returns it."""
     images = torch.rand(1, 3, height, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     saved = SavedTensors(scorer)
-    with sampling.autocast(images.device), saved.record("reward"):
+    with sampler.autocast(images.device), saved.record("reward"):
         scorer.image_features(images, "crop")
     return saved.total("reward")
 
@@ -277,7 +276,7 @@ def measure_block(block, cfg, tokens, text_tokens=TEXT_TOKENS):
     pe = tuple(torch.randn(text_tokens + tokens, cfg.head_dim // 2, device=device) for _ in range(2))
     block.backend = "triton"
     saved = SavedTensors(block)
-    with sampling.autocast(device), saved.record("block"):
+    with sampler.autocast(device), saved.record("block"):
         if double:
             block(stream(tokens), stream(text_tokens), *cond, pe)
         else:
@@ -351,7 +350,7 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
     calls = calls or model_calls(srpo.TrainConfig(), sampled_with_cfg=False)
     flux_cfg = flux_cfg or fm.FluxConfig.preset("flux-dev")
     ae_cfg = ae_cfg or fm.AutoEncoderConfig.preset("flux-dev")
-    clip_cfg = clip_cfg or cw.clip_config(**VIT_H_14)
+    clip_cfg = clip_cfg or clip_weights.clip_config(**VIT_H_14)
     flux, one, ae = meta_models(flux_cfg, ae_cfg, lora_rank)
     # the reward in fp32 (runtime.training_parts), plus a bf16 reward to show what its weight casts cost
     scorer, bf16_scorer = (meta(lambda: hps_reward(clip_cfg), dtype) for dtype in (torch.float32, torch.bfloat16))

@@ -6,7 +6,7 @@ import argparse
 import math
 import typing
 
-from util import InputError
+from common.util import InputError
 
 
 class Bounded:

@@ -1,7 +1,7 @@
 """FLUX.2 weights on disk: diffusers folders and single files (BFL's names or diffusers') read into (diffusers
 folders written from) `flux2_model`, with flux_weights' machinery.
 
-The same scheme as FLUX.1's (flux_weights.py): one table of links per model maps our module names, which follow
+The same scheme as FLUX.1's (weights/flux_weights.py): one table of links per model maps our module names, which follow
 black-forest-labs/flux2, to diffusers' keys (Flux2Transformer2DModel, AutoencoderKLFlux2); loading and saving read
 the same table; loading builds on the meta device, checks every key and shape, then copies straight from the mapped
 files. A folder's config.json gives the shapes (a key it leaves out takes diffusers' default, as diffusers does); a
@@ -12,27 +12,30 @@ import os
 
 import torch
 
-import flux_weights as fw
+from common.util import InputError, read_json
 from flux2_model import Flux2, Flux2AutoEncoder, Flux2AutoEncoderConfig, Flux2Config
-from util import InputError, read_json
+from weights import flux_weights
+from weights.tensor_files import shape_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Transformer
 
 
 def weights(ours, theirs):
-    return fw.same(ours, theirs, params=("weight",))  # FLUX.2's transformer has no biases
+    return flux_weights.same(ours, theirs, params=("weight",))  # FLUX.2's transformer has no biases
 
 
 def double_block_links(i, h):
     o, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
-    links = [*fw.split(f"{o}.img_attn.qkv", [(f"{t}.attn.to_{x}", h) for x in "qkv"], params=("weight",)),
-             *fw.split(f"{o}.txt_attn.qkv", [(f"{t}.attn.add_{x}_proj", h) for x in "qkv"], params=("weight",)),
+    links = [*flux_weights.split(f"{o}.img_attn.qkv", [(f"{t}.attn.to_{x}", h) for x in "qkv"], params=("weight",)),
+             *flux_weights.split(f"{o}.txt_attn.qkv", [(f"{t}.attn.add_{x}_proj", h) for x in "qkv"],
+                                 params=("weight",)),
              *weights(f"{o}.img_attn.proj", f"{t}.attn.to_out.0"),
              *weights(f"{o}.txt_attn.proj", f"{t}.attn.to_add_out")]
     for stream, sfx in [("img", ""), ("txt", "added_")]:
         for qk in ("query", "key"):
-            links.append(fw.Link(f"{o}.{stream}_attn.norm.{qk}_norm.scale", f"{t}.attn.norm_{sfx}{qk[0]}.weight"))
+            links.append(flux_weights.Link(f"{o}.{stream}_attn.norm.{qk}_norm.scale",
+                                           f"{t}.attn.norm_{sfx}{qk[0]}.weight"))
     for stream, ff in [("img", "ff"), ("txt", "ff_context")]:
         links += [*weights(f"{o}.{stream}_mlp.0", f"{t}.{ff}.linear_in"),
                   *weights(f"{o}.{stream}_mlp.2", f"{t}.{ff}.linear_out")]
@@ -42,7 +45,8 @@ def double_block_links(i, h):
 def single_block_links(i):
     o, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
     links = [*weights(f"{o}.linear1", f"{t}.attn.to_qkv_mlp_proj"), *weights(f"{o}.linear2", f"{t}.attn.to_out")]
-    return links + [fw.Link(f"{o}.norm.{qk}_norm.scale", f"{t}.attn.norm_{qk[0]}.weight") for qk in ("query", "key")]
+    return links + [flux_weights.Link(f"{o}.norm.{qk}_norm.scale", f"{t}.attn.norm_{qk[0]}.weight")
+                    for qk in ("query", "key")]
 
 
 def transformer_links(cfg: Flux2Config):
@@ -62,7 +66,7 @@ def transformer_links(cfg: Flux2Config):
     links += weights("final_layer.linear", "proj_out")
     # BFL's adaLN rows are (shift, scale); diffusers' are (scale, shift)
     ada, out = "final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"
-    return links + [fw.Link(ada, out, (0, h), (h, 2 * h)), fw.Link(ada, out, (h, 2 * h), (0, h))]
+    return links + [flux_weights.Link(ada, out, (0, h), (h, 2 * h)), flux_weights.Link(ada, out, (h, 2 * h), (0, h))]
 
 
 # Flux2Transformer2DModel's arguments we do not model, with the only value we accept (each is FLUX.2's)
@@ -128,7 +132,7 @@ def file_config(sources, keys):
     the head width is the QK norms', the MLP's from the single blocks' output projection (hidden + mlp inputs); 4
     RoPE axes of a quarter head each and theta 2000, as every released FLUX.2 (neither is in the shapes)."""
     def shape(role):
-        return fw.shape_of(sources[keys[role]][0], keys[role])
+        return shape_of(sources[keys[role]][0], keys[role])
 
     def count(role):
         return len({k[len(keys[role]) + 1:].split(".")[0] for k in sources if k.startswith(keys[role] + ".")})
@@ -148,11 +152,11 @@ def transformer_sources(path, cfg=None):
     copied out); a single file's config is read off its shapes unless given. Opened lazily."""
     if os.path.isdir(path):
         cfg = cfg or config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
-        return cfg, transformer_links(cfg), fw.read_sources(fw.weight_files(path))
+        return cfg, transformer_links(cfg), flux_weights.read_sources(flux_weights.weight_files(path))
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
-    sources = fw.transformer_keys(fw.read_sources([path]))
-    prefix = fw.BFL_PREFIX if all(k.startswith(fw.BFL_PREFIX) for k in sources) else ""
+    sources = flux_weights.transformer_keys(flux_weights.read_sources([path]))
+    prefix = flux_weights.BFL_PREFIX if all(k.startswith(flux_weights.BFL_PREFIX) for k in sources) else ""
     layout = next((name for name, keys in FILE_KEYS.items()
                    if prefix + keys["modulation"] in sources and prefix + keys["img_in"] in sources), None)
     if layout is None:
@@ -163,7 +167,7 @@ def transformer_sources(path, cfg=None):
     if layout == "diffusers":
         return cfg, transformer_links(cfg), sources
     with torch.device("meta"):
-        return cfg, fw.identity_links(Flux2(cfg), prefix), sources
+        return cfg, flux_weights.identity_links(Flux2(cfg), prefix), sources
 
 
 def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
@@ -171,13 +175,13 @@ def load_transformer(path, cfg=None, dtype=torch.float32, device="cpu"):
     single file (`flux-2-klein-4b.safetensors`, an fp8 one upcast to dtype on load, or an all-in-one file), or of a
     single file in diffusers' keys."""
     cfg, links, sources = transformer_sources(path, cfg)
-    return fw.load_into(lambda: Flux2(cfg), links, sources, path, dtype, device)
+    return flux_weights.load_into(lambda: Flux2(cfg), links, sources, path, dtype, device)
 
 
 def save_transformer(model: Flux2, folder):
     """folder/diffusion_pytorch_model.safetensors in diffusers keys (loads strictly into Flux2Transformer2DModel) and
     folder/config.json, each atomically. Returns the weights' path."""
-    return fw.save_diffusers(model, transformer_links(model.cfg), config_to_diffusers(model.cfg), folder)
+    return flux_weights.save_diffusers(model, transformer_links(model.cfg), config_to_diffusers(model.cfg), folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def autoencoder_links(model: Flux2AutoEncoder):
     keeps them; the batch-norm statistics (bn.*) have the same names on both sides."""
     top = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
     links = []
-    for link in fw.autoencoder_links(model):
+    for link in flux_weights.autoencoder_links(model):
         prefix = next((p for p in top if link.theirs.startswith(p)), None)
         links.append(dataclasses.replace(link, theirs=top[prefix] + link.theirs[len(prefix):]) if prefix else link)
     return links
@@ -223,11 +227,12 @@ def load_autoencoder(path, cfg=None, dtype=torch.float32, device="cpu"):
     (our names; cfg: the released VAE's unless given)."""
     if os.path.isdir(path):
         cfg = cfg or autoencoder_config_from_diffusers(read_json(os.path.join(path, "config.json")), path)
-        files = fw.weight_files(path)
+        files = flux_weights.weight_files(path)
     else:
         cfg, files = cfg or Flux2AutoEncoderConfig(), [path]
     with torch.device("meta"):
         model = Flux2AutoEncoder(cfg)
-        links = autoencoder_links(model) if os.path.isdir(path) else fw.identity_links(model)
-    return fw.load_into(lambda: Flux2AutoEncoder(cfg), links, fw.read_sources(files), path, dtype, device)
+        links = autoencoder_links(model) if os.path.isdir(path) else flux_weights.identity_links(model)
+    sources = flux_weights.read_sources(files)
+    return flux_weights.load_into(lambda: Flux2AutoEncoder(cfg), links, sources, path, dtype, device)
 

@@ -1,6 +1,6 @@
 """Sampling FLUX.2 as diffusers' Flux2KleinPipeline (klein) and Flux2Pipeline (dev) do: what is FLUX.2's own against
-FLUX.1's (flux_sampling.py; families.py holds both in one table; sampling.py runs the Euler sampler, the files and the
-`sample` command for both).
+FLUX.1's (sampling/flux_sampling.py; families.py holds both in one table; sampling/sampler.py runs the Euler sampler,
+the files and the `sample` command for both).
 
 - The schedule: sampling.flux_schedule's time shift with FLUX.2's empirical mu, fitted on the image length and the
   number of steps (empirical_mu), instead of FLUX.1's mu linear in the image length.
@@ -24,9 +24,9 @@ from typing import NamedTuple
 import torch
 
 import flux2_model as f2
-import flux2_weights as f2w
-import flux_sampling as fs
-from util import check_folder, read_json, to_device
+from common.util import check_folder, read_json, to_device
+from sampling import flux_sampling
+from weights import flux2_weights
 
 GUIDANCE = 4.0  # Flux2KleinPipeline's (and Flux2Pipeline's) default guidance_scale
 NEGATIVE_PROMPT = ""  # Flux2KleinPipeline's negative prompt for classifier-free guidance, fixed
@@ -137,8 +137,9 @@ def load_folder(flux_dir, transformer_file, dtype, device):
     """(transformer, autoencoder) of a diffusers FLUX.2 folder, optionally with replacement transformer weights (a BFL
     single file, e.g. flux-2-klein-4b.safetensors, or a diffusers transformer/ folder)."""
     check_folder(flux_dir, "a diffusers FLUX.2 folder")
-    model = f2w.load_transformer(transformer_file or os.path.join(flux_dir, "transformer"), None, dtype, device)
-    return model, f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    transformer = transformer_file or os.path.join(flux_dir, "transformer")
+    model = flux2_weights.load_transformer(transformer, None, dtype, device)
+    return model, flux2_weights.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
 
 
 def uses_cfg(flux_dir, guidance):
@@ -154,11 +155,11 @@ def frozen_parts(flux_dir, dtype, device, weights):
     transformer in `weights`); klein base's text gives the negative prompt too (its branches sample with
     classifier-free guidance), klein distilled's and dev's do not (one pass)."""
     sub = os.path.join(flux_dir, "transformer")
-    flux_cfg = f2w.config_from_diffusers(read_json(os.path.join(sub, "config.json")), sub)
-    ae = f2w.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    flux_cfg = flux2_weights.config_from_diffusers(read_json(os.path.join(sub, "config.json")), sub)
+    ae = flux2_weights.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
     text = TEXT_ENCODERS[pipeline_config(flux_dir)["_class_name"]].from_folder(flux_dir, dtype, device)
     text = embedder(text, cfg=uses_cfg(flux_dir, GUIDANCE))  # klein base: with the negative prompt
-    return ae, text, flux_cfg, functools.partial(f2w.load_transformer, sub, flux_cfg, weights)
+    return ae, text, flux_cfg, functools.partial(flux2_weights.load_transformer, sub, flux_cfg, weights)
 
 
 def sample_guidance(s, cfg, rank):
@@ -182,10 +183,10 @@ def sample_models(s, prompts, dtype, device):
         model, ae, text = tiny_models()
         text.max_length = s.max_sequence_length
     text = embedder(text, uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance))
-    embeddings = fs.encode_prompts(text, prompts)
+    embeddings = flux_sampling.encode_prompts(text, prompts)
     del text
     if s.flux:
         return *load_folder(s.flux, s.transformer, dtype, device), embeddings
     if s.transformer:
-        model = fs.tiny_transformer(f2w.load_transformer, s.transformer, model.cfg, dtype, device)
+        model = flux_sampling.tiny_transformer(flux2_weights.load_transformer, s.transformer, model.cfg, dtype, device)
     return model.to(device, dtype), ae.to(device, dtype), embeddings

@@ -1,6 +1,6 @@
 """Sampling FLUX.1 as diffusers' FluxPipeline does: what is FLUX.1's own in the sampler and the training step (the
-family-independent sampler, schedule and files are sampling.py's; FLUX.2's counterpart is flux2_sampling.py, and
-families.py holds both in one table).
+family-independent sampler, schedule and files are sampling/sampler.py's; FLUX.2's counterpart is
+sampling/flux2_sampling.py, and families.py holds both in one table).
 
 - The noise: drawn (B, C, H/8, W/8) on the CPU and packed 2x2 into tokens, as FluxPipeline.prepare_latents draws it.
 - The velocity (Conditioning): one call of the guidance-distilled transformer, the guidance scale an input of its
@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 
 import flux_model as fm
-import flux_weights as fw
-from util import InputError, check_folder, to_device
+from common.util import InputError, check_folder, to_device
+from weights import flux_weights
 
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
@@ -103,18 +103,18 @@ def load_folder(flux_dir, transformer_file, dtype, device):
     (e.g. SRPO's file)."""
     check_folder(flux_dir, "a diffusers FLUX.1 folder")
     sub = os.path.join(flux_dir, "transformer")
-    model = fw.load_transformer(transformer_file or sub, fw.read_flux_config(sub), dtype, device)
-    return model, fw.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    model = flux_weights.load_transformer(transformer_file or sub, flux_weights.read_flux_config(sub), dtype, device)
+    return model, flux_weights.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
 
 
 def frozen_parts(flux_dir, dtype, device, weights):
     """runtime.frozen_parts of a FLUX.1 folder: (VAE, text encoders, transformer config, load(device) of the
     transformer in `weights`)."""
     sub = os.path.join(flux_dir, "transformer")
-    flux_cfg = fw.read_flux_config(sub)
-    ae = fw.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
+    flux_cfg = flux_weights.read_flux_config(sub)
+    ae = flux_weights.load_autoencoder(os.path.join(flux_dir, "vae"), None, dtype, device)
     text = fm.TextConditioner.from_folder(flux_dir, dtype, device)
-    return ae, text, flux_cfg, functools.partial(fw.load_transformer, sub, flux_cfg, weights)
+    return ae, text, flux_cfg, functools.partial(flux_weights.load_transformer, sub, flux_cfg, weights)
 
 
 def tiny_frozen_parts(device, weights):
@@ -129,7 +129,7 @@ def sample_models(s, prompts, dtype, device):
         model, ae, text = tiny_models()
         text.max_length = s.max_sequence_length
         if s.transformer:
-            model = tiny_transformer(fw.load_transformer, s.transformer, model.cfg, dtype, device)
+            model = tiny_transformer(flux_weights.load_transformer, s.transformer, model.cfg, dtype, device)
         return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
     text = fm.TextConditioner.from_folder(s.flux, dtype, device, s.max_sequence_length)
     embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16

@@ -18,7 +18,7 @@ import regex
 import torch
 from tokenizers import pre_tokenizers
 
-from util import InputError, first_line, read_json
+from common.util import InputError, first_line, read_json
 
 # transformers is imported where a tokenizer is built: importing it takes ~4 s, which every command, and every input
 # error before its one line, would pay otherwise. ftfy is imported where HPS captions are cleaned (clean_prompt).

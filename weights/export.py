@@ -34,13 +34,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import checkpoints
 import families
-import flux_weights as fw
-import lora
-from flux2_model import Flux2Config
-from flux_model import FluxConfig
-from util import (
+from common.util import (
     InputError,
     RunLock,
     Stopped,
@@ -51,6 +46,10 @@ from util import (
     write_json,
     written,
 )
+from flux2_model import Flux2Config
+from flux_model import FluxConfig
+from training import checkpoints, lora
+from weights import flux_weights
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
@@ -81,7 +80,8 @@ def open_weights(path, cfg=None, family=None):
     memory-mapped: keys and shapes checked now, each tensor read (and upcast) when asked for."""
     family = family or families.of_transformer(path)
     cfg, links, sources = family.sources(path, cfg)
-    meta = fw.load_into(lambda: family.model(cfg), links, sources, path, torch.float32, "meta")  # keys, shapes
+    # keys, shapes
+    meta = flux_weights.load_into(lambda: family.model(cfg), links, sources, path, torch.float32, "meta")
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     by_ours = {}
     for link in links:
@@ -89,7 +89,7 @@ def open_weights(path, cfg=None, family=None):
 
     def read(key):
         state = {key: torch.empty(shapes[key])}
-        fw.copy_linked(state, by_ours[key], sources, path)
+        flux_weights.copy_linked(state, by_ours[key], sources, path)
         return state[key]
 
     return Weights(cfg, shapes, read, path)
@@ -467,7 +467,7 @@ def merge(checkpoint, base, out, dtype=torch.bfloat16, signals=None):
         raise InputError(f"{checkpoint}: a full checkpoint: its {FULL_FILE} is already the merged model")
     model = merged_model(checkpoint, base, dtype)
     family = families.of_config(model.cfg)
-    theirs = fw.to_theirs(model.state_dict(), family.links(model.cfg))
+    theirs = flux_weights.to_theirs(model.state_dict(), family.links(model.cfg))
     os.makedirs(out, exist_ok=True)
     path = write_safetensors(os.path.join(out, FULL_FILE), [(k, t.shape, t.dtype) for k, t in theirs.items()],
                              lambda k: theirs[k].contiguous(), {"format": "pt"}, signals)

@@ -1,4 +1,4 @@
-"""CLIP weights on disk -> a frozen `transformers.CLIPModel`, as flux_weights.py is for FLUX: open_clip ViT-H-14
+"""CLIP weights on disk -> a frozen `transformers.CLIPModel`, as weights/flux_weights.py is for FLUX: open_clip ViT-H-14
 checkpoints (HPSv2/2.1's `{'state_dict': ...}`, fp16) converted on load, or their converted safetensors file read
 lazily, and transformers `save_pretrained` folders (PickScore_v1, CLIP-ViT-H-14).
 
@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-import flux_weights as fw
-from clip_tokenizer import CONTEXT_LENGTH
-from util import InputError, atomic_write, first_line, load_pretrained
+from common.util import InputError, atomic_write, first_line, load_pretrained
+from weights.clip_tokenizer import CONTEXT_LENGTH
+from weights.tensor_files import open_safetensors, shape_of
 
 # transformers is imported in the functions that build its models and configs: importing it takes ~4 s, which every
 # command, and every input error before its one line, would pay otherwise.
@@ -166,8 +166,8 @@ def read_clip_weights(path):
     path = Path(path)
     check_checkpoint(path)
     if path.suffix == ".safetensors":
-        handle = fw.open_safetensors(str(path))
-        shapes = {key: fw.shape_of(handle, key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        handle = open_safetensors(str(path))
+        shapes = {key: shape_of(handle, key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
         def read(key, rows):
             try:

@@ -18,9 +18,7 @@ from tqdm import tqdm
 
 import families
 import flux_model as fm
-import flux_sampling as fs
-import lora
-from util import (
+from common.util import (
     MANIFEST,
     Fault,
     InputError,
@@ -38,6 +36,8 @@ from util import (
     write_manifest,
     written,
 )
+from sampling import flux_sampling
+from training import lora
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule: FluxPipeline's sigmas, from a folder's FlowMatchEulerDiscreteScheduler config
@@ -323,7 +323,7 @@ def model_family(s):
     try:
         family = families.of_transformer(transformer)
     except InputError as e:
-        raise fs.not_a_demo_checkpoint(e) from None
+        raise flux_sampling.not_a_demo_checkpoint(e) from None
     if s.family and s.family != family.name:
         raise InputError(f"--family {s.family}, but --transformer {transformer} is a {family.title} transformer "
                          f"(--family {family.name}): without --family, the checkpoint's own family is taken")
@@ -335,8 +335,8 @@ def sample(s):
     """Each prompt's images from the same --seed: a prompt's images are those of `sample --prompt P --seed S`
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
     folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 folder gives Flux2KleinPipeline's (klein) or
-    Flux2Pipeline's (dev) images the same way (flux2_sampling.py). A --prompts folder is one run's while it runs
-    (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
+    Flux2Pipeline's (dev) images the same way (sampling/flux2_sampling.py). A --prompts folder is one run's while it
+    runs (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
     fam = check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
@@ -348,7 +348,7 @@ def sample(s):
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
             meta = (fam.load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                    fs.tiny_transformer(fam.load, s.transformer, fam.config.preset("tiny"), dtype, "meta"))
+                    flux_sampling.tiny_transformer(fam.load, s.transformer, fam.config.preset("tiny"), dtype, "meta"))
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs

@@ -15,8 +15,8 @@ every evaluation) with 28 Euler steps of FluxPipeline's schedule at the branches
 `srpo.py score` scores the file. Rank 0 writes OUT/eval.jsonl (one line per evaluation, written last),
 OUT/eval/step-NNNNNN/ (the images and the images.jsonl that `score --manifest` reads), OUT/eval/step-NNNNNN.png (a
 grid, each tile captioned with its scores) and, with --tensorboard, OUT/tensorboard/. Beside the scores each image
-gets the signs of reward hacking (hacking.py: saturation, colourfulness, high-frequency share, contrast, and the
-drift from step 0's image of the same seed), which move when the images do, whatever the reward says.
+gets the signs of reward hacking (training/hacking.py: saturation, colourfulness, high-frequency share, contrast, and
+the drift from step 0's image of the same seed), which move when the images do, whatever the reward says.
 """
 
 import contextlib
@@ -30,13 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoints
 import families
-import hacking
-import runtime
-import sampling
+from common.util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 from reward import REWARDS, tokenizer_folder
-from util import InputError, atomic_write, read_jsonl, read_prompts, write_text
+from sampling import sampler
+from training import checkpoints, hacking, runtime
 
 # Held out from the demo's training prompts (cli.DEMO_PROMPTS); a real run gives --eval-prompts (docs/evaluation.md).
 EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
@@ -67,7 +65,7 @@ def my_share(n, ranks):
 
 def quantized(images):
     """(B, 3, H, W) in [0, 1] as the 8-bit file holds it (save_png's rounding), back in [0, 1]: what is scored."""
-    return sampling.to_8bit(images).permute(0, 3, 1, 2).float() / 255
+    return sampler.to_8bit(images).permute(0, 3, 1, 2).float() / 255
 
 
 @torch.no_grad()
@@ -77,7 +75,7 @@ def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
     indices, own = my_share(len(prompts), ranks)
     make = families.of_model(parts.model).conditioning
     conds = [make(parts.embeddings[prompts[i]], cfg.height, cfg.width, ranks.device) for i in indices]
-    row = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device,
+    row = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device,
                                seeds=indices, schedule=schedule)
     images = quantized(row).split(cfg.width, dim=3)
     results = []
@@ -130,15 +128,15 @@ def grid_images(parts, prompts, cfg, path, ranks, wanted):
     make = families.of_model(parts.model).conditioning
     conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for p in prompts[: cfg.samples]]
     if wanted and conds:
-        images = sampling.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)
-        ranks.main_writes(f"the sample grid {path}", functools.partial(sampling.save_png, images, [path]))
+        images = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)
+        ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
 
 
 class Watch:
     """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`). The
     loop calls them where they run: open(), log() each step, evaluate() when due(), best_step() for the pruning."""
 
-    def __init__(self, prompts, cfg, out, every=None, extra=None, schedule=sampling.FLUX_DEV, board=False):
+    def __init__(self, prompts, cfg, out, every=None, extra=None, schedule=sampler.FLUX_DEV, board=False):
         self.prompts, self.cfg, self.out = list(prompts), cfg, out
         self.every = every or cfg.save_every
         self.extra = extra or {}  # {name: scorer} beside the training reward's plain score
@@ -153,7 +151,7 @@ class Watch:
         if run.judge and cfg.reward != "pickscore":
             extra["pickscore"] = REWARDS["pickscore"].load(run.judge, tokenizer_folder(run.judge, run.flux),
                                                            ranks.device, runtime.frozen_dtype(ranks.device))
-        schedule = sampling.read_schedule(run.flux) if run.flux else sampling.FLUX_DEV
+        schedule = sampler.read_schedule(run.flux) if run.flux else sampler.FLUX_DEV
         return cls(run.eval_prompts, cfg, run.out, run.eval_every, extra, schedule, run.tensorboard)
 
     @contextlib.contextmanager
@@ -203,11 +201,11 @@ class Watch:
 
     def write(self, step, results, names):
         """eval/step-NNNNNN/ (images, images.jsonl), eval/step-NNNNNN.png, the eval.jsonl line last (the scores and
-        the signs of reward hacking, hacking.py: each one's mean and per-prompt list), then TensorBoard. A failed
-        write (a full disk) removes this evaluation's folder and grid: none is left half made."""
+        the signs of reward hacking, training/hacking.py: each one's mean and per-prompt list), then TensorBoard. A
+        failed write (a full disk) removes this evaluation's folder and grid: none is left half made."""
         folder = os.path.join(self.out, "eval", f"step-{step:06d}")
         images = torch.stack([image for _, image, _ in results])
-        grid = captioned_grid(list(sampling.to_8bit(images).numpy()),
+        grid = captioned_grid(list(sampler.to_8bit(images).numpy()),
                               [[f"{name} {s[name]:.4f}" for name in names] for _, _, s in results])
         # step 0's images are these; later ones drift from them
         reference = images if step == 0 else step_zero_images(self.out, [i for i, _, _ in results], images)
@@ -217,7 +215,7 @@ class Watch:
         try:
             os.makedirs(folder, exist_ok=True)
             write_text(os.path.join(self.out, "eval", "prompts.txt"), "".join(p + "\n" for p in self.prompts))
-            paths = sampling.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
+            paths = sampler.save_png(images, [os.path.join(folder, f"{i:05d}.png") for i, _, _ in results])
             write_text(os.path.join(folder, "images.jsonl"), "".join(
                 json.dumps({"image": os.path.basename(path), "prompt": self.prompts[i], "seed": i}) + "\n"
                 for path, (i, _, _) in zip(paths, results, strict=True)))

@@ -1,5 +1,5 @@
 """FLUX.1 weights on disk: diffusers folders and BFL single files, read into and written from `flux_model`; the
-machinery flux2_weights.py reuses for FLUX.2.
+machinery weights/flux2_weights.py reuses for FLUX.2.
 
 One table of links per model (`transformer_links`, `autoencoder_links`) maps our module names, which follow
 black-forest-labs/flux, to diffusers' keys; loading and saving both read it, so the two directions share a single
@@ -10,11 +10,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from common.util import InputError, atomic_write, read_json, write_json
 from flux_model import AutoEncoder, AutoEncoderConfig, Flux, FluxConfig
-from util import InputError, atomic_write, read_json, write_json
+from weights.tensor_files import open_safetensors, shape_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weights: one table of links per model maps our (BFL) names to diffusers names; loading reads the links one way,
@@ -126,16 +126,6 @@ def to_theirs(state, links):
             for k, v in pieces.items()}
 
 
-def open_safetensors(path):
-    """A lazy handle on a .safetensors file; bad files become one-line errors."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    try:
-        return safe_open(path, framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
-
-
 def read_sources(paths):
     """{key: handle} over one or more safetensors shards, opened lazily (memory-mapped, nothing read yet)."""
     sources = {}
@@ -143,10 +133,6 @@ def read_sources(paths):
         f = open_safetensors(path)
         sources.update(dict.fromkeys(f.keys(), (f, path)))  # noqa: SIM118 (safe_open is not iterable)
     return sources
-
-
-def shape_of(handle, key):
-    return tuple(handle.get_slice(key).get_shape())
 
 
 def load_into(model_fn, links, sources, where, dtype, device):

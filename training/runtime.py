@@ -1,5 +1,6 @@
 """The systems side of training: processes (torchrun) and FSDP2, the trained transformer's setup, the frozen parts
-and the reward. srpo.py says what a step computes; this file says where it runs; checkpoints.py what survives it."""
+and the reward. srpo.py says what a step computes; this file says where it runs; training/checkpoints.py what survives
+it."""
 
 import contextlib
 import functools
@@ -19,15 +20,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import checkpoints
 import families
-import flux_weights as fw
-import image_data
-import lora
-from flux_kernels.attention import warm_up
-from flux_sampling import encode_prompts
-from reward import REWARDS, tokenizer_folder
-from util import (
+from common.util import (
     Diverged,
     Fault,
     InputError,
@@ -39,6 +33,11 @@ from util import (
     to_device,
     written,
 )
+from flux_kernels.attention import warm_up
+from reward import REWARDS, tokenizer_folder
+from sampling.flux_sampling import encode_prompts
+from training import checkpoints, image_data, lora
+from weights import flux_weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: what it reads and writes, where it runs
@@ -418,7 +417,7 @@ def check_guidance_embedding(flux, cfg):
     it (FLUX.2 [klein] base takes the scale as classifier-free guidance instead: flux2_sampling.Flux2Conditioning)."""
     if families.of_folder(flux) is families.FLUX2:
         return
-    if not fw.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
+    if not flux_weights.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
         raise InputError(f"{flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
                          f"feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
                          f"{cfg.rollout_guidance:g} to the rollout): train a guidance-distilled model such as "

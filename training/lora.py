@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import families
-import flux_weights as fw
-from util import InputError, atomic_write, derive_seed
+from common.util import InputError, atomic_write, derive_seed
+from weights import flux_weights
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
 # Every linear layer of the blocks but the adaLN modulations (diffusers' FLUX LoRA scripts leave those out too). On
@@ -107,7 +107,7 @@ LORA_KEY = re.compile(r"(?:transformer\.)?(.+)\.(lora_A\.weight|lora_B\.weight|a
 def read_lora(path):
     """{diffusers layer: {"lora_A.weight": A, "lora_B.weight": B, "alpha": a (optional)}} of a diffusers/PEFT
     FLUX LoRA file (keys transformer.LAYER.lora_A.weight, ...; a stored alpha means scale alpha / r)."""
-    sources = fw.read_sources([path])
+    sources = flux_weights.read_sources([path])
     layers = {}
     for key, (handle, _) in sources.items():
         m = LORA_KEY.fullmatch(key)
@@ -129,7 +129,8 @@ def merge_lora(model, path, strength=1.0):
     so that sampling costs nothing per step. Keys and shapes are checked first; on the meta device only that."""
     links, layers = weight_links(model.cfg, "theirs"), read_lora(path)
     params = dict(model.named_parameters())
-    shapes = {k: v.shape for k, v in fw.to_theirs(params, families.of_config(model.cfg).links(model.cfg)).items()}
+    family_links = families.of_config(model.cfg).links(model.cfg)
+    shapes = {k: v.shape for k, v in flux_weights.to_theirs(params, family_links).items()}
     for layer, parts in layers.items():
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         out_in = shapes.get(f"{layer}.weight")
