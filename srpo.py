@@ -40,7 +40,6 @@ baselines methods.py's, the command line cli.py's, the model family (FLUX.1, FLU
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Annotated, NamedTuple
@@ -55,7 +54,7 @@ from common.bounds import Bounded, check_fields
 from common.util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
 from reward import REWARDS
 from sampling.sampler import autocast, check_size, decode_images, euler_sample
-from training import checkpoints, evaluation, runtime
+from training import checkpoints, runtime
 
 # The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
 # point: its K_max is 100.
@@ -456,15 +455,14 @@ def step_batch(parts, cfg, step, ranks):
             for (j, p), c in zip(mine, conds, strict=True)]
 
 
-def train(parts, prompts, cfg, out, ranks, method, watch=None):
-    """The loop of a methods.Method: train_step per update, the log, the held-out evaluations when due (watch:
-    evaluation.Watch; none by default), the checkpoints, the before/after grids. On SIGTERM or SIGINT (on any rank)
-    every rank finishes its step, a checkpoint is saved and Stopped raised: the decision is taken together at the
-    step boundary, so no rank waits in a collective the others have left."""
+def train(parts, prompts, cfg, out, ranks, method, watch):
+    """The loop of a methods.Method: train_step per update, the log, the checkpoints, and the caller's instruments
+    where they run (watch, a training.evaluation.Watch: the before/after grids, the held-out evaluations when due).
+    On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and Stopped raised: the
+    decision is taken together at the step boundary, so no rank waits in a collective the others have left."""
     log = checkpoints.open_log(out, parts.start, ranks)
     runtime.encode_captions(parts, cfg, ranks, step_captions)
-    evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-before.png"), ranks, parts.start == 0)
-    watch = watch or evaluation.Watch((), cfg, out)
+    watch.grid_images(parts, prompts, "samples-before.png", ranks, parts.start == 0)
     with StopSignals() as signals, watch.open(parts, ranks):
         if parts.start == 0:
             watch.evaluate(0)  # the baseline of the held-out rewards
@@ -485,8 +483,7 @@ def train(parts, prompts, cfg, out, ranks, method, watch=None):
             if stop and step < cfg.steps:
                 raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
                               f"{cfg.steps}; {checkpoints.checkpoint_note(out)}")
-    evaluation.grid_images(parts, prompts, cfg, os.path.join(out, "samples-after.png"), ranks,
-                           parts.start < cfg.steps)
+    watch.grid_images(parts, prompts, "samples-after.png", ranks, parts.start < cfg.steps)
 
 
 def step_captions(step, prompt):

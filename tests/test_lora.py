@@ -24,7 +24,7 @@ import srpo
 from common import util
 from reward import HPSReward
 from sampling import flux_sampling
-from training import checkpoints, lora, runtime
+from training import checkpoints, evaluation, lora, runtime
 from weights import clip_weights, flux2_weights, flux_weights
 
 CPU = torch.device("cpu")
@@ -62,7 +62,8 @@ def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_p
     names = {n for n, p in model.named_parameters() if id(p) in trained}
     assert names == adapter_names(model)  # AdamW holds the adapters alone
     assert all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if n not in names)
-    srpo.train(parts, ["a red fox"], cfg, str(tmp_path), ranks, methods.SRPO)
+    srpo.train(parts, ["a red fox"], cfg, str(tmp_path), ranks, methods.SRPO,
+               evaluation.Watch((), cfg, str(tmp_path)))
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in original.items())  # the base, byte for byte
     assert all(state[n].abs().max() > 0 for n in names if n.endswith("lora_B"))  # every B moved off zero

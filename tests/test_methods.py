@@ -17,7 +17,7 @@ import methods
 import srpo
 from common.util import derive_seed
 from sampling import flux_sampling
-from training import runtime
+from training import evaluation, runtime
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox"
@@ -192,7 +192,7 @@ def train_tiny(tiny, out, cfg, method=methods.SRPO, prepare=lambda model: None):
     prepare(model)
     embeddings = flux_sampling.encode_prompts(text, [PROMPT])
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule([PROMPT], cfg), cfg, 0, None, ranks)
-    srpo.train(parts, [PROMPT], cfg, str(out), ranks, method)
+    srpo.train(parts, [PROMPT], cfg, str(out), ranks, method, evaluation.Watch((), cfg, str(out)))
     return model
 
 

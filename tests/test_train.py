@@ -29,7 +29,7 @@ from common import util
 from reward import HPSReward
 from sampling import flux_sampling, sampler
 from srpo import control_words
-from training import checkpoints, runtime
+from training import checkpoints, evaluation, runtime
 from weights import flux_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,7 +225,7 @@ def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: Non
     prompts = list(prompts)
     embeddings = flux_sampling.encode_prompts(text, prompts)
     parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
-    srpo.train(parts, prompts, cfg, str(out), ranks, methods.SRPO)
+    srpo.train(parts, prompts, cfg, str(out), ranks, methods.SRPO, evaluation.Watch((), cfg, str(out)))
     return model
 
 

@@ -122,16 +122,6 @@ def captioned_grid(images, captions):
     return np.asarray(grid)
 
 
-def grid_images(parts, prompts, cfg, path, ranks, wanted):
-    """The before/after view: the first --samples prompts at FLUX.1-dev's inference settings (the model family's
-    noise, mu and conditioning), written by rank 0."""
-    make = families.of_model(parts.model).conditioning
-    conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for p in prompts[: cfg.samples]]
-    if wanted and conds:
-        images = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device)
-        ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
-
-
 class Watch:
     """The run's instruments: the held-out evaluations (none without prompts) and TensorBoard (with `board`). The
     loop calls them where they run: open(), log() each step, evaluate() when due(), best_step() for the pruning."""
@@ -153,6 +143,17 @@ class Watch:
                                                            ranks.device, runtime.frozen_dtype(ranks.device))
         schedule = sampler.read_schedule(run.flux) if run.flux else sampler.FLUX_DEV
         return cls(run.eval_prompts, cfg, run.out, run.eval_every, extra, schedule, run.tensorboard)
+
+    def grid_images(self, parts, prompts, name, ranks, wanted):
+        """The before/after view, OUT/name: the first --samples prompts at FLUX.1-dev's inference settings (the model
+        family's noise, mu and conditioning), written by rank 0."""
+        cfg, path = self.cfg, os.path.join(self.out, name)
+        make = families.of_model(parts.model).conditioning
+        conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for p in prompts[: cfg.samples]]
+        if wanted and conds:
+            images = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance,
+                                         ranks.device)
+            ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
 
     @contextlib.contextmanager
     def open(self, parts, ranks):
