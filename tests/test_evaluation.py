@@ -232,7 +232,7 @@ def test_two_processes_write_the_eval_log_of_one(tmp_path):
 
 
 def test_without_the_flag_tensorboard_is_never_imported(tmp_path):
-    code = ("import sys, srpo; command_line.main(['train', '--steps', '1', '--height', '32', '--width', '32', "
+    code = ("import sys, cli; cli.main(['train', '--steps', '1', '--height', '32', '--width', '32', "
             f"'--rollout-steps', '2', '--samples', '0', '--out', {str(tmp_path)!r}]); "
             "print(sorted(m for m in sys.modules if 'tensorboard' in m))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
