@@ -75,11 +75,16 @@ def test_a_second_train_into_a_running_runs_folder_is_refused(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, ".lock"))  # a run that ends removes it
 
 
+def lock_holder(out):
+    """The command of a process that holds OUT/.lock until it is killed."""
+    return [sys.executable, "-c", f"import time\nfrom common import util\nwith util.RunLock({out!r}): time.sleep(600)"]
+
+
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     """A process holding the lock is killed (kill -9: the kernel drops its flock, the file stays): the next run
     takes the lock over, says whose it was, and runs."""
     out, lock = str(tmp_path), os.path.join(str(tmp_path), ".lock")
-    command = [sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"]
+    command = lock_holder(out)
     with running(command, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0) as holder:
         code, err = run_cli(["train", "--steps", "2", *TINY, "--out", out], capsys)
         assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
@@ -100,7 +105,7 @@ def test_a_sample_into_a_prompt_folder_another_process_holds_is_refused(tmp_path
     os.makedirs(out)
     lock = os.path.join(out, ".lock")
     command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "1"]
-    holding = [sys.executable, "-c", f"import time, util\nwith util.RunLock({out!r}): time.sleep(600)"]
+    holding = lock_holder(out)
     with running(holding, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0) as holder:
         code, err = run_cli(command, capsys)
         assert code == util.EXIT_INPUT and len(err) == 1 and f"pid {holder.pid} on " in err[0], err
