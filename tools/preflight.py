@@ -2,7 +2,7 @@
 
 - every distribution requirements.txt names is installed, at or above its floor, and its modules import (a missing
   dependency of one, e.g. ftfy's wcwidth, is named as such);
-- every module of the program (the top-level *.py files and flux_kernels/) imports;
+- every module of the program (the top-level *.py files and its packages') imports;
 - no top-level name of ours is also the import name of an installed distribution or of the standard library: the
   one found first on sys.path shadows the other (transformers 5.25 depends on the PyPI package `kernels`, which our
   Triton package, then named kernels/, shadowed).
@@ -43,6 +43,12 @@ def collisions(root=ROOT):
             found.append(f"our `{name}` ({path.relative_to(root)}) is also the import name of {' and '.join(theirs)}:"
                          " whichever comes first on sys.path shadows the other; rename ours")
     return found
+
+
+def program_modules(root=ROOT):
+    """The program's modules: the top-level *.py files, then each package's (flux_kernels, common, ...; not tools)."""
+    packaged = (p for p in root.glob("*/[!_]*.py") if (p.parent / "__init__.py").is_file() and p.parent.name != "tools")
+    return sorted(p.stem for p in root.glob("*.py")) + sorted(f"{p.parent.name}.{p.stem}" for p in packaged)
 
 
 def canonical(name):
@@ -97,8 +103,7 @@ def main():
         print("\n".join(f"preflight: {p}" for p in problems))
         return 1
     problems, versions = requirement_problems()
-    ours = sorted(p.stem for p in ROOT.glob("*.py")) + [f"flux_kernels.{p.stem}" for p in
-                                                        sorted((ROOT / "flux_kernels").glob("[!_]*.py"))]
+    ours = program_modules()
     problems += import_problems(ours, "our module")
     for p in problems:
         print(f"preflight: {p}")
