@@ -19,8 +19,8 @@ ROOT = Path(__file__).parents[1]
 
 def test_no_top_level_name_of_ours_is_an_installed_distribution_s_or_the_standard_library_s():
     """transformers 5.25 imports the PyPI package `kernels`, which our Triton package shadowed when it had that name.
-    Names we share with PyPI projects not installed here (bounds, checkpoints, evaluation, export, hacking, lora,
-    reward, runtime, util) are fine until one is installed: then this fails and names both."""
+    A name we share with a PyPI project that is not installed here is fine until that project is installed:
+    then this fails and names both."""
     assert preflight.collisions() == []
     assert {"srpo", "flux_kernels", "tools", "conftest"} <= set(preflight.our_import_names())  # it looked at ours
 
