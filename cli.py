@@ -296,11 +296,11 @@ def add_config_flags(parser):
                             help=f"{text} (default {flag_value(f.default)}{notes})")
 
 
-def config_from_flags(args, world):
-    """TrainConfig from the flags: the srpo.PRESETS that fit the command line, in their order, over TrainConfig's
-    defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given over them all.
-    The config checks itself."""
-    flux2, demo = sampler.model_family(args) is families.FLUX2, args.flux is None
+def config_from_flags(args, world, family):
+    """TrainConfig from the flags: the srpo.PRESETS that fit the command line and its model `family`, in their order,
+    over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
+    over them all. The config checks itself."""
+    flux2, demo = family is families.FLUX2, args.flux is None
     fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
@@ -316,22 +316,22 @@ def config_from_flags(args, world):
     return srpo.TrainConfig(**values)
 
 
-def run_config(args):
-    """runtime.RunConfig from `train`'s flags: the prompts read, the reward's model path picked by --reward."""
+def run_config(args, family):
+    """runtime.RunConfig from `train`'s flags and its model `family`: the prompts read, the reward's model path
+    picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, family=sampler.model_family(args).name, reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=family.name, reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
         attn=args.attn, images=args.images)
 
 
-def check_branch_cfg(args, cfg):
+def check_branch_cfg(args, cfg, family):
     """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
     base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
     (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
-    family = sampler.model_family(args)
     if not cfg.no_branch_cfg or (family is families.FLUX2
                                  and flux2_sampling.uses_cfg(args.flux, flux2_sampling.GUIDANCE)):
         return
@@ -343,7 +343,7 @@ def check_branch_cfg(args, cfg):
 CLIP_VOCABULARY = ("vocab.json", "merges.txt")
 
 
-def check_reward_flags(args, name):
+def check_reward_flags(args, name, family):
     """Before anything loads: the model flag of --reward is given, and no other but --pickscore, which beside
     another --reward scores the held-out evaluations (the tiny demo takes none); the files or folders look right."""
     demo = args.flux is None
@@ -364,7 +364,6 @@ def check_reward_flags(args, name):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
-    family = sampler.model_family(args)
     vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family.name, reward_model=path))
     if family is families.FLUX2 and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
         raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
@@ -471,12 +470,13 @@ def cmd_train(args):
     """`srpo.py train`: the configs from the flags, every input checked, then the run (training/runtime.py sets it
     up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = config_from_flags(args, world)
-    check_branch_cfg(args, cfg)
-    check_reward_flags(args, cfg.reward)
+    family = sampler.model_family(args)  # decided once: --flux's model_index.json, or --family's tiny demo
+    cfg = config_from_flags(args, world, family)
+    check_branch_cfg(args, cfg, family)
+    check_reward_flags(args, cfg.reward, family)
     if args.flux:
         runtime.check_guidance_embedding(args.flux, cfg)
-    run = run_config(args)
+    run = run_config(args, family)
     images, prompts = train_data(run, args.prompts, cfg)
     evaluation.check_run(run)
     with runtime.processes(run, cfg, world) as ranks:

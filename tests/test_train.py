@@ -802,7 +802,7 @@ SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 7
 def train_cfg(*flags, demo=False):
     args = command_line.build_parser().parse_args(["train", *flags])
     assert (args.flux is None) == demo
-    return command_line.config_from_flags(args, 1)
+    return command_line.config_from_flags(args, 1, sampler.model_family(args))
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))
