@@ -511,10 +511,8 @@ class ByteTokenizer:
 
 def load_parts(folder, family, dtype, parts):
     """{name: kind.from_pretrained(folder/name)} for parts = [(name, kind, files it needs)], a file either of "a|b";
-    text encoders in dtype. Checks the files first: transformers would build an empty tokenizer without complaint."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # stderr stays for our progress bar and one-line errors
+    text encoders in dtype. Checks the files first: transformers would build an empty tokenizer without complaint.
+    Each load is quiet (util.quiet_transformers: no loading report, no progress bar on stderr)."""
     check_folder(folder, f"a diffusers {family} folder")
     loaded = {}
     for name, kind, needs in parts:
