@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +56,9 @@ def canonical(name):
 
 def requirement_problems(root=ROOT):
     """(problems, versions): what is missing or older than requirements.txt allows, and "name version" of the rest."""
+    # here, not above: tools.try_newest, which needs nothing beyond the standard library, imports `canonical`
+    from packaging.requirements import Requirement
+
     provides = {}  # distribution -> its import names (some top_level.txt files list paths: sentencepiece/__init__)
     for module, dists in metadata.packages_distributions().items():
         module = module.split("/")[0]

@@ -20,6 +20,8 @@ import time
 import venv
 from pathlib import Path
 
+from tools.preflight import canonical
+
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 
@@ -30,7 +32,7 @@ def pins(lines):
     for line in lines:
         match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line.split("#")[0].strip())
         if match:
-            found[re.sub(r"[-_.]+", "-", match[1]).lower()] = match.groups()
+            found[canonical(match[1])] = match.groups()
     return found
 
 
