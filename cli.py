@@ -46,8 +46,8 @@ from common.util import (
 )
 from sampling import flux2_sampling, sampler
 from sampling.sampler import DEFAULT_PROMPT
-from training import checkpoints, evaluation, image_data, runtime
-from weights import clip_weights, export
+from training import checkpoints, evaluation, export, image_data, runtime
+from weights import clip_weights
 
 
 class Parser(argparse.ArgumentParser):
@@ -506,7 +506,7 @@ def train_data(run, prompt_file, cfg):
 
 
 def cmd_export(args):
-    """Write a training checkpoint in the formats people run (weights/export.py): a BFL-keyed single file for ComfyUI
+    """Write a training checkpoint in the formats people run (training/export.py): a BFL-keyed single file for ComfyUI
     and Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
     is written tensor by tensor to a temporary name, then renamed, under the output folder's lock; an --out onto
     what the export reads or into a run's checkpoint is refused."""

@@ -144,7 +144,7 @@ class TrainConfig:
     seed: Annotated[int, bounds.SEED, "seed of the prompt order, the shared noise and the timestep draws"] = 0
     samples: Annotated[int, Bounded(int, 0, 64, why="one row of images"),
                        "prompts (the first of the prompt list) in the before/after sample grids; 0: none"] = 4
-    # LoRA (training/lora.py): the transformer frozen, its adapters trained instead
+    # LoRA (weights/lora.py): the transformer frozen, its adapters trained instead
     lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"),
                          "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP "
                          "layers instead of the whole transformer (0: full fine-tuning; with --flux, --lr is the lora "

@@ -37,7 +37,7 @@ from common.util import (
     written,
 )
 from sampling import flux_sampling
-from training import lora
+from weights import lora
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule: FluxPipeline's sigmas, from a folder's FlowMatchEulerDiscreteScheduler config

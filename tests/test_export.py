@@ -1,4 +1,4 @@
-"""weights/export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
+"""training/export.py on tiny random FLUX.1 and FLUX.2 models: the BFL and fp8 single files read back by our loader, by
 safetensors and by diffusers' from_single_file; a LoRA extracted from an exactly rank-r fine-tune is exact and loads
 in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is one line. A test taking the `family`
 fixture runs on each family's tiny model (its `base` and `finetune` are that family's); FLUX1_ONLY ones on FLUX.1's."""
@@ -31,8 +31,8 @@ import cli
 import flux2_model as f2
 import flux_model as fm
 from common.util import InputError
-from training import lora
-from weights import export, flux2_weights, flux_weights
+from training import export
+from weights import flux2_weights, flux_weights, lora
 
 CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
 CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases

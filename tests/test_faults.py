@@ -25,8 +25,8 @@ import cli as command_line
 import flux_model as fm
 from common import util
 from sampling import sampler
-from training import checkpoints, evaluation, lora
-from weights import flux_weights
+from training import checkpoints, evaluation
+from weights import flux_weights, lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]

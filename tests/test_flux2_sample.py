@@ -26,8 +26,7 @@ import cli
 import families
 import flux2_model as f2
 from sampling import flux2_sampling, sampler
-from training import lora
-from weights import flux2_weights
+from weights import flux2_weights, lora
 
 PROMPT = "a red cat, on a mat!"
 

@@ -41,8 +41,8 @@ import srpo
 from common import util
 from reward import HPSReward
 from sampling import flux2_sampling
-from training import checkpoints, lora
-from weights import flux2_weights
+from training import checkpoints
+from weights import flux2_weights, lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

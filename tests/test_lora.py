@@ -1,4 +1,4 @@
-"""LoRA (training/lora.py) and FSDP2's CPU offload: step 0 is the base model, only the adapters train, the checkpoint's
+"""LoRA (weights/lora.py) and FSDP2's CPU offload: step 0 is the base model, only the adapters train, the checkpoint's
 LoRA file is what diffusers' FluxPipeline.load_lora_weights (with PEFT) reads, `sample --lora` gives its image,
 2 processes == 1, resume is exact, --offload changes nothing but where the state lives. Tiny models only."""
 
@@ -24,8 +24,8 @@ import srpo
 from common import util
 from reward import HPSReward
 from sampling import flux_sampling
-from training import checkpoints, evaluation, lora, runtime
-from weights import clip_weights, flux2_weights, flux_weights
+from training import checkpoints, evaluation, runtime
+from weights import clip_weights, flux2_weights, flux_weights, lora
 
 CPU = torch.device("cpu")
 

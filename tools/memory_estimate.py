@@ -61,8 +61,8 @@ import reward
 import srpo
 from common import util
 from sampling import sampler
-from training import lora, runtime
-from weights import clip_weights
+from training import runtime
+from weights import clip_weights, lora
 
 GB = 1e9
 STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq

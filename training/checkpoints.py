@@ -31,7 +31,7 @@ from common.util import (
     write_json,
     write_text,
 )
-from training import lora
+from weights import lora
 
 CHECKPOINT = "checkpoint-{:06d}"
 
@@ -112,7 +112,7 @@ LOWER_LR = "try a lower --lr than {:g} in a new run (another --out; --resume kee
 
 def save_weights(weights, flux_cfg, cfg, folder):
     """The trained weights: the whole transformer in diffusers format, or LoRA's adapters in the layout diffusers'
-    load_lora_weights reads (training/lora.py), kept as trained for resume too (the file folds alpha / r into B).
+    load_lora_weights reads (weights/lora.py), kept as trained for resume too (the file folds alpha / r into B).
     -> what training.pt adds."""
     if cfg.lora_rank:
         lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)

@@ -36,8 +36,8 @@ from common.util import (
 from flux_kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
-from training import checkpoints, image_data, lora
-from weights import flux_weights
+from training import checkpoints, image_data
+from weights import flux_weights, lora
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: what it reads and writes, where it runs

@@ -48,8 +48,8 @@ from common.util import (
 )
 from flux2_model import Flux2Config
 from flux_model import FluxConfig
-from training import checkpoints, lora
-from weights import flux_weights
+from training import checkpoints
+from weights import flux_weights, lora
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
