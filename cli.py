@@ -44,7 +44,7 @@ from common.util import (
     read_manifest,
     read_prompts,
 )
-from sampling import flux2_sampling, sampler
+from sampling import sampler
 from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, evaluation, export, image_data, runtime
 from weights import clip_weights
@@ -300,8 +300,8 @@ def config_from_flags(args, world, family):
     """TrainConfig from the flags: the srpo.PRESETS that fit the command line and its model `family`, in their order,
     over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
     over them all. The config checks itself."""
-    flux2, demo = family is families.FLUX2, args.flux is None
-    fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo}
+    demo = args.flux is None  # a family's preset is named after it (flux2), its tiny demo's NAME-demo (flux2-demo)
+    fits = {family.name: True, "demo": demo, f"{family.name}-demo": demo, "lora": bool(args.lora_rank) and not demo}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
         if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):
@@ -321,7 +321,7 @@ def run_config(args, family):
     picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
     return runtime.RunConfig(
-        out=args.out, flux=args.flux, family=family.name, reward_model=getattr(args, name),
+        out=args.out, flux=args.flux, family=family, reward_model=getattr(args, name),
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
@@ -332,8 +332,7 @@ def check_branch_cfg(args, cfg, family):
     """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
     base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
     (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
-    if not cfg.no_branch_cfg or (family is families.FLUX2
-                                 and flux2_sampling.uses_cfg(args.flux, flux2_sampling.GUIDANCE)):
+    if not cfg.no_branch_cfg or family.uses_cfg(args.flux, family.guidance):
         return
     given = f"--flux {args.flux}" if args.flux else f"--family {family.name} (the tiny demo)"
     raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
@@ -364,8 +363,8 @@ def check_reward_flags(args, name, family):
     if args.pickscore and name != "pickscore":
         reward.REWARDS["pickscore"].check_path(args.pickscore)
     reward.REWARDS[name].check_path(path)
-    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family.name, reward_model=path))
-    if family is families.FLUX2 and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
+    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family, reward_model=path))
+    if not family.clip_tokenizer and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
         raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
                          f"tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there (CLIP's, e.g. "
                          f"a FLUX.1 folder's tokenizer/ files)")
@@ -470,12 +469,12 @@ def cmd_train(args):
     """`srpo.py train`: the configs from the flags, every input checked, then the run (training/runtime.py sets it
     up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    family = sampler.model_family(args)  # decided once: --flux's model_index.json, or --family's tiny demo
+    family = families.decide(args.flux, args.family)  # decided once: --flux's model_index.json, or the tiny demo's
     cfg = config_from_flags(args, world, family)
     check_branch_cfg(args, cfg, family)
     check_reward_flags(args, cfg.reward, family)
-    if args.flux:
-        runtime.check_guidance_embedding(args.flux, cfg)
+    if args.flux and family.check_guidance:
+        family.check_guidance(args.flux, cfg)
     run = run_config(args, family)
     images, prompts = train_data(run, args.prompts, cfg)
     evaluation.check_run(run)

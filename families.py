@@ -62,6 +62,20 @@ class Family:
     sample_guidance: Callable  # (sample config, transformer config, rank) -> the scale
     frozen_parts: Callable  # (flux_dir, dtype, device, weights) -> (ae, text, cfg, load(device))
     tiny_frozen_parts: Callable  # (device, weights) -> the same, of the tiny demo
+    # what a run asks: is a folder's model (flux_dir, or None: the tiny demo's) sampled with classifier-free guidance
+    # at a scale; refuse a training guidance a folder's model cannot take (None: every model of the family takes it);
+    # does its pipeline folder hold CLIP's tokenizer (the rewards' BPE vocabulary)
+    uses_cfg: Callable  # (flux_dir | None, guidance) -> bool
+    check_guidance: Callable | None  # (flux_dir, train cfg)
+    clip_tokenizer: bool
+
+    def noise_of(self, model):
+        """The family's initial_noise for this transformer: (batch, height, width, seed, dtype) -> packed latents
+        with the model's latent channels (a stand-in without the family's config: the family's default channels)."""
+        cfg = getattr(model, "cfg", None)
+        if not isinstance(cfg, self.config):
+            return self.initial_noise
+        return functools.partial(self.initial_noise, channels=cfg.in_channels)
 
 
 FLUX1 = Family(
@@ -74,7 +88,8 @@ FLUX1 = Family(
     initial_noise=flux_sampling.initial_noise, conditioning=flux_sampling.conditioning, mu=None,
     guidance=flux_sampling.GUIDANCE, load_folder=flux_sampling.load_folder,
     sample_models=flux_sampling.sample_models, sample_guidance=flux_sampling.sample_guidance,
-    frozen_parts=flux_sampling.frozen_parts, tiny_frozen_parts=flux_sampling.tiny_frozen_parts)
+    frozen_parts=flux_sampling.frozen_parts, tiny_frozen_parts=flux_sampling.tiny_frozen_parts,
+    uses_cfg=flux_sampling.uses_cfg, check_guidance=flux_sampling.check_guidance, clip_tokenizer=True)
 FLUX2 = Family(
     name="flux2", title="FLUX.2", pipelines=tuple(flux2_sampling.TEXT_ENCODERS),
     transformer_class="Flux2Transformer2DModel", model=Flux2, config=Flux2Config,
@@ -85,7 +100,8 @@ FLUX2 = Family(
     initial_noise=flux2_sampling.initial_noise, conditioning=flux2_sampling.conditioning,
     mu=flux2_sampling.empirical_mu, guidance=flux2_sampling.GUIDANCE, load_folder=flux2_sampling.load_folder,
     sample_models=flux2_sampling.sample_models, sample_guidance=flux2_sampling.sample_guidance,
-    frozen_parts=flux2_sampling.frozen_parts, tiny_frozen_parts=flux2_sampling.tiny_frozen_parts)
+    frozen_parts=flux2_sampling.frozen_parts, tiny_frozen_parts=flux2_sampling.tiny_frozen_parts,
+    uses_cfg=flux2_sampling.uses_cfg, check_guidance=None, clip_tokenizer=False)
 FAMILIES = (FLUX1, FLUX2)
 FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'
 
@@ -106,12 +122,28 @@ def of_model(model):
 
 
 def noise_of(model):
-    """The family's initial_noise for this transformer: (batch, height, width, seed, dtype) -> packed latents with
-    the model's latent channels."""
-    family, cfg = of_model(model), getattr(model, "cfg", None)
-    if not isinstance(cfg, family.config):  # a stand-in: the family's default channels
-        return family.initial_noise
-    return functools.partial(family.initial_noise, channels=cfg.in_channels)
+    """The initial noise of a transformer held without its run (a tool's, a method's): its family's noise_of."""
+    return of_model(model).noise_of(model)
+
+
+def decide(flux=None, name=None, transformer=None):
+    """The family of a command, decided once: --flux's, as its model_index.json says (of_folder; a folder without
+    one is FLUX.1's, as before FLUX.2); without --flux a demo checkpoint's (`sample --transformer`: its config.json
+    or keys, of_transformer), else --family's `name` (the tiny demo's models; FLUX.1's by default)."""
+    if flux and name:
+        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
+    if flux:
+        return of_folder(flux) if os.path.isfile(os.path.join(flux, "model_index.json")) else FLUX1
+    if not transformer:
+        return by_name(name or FLUX1.name)
+    try:
+        family = of_transformer(transformer)
+    except InputError as e:
+        raise flux_sampling.not_a_demo_checkpoint(e) from None
+    if name and name != family.name:
+        raise InputError(f"--family {name}, but --transformer {transformer} is a {family.title} transformer "
+                         f"(--family {family.name}): without --family, the checkpoint's own family is taken")
+    return family
 
 
 def of_folder(folder):

@@ -237,7 +237,7 @@ def official_timestep(sigma):
 
 def shared_noise(cfg, step, device, noise):
     """eps ~ N(0, I) in bf16 values, one draw per step for the rollout, the noise injection and the recovery of every
-    prompt on every rank, in the family's packing (noise: families.noise_of(model)). The official script draws it in
+    prompt on every rank, in the family's packing (noise: Family.noise_of(model)). The official script draws it in
     bf16 on rank 0 and broadcasts it; here a float32 draw seeded by (seed, step) is rounded to bf16: every rank makes
     the same tensor with no communication, and makes it again after a resume."""
     seed = derive_seed(cfg.seed, "noise", step)
@@ -400,24 +400,26 @@ class Prompt(NamedTuple):
     x0: torch.Tensor | None = None
 
 
-def train_step(model, opt, ae, reward, batch, step, cfg, ranks, method):
-    """One update of a methods.Method on this rank's share of the global batch ([Prompt]): per prompt its x0 (the
-    online rollout, or offline its image's; none if method.own_rollout) and the method's branches, each backpropagated
-    as soon as it is built (one graph alive at a time; under FSDP each backward reduce-scatters, rather than holding a
-    full fp32 gradient until the last), then clip and AdamW. -> {"loss", "reward_NAME", "loss_NAME", "grad_norm"}."""
-    eps = shared_noise(cfg, step, ranks.device, families.noise_of(model))
+def train_step(parts, batch, step, cfg, ranks, method):
+    """One update of parts.model by a methods.Method on this rank's share of the global batch ([Prompt]): per prompt
+    its x0 (the online rollout, or offline its image's; none if method.own_rollout) and the method's branches, each
+    backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward reduce-scatters, rather
+    than holding a full fp32 gradient until the last), then clip and AdamW. -> {"loss", "reward_NAME", "loss_NAME",
+    "grad_norm"}."""
+    model = parts.model
+    eps = shared_noise(cfg, step, ranks.device, parts.family.noise_of(model))
     totals = {}
     for item in batch:
         x0 = item.x0
         if x0 is None and not method.own_rollout:
             x0 = online_rollout(model, eps, item.cond, cfg)
         rewards, losses = {}, {}
-        for name, loss, r in method.losses(model, ae, reward, x0, eps, item, step, cfg):
+        for name, loss, r in method.losses(model, parts.ae, parts.reward, x0, eps, item, step, cfg):
             (loss * (1 / len(batch))).backward()  # FSDP averages over the ranks: 1 / global batch in all
             rewards[f"reward_{name}"], losses[f"loss_{name}"] = r.detach().mean(), loss.detach()
         for key, value in {"loss": sum(losses.values()), **rewards, **losses}.items():
             totals[key] = totals.get(key, 0) + value / len(batch)
-    return optimizer_step(model, opt, totals, step, cfg, ranks)
+    return optimizer_step(model, parts.opt, totals, step, cfg, ranks)
 
 
 def optimizer_step(model, opt, totals, step, cfg, ranks):
@@ -449,8 +451,8 @@ def learning_rate(cfg, step):
 def step_batch(parts, cfg, step, ranks):
     """This rank's Prompts of update `step`: which prompts (runtime.my_prompts), their conditioning (the family's, as
     sampled; --no-branch-cfg: a CFG family's conditional pass alone), their draws, their images' x0 when offline."""
-    mine, make = runtime.my_prompts(parts.prompt_of, step, cfg, ranks), families.of_model(parts.model).conditioning
-    conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for _, p in mine]
+    mine = runtime.my_prompts(parts.prompt_of, step, cfg, ranks)
+    conds = [parts.conditioning(p, cfg, ranks.device) for _, p in mine]
     return [Prompt(p, c.conditional() if cfg.no_branch_cfg else c, draw_timestep(cfg, step, j), parts.x0_of(step, j))
             for (j, p), c in zip(mine, conds, strict=True)]
 
@@ -469,8 +471,7 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
         for step in tqdm(range(parts.start + 1, cfg.steps + 1), initial=parts.start, total=cfg.steps, desc="train",
                          disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
-            values = train_step(parts.model, parts.opt, parts.ae, parts.reward, step_batch(parts, cfg, step, ranks),
-                                step, cfg, ranks, method)
+            values = train_step(parts, step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
             record = {"step": step, **values, "lr": learning_rate(cfg, step), "words": control_words(step),
                       "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(checkpoints.append_log, log, record))

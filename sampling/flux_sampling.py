@@ -137,6 +137,21 @@ def sample_models(s, prompts, dtype, device):
     return *load_folder(s.flux, s.transformer, dtype, device), embeddings
 
 
+def uses_cfg(flux_dir, guidance):
+    """FLUX.1 is never sampled with classifier-free guidance: the scale is an input of its transformer (dev)."""
+    return False
+
+
+def check_guidance(flux_dir, cfg):
+    """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a transformer without the embedding (FLUX.1-schnell)
+    cannot take it. (FLUX.2 [klein] base takes the scale as classifier-free guidance instead.)"""
+    if not flux_weights.read_flux_config(os.path.join(flux_dir, "transformer")).guidance_embed:
+        raise InputError(f"{flux_dir}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
+                         f"feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
+                         f"{cfg.rollout_guidance:g} to the rollout): train a guidance-distilled model such as "
+                         f"FLUX.1-dev")
+
+
 def sample_guidance(s, cfg, rank):
     """--guidance, GUIDANCE unless given. A transformer without a guidance embedding (FLUX.1-schnell: not
     guidance-distilled) has nowhere to take it, and FluxPipeline passes it none: said once if it was given."""

@@ -173,14 +173,14 @@ def autocast(device):
 
 
 @torch.no_grad()
-def sample_grid(model, ae, conds, height, width, guidance, device, seeds=None, schedule=FLUX_DEV):
+def sample_grid(family, model, ae, conds, height, width, guidance, device, seeds=None, schedule=FLUX_DEV):
     """One row of images, (1, 3, H, n W), for the conditionings `conds`, the i-th from seed seeds[i] (default i; as
     `srpo.py sample --seed`), at FLUX.1-dev's inference settings (28 steps of flux_schedule, `schedule` a folder's;
-    the noise and mu the model family's): a training run's before/after view and its held-out evaluations."""
-    images, fam, noise = [], families.of_model(model), families.noise_of(model)
+    the noise and mu the model's `family`'s): a training run's before/after view and its held-out evaluations."""
+    images, noise = [], family.noise_of(model)
     for seed, cond in zip(range(len(conds)) if seeds is None else seeds, conds, strict=True):
         x = noise(1, height, width, seed, torch.float32).to(device)
-        mu = fam.mu(x.shape[1], GRID_STEPS) if fam.mu else None
+        mu = family.mu(x.shape[1], GRID_STEPS) if family.mu else None
         with autocast(device):
             x = euler_sample(model, x, flux_schedule(GRID_STEPS, x.shape[1], schedule, mu), cond.at_guidance(guidance),
                              guidance)
@@ -301,32 +301,9 @@ def check_sample_flags(s):
     """What ties the settings together (each flag's range is cli.py's), before anything is read. -> the model
     family (--family with --flux refused, a bad model_index.json too)."""
     check_size(s.height, s.width)
-    family = model_family(s)
+    family = families.decide(s.flux, s.family, s.transformer)
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
-    return family
-
-
-def model_family(s):
-    """The model family (families.Family) of a command's --flux, as its model_index.json says (families.of_folder; a
-    folder without one is FLUX.1's, as before FLUX.2); without --flux, a demo checkpoint's (`sample --transformer`:
-    its config.json or keys, families.of_transformer), else --family's (the tiny demo's models; FLUX.1's by
-    default)."""
-    if s.flux and s.family:
-        raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
-    if s.flux:
-        return families.of_folder(s.flux) if os.path.isfile(os.path.join(s.flux, "model_index.json")) else \
-            families.FLUX1
-    transformer = getattr(s, "transformer", None)  # train has none
-    if not transformer:
-        return families.by_name(s.family or "flux1")
-    try:
-        family = families.of_transformer(transformer)
-    except InputError as e:
-        raise flux_sampling.not_a_demo_checkpoint(e) from None
-    if s.family and s.family != family.name:
-        raise InputError(f"--family {s.family}, but --transformer {transformer} is a {family.title} transformer "
-                         f"(--family {family.name}): without --family, the checkpoint's own family is taken")
     return family
 
 
@@ -385,7 +362,7 @@ def sample_jobs_in_turn(model, ae, embeddings, jobs, sigmas, guidance, s, fam):
     """Each job's images, written as soon as they are made, with the noise and conditioning of the model's family
     `fam`. SIGTERM / SIGINT stop after the current prompt's images (Stopped),
     a failed write ends with a Fault: the images written are whole, and the same command continues."""
-    device, dtype, noise = model.img_in.weight.device, model.img_in.weight.dtype, families.noise_of(model)
+    device, dtype, noise = model.img_in.weight.device, model.img_in.weight.dtype, fam.noise_of(model)
     again = "the images written are complete, and the same command makes the rest"
     with StopSignals() as signals:
         for done, (prompt, paths) in enumerate(tqdm(jobs, desc="prompts", disable=len(jobs) == 1), 1):

@@ -3,6 +3,7 @@ every way of telling a family (a model, its config, a saved transformer folder o
 
 import json
 import os
+import re
 
 import diffusers
 import pytest
@@ -62,3 +63,23 @@ def test_a_transformer_folder_without_its_config_says_which_file_is_missing(tmp_
     with pytest.raises(families.InputError) as e:
         families.of_transformer(str(tmp_path))
     assert str(e.value).startswith(f"{tmp_path}: no config.json (expected a diffusers transformer folder"), e.value
+
+
+def test_no_code_outside_families_py_tests_which_family_it_has():
+    """The family is decided once (families.decide) and asked (its fields), never compared from outside: a third
+    family is one entry in the table, with no `is families.FLUX2` or `family == "flux1"` elsewhere to find and fix.
+    (Before this test, five such checks sat in cli.py and training/runtime.py.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    compare = re.compile(r"""(\bis(?: not)?|[!=]=)\s*families\.FLUX\d|families\.FLUX\d\s*(\bis\b|[!=]=)|"""
+                         r"""(family|\.name)\s*[!=]=\s*["']flux\d["']""")
+    found = []
+    for folder, _, files in os.walk(root):
+        if {"tests", ".git", ".venv"} & set(os.path.relpath(folder, root).split(os.sep)):
+            continue
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and name != "families.py":
+                with open(path, encoding="utf-8") as lines:
+                    found += [f"{os.path.relpath(path, root)}:{i}: {line.strip()}"
+                              for i, line in enumerate(lines, 1) if compare.search(line)]
+    assert not found, "\n".join(found)

@@ -166,7 +166,7 @@ def test_the_family_is_the_folders_model_index(flux_folder, flux2_folder, dev_fo
     cases = {flux2_folder: families.FLUX2, dev_folder: families.FLUX2, flux_folder: families.FLUX1,
              None: families.FLUX1, str(bare): families.FLUX1}
     for folder, family in cases.items():
-        assert sampler.model_family(sampler.SampleConfig(out="x.png", flux=folder)) is family, folder
+        assert families.decide(folder) is family, folder
 
 
 def test_sample_with_a_lora_on_klein_gives_the_pipelines_image(flux2_folder, tmp_path):

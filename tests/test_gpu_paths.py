@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import families
 import methods
 import srpo
 from common import util
@@ -55,8 +56,8 @@ def test_an_offload_step_brings_the_host_gradient_norm_to_the_device(monkeypatch
     ranks = runtime.Ranks(0, 1, device, offload=True)
     batch = [srpo.Prompt("a prompt", None, srpo.draw_timestep(cfg, 1, 0))]
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
-        srpo.train_step(model, torch.optim.AdamW(model.parameters()), None, None, batch, 1, cfg, ranks,
-                        methods.SRPO)
+        parts = runtime.Parts(model, torch.optim.AdamW(model.parameters()), None, None, {}, None, 0, families.FLUX1)
+        srpo.train_step(parts, batch, 1, cfg, ranks, methods.SRPO)
 
 
 def test_one_process_on_a_gpu_with_an_index_makes_it_the_current_one(cuda_here):

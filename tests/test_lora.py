@@ -16,6 +16,7 @@ from test_flux import read_png, run_diffusers, run_ours, to_uint8, transformer_i
 from test_train import SMALL, TORCHRUN, cli, log_lines, real_args, run_cli, weights  # noqa: F401
 
 import cli as command_line
+import families
 import flux2_model as f2
 import flux_model as fm
 import methods
@@ -56,8 +57,8 @@ def test_step_zero_is_the_base_model_and_two_steps_train_only_the_adapters(tmp_p
     assert torch.equal(run_ours(model, x), run_ours(base, x))  # B = 0: bit for bit
     assert len(adapter_names(model)) == 2 * (8 * base.cfg.depth + 2 * base.cfg.depth_single_blocks)
     embeddings = flux_sampling.encode_prompts(text, ["a red fox"])
-    parts = runtime.ready(model, ae, HPSReward.tiny(), embeddings, runtime.prompt_schedule(["a red fox"], cfg), cfg,
-                          0, None, ranks)
+    parts = runtime.ready(families.FLUX1, model, ae, HPSReward.tiny(), embeddings,
+                          runtime.prompt_schedule(["a red fox"], cfg), cfg, 0, None, ranks)
     trained = {id(p) for group in parts.opt.param_groups for p in group["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in trained}
     assert names == adapter_names(model)  # AdamW holds the adapters alone

@@ -12,6 +12,7 @@ import torch
 from references import rel_err
 
 import cli
+import families
 import flux_model as fm
 import methods
 import srpo
@@ -191,7 +192,8 @@ def train_tiny(tiny, out, cfg, method=methods.SRPO, prepare=lambda model: None):
     model = runtime.build_transformer(lambda device: copy.deepcopy(model), model.cfg, ranks, "sdpa")
     prepare(model)
     embeddings = flux_sampling.encode_prompts(text, [PROMPT])
-    parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule([PROMPT], cfg), cfg, 0, None, ranks)
+    schedule = runtime.prompt_schedule([PROMPT], cfg)
+    parts = runtime.ready(families.of_model(model), model, ae, reward, embeddings, schedule, cfg, 0, None, ranks)
     srpo.train(parts, [PROMPT], cfg, str(out), ranks, method, evaluation.Watch((), cfg, str(out)))
     return model
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import cli
+import families
 from common import util
-from sampling import sampler
 from training import checkpoints, evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
     subprocess.run(["bash", "-c", readme_recipe(tmp_path / "eval.txt")], cwd=ROOT, check=True, timeout=60)
     args = cli.parse_args(cli.build_parser(), ["train", "--eval-prompts", str(tmp_path / "eval.txt"), "--out",
                                                str(tmp_path / "run")])
-    run = cli.run_config(args, sampler.model_family(args))
+    run = cli.run_config(args, families.decide(args.flux, args.family))
     evaluation.check_run(run)
     prompts = list(run.eval_prompts)
     with open(os.path.join(ROOT, "data", "PartiPrompts.tsv"), encoding="utf-8") as f:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from references import rel_err
 
+import families
 import methods
 import srpo
 from sampling import flux_sampling, sampler
@@ -32,7 +33,8 @@ def test_a_training_method_is_one_function_from_the_rollout_to_branch_losses(mon
     batch = [srpo.Prompt("a", None, 1), srpo.Prompt("b", None, 2)]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     method = methods.Method("made-up", losses)
-    values = srpo.train_step(model, opt, None, None, batch, 3, cfg, runtime.Ranks(0, 1, CPU), method)
+    parts = runtime.Parts(model, opt, None, None, {}, None, 0, families.FLUX1)
+    values = srpo.train_step(parts, batch, 3, cfg, runtime.Ranks(0, 1, CPU), method)
 
     ref = torch.nn.Linear(64, 64)
     ref.load_state_dict(start)

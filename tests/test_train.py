@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import cli as command_line
+import families
 import flux_model as fm
 import methods
 import reward as reward_module
@@ -224,7 +225,8 @@ def train_tiny(tiny, out, cfg, prompts=("a red fox",), prepare=lambda model: Non
     prepare(model)
     prompts = list(prompts)
     embeddings = flux_sampling.encode_prompts(text, prompts)
-    parts = runtime.ready(model, ae, reward, embeddings, runtime.prompt_schedule(prompts, cfg), cfg, 0, None, ranks)
+    schedule = runtime.prompt_schedule(prompts, cfg)
+    parts = runtime.ready(families.of_model(model), model, ae, reward, embeddings, schedule, cfg, 0, None, ranks)
     srpo.train(parts, prompts, cfg, str(out), ranks, methods.SRPO, evaluation.Watch((), cfg, str(out)))
     return model
 
@@ -435,14 +437,14 @@ def test_host_syncs_per_step_are_few_and_do_not_grow_with_the_prompts(tiny, tmp_
     reward_module.clip_mean_std.cache_clear()
     steps, step = [], srpo.train_step
 
-    def counted(model, *args):  # one counter over the steps: what step 1 puts on the device stays known
+    def counted(parts, *args):  # one counter over the steps: what step 1 puts on the device stays known
         if not steps:
-            steps.append(HostSyncs([model, ae, reward], CPU, reward._text_cache.values()))  # cached before the loop
+            steps.append(HostSyncs([parts.model, ae, reward], CPU, reward._text_cache.values()))  # cached before
         counter = steps[0]
         before = len(counter.copies), len(counter.reads)
         with pytest.MonkeyPatch.context() as patch, counter:
             counter.patches(patch)
-            record = step(model, *args)
+            record = step(parts, *args)
         steps.append((counter.copies[before[0]:], counter.reads[before[1]:]))
         return record
 
@@ -802,7 +804,7 @@ SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 7
 def train_cfg(*flags, demo=False):
     args = command_line.build_parser().parse_args(["train", *flags])
     assert (args.flux is None) == demo
-    return command_line.config_from_flags(args, 1, sampler.model_family(args))
+    return command_line.config_from_flags(args, 1, families.decide(args.flux, args.family))
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))

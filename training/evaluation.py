@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import families
 from common.util import InputError, atomic_write, read_jsonl, read_prompts, write_text
 from reward import REWARDS, tokenizer_folder
 from sampling import sampler
@@ -73,10 +72,9 @@ def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
     """This rank's share of the eval prompts sampled, then scored one image at a time (as `score` does), fp32.
     -> [(index, image (3, H, W), {name: score})] of its own prompts."""
     indices, own = my_share(len(prompts), ranks)
-    make = families.of_model(parts.model).conditioning
-    conds = [make(parts.embeddings[prompts[i]], cfg.height, cfg.width, ranks.device) for i in indices]
-    row = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance, ranks.device,
-                               seeds=indices, schedule=schedule)
+    conds = [parts.conditioning(prompts[i], cfg, ranks.device) for i in indices]
+    row = sampler.sample_grid(parts.family, parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance,
+                              ranks.device, seeds=indices, schedule=schedule)
     images = quantized(row).split(cfg.width, dim=3)
     results = []
     for i, image in zip(indices[:own], images, strict=False):
@@ -148,11 +146,10 @@ class Watch:
         """The before/after view, OUT/name: the first --samples prompts at FLUX.1-dev's inference settings (the model
         family's noise, mu and conditioning), written by rank 0."""
         cfg, path = self.cfg, os.path.join(self.out, name)
-        make = families.of_model(parts.model).conditioning
-        conds = [make(parts.embeddings[p], cfg.height, cfg.width, ranks.device) for p in prompts[: cfg.samples]]
+        conds = [parts.conditioning(p, cfg, ranks.device) for p in prompts[: cfg.samples]]
         if wanted and conds:
-            images = sampler.sample_grid(parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance,
-                                         ranks.device)
+            images = sampler.sample_grid(parts.family, parts.model, parts.ae, conds, cfg.height, cfg.width,
+                                         cfg.guidance, ranks.device)
             ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
 
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ from flux_kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
 from training import checkpoints, image_data
-from weights import flux_weights, lora
+from weights import lora
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: what it reads and writes, where it runs
@@ -50,7 +50,7 @@ class RunConfig:
 
     out: str = "runs/srpo"  # checkpoint-STEP/, log.jsonl, samples-*.png, eval/
     flux: str | None = None  # a diffusers FLUX.1 or FLUX.2 folder; None: the tiny demo's random models built in code
-    family: str = "flux1"  # the tiny demo's model family (flux1 | flux2); with flux, its model_index.json's
+    family: families.Family = families.FLUX1  # decided once by the command (families.decide): flux's, or the demo's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
     judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
     resume: bool = False  # continue from the latest complete checkpoint in out
@@ -281,8 +281,9 @@ def fsdp_shard(model, load, ranks):
 
 class Parts(NamedTuple):
     """What a run trains with: the transformer and its AdamW, the frozen VAE and reward, the prompts' embeddings
-    ({prompt: (txt, y)} on the host), which prompt comes when (prompt_of(step, j)), the step it starts after, and the
-    x0 that replaces the rollout of prompt j at update s (x0_of(step, j); None: online)."""
+    ({prompt: (txt, y)} on the host), which prompt comes when (prompt_of(step, j)), the step it starts after, the
+    model's families.Family, and the x0 that replaces the rollout of prompt j at update s (x0_of(step, j); None:
+    online)."""
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -291,7 +292,12 @@ class Parts(NamedTuple):
     embeddings: dict
     prompt_of: object
     start: int
+    family: families.Family
     x0_of: object = online
+
+    def conditioning(self, prompt, cfg, device):
+        """A prompt's Conditioning at the run's size, as its family samples it."""
+        return self.family.conditioning(self.embeddings[prompt], cfg.height, cfg.width, device)
 
 
 def training_parts(run, cfg, prompts, ranks, begin, images=None):
@@ -317,11 +323,11 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
         torch.cuda.empty_cache()
     x0_of = offline_x0(images, ae, run.out, cfg, ranks) if images else online
     if folder and not cfg.lora_rank:  # resume its weights
-        load = functools.partial(families.of_config(flux_cfg).load, folder, flux_cfg, torch.float32)
+        load = functools.partial(run.family.load, folder, flux_cfg, torch.float32)
     model = build_transformer(load, flux_cfg, ranks, attention_backend(run.attn, ranks.device), adapters(cfg, folder),
                               base)
     reward = load_reward(run, cfg.reward, ranks.device)
-    return ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of)
+    return ready(run.family, model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of)
 
 
 def offline_x0(images, ae, out, cfg, ranks):
@@ -344,7 +350,7 @@ def frozen_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of=online):
+def ready(family, model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x0_of=online):
     """The loaded parts made ready to train: the VAE and the reward frozen, AdamW (with the checkpoint's state when
     resuming) and the Triton kernels tuned before the first step. -> Parts."""
     ae.requires_grad_(False)
@@ -358,7 +364,7 @@ def ready(model, ae, reward, embeddings, prompt_of, cfg, start, folder, ranks, x
     if folder:
         checkpoints.load_training_state(model, opt, folder, ranks, cfg.lora_rank)
     warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
-    return Parts(model, opt, ae, reward, embeddings, prompt_of, start, x0_of)
+    return Parts(model, opt, ae, reward, embeddings, prompt_of, start, family, x0_of)
 
 
 def frozen_parts(run, dtype, device, weights=torch.float32):
@@ -366,8 +372,8 @@ def frozen_parts(run, dtype, device, weights=torch.float32):
     freezes it): the --flux folder's, as its family loads it (families.Family.frozen_parts), or without one the tiny
     demo's random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
     if run.flux is None:
-        return families.by_name(run.family).tiny_frozen_parts(device, weights)
-    return families.of_folder(run.flux).frozen_parts(run.flux, dtype, device, weights)
+        return run.family.tiny_frozen_parts(device, weights)
+    return run.family.frozen_parts(run.flux, dtype, device, weights)
 
 
 def adapters(cfg, folder):
@@ -408,20 +414,8 @@ def reward_tokenizer(run):
     """Where the reward's CLIP tokenizer (vocab.json + merges.txt) comes from: the reward's folder when it holds one,
     else the FLUX.1 folder's tokenizer/; a FLUX.2 folder's tokenizer/ is Qwen's, so there the folder of the reward's
     file (HPS: put CLIP's two files beside HPS_v2.1_compressed.pt)."""
-    fallback = run.flux if run.family == "flux1" else os.path.dirname(os.path.abspath(run.reward_model))
+    fallback = run.flux if run.family.clip_tokenizer else os.path.dirname(os.path.abspath(run.reward_model))
     return tokenizer_folder(run.reward_model, fallback)
-
-
-def check_guidance_embedding(flux, cfg):
-    """SRPO's recipe feeds FLUX.1-dev's distilled guidance: a FLUX.1 transformer without the embedding cannot take
-    it (FLUX.2 [klein] base takes the scale as classifier-free guidance instead: flux2_sampling.Flux2Conditioning)."""
-    if families.of_folder(flux) is families.FLUX2:
-        return
-    if not flux_weights.read_flux_config(os.path.join(flux, "transformer")).guidance_embed:
-        raise InputError(f"{flux}: the transformer has no guidance embedding (e.g. FLUX.1-schnell); SRPO's recipe "
-                         f"feeds FLUX.1-dev's distilled guidance ({cfg.guidance:g} to the branches, "
-                         f"{cfg.rollout_guidance:g} to the rollout): train a guidance-distilled model such as "
-                         f"FLUX.1-dev")
 
 
 def warm_up_kernels(model, cfg, text_tokens, device):
