@@ -136,27 +136,34 @@ def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny,
     assert_same(out["refl"][0].item(), grads, torch.relu(2 - r).sum(), reference)
 
 
-def test_draft_lv_renoises_the_final_sample_twice_and_ascends_the_mean_reward(tiny):
-    """x_s^j = s eps_j + (1 - s) x0, s = sigma_{T-1}; x0_hat^j = x_s^j - s v(x_s^j, s) at 3.5;
-    L = -(r_1 + r_2) / 2; eps_j fresh: N(0, I) from the seed, step and j, neither the step's eps nor each other."""
+def test_draft_lv_is_the_final_step_with_gradient_plus_two_renoisings_of_its_sample(tiny):
+    """DRaFT-LV as Clark et al. 2023 (arXiv 2309.17400) define it, Algorithm 1 with K = 1, and as FlowBP's
+    flowbp/trainers/flux1/draft_lv.py runs it on FLUX (x0_predictions = [base_x0] + n re-noised): the chain to
+    sigma_{T-1} without gradient, x0 = x_s - s v(x_s, s) with gradient (the base term), x_s^j = s eps_j + (1 - s)
+    sg(x0), x0^j = x_s^j - s v(x_s^j, s); Algorithm 1 sums the gradients: L = -(r(x0) + r(x0^1) + r(x0^2)). Every call
+    at the chain's guidance (1, not --guidance 3.5); eps_j fresh per sample: N(0, I) from the seed, step, the prompt
+    (its text and draw) and j, neither the step's eps nor each other, nor another prompt's."""
     model, ae, reward, cfg, cond, eps, call = setup(tiny)
     sigmas = shift3(torch.linspace(1, 0, 5))
-    x0 = euler_chain(call, eps, sigmas, 1.0)
     reference = copy.deepcopy(model)
-    out, grads = run_method(methods.draft_lv_losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3,
-                            cfg)
-    assert list(out) == ["renoise1", "renoise2"]
-    noises = [flux_sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, j), torch.float32)
-              for j in (0, 1)]
+    item = srpo.Prompt(PROMPT, cond, 500)
+    out, grads = run_method(methods.draft_lv_losses, model, ae, reward, None, eps, item, 3, cfg)
+    assert list(out) == ["base", "renoise1", "renoise2"]
+    noises = [flux_sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, PROMPT, 500, j),
+                                          torch.float32) for j in (0, 1)]
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], eps)
+    other = methods.renoise(cfg, 3, srpo.Prompt("a blue fox", cond, 500), 0, CPU, flux_sampling.initial_noise)
+    assert not torch.equal(other, noises[0])
     ref_call, s = caller(reference, cond), sigmas[-2]
-    rewards = []
+    x = euler_chain(ref_call, eps, sigmas[:-1], 1.0)
+    x0 = x - s * ref_call(x, s, 1.0)
+    rewards = [plain_score(ae, reward, x0, cfg)]
     for noise in noises:
-        x = s * noise + (1 - s) * x0
-        rewards.append(plain_score(ae, reward, x - s * ref_call(x, s, 3.5), cfg))
+        x = s * noise + (1 - s) * x0.detach()
+        rewards.append(plain_score(ae, reward, x - s * ref_call(x, s, 1.0), cfg))
     assert [r.item() for _, r in out.values()] == pytest.approx([r.item() for r in rewards], rel=1e-5)
     total = sum(loss.item() for loss, _ in out.values())
-    assert_same(total, grads, -(rewards[0] + rewards[1]).sum() / 2, reference)
+    assert_same(total, grads, -sum(rewards).sum(), reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +183,8 @@ def test_every_method_is_built_from_srpos_parts(tiny, monkeypatch):
     expected = {"srpo": ["direct_align", "model_step", "image_reward"] * 2,
                 "direct-align": ["direct_align", "model_step", "image_reward"],
                 "refl": ["online_rollout", "model_step", "image_reward"],
-                "draft-lv": ["direct_align", "model_step", "image_reward"] * 2}
+                "draft-lv": ["online_rollout", "model_step", "image_reward"]
+                + ["direct_align", "model_step", "image_reward"] * 2}
     for name, method in methods.METHODS.items():
         calls.clear()
         run_method(method.losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3, cfg)
@@ -203,13 +211,13 @@ def log_lines(out):
 
 COSTS = {"srpo": ("srpo", {}, (4, 2)), "no-inversion": ("srpo", {"no_inversion": True}, (4, 1)),
          "direct-align": ("direct-align", {}, (4, 1)), "refl": ("refl", {}, (3, 1)),
-         "draft-lv": ("draft-lv", {}, (4, 2))}
+         "draft-lv": ("draft-lv", {}, (3, 3))}
 
 
 @pytest.mark.parametrize("name", list(COSTS))
 def test_model_calls_per_step_are_each_methods_stated_cost(tiny, tmp_path, name):
     """Per prompt and step, (calls without gradient, calls with gradient): SRPO T and 2, --no-inversion and
-    direct-align T and 1, refl i and 1 with no online rollout, draft-lv T and 2 (T = 4: refl's i = 3)."""
+    direct-align T and 1, refl i and 1 with no online rollout, draft-lv T - 1 and n + 1 = 3 (T = 4: refl's i = 3)."""
     method, flags, expected = COSTS[name]
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
     calls = []
