@@ -33,8 +33,6 @@ import srpo
 from common.util import derive_seed, to_device
 from sampling.sampler import autocast
 
-REFL_LATE = 0.75  # ReFL's gradient step is in the last quarter of the chain: ImageReward's steps 30..39 of 40
-REFL_MARGIN = 2.0  # ImageReward's reward-to-loss map phi(r) = relu(2 - r)
 # n, DRaFT-LV's re-noisings of the final sample: FlowBP's num_noised_samples = 2 and LeapAlign's (the SRPO paper
 # does not give it)
 DRAFT_LV_NOISES = 2
@@ -62,33 +60,46 @@ def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
 
 
 def refl_step(cfg, sel):
-    """ReFL's gradient step i in {floor(3T/4) .. T - 1} of the T-step rollout (T = 40: ImageReward's 30..39; T =
-    25: 18..24), read off the prompt's timestep draw sel ~ U{5 .. N - 5} (srpo.draw_timestep) by cutting its range
-    into T - floor(3T/4) equal parts: every method takes its randomness from the same seeded draw."""
-    late = int(REFL_LATE * cfg.rollout_steps)
+    """ReFL's gradient step i in {floor(f T) .. T - 1} of the T-step rollout, f = --refl-late (0.75, T = 40:
+    ImageReward's 30..39; T = 25: 18..24; FlowBP's FLUX.2 0.56: the last 11 of 25, 14..24), read off the prompt's
+    timestep draw sel ~ U{5 .. N - 5} (srpo.draw_timestep) by cutting its range into T - floor(f T) equal parts:
+    every method takes its randomness from the same seeded draw."""
+    late = int(cfg.refl_late * cfg.rollout_steps)
     return late + (sel - 5) * (cfg.rollout_steps - late) // (cfg.window_points - 9)
 
 
+def chain_step(model, x, sigma, cond, cfg):
+    """x0_hat = x - sigma v(x, sigma): the chain's next model call, with gradient, as one Euler step to sigma 0 (the
+    clean image it predicts), at the chain's guidance (--rollout-guidance, the conditioning as sampled there)."""
+    with autocast(x.device):
+        return srpo.model_step(model, x, sigma, torch.zeros(()), cond.at_guidance(cfg.rollout_guidance),
+                               cfg.rollout_guidance)
+
+
 def refl_losses(model, ae, reward, x0, eps, item, step, cfg):
-    """ReFL (Xu et al. 2023, "ImageReward", its ReFL algorithm): the chain from eps without gradient down to a random
-    late step i, one model call there with gradient, and the reward on the clean image predicted from it:
+    """ReFL (Xu et al. 2023, "ImageReward", arXiv 2304.05977, its ReFL algorithm; ImageReward/ReFL.py as it stands):
+    the chain from eps without gradient down to a random late step i, the chain's next model call there with
+    gradient, and the reward on the clean image predicted from it:
 
         x_i = Euler(eps; sigma_0 .. sigma_i), no gradient             srpo.online_rollout, stopped at step i
-        x0_hat = x_i - sigma_i v(x_i, sigma_i)                        one Euler step to sigma 0 (srpo.model_step)
-        L = relu(2 - score(image(x0_hat), prompt))                    ImageReward's phi
+        x0_hat = x_i - sigma_i v(x_i, sigma_i)                        chain_step, at the chain's guidance
+        L = lambda relu(m s - score(image(x0_hat), prompt))           ImageReward's phi and --grad_scale lambda
 
-    ImageReward's ReFL.py (40 steps, i = randint(30, 39)) scales the loss by lambda = 1e-3 (--grad_scale); it is left
-    out: AdamW's step does not depend on a constant loss scale (but through its eps and the clipping at --grad-clip).
-    That script also tells the UNet the index i as its timestep at the gradient step; here the model is told the
-    step's own sigma, as in the chain. x0 (SRPO's rollout) is not used: the method rolls its own chain (own_rollout),
-    i + 1 model calls, one with gradient."""
+    ReFL.py rolls 40 DDPM steps of the conditional UNet (no guidance), i = randint(30, 39), tells the UNet the
+    schedule's own timestep at step i (here sigma_i's, as in the chain), and takes the scheduler's
+    pred_original_sample; its loss is relu(2 - r) * 1e-3 (--grad_scale), max_grad_norm 1. Its margin 2 is on
+    ImageReward's standardised scale; here m s is on the trained reward's own: m = --refl-margin (0.55, FlowBP's
+    relu(0.55 - HPS), above any HPSv2.1 score: the hinge never switches off, ReFL ascends the reward) times s, the
+    reward's scale (1 for HPS, exp(logit_scale) = 100 for PickScore and CLIP, whose scores are 100 cosines: 55
+    sits as far above PickScore's ~22). lambda = --refl-grad-scale (1e-3) is kept: with clipping at --grad-clip
+    it sets how often the clip acts. x0 (SRPO's rollout) is not used: the method rolls its own chain
+    (own_rollout), i + 1 model calls, one with gradient."""
     i = refl_step(cfg, item.sel)
     x = srpo.online_rollout(model, eps, item.cond, cfg, steps=i)
-    sigma = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][i]
-    with autocast(eps.device):
-        x0_hat = srpo.model_step(model, x, sigma, torch.zeros(()), item.cond, cfg.guidance)
+    x0_hat = chain_step(model, x, srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][i], item.cond,
+                        cfg)
     r = srpo.image_reward(ae, reward, x0_hat, item.text, cfg)
-    yield "refl", F.relu(REFL_MARGIN - r).mean(), r
+    yield "refl", cfg.refl_grad_scale * F.relu(cfg.refl_margin * reward.scale() - r).mean(), r
 
 
 def renoise(cfg, step, item, j, device, noise):
@@ -115,16 +126,14 @@ def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
     branch ("base", "renoise1", ...), backpropagated in turn. x0 (SRPO's rollout) is not used: the method rolls its
     own chain (own_rollout). Cost: T + n model calls, 1 + n with gradient."""
     s = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
-    cond, guidance = item.cond.at_guidance(cfg.rollout_guidance), cfg.rollout_guidance
-    x = srpo.online_rollout(model, eps, item.cond, cfg, steps=cfg.rollout_steps - 1)
-    with autocast(eps.device):
-        x0 = srpo.model_step(model, x, s, torch.zeros(()), cond, guidance)
+    x0 = chain_step(model, srpo.online_rollout(model, eps, item.cond, cfg, steps=cfg.rollout_steps - 1), s,
+                    item.cond, cfg)
     r = srpo.image_reward(ae, reward, x0, item.text, cfg)
     yield "base", -r.mean(), r
     noise = families.noise_of(model)
     for j in range(DRAFT_LV_NOISES):
         x0_j = srpo.direct_align(model, x0.detach(), renoise(cfg, step, item, j, eps.device, noise), s,
-                                 torch.zeros(()), cond, guidance)
+                                 torch.zeros(()), item.cond.at_guidance(cfg.rollout_guidance), cfg.rollout_guidance)
         r = srpo.image_reward(ae, reward, x0_j, item.text, cfg)
         yield f"renoise{j + 1}", -r.mean(), r
 

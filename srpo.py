@@ -131,6 +131,12 @@ class TrainConfig:
                                    "- v_neg), 2 calls, both with gradient, as the model is sampled (no effect on "
                                    "FLUX.1, whose guidance is an input); the sample grids and evaluations keep the "
                                    "guidance"] = False
+    # ReFL's (methods.refl_losses): its gradient step and loss
+    refl_late: Annotated[float, Bounded(float, 0, 1, open_high=True, why="a share of the rollout"), "f: the gradient "
+                         "step i ~ U{floor(f T) .. T - 1} of the T-step rollout (ImageReward's 30..39 of 40)"] = 0.75
+    refl_margin: Annotated[float, bounds.FINITE, "m: L = lambda relu(m s - r), s the reward's scale (1, or PickScore's "
+                                                 "and CLIP's exp(logit_scale)): FlowBP's relu(0.55 - HPS)"] = 0.55
+    refl_grad_scale: Annotated[float, bounds.POSITIVE, "lambda, ImageReward's --grad_scale"] = 1e-3
     # the run
     steps: Annotated[int, bounds.RUN_STEPS,
                      "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop "

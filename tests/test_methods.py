@@ -110,9 +110,10 @@ def test_direct_align_is_one_denoise_branch_with_the_plain_score_and_the_hinge(t
 
 
 def test_refl_draws_its_step_in_the_last_quarter_of_the_chain():
-    """T = 40 (ImageReward's ReFL): the gradient step i covers exactly 30..39, each about as often; T = 25: 18..24."""
-    for T, expected in [(40, range(30, 40)), (25, range(18, 25))]:
-        cfg = srpo.TrainConfig(rollout_steps=T)
+    """T = 40 (ImageReward's ReFL): the gradient step i covers exactly 30..39, each about as often; T = 25: 18..24;
+    FlowBP's FLUX.2 ReFL (configs/final/flux2/flux2_klein_base_9b_refl.yaml, refl.last_n_steps 11): 14..24 of 25."""
+    for T, late, expected in [(40, 0.75, range(30, 40)), (25, 0.75, range(18, 25)), (25, 0.56, range(14, 25))]:
+        cfg = srpo.TrainConfig(rollout_steps=T, refl_late=late)
         steps = [methods.refl_step(cfg, sel) for sel in range(5, 996)]
         assert sorted(set(steps)) == list(expected)
         counts = [steps.count(i) for i in expected]
@@ -121,8 +122,12 @@ def test_refl_draws_its_step_in_the_last_quarter_of_the_chain():
 
 @pytest.mark.parametrize("sel", [5, 995])
 def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny, sel):
-    """x_i = Euler(eps) to sigma_i at guidance 1, no gradient; x0_hat = x_i - sigma_i v(x_i, sigma_i) at 3.5;
-    L = relu(2 - score(image(x0_hat), prompt)). T = 8: i = 6 (sel 5) or 7 (sel 995)."""
+    """ReFL as ImageReward's ImageReward/ReFL.py runs it (Xu et al. 2023, arXiv 2304.05977): the chain without
+    gradient to step i, the next call with gradient at the chain's guidance (its UNet is called as in the chain, at
+    the schedule's timestep of step i), the predicted x0, loss relu(margin - r) * grad_scale (its --grad_scale 1e-3
+    kept); the margin on the reward's own scale, FlowBP's 0.55 for HPS (scale 1). x_i = Euler(eps) to sigma_i at
+    guidance 1, x0_hat = x_i - sigma_i v(x_i, sigma_i) at guidance 1 (not --guidance 3.5), L = 1e-3 relu(0.55 - r).
+    T = 8: i = 6 (sel 5) or 7 (sel 995)."""
     model, ae, reward, cfg, cond, eps, call = setup(tiny, rollout_steps=8)
     reference = copy.deepcopy(model)
     out, grads = run_method(methods.refl_losses, model, ae, reward, None, eps, srpo.Prompt(PROMPT, cond, sel), 3, cfg)
@@ -131,9 +136,21 @@ def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny,
     sigmas = shift3(torch.linspace(1, 0, 9))
     ref_call = caller(reference, cond)
     x = euler_chain(ref_call, eps, sigmas[: i + 1], 1.0)
-    r = plain_score(ae, reward, x - sigmas[i] * ref_call(x, sigmas[i], 3.5), cfg)
+    r = plain_score(ae, reward, x - sigmas[i] * ref_call(x, sigmas[i], 1.0), cfg)
     assert out["refl"][1].item() == pytest.approx(r.item(), rel=1e-5)
-    assert_same(out["refl"][0].item(), grads, torch.relu(2 - r).sum(), reference)
+    assert_same(out["refl"][0].item(), grads, 1e-3 * torch.relu(0.55 - r).sum(), reference)
+
+
+def test_refl_margin_is_on_the_rewards_own_scale(tiny, monkeypatch):
+    """A logit-scaled reward (PickScore, CLIP: s = exp(logit_scale) <img, txt>, ~100 cosines) moves ReFL's margin with
+    it: L = 1e-3 relu(0.55 s - r), so that the hinge means the same on every reward (with ImageReward's fixed 2,
+    PickScore's ~22 leaves the hinge off, its gradient always zero)."""
+    model, ae, reward, cfg, cond, eps, call = setup(tiny, rollout_steps=8)
+    reward = copy.deepcopy(reward)
+    monkeypatch.setattr(reward, "scale", lambda: torch.tensor(100.0))
+    out, _ = run_method(methods.refl_losses, model, ae, reward, None, eps, srpo.Prompt(PROMPT, cond, 5), 3, cfg)
+    loss, r = out["refl"]
+    assert abs(r.item()) > 1 and loss.item() == pytest.approx(1e-3 * max(55 - r.item(), 0), rel=1e-5)
 
 
 def test_draft_lv_is_the_final_step_with_gradient_plus_two_renoisings_of_its_sample(tiny):
