@@ -131,11 +131,9 @@ class TrainConfig:
                                    "- v_neg), 2 calls, both with gradient, as the model is sampled (no effect on "
                                    "FLUX.1, whose guidance is an input); the sample grids and evaluations keep the "
                                    "guidance"] = False
-    # ReFL's (methods.refl_losses): its gradient step and loss
-    refl_late: Annotated[float, Bounded(float, 0, 1, open_high=True, why="a share of the rollout"), "f: the gradient "
-                         "step i ~ U{floor(f T) .. T - 1} of the T-step rollout (ImageReward's 30..39 of 40)"] = 0.75
-    refl_margin: Annotated[float, bounds.FINITE, "m: L = lambda relu(m s - r), s the reward's scale (1, or PickScore's "
-                                                 "and CLIP's exp(logit_scale)): FlowBP's relu(0.55 - HPS)"] = 0.55
+    # ReFL's (methods.refl_losses): its gradient step i ~ U{floor(f T) .. T - 1} and loss lambda relu(m s - r)
+    refl_late: Annotated[float, Bounded(float, 0, 1, open_high=True, why="a share"), "f (ImageReward's 0.75)"] = 0.75
+    refl_margin: Annotated[float, bounds.FINITE, "m, s the reward's scale (FlowBP's relu(0.55 - HPS))"] = 0.55
     refl_grad_scale: Annotated[float, bounds.POSITIVE, "lambda, ImageReward's --grad_scale"] = 1e-3
     # the run
     steps: Annotated[int, bounds.RUN_STEPS,
@@ -290,7 +288,7 @@ def branch_sigmas(window, sel, max_gap):
 
     The official script's inversion is w[N - mid] -> w[N - start], mid = max(sel - K, 1), start = min(mid + K, N): the
     picture for sel > K. For sel <= K (about 10 % of draws) mid = 1: from w[N - 1] to one point noisier than sigma_t,
-    where it recovers; the official script's, kept. -> (denoise, inversion, K), pairs of 0-d float32 tensors."""
+    where it recovers; the official script's, kept, its bf16 products too (times). -> (denoise, inversion, K), 0-d."""
     n = len(window)
     gap = min(max_gap, n - sel, sel)
     mid = max(sel - gap, 1)
@@ -305,32 +303,38 @@ def k_schedule(cfg, sel, gap):
     return torch.linspace(*cfg.k_denoise, n)[sel].item(), torch.linspace(*cfg.k_inversion, n)[max(sel - gap, 1)].item()
 
 
-def inject_noise(x0, eps, sigma):
+def times(sigma, x, bf16=False):
+    """sigma x; bf16: as CUDA makes a 0-d float32 sigma times a bf16 tensor (eps, v): both read as bf16, the product
+    bf16. The official script's sigmas are 1-element tensors, but 0-d where an int indexes its window: for sel <= K,
+    the inversion branch's sigma_lo eps, and at sel = K = K_max its step and recovery terms too (Branch.bf16)."""
+    return (sigma.bfloat16().float() * x.bfloat16().float()).bfloat16().float() if bf16 else sigma * x
+
+
+def inject_noise(x0, eps, sigma, bf16=False):
     """x_sigma = sigma eps + (1 - sigma) x0: the flow-matching interpolation, with the step's shared eps."""
-    return sigma * eps + (1 - sigma) * x0
+    return times(sigma, eps, bf16) + (1 - sigma) * x0
 
 
-def model_step(model, x, sigma_from, sigma_to, cond, guidance):
+def model_step(model, x, sigma_from, sigma_to, cond, guidance, bf16=False):
     """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)), t the official timestep: one Euler step, one model call
     (with gradient when enabled), down in sigma for the denoise branch, up for the inversion branch."""
-    b = x.shape[0]
-    t = official_timestep(sigma_from).item()  # a host tensor: filled in on the device, no copy
+    t, b = official_timestep(sigma_from).item(), x.shape[0]  # t a host tensor: filled in on the device, no copy
     v = cond.velocity(model, x, x.new_full((b,), t), x.new_full((b,), guidance))
-    return x + (sigma_to - sigma_from) * v.float()
+    return x + times(sigma_to - sigma_from, v.float(), bf16)
 
 
-def recover_x0(x, eps, sigma):
+def recover_x0(x, eps, sigma, bf16=False):
     """x0_hat = (x_sigma - sigma eps) / (1 - sigma): the clean image by interpolation with the known noise, in
     place of the remaining denoising steps (Direct-Align's noise prior)."""
-    return (x - sigma * eps) / (1 - sigma)
+    return (x - times(sigma, eps, bf16)) / (1 - sigma)
 
 
-def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance):
+def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance, bf16=(False, False)):
     """Inject noise at sigma_from, one model step to sigma_to, recover x0_hat there. A perfect model (v = eps - x0)
-    gives back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_to in a clean image."""
+    gives back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_to (bf16: see times)."""
     with autocast(x0.device):
-        x = model_step(model, inject_noise(x0, eps, sigma_from), sigma_from, sigma_to, cond, guidance)
-    return recover_x0(x, eps, sigma_to)
+        x = model_step(model, inject_noise(x0, eps, sigma_from, bf16[0]), sigma_from, sigma_to, cond, guidance, bf16[1])
+    return recover_x0(x, eps, sigma_to, bf16[1])
 
 
 def hinge_loss(r, margin):
@@ -348,6 +352,7 @@ class Branch(NamedTuple):
     k: float
     positive: str
     negative: str
+    bf16: tuple = (False, False)  # whether sigma_from's, sigma_to's products are bf16, as officially (times)
 
 
 def branches(cfg, sel, step):
@@ -356,7 +361,8 @@ def branches(cfg, sel, step):
     denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
     pos, neg = control_words(step)
-    return Branch("denoise", *denoise, k_d, pos, neg), Branch("inversion", *inversion, k_i, neg, pos)
+    return (Branch("denoise", *denoise, k_d, pos, neg),
+            Branch("inversion", *inversion, k_i, neg, pos, (sel <= gap, sel == gap == cfg.max_gap)))
 
 
 def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
@@ -367,7 +373,7 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     difference of the two text-conditioned rewards, r = f_img(x) . (C_1 - C_2), C_1, C_2 the embeddings of the prompt
     with the positive and the negative words: no k (k scheduled per branch, k_schedule) and no c (c = 1 for HPS,
     exp(logit_scale) / 20 for PickScore and CLIP: reward.py). At k = 0 and c = 1 the two coincide. -> (L, r)."""
-    x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
+    x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance, branch.bf16)
     r = image_reward(ae, reward, x0_hat, item.text, cfg, None if cfg.plain_reward else branch)
     return hinge_loss(r, cfg.margin), r
 
