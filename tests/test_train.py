@@ -285,8 +285,9 @@ def test_every_timestep_and_guidance_the_model_receives_in_one_step(tiny, tmp_pa
     assert torch.equal(rollout[0][0], eps)
     x, *_, v = rollout[-1]
     x0 = x + (0 - schedule[-2]) * v  # the rollout's last Euler step, to sigma 0
-    for (x, *_), sigma in [(denoise, sigma_hi), (inversion, sigma_lo)]:
-        assert torch.allclose(x, sigma * eps + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
+    # the official sigmas' own types: sel <= K makes the inversion's 0-d, its product with eps bf16 (official_mul)
+    for (x, *_), sigma in [(denoise, sigma_hi.reshape(1)), (inversion, official_inversion_sigmas(sel)[0])]:
+        assert torch.allclose(x, official_mul(sigma, eps) + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
 
 
 POSITIVE, NEGATIVE = ["Natural-lighting", "Detail", "Detailed", "Real"], ["Concept art", "Painting", "Anime", "Flat",
