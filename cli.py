@@ -301,7 +301,9 @@ def config_from_flags(args, world, family):
     over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
     over them all. The config checks itself."""
     flux2, demo = family is families.FLUX2, args.flux is None
-    fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo}
+    fits = {"flux2": flux2, "demo": demo, "flux2-demo": demo and flux2, "lora": bool(args.lora_rank) and not demo,
+            "flux2-flowbp": flux2 and not demo and args.method in ("refl", "draft-lv"),
+            "flux2-refl": flux2 and not demo and args.method == "refl"}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
         if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):

@@ -176,8 +176,8 @@ class TrainConfig:
 
 # Named presets: plain dicts of TrainConfig values that replace its defaults (the official FLUX.1-dev HPS run). cli.py
 # applies those that fit the command line in this order, a later one winning, and the flags given win over them all:
-#     the reward's recipe (--reward) <- flux2 (a FLUX.2 model) <- demo (no --flux) <- flux2-demo (no --flux, FLUX.2)
-#     <- lora (--lora-rank with --flux)
+#     the reward's recipe (--reward) <- flux2 (a FLUX.2 model) <- flux2-flowbp, flux2-refl (with --flux: --method
+#     refl, draft-lv) <- demo (no --flux) <- flux2-demo (no --flux, FLUX.2) <- lora (--lora-rank with --flux)
 PRESETS = {
     # Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
     # on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
@@ -189,6 +189,8 @@ PRESETS = {
     "clip": {},
     # FLUX.2's branches and grids at the pipeline's guidance
     "flux2": {"guidance": families.FLUX2.guidance},
+    "flux2-flowbp": {"height": 512, "width": 512, "steps": 300, "lr": 1e-5, "grad_clip": 1.0, "rollout_guidance": 4.0},
+    "flux2-refl": {"refl_late": 0.56, "refl_grad_scale": 1.0},  # FlowBP's configs/final/flux2: the last 11 of 25 steps
     # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
     # reward within a minute or two; everything else keeps the official values (and its --batch is one prompt per
     # process, cli.py's, so that the demo runs under torchrun with any number of processes).
