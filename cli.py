@@ -300,8 +300,10 @@ def config_from_flags(args, world, family):
     """TrainConfig from the flags: the srpo.PRESETS that fit the command line and its model `family`, in their order,
     over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
     over them all. The config checks itself."""
-    demo = args.flux is None  # a family's preset is named after it (flux2), its tiny demo's NAME-demo (flux2-demo)
-    fits = {family.name: True, "demo": demo, f"{family.name}-demo": demo, "lora": bool(args.lora_rank) and not demo}
+    demo, name = args.flux is None, family.name  # a family's presets are named after it: flux2, flux2-demo, ...
+    fits = {name: True, "demo": demo, f"{name}-demo": demo, "lora": bool(args.lora_rank) and not demo,
+            f"{name}-flowbp": not demo and args.method in ("refl", "draft-lv"),
+            f"{name}-refl": not demo and args.method == "refl"}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
         if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):

@@ -29,17 +29,12 @@ One step (`train_step`), for each prompt of the global batch:
       sigma_t = w[N - sel]; each branch's start, and its k, from sel   branch_sigmas, k_schedule
     denoise branch: sigma_hi -> sigma_t, SRP with (P, N)               branches, direct_align, srp_loss
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
-then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves. This file is the
-method; where it runs is training/runtime.py's, what it leaves training/checkpoints.py's, the rewards reward.py's, the
-baselines methods.py's, the command line cli.py's, the model family (FLUX.1, FLUX.2: noise, conditioning) families.py's.
-
-    python srpo.py train                 # SRPO on tiny random models built in code: offline, CPU, about a minute
-    python srpo.py train --family flux2  # the same on a tiny FLUX.2 [klein] base-like model
-    python srpo.py sample | score ...    # every command's --help lists its flags
+then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves; where it runs
+is training/runtime.py's, the rewards reward.py's, the baselines methods.py's, the model families families.py's.
+`python srpo.py train` runs it on tiny random models built in code (offline, CPU, about a minute).
 """
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, NamedTuple
@@ -51,7 +46,7 @@ from tqdm import tqdm
 import families
 from common import bounds
 from common.bounds import Bounded, check_fields
-from common.util import Diverged, InputError, Stopped, StopSignals, derive_seed, to_device
+from common.util import InputError, Stopped, StopSignals, derive_seed, to_device
 from reward import REWARDS
 from sampling.sampler import autocast, check_size, decode_images, euler_sample
 from training import checkpoints, runtime
@@ -121,21 +116,21 @@ class TrainConfig:
     margin: Annotated[float, bounds.FINITE, "hinge margin m: loss = relu(m - r) / 2 per branch"] = 0.7
     no_inversion: Annotated[bool, "ablation: train the denoise branch only (the official README's check of an "
                                   "implementation: without the inversion branch, reward hacking comes back)"] = False
-    plain_reward: Annotated[bool, "ablation, SRP off: every branch rewards the reward model's plain score of the "
-                                  "prompt, no control words (with the inversion branch kept, its gradient then "
-                                  "opposes the denoise branch's). A logit-scaled reward (pickscore, clip) scores about "
-                                  "20: give a --margin above that, else the hinge is 0"] = False
-    no_branch_cfg: Annotated[bool, "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), give the "
-                                   "training model calls (the branches' and the rollout's) the conditional pass alone: "
-                                   "1 model call each, where by default a branch at --guidance > 1 is v_neg + g (v_pos "
-                                   "- v_neg), 2 calls, both with gradient, as the model is sampled (no effect on "
-                                   "FLUX.1, whose guidance is an input); the sample grids and evaluations keep the "
-                                   "guidance"] = False
+    plain_reward: Annotated[bool, "ablation, SRP off: every branch rewards the plain score of the prompt (the "
+                                  "inversion branch's gradient then opposes the denoise branch's); pickscore and clip "
+                                  "score about 20: give a --margin above that, else the hinge is 0"] = False
+    no_branch_cfg: Annotated[bool, "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), the "
+                                   "training calls (branches, rollout) make the conditional pass alone: 1 model call "
+                                   "where a branch at --guidance > 1 makes 2 with gradient, v_neg + g (v_pos - v_neg); "
+                                   "the grids and evaluations keep the guidance"] = False
+    # ReFL's (methods.refl_losses): its gradient step i ~ U{floor(f T) .. T - 1} and loss lambda relu(m s - r)
+    refl_late: Annotated[float, Bounded(float, 0, 1, open_high=True, why="a share"), "f (ImageReward's 0.75)"] = 0.75
+    refl_margin: Annotated[float, bounds.FINITE, "m, s the reward's scale (FlowBP's relu(0.55 - HPS))"] = 0.55
+    refl_grad_scale: Annotated[float, bounds.POSITIVE, "lambda, ImageReward's --grad_scale"] = 1e-3
     # the run
     steps: Annotated[int, bounds.RUN_STEPS,
-                     "optimizer updates, numbered 1..N; update s uses the control words of step s. The official loop "
-                     "counts to 20 but its step 20 only saves, so its released checkpoint holds 19 updates: the "
-                     "default (a resumed run stops at N too)"] = 19
+                     "optimizer updates, numbered 1..N (update s uses step s's control words); the official loop's "
+                     "step 20 only saves: its released checkpoint holds 19 updates"] = 19
     save_every: Annotated[int, bounds.RUN_STEPS, "save a checkpoint every N updates (and after the last one)"] = 5
     keep: Annotated[int, bounds.RUN_STEPS, "complete checkpoints kept; older ones are deleted once a newer one is "
                                            "complete, except the one that scored best on the held-out prompts"] = 1
@@ -170,32 +165,28 @@ class TrainConfig:
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
 
 
-# Named presets: plain dicts of TrainConfig values that replace its defaults (the official FLUX.1-dev HPS run). cli.py
-# applies those that fit the command line in this order, a later one winning, and the flags given win over them all:
-#     the reward's recipe (--reward) <- flux2 (a FLUX.2 model) <- demo (no --flux) <- flux2-demo (no --flux, FLUX.2)
-#     <- lora (--lora-rank with --flux)
+# Named presets: dicts of TrainConfig values over its defaults (the official FLUX.1-dev HPS run). cli.py applies those
+# that fit the command line in this order, a later one winning, the flags given winning over all: the reward's recipe
+# (--reward) <- the model family's, named after it: flux2 <- flux2-flowbp, flux2-refl (with --flux: --method refl,
+# draft-lv) <- demo (no --flux) <- the family's demo (flux2-demo) <- lora (--lora-rank with --flux).
 PRESETS = {
-    # Each reward's official recipe where it differs from TrainConfig's (the HPS launch script, SRPO_training_hpsv2.sh,
-    # on fastvideo/SRPO.py's defaults). PickScore: SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30,
-    # --discount_pos 0.1 0.5, --discount_inv 0.6 0.01; nothing else differs). CLIP has no launch script nor recipe of
-    # its own: fastvideo/SRPO.py's defaults for the window and both k schedules are the HPS values, so a CLIP run is
-    # the HPS launch script with --reward_model CLIP, and CLIP takes the HPS values.
+    # Each reward's official recipe where it differs from the HPS launch script's (SRPO_training_hpsv2.sh): PickScore's
+    # SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30, --discount_pos 0.1 0.5, --discount_inv 0.6 0.01).
+    # CLIP has no launch script: fastvideo/SRPO.py's defaults are the HPS values, and CLIP takes them.
     "hps": {},
     "pickscore": {"rollout_guidance": 2.0, "window": (5, 30), "k_denoise": (0.1, 0.5), "k_inversion": (0.6, 0.01)},
     "clip": {},
     # FLUX.2's branches and grids at the pipeline's guidance
     "flux2": {"guidance": families.FLUX2.guidance},
-    # The tiny built-in demo learns on random tiny models, which need a far larger step than FLUX.1-dev to move the
-    # reward within a minute or two; everything else keeps the official values (and its --batch is one prompt per
-    # process, cli.py's, so that the demo runs under torchrun with any number of processes).
+    "flux2-flowbp": {"height": 512, "width": 512, "steps": 300, "lr": 1e-5, "grad_clip": 1.0, "rollout_guidance": 4.0},
+    "flux2-refl": {"refl_late": 0.56, "refl_grad_scale": 1.0},  # FlowBP's configs/final/flux2: the last 11 of 25 steps
+    # The tiny demo's random models need a far larger step than FLUX.1-dev to move the reward in a minute or two (its
+    # --batch: one prompt per process, cli.py's, so that it runs under torchrun with any number of processes)
     "demo": {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20},
-    # The tiny FLUX.2 demo (--family flux2): at lr 1e-3 its denoise-branch reward and held-out score barely move in 80
-    # steps (the denoise reward fell, the held-out HPS rose); at 3e-3 both rise.
+    # The tiny FLUX.2's: at lr 1e-3 its denoise reward and held-out score barely move in 80 steps; at 3e-3 both rise
     "flux2-demo": {"lr": 3e-3},
-    # LoRA's learning rate: its first AdamW step moves each entry of B by ~lr, so W moves by (alpha / r) B A, entries
-    # ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where full fine-tuning moves each entry of W by ~lr. At rank 16
-    # on FLUX's 3072-wide layers the same first update needs 24 x 5e-6 = 1.2e-4: 1e-4, also diffusers' FLUX LoRA
-    # default.
+    # LoRA's first AdamW step moves W by (alpha / r) B A, entries ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where
+    # full fine-tuning moves each by ~lr: at rank 16 on 3072-wide layers, 24 x 5e-6 = 1.2e-4; 1e-4 (diffusers' too)
     "lora": {"lr": 1e-4},
 }
 
@@ -284,7 +275,7 @@ def branch_sigmas(window, sel, max_gap):
 
     The official script's inversion is w[N - mid] -> w[N - start], mid = max(sel - K, 1), start = min(mid + K, N): the
     picture for sel > K. For sel <= K (about 10 % of draws) mid = 1: from w[N - 1] to one point noisier than sigma_t,
-    where it recovers; the official script's, kept. -> (denoise, inversion, K), pairs of 0-d float32 tensors."""
+    where it recovers; the official script's, kept, its bf16 products too (times). -> (denoise, inversion, K), 0-d."""
     n = len(window)
     gap = min(max_gap, n - sel, sel)
     mid = max(sel - gap, 1)
@@ -299,32 +290,38 @@ def k_schedule(cfg, sel, gap):
     return torch.linspace(*cfg.k_denoise, n)[sel].item(), torch.linspace(*cfg.k_inversion, n)[max(sel - gap, 1)].item()
 
 
-def inject_noise(x0, eps, sigma):
+def times(sigma, x, bf16=False):
+    """sigma x; bf16: as CUDA makes a 0-d float32 sigma times a bf16 tensor (eps, v): both read as bf16, the product
+    bf16. The official script's sigmas are 1-element tensors, but 0-d where an int indexes its window: for sel <= K,
+    the inversion branch's sigma_lo eps, and at sel = K = K_max its step and recovery terms too (Branch.bf16)."""
+    return (sigma.bfloat16().float() * x.bfloat16().float()).bfloat16().float() if bf16 else sigma * x
+
+
+def inject_noise(x0, eps, sigma, bf16=False):
     """x_sigma = sigma eps + (1 - sigma) x0: the flow-matching interpolation, with the step's shared eps."""
-    return sigma * eps + (1 - sigma) * x0
+    return times(sigma, eps, bf16) + (1 - sigma) * x0
 
 
-def model_step(model, x, sigma_from, sigma_to, cond, guidance):
+def model_step(model, x, sigma_from, sigma_to, cond, guidance, bf16=False):
     """x' = x + (sigma_to - sigma_from) v(x, t(sigma_from)), t the official timestep: one Euler step, one model call
     (with gradient when enabled), down in sigma for the denoise branch, up for the inversion branch."""
-    b = x.shape[0]
-    t = official_timestep(sigma_from).item()  # a host tensor: filled in on the device, no copy
+    t, b = official_timestep(sigma_from).item(), x.shape[0]  # t a host tensor: filled in on the device, no copy
     v = cond.velocity(model, x, x.new_full((b,), t), x.new_full((b,), guidance))
-    return x + (sigma_to - sigma_from) * v.float()
+    return x + times(sigma_to - sigma_from, v.float(), bf16)
 
 
-def recover_x0(x, eps, sigma):
+def recover_x0(x, eps, sigma, bf16=False):
     """x0_hat = (x_sigma - sigma eps) / (1 - sigma): the clean image by interpolation with the known noise, in
     place of the remaining denoising steps (Direct-Align's noise prior)."""
-    return (x - sigma * eps) / (1 - sigma)
+    return (x - times(sigma, eps, bf16)) / (1 - sigma)
 
 
-def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance):
+def direct_align(model, x0, eps, sigma_from, sigma_to, cond, guidance, bf16=(False, False)):
     """Inject noise at sigma_from, one model step to sigma_to, recover x0_hat there. A perfect model (v = eps - x0)
-    gives back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_to in a clean image."""
+    gives back x0 exactly, for any pair of sigmas; a real one shows its error at sigma_to (bf16: see times)."""
     with autocast(x0.device):
-        x = model_step(model, inject_noise(x0, eps, sigma_from), sigma_from, sigma_to, cond, guidance)
-    return recover_x0(x, eps, sigma_to)
+        x = model_step(model, inject_noise(x0, eps, sigma_from, bf16[0]), sigma_from, sigma_to, cond, guidance, bf16[1])
+    return recover_x0(x, eps, sigma_to, bf16[1])
 
 
 def hinge_loss(r, margin):
@@ -342,6 +339,7 @@ class Branch(NamedTuple):
     k: float
     positive: str
     negative: str
+    bf16: tuple = (False, False)  # whether sigma_from's, sigma_to's products are bf16, as officially (times)
 
 
 def branches(cfg, sel, step):
@@ -350,7 +348,8 @@ def branches(cfg, sel, step):
     denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
     pos, neg = control_words(step)
-    return Branch("denoise", *denoise, k_d, pos, neg), Branch("inversion", *inversion, k_i, neg, pos)
+    return (Branch("denoise", *denoise, k_d, pos, neg),
+            Branch("inversion", *inversion, k_i, neg, pos, (sel <= gap, sel == gap == cfg.max_gap)))
 
 
 def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
@@ -361,7 +360,7 @@ def srp_loss(model, ae, reward, x0, eps, item, branch, cfg):
     difference of the two text-conditioned rewards, r = f_img(x) . (C_1 - C_2), C_1, C_2 the embeddings of the prompt
     with the positive and the negative words: no k (k scheduled per branch, k_schedule) and no c (c = 1 for HPS,
     exp(logit_scale) / 20 for PickScore and CLIP: reward.py). At k = 0 and c = 1 the two coincide. -> (L, r)."""
-    x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance)
+    x0_hat = direct_align(model, x0, eps, branch.sigma_from, branch.sigma_to, item.cond, cfg.guidance, branch.bf16)
     r = image_reward(ae, reward, x0_hat, item.text, cfg, None if cfg.plain_reward else branch)
     return hinge_loss(r, cfg.margin), r
 
@@ -419,33 +418,7 @@ def train_step(parts, batch, step, cfg, ranks, method):
             rewards[f"reward_{name}"], losses[f"loss_{name}"] = r.detach().mean(), loss.detach()
         for key, value in {"loss": sum(losses.values()), **rewards, **losses}.items():
             totals[key] = totals.get(key, 0) + value / len(batch)
-    return optimizer_step(model, parts.opt, totals, step, cfg, ranks)
-
-
-def optimizer_step(model, opt, totals, step, cfg, ranks):
-    """Clip the gradient norm, read the step's values ({key: 0-d tensor} and the norm) to the host in one stack (its
-    one read: everything stayed on the device, where FSDP's prefetch runs ahead), refuse non-finite ones, AdamW."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    # with --offload the norm is the host gradients': it joins the others on the device
-    norm = norm.to(ranks.device, torch.float64).reshape(1)
-    means = ranks.mean(torch.stack(list(totals.values())).double())  # over the ranks
-    values = dict(zip([*totals, "grad_norm"], torch.cat([means, norm]).tolist(), strict=True))
-    bad = [f"{key} {value}" for key, value in values.items() if not math.isfinite(value)]
-    if bad:  # every rank has the same values (means over the ranks): every rank stops here
-        raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
-                       f"{checkpoints.LOWER_LR.format(cfg.lr)}")
-    for group in opt.param_groups:  # set each update from its step: a resumed run continues the warm-up
-        group["lr"] = learning_rate(cfg, step)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return values
-
-
-def learning_rate(cfg, step):
-    """lr_s = lr min(1, s / W) for update s = 1, 2, ..., W = --lr-warmup (0: the launch scripts' constant lr). The
-    first update already moves (diffusers' constant_with_warmup, the official script's scheduler, gives it lr 0)."""
-    return cfg.lr * min(1.0, step / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
+    return runtime.optimizer_step(model, parts.opt, totals, step, cfg, ranks)
 
 
 def step_batch(parts, cfg, step, ranks):
@@ -463,7 +436,7 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
     On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and Stopped raised: the
     decision is taken together at the step boundary, so no rank waits in a collective the others have left."""
     log = checkpoints.open_log(out, parts.start, ranks)
-    runtime.encode_captions(parts, cfg, ranks, step_captions)
+    runtime.encode_captions(parts, cfg, ranks, lambda step, p: [control_caption(w, p) for w in control_words(step)])
     watch.grid_images(parts, prompts, "samples-before.png", ranks, parts.start == 0)
     with StopSignals() as signals, watch.open(parts, ranks):
         if parts.start == 0:
@@ -472,7 +445,7 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
                          disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
             values = train_step(parts, step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
-            record = {"step": step, **values, "lr": learning_rate(cfg, step), "words": control_words(step),
+            record = {"step": step, **values, "lr": runtime.learning_rate(cfg, step), "words": control_words(step),
                       "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(checkpoints.append_log, log, record))
             watch.log(record)
@@ -485,11 +458,6 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
                 raise Stopped(f"{signals.received or 'another process was signalled'}: stopped after step {step} of "
                               f"{cfg.steps}; {checkpoints.checkpoint_note(out)}")
     watch.grid_images(parts, prompts, "samples-after.png", ranks, parts.start < cfg.steps)
-
-
-def step_captions(step, prompt):
-    """The SRP captions a step gives the reward for a prompt: "word. prompt" with each of its two words."""
-    return [control_caption(word, prompt) for word in control_words(step)]
 
 
 if __name__ == "__main__":  # `python srpo.py train|sample|score|export`: the command line is cli.py's

@@ -111,9 +111,10 @@ def test_direct_align_is_one_denoise_branch_with_the_plain_score_and_the_hinge(t
 
 
 def test_refl_draws_its_step_in_the_last_quarter_of_the_chain():
-    """T = 40 (ImageReward's ReFL): the gradient step i covers exactly 30..39, each about as often; T = 25: 18..24."""
-    for T, expected in [(40, range(30, 40)), (25, range(18, 25))]:
-        cfg = srpo.TrainConfig(rollout_steps=T)
+    """T = 40 (ImageReward's ReFL): the gradient step i covers exactly 30..39, each about as often; T = 25: 18..24;
+    FlowBP's FLUX.2 ReFL (configs/final/flux2/flux2_klein_base_9b_refl.yaml, refl.last_n_steps 11): 14..24 of 25."""
+    for T, late, expected in [(40, 0.75, range(30, 40)), (25, 0.75, range(18, 25)), (25, 0.56, range(14, 25))]:
+        cfg = srpo.TrainConfig(rollout_steps=T, refl_late=late)
         steps = [methods.refl_step(cfg, sel) for sel in range(5, 996)]
         assert sorted(set(steps)) == list(expected)
         counts = [steps.count(i) for i in expected]
@@ -122,8 +123,12 @@ def test_refl_draws_its_step_in_the_last_quarter_of_the_chain():
 
 @pytest.mark.parametrize("sel", [5, 995])
 def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny, sel):
-    """x_i = Euler(eps) to sigma_i at guidance 1, no gradient; x0_hat = x_i - sigma_i v(x_i, sigma_i) at 3.5;
-    L = relu(2 - score(image(x0_hat), prompt)). T = 8: i = 6 (sel 5) or 7 (sel 995)."""
+    """ReFL as ImageReward's ImageReward/ReFL.py runs it (Xu et al. 2023, arXiv 2304.05977): the chain without
+    gradient to step i, the next call with gradient at the chain's guidance (its UNet is called as in the chain, at
+    the schedule's timestep of step i), the predicted x0, loss relu(margin - r) * grad_scale (its --grad_scale 1e-3
+    kept); the margin on the reward's own scale, FlowBP's 0.55 for HPS (scale 1). x_i = Euler(eps) to sigma_i at
+    guidance 1, x0_hat = x_i - sigma_i v(x_i, sigma_i) at guidance 1 (not --guidance 3.5), L = 1e-3 relu(0.55 - r).
+    T = 8: i = 6 (sel 5) or 7 (sel 995)."""
     model, ae, reward, cfg, cond, eps, call = setup(tiny, rollout_steps=8)
     reference = copy.deepcopy(model)
     out, grads = run_method(methods.refl_losses, model, ae, reward, None, eps, srpo.Prompt(PROMPT, cond, sel), 3, cfg)
@@ -132,32 +137,51 @@ def test_refl_is_one_gradient_step_from_its_own_chain_and_imagereward_loss(tiny,
     sigmas = shift3(torch.linspace(1, 0, 9))
     ref_call = caller(reference, cond)
     x = euler_chain(ref_call, eps, sigmas[: i + 1], 1.0)
-    r = plain_score(ae, reward, x - sigmas[i] * ref_call(x, sigmas[i], 3.5), cfg)
+    r = plain_score(ae, reward, x - sigmas[i] * ref_call(x, sigmas[i], 1.0), cfg)
     assert out["refl"][1].item() == pytest.approx(r.item(), rel=1e-5)
-    assert_same(out["refl"][0].item(), grads, torch.relu(2 - r).sum(), reference)
+    assert_same(out["refl"][0].item(), grads, 1e-3 * torch.relu(0.55 - r).sum(), reference)
 
 
-def test_draft_lv_renoises_the_final_sample_twice_and_ascends_the_mean_reward(tiny):
-    """x_s^j = s eps_j + (1 - s) x0, s = sigma_{T-1}; x0_hat^j = x_s^j - s v(x_s^j, s) at 3.5;
-    L = -(r_1 + r_2) / 2; eps_j fresh: N(0, I) from the seed, step and j, neither the step's eps nor each other."""
+def test_refl_margin_is_on_the_rewards_own_scale(tiny, monkeypatch):
+    """A logit-scaled reward (PickScore, CLIP: s = exp(logit_scale) <img, txt>, ~100 cosines) moves ReFL's margin with
+    it: L = 1e-3 relu(0.55 s - r), so that the hinge means the same on every reward (with ImageReward's fixed 2,
+    PickScore's ~22 leaves the hinge off, its gradient always zero)."""
+    model, ae, reward, cfg, cond, eps, call = setup(tiny, rollout_steps=8)
+    reward = copy.deepcopy(reward)
+    monkeypatch.setattr(reward, "scale", lambda: torch.tensor(100.0))
+    out, _ = run_method(methods.refl_losses, model, ae, reward, None, eps, srpo.Prompt(PROMPT, cond, 5), 3, cfg)
+    loss, r = out["refl"]
+    assert abs(r.item()) > 1 and loss.item() == pytest.approx(1e-3 * max(55 - r.item(), 0), rel=1e-5)
+
+
+def test_draft_lv_is_the_final_step_with_gradient_plus_two_renoisings_of_its_sample(tiny):
+    """DRaFT-LV as Clark et al. 2023 (arXiv 2309.17400) define it, Algorithm 1 with K = 1, and as FlowBP's
+    flowbp/trainers/flux1/draft_lv.py runs it on FLUX (x0_predictions = [base_x0] + n re-noised): the chain to
+    sigma_{T-1} without gradient, x0 = x_s - s v(x_s, s) with gradient (the base term), x_s^j = s eps_j + (1 - s)
+    sg(x0), x0^j = x_s^j - s v(x_s^j, s); Algorithm 1 sums the gradients: L = -(r(x0) + r(x0^1) + r(x0^2)). Every call
+    at the chain's guidance (1, not --guidance 3.5); eps_j fresh per sample: N(0, I) from the seed, step, the prompt
+    (its text and draw) and j, neither the step's eps nor each other, nor another prompt's."""
     model, ae, reward, cfg, cond, eps, call = setup(tiny)
     sigmas = shift3(torch.linspace(1, 0, 5))
-    x0 = euler_chain(call, eps, sigmas, 1.0)
     reference = copy.deepcopy(model)
-    out, grads = run_method(methods.draft_lv_losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3,
-                            cfg)
-    assert list(out) == ["renoise1", "renoise2"]
-    noises = [flux_sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, j), torch.float32)
-              for j in (0, 1)]
+    item = srpo.Prompt(PROMPT, cond, 500)
+    out, grads = run_method(methods.draft_lv_losses, model, ae, reward, None, eps, item, 3, cfg)
+    assert list(out) == ["base", "renoise1", "renoise2"]
+    noises = [flux_sampling.initial_noise(1, 32, 32, derive_seed(cfg.seed, "renoise", 3, PROMPT, 500, j),
+                                          torch.float32) for j in (0, 1)]
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], eps)
+    other = methods.renoise(cfg, 3, srpo.Prompt("a blue fox", cond, 500), 0, CPU, flux_sampling.initial_noise)
+    assert not torch.equal(other, noises[0])
     ref_call, s = caller(reference, cond), sigmas[-2]
-    rewards = []
+    x = euler_chain(ref_call, eps, sigmas[:-1], 1.0)
+    x0 = x - s * ref_call(x, s, 1.0)
+    rewards = [plain_score(ae, reward, x0, cfg)]
     for noise in noises:
-        x = s * noise + (1 - s) * x0
-        rewards.append(plain_score(ae, reward, x - s * ref_call(x, s, 3.5), cfg))
+        x = s * noise + (1 - s) * x0.detach()
+        rewards.append(plain_score(ae, reward, x - s * ref_call(x, s, 1.0), cfg))
     assert [r.item() for _, r in out.values()] == pytest.approx([r.item() for r in rewards], rel=1e-5)
     total = sum(loss.item() for loss, _ in out.values())
-    assert_same(total, grads, -(rewards[0] + rewards[1]).sum() / 2, reference)
+    assert_same(total, grads, -sum(rewards).sum(), reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +201,8 @@ def test_every_method_is_built_from_srpos_parts(tiny, monkeypatch):
     expected = {"srpo": ["direct_align", "model_step", "image_reward"] * 2,
                 "direct-align": ["direct_align", "model_step", "image_reward"],
                 "refl": ["online_rollout", "model_step", "image_reward"],
-                "draft-lv": ["direct_align", "model_step", "image_reward"] * 2}
+                "draft-lv": ["online_rollout", "model_step", "image_reward"]
+                + ["direct_align", "model_step", "image_reward"] * 2}
     for name, method in methods.METHODS.items():
         calls.clear()
         run_method(method.losses, model, ae, reward, x0, eps, srpo.Prompt(PROMPT, cond, 500), 3, cfg)
@@ -205,13 +230,13 @@ def log_lines(out):
 
 COSTS = {"srpo": ("srpo", {}, (4, 2)), "no-inversion": ("srpo", {"no_inversion": True}, (4, 1)),
          "direct-align": ("direct-align", {}, (4, 1)), "refl": ("refl", {}, (3, 1)),
-         "draft-lv": ("draft-lv", {}, (4, 2))}
+         "draft-lv": ("draft-lv", {}, (3, 3))}
 
 
 @pytest.mark.parametrize("name", list(COSTS))
 def test_model_calls_per_step_are_each_methods_stated_cost(tiny, tmp_path, name):
     """Per prompt and step, (calls without gradient, calls with gradient): SRPO T and 2, --no-inversion and
-    direct-align T and 1, refl i and 1 with no online rollout, draft-lv T and 2 (T = 4: refl's i = 3)."""
+    direct-align T and 1, refl i and 1 with no online rollout, draft-lv T - 1 and n + 1 = 3 (T = 4: refl's i = 3)."""
     method, flags, expected = COSTS[name]
     cfg = srpo.TrainConfig(height=32, width=32, rollout_steps=4, steps=1, samples=0, batch=1, **flags)
     calls = []

@@ -61,6 +61,25 @@ def official_branches(sel):
     return K, (SIGMAS_L[1000 - sel - K], SIGMAS_L[1000 - sel]), (SIGMAS_L[1000 - mid], SIGMAS_L[1000 - start]), mid
 
 
+def official_inversion_sigmas(sel):
+    """The inversion branch's (sigma_from, sigma_to) with the official script's own types: its sel is a 1-element
+    tensor (mid_timestep_tensor = torch.tensor([randint(5, 995)])), and its k, mid, start come from Python's min and
+    max of that tensor and ints, as fastvideo/SRPO.py writes them; an int index gives a 0-d sigma, a tensor one a
+    1-element sigma."""
+    timestep_select = torch.tensor([sel])
+    k = min(min(1000 - timestep_select, int((1 - 0.9) * 1000) + 1), timestep_select)
+    mid_timestep = max(timestep_select - k, 1)
+    start = min(mid_timestep + k, 1000)
+    return SIGMAS_L[1000 - mid_timestep], SIGMAS_L[1000 - start]
+
+
+def official_mul(sigma, x):
+    """sigma * x as the official script's CUDA tensors make it: a 1-element float32 sigma promotes the bf16 eps or v
+    to float32; a 0-d one does not (PyTorch's type promotion), so CUDA's kernel reads both as bf16 and rounds the
+    product to bf16."""
+    return sigma * x if sigma.dim() else (sigma.bfloat16().float() * x.bfloat16().float()).bfloat16().float()
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -268,8 +287,9 @@ def test_every_timestep_and_guidance_the_model_receives_in_one_step(tiny, tmp_pa
     assert torch.equal(rollout[0][0], eps)
     x, *_, v = rollout[-1]
     x0 = x + (0 - schedule[-2]) * v  # the rollout's last Euler step, to sigma 0
-    for (x, *_), sigma in [(denoise, sigma_hi), (inversion, sigma_lo)]:
-        assert torch.allclose(x, sigma * eps + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
+    # the official sigmas' own types: sel <= K makes the inversion's 0-d, its product with eps bf16 (official_mul)
+    for (x, *_), sigma in [(denoise, sigma_hi.reshape(1)), (inversion, official_inversion_sigmas(sel)[0])]:
+        assert torch.allclose(x, official_mul(sigma, eps) + (1 - sigma) * x0, rtol=1e-5, atol=1e-6)
 
 
 POSITIVE, NEGATIVE = ["Natural-lighting", "Detail", "Detailed", "Real"], ["Concept art", "Painting", "Anime", "Flat",
@@ -303,10 +323,12 @@ def official_step(model, ae, reward, text, prompt, eps, sel, step, cfg):
         return torch.nn.functional.normalize(clip.text_projection(pooled), dim=-1)
 
     loss = 0
+    denoise = tuple(s.reshape(1) for s in denoise)  # its denoise branch indexes with the tensor sel: 1-element sigmas
+    inversion = official_inversion_sigmas(sel)
     for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
-        x = s_from * eps + (1 - s_from) * x0
-        x = x + (s_to - s_from) * call(x, s_from, 3.5)
-        x0_hat = (x - s_to * eps) / (1 - s_to)
+        x = official_mul(s_from, eps) + (1 - s_from) * x0
+        x = x + official_mul(s_to - s_from, call(x, s_from, 3.5))
+        x0_hat = (x - official_mul(s_to, eps)) / (1 - s_to)
         image = (ae.decode(fm.unpack(x0_hat, cfg.height, cfg.width)) / 2 + 0.5).clamp(0, 1)
         img = torch.nn.functional.normalize(clip.visual_projection(clip.vision_model(
             pixel_values=crop(image)).pooler_output), dim=-1)
@@ -314,6 +336,18 @@ def official_step(model, ae, reward, text, prompt, eps, sel, step, cfg):
         loss = loss + torch.relu(0.7 - r) / 2
     loss.backward()
     return loss.item()
+
+
+def test_srpo_rounds_to_bf16_where_the_official_script_multiplies_by_a_0d_sigma():
+    """Branch.bf16 for every draw: exactly where the official inversion branch's sigma_from (sel <= K: mid = 1, an
+    int) or sigma_to (sel = K = 100: start an int too) is a 0-d tensor; the denoise branch never (issue 32, item 4)."""
+    cfg = srpo.TrainConfig()
+    for sel in range(5, 996):
+        denoise, inversion = srpo.branches(cfg, sel, 1)
+        official = tuple(s.dim() == 0 for s in official_inversion_sigmas(sel))
+        assert (denoise.bf16, inversion.bf16) == ((False, False), official), sel
+        assert torch.equal(torch.stack([inversion.sigma_from, inversion.sigma_to]).flatten(),
+                           torch.cat([s.reshape(1) for s in official_inversion_sigmas(sel)])), sel
 
 
 @pytest.mark.parametrize("sel", [5, 50, 100, 101, 500, 899, 995])

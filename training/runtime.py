@@ -4,6 +4,7 @@ it."""
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -388,6 +389,33 @@ def adapters(cfg, folder):
         return model
 
     return adapt if cfg.lora_rank else lambda model: model
+
+
+def optimizer_step(model, opt, totals, step, cfg, ranks):
+    """srpo.train_step's update: clip the gradient norm, read the step's values ({key: 0-d tensor} and the norm) to
+    the host in one stack (its one read: everything stayed on the device, where FSDP's prefetch runs ahead), refuse
+    non-finite ones, AdamW."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # with --offload the norm is the host gradients': it joins the others on the device
+    norm = norm.to(ranks.device, torch.float64).reshape(1)
+    means = ranks.mean(torch.stack(list(totals.values())).double())  # over the ranks
+    values = dict(zip([*totals, "grad_norm"], torch.cat([means, norm]).tolist(), strict=True))
+    bad = [f"{key} {value}" for key, value in values.items() if not math.isfinite(value)]
+    if bad:  # every rank has the same values (means over the ranks): every rank stops here
+        raise Diverged(f"step {step}: not finite: {', '.join(bad)}; the weights were not updated: "
+                       f"{checkpoints.LOWER_LR.format(cfg.lr)}")
+    for group in opt.param_groups:  # set each update from its step: a resumed run continues the warm-up
+        group["lr"] = learning_rate(cfg, step)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return values
+
+
+def learning_rate(cfg, step):
+    """lr_s = lr min(1, s / W) for update s = 1, 2, ..., W = --lr-warmup (0: the launch scripts' constant lr). The
+    first update already moves (diffusers' constant_with_warmup, the official script's scheduler, gives it lr 0)."""
+    return cfg.lr * min(1.0, step / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
 
 
 def encode_captions(parts, cfg, ranks, captions_of):
