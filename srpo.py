@@ -51,11 +51,7 @@ from reward import REWARDS
 from sampling.sampler import autocast, check_size, decode_images, euler_sample
 from training import checkpoints, runtime
 
-# The official script's gap is int((1 - 0.9) * 1000) + 1, and (1 - 0.9) * 1000 is 99.99999999999997 in floating
-# point: its K_max is 100.
-K_MAX = int((1 - 0.9) * 1000) + 1
-WINDOW = Bounded(int, 0, 1000, why="indices into the grid S of --window-grid steps")
-PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
+K_MAX = int((1 - 0.9) * 1000) + 1  # the official gap: (1 - 0.9) * 1000 is 99.99999999999997 in floats, K_max 100
 
 
 # The methods made of SRPO's denoise and inversion branches and their SRP reward, which --no-inversion and
@@ -72,14 +68,12 @@ class TrainConfig:
 
     reward: Annotated[str, "the reward trained against: HPSv2.1 (--hps), PickScore (--pickscore) or CLIP-H (--clip), "
                            "as the official --reward_model; it picks the per-reward defaults (the table above)"] = "hps"
-    method: Annotated[str, "the training method: SRPO, or a baseline of its paper's Table 1 (methods.py; the README's "
-                           "Methods table): direct-align (Direct-Align, the plain reward: --no-inversion "
-                           "--plain-reward), refl (ReFL, ImageReward's), draft-lv (DRaFT-LV)"] = "srpo"
+    method: Annotated[str, "the training method: srpo, or a baseline of the paper's Table 1 (methods.py): direct-align "
+                           "(--no-inversion --plain-reward), refl (ReFL), draft-lv (DRaFT-LV)"] = "srpo"
     # AdamW at a constant learning rate, the gradient norm clipped
     lr: Annotated[float, bounds.POSITIVE, "AdamW learning rate, constant after the warm-up"] = 5e-6
     lr_warmup: Annotated[int, Bounded(int, 0, bounds.STEPS_MAX, why="updates"),
-                         "N, a linear warm-up: update s = 1, 2, ... steps with lr * min(1, s / N) (0: none, the "
-                         "official constant lr)"] = 0
+                         "N: update s = 1, 2, ... steps with lr min(1, s / N) (0: the official constant lr)"] = 0
     betas: Annotated[tuple, bounds.BETA, "AdamW betas"] = (0.9, 0.999)
     adam_eps: Annotated[float, bounds.POSITIVE, "AdamW epsilon"] = 1e-8
     weight_decay: Annotated[float, bounds.NON_NEGATIVE, "AdamW weight decay"] = 1e-4
@@ -88,31 +82,23 @@ class TrainConfig:
     height: Annotated[int, bounds.TRAIN_SIZE, "training image height, a multiple of 16, at most 1024"] = 720
     width: Annotated[int, bounds.TRAIN_SIZE, "training image width, a multiple of 16, at most 1024"] = 720
     rollout_steps: Annotated[int, bounds.TIMESTEPS, "Euler steps of the online rollout"] = 25
-    shift: Annotated[float, bounds.POSITIVE,
-                     "time shift s of the rollout and window schedules: sigma = s t / (1 + (s - 1) t) (FLUX.2 too: "
-                     "the same sigma window as SRPO's FLUX.1-dev run, not the pipeline's empirical mu)"] = 3.0
-    rollout_guidance: Annotated[float, bounds.GUIDANCE,
-                                "guidance of the online rollout (FLUX.2 [klein] base: classifier-free, and at 1 the "
-                                "conditional pass alone, as the pipeline samples at guidance_scale 1)"] = 1.0
-    guidance: Annotated[float, bounds.GUIDANCE,
-                        "guidance of the two branch model calls and of the sample grids (FLUX.2 [klein] base: the "
-                        "classifier-free guidance scale, two passes per call above 1; FLUX.2's default, the flux2 "
-                        "preset, is the pipeline's)"] = 3.5
+    shift: Annotated[float, bounds.POSITIVE, "time shift s of the rollout and window schedules: sigma = s t / (1 + "
+                                             "(s - 1) t) (FLUX.2 too, not its pipeline's empirical mu)"] = 3.0
+    rollout_guidance: Annotated[float, bounds.GUIDANCE, "guidance of the online rollout (FLUX.2 [klein] base: "
+                                                        "classifier-free, at 1 the conditional pass alone)"] = 1.0
+    guidance: Annotated[float, bounds.GUIDANCE, "guidance of the branches' model calls and the sample grids (FLUX.2 "
+                                                "[klein] base: the CFG scale, two passes a call above 1)"] = 3.5
     # Direct-Align's window and branches, SRP's k and the hinge
-    window: Annotated[tuple, WINDOW, "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, "
+    window: Annotated[tuple, bounds.WINDOW, "training window: sigmas between S[A] and S[B], S = shift(linspace(1, 0, "
                                      "G + 1)), G --window-grid"] = (5, 25)
-    window_grid: Annotated[int, bounds.TIMESTEPS,
-                           "G, the steps of the schedule S the window is cut from (the official "
-                           "--vis_sampling_step)"] = 50
+    window_grid: Annotated[int, bounds.TIMESTEPS, "G, the steps of the schedule S the window is cut from (the "
+                                                  "official --vis_sampling_step)"] = 50
     window_points: Annotated[int, bounds.WINDOW_POINTS,
                              "N, points of the window grid sigmas_l = linspace(S[A], S[B], N)"] = 1000
-    max_gap: Annotated[int, bounds.WINDOW_POINTS,
-                       "K_max, the largest gap in window points between a branch's start and sigma_t (the official "
-                       "int((1 - 0.9) * 1000) + 1, which is 100 in floating point)"] = K_MAX
-    k_denoise: Annotated[tuple, bounds.FINITE,
-                         "k of the denoise branch's SRP reward: linspace(A, B, N)[sel]"] = (0.1, 0.25)
-    k_inversion: Annotated[tuple, bounds.FINITE,
-                           "k of the inversion branch: linspace(A, B, N)[max(sel - K, 1)]"] = (0.3, 0.01)
+    max_gap: Annotated[int, bounds.WINDOW_POINTS, "K_max, the largest gap in window points from a branch's start to "
+                                                  "sigma_t (the official int((1 - 0.9) * 1000) + 1)"] = K_MAX
+    k_denoise: Annotated[tuple, bounds.FINITE, "k of the denoise branch: linspace(A, B, N)[sel]"] = (0.1, 0.25)
+    k_inversion: Annotated[tuple, bounds.FINITE, "k of the inversion: linspace(A, B, N)[max(sel - K, 1)]"] = (0.3, 0.01)
     margin: Annotated[float, bounds.FINITE, "hinge margin m: loss = relu(m - r) / 2 per branch"] = 0.7
     no_inversion: Annotated[bool, "ablation: train the denoise branch only (the official README's check of an "
                                   "implementation: without the inversion branch, reward hacking comes back)"] = False
@@ -134,16 +120,15 @@ class TrainConfig:
     save_every: Annotated[int, bounds.RUN_STEPS, "save a checkpoint every N updates (and after the last one)"] = 5
     keep: Annotated[int, bounds.RUN_STEPS, "complete checkpoints kept; older ones are deleted once a newer one is "
                                            "complete, except the one that scored best on the held-out prompts"] = 1
-    batch: Annotated[int, PROMPTS, "prompts per optimizer step (global batch), split over the processes: each runs "
-                                   "batch / world of them (tiny demo: one per process)"] = 32
+    batch: Annotated[int, bounds.PROMPTS, "prompts per optimizer step (global batch), split over the processes: each "
+                                          "runs batch / world of them (tiny demo: one per process)"] = 32
     seed: Annotated[int, bounds.SEED, "seed of the prompt order, the shared noise and the timestep draws"] = 0
     samples: Annotated[int, Bounded(int, 0, 64, why="one row of images"),
                        "prompts (the first of the prompt list) in the before/after sample grids; 0: none"] = 4
     # LoRA (weights/lora.py): the transformer frozen, its adapters trained instead
     lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"),
-                         "LoRA rank r: train adapters y = W x + (alpha / r) B A x on every block's attention and MLP "
-                         "layers instead of the whole transformer (0: full fine-tuning; with --flux, --lr is the lora "
-                         "preset's)"] = 0
+                         "LoRA rank r: train adapters y = W x + (alpha / r) B A x on the blocks' attention and MLP "
+                         "layers, the transformer frozen (0: full fine-tuning)"] = 0
     lora_alpha: Annotated[float, bounds.NON_NEGATIVE, "LoRA alpha (0: the rank, i.e. scale 1)"] = 0.0
 
     def __post_init__(self):
@@ -402,9 +387,8 @@ class Prompt(NamedTuple):
 def train_step(parts, batch, step, cfg, ranks, method):
     """One update of parts.model by a methods.Method on this rank's share of the global batch ([Prompt]): per prompt
     its x0 (the online rollout, or offline its image's; none if method.own_rollout) and the method's branches, each
-    backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward reduce-scatters, rather
-    than holding a full fp32 gradient until the last), then clip and AdamW. -> {"loss", "reward_NAME", "loss_NAME",
-    "grad_norm"}."""
+    backpropagated as soon as it is built (one graph alive at a time; under FSDP each backward reduce-scatters), then
+    clip and AdamW. -> {"loss", "reward_NAME", "loss_NAME", "grad_norm"}."""
     model = parts.model
     eps = shared_noise(cfg, step, ranks.device, parts.family.noise_of(model))
     totals = {}

@@ -71,6 +71,8 @@ BETA = Bounded(float, 0, 1, open_high=True, why="AdamW's moment decay")
 IMAGES_PER_PROMPT = Bounded(int, 1, 64, why="made in one batch: memory grows with it")
 TOKENS = Bounded(int, 1, 512, why="T5 tokens, FluxPipeline's limit")
 WINDOW_POINTS = Bounded(int, 11, 100_000, why="100 times the official 1000")
+WINDOW = Bounded(int, 0, 1000, why="indices into the grid S of --window-grid steps")
+PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
 LORA_RANK = Bounded(int, 1, 3072, why="at most a layer's smaller side, FLUX.1's width 3072")
 
 
