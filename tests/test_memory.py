@@ -7,6 +7,8 @@ import pytest
 import torch
 from test_flux2_train import tiny2  # noqa: F401 (a fixture)
 from test_train import train_tiny
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cli
 import flux2_model as f2
@@ -151,3 +153,50 @@ def test_a_flag_out_of_train_range_is_one_line(capsys):
         me.main(["--model", "klein-4b", "--rollout-guidance", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --rollout-guidance must be")
+
+
+class WeightCasts(TorchDispatchMode):
+    """Records each cast autocast makes of a weight of `model` (aten._to_copy of its storage); alive() -> the bytes
+    of those casts still held (by autocast's cache or by the graph) at that moment."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        weight = StorageWeakRef(args[0].untyped_storage()) if func is torch.ops.aten._to_copy.default else None
+        if weight in self.weights:
+            self.casts.append((weight, StorageWeakRef(out.untyped_storage()), out.untyped_storage().nbytes()))
+        return out
+
+    def alive(self):
+        return sum(n for _, ref, n in self.casts if not ref.expired())
+
+
+def test_autocast_caches_weight_casts_in_the_rollout_and_not_in_training_calls():
+    """Counted on fake CUDA tensors, a tiny FLUX.1 with fp32 trained weights and a checkpoint on every block, as
+    training holds it without FSDP2: without gradient (the rollout, 2 forwards in one region) every weight is cast
+    once and its bf16 copy stays cached, 2 bytes a cast parameter; with gradient (a training call) the blocks' casts
+    are gone when the forward ends (the checkpoints keep their inputs only), what stays is what the graph of the
+    unchecked root (embedders, final layer) saves, as the same region with the cache on would not."""
+    cfg, device = fm.FluxConfig.preset("tiny"), torch.device("cuda")
+    model = me.meta(lambda: fm.Flux(cfg), torch.float32)  # before the fake mode: parameters cannot be made fake
+    with me.fake_cuda():
+        model = me.checkpointed(model.to_empty(device="cuda"))
+        x = torch.randn(1, (HEIGHT // 16) * (WIDTH // 16), cfg.in_channels, device=device)
+        inputs = me.model_inputs(cfg, HEIGHT, WIDTH, TEXT_TOKENS, device)
+        blocks = sum(p.numel() for b in [*model.double_blocks, *model.single_blocks] for p in b.parameters())
+        with torch.no_grad(), WeightCasts(model) as rollout, sampler.autocast(device):
+            model(x, *inputs), model(x, *inputs)
+            cached = rollout.alive()
+        assert len({weight for weight, _, _ in rollout.casts}) == len(rollout.casts)  # each weight cast once
+        assert cached == sum(n for *_, n in rollout.casts) > blocks * 2  # and every cast kept
+        with WeightCasts(model) as training, sampler.autocast(device):
+            model(x, *inputs)
+            kept = training.alive()
+        with WeightCasts(model) as old, torch.autocast("cuda", torch.bfloat16):  # the cache on, as before
+            model(x, *inputs)
+            kept_with_cache = old.alive()
+    assert kept <= cached - blocks * 2 and kept_with_cache == cached
