@@ -213,6 +213,9 @@ def train_flags(p):
                    "evaluation means and grids (needs the optional tensorboard package)")
     p.add_argument("--offload", action="store_true", help="FSDP2's CPU offload: weights, gradients and AdamW state "
                    "in host memory, one block at a time on the GPU (one process, or under torchrun)")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", help="go ahead on a GPU even where "
+                   "the memory pre-flight (a lower bound of what the run needs, before anything is loaded: "
+                   "docs/memory.md) says it cannot fit")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
