@@ -213,6 +213,9 @@ def train_flags(p):
                    "evaluation means and grids (needs the optional tensorboard package)")
     p.add_argument("--offload", action="store_true", help="FSDP2's CPU offload: weights, gradients and AdamW state "
                    "in host memory, one block at a time on the GPU (one process, or under torchrun)")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", help="go ahead on a GPU even where "
+                   "the memory pre-flight (a lower bound of what the run needs, before anything is loaded: "
+                   "docs/memory.md) says it cannot fit")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
@@ -327,7 +330,7 @@ def run_config(args, family):
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
-        attn=args.attn, images=args.images)
+        attn=args.attn, images=args.images, memory_check=args.memory_check)
 
 
 def check_branch_cfg(args, cfg, family):

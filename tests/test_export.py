@@ -4,6 +4,7 @@ in diffusers; a merged LoRA checkpoint is `sample --lora`'s merge; bad input is 
 fixture runs on each family's tiny model (its `base` and `finetune` are that family's); FLUX1_ONLY ones on FLUX.1's."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -292,6 +293,44 @@ def test_merged_equals_sample_lora_merge(family, base, lora_checkpoint, dtype, t
         bfl = family.weights.load_transformer(export.to_bfl(lora_checkpoint, str(tmp_path / "bfl.safetensors"),
                                                             base_dir, dtype), family.file_cfg).state_dict()
         assert all(torch.equal(bfl[k], expected[k]) for k in expected)
+
+
+def test_a_lora_merged_into_fp8_is_rounded_once_on_the_device(family, base, lora_checkpoint, tmp_path, monkeypatch):
+    """A LoRA checkpoint to fp8: each block linear is fp8(W + s B A) with the sum in float32, one rounding (a bf16
+    merge first would round twice, and does differ here); the merge and the casts run on --device (both given it)."""
+    _, base_dir = base
+    merged = export.merged_model(lora_checkpoint, base_dir, torch.float32).state_dict()
+    twice = export.merged_model(lora_checkpoint, base_dir, torch.bfloat16).state_dict()
+    device, seen = torch.device("cpu"), []
+
+    def spy(real):  # records the last argument, the device
+        return lambda *args: seen.append(args[-1]) or real(*args)
+
+    for name in ("checkpoint_weights", "in_range"):
+        monkeypatch.setattr(export, name, spy(getattr(export, name)))
+    path = export.export(lora_checkpoint, "fp8", str(tmp_path / "fp8.safetensors"), base_dir, device=device)
+    assert seen == [device, device]
+    written, low = family.weights.load_transformer(path, family.file_cfg).state_dict(), export.fp8_keys(family.cfg)
+    assert all(torch.equal(written[k], merged[k].to(torch.float8_e4m3fn).float()) for k in low)
+    assert any(not torch.equal(merged[k].to(torch.float8_e4m3fn), twice[k].to(torch.float8_e4m3fn)) for k in low)
+
+
+@FLUX1_ONLY
+def test_fp8_takes_what_rounds_to_448_and_refuses_what_rounds_beyond(family, tmp_path):
+    """float8_e4m3fn's largest value is 448, the next step would be 480: values up to 464 round to 448 (464 itself,
+    a tie, to the even 448), as torch's cast gives them, and are written; beyond, the cast would saturate to 448
+    (torch 2.14) or write NaN (older torch), and the export is refused naming the tensor."""
+    key = "single_blocks.0.linear2.weight"
+    for value, ok in ((455.0, True), (-464.0, True), (464.5, False), (-1000.0, False)):
+        model = randomize(fm.Flux(CFG), seed=1)
+        with torch.no_grad():
+            model.single_blocks[0].linear2.weight[0, 0] = value
+        ckpt, out = saved(family, model, tmp_path / f"c{value}"), str(tmp_path / f"{value}.safetensors")
+        if ok:
+            assert load_file(export.to_fp8(ckpt, out))[key][0, 0].float() == math.copysign(448.0, value)
+        else:
+            with pytest.raises(InputError, match=rf"{key} holds .*, beyond float8_e4m3fn's range \(\+-448\)"):
+                export.to_fp8(ckpt, out)
 
 
 def test_a_base_of_the_other_family_is_refused(family, finetune, lora_checkpoint, tmp_path, capsys):

@@ -24,7 +24,8 @@ from weights import clip_weights, flux_weights
 
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 # store_true: no value
-SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg"}
+SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg",
+            "--no-memory-check"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 

@@ -2,20 +2,24 @@
 training step makes, so the numbers of docs/memory.md cannot drift."""
 
 import math
+import types
 
 import pytest
 import torch
 from test_flux2_train import tiny2  # noqa: F401 (a fixture)
 from test_train import train_tiny
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cli
 import flux2_model as f2
 import flux_model as fm
 import reward
 import srpo
+from common.util import InputError
 from sampling import sampler
 from tools import memory_estimate as me
-from training import checkpoints
+from training import checkpoints, memory, runtime
 from weights import clip_weights
 
 HEIGHT = WIDTH = 64
@@ -151,3 +155,119 @@ def test_a_flag_out_of_train_range_is_one_line(capsys):
         me.main(["--model", "klein-4b", "--rollout-guidance", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --rollout-guidance must be")
+
+
+class WeightCasts(TorchDispatchMode):
+    """Records each cast autocast makes of a weight of `model` (aten._to_copy of its storage); alive() -> the bytes
+    of those casts still held (by autocast's cache or by the graph) at that moment."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        weight = StorageWeakRef(args[0].untyped_storage()) if func is torch.ops.aten._to_copy.default else None
+        if weight in self.weights:
+            self.casts.append((weight, StorageWeakRef(out.untyped_storage()), out.untyped_storage().nbytes()))
+        return out
+
+    def alive(self):
+        return sum(n for _, ref, n in self.casts if not ref.expired())
+
+
+def test_autocast_caches_weight_casts_in_the_rollout_and_not_in_training_calls():
+    """Counted on fake CUDA tensors, a tiny FLUX.1 with fp32 trained weights and a checkpoint on every block, as
+    training holds it without FSDP2: without gradient (the rollout, 2 forwards in one region) every weight is cast
+    once and its bf16 copy stays cached, 2 bytes a cast parameter; with gradient (a training call) the blocks' casts
+    are gone when the forward ends (the checkpoints keep their inputs only), what stays is what the graph of the
+    unchecked root (embedders, final layer) saves, as the same region with the cache on would not."""
+    cfg, device = fm.FluxConfig.preset("tiny"), torch.device("cuda")
+    model = me.meta(lambda: fm.Flux(cfg), torch.float32)  # before the fake mode: parameters cannot be made fake
+    with me.fake_cuda():
+        model = me.checkpointed(model.to_empty(device="cuda"))
+        x = torch.randn(1, (HEIGHT // 16) * (WIDTH // 16), cfg.in_channels, device=device)
+        inputs = me.model_inputs(cfg, HEIGHT, WIDTH, TEXT_TOKENS, device)
+        blocks = sum(p.numel() for b in [*model.double_blocks, *model.single_blocks] for p in b.parameters())
+        with torch.no_grad(), WeightCasts(model) as rollout, sampler.autocast(device):
+            model(x, *inputs), model(x, *inputs)
+            cached = rollout.alive()
+        assert len({weight for weight, _, _ in rollout.casts}) == len(rollout.casts)  # each weight cast once
+        assert cached == sum(n for *_, n in rollout.casts) > blocks * 2  # and every cast kept
+        with WeightCasts(model) as training, sampler.autocast(device):
+            model(x, *inputs)
+            kept = training.alive()
+        with WeightCasts(model) as old, torch.autocast("cuda", torch.bfloat16):  # the cache on, as before
+            model(x, *inputs)
+            kept_with_cache = old.alive()
+    assert kept <= cached - blocks * 2 and kept_with_cache == cached
+
+
+def test_preflight_terms_are_the_estimate_s_transformer_and_block_inputs(tiny_estimate):
+    """The pre-flight's arithmetic is the estimate's: the same parameter counts and FSDP2 buffers, and the block
+    inputs it computes are those measured on fake CUDA tensors (less FLUX.1's one vec, 1 x width in bf16)."""
+    (flux_cfg, _, _), e = tiny_estimate
+    terms = memory.preflight_terms(flux_cfg, 0, HEIGHT, WIDTH, text_tokens=TEXT_TOKENS)
+    assert all(terms[k] == e[k] for k in ("params", "root params", "lora params", "block params", "fsdp"))
+    assert terms["block inputs"] == e["block inputs"] - flux_cfg.hidden_size * 2
+
+
+H100 = 80 * 2**30 * 0.99  # what mem_get_info leaves free on an 80 GB card, about
+SERVER = 128 * 2**30
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A GPU run's pre-flight on a machine mocked: torch.cuda.mem_get_info's free bytes and the host's memory as
+    gpu.free, gpu.host set; the transformer config of --flux as gpu.flux_cfg, so no folder is read. -> its check."""
+    machine = types.SimpleNamespace(free=H100, host=SERVER, flux_cfg=fm.FluxConfig.preset("flux-dev"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (machine.free, 80 * 2**30))
+    monkeypatch.setattr(memory, "host_memory", lambda: machine.host)
+    monkeypatch.setattr(memory, "transformer_config", lambda folder: machine.flux_cfg)
+
+    def check(device="cuda", memory_check=True, offload=False, **train):
+        run = runtime.RunConfig(flux="FLUX.1-dev", device=device, memory_check=memory_check, offload=offload)
+        memory.preflight(run, srpo.TrainConfig(**train), runtime.Ranks(0, 1, torch.device(device), offload))
+
+    machine.check = check
+    return machine
+
+
+def test_preflight_refuses_full_fine_tuning_of_flux1_on_one_gpu_naming_the_modes_that_fit(gpu):
+    """FLUX.1-dev full fine-tuning on one 80 GB GPU (at least 221 GB: 190 of training state, a bf16 copy of the
+    weights in the rollout's autocast cache): one line, before anything is loaded, naming the modes that fit a
+    128 GiB host (LoRA, resident or offloaded) and, on a 512 GiB one, --offload and FSDP2 over 4 such GPUs (at
+    least 59 GB each; 2 would need 107); --no-memory-check goes ahead, and so does a CPU run, unchecked."""
+    with pytest.raises(InputError) as e:
+        gpu.check()
+    line = str(e.value)
+    assert line.startswith("this run needs at least 221 GB on each GPU (85 GB free)") and "\n" not in line, line
+    assert "--lora-rank 64 (~35 GB" in line and "--lora-rank 64 --offload (~9 GB a GPU, 60 GB host)" in line, line
+    assert "--offload (~" not in line.replace("64 --offload", "") and "torchrun" not in line, line
+    gpu.host = 512 * 2**30
+    with pytest.raises(InputError, match=r"--offload \(~13 GB a GPU, 366 GB host\), torchrun over 4 such GPUs \(~59"):
+        gpu.check()
+    gpu.check(memory_check=False)
+    torch.cuda.mem_get_info = None  # not asked on a CPU
+    gpu.check(device="cpu")
+
+
+def test_preflight_refuses_what_host_memory_cannot_hold_and_lets_what_fits_go(gpu):
+    """FLUX.1-dev full with --offload: 224 GB of pinned shards and 143 more while rank 0 saves, on a 128 GiB host:
+    refused naming the host. klein 4B LoRA r=64 resident (at least 17 GB) and with --offload go ahead on a 24 GB
+    card."""
+    with pytest.raises(InputError, match=r"366 GB of host memory \(the host has 137 GB\): modes that fit: --lora"):
+        gpu.check(offload=True)
+    gpu.flux_cfg, gpu.free = f2.Flux2Config.preset("klein-4b"), 24 * 2**30 * 0.97
+    gpu.check(lora_rank=64)
+    gpu.check(lora_rank=64, offload=True)
+
+
+def test_preflight_over_8_gpus_refuses_flux2_dev_full_and_takes_lora_on_a_141_gb_card():
+    """FLUX.2 [dev] (32 B) full fine-tuning over 8 x 80 GB: at least 85.1 GB a GPU (64.4 of state, 3.9 of reward,
+    FSDP2's buffers, the allowance), refused; its LoRA r=64, resident on one H200, goes ahead (at least 79 GB)."""
+    dev, h200 = f2.Flux2Config.preset("flux2-dev"), 141e9 * 0.99
+    line = str(memory.memory_error(dev, srpo.TrainConfig(), 8, False, H100, 2048 * 2**30))
+    assert line.startswith("this run needs at least 85 GB on each GPU (85 GB free)"), line
+    assert memory.memory_error(dev, srpo.TrainConfig(lora_rank=64), 1, False, h200, SERVER) is None

@@ -28,9 +28,10 @@ convolutions; GroupNorm, LayerNorm and softmax in fp32), and a saved-tensor hook
 backward: the distinct storages it saves, weights not counted (they are counted once, below). What FSDP2 gathers
 is bf16, so the transformer runs on bf16 weights.
 
-Arithmetic: the weights, the sharded training state (16 bytes a parameter, over N), FSDP2's gather and
-reduce-scatter buffers (from the block sizes and torch.distributed.fsdp's fully_shard: one block computing, the
-next prefetched, its bf16 gradients, one fp32 reduce-scatter input in flight) and the ~3 GB allowance for the CUDA
+Arithmetic (training/memory.py's, which `train`'s memory pre-flight uses too): the weights, the sharded training
+state (16 bytes a parameter, over N), FSDP2's gather and reduce-scatter buffers (from the block sizes and
+torch.distributed.fsdp's fully_shard: one block computing, the next prefetched, its bf16 gradients, one fp32
+reduce-scatter input in flight) and the ~3 GB allowance for the CUDA
 context, NCCL and allocator slack: none of these is measured here, and nothing was measured on a GPU.
 
 The peak forms in time. Within a branch the graph grows through the transformer forward (checkpointed: each
@@ -62,20 +63,27 @@ import srpo
 from common import util
 from sampling import sampler
 from training import runtime
-from weights import clip_weights, lora
+from training.memory import (
+    ALLOWANCE,
+    GB,
+    STATE_BYTES,
+    TEXT_TOKENS,
+    VIT_H_14,
+    numel,
+    one_gpu,
+    per_gpu,
+    timeline,
+    transformer_terms,
+    with_lora,
+)
+from weights import clip_weights
 
-GB = 1e9
-STATE_BYTES = 16  # per trained parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
-TEXT_TOKENS = 512  # T5 tokens FLUX.1-dev is conditioned on; Qwen3 tokens klein is (Flux2KleinPipeline's 512)
 MODELS = {"flux-dev": (fm.FluxConfig.preset("flux-dev"), fm.AutoEncoderConfig.preset("flux-dev")),
           "klein-4b": (f2.Flux2Config.preset("klein-4b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
           "klein-9b": (f2.Flux2Config.preset("klein-9b"), f2.Flux2AutoEncoderConfig.preset("flux2")),
           "flux2-dev": (f2.Flux2Config.preset("flux2-dev"), f2.Flux2AutoEncoderConfig.preset("flux2"))}
 SAMPLED_WITH_CFG = ("klein-4b", "klein-9b")  # klein base (klein distilled shares the shapes and makes one call)
 CFG_SCALE = 4.0  # Flux2KleinPipeline's default guidance_scale (any w: the graphs do not depend on it)
-ALLOWANCE = 3.0  # GB: CUDA context, NCCL buffers, allocator slack (an allowance, not a measurement)
-WORLDS = (2, 3, 4, 8, 32)  # GPUs N in the table (3 does not divide the default global batch of 32: for the record)
-VIT_H_14 = {"vision_width": 1280, "vision_layers": 32, "text_width": 1024, "text_layers": 24, "embed_dim": 1024}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,39 +296,6 @@ def measure_block(block, cfg, tokens, text_tokens=TEXT_TOKENS):
 # The step's memory
 
 
-def numel(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def fsdp_working_set(flux, world):
-    """FSDP2 (fully_shard per block, bf16 gather, fp32 reduce) while the largest block runs its backward: its
-    all-gathered bf16 weights, the next block's (prefetched), its bf16 gradients before the reduce-scatter, the
-    previous block's fp32 reduce-scatter input still in flight (FSDP keeps one), and the fp32 shard that comes out
-    of a reduce-scatter. -> bytes (arithmetic)."""
-    block = max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
-    return block * (2 + 2 + 2 + 4) + block * 4 // world
-
-
-def with_lora(flux, rank):
-    """The transformer with LoRA adapters of `rank` (fp32, as training holds them) when rank > 0."""
-    return lora.add_adapters(flux, rank, rank, 0) if rank else flux
-
-
-def lora_params(flux):
-    return sum(p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")))
-
-
-def numels(flux, adapters):
-    """The sizes of the base's parameters (adapters=False) or of LoRA's (True), one per tensor."""
-    return [p.numel() for n, p in flux.named_parameters() if n.endswith((".lora_A", ".lora_B")) == adapters]
-
-
-def pinned(sizes, nbytes):
-    """Host bytes the CUDA host allocator pins for tensors of these sizes at nbytes each: it rounds every block up
-    to a power of two, and FSDP2's --offload pins each parameter and each gradient as its own tensor."""
-    return sum(1 << (n * nbytes - 1).bit_length() for n in sizes)
-
-
 def meta_models(flux_cfg, ae_cfg, lora_rank):
     """The transformer (with adapters of lora_rank), a one-block-each copy of it and the VAE, on the meta device in
     the dtypes training holds them (the transformer as FSDP2 gathers it, the VAE bf16); FLUX.2's for its configs."""
@@ -363,11 +338,9 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         bf16_reward = measure_reward(bf16_scorer.to_empty(device="cuda"), height, width)
         recomputed = {kind: measure_block(block.to_empty(device="cuda"), flux_cfg, tokens, text_tokens)
                       for kind, block in blocks.items()}
-    blocks_params = sum(numel(b) for b in [*flux.double_blocks, *flux.single_blocks])
-    base = numel(flux) - lora_params(flux)  # the base transformer's parameters (LoRA's adapters apart)
+    e = transformer_terms(flux, lora_rank)
     return {
-        "params": base, "root params": numel(flux) - blocks_params,
-        "lora params": lora_params(flux), "base sizes": numels(flux, False), "lora sizes": numels(flux, True),
+        **e,
         "block inputs": branch.total("block inputs"), "transformer rest": branch.total("transformer"),
         "vae": branch.total("vae"), "vae largest": max(stages.largest(label) for label, _ in stages.seen.values()),
         "vae stage": max(stages.total(label) for label, _ in stages.seen.values()),
@@ -376,32 +349,11 @@ def estimate(height=720, width=720, flux_cfg=None, ae_cfg=None, clip_cfg=None, t
         "double block": recomputed[fm.DoubleStreamBlock], "single block": recomputed[fm.SingleStreamBlock],
         "vae weights": numel(ae) * 2, "reward weights": numel(scorer) * 4,
         "pickscore weights": numel(scorer) * 2,  # --pickscore: a ViT-H-14 CLIP too, held in bf16 for scoring only
-        "fsdp": {n: fsdp_working_set(flux, n) for n in WORLDS}, "fsdp one": fsdp_working_set(flux, 1),
-        "lora rank": lora_rank, "calls": calls,
-        "block params": max(numel(b) for b in [*flux.double_blocks, *flux.single_blocks]),
+        "calls": calls,
         # 2 FLOP per multiply-add: every weight once per token, and QK^T and PV over the joint sequence per block
-        "forward flop": 2 * base * (tokens + text_tokens)
+        "forward flop": 2 * e["params"] * (tokens + text_tokens)
         + 4 * (tokens + text_tokens) ** 2 * flux_cfg.hidden_size * (flux_cfg.depth + flux_cfg.depth_single_blocks),
     }
-
-
-def timeline(e, world):
-    """A branch's memory as it forms, in bytes besides the weights and the sharded state: [(moment, bytes)]. The
-    root's bf16 weights stay gathered from the transformer forward to its backward (FSDP2 does not reshard the
-    root after forward)."""
-    transformer = e["block inputs"] + e["transformer rest"] + e["root params"] * 2
-    return [("after the transformer forward (checkpointed)", transformer),
-            ("after the VAE decode", transformer + e["vae"]),
-            ("after the reward forward: all three graphs", transformer + e["vae"] + e["reward"]),
-            ("VAE backward: one stage recomputed", transformer + e["vae"] + e["vae stage"]),
-            (f"transformer backward: one block recomputed, FSDP2 buffers at N = {world}",
-             transformer + max(e["double block"], e["single block"]) + e["fsdp"][world])]
-
-
-def per_gpu(e, world):
-    """GB on each of `world` GPUs: sharded state + weights + the branch's peak + the allowance."""
-    peak = max(b for _, b in timeline(e, world))
-    return (e["params"] * STATE_BYTES / world + e["reward weights"] + e["vae weights"] + peak) / GB + ALLOWANCE
 
 
 def report(e, height, width):
@@ -444,42 +396,6 @@ PCIE = {"PCIe 4.0 x16": 25e9, "PCIe 5.0 x16": 50e9}  # host-to-device bytes/s a 
 SUSTAINED = {"H100/H200": 400e12, "A100 / L40S class": 200e12, "RTX 4090 class": 150e12}  # bf16 FLOP/s (assumed)
 BATCH = srpo.TrainConfig.batch  # prompts per official step
 HOST_ADD = 50e9  # bytes/s a multi-threaded torch add moves through host memory (assumed)
-
-
-def one_gpu(e):
-    """{mode: (GPU bytes, host bytes while training, host bytes while loading or saving, bytes copied to the GPU per
-    prompt, FLOP per prompt, gradient bytes copied back to the host per prompt)}. Resident: no FSDP, the bf16 base
-    on the GPU, loaded straight from the mapped files. --offload: FSDP2 in a group of one; the GPU holds the block
-    computing and the next one prefetched (bf16) and the root, the host the shards in their own dtype (LoRA's base
-    bf16; full fine-tuning's fp32 weights, gradients and AdamW state), and every gather copies a block over: the
-    rollout's forwards, each branch's forward and the backward's regather; each backward copies its fp32 gradients
-    back, and from the step's second backward on FSDP2 waits for that copy and adds it into the host's gradient on
-    the CPU (time_back). Host memory counts the pinned parameters and gradients as the host allocator rounds them
-    (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights while loading, and of
-    weights + AdamW state while saving. Full, resident: no FSDP, the fp32 weights, gradients and AdamW state on the
-    GPU, autocast's bf16 copy of the block computing. Model calls per prompt: e["calls"], the rollout's forwards and
-    the branches' calls with gradient, each a forward, a recompute and a backward (FSDP2 is assumed to regather and
-    to send gradients back once per call)."""
-    lora_n, base = e["lora params"], e["params"]
-    lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
-    full_host = 2 * pinned(e["base sizes"], 4) + base * 8
-    fixed = e["reward weights"] + e["vae weights"] + ALLOWANCE * GB
-    inputs = e["block inputs"] + e["transformer rest"]
-    recompute = inputs + max(e["double block"], e["single block"])  # the backward: one block recomputed
-    graphs = max(inputs + e["vae"] + max(e["reward"], e["vae stage"]), recompute)
-    root, blocks = e["root params"] * 2, e["block params"] * 2 * 2  # bf16: the root, two gathered blocks
-    rollout, branches = e["calls"]
-    lora_flop, full_flop = (rollout + branches * 3) * e["forward flop"], (rollout + branches * 4) * e["forward flop"]
-    gathers = rollout + branches * 2
-    return {
-        f"LoRA r={e['lora rank']}, resident": (base * 2 + lora_n * STATE_BYTES + fixed + graphs, 0, 0, 0, lora_flop,
-                                                 0),
-        f"LoRA r={e['lora rank']}, --offload": (fixed + graphs + root + blocks, lora_host, base * 2,
-                                                gathers * base * 2, lora_flop, branches * lora_n * 4),
-        "full, resident": (base * STATE_BYTES + fixed + graphs + e["block params"] * 2, 0, 0, 0, full_flop, 0),
-        "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
-                            base * 12, gathers * base * 4, full_flop, branches * base * 4),
-    }
 
 
 def report_one_gpu(e):

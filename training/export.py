@@ -12,7 +12,7 @@ config.json `_class_name`: FluxTransformer2DModel or Flux2Transformer2DModel; a 
 A checkpoint folder holds the whole transformer in diffusers keys (diffusion_pytorch_model.safetensors and
 config.json) or a LoRA (lora.LORA_FILE). Single files are written one tensor at a time from the memory-mapped
 checkpoint (write_safetensors), so memory holds one tensor, not the model; a LoRA checkpoint is first merged into
-its base in memory (the model once, in the export's dtype).
+its base in memory (the model once, in the export's dtype; float32 for fp8, rounded once).
 
 An export never writes over what it reads, nor into a run's checkpoint; it holds its output folder's lock
 (util.RunLock) while it writes, so that a second export to the same place is refused; SIGTERM / SIGINT stop it
@@ -164,21 +164,22 @@ def open_base(base, like, what):
     return weights
 
 
-def merged_model(checkpoint, base, dtype):
-    """A LoRA checkpoint merged into its base as `sample --lora` does (lora.merge_lora, in dtype): the model."""
+def merged_model(checkpoint, base, dtype, device="cpu"):
+    """A LoRA checkpoint merged into its base as `sample --lora` does (lora.merge_lora, in dtype, on device): the
+    model."""
     lora_file = os.path.join(checkpoint, lora.LORA_FILE)
     if base == DEMO:
-        return lora.merge_lora(demo_base(demo_family(lora_file)).to(dtype), lora_file)
+        return lora.merge_lora(demo_base(demo_family(lora_file)).to(device, dtype), lora_file)
     path = base_transformer(base, f"{checkpoint}: a LoRA checkpoint")
     # a single file's config: FLUX.1-dev's, FLUX.2's read off it
-    model = families.of_transformer(path).load(path, None, dtype)
+    model = families.of_transformer(path).load(path, None, dtype, device)
     return lora.merge_lora(model, lora_file)
 
 
-def checkpoint_weights(checkpoint, base, dtype):
-    """The fine-tuned weights of a checkpoint, full (read lazily) or LoRA (merged into base in memory)."""
+def checkpoint_weights(checkpoint, base, dtype, device="cpu"):
+    """The fine-tuned weights of a checkpoint, full (read lazily) or LoRA (merged into base in memory, on device)."""
     if checkpoint_kind(checkpoint) == "lora":
-        return in_memory(merged_model(checkpoint, base, dtype))
+        return in_memory(merged_model(checkpoint, base, dtype, device))
     return open_weights(checkpoint)
 
 
@@ -332,18 +333,24 @@ def export_metadata(weights, checkpoint, layout, dtype):
             "config": json.dumps(weights.family.to_diffusers(weights.cfg))}
 
 
-def in_range(weights, narrow, dtype, instead):
-    """make(key) for write_safetensors: the tensor, refused in one line naming it and its largest magnitude when a
-    key of `narrow` lies beyond dtype's range, where the cast would write inf (float16) or NaN (float8_e4m3fn, which
-    has no infinity)."""
-    limit = torch.finfo(dtype).max
+def in_range(weights, narrow, dtype, instead, device="cpu"):
+    """make(key) for write_safetensors: the tensor on the host, a key of `narrow` cast to dtype on `device` and
+    refused in one line naming it and its largest magnitude when it lies beyond dtype's range. The check is torch's
+    own cast, held to round-to-nearest: every element within half an ulp of dtype's largest value (448 for
+    float8_e4m3fn, to which values up to 464 round; 65504 for float16, values below 65520). Beyond it the cast
+    writes inf (float16) or saturates to the largest value (float8_e4m3fn in torch 2.14; NaN before): wrong weights."""
+    info = torch.finfo(dtype)
+    half_ulp = info.eps * 2 ** math.floor(math.log2(info.max)) / 2  # at the top of the range: 16 for both
 
     def make(key):
-        t = weights.read(key)
-        if key in narrow and not t.abs().max() <= limit:
+        t = weights.read(key).to(device)
+        if key not in narrow:  # cast by write_safetensors to its own dtype
+            return t.cpu()
+        cast = t.to(dtype)
+        if not (cast.float() - t).abs().max() <= half_ulp:  # NaN and inf fail too
             raise InputError(f"{weights.where}: {key} holds {t.abs().max().item():.4g}, beyond {str(dtype)[6:]}'s "
-                             f"range (+-{limit:g}): {instead}")
-        return t
+                             f"range (+-{info.max:g}): {instead}")
+        return cast.cpu()
 
     return make
 
@@ -360,15 +367,16 @@ def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16, signals=None):
     return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, str(dtype)[6:]), signals)
 
 
-def to_fp8(checkpoint, out, base=None, signals=None):
+def to_fp8(checkpoint, out, base=None, signals=None, device="cpu"):
     """checkpoint -> out in BFL's names, fp8_keys(cfg) in float8_e4m3fn (round to nearest, no scales: FLUX's
-    weights lie well inside e4m3fn's +-448, and one beyond it is refused), the rest bf16. A LoRA checkpoint is merged
-    into base (in bf16) first. -> out."""
-    weights = checkpoint_weights(checkpoint, base, torch.bfloat16)
+    weights lie well inside e4m3fn's +-448, and one beyond it is refused; cast and checked on `device`), the rest
+    bf16. A LoRA checkpoint is merged into base first, in float32 on `device`, so that each merged weight is rounded
+    once, fp32 -> fp8 (a bf16 merge would round it twice). -> out."""
+    weights = checkpoint_weights(checkpoint, base, torch.float32, device)
     low = fp8_keys(weights.cfg)
     specs = [(k, shape, torch.float8_e4m3fn if k in low else torch.bfloat16) for k, shape in weights.shapes.items()]
     layout = "BFL names; block linear weights float8_e4m3fn (plain casts, no scales), the rest bfloat16"
-    make = in_range(weights, low, torch.float8_e4m3fn, "export it with --to bfl")
+    make = in_range(weights, low, torch.float8_e4m3fn, "export it with --to bfl", device)
     return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, "float8_e4m3fn"),
                              signals)
 
@@ -510,7 +518,7 @@ def export(checkpoint, to, out, base=None, rank=None, dtype=None, device="cpu"):
         if to == "bfl":
             return to_bfl(checkpoint, out, base, dtype, signals)
         if to == "fp8":
-            return to_fp8(checkpoint, out, base, signals)
+            return to_fp8(checkpoint, out, base, signals, device)
         if to == "merged":
             return merge(checkpoint, base, out, dtype, signals)
         report = extract_lora(checkpoint, base, rank, out, device, signals)

@@ -37,7 +37,7 @@ from common.util import (
 from flux_kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
-from training import checkpoints, image_data
+from training import checkpoints, image_data, memory
 from weights import lora
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,6 +62,7 @@ class RunConfig:
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
     images: str | None = None  # offline SRPO: a folder of captioned images whose x0 replace the online rollout
+    memory_check: bool = True  # GPU runs: refuse up front what cannot fit (memory.preflight); --no-memory-check
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,6 +310,7 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
     narrow exponent range lets the small gradients of the backward underflow (bf16 has fp32's range). The held-out
     evaluation's prompts are embedded too. begin: start_point's (step, folder). images: --images' ImageSet (the
     prompts are its captions), encoded once the text encoders are freed (offline_x0)."""
+    memory.preflight(run, cfg, ranks)  # before anything is loaded
     start, folder = begin
     prompt_of = prompt_schedule(prompts, cfg)
     # the schedule repeats every len(prompts) updates: those hold every prompt this rank will see, however long the run
