@@ -91,10 +91,18 @@ def build_parser():
     add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
                                         for name, preset in srpo.PRESETS.items()},
               choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)})
-    export_flags(sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
-                                "weights", description=cmd_export.__doc__))
-    score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
-                               "reward", description=scoring.score.__doc__))
+    exporting = sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
+                               "weights", description=cmd_export.__doc__)
+    exporting.add_argument("checkpoint", metavar="CHECKPOINT",
+                           help="a checkpoint-STEP folder of `train` (full or LoRA)")
+    add_flags(exporting, export.ExportConfig, choices={"to": export.FORMATS}, metavar={"base": "FLUX"})
+    score = sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative reward",
+                           description=scoring.score.__doc__)
+    score.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` "
+                       "reads them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
+    reward_flags(score, lambda kind: f"score with {kind.title}: {kind.path_help}")
+    add_flags(score, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop")}, nargs={"relative": 2},
+              metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
     for command in sub.choices.values():  # --help states each range as the error line would
         for action in command._actions:
             if isinstance(action.type, Bounded):
@@ -150,19 +158,6 @@ def reward_flags(p, help):
         p.add_argument(f"--{kind.name}", metavar=kind.metavar, help=help(kind))
 
 
-def export_flags(p):
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-STEP folder of `train` (full or LoRA)")
-    add_flags(p, export.ExportConfig, choices={"to": export.FORMATS}, metavar={"base": "FLUX"})
-
-
-def score_flags(p):
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` reads "
-                   "them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
-    reward_flags(p, lambda kind: f"score with {kind.title}: {kind.path_help}")
-    add_flags(p, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop")}, nargs={"relative": 2},
-              metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
-
-
 def flag_value(value):
     """A TrainConfig value as it is typed on the command line: a pair as 'A B'."""
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -185,7 +180,7 @@ def add_flags(parser, config, presets=None, **options):
     `presets`' values (dicts of fields, by name) stated in its help. options: argparse's, per field (choices=...)."""
     for f in fields(config):
         flag, text = "--" + f.name.replace("_", "-"), annotation(config, f.name, str)
-        if text is None:  # set another way (cli.device_flags, a positional argument)
+        if text is None:  # given its flag another way: device_flags, a positional argument, reward_flags
             continue
         if isinstance(f.default, bool):  # an ablation switch, off by default
             parser.add_argument(flag, action="store_true", default=None, help=text)

@@ -368,8 +368,8 @@ def sample(s):
     (its runs/ made first, as train makes its --out), or SAMPLE_FOLDER with --prompts."""
     if s.out is None:
         s = replace(s, out=SAMPLE_FOLDER if s.prompts else SAMPLE_PNG)
-        if not s.prompts:
-            check_writable(os.path.dirname(SAMPLE_PNG))
+    if s.out == SAMPLE_PNG:
+        check_writable(os.path.dirname(SAMPLE_PNG))
     fam = check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)
