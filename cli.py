@@ -1,8 +1,9 @@
 """The command line of srpo.py: the parser, the typed configs made from the flags, and the commands. A flag is declared
 once, where its config is: each field of srpo.TrainConfig is a flag of `train`, of sampler.SampleConfig one of
-`sample`, of scoring.ScoreConfig one of `score` (add_flags: the help, range and default are the field's), and a
-default is the config's, or a preset's where it fits the command line (srpo.PRESETS: each reward's recipe, FLUX.2's,
-the tiny demos', LoRA's; sampler.TINY without --flux); the library modules take configs, not flags."""
+`sample`, of scoring.ScoreConfig one of `score`, of export.ExportConfig one of `export` (add_flags: the help, range
+and default are the field's), and a default is the config's, or a preset's where it fits the command line
+(srpo.PRESETS: each reward's recipe, FLUX.2's, the tiny demos', LoRA's; sampler.TINY without --flux); the library
+modules take configs, not flags."""
 
 import argparse
 import os
@@ -69,8 +70,6 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
-
-
 
 
 def build_parser():
