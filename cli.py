@@ -1,12 +1,14 @@
-"""The command line of srpo.py: the parser, the typed configs made from the flags, and the commands. Every field of
-srpo.TrainConfig is a flag of `train`, made from the field (its help, range and default are declared there), and
-its default is the official run's, or srpo.PRESETS' (each reward's recipe, FLUX.2's, the tiny demos', LoRA's) where
-they fit the command line; the library modules take configs, not flags."""
+"""The command line of srpo.py: the parser, the typed configs made from the flags, and the commands. A flag is declared
+once, where its config is: each field of srpo.TrainConfig is a flag of `train`, of sampler.SampleConfig one of
+`sample`, of scoring.ScoreConfig one of `score`, of export.ExportConfig one of `export` (add_flags: the help, range
+and default are the field's), and a default is the config's, or a preset's where it fits the command line
+(srpo.PRESETS: each reward's recipe, FLUX.2's, the tiny demos', LoRA's; sampler.TINY without --flux); the library
+modules take configs, not flags."""
 
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import torch
 
@@ -14,40 +16,12 @@ import families
 import methods
 import reward
 import srpo
-from common.bounds import (
-    FINITE,
-    GUIDANCE,
-    IMAGES_PER_PROMPT,
-    LORA_RANK,
-    RUN_STEPS,
-    SEED,
-    SIZE,
-    TIMESTEPS,
-    TOKENS,
-    Bounded,
-    annotation,
-)
-from common.util import (
-    EXIT_DIVERGED,
-    EXIT_FAULT,
-    EXIT_INPUT,
-    EXIT_INTERRUPTED,
-    EXIT_STOPPED,
-    Diverged,
-    Fault,
-    InputError,
-    Stopped,
-    check_folder,
-    check_writable,
-    parse_device,
-    parse_dtype,
-    read_manifest,
-    read_prompts,
-)
-from sampling import sampler
+from common import util
+from common.bounds import RUN_STEPS, Bounded, annotation
+from common.util import Diverged, Fault, InputError, Stopped, check_folder, parse_device, parse_dtype, read_prompts
+from sampling import sampler, scoring
 from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, evaluation, export, image_data, runtime
-from weights import clip_weights
 
 
 class Parser(argparse.ArgumentParser):
@@ -98,27 +72,36 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
 
 
-
-# Where `sample` writes without --out: under runs/ (git ignores it, train writes there too), not beside the code
-SAMPLE_PNG, SAMPLE_FOLDER = os.path.join("runs", "sample.png"), os.path.join("runs", "samples")
-
-
 def build_parser():
     """The parser of the four commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sample_flags(sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
-                                description="Generate images. Without --flux, a tiny random model built in code "
-                                "runs offline."))
+    sample = sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
+                            description="Generate images. Without --flux, a tiny random model built in code runs "
+                            "offline.")
+    add_flags(sample, sampler.SampleConfig, {"tiny": sampler.TINY}, choices={"family": FAMILY_NAMES},
+              metavar={"max_sequence_length": "N", "lora": "FILE"})
+    device_flags(sample, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
+                 "--prompts)")
     train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev or FLUX.2 (or the tiny offline demo)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
-    add_config_flags(train)
-    export_flags(sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
-                                "weights", description=cmd_export.__doc__))
-    score_flags(sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative "
-                               "reward", description=cmd_score.__doc__))
+    add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
+                                        for name, preset in srpo.PRESETS.items()},
+              choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)})
+    exporting = sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
+                               "weights", description=cmd_export.__doc__)
+    exporting.add_argument("checkpoint", metavar="CHECKPOINT",
+                           help="a checkpoint-STEP folder of `train` (full or LoRA)")
+    add_flags(exporting, export.ExportConfig, choices={"to": export.FORMATS}, metavar={"base": "FLUX"})
+    score = sub.add_parser("score", help="score images with HPSv2/2.1 (or PickScore, CLIP), or SRPO's relative reward",
+                           description=scoring.score.__doc__)
+    score.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` "
+                       "reads them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
+    reward_flags(score, lambda kind: f"score with {kind.title}: {kind.path_help}")
+    add_flags(score, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop")}, nargs={"relative": 2},
+              metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
     for command in sub.choices.values():  # --help states each range as the error line would
         for action in command._actions:
             if isinstance(action.type, Bounded):
@@ -126,58 +109,10 @@ def build_parser():
     return parser
 
 
-def parse_args(parser, argv):
-    """The parsed command line, with the defaults that depend on other flags filled in."""
-    args = parser.parse_args(argv)
-    if args.command == "sample":  # the tiny built-in model is small and offline: its own defaults
-        for name, real, tiny in [("height", 1024, 64), ("width", 1024, 64), ("max_sequence_length", 512, 32),
-                                  ("out", SAMPLE_FOLDER if args.prompts else SAMPLE_PNG, None)]:
-            if getattr(args, name) is None:
-                setattr(args, name, real if args.flux or tiny is None else tiny)
-    return args
-
-
 def device_flags(p, device_help):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=device_help)
     p.add_argument("--attn", choices=["triton", "sdpa"], default=None,
                    help="attention and QK-norm+RoPE kernels (default: triton on CUDA, sdpa elsewhere)")
-
-
-def sample_flags(p):
-    p.add_argument("--flux", help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; "
-                   "its scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent), or FLUX.2 folder "
-                   "([klein] or [dev], as its model_index.json says)")
-    p.add_argument("--transformer", help="replacement transformer weights: one .safetensors file, diffusers or BFL "
-                   "keys (e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo checkpoint's")
-    p.add_argument("--family", choices=FAMILY_NAMES, help="without --flux, the tiny demo's model family "
-                   "(default: --transformer's own, as its config.json or keys say, else flux1); flux2: `train "
-                   "--family flux2`'s tiny FLUX.2 and Qwen3")
-    p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--prompts", help="prompt file, one per line: the images of line i (from 0) go to --out/i.png "
-                   "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and a "
-                   "run started again skips the prompts whose images exist")
-    p.add_argument("--height", type=SIZE, default=None, help="image height, a multiple of 16 (1024; tiny: 64)")
-    p.add_argument("--width", type=SIZE, default=None, help="image width, a multiple of 16 (1024; tiny: 64)")
-    p.add_argument("--steps", type=TIMESTEPS, default=50, help="Euler steps (default 50; FLUX.1-schnell: 4)")
-    p.add_argument("--guidance", type=GUIDANCE, default=None, help="distilled guidance scale (default 3.5; ignored, "
-                   "with a note, by a transformer without a guidance embedding such as FLUX.1-schnell's); FLUX.2 "
-                   "(default 4): klein base's classifier-free guidance scale (two passes a step above 1), dev's "
-                   "guidance embedding, ignored by klein distilled")
-    p.add_argument("--max-sequence-length", type=TOKENS, default=None, metavar="N",
-                   help="T5 prompt tokens, 1..512 (default 512, as FluxPipeline; tiny: 32; FLUX.1-schnell is run with "
-                   "256); FLUX.2: Qwen3 / Mistral-3 tokens, chat template included (default 512, as its pipelines)")
-    p.add_argument("--seed", type=SEED, default=0, help="noise seed: the same seed gives diffusers' image")
-    p.add_argument("--batch", type=IMAGES_PER_PROMPT, default=1,
-                   help="images per prompt (diffusers' num_images_per_prompt)")
-    p.add_argument("--out", default=None, help=f"output PNG (default {SAMPLE_PNG}); with --batch N, OUT-0.png .. "
-                   f"OUT-(N-1).png; with --prompts, a folder (default {SAMPLE_FOLDER})")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else "
-                   "float32)")
-    p.add_argument("--lora", metavar="FILE", help="a FLUX LoRA (a training checkpoint's pytorch_lora_weights."
-                   "safetensors, or a diffusers/PEFT one) merged into the transformer's weights once, at load time")
-    p.add_argument("--lora-scale", type=FINITE, default=1.0, help="strength of --lora (default 1)")
-    device_flags(p, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
-                 "--prompts)")
 
 
 def train_flags(p):
@@ -225,47 +160,6 @@ def reward_flags(p, help):
         p.add_argument(f"--{kind.name}", metavar=kind.metavar, help=help(kind))
 
 
-def export_flags(p):
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-STEP folder of `train` (full or LoRA)")
-    p.add_argument("--to", required=True, choices=export.FORMATS, help="bfl: one safetensors file in BFL's names "
-                   "(ComfyUI, Forge, diffusers' from_single_file); fp8: the same with float8_e4m3fn block weights; "
-                   "lora: a rank --rank LoRA extracted from (checkpoint - base) by SVD; merged: a LoRA checkpoint "
-                   "folded into full weights (a diffusers transformer folder)")
-    p.add_argument("--out", required=True, help="the file (bfl, fp8) or folder (lora, merged) to write")
-    p.add_argument("--base", metavar="FLUX", help="the model the checkpoint was trained from (a diffusers FLUX.1 or "
-                   "FLUX.2 folder, its transformer/, or one file of it: BFL's flux1-dev.safetensors, "
-                   "flux-2-klein-4b.safetensors, or one in diffusers keys), of the checkpoint's family; `demo`: "
-                   "the tiny demo's (a checkpoint of `train` without --flux): needed by lora, merged and a LoRA "
-                   "checkpoint's bfl/fp8")
-    p.add_argument("--rank", type=LORA_RANK, help="--to lora: the rank R of the extracted LoRA (the energy table "
-                   "printed after it helps choose)")
-    p.add_argument("--dtype", help="bfl and merged only: float32, bfloat16 (default, the released models') or "
-                   "float16")
-    p.add_argument("--device", default="cpu", help="where lora's SVDs run: cpu, cuda or cuda:N")
-
-
-def score_flags(p):
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` reads "
-                   "them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
-    reward_flags(p, lambda kind: f"score with {kind.title}: {kind.path_help}")
-    p.add_argument("--tokenizer", help="CLIP BPE vocabulary: a folder with vocab.json + merges.txt, or a FLUX.1 "
-                   "folder (its tokenizer/); default for --pickscore/--clip: the model folder's own files")
-    p.add_argument("--prompt", help="the prompt the images were made for")
-    p.add_argument("--manifest", help="images.jsonl of a `sample --prompts` folder: scores each image against its "
-                   "own prompt, then prints the mean (instead of IMAGE and --prompt)")
-    p.add_argument("--relative", nargs=2, metavar=("POS", "NEG"), help="SRP reward with these control words, e.g. "
-                   "Real Painting")
-    p.add_argument("--k", type=FINITE, default=0.0, help="k of the SRP reward (default 0)")
-    p.add_argument("--preprocess", choices=["hpsv2", "crop"], default=None,
-                   help="hpsv2: longest side to 224 + zero pad (HPS default); crop: short side to 224 + centre crop "
-                   "(SRPO training, PickScore default)")
-    p.add_argument("--save-safetensors", metavar="PATH", help="convert --hps to a safetensors file first (later "
-                   "loads are fast and pickle-free), then score from it; IMAGE may be omitted")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on every device, "
-                   "as scores print with 6 decimals)")
-
-
 def flag_value(value):
     """A TrainConfig value as it is typed on the command line: a pair as 'A B'."""
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -281,22 +175,31 @@ def recipe_table():
     return "\n".join("    " + "".join(cell.ljust(22) for cell in row).rstrip() for row in rows)
 
 
-def add_config_flags(parser):
-    """One flag per TrainConfig field: its help, range and type the field's annotation, the default and each
-    preset's value stated; default None, so that config_from_flags can tell a flag given from one left out."""
-    choices = {"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)}
-    for f in fields(srpo.TrainConfig):
-        flag, text = "--" + f.name.replace("_", "-"), annotation(srpo.TrainConfig, f.name, str)
+def add_flags(parser, config, presets=None, **options):
+    """One flag --name-with-dashes per field of the dataclass `config` that declares a help (`Annotated[type,
+    range, help] = default`): its type the range (a Bounded), a bool a switch, a pair two values; default None, so
+    that a command can tell a flag given from one left out (config_from), the field's default and each of the
+    `presets`' values (dicts of fields, by name) stated in its help. options: argparse's, per field (choices=...)."""
+    for f in fields(config):
+        flag, text = "--" + f.name.replace("_", "-"), annotation(config, f.name, str)
+        if text is None:  # given its flag another way: device_flags, a positional argument, reward_flags
+            continue
         if isinstance(f.default, bool):  # an ablation switch, off by default
             parser.add_argument(flag, action="store_true", default=None, help=text)
             continue
-        notes = "".join(f"; {f'--reward {name}' if name in reward.REWARDS else name} {flag_value(preset[f.name])}"
-                        for name, preset in srpo.PRESETS.items() if f.name in preset)
-        pair = isinstance(f.default, tuple)
-        parser.add_argument(flag, type=annotation(srpo.TrainConfig, f.name, Bounded), default=None,
-                            choices=choices.get(f.name), nargs=2 if pair else None,
-                            metavar=("A", "B") if pair else None,
-                            help=f"{text} (default {flag_value(f.default)}{notes})")
+        notes = [f"default {flag_value(f.default)}"] if f.default not in (None, MISSING) else []
+        notes += [f"{name} {flag_value(p[f.name])}" for name, p in (presets or {}).items() if f.name in p]
+        pair = {"nargs": 2, "metavar": ("A", "B")} if isinstance(f.default, tuple) else {}
+        parser.add_argument(flag, type=annotation(config, f.name, Bounded), default=None,
+                            required=f.default is MISSING, help=f"{text} ({'; '.join(notes)})" if notes else text,
+                            **pair | {name: values[f.name] for name, values in options.items() if f.name in values})
+
+
+def config_from(config, args, *presets):
+    """`config` from a command's flags: each flag given over the presets (dicts of fields, in their order) over the
+    fields' defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None}
+    return config(**{name: value for preset in presets for name, value in preset.items()} | given)
 
 
 def config_from_flags(args, world, family):
@@ -379,95 +282,13 @@ def check_reward_flags(args, name, family):
 # The commands
 
 
-def score_inputs(args):
-    """(model kind, its file or folder, tokenizer folder, image paths, prompts) of `score`, every input checked
-    before anything loads; --save-safetensors then converts the --hps checkpoint (None: nothing else to do)."""
-    models = [name for name in reward.REWARDS if getattr(args, name) is not None]
-    if len(models) > 1:
-        raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
-    if args.manifest and (args.images or args.prompt is not None):
-        raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
-    if models:
-        reward.REWARDS[models[0]].check_path(getattr(args, models[0]))
-    if args.save_safetensors:
-        check_conversion(args.hps, args.save_safetensors)
-    paths, prompts = read_manifest(args.manifest) if args.manifest else (args.images, [args.prompt] * len(args.images))
-    if not paths and not args.save_safetensors:
-        raise InputError("no images to score")
-    if None in prompts:
-        raise InputError("--prompt is required: the prompt the images were made for (or --manifest)")
-    reward.captions_for(prompts, len(paths))  # an empty prompt, before the model loads (SRP captions are never empty)
-    for path in paths:  # every file checked before the model loads; read again when scored, one at a time
-        reward.load_image(path)
-    if not models:
-        return demo_scorer(args), None, None, paths, prompts
-    model = getattr(args, models[0])
-    tokenizer = check_tokenizer(model, args.tokenizer) if paths else None
-    if args.save_safetensors:
-        clip_weights.convert_checkpoint(args.hps, args.save_safetensors)
-        print(args.save_safetensors)
-        model = args.save_safetensors
-    return (reward.REWARDS[models[0]], model, tokenizer, paths, prompts) if paths else None
-
-
-def check_conversion(src, dst):
-    """--save-safetensors DST: an --hps checkpoint to convert, and a new file in a folder that exists."""
-    if not src:
-        raise InputError("--save-safetensors converts an --hps checkpoint")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise InputError(f"--save-safetensors {dst} is the --hps checkpoint itself: give another path (it would be "
-                         f"overwritten by its conversion)")
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(folder):
-        raise InputError(f"--save-safetensors {dst}: cannot write there, no folder {folder} (make it first)")
-
-
-def check_tokenizer(model, tokenizer):
-    """The --tokenizer folder, or the model folder's own, checked before the model loads. -> tokenizer folder."""
-    if tokenizer:
-        check_folder(tokenizer, "a --tokenizer folder: vocab.json + merges.txt, or a FLUX.1 folder")
-    tokenizer = tokenizer or reward.tokenizer_folder(model, None)  # a PickScore/CLIP folder may hold its own
-    if tokenizer is None:
-        raise InputError("--tokenizer DIR is required (vocab.json + merges.txt, or a FLUX.1 folder; a --pickscore or "
-                         "--clip folder that holds them needs none)")
-    return tokenizer
-
-
-def demo_scorer(args):
-    """No model flag: the tiny random HPS scorer that the built-in demo trains with (its eval.jsonl's scores), to
-    try `score` on the demo's images; said on stderr, since its scores mean nothing for real images."""
-    if args.tokenizer:
-        raise InputError("--tokenizer goes with --hps, --pickscore or --clip (the tiny demo scorer has its own)")
-    print("note: no --hps, --pickscore or --clip: scoring with the tiny random HPS scorer of the built-in demo "
-          "(`srpo.py train` without --flux), whose scores say nothing about real images", file=sys.stderr)
-    return reward.HPSReward
-
-
-@torch.no_grad()
 def cmd_score(args):
-    """Print one score per image (score, tab, path): the HPS score <img, txt> of L2-normalised CLIP features
-    (PickScore, CLIP: times exp(logit_scale)); with --relative POS NEG, SRPO's reward
-    c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS and exp(logit_scale) / 20 for
-    PickScore and CLIP, as the official script trains with them."""
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype or "float32", device)  # 6 decimals: fp32
-    inputs = score_inputs(args)
-    if inputs is None:  # --save-safetensors alone: converted, nothing to score
-        return
-    kind, model, tokenizer, paths, prompts = inputs
-    scorer = kind.tiny(device=device, dtype=dtype) if model is None else kind.load(model, tokenizer, device, dtype)
-    values = []
-    for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
-        image = reward.load_image(path)
-        if args.relative:
-            positive, negative = (srpo.control_caption(word, prompt) for word in args.relative)
-            value = scorer.relative_reward(image[None], positive, negative, args.k, args.preprocess)
-        else:
-            value = scorer.score(image[None], prompt, args.preprocess)
-        values.append(value.item())
-        print(f"{values[-1]:.6f}\t{path}")
-    if args.manifest:
-        print(f"{sum(values) / len(values):.6f}\tmean of {len(values)} images")
+    """`srpo.py score`: scoring.score, its ScoreConfig from the flags (the reward model: the one flag given)."""
+    given = [name for name in reward.REWARDS if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
+    model = {"reward": given[0], "model": getattr(args, given[0])} if given else {}
+    scoring.score(config_from(scoring.ScoreConfig, args, model), srpo.control_caption)
 
 
 def cmd_train(args):
@@ -514,17 +335,16 @@ def cmd_export(args):
     and Forge, an FP8 one, a LoRA extracted by truncated SVD, or a LoRA checkpoint merged into full weights. Every file
     is written tensor by tensor to a temporary name, then renamed, under the output folder's lock; an --out onto
     what the export reads or into a run's checkpoint is refused."""
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device) if args.dtype else None  # None: the format's own
-    print(export.export(args.checkpoint, args.to, args.out, args.base, args.rank, dtype, device))
+    e = config_from(export.ExportConfig, args)
+    device = parse_device(e.device)
+    dtype = parse_dtype(e.dtype, device) if e.dtype else None  # None: the format's own
+    print(export.export(e.checkpoint, e.to, e.out, e.base, e.rank, dtype, device))
 
 
 def cmd_sample(args):
-    """`srpo.py sample`: the images of sampler.sample, its SampleConfig from the flags (the default --out's runs/
-    made first, as train makes its --out)."""
-    if args.out == SAMPLE_PNG:
-        check_writable(os.path.dirname(SAMPLE_PNG))
-    sampler.sample(sampler.SampleConfig(**{f.name: getattr(args, f.name) for f in fields(sampler.SampleConfig)}))
+    """`srpo.py sample`: the images of sampler.sample, its SampleConfig from the flags (without --flux: TINY's
+    defaults)."""
+    sampler.sample(config_from(sampler.SampleConfig, args, {} if args.flux else sampler.TINY))
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export}
@@ -533,7 +353,7 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "expor
 def main(argv=None):
     """`python srpo.py train|sample|score|export`: one line on stderr and an exit code for every way a command ends."""
     parser = build_parser()
-    args = parse_args(parser, argv)
+    args = parser.parse_args(argv)
     try:
         check_ranges(parser, args)
         COMMANDS[args.command](args)
@@ -541,7 +361,8 @@ def main(argv=None):
         # Faults, divergences and stops are agreed on by every process of a torchrun: one of them says it
         if isinstance(e, InputError) or os.environ.get("RANK", "0") == "0":
             print(f"{'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
-        codes = {InputError: EXIT_INPUT, Fault: EXIT_FAULT, Diverged: EXIT_DIVERGED, Stopped: EXIT_STOPPED}
+        codes = {InputError: util.EXIT_INPUT, Fault: util.EXIT_FAULT, Diverged: util.EXIT_DIVERGED,
+                 Stopped: util.EXIT_STOPPED}
         sys.exit(next(code for kind, code in codes.items() if isinstance(e, kind)))
     except KeyboardInterrupt:
         # SIGINT where no StopSignals waits for a step or a prompt's images to end: while train loads its models
@@ -551,4 +372,4 @@ def main(argv=None):
             print(f"stopped: SIGINT (Ctrl-C) with nothing to save ({args.command} was not in a step it could finish: "
                   f"setting up, e.g. loading the models): every file written is whole; the same command{again} starts "
                   f"again", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(util.EXIT_INTERRUPTED)

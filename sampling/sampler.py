@@ -9,7 +9,8 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 import families
 import flux_model as fm
+from common import bounds
 from common.util import (
     MANIFEST,
     Fault,
@@ -235,31 +237,57 @@ def save_png(images, paths):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling to files: the work of `srpo.py sample` (cli.py makes its SampleConfig from the flags)
+# Sampling to files: the work of `srpo.py sample`
+
+# Where `sample` writes without --out: under runs/ (git ignores it, train writes there too), not beside the code
+SAMPLE_PNG, SAMPLE_FOLDER = os.path.join("runs", "sample.png"), os.path.join("runs", "samples")
 
 
 @dataclass
 class SampleConfig:
-    """What `sample` makes and from what: the models, the prompts, the images' settings and where they go."""
+    """What `sample` makes and from what: the models, the prompts, the images' settings and where they go. Each field
+    with a help is a flag of `srpo.py sample`, made from the field as train's are from srpo.TrainConfig's: `name:
+    Annotated[type, range, help] = default` (the default: a real model's; TINY's without --flux)."""
 
-    out: str  # a PNG (with batch N: OUT-0.png ..); with prompts, a folder
-    flux: str | None = None  # a diffusers FLUX.1 folder; None: the tiny built-in models
-    transformer: str | None = None  # replacement transformer weights (one .safetensors file)
-    prompt: str | None = None  # None: DEFAULT_PROMPT
-    prompts: str | None = None  # a prompt file: line i's images go to out/i.png
-    height: int = 1024
-    width: int = 1024
-    steps: int = 50
-    guidance: float | None = None  # None: the family's (ignored, with a note, by a model that cannot take it)
-    max_sequence_length: int = 512  # T5 tokens
-    seed: int = 0
-    batch: int = 1  # images per prompt
-    dtype: str | None = None  # None: bfloat16 on CUDA, else float32
-    lora: str | None = None  # a LoRA file merged into the transformer at load time
-    family: str | None = None  # without flux: the tiny demo's family (flux2: `train --family flux2`'s models)
-    lora_scale: float = 1.0
-    device: str = "cpu"
+    flux: Annotated[str | None, "diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/; its "
+                    "scheduler/scheduler_config.json sets the schedule, FLUX.1-dev's when absent), or FLUX.2 folder "
+                    "([klein] or [dev], as its model_index.json says)"] = None
+    transformer: Annotated[str | None, "replacement transformer weights: one .safetensors file, diffusers or BFL keys "
+                           "(e.g. SRPO's diffusion_pytorch_model.safetensors); without --flux, a tiny demo "
+                           "checkpoint's"] = None
+    family: Annotated[str | None, "without --flux, the tiny demo's model family (default: --transformer's own, as its "
+                      "config.json or keys say, else flux1); flux2: `train --family flux2`'s tiny FLUX.2 and "
+                      "Qwen3"] = None
+    prompt: Annotated[str | None, f"text prompt (default: {DEFAULT_PROMPT!r})"] = None
+    prompts: Annotated[str | None, "prompt file, one per line: the images of line i (from 0) go to --out/i.png "
+                       "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and "
+                       "a run started again skips the prompts whose images exist"] = None
+    height: Annotated[int, bounds.SIZE, "image height, a multiple of 16"] = 1024
+    width: Annotated[int, bounds.SIZE, "image width, a multiple of 16"] = 1024
+    steps: Annotated[int, bounds.TIMESTEPS, "Euler steps; FLUX.1-schnell: 4"] = 50
+    guidance: Annotated[float | None, bounds.GUIDANCE,
+                        "distilled guidance scale (default 3.5; ignored, with a note, by a transformer without a "
+                        "guidance embedding such as FLUX.1-schnell's); FLUX.2 (default 4): klein base's "
+                        "classifier-free guidance scale (two passes a step above 1), dev's guidance embedding, "
+                        "ignored by klein distilled"] = None
+    max_sequence_length: Annotated[int, bounds.TOKENS,
+                                   "T5 prompt tokens, 1..512, as FluxPipeline (FLUX.1-schnell is run with 256); "
+                                   "FLUX.2: Qwen3 / Mistral-3 tokens, chat template included, as its "
+                                   "pipelines"] = 512
+    seed: Annotated[int, bounds.SEED, "noise seed: the same seed gives diffusers' image"] = 0
+    batch: Annotated[int, bounds.IMAGES_PER_PROMPT, "images per prompt (diffusers' num_images_per_prompt)"] = 1
+    out: Annotated[str | None, f"output PNG (default {SAMPLE_PNG}); with --batch N, OUT-0.png .. OUT-(N-1).png; with "
+                   f"--prompts, a folder (default {SAMPLE_FOLDER})"] = None
+    dtype: Annotated[str | None, "float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)"] = None
+    lora: Annotated[str | None, "a FLUX LoRA (a training checkpoint's pytorch_lora_weights.safetensors, or a "
+                    "diffusers/PEFT one) merged into the transformer's weights once, at load time"] = None
+    lora_scale: Annotated[float, bounds.FINITE, "strength of --lora"] = 1.0
+    device: str = "cpu"  # the command line's --device and --attn are train's too (cli.device_flags)
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
+
+
+# Without --flux, the tiny built-in model: small and offline, so small images and prompts
+TINY = {"height": 64, "width": 64, "max_sequence_length": 32}
 
 
 def sample_jobs(s):
@@ -321,7 +349,12 @@ def sample(s):
     alone, and diffusers' FluxPipeline gives the same for num_images_per_prompt = --batch. The schedule is the
     folder's scheduler config (FLUX.1-dev's without one). A FLUX.2 folder gives Flux2KleinPipeline's (klein) or
     Flux2Pipeline's (dev) images the same way (sampling/flux2_sampling.py). A --prompts folder is one run's while it
-    runs (OUT/.lock, held by rank 0 for every process, as `train` holds its folder)."""
+    runs (OUT/.lock, held by rank 0 for every process, as `train` holds its folder). Without --out: SAMPLE_PNG
+    (its runs/ made first, as train makes its --out), or SAMPLE_FOLDER with --prompts."""
+    if s.out is None:
+        s = replace(s, out=SAMPLE_FOLDER if s.prompts else SAMPLE_PNG)
+    if s.out == SAMPLE_PNG:
+        check_writable(os.path.dirname(SAMPLE_PNG))
     fam = check_sample_flags(s)
     rank, world, device = this_process(s.device)
     dtype = parse_dtype(s.dtype, device)

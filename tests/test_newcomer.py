@@ -87,8 +87,8 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
     --eval-prompts` takes; where the file is missing it fails rather than leaving an empty file to train on, and an
     empty --eval-prompts or --prompts file is refused in one line."""
     subprocess.run(["bash", "-c", readme_recipe(tmp_path / "eval.txt")], cwd=ROOT, check=True, timeout=60)
-    args = cli.parse_args(cli.build_parser(), ["train", "--eval-prompts", str(tmp_path / "eval.txt"), "--out",
-                                               str(tmp_path / "run")])
+    args = cli.build_parser().parse_args(["train", "--eval-prompts", str(tmp_path / "eval.txt"), "--out",
+                                          str(tmp_path / "run")])
     run = cli.run_config(args, families.decide(args.flux, args.family))
     evaluation.check_run(run)
     prompts = list(run.eval_prompts)

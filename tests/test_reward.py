@@ -38,6 +38,7 @@ import cli
 import reward
 import srpo
 from common.util import InputError
+from sampling import scoring
 from training import image_data
 from weights import clip_weights, tensor_files
 from weights.clip_tokenizer import OpenClipTokenizer
@@ -702,7 +703,7 @@ def test_cli_scores_in_float32_on_every_device(cli_pair, bpe_dir, tmp_path, monk
         seen.append((device.type, dtype))
         raise InputError("stop here")
 
-    monkeypatch.setattr(cli, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(scoring, "parse_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(reward.HPSReward, "load", staticmethod(load))
     for dtype in ([], ["--dtype", "bfloat16"]):
         score_error(capsys, "--hps", path, "--tokenizer", bpe_dir, "--prompt", "a cat", *dtype, tmp_path / "a.png")

@@ -29,12 +29,14 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 import families
+from common.bounds import LORA_RANK
 from common.util import (
     InputError,
     RunLock,
@@ -503,6 +505,27 @@ def check_flags(to, rank, dtype):
     if dtype is not None and to in ("fp8", "lora"):
         raise InputError(f"--dtype is for --to bfl and merged: --to {to} writes "
                          f"{'float8_e4m3fn and bfloat16' if to == 'fp8' else 'float32 (the SVD factors)'}")
+
+
+@dataclass
+class ExportConfig:
+    """`srpo.py export`'s settings, each field with a help one of its flags (cli.py makes them as train's from
+    srpo.TrainConfig; a field without a default is a flag that must be given); checkpoint is its CHECKPOINT."""
+
+    checkpoint: str
+    to: Annotated[str, "bfl: one safetensors file in BFL's names (ComfyUI, Forge, diffusers' from_single_file); fp8: "
+                  "the same with float8_e4m3fn block weights; lora: a rank --rank LoRA extracted from (checkpoint - "
+                  "base) by SVD; merged: a LoRA checkpoint folded into full weights (a diffusers transformer folder)"]
+    out: Annotated[str, "the file (bfl, fp8) or folder (lora, merged) to write"]
+    base: Annotated[str | None, "the model the checkpoint was trained from (a diffusers FLUX.1 or FLUX.2 folder, its "
+                    "transformer/, or one file of it: BFL's flux1-dev.safetensors, flux-2-klein-4b.safetensors, or "
+                    "one in diffusers keys), of the checkpoint's family; `demo`: the tiny demo's (a checkpoint of "
+                    "`train` without --flux): needed by lora, merged and a LoRA checkpoint's bfl/fp8"] = None
+    rank: Annotated[int | None, LORA_RANK, "--to lora: the rank R of the extracted LoRA (the energy table printed "
+                    "after it helps choose)"] = None
+    dtype: Annotated[str | None, "bfl and merged only: float32, bfloat16 (default, the released models') or "
+                     "float16"] = None
+    device: Annotated[str, "where lora's SVDs and fp8's LoRA merge and casts run: cpu, cuda or cuda:N"] = "cpu"
 
 
 def export(checkpoint, to, out, base=None, rank=None, dtype=None, device="cpu"):
