@@ -17,11 +17,10 @@ import methods
 import reward
 import srpo
 from common import util
-from common.bounds import RUN_STEPS, Bounded, annotation
-from common.util import Diverged, Fault, InputError, Stopped, check_folder, parse_device, parse_dtype, read_prompts
+from common.bounds import Bounded, annotation
+from common.util import Diverged, Fault, InputError, Stopped, parse_device, parse_dtype, read_prompts
 from sampling import sampler, scoring
-from sampling.sampler import DEFAULT_PROMPT
-from training import checkpoints, evaluation, export, image_data, runtime
+from training import checkpoints, evaluation, export, runtime
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,7 +40,6 @@ def check_ranges(parser, args):
             action.type.check(action.option_strings[0], value)
 
 
-
 TRAIN_USAGE = """SRPO (Direct-Align + semantic relative preference) on FLUX.1-dev or FLUX.2, with an HPS, PickScore or
 CLIP reward.
 
@@ -53,9 +51,8 @@ CLIP reward.
     python srpo.py train --flux FLUX_DIR --hps ... --images photos/ --out runs/offline   # offline: real images
 
 Every hyperparameter defaults to the official run (global batch 32 prompts, whatever the number of processes; 19
-updates, as the released checkpoint holds). Presets change a few (each flag's help says which, and to what); a later
-one wins, a flag you give wins over all: the reward's recipe (below) <- flux2 on a FLUX.2 model <- demo without
---flux (and --batch: one prompt per process) <- flux2-demo on the tiny FLUX.2 <- lora (--lora-rank with --flux).
+updates, as the released checkpoint holds). Presets (srpo.PRESETS) change a few, each flag's help says which and to
+what; a flag you give wins over them all.
 
 Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
 clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
@@ -66,12 +63,6 @@ official README warns that they may suit PickScore less. Each reward's official 
 (CLIP has none: it takes the HPS values); a flag you give wins:"""
 
 FAMILY_NAMES = tuple(f.name for f in families.FAMILIES)  # --family: the tiny demo's models
-DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
-                "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
-                "a city street in the rain at night", "a honeybee on a sunflower, close-up",
-                "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
-
-
 def build_parser():
     """The parser of the four commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
@@ -87,6 +78,7 @@ def build_parser():
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
+    add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N"})
     add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
                                         for name, preset in srpo.PRESETS.items()},
               choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)})
@@ -116,10 +108,8 @@ def device_flags(p, device_help):
 
 
 def train_flags(p):
-    """The flags of `train` that are not TrainConfig fields: where the models, prompts and outputs are."""
-    p.add_argument("--flux", help="diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
-                   "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
-                   "or a FLUX.2 [klein] or [dev] folder (its model_index.json says which)")
+    """The flags of `train` that are not TrainConfig's nor RunConfig's fields: the demo's family, the reward models,
+    the prompt files, the device."""
     p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
                    f"--lr {srpo.PRESETS['flux2-demo']['lr']:g} (with --flux, the folder's model_index.json decides)")
@@ -127,30 +117,12 @@ def train_flags(p):
         "; with another --reward: a second, independent reward that scores the held-out evaluations"
         if kind.name == "pickscore" else ""))
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
-    p.add_argument("--images", metavar="DIR", help="offline SRPO: x0 is the VAE encoding (posterior mean) of a real "
-                   "image, centre-cropped to --height x --width, instead of the online rollout, and the prompts are "
-                   "the captions (so no --prompts). DIR holds a metadata.jsonl, one {\"file_name\": ..., \"text\": "
-                   "...} per line, or else a .txt caption beside each image (a.png, a.txt); metadata.jsonl wins when "
-                   "both are there. Every image is checked first (a bad one is named); each x0 is encoded once into "
-                   "OUT/latents/, keyed by the file's content: --resume reuses them and encodes only new or changed "
-                   "images")
-    p.add_argument("--out", default="runs/srpo", help="output folder: checkpoint-STEP/, log.jsonl, samples-*.png "
-                   "(default runs/srpo)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line, never trained on: at step "
                    "0, every --eval-every updates and after the last, prompt i is sampled from seed i with 28 Euler "
                    "steps of FluxPipeline's schedule (--flux's scheduler config) at --guidance and --height x "
                    "--width, as `sample --seed i --steps 28` makes it from that step's checkpoint, and scored with "
                    "the --reward model's plain score (no control words; with --pickscore beside another --reward, "
                    "PickScore too): OUT/eval.jsonl, OUT/eval/step-N.png (default: 4 built-in prompts)")
-    p.add_argument("--eval-every", type=RUN_STEPS, metavar="N", help="evaluate every N updates (default: --save-every)")
-    p.add_argument("--tensorboard", action="store_true", help="also write OUT/tensorboard/: the log's scalars, the "
-                   "evaluation means and grids (needs the optional tensorboard package)")
-    p.add_argument("--offload", action="store_true", help="FSDP2's CPU offload: weights, gradients and AdamW state "
-                   "in host memory, one block at a time on the GPU (one process, or under torchrun)")
-    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", help="go ahead on a GPU even where "
-                   "the memory pre-flight (a lower bound of what the run needs, before anything is loaded: "
-                   "docs/memory.md) says it cannot fit")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
@@ -195,11 +167,11 @@ def add_flags(parser, config, presets=None, **options):
                             **pair | {name: values[f.name] for name, values in options.items() if f.name in values})
 
 
-def config_from(config, args, *presets):
+def config_from(config, args, *presets, **decided):
     """`config` from a command's flags: each flag given over the presets (dicts of fields, in their order) over the
-    fields' defaults."""
+    fields' defaults; `decided`, the values the command made from its flags, over all."""
     given = {f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None}
-    return config(**{name: value for preset in presets for name, value in preset.items()} | given)
+    return config(**{name: value for preset in presets for name, value in preset.items()} | given | decided)
 
 
 def config_from_flags(args, world, family):
@@ -228,54 +200,20 @@ def run_config(args, family):
     """runtime.RunConfig from `train`'s flags and its model `family`: the prompts read, the reward's model path
     picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
-    return runtime.RunConfig(
-        out=args.out, flux=args.flux, family=family, reward_model=getattr(args, name),
-        judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
-        eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
-        eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
-        attn=args.attn, images=args.images, memory_check=args.memory_check)
+    prompts = read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS
+    return config_from(runtime.RunConfig, args, family=family, reward_model=getattr(args, name),
+                       judge=args.pickscore if name != "pickscore" else None, eval_prompts=tuple(prompts))
 
 
-def check_branch_cfg(args, cfg, family):
-    """--no-branch-cfg drops the unconditional pass of a model sampled with classifier-free guidance (FLUX.2 [klein]
-    base, the tiny FLUX.2 demo): refused, rather than accepted and ignored, where a branch makes one pass already
-    (FLUX.1, whose guidance is the model's input; a FLUX.2 [klein] distilled or [dev] folder)."""
-    if not cfg.no_branch_cfg or family.uses_cfg(args.flux, family.guidance):
-        return
-    given = f"--flux {args.flux}" if args.flux else f"--family {family.name} (the tiny demo)"
-    raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
-                     f"pass a velocity (no CFG): nothing for it to do; give one or the other")
-
-
-CLIP_VOCABULARY = ("vocab.json", "merges.txt")
-
-
-def check_reward_flags(args, name, family):
-    """Before anything loads: the model flag of --reward is given, and no other but --pickscore, which beside
-    another --reward scores the held-out evaluations (the tiny demo takes none); the files or folders look right."""
-    demo = args.flux is None
+def check_reward_flags(args, name):
+    """The model flag of --reward, and no other but --pickscore, which beside another --reward scores the held-out
+    evaluations (the tiny demo takes none); runtime.check_inputs then checks the files."""
     given = [other for other in reward.REWARDS if getattr(args, other)]
-    if demo and given:
+    if args.flux is None and given:
         raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
     other = next((other for other in given if other not in (name, "pickscore")), None)
     if other:
         raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
-    if demo:
-        return
-    check_folder(args.flux, "a diffusers FLUX folder")
-    path = getattr(args, name)
-    if not path:
-        kind = reward.REWARDS[name]
-        raise InputError(f"--{name} is required with --flux and --reward {name} (--{name} {kind.metavar}: "
-                         f"{kind.path_help})")
-    if args.pickscore and name != "pickscore":
-        reward.REWARDS["pickscore"].check_path(args.pickscore)
-    reward.REWARDS[name].check_path(path)
-    vocabulary = runtime.reward_tokenizer(runtime.RunConfig(flux=args.flux, family=family, reward_model=path))
-    if not family.clip_tokenizer and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
-        raise InputError(f"--{name} {path}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the reward's CLIP "
-                         f"tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there (CLIP's, e.g. "
-                         f"a FLUX.1 folder's tokenizer/ files)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,12 +235,10 @@ def cmd_train(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     family = families.decide(args.flux, args.family)  # decided once: --flux's model_index.json, or the tiny demo's
     cfg = config_from_flags(args, world, family)
-    check_branch_cfg(args, cfg, family)
-    check_reward_flags(args, cfg.reward, family)
-    if args.flux and family.check_guidance:
-        family.check_guidance(args.flux, cfg)
+    check_reward_flags(args, cfg.reward)
     run = run_config(args, family)
-    images, prompts = train_data(run, args.prompts, cfg)
+    runtime.check_inputs(run, cfg)
+    images, prompts = runtime.train_data(run, args.prompts, cfg)
     evaluation.check_run(run)
     with runtime.processes(run, cfg, world) as ranks:
         begin = checkpoints.start_point(run.out, cfg, run.resume, ranks)  # a refused --resume: before any model loads
@@ -315,19 +251,6 @@ def cmd_train(args):
     if ranks.main:
         checkpoints.report(run.out)
         evaluation.report(run.out, cfg)
-
-
-def train_data(run, prompt_file, cfg):
-    """(images, prompts) of a run, before any model loads: with --images the folder's ImageSet, every image checked,
-    and its captions as the prompts; else (None, --prompts' or the demo's)."""
-    if run.images is None:
-        return None, read_prompts(prompt_file) if prompt_file else list(DEMO_PROMPTS)
-    if prompt_file:
-        raise InputError("--prompts and --images exclude each other: with --images the prompts are the images' "
-                         "captions")
-    images = image_data.ImageSet(run.images, cfg.height, cfg.width)
-    return images, images.captions
-
 
 
 def cmd_export(args):

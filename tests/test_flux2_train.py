@@ -27,6 +27,8 @@ from test_train import (
     cli,
     log_lines,
     official_branches,
+    official_inversion_sigmas,
+    official_mul,
     official_t,
     run_cli,
     shift3,
@@ -97,14 +99,15 @@ def written_out_step(model, ae, reward, text, prompt, sel, step, cfg):
     k_d, k_i = torch.linspace(0.1, 0.25, 1000)[sel].item(), torch.linspace(0.3, 0.01, 1000)[mid].item()
     P, N = POSITIVE[step % 4], NEGATIVE[step % 5]
     loss = 0
-    for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (inversion, k_i, (N, P))]:
-        x = s_from * eps + (1 - s_from) * x0
+    denoise = tuple(s.reshape(1) for s in denoise)  # the official sigmas' own types, as test_train's official step
+    for (s_from, s_to), k, (pos, neg) in [(denoise, k_d, (P, N)), (official_inversion_sigmas(sel), k_i, (N, P))]:
+        x = official_mul(s_from, eps) + (1 - s_from) * x0
         v = call(x, s_from, txt, cfg.guidance)
         if negative:
             v_neg = call(x, s_from, negative[0], cfg.guidance)
             v = v_neg + cfg.guidance * (v - v_neg)
-        x = x + (s_to - s_from) * v
-        x0_hat = (x - s_to * eps) / (1 - s_to)
+        x = x + official_mul(s_to - s_from, v)
+        x0_hat = (x - official_mul(s_to, eps)) / (1 - s_to)
         z = x0_hat.reshape(1, h, w, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, channels // 4, 2 * h,
                                                                                           2 * w)
         image = (ae.decode(z) / 2 + 0.5).clamp(0, 1)

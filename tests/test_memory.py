@@ -227,7 +227,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(memory, "transformer_config", lambda folder: machine.flux_cfg)
 
     def check(device="cuda", memory_check=True, offload=False, **train):
-        run = runtime.RunConfig(flux="FLUX.1-dev", device=device, memory_check=memory_check, offload=offload)
+        run = runtime.RunConfig(flux="FLUX.1-dev", device=device, no_memory_check=not memory_check, offload=offload)
         memory.preflight(run, srpo.TrainConfig(**train), runtime.Ranks(0, 1, torch.device(device), offload))
 
     machine.check = check

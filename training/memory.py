@@ -209,7 +209,7 @@ def preflight(run, cfg, ranks):
     """Before anything is loaded: refuse a GPU run (rank 0 decides for all) that cannot fit by memory_error, against
     torch.cuda.mem_get_info's free bytes and the host's physical memory. CPU runs (the demo), the tiny demo on a GPU
     and --no-memory-check go ahead unchecked."""
-    if ranks.device.type != "cuda" or run.flux is None or not run.memory_check:
+    if ranks.device.type != "cuda" or run.flux is None or run.no_memory_check:
         return
     error = None
     if ranks.main:

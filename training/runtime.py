@@ -9,7 +9,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import families
+from common import bounds
 from common.util import (
     Diverged,
     Fault,
@@ -30,6 +31,7 @@ from common.util import (
     attention_backend,
     check_writable,
     derive_seed,
+    read_prompts,
     this_process,
     to_device,
     written,
@@ -37,6 +39,7 @@ from common.util import (
 from flux_kernels.attention import warm_up
 from reward import REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
+from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, image_data, memory
 from weights import lora
 
@@ -47,22 +50,78 @@ from weights import lora
 @dataclass
 class RunConfig:
     """Where a training run reads, writes and runs: what is not a hyperparameter (srpo.TrainConfig) nor changes what
-    a step computes. cli.py makes it from `train`'s flags."""
+    a step computes. A field with a help is a flag of `train` (cli.add_flags), the others cli.py fills in."""
 
-    out: str = "runs/srpo"  # checkpoint-STEP/, log.jsonl, samples-*.png, eval/
-    flux: str | None = None  # a diffusers FLUX.1 or FLUX.2 folder; None: the tiny demo's random models built in code
+    flux: Annotated[str | None, "diffusers-format FLUX.1-dev folder: the starting transformer, VAE, text encoders "
+                    "and the CLIP tokenizer HPS uses (without it: the tiny demo, whose reward is a tiny random CLIP); "
+                    "or a FLUX.2 [klein] or [dev] folder (its model_index.json says which)"] = None
+    images: Annotated[str | None, "offline SRPO: x0 is the VAE encoding (posterior mean) of a real image, "
+                      "centre-cropped to --height x --width, instead of the online rollout, and the prompts are the "
+                      "captions (so no --prompts). DIR holds a metadata.jsonl, one {\"file_name\": ..., \"text\": "
+                      "...} per line, or else a .txt caption beside each image (a.png, a.txt); metadata.jsonl wins "
+                      "when both are there. Every image is checked first (a bad one is named); each x0 is encoded once "
+                      "into OUT/latents/, keyed by the file's content: --resume reuses them and encodes only new or "
+                      "changed images"] = None
+    out: Annotated[str, "output folder: checkpoint-STEP/, log.jsonl, samples-*.png"] = "runs/srpo"
+    resume: Annotated[bool, "continue from the latest complete checkpoint in --out"] = False
+    eval_every: Annotated[int | None, bounds.RUN_STEPS, "evaluate every N updates (default: --save-every)"] = None
+    tensorboard: Annotated[bool, "also write OUT/tensorboard/: the log's scalars, the evaluation means and grids "
+                           "(needs the optional tensorboard package)"] = False
+    offload: Annotated[bool, "FSDP2's CPU offload: weights, gradients and AdamW state in host memory, one block at a "
+                       "time on the GPU (one process, or under torchrun)"] = False
+    no_memory_check: Annotated[bool, "go ahead on a GPU even where the memory pre-flight (a lower bound of what the "
+                               "run needs, before anything is loaded: docs/memory.md) says it cannot fit"] = False
     family: families.Family = families.FLUX1  # decided once by the command (families.decide): flux's, or the demo's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
     judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
-    resume: bool = False  # continue from the latest complete checkpoint in out
-    eval_prompts: tuple = ()  # held-out prompts, never trained on
-    eval_every: int | None = None  # updates between evaluations (None: TrainConfig.save_every)
-    tensorboard: bool = False
-    offload: bool = False  # FSDP2's CPU offload
+    eval_prompts: tuple = ()  # held-out prompts, never trained on (--eval-prompts FILE's lines)
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
-    images: str | None = None  # offline SRPO: a folder of captioned images whose x0 replace the online rollout
-    memory_check: bool = True  # GPU runs: refuse up front what cannot fit (memory.preflight); --no-memory-check
+
+
+DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light",
+                "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
+                "a city street in the rain at night", "a honeybee on a sunflower, close-up",
+                "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
+CLIP_VOCABULARY = ("vocab.json", "merges.txt")
+
+
+def check_inputs(run, cfg):
+    """Before anything loads, what ties the run to its hyperparameters: --no-branch-cfg only where a branch makes a
+    classifier-free guidance pass to drop (FLUX.2 [klein] base, the tiny FLUX.2 demo), refused rather than ignored
+    elsewhere; the reward's files; a guidance the model can take."""
+    if cfg.no_branch_cfg and not run.family.uses_cfg(run.flux, run.family.guidance):
+        given = f"--flux {run.flux}" if run.flux else f"--family {run.family.name} (the tiny demo)"
+        raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
+                         f"pass a velocity (no CFG): nothing for it to do; give one or the other")
+    if run.flux is None:
+        return
+    kind = REWARDS[cfg.reward]
+    if not run.reward_model:
+        raise InputError(f"--{kind.name} is required with --flux and --reward {kind.name} (--{kind.name} "
+                         f"{kind.metavar}: {kind.path_help})")
+    if run.judge:
+        REWARDS["pickscore"].check_path(run.judge)
+    kind.check_path(run.reward_model)
+    vocabulary = reward_tokenizer(run)
+    if not run.family.clip_tokenizer and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):
+        raise InputError(f"--{kind.name} {run.reward_model}: on a FLUX.2 folder (whose tokenizer/ is Qwen's) the "
+                         f"reward's CLIP tokenizer is read from {vocabulary}: put {' + '.join(CLIP_VOCABULARY)} there "
+                         f"(CLIP's, e.g. a FLUX.1 folder's tokenizer/ files)")
+    if run.family.check_guidance:
+        run.family.check_guidance(run.flux, cfg)
+
+
+def train_data(run, prompt_file, cfg):
+    """(images, prompts) of a run, before any model loads: with --images the folder's ImageSet, every image checked,
+    and its captions as the prompts; else (None, --prompts' or the demo's)."""
+    if run.images is None:
+        return None, read_prompts(prompt_file) if prompt_file else list(DEMO_PROMPTS)
+    if prompt_file:
+        raise InputError("--prompts and --images exclude each other: with --images the prompts are the images' "
+                         "captions")
+    images = image_data.ImageSet(run.images, cfg.height, cfg.width)
+    return images, images.captions
 
 
 # ----------------------------------------------------------------------------------------------------------------
