@@ -54,7 +54,8 @@ def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
         x0_hat = direct_align(x0, eps, sigma_hi -> sigma_t),   L = relu(m - score(image(x0_hat), prompt)) / 2
 
     It is exactly `train --no-inversion --plain-reward`, SRPO with both ablations. Cost: T + 1 model calls, one
-    with gradient."""
+    with gradient. One timestep, undiscounted, as the official code: the paper's sum over timesteps with a discount
+    lambda(t) is not implemented, its equation not found (docs/method.md says what was searched)."""
     yield from srpo.srpo_losses(model, ae, reward, x0, eps, item, step,
                                 dataclasses.replace(cfg, no_inversion=True, plain_reward=True))
 
