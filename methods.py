@@ -54,7 +54,8 @@ def direct_align_losses(model, ae, reward, x0, eps, item, step, cfg):
         x0_hat = direct_align(x0, eps, sigma_hi -> sigma_t),   L = relu(m - score(image(x0_hat), prompt)) / 2
 
     It is exactly `train --no-inversion --plain-reward`, SRPO with both ablations. Cost: T + 1 model calls, one
-    with gradient."""
+    with gradient. One timestep, undiscounted, as the official code: the paper's sum over timesteps with a discount
+    lambda(t) is not implemented, its equation not found (docs/method.md says what was searched)."""
     yield from srpo.srpo_losses(model, ae, reward, x0, eps, item, step,
                                 dataclasses.replace(cfg, no_inversion=True, plain_reward=True))
 
@@ -112,30 +113,34 @@ def renoise(cfg, step, item, j, device, noise):
 
 def draft_lv_losses(model, ae, reward, x0, eps, item, step, cfg):
     """DRaFT-LV (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards", arXiv
-    2309.17400, its Algorithm 1 with K = 1; FlowBP's flowbp/trainers/flux1/draft_lv.py): the chain without gradient
-    down to its last step, that step taken with gradient (the base term), then its sample re-noised n times to the
-    last step's level and that step taken again; the reward gradients of the 1 + n clean images summed:
+    2309.17400, its K = 1 variant; FlowBP's flowbp/trainers/flux1/draft_lv.py): the chain without gradient down to
+    its last step, that step taken with gradient (the base term), then its sample re-noised n times to the last
+    step's level and that step taken again; the reward of the 1 + n clean images averaged:
 
         x_s = Euler(eps; sigma_0 .. sigma_{T-1}), no gradient           srpo.online_rollout, stopped at T - 1
         x0 = x_s - s v(x_s, s),   s = sigma_{T-1} (0.111 at T = 25)     the base term, with gradient
         x0^j = x_s^j - s v(x_s^j, s),   x_s^j = s eps_j + (1 - s) sg(x0)  j = 1 .. n, eps_j fresh per sample
-        L = -(r(x0) + sum_j r(x0^j))                                     DRaFT ascends the reward itself
+        L = -(r(x0) + sum_j r(x0^j)) / (n + 1)                           DRaFT ascends the reward itself
 
-    Every model call is the chain's: at --rollout-guidance. Algorithm 1 adds the n + 1 gradients; FlowBP averages
-    its n + 1 hinges relu(0.55 - r) (1 / (n + 1) the size; with HPS below 0.55 the same direction). Each term is a
-    branch ("base", "renoise1", ...), backpropagated in turn. x0 (SRPO's rollout) is not used: the method rolls its
-    own chain (own_rollout). Cost: T + n model calls, 1 + n with gradient."""
+    Sum or mean: the DRaFT paper's own text (its Algorithm 1) was not to be had here, so which it writes is not
+    checked; the most explicit source read, FlowBP's trainer (the FLUX code this baseline follows), averages the
+    n + 1 terms (its docstring: "average the reward gradients"; get_reward_loss takes torch.mean over the
+    [base] + noised batch), so the mean is used. A sum is n + 1 = 3 times the gradient: the same AdamW step except
+    through clipping at --grad-clip and AdamW's eps. Every model call is the chain's: at --rollout-guidance. Each
+    term is a branch ("base", "renoise1", ...), backpropagated in turn. x0 (SRPO's rollout) is not used: the method
+    rolls its own chain (own_rollout). Cost: T + n model calls, 1 + n with gradient."""
     s = srpo.rollout_schedule(cfg.rollout_steps, cfg.shift, eps.device)[0][-2]
     x0 = chain_step(model, srpo.online_rollout(model, eps, item.cond, cfg, steps=cfg.rollout_steps - 1), s,
                     item.cond, cfg)
     r = srpo.image_reward(ae, reward, x0, item.text, cfg)
-    yield "base", -r.mean(), r
+    terms = 1 + DRAFT_LV_NOISES
+    yield "base", -r.mean() / terms, r
     noise = families.noise_of(model)
     for j in range(DRAFT_LV_NOISES):
         x0_j = srpo.direct_align(model, x0.detach(), renoise(cfg, step, item, j, eps.device, noise), s,
                                  torch.zeros(()), item.cond.at_guidance(cfg.rollout_guidance), cfg.rollout_guidance)
         r = srpo.image_reward(ae, reward, x0_j, item.text, cfg)
-        yield f"renoise{j + 1}", -r.mean(), r
+        yield f"renoise{j + 1}", -r.mean() / terms, r
 
 
 SRPO = Method("srpo", srpo.srpo_losses)

@@ -158,9 +158,11 @@ def test_draft_lv_is_the_final_step_with_gradient_plus_two_renoisings_of_its_sam
     """DRaFT-LV as Clark et al. 2023 (arXiv 2309.17400) define it, Algorithm 1 with K = 1, and as FlowBP's
     flowbp/trainers/flux1/draft_lv.py runs it on FLUX (x0_predictions = [base_x0] + n re-noised): the chain to
     sigma_{T-1} without gradient, x0 = x_s - s v(x_s, s) with gradient (the base term), x_s^j = s eps_j + (1 - s)
-    sg(x0), x0^j = x_s^j - s v(x_s^j, s); Algorithm 1 sums the gradients: L = -(r(x0) + r(x0^1) + r(x0^2)). Every call
-    at the chain's guidance (1, not --guidance 3.5); eps_j fresh per sample: N(0, I) from the seed, step, the prompt
-    (its text and draw) and j, neither the step's eps nor each other, nor another prompt's."""
+    sg(x0), x0^j = x_s^j - s v(x_s^j, s); the 1 + n rewards averaged as FlowBP's trainer averages them (its
+    get_reward_loss: torch.mean over the [base] + noised batch; the DRaFT paper's text was not at hand to say sum or
+    mean): L = -(r(x0) + r(x0^1) + r(x0^2)) / 3. Every call at the chain's guidance (1, not --guidance 3.5); eps_j
+    fresh per sample: N(0, I) from the seed, step, the prompt (its text and draw) and j, neither the step's eps nor
+    each other, nor another prompt's."""
     model, ae, reward, cfg, cond, eps, call = setup(tiny)
     sigmas = shift3(torch.linspace(1, 0, 5))
     reference = copy.deepcopy(model)
@@ -181,7 +183,7 @@ def test_draft_lv_is_the_final_step_with_gradient_plus_two_renoisings_of_its_sam
         rewards.append(plain_score(ae, reward, x - s * ref_call(x, s, 1.0), cfg))
     assert [r.item() for _, r in out.values()] == pytest.approx([r.item() for r in rewards], rel=1e-5)
     total = sum(loss.item() for loss, _ in out.values())
-    assert_same(total, grads, -sum(rewards).sum(), reference)
+    assert_same(total, grads, -sum(rewards).sum() / 3, reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------
