@@ -38,6 +38,7 @@ from test_train import (
 )
 
 import cli as command_line
+import families
 import flux2_model as f2
 import srpo
 from common import util
@@ -364,3 +365,23 @@ def test_fsdp_two_processes_match_one_process_on_the_tiny_flux2(tmp_path):
     assert max(rel_err(a[k], weights(one, 1)[k]) for k in a) > 1e-3  # the weights did move
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
         assert x.pop("words") == y.pop("words") and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
+
+
+@pytest.mark.parametrize("method, flowbp, refl", [("refl", True, True), ("draft-lv", True, False),
+                                                   ("srpo", False, False), ("direct-align", False, False)])
+def test_the_flowbp_presets_fit_a_flux2_folder_s_baselines_only(flux2_folder, method, flowbp, refl):
+    """FlowBP's FLUX.2 configs (srpo.PRESETS flux2-flowbp, flux2-refl) are the defaults of --method refl and draft-lv
+    on a FLUX.2 folder, refl's own only for refl; not for SRPO and Direct-Align, nor on the tiny FLUX.2 demo, nor
+    on FLUX.1; a flag given wins over them."""
+    def config(*flags):
+        args = command_line.build_parser().parse_args(["train", "--method", method, *flags])
+        return command_line.config_from_flags(args, 1, families.decide(args.flux, args.family))
+
+    cfg, default = config("--flux", flux2_folder), srpo.TrainConfig()
+    ours = {k: getattr(cfg, k) for k in srpo.PRESETS["flux2-flowbp"] | srpo.PRESETS["flux2-refl"]}
+    expected = {k: getattr(default, k) for k in ours} | (srpo.PRESETS["flux2-flowbp"] if flowbp else {}) | (
+        srpo.PRESETS["flux2-refl"] if refl else {})
+    assert ours == expected and cfg.guidance == srpo.PRESETS["flux2"]["guidance"]
+    demo = config("--family", "flux2")
+    assert (demo.height, demo.steps, demo.refl_late) == (64, 80, default.refl_late)
+    assert config("--flux", flux2_folder, "--lr", "3e-6").lr == 3e-6
