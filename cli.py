@@ -151,6 +151,8 @@ def train_flags(p):
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false", help="go ahead on a GPU even where "
                    "the memory pre-flight (a lower bound of what the run needs, before anything is loaded: "
                    "docs/memory.md) says it cannot fit")
+    p.add_argument("--hybrid", action="store_true", help="under torchrun on several nodes: HYBRID_SHARD, FSDP2 shards "
+                   "within a node and replicates across nodes (docs/training.md#several-machines)")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
@@ -233,7 +235,7 @@ def run_config(args, family):
         judge=args.pickscore if name != "pickscore" else None, resume=args.resume,
         eval_prompts=tuple(read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS),
         eval_every=args.eval_every, tensorboard=args.tensorboard, offload=args.offload, device=args.device,
-        attn=args.attn, images=args.images, memory_check=args.memory_check)
+        attn=args.attn, images=args.images, memory_check=args.memory_check, hybrid=args.hybrid)
 
 
 def check_branch_cfg(args, cfg, family):
