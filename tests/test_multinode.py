@@ -6,6 +6,7 @@ across nodes). Tiny models only.
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 
@@ -47,6 +48,35 @@ def agents(nodes, per_node, out, *flags):
         assert agent.returncode == 0, err[-3000:]
 
 
+# srun and scontrol as on a job of SLURM_JOB_NUM_NODES nodes, all of them this machine: srun starts its command once
+# a node, here, and exits with the last non-zero code (--kill-on-bad-exit aside); the first node is 127.0.0.1
+FAKE_SLURM = {
+    "srun": """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & done
+rc=0; for job in $(jobs -p); do wait "$job" || rc=$?; done; exit $rc
+""",
+    "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\n",
+}
+
+
+def slurm(nodes, per_node, out, tmp, *flags):
+    """tools/slurm_srpo.sh as sbatch runs it on `nodes` nodes of per_node GPUs, with FAKE_SLURM: its torchrun
+    agents, one a node, meet at 127.0.0.1 (each thinks it is the first node: one hosts the store, the other joins)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])  # and this python
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=path, SLURM_JOB_NODELIST="node[1-2]",
+               SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE=str(per_node), SLURM_JOB_ID=str(os.getpid()),
+               MASTER_PORT=str(free_port()))
+    r = subprocess.run(["bash", "tools/slurm_srpo.sh", *ARGS[1:], *flags, "--out", out], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def one_agent(tmp_path_factory):
     """The reference: one torchrun agent running 2 gloo processes, --batch 4 for 2 steps."""
@@ -77,12 +107,12 @@ def test_two_agents_on_two_nodes_give_the_weights_of_one_agent(one_agent, tmp_pa
 
 
 @pytest.mark.slow
-def test_hybrid_shard_over_two_nodes_of_two_processes_trains_as_fsdp(one_agent, tmp_path):
-    """--hybrid on 2 agents x 2 processes: FSDP2 over the 2-D mesh (2 nodes replicating, 2 processes sharding) gives
-    the weights and AdamW state of FSDP2 over 2 processes running the same global batch (1e-5: the gradient is
-    summed in another order), and its checkpoint holds the whole model."""
-    out = str(tmp_path)
-    agents(2, 2, out, "--hybrid")
+def test_slurm_script_with_hybrid_shard_over_two_nodes_of_two_processes_trains_as_fsdp(one_agent, tmp_path):
+    """tools/slurm_srpo.sh --hybrid on 2 nodes x 2 processes: FSDP2 over the 2-D mesh (2 nodes replicating, 2
+    processes sharding) gives the weights and AdamW state of FSDP2 over 2 processes running the same global batch
+    (1e-5: the gradient is summed in another order), and its checkpoint holds the whole model."""
+    out = str(tmp_path / "run")
+    slurm(2, 2, out, tmp_path, "--hybrid")
     a, b = weights(one_agent, 2), weights(out, 2)
     assert a.keys() == b.keys()
     assert max(rel_err(b[k], a[k]) for k in a) <= 1e-5
