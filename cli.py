@@ -152,7 +152,7 @@ def train_flags(p):
                    "the memory pre-flight (a lower bound of what the run needs, before anything is loaded: "
                    "docs/memory.md) says it cannot fit")
     p.add_argument("--hybrid", action="store_true", help="under torchrun on several nodes: HYBRID_SHARD, FSDP2 shards "
-                   "within a node and replicates across nodes (docs/training.md#several-machines)")
+                   "within a node and replicates across nodes (docs/training.md, several machines)")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 

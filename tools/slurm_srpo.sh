@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SRPO on several machines under SLURM: one torchrun agent per node (one srun task a node), the agents meeting in a
 # c10d rendezvous on the job's first node, one process per GPU. FSDP2 shards over all of them; add --hybrid to shard
-# within each node and replicate across nodes (docs/training.md#several-machines). The official run's 32 GPUs,
+# within each node and replicate across nodes (docs/training.md, several machines). The official run's 32 GPUs,
 # as 4 nodes x 8, from the repository root:
 #
 #   sbatch tools/slurm_srpo.sh --flux FLUX.1-dev --hps HPS_v2.1_compressed.pt --prompts hpdv2_train_prompts.txt \
