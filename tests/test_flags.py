@@ -25,7 +25,7 @@ from weights import clip_weights, flux_weights
 COMMANDS = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
 # store_true: no value
 SWITCHES = {"--resume", "--tensorboard", "--offload", "--no-inversion", "--plain-reward", "--no-branch-cfg",
-            "--no-memory-check"}
+            "--no-memory-check", "--hybrid"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREE_TEXT = {("sample", "--prompt"), ("score", "--prompt"), ("score", "--relative")}  # any text is a prompt or word
 

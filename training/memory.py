@@ -86,10 +86,13 @@ def timeline(e, world):
              transformer + max(e["double block"], e["single block"]) + fsdp_working_set(e["block params"], world))]
 
 
-def per_gpu(e, world):
-    """GB on each of `world` GPUs: sharded state + weights + the branch's peak + the allowance."""
-    peak = max(b for _, b in timeline(e, world))
-    return (e["params"] * STATE_BYTES / world + e["reward weights"] + e["vae weights"] + peak) / GB + ALLOWANCE
+def per_gpu(e, shards):
+    """GB on each GPU when FSDP2 shards over `shards` of them: sharded state + weights + the branch's peak + the
+    allowance. shards: every GPU of the run, or with --hybrid (HYBRID_SHARD) one node's, whatever the number of
+    nodes: each node holds a whole replica, and the all-reduce across nodes works on the fp32 shard out of the
+    reduce-scatter, which fsdp_working_set counts (4 x 8 GPUs with --hybrid need what 8 do, without it what 32 do)."""
+    peak = max(b for _, b in timeline(e, shards))
+    return (e["params"] * STATE_BYTES / shards + e["reward weights"] + e["vae weights"] + peak) / GB + ALLOWANCE
 
 
 def one_gpu(e):
@@ -213,7 +216,7 @@ def preflight(run, cfg, ranks):
         return
     error = None
     if ranks.main:
-        error = memory_error(transformer_config(run), cfg, ranks.world, ranks.offload,
+        error = memory_error(transformer_config(run), cfg, ranks.shards, ranks.offload,
                              torch.cuda.mem_get_info(ranks.device)[0], host_memory())
     error = ranks.from_main(error)
     if error:

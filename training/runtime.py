@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     set_model_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import families
@@ -71,6 +72,8 @@ class RunConfig:
                        "time on the GPU (one process, or under torchrun)"] = False
     no_memory_check: Annotated[bool, "go ahead on a GPU even where the memory pre-flight (a lower bound of what the "
                                "run needs, before anything is loaded: docs/memory.md) says it cannot fit"] = False
+    hybrid: Annotated[bool, "under torchrun on several nodes: HYBRID_SHARD, FSDP2 shards within a node and "
+                      "replicates across nodes (docs/training.md, several machines)"] = False
     family: families.Family = families.FLUX1  # decided once by the command (families.decide): flux's, or the demo's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
     judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
@@ -136,10 +139,16 @@ class Ranks:
     world: int
     device: torch.device
     offload: bool = False  # --offload: FSDP2 keeps weights, gradients and AdamW state in host memory
+    node: int = 0  # --hybrid: the processes of one node, over which FSDP2 shards (0: over the whole world)
 
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def shards(self):
+        """The processes one parameter is sharded over: the world, or under --hybrid one node's."""
+        return self.node or self.world
 
     @property
     def fsdp(self):
@@ -200,7 +209,7 @@ def processes(run, cfg, world):
     check_writable(run.out)
     local_batch(cfg, world)  # before any process group
     with RunLock(run.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        ranks = init_ranks(run.device, run.offload)
+        ranks = init_ranks(run.device, run.offload, run.hybrid)
         threads = torch.get_num_threads()
         if run.flux is None and ranks.device.type == "cpu":
             torch.set_num_threads(1)
@@ -220,14 +229,19 @@ def my_prompts(prompt_of, step, cfg, ranks):
     return [(j, prompt_of(step, j)) for j in range(ranks.rank * per, (ranks.rank + 1) * per)]
 
 
-def init_ranks(device_name, offload=False):
+def init_ranks(device_name, offload=False, hybrid=False):
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with nccl (and gloo for --offload's host tensors), or CPU
-    processes with gloo. --offload in one process: a group of one (an in-memory store, no torchrun), which is all
-    fully_shard needs."""
+    processes with gloo; on several machines too, one torchrun agent on each (docs/training.md). --offload in one
+    process: a group of one (an in-memory store, no torchrun), which is all fully_shard needs. --hybrid: Ranks.node
+    is the node's process count (torchrun's LOCAL_WORLD_SIZE)."""
     _, world, device = this_process(device_name)
     if offload and not hasattr(fsdp, "CPUOffloadPolicy"):
         raise InputError(f"--offload needs FSDP2's torch.distributed.fsdp.CPUOffloadPolicy, which this torch "
                          f"{torch.__version__} lacks (PyTorch 2.6 or later has it)")
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if hybrid else 0
+    if hybrid and (world == 1 or world % node):
+        raise InputError(f"--hybrid shards within a node and replicates across nodes: it needs torchrun with the "
+                         f"same --nproc-per-node on every node (here {world} processes, {node} on this node)")
     if world == 1 and not offload:
         return Ranks(0, 1, device)
     # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
@@ -237,7 +251,7 @@ def init_ranks(device_name, offload=False):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
-    return Ranks(dist.get_rank(), world, device, offload)
+    return Ranks(dist.get_rank(), world, device, offload, node)
 
 
 def process_group_backend(device, offload):
@@ -333,11 +347,24 @@ def fsdp_shard(model, load, ranks):
     # --offload: the shards, their gradients and AdamW's state live in (pinned) host memory; each block is copied to
     # the device when gathered, and AdamW steps on the CPU (pinned memory for the copies: CUDA only)
     offload = fsdp.CPUOffloadPolicy(pin_memory=cuda) if ranks.offload else fsdp.OffloadPolicy()
+    mesh = hybrid_mesh(ranks)
     for block in [*model.double_blocks, *model.single_blocks]:
-        fully_shard(block, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     model.to_empty(device="cpu" if ranks.offload else ranks.device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def hybrid_mesh(ranks):
+    """--hybrid (HYBRID_SHARD): the 2-D DeviceMesh (replicate, shard) of (nodes, processes per node), rank r at
+    (r // node, r % node) as torchrun numbers them. FSDP2 given it shards each block over the GPUs of a node and
+    keeps one replica per node: its all-gathers and reduce-scatters stay on the node's links (NVLink), and only an
+    all-reduce of the reduced fp32 gradient shards crosses nodes; each GPU holds what FSDP2 over one node's GPUs
+    holds (memory.per_gpu). None without --hybrid: one shard group, the whole world."""
+    if not ranks.node:
+        return None
+    return init_device_mesh(ranks.device.type, (ranks.world // ranks.node, ranks.node),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 class Parts(NamedTuple):
