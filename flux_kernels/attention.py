@@ -34,6 +34,7 @@ Dispatch: `flux_kernels.dispatch.use_triton` (CUDA: compiled; CPU with TRITON_IN
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -42,6 +43,9 @@ import triton.language as tl
 from flux_kernels.dispatch import INTERPRETED, new_output, use_triton
 
 LOG2E = 1.4426950408889634
+# KERNELS_FIXED_TILES=1 at import: each kernel gets one tile per dtype, the smallest candidate, and nothing is timed
+# (the compiled tests: the autotuner would compile and time every candidate at every test's shape, ~250 compiles).
+FIXED_TILES = os.environ.get("KERNELS_FIXED_TILES") == "1"
 
 
 def _configs(tiles):
@@ -55,10 +59,13 @@ def _autotune(tiles_16bit, tiles_fp32):
 
     Two lists because fp32 is a different machine: its tl.dot runs on FMA units (input_precision "ieee", as the
     1e-5 tolerance needs), with operands in registers, and anything but small tiles spills; 16-bit runs on tensor
-    cores, where those small tiles would waste the MMA.
+    cores, where those small tiles would waste the MMA. With FIXED_TILES each list's last (smallest) tile alone: the
+    tests' short sequences then still cross several full blocks and a tail.
     """
     if INTERPRETED:
         return triton.autotune(configs=_configs([(32, 16, 4, 1)]), key=["N", "D"])
+    if FIXED_TILES:
+        tiles_16bit, tiles_fp32 = tiles_16bit[-1:], tiles_fp32[-1:]
     half, full = _configs(tiles_16bit), _configs(tiles_fp32)
 
     def by_dtype(configs, named_args, **kwargs):
@@ -351,13 +358,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _Attention.apply(q, k, v)
 
 
-def warm_up(n: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+# The autotuned kernels, by the names tiles() gives their choices
+_TUNED = {"forward": _fwd_kernel, "dK dV": _dkdv_kernel, "dQ": _dq_kernel}
+
+
+def warm_up(n: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, ranks=None) -> None:
     """Run the forward and backward kernels once at sequence length n, batch 1 x `heads`, so that the autotuner times
     its tiles now, alone on the GPU, rather than inside a run's first backward beside FSDP's NCCL kernels (which
     skews the timings). A no-op where the kernels do not run (see use_triton).
 
+    With `ranks` (training.runtime.Ranks: several processes) rank 0 alone times the tiles and every rank takes its
+    choice (tiles(), broadcast by ranks.from_main) before its own first launch: the winner is a timing, which differs
+    from GPU to GPU, and another tile sums the online softmax's blocks in another order, so ranks tuning alone could
+    round one model's attention differently.
+
     The choice is kept per (N, D) for the process. TRITON_CACHE_AUTOTUNING=1 (triton >= 3.4) also writes it to
     TRITON_CACHE_DIR (default ~/.triton/cache), where the next run on the same GPU finds it."""
     q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    if use_triton(q):
+    if not use_triton(q):
+        return
+    main = ranks is None or ranks.main
+    if main:  # times every candidate tile
         attention(q, k, v).backward(torch.ones_like(q))
+    if ranks is not None:
+        use_tiles(ranks.from_main(tiles() if main else None))
+    if not main:  # compiles rank 0's tiles, times nothing
+        attention(q, k, v).backward(torch.ones_like(q))
+
+
+def tiles():
+    """{kernel name: {autotuning key: the chosen triton.Config}}: what the autotuners chose in this process."""
+    return {name: dict(kernel.cache) for name, kernel in _TUNED.items()}
+
+
+def use_tiles(chosen):
+    """Take tiles() of another process: a launch at one of its keys uses its tile, without timing any."""
+    for name, kernel in _TUNED.items():
+        kernel.cache.update(chosen[name])

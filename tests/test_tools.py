@@ -42,9 +42,11 @@ def test_every_tool_is_named_in_the_readme():
 
 def test_backend_parity_runs_the_kernels_of_both_families_in_the_interpreter(monkeypatch, capsys):
     """tools.backend_parity, which gpu_check.sh runs compiled, on this CPU: the Triton interpreter (conftest imports
-    the kernels so), fp32, both families' tiny models (FLUX.2's with CFG's two passes) against SDPA."""
+    the kernels so), fp32, both families' tiny models (FLUX.2's with CFG's two passes) and one double block at
+    FLUX's head width (128) against SDPA."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit) as exit_info:
         backend_parity.main()
     lines = capsys.readouterr().out.splitlines()
-    assert exit_info.value.code == 0 and len(lines) == 2 and all(line.endswith("OK") for line in lines), lines
+    assert exit_info.value.code == 0 and len(lines) == 3 and all(line.endswith("OK") for line in lines), lines
+    assert lines[2].startswith("FLUX.1 double block, 2 heads x 128, 37 tokens on cpu"), lines

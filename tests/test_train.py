@@ -376,8 +376,8 @@ def test_train_step_equals_the_official_step_written_out(tiny, tmp_path, monkeyp
 def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_first_step(tiny, tmp_path, monkeypatch):
     """With --attn triton the attention kernels are tuned once, at image + text tokens, before any model call."""
     cfg = srpo.TrainConfig(height=32, width=48, rollout_steps=2, steps=1, samples=1, batch=1)
-    events = []
-    monkeypatch.setattr(runtime, "warm_up", lambda *args: events.append(("warm_up", *args)))  # flux_kernels.attention's
+    events, told = [], []  # flux_kernels.attention's warm_up, told the processes (rank 0 tunes for all)
+    monkeypatch.setattr(runtime, "warm_up", lambda *a, ranks: events.append(("warm_up", *a)) or told.append(ranks))
 
     def prepare(model):
         model.set_attention_backend("triton")
@@ -387,6 +387,7 @@ def test_triton_kernels_are_warmed_up_at_the_run_sequence_length_before_the_firs
     model, _, text, _ = tiny
     text_tokens = text(["a red fox"])[0].shape[1]
     assert events[0] == ("warm_up", 2 * 3 + text_tokens, model.cfg.num_heads, model.cfg.head_dim, torch.float32, CPU)
+    assert [(r.rank, r.world) for r in told] == [(0, 1)]
     assert events[1:] == ["model"] * (len(events) - 1) and len(events) > 2
 
 

@@ -144,13 +144,20 @@ class Watch:
 
     def grid_images(self, parts, prompts, name, ranks, wanted):
         """The before/after view, OUT/name: the first --samples prompts at FLUX.1-dev's inference settings (the model
-        family's noise, mu and conditioning), written by rank 0."""
+        family's noise, mu and conditioning), prompt i from seed i. Each rank samples its share (my_share), rank 0
+        gathers the images in prompt order and writes the row: one process's grid, bit for bit (one image at a time,
+        each from its own seed)."""
         cfg, path = self.cfg, os.path.join(self.out, name)
-        conds = [parts.conditioning(p, cfg, ranks.device) for p in prompts[: cfg.samples]]
-        if wanted and conds:
-            images = sampler.sample_grid(parts.family, parts.model, parts.ae, conds, cfg.height, cfg.width,
-                                         cfg.guidance, ranks.device)
-            ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
+        prompts = prompts[: cfg.samples]
+        if not (wanted and prompts):
+            return
+        indices, own = my_share(len(prompts), ranks)
+        conds = [parts.conditioning(prompts[i], cfg, ranks.device) for i in indices]
+        row = sampler.sample_grid(parts.family, parts.model, parts.ae, conds, cfg.height, cfg.width, cfg.guidance,
+                                  ranks.device, seeds=indices)
+        mine = list(zip(indices[:own], row.cpu().split(cfg.width, dim=3), strict=False))
+        images = torch.cat([image for _, image in sorted(r for share in ranks.gather(mine) for r in share)], dim=3)
+        ranks.main_writes(f"the sample grid {path}", functools.partial(sampler.save_png, images, [path]))
 
     @contextlib.contextmanager
     def open(self, parts, ranks):

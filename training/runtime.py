@@ -452,7 +452,7 @@ def ready(family, model, ae, reward, embeddings, prompt_of, cfg, start, folder, 
                             weight_decay=cfg.weight_decay, fused=True)
     if folder:
         checkpoints.load_training_state(model, opt, folder, ranks, cfg.lora_rank)
-    warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks.device)
+    warm_up_kernels(model, cfg, next(iter(embeddings.values()))[0].shape[1], ranks)
     return Parts(model, opt, ae, reward, embeddings, prompt_of, start, family, x0_of)
 
 
@@ -534,10 +534,11 @@ def reward_tokenizer(run):
     return tokenizer_folder(run.reward_model, fallback)
 
 
-def warm_up_kernels(model, cfg, text_tokens, device):
+def warm_up_kernels(model, cfg, text_tokens, ranks):
     """Tune the Triton attention kernels at the run's sequence length (image + text tokens: the rollout, both
-    branches and the grids all use it) and in autocast's bf16, before the first step (see flux_kernels.attention)."""
+    branches and the grids all use it) and in autocast's bf16, before the first step, on rank 0 for every rank (see
+    flux_kernels.attention.warm_up)."""
     if model.double_blocks[0].backend == "triton":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what autocast hands the kernels
+        dtype = torch.bfloat16 if ranks.device.type == "cuda" else torch.float32  # what autocast hands the kernels
         warm_up((cfg.height // 16) * (cfg.width // 16) + text_tokens, model.cfg.num_heads, model.cfg.head_dim, dtype,
-                device)
+                ranks.device, ranks=ranks)
