@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from references import rel_err
+from test_faults import disk, fill  # noqa: F401  disk is a fixture
 from test_train import (  # noqa: F401  fsdp_runs is a fixture
     FSDP_ARGS,
     ROOT,
@@ -21,12 +22,14 @@ from test_train import (  # noqa: F401  fsdp_runs is a fixture
     cli,
     fsdp_runs,
     log_lines,
+    run_cli,
     weights,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import cli as command_line
-from training import checkpoints
+from common import util
+from training import checkpoints, runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,6 +112,26 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(fsdp_runs, tmp_path):
     assert os.path.isdir(os.path.join(checkpoint(out, 2), checkpoints.SHARDS))
 
 
+def test_a_checkpoint_whose_shard_index_is_gone_is_refused_in_one_line(fsdp_runs, tmp_path, capsys):  # noqa: F811
+    out = resume_from(fsdp_runs[1], 2, str(tmp_path))
+    os.remove(os.path.join(checkpoint(out, 2), checkpoints.SHARDS, ".metadata"))
+    code, err = run_cli([*FSDP_ARGS, "--out", out, "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and f"{checkpoints.SHARDS}: not the AdamW shards" in err[0], err
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process saves here
+def test_a_full_disk_during_the_shards_is_a_fault_and_leaves_no_half_checkpoint(disk):  # noqa: F811
+    """A real full disk under DCP's writer: its CheckpointException (which every rank gets) becomes the Fault of the
+    OSError inside it, and rank 0 removes the checkpoint's folder."""
+    folder = os.path.join(disk, checkpoints.CHECKPOINT.format(1))
+    os.makedirs(folder)
+    adamw = {"w": {"step": torch.tensor(1.0), "exp_avg": torch.ones(1 << 20), "exp_avg_sq": torch.ones(1 << 20)}}
+    fill(disk, 1 << 20)  # room for a quarter of the 8 MiB
+    with pytest.raises(util.Fault, match="could not write the checkpoint .*No space left on device"):
+        checkpoints.save_shards(adamw, folder, f"the checkpoint {folder}", runtime.Ranks(0, 1, torch.device("cpu")))
+    assert not os.path.exists(folder)
+
+
 # Where the step-2 save of a 2-process run is held while the test kills it: its weights written and no shard yet;
 # every shard and the index written but not training.pt nor state.json; state.json written but the older checkpoint
 # not yet deleted.
@@ -117,6 +140,8 @@ PAUSED = """import os, runpy, sys, time
 sys.path.insert(0, {root!r})
 from training import checkpoints
 name, when, flag = {name!r}, {when!r}, {flag!r}
+with open(flag + "pid" + os.environ["RANK"], "w") as f:
+    f.write(str(os.getpid()))
 original = getattr(checkpoints, name)
 def paused(*args, **kwargs):
     step2 = 2 in checkpoints.complete(args[0]) if name == "prune" else checkpoints.CHECKPOINT.format(2) in args[1]
@@ -149,9 +174,15 @@ def test_sigkill_during_a_two_process_save_leaves_the_last_checkpoint_usable(fsd
     # one rank paused: the other is inside the same collective save or waiting on it (prune: rank 0 alone)
     while not os.path.exists(flag + "0") and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    paused = os.path.exists(flag + "0")
+    # torchrun starts each worker in a session of its own: SIGKILL reaches them one by one, as the OOM killer's
+    for pid in [flag + "pid0", flag + "pid1"]:
+        if os.path.exists(pid):
+            with open(pid) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=60)
-    assert os.path.exists(flag + "0"), p.stderr.read()[-3000:]
+    assert paused, p.stderr.read()[-3000:]
     assert sorted(checkpoints.complete(out)) == ([1, 2] if moment == "marker" else [1])
     cli(*TORCHRUN, *args, "--resume")
     a, b = weights(two, 2), weights(out, 2)
