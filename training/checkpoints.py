@@ -1,6 +1,7 @@
 """What a run leaves in its --out folder and resumes from: checkpoints, each written atomically (the whole transformer
-in diffusers format or LoRA's adapters, AdamW and RNG state, state.json last), kept to --keep and the best held-out
-one, checked before a resume; and the JSONL log, trimmed to the checkpoint a resumed run starts after."""
+in diffusers format or LoRA's adapters, AdamW and RNG state, under torchrun AdamW's as each rank's shard, state.json
+last), kept to --keep and the best held-out one, checked before a resume; and the JSONL log, trimmed to the
+checkpoint a resumed run starts after."""
 
 import functools
 import json
@@ -124,7 +125,8 @@ SHARDS = "optimizer"  # a checkpoint's folder of AdamW's state under torchrun, o
 def save_shards(adamw, folder, what, ranks):
     """AdamW's state {name: {step, exp_avg, exp_avg_sq}} as torch.distributed.checkpoint (DCP) writes it: each rank
     its own shards (1/world of 2 x 4 bytes a parameter) to folder/optimizer/__RANK_0.distcp, rank 0 the index
-    (.metadata) once all are written; gathered to rank 0 instead, it made rank 0 write twice the weights' bytes more.
+    (.metadata) once all are written: rank 0 writes 4 + 8 / world bytes a parameter with the weights, not the 12 of
+    gathering everything (FLUX.1-dev on 8 GPUs: 59.5 GB instead of 142.8).
     Collective: a rank's failed write is raised on every rank (DCP's CheckpointException holds each rank's
     exception) as the Fault of its OSError, once rank 0 removed the folder."""
     def write():
@@ -202,7 +204,7 @@ def read_shard_index(folder):
     """The index (.metadata) of folder/optimizer/, refused in one line unless DCP can read it."""
     path = os.path.join(folder, SHARDS)
     try:
-        return dcp.FileSystemReader(path).read_metadata()
+        dcp.FileSystemReader(path).read_metadata()
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise InputError(f"{path}: not the AdamW shards a checkpoint of torchrun writes ({first_line(e)[:200]}): "
                          f"restore the folder, or remove the checkpoint to resume from an older one") from None
