@@ -591,8 +591,8 @@ def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs)
     for x, y in zip(log_lines(one), log_lines(two), strict=True):
         assert x.keys() == y.keys() and x.pop("words") == y.pop("words")
         assert all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
-    opt_one, opt_two = (torch.load(os.path.join(out, checkpoints.CHECKPOINT.format(2), "training.pt"),
-                                   weights_only=True)["optimizer"]["state"] for out in (one, two))
+    from test_sharded_saves import adamw_state  # training.pt's, or the shards' of the 2 processes
+    opt_one, opt_two = (adamw_state(os.path.join(out, checkpoints.CHECKPOINT.format(2))) for out in (one, two))
     names = {name for name, _ in fm.Flux(fm.FluxConfig.preset("tiny")).named_parameters()}
     assert opt_one.keys() == opt_two.keys() == names  # the full AdamW state, gathered from the shards
     assert all(torch.allclose(opt_two[n]["exp_avg"], opt_one[n]["exp_avg"], rtol=1e-4, atol=1e-9) for n in names)
@@ -600,8 +600,8 @@ def test_fsdp_two_processes_match_one_process_running_the_whole_batch(fsdp_runs)
 
 @pytest.mark.slow
 def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs, tmp_path):
-    """The 2-process run's step-1 checkpoint (and log), resumed by 2 processes to step 2: the sharded weights and
-    AdamW state broadcast from rank 0's files give the uninterrupted 2-process run's step 2."""
+    """The 2-process run's step-1 checkpoint (and log), resumed by 2 processes to step 2: the sharded weights
+    broadcast from rank 0's file and each rank's AdamW shards give the uninterrupted 2-process run's step 2."""
     _, two = fsdp_runs
     out = str(tmp_path)
     first = checkpoints.CHECKPOINT.format(1)
@@ -611,8 +611,9 @@ def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs,
     a, b = weights(two, 2), weights(out, 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_lines(out) == log_lines(two)
-    opt_straight, opt_resumed = (torch.load(os.path.join(folder, checkpoints.CHECKPOINT.format(2), "training.pt"),
-                                            weights_only=True)["optimizer"]["state"] for folder in (two, out))
+    from test_sharded_saves import adamw_state  # the shards of the 2 processes
+    opt_straight, opt_resumed = (adamw_state(os.path.join(folder, checkpoints.CHECKPOINT.format(2)))
+                                 for folder in (two, out))
     assert all(torch.equal(opt_straight[n][k], opt_resumed[n][k]) for n in opt_straight for k in opt_straight[n])
 
 
