@@ -156,10 +156,11 @@ def preflight_terms(flux_cfg, lora_rank, height, width, text_tokens=TEXT_TOKENS)
 
 def needs(e, world, offload):
     """(bytes on each GPU, bytes of host memory at its peak) of a run of e's rank on `world` GPUs, or None where no
-    estimate models it (LoRA under torchrun without --offload). FSDP2 over N: rank 0 reads the fp32 transformer and
-    gathers weights + AdamW state to save a checkpoint (12 bytes a parameter); one GPU or --offload: one_gpu's."""
+    estimate models it (LoRA under torchrun without --offload). FSDP2 over N: rank 0 reads the fp32 transformer to
+    broadcast it (4 bytes a parameter; a save gathers the weights a tensor at a time, and each rank writes its own
+    AdamW shard); one GPU or --offload: one_gpu's."""
     if world > 1 and not offload:
-        return None if e["lora rank"] else (per_gpu(e, world) * GB, e["params"] * 12)
+        return None if e["lora rank"] else (per_gpu(e, world) * GB, e["params"] * 4)
     lora_mode = f"LoRA r={e['lora rank']}, " if e["lora rank"] else "full, "
     gpu, host, extra, *_ = one_gpu(e)[lora_mode + ("--offload" if offload else "resident")]
     return gpu, host + extra

@@ -244,8 +244,8 @@ def init_ranks(device_name, offload=False, hybrid=False):
                          f"same --nproc-per-node on every node (here {world} processes, {node} on this node)")
     if world == 1 and not offload:
         return Ranks(0, 1, device)
-    # Rank 0 gathers and writes each checkpoint (~143 GB for FLUX.1-dev: fp32 weights and AdamW state) while the
-    # others wait at the barrier: far longer than the default 10-minute collective timeout.
+    # A checkpoint's save (rank 0 writes the 47.6 GB of FLUX.1-dev's fp32 weights, every rank its AdamW shard) can
+    # keep the others at a barrier far longer than the default 10-minute collective timeout.
     backend, timeout = process_group_backend(device, offload), timedelta(hours=2)
     if world == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
