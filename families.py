@@ -133,7 +133,6 @@ def decide(flux=None, name=None, transformer=None):
     if flux and name:
         raise InputError("--family is the tiny demo's: with --flux, the folder's model_index.json says the family")
     if flux:
-        check_folder(flux, "a diffusers FLUX folder")
         return of_folder(flux) if os.path.isfile(os.path.join(flux, "model_index.json")) else FLUX1
     if not transformer:
         return by_name(name or FLUX1.name)

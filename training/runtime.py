@@ -30,6 +30,7 @@ from common.util import (
     InputError,
     RunLock,
     attention_backend,
+    check_folder,
     check_writable,
     derive_seed,
     read_prompts,
@@ -99,6 +100,7 @@ def check_inputs(run, cfg):
                          f"pass a velocity (no CFG): nothing for it to do; give one or the other")
     if run.flux is None:
         return
+    check_folder(run.flux, "a diffusers FLUX folder")
     kind = REWARDS[cfg.reward]
     if not run.reward_model:
         raise InputError(f"--{kind.name} is required with --flux and --reward {kind.name} (--{kind.name} "
