@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from references import rel_err
+from test_sharded_saves import adamw_state
 from test_train import ROOT, SMALL, TORCHRUN, cli, log_lines, weights
 from torch.distributed.tensor import Replicate, Shard
 
@@ -86,8 +87,8 @@ def one_agent(tmp_path_factory):
 
 
 def optimizer_state(out, step):
-    path = os.path.join(out, checkpoints.CHECKPOINT.format(step), "training.pt")
-    return torch.load(path, weights_only=True)["optimizer"]["state"]
+    """The AdamW state of a torchrun checkpoint, read whole from its shards (each rank saves its own)."""
+    return adamw_state(os.path.join(out, checkpoints.CHECKPOINT.format(step)))
 
 
 def test_two_agents_on_two_nodes_give_the_weights_of_one_agent(one_agent, tmp_path):
