@@ -245,11 +245,14 @@ def check_clip_folder(folder, title):
         raise InputError(f"{folder}: no weights (expected one of {', '.join(_HF_WEIGHTS)})")
 
 
+CLIP_VOCABULARY = ("vocab.json", "merges.txt")  # a CLIP BPE tokenizer's files
+
+
 def tokenizer_folder(model, fallback):
     """Where a CLIP reward's tokenizer comes from: the model's folder when it holds vocab.json + merges.txt (as
     PickScore_v1's and CLIP-ViT-H-14's do), else fallback (e.g. a FLUX.1 folder, whose tokenizer/ has the same CLIP
     BPE vocabulary)."""
-    own = all(os.path.isfile(os.path.join(str(model), name)) for name in ("vocab.json", "merges.txt"))
+    own = all(os.path.isfile(os.path.join(str(model), name)) for name in CLIP_VOCABULARY)
     return model if own else fallback
 
 

@@ -39,7 +39,7 @@ from common.util import (
     written,
 )
 from flux_kernels.attention import warm_up
-from reward import REWARDS, tokenizer_folder
+from reward import CLIP_VOCABULARY, REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
 from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, image_data, memory
@@ -87,7 +87,6 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
-CLIP_VOCABULARY = ("vocab.json", "merges.txt")
 
 
 def check_inputs(run, cfg):
