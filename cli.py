@@ -7,6 +7,7 @@ modules take configs, not flags."""
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import MISSING, fields
 
@@ -81,7 +82,8 @@ def build_parser():
     add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N"})
     add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
                                         for name, preset in srpo.PRESETS.items()},
-              choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)})
+              choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)},
+              metavar={"words": ("P", "N")})
     exporting = sub.add_parser("export", help="a checkpoint as a BFL/ComfyUI file, FP8, an extracted LoRA or merged "
                                "weights", description=cmd_export.__doc__)
     exporting.add_argument("checkpoint", metavar="CHECKPOINT",
@@ -134,7 +136,7 @@ def reward_flags(p, help):
 
 def flag_value(value):
     """A TrainConfig value as it is typed on the command line: a pair as 'A B'."""
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return " ".join(shlex.quote(str(v)) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def recipe_table():

@@ -31,7 +31,6 @@ One step (`train_step`), for each prompt of the global batch:
     inversion branch: sigma_lo -> sigma_t, SRP with (N, P)             (each backpropagated as soon as it is built)
 then the gradient norm is clipped to 0.1 and AdamW steps. The loop (`train`) logs, evaluates and saves; where it runs
 is training/runtime.py's, the rewards reward.py's, the baselines methods.py's, the model families families.py's.
-`python srpo.py train` runs it on tiny random models built in code (offline, CPU, about a minute).
 """
 
 import functools
@@ -100,31 +99,31 @@ class TrainConfig:
     k_denoise: Annotated[tuple, bounds.FINITE, "k of the denoise branch: linspace(A, B, N)[sel]"] = (0.1, 0.25)
     k_inversion: Annotated[tuple, bounds.FINITE, "k of the inversion: linspace(A, B, N)[max(sel - K, 1)]"] = (0.3, 0.01)
     margin: Annotated[float, bounds.FINITE, "hinge margin m: loss = relu(m - r) / 2 per branch"] = 0.7
+    words: Annotated[tuple, "SRP's control words P N, comma-separated lists: update s uses the (s mod len)-th of "
+                            "each"] = ("Natural-lighting,Detail,Detailed,Real", "Concept art,Painting,Anime,Flat,Oil")
     no_inversion: Annotated[bool, "ablation: train the denoise branch only (the official README's check of an "
                                   "implementation: without the inversion branch, reward hacking comes back)"] = False
     plain_reward: Annotated[bool, "ablation, SRP off: every branch rewards the plain score of the prompt (the "
-                                  "inversion branch's gradient then opposes the denoise branch's); pickscore and clip "
-                                  "score about 20: give a --margin above that, else the hinge is 0"] = False
-    no_branch_cfg: Annotated[bool, "on a model sampled with classifier-free guidance (FLUX.2 [klein] base), the "
-                                   "training calls (branches, rollout) make the conditional pass alone: 1 model call "
-                                   "where a branch at --guidance > 1 makes 2 with gradient, v_neg + g (v_pos - v_neg); "
-                                   "the grids and evaluations keep the guidance"] = False
+                                  "inversion's gradient then opposes the denoise branch's; pickscore, clip: ~20, "
+                                  "give a --margin above)"] = False
+    no_branch_cfg: Annotated[bool, "on a model sampled with CFG (FLUX.2 [klein] base) the training calls make the "
+                                   "conditional pass alone: 1 model call where a branch at --guidance > 1 makes 2, "
+                                   "v_neg + g (v_pos - v_neg); the grids and evaluations keep the guidance"] = False
     # ReFL's (methods.refl_losses): its gradient step i ~ U{floor(f T) .. T - 1} and loss lambda relu(m s - r)
     refl_late: Annotated[float, Bounded(float, 0, 1, open_high=True, why="a share"), "f (ImageReward's 0.75)"] = 0.75
     refl_margin: Annotated[float, bounds.FINITE, "m, s the reward's scale (FlowBP's relu(0.55 - HPS))"] = 0.55
     refl_grad_scale: Annotated[float, bounds.POSITIVE, "lambda, ImageReward's --grad_scale"] = 1e-3
     # the run
-    steps: Annotated[int, bounds.RUN_STEPS,
-                     "optimizer updates, numbered 1..N (update s uses step s's control words); the official loop's "
-                     "step 20 only saves: its released checkpoint holds 19 updates"] = 19
+    steps: Annotated[int, bounds.RUN_STEPS, "optimizer updates, numbered 1..N (update s uses step s's words); the "
+                                            "official loop's step 20 only saves: its checkpoint holds 19"] = 19
     save_every: Annotated[int, bounds.RUN_STEPS, "save a checkpoint every N updates (and after the last one)"] = 5
     keep: Annotated[int, bounds.RUN_STEPS, "complete checkpoints kept; older ones are deleted once a newer one is "
                                            "complete, except the one that scored best on the held-out prompts"] = 1
     batch: Annotated[int, bounds.PROMPTS, "prompts per optimizer step (global batch), split over the processes: each "
                                           "runs batch / world of them (tiny demo: one per process)"] = 32
     seed: Annotated[int, bounds.SEED, "seed of the prompt order, the shared noise and the timestep draws"] = 0
-    samples: Annotated[int, Bounded(int, 0, 64, why="one row of images"),
-                       "prompts (the first of the prompt list) in the before/after sample grids; 0: none"] = 4
+    samples: Annotated[int, Bounded(int, 0, 64, why="one row"), "prompts (the first ones) in the before/after "
+                                                                "sample grids; 0: none"] = 4
     # LoRA (weights/lora.py): the transformer frozen, its adapters trained instead
     lora_rank: Annotated[int, Bounded(int, 0, 1024, why="a third of FLUX.1's width 3072"),
                          "LoRA rank r: train adapters y = W x + (alpha / r) B A x on the blocks' attention and MLP "
@@ -145,6 +144,8 @@ class TrainConfig:
                 raise InputError(f"--{switch.replace('_', '-')} is an ablation of SRPO's branches, and --method "
                                  f"{self.method} has none: no inversion branch, the plain score rewarded already "
                                  f"(methods.py); give one or the other")
+        if not all(w.strip() for words in self.words for w in words.split(",")):
+            raise InputError(f"--words P N: two comma-separated lists, no word empty, got {self.words}")
         if self.lora_alpha and not self.lora_rank:
             raise InputError("--lora-alpha needs --lora-rank (the adapters it scales)")
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
@@ -179,14 +180,12 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------------
 # SRP's control words: the method's recipe, not the scorer's (the reward only sees the captions)
 
-POSITIVE_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")
-NEGATIVE_WORDS = ("Concept art", "Painting", "Anime", "Flat", "Oil")
 
-
-def control_words(step):
-    """The words of update `step`, as the official loop picks them: (POSITIVE_WORDS[step % 4],
-    NEGATIVE_WORDS[step % 5]); the 20 pairs recur every 20 steps."""
-    return POSITIVE_WORDS[step % len(POSITIVE_WORDS)], NEGATIVE_WORDS[step % len(NEGATIVE_WORDS)]
+def control_words(step, words=None):
+    """The words of update `step` from --words' lists P and N, as the official loop picks them: (P[step % len(P)],
+    N[step % len(N)]); with the official lists (4 and 5 words) the 20 pairs recur every 20 steps."""
+    positive, negative = (w.split(",") for w in words or TrainConfig.words)
+    return positive[step % len(positive)], negative[step % len(negative)]
 
 
 def control_caption(word, prompt):
@@ -332,7 +331,7 @@ def branches(cfg, sel, step):
     the same words swapped (N, P)."""
     denoise, inversion, gap = branch_sigmas(timestep_window(cfg), sel, cfg.max_gap)
     k_d, k_i = k_schedule(cfg, sel, gap)
-    pos, neg = control_words(step)
+    pos, neg = control_words(step, cfg.words)
     return (Branch("denoise", *denoise, k_d, pos, neg),
             Branch("inversion", *inversion, k_i, neg, pos, (sel <= gap, sel == gap == cfg.max_gap)))
 
@@ -420,7 +419,8 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
     On SIGTERM or SIGINT (on any rank) every rank finishes its step, a checkpoint is saved and Stopped raised: the
     decision is taken together at the step boundary, so no rank waits in a collective the others have left."""
     log = checkpoints.open_log(out, parts.start, ranks)
-    runtime.encode_captions(parts, cfg, ranks, lambda step, p: [control_caption(w, p) for w in control_words(step)])
+    words = functools.partial(control_words, words=cfg.words)
+    runtime.encode_captions(parts, cfg, ranks, lambda step, p: [control_caption(w, p) for w in words(step)])
     watch.grid_images(parts, prompts, "samples-before.png", ranks, parts.start == 0)
     with StopSignals() as signals, watch.open(parts, ranks):
         if parts.start == 0:
@@ -429,7 +429,7 @@ def train(parts, prompts, cfg, out, ranks, method, watch):
                          disable=not ranks.main):  # updates count from 1, as the official loop (its words follow)
             t0 = time.time()
             values = train_step(parts, step_batch(parts, cfg, step, ranks), step, cfg, ranks, method)
-            record = {"step": step, **values, "lr": runtime.learning_rate(cfg, step), "words": control_words(step),
+            record = {"step": step, **values, "lr": runtime.learning_rate(cfg, step), "words": words(step),
                       "seconds": round(time.time() - t0, 3)}
             ranks.main_writes(f"the log {log}", functools.partial(checkpoints.append_log, log, record))
             watch.log(record)

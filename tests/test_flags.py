@@ -75,7 +75,7 @@ def bad_values(command, action, tmp):
              "--pickscore": tmp / "no-pickscore", "--clip": tmp / "no-clip", "--tokenizer": tmp / "no-tokenizer",
              "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--images": tmp / "no-images",
              "--device": "tpu9", "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
-             "checkpoint": tmp / "no-checkpoint", "--base": tmp / "no-flux",
+             "checkpoint": tmp / "no-checkpoint", "--base": tmp / "no-flux", "--words": "bright,,dark",
              "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png",
                        "export": tmp / "no-folder" / "x.safetensors"}.get(command)}
     name = (action.option_strings or [action.dest])[0]

@@ -5,6 +5,7 @@ Tiny models only.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -214,6 +215,21 @@ def test_inversion_branch_uses_the_swapped_captions(tiny, monkeypatch):
     assert calls == [(pytest.approx(k_d), f"{P}. a red fox", f"{N}. a red fox"),
                      (pytest.approx(k_i), f"{N}. a red fox", f"{P}. a red fox")]
     assert captions == [[f"{P}. a red fox"], [f"{N}. a red fox"], [f"{N}. a red fox"], [f"{P}. a red fox"]]
+    calls.clear()
+    world = dataclasses.replace(cfg, words=("bright", "dark,dull"))
+    both_branches(model, ae, reward, x0, eps, cond, "a red fox", sel, 7, world)
+    bright, dull = "bright. a red fox", "dull. a red fox"
+    assert [c[1:] for c in calls] == [(bright, dull), (dull, bright)]
+
+
+def test_control_words_cycle_through_each_list():
+    """Update s takes the (s mod len)-th word of each list: the official lists' 20 pairs recur every 20 updates."""
+    assert [control_words(s) for s in (0, 1, 4, 5, 20)] == [
+        ("Natural-lighting", "Concept art"), ("Detail", "Painting"), ("Natural-lighting", "Oil"),
+        ("Detail", "Concept art"), ("Natural-lighting", "Concept art")]
+    assert [control_words(s, ("bright", "dark,dull")) for s in (1, 2)] == [("bright", "dull"), ("bright", "dark")]
+    with pytest.raises(util.InputError, match="--words P N"):
+        srpo.TrainConfig(words=("bright,", "dark"))
 
 
 def test_direct_align_gradient_is_the_same_with_the_triton_kernels(tiny, monkeypatch):
