@@ -25,8 +25,7 @@ from training import checkpoints, evaluation, export, runtime
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors (an unknown flag, a value that does not parse) on one line as every other error of
-    srpo.py, rather than after a usage block."""
+    """argparse, with its errors (an unknown flag, a bad value) on one line as srpo.py's others, not after a usage."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -59,11 +58,11 @@ Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pick
 clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
 folder's own vocab.json + merges.txt when it has them, else --flux's tokenizer/ (the same CLIP vocabulary). As in the
 official script, PickScore and CLIP tokenize captions as CLIPProcessor (padding, truncation to 77) and reward
-exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS". The control words were designed for HPS: the
-official README warns that they may suit PickScore less. Each reward's official launch script sets its defaults
-(CLIP has none: it takes the HPS values); a flag you give wins:"""
+exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS" (the official README warns that the control
+words, made for HPS, may suit PickScore less). Each reward's launch script sets its defaults (CLIP: HPS's):"""
 
 FAMILY_NAMES = tuple(f.name for f in families.FAMILIES)  # --family: the tiny demo's models
+DEMO_NAMES = tuple(dict.fromkeys(demo for f in families.FAMILIES for demo in f.demos))  # --demo: which of them
 def build_parser():
     """The parser of the four commands."""
     parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
@@ -71,15 +70,15 @@ def build_parser():
     sample = sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                             description="Generate images. Without --flux, a tiny random model built in code runs "
                             "offline.")
-    add_flags(sample, sampler.SampleConfig, {"tiny": sampler.TINY}, choices={"family": FAMILY_NAMES},
-              metavar={"max_sequence_length": "N", "lora": "FILE"})
+    add_flags(sample, sampler.SampleConfig, {"tiny": sampler.TINY}, metavar={"max_sequence_length": "N", "lora": "F"},
+              choices={"family": FAMILY_NAMES, "demo": DEMO_NAMES})
     device_flags(sample, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, and each process takes its share of "
                  "--prompts)")
     train = sub.add_parser("train", help="SRPO fine-tuning of FLUX.1-dev or FLUX.2 (or the tiny offline demo)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
-    add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N"})
+    add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N"}, choices={"demo": DEMO_NAMES})
     add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
                                         for name, preset in srpo.PRESETS.items()},
               choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)},
@@ -202,9 +201,10 @@ def run_config(args, family):
     """runtime.RunConfig from `train`'s flags and its model `family`: the prompts read, the reward's model path
     picked by --reward."""
     name = args.reward or srpo.TrainConfig.reward
-    prompts = read_prompts(args.eval_prompts) if args.eval_prompts else evaluation.EVAL_PROMPTS
+    demo = family.demo(args.demo, args.flux)
+    prompts = read_prompts(args.eval_prompts) if args.eval_prompts else runtime.demo_prompts(demo, held_out=True)
     return config_from(runtime.RunConfig, args, family=family, reward_model=getattr(args, name),
-                       judge=args.pickscore if name != "pickscore" else None, eval_prompts=tuple(prompts))
+                       judge=args.pickscore if name != "pickscore" else None, eval_prompts=tuple(prompts), demo=demo)
 
 
 def check_reward_flags(args, name):

@@ -61,13 +61,27 @@ class Family:
     sample_models: Callable  # (sample config, prompts, dtype, device) -> (model, ae, embeddings)
     sample_guidance: Callable  # (sample config, transformer config, rank) -> the scale
     frozen_parts: Callable  # (flux_dir, dtype, device, weights) -> (ae, text, cfg, load(device))
-    tiny_frozen_parts: Callable  # (device, weights) -> the same, of the tiny demo
+    tiny_frozen_parts: Callable  # (device, weights, demo) -> the same, of the tiny demo named demo
+    demos: dict  # its tiny demos without a folder (--demo): name -> (seed) -> (model, ae, text), the default first
     # what a run asks: is a folder's model (flux_dir, or None: the tiny demo's) sampled with classifier-free guidance
     # at a scale; refuse a training guidance a folder's model cannot take (None: every model of the family takes it);
     # does its pipeline folder hold CLIP's tokenizer (the rewards' BPE vocabulary)
     uses_cfg: Callable  # (flux_dir | None, guidance) -> bool
     check_guidance: Callable | None  # (flux_dir, train cfg)
     clip_tokenizer: bool
+
+    def demo(self, name=None, flux=None):
+        """--demo's name, checked: one of the family's tiny demos (None: its default, the first); with --flux None."""
+        if flux:
+            if name:
+                raise InputError("--demo is the tiny demo's: with --flux, the folder holds the models")
+            return None
+        if name is None:
+            return next(iter(self.demos))
+        if name not in self.demos:
+            raise InputError(f"--demo {name}: the tiny {self.title} demos are {', '.join(self.demos)} (the tiny world "
+                             f"is FLUX.1's: docs/world.md)")
+        return name
 
     def noise_of(self, model):
         """The family's initial_noise for this transformer: (batch, height, width, seed, dtype) -> packed latents
@@ -89,6 +103,7 @@ FLUX1 = Family(
     guidance=flux_sampling.GUIDANCE, load_folder=flux_sampling.load_folder,
     sample_models=flux_sampling.sample_models, sample_guidance=flux_sampling.sample_guidance,
     frozen_parts=flux_sampling.frozen_parts, tiny_frozen_parts=flux_sampling.tiny_frozen_parts,
+    demos=flux_sampling.DEMOS,
     uses_cfg=flux_sampling.uses_cfg, check_guidance=flux_sampling.check_guidance, clip_tokenizer=True)
 FLUX2 = Family(
     name="flux2", title="FLUX.2", pipelines=tuple(flux2_sampling.TEXT_ENCODERS),
@@ -101,6 +116,7 @@ FLUX2 = Family(
     mu=flux2_sampling.empirical_mu, guidance=flux2_sampling.GUIDANCE, load_folder=flux2_sampling.load_folder,
     sample_models=flux2_sampling.sample_models, sample_guidance=flux2_sampling.sample_guidance,
     frozen_parts=flux2_sampling.frozen_parts, tiny_frozen_parts=flux2_sampling.tiny_frozen_parts,
+    demos=flux2_sampling.DEMOS,
     uses_cfg=flux2_sampling.uses_cfg, check_guidance=None, clip_tokenizer=False)
 FAMILIES = (FLUX1, FLUX2)
 FLUX2_KEYS = ("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")  # BFL's, diffusers'

@@ -108,10 +108,13 @@ def tiny_models(seed=0):
     return model, ae, f2.Qwen3Conditioner.tiny(model.cfg.context_in_dim // 3, seed=seed)
 
 
-def tiny_frozen_parts(device, weights):
-    """runtime.frozen_parts of the tiny FLUX.2 demo: (VAE, text with the negative prompt, transformer config,
-    load(device) of the transformer in `weights`)."""
-    model, ae, text = tiny_models()
+DEMOS = {"random": tiny_models}  # the tiny demos without a folder (--demo): no tiny world for FLUX.2
+
+
+def tiny_frozen_parts(device, weights, demo):
+    """runtime.frozen_parts of the tiny FLUX.2 demo `demo` (DEMOS): (VAE, text with the negative prompt, transformer
+    config, load(device) of the transformer in `weights`)."""
+    model, ae, text = DEMOS[demo]()
     return ae, embedder(text.to(device), cfg=True), model.cfg, functools.partial(model.to, dtype=weights)
 
 
@@ -180,13 +183,11 @@ def sample_models(s, prompts, dtype, device):
         encoder = TEXT_ENCODERS[pipeline_config(s.flux)["_class_name"]]
         text = encoder.from_folder(s.flux, dtype, device, s.max_sequence_length)
     else:
-        model, ae, text = tiny_models()
+        model, ae, text = flux_sampling.demo_transformer(s, DEMOS, flux2_weights.load_transformer, dtype, device)
         text.max_length = s.max_sequence_length
     text = embedder(text, uses_cfg(s.flux, GUIDANCE if s.guidance is None else s.guidance))
     embeddings = flux_sampling.encode_prompts(text, prompts)
     del text
     if s.flux:
         return *load_folder(s.flux, s.transformer, dtype, device), embeddings
-    if s.transformer:
-        model = flux_sampling.tiny_transformer(flux2_weights.load_transformer, s.transformer, model.cfg, dtype, device)
     return model.to(device, dtype), ae.to(device, dtype), embeddings

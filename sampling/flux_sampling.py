@@ -83,13 +83,23 @@ def tiny_models(seed=0):
     return model, ae, text
 
 
-def tiny_transformer(load, path, cfg, dtype, device):
-    """--transformer without --flux: the tiny demo's transformer (a `srpo.py train` checkpoint) read by `load`, the
-    family's load_transformer, in the demo's config; said plainly when it is not one."""
-    try:
-        return load(path, cfg, dtype, device)
-    except InputError as e:
-        raise not_a_demo_checkpoint(e) from None
+DEMOS = {"random": tiny_models}  # the tiny demos without a folder (--demo), the default first
+
+
+def demo_transformer(s, demos, load, dtype, device):
+    """(model, ae, text) of the tiny demo --demo (a name of a family's DEMOS: (seed) -> the models), its transformer
+    --transformer's checkpoint (a `srpo.py train` one) read by `load`, the family's load_transformer, when given:
+    without --demo, the first demo whose transformer the checkpoint fits; said plainly when it fits none."""
+    error = None
+    for name in [s.demo] if s.demo else list(demos):
+        model, ae, text = demos[name]()
+        if not s.transformer:
+            return model, ae, text
+        try:
+            return load(s.transformer, model.cfg, dtype, device), ae, text
+        except InputError as e:
+            error = e
+    raise not_a_demo_checkpoint(error) from None
 
 
 def not_a_demo_checkpoint(error):
@@ -117,19 +127,17 @@ def frozen_parts(flux_dir, dtype, device, weights):
     return ae, text, flux_cfg, functools.partial(flux_weights.load_transformer, sub, flux_cfg, weights)
 
 
-def tiny_frozen_parts(device, weights):
-    """runtime.frozen_parts of the tiny demo: its random models built in code."""
-    model, ae, text = tiny_models()
+def tiny_frozen_parts(device, weights, demo):
+    """runtime.frozen_parts of the tiny demo `demo` (DEMOS): its models, made or read without a folder."""
+    model, ae, text = DEMOS[demo]()
     return ae, text.to(device), model.cfg, functools.partial(model.to, dtype=weights)
 
 
 def sample_models(s, prompts, dtype, device):
-    """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny built-in ones; the prompts are encoded first."""
+    """(model, ae, {prompt: (txt, y)}) of --flux, or the tiny demo's (DEMOS); the prompts are encoded first."""
     if not s.flux:
-        model, ae, text = tiny_models()
+        model, ae, text = demo_transformer(s, DEMOS, flux_weights.load_transformer, dtype, device)
         text.max_length = s.max_sequence_length
-        if s.transformer:
-            model = tiny_transformer(flux_weights.load_transformer, s.transformer, model.cfg, dtype, device)
         return model.to(device, dtype), ae.to(device, dtype), encode_prompts(text, prompts)
     text = fm.TextConditioner.from_folder(s.flux, dtype, device, s.max_sequence_length)
     embeddings = encode_prompts(text, prompts)  # on the CPU: 4 MiB a prompt for T5-XXL in bf16

@@ -258,6 +258,9 @@ class SampleConfig:
     family: Annotated[str | None, "without --flux, the tiny demo's model family (default: --transformer's own, as its "
                       "config.json or keys say, else flux1); flux2: `train --family flux2`'s tiny FLUX.2 and "
                       "Qwen3"] = None
+    demo: Annotated[str | None, "without --flux, which tiny demo's models: world (FLUX.1's, trained on the tiny "
+                    "world: docs/world.md) or random (built in code); default: the one --transformer's checkpoint "
+                    "fits, else the family's first"] = None
     prompt: Annotated[str | None, f"text prompt (default: {DEFAULT_PROMPT!r})"] = None
     prompts: Annotated[str | None, "prompt file, one per line: the images of line i (from 0) go to --out/i.png "
                        "(00000.png, ...), listed with their prompts in --out/images.jsonl; the models load once, and "
@@ -338,6 +341,7 @@ def check_sample_flags(s):
     family (--family with --flux refused, a bad model_index.json too)."""
     check_size(s.height, s.width)
     family = families.decide(s.flux, s.family, s.transformer)
+    family.demo(s.demo, s.flux)
     if s.lora and not os.path.isfile(s.lora):
         raise InputError(f"--lora {s.lora}: no such file (expected a FLUX LoRA .safetensors)")
     return family
@@ -366,7 +370,7 @@ def sample(s):
             check_rerun(s.out, jobs, settings)
         if s.flux or s.transformer:  # check every file before the slow part
             meta = (fam.load_folder(s.flux, s.transformer, dtype, "meta")[0] if s.flux else
-                    flux_sampling.tiny_transformer(fam.load, s.transformer, fam.config.preset("tiny"), dtype, "meta"))
+                    flux_sampling.demo_transformer(s, fam.demos, fam.load, dtype, "meta")[0])
             if s.lora:
                 lora.merge_lora(meta, s.lora)
         jobs = my_jobs(s, jobs, settings, rank, world) if s.prompts else jobs

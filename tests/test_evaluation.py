@@ -27,7 +27,7 @@ from test_train import (  # noqa: F401  real_args is a fixture
 )
 
 import cli as command_line
-from training import checkpoints, evaluation, hacking
+from training import checkpoints, hacking, runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = ["a red bicycle", "a harbor at sunset", "a smiling child"]  # 3: an uneven share over 2 processes
@@ -146,7 +146,7 @@ def test_eval_log_holds_the_signs_of_reward_hacking(tmp_path, capsys):
              "--tensorboard", "--out", out]
     command_line.main([*flags, "--steps", "2"])
     report = capsys.readouterr().out
-    lines, n = eval_lines(out), len(evaluation.EVAL_PROMPTS)
+    lines, n = eval_lines(out), len(runtime.EVAL_PROMPTS)
     files = {line["step"]: np.stack([pixels(os.path.join(out, "eval", f"step-{line['step']:06d}", f"{i:05d}.png"))
                                      for i in range(n)]) for line in lines}
     scored = {step: torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255 for step, f in files.items()}

@@ -149,7 +149,8 @@ def test_each_train_config_field_declares_its_help_and_a_number_its_range():
     and every preset names fields of it."""
     for f in dataclasses.fields(srpo.TrainConfig):
         assert bounds.annotation(srpo.TrainConfig, f.name, str), f.name
-        numeric = f.type.__origin__ in (int, float, tuple)
+        numbers = f.type.__origin__ is tuple and all(isinstance(v, (int, float)) for v in f.default)
+        numeric = f.type.__origin__ in (int, float) or numbers  # a pair of numbers; --words is a pair of words
         assert (bounds.annotation(srpo.TrainConfig, f.name, bounds.Bounded) is not None) == numeric, f.name
     names = {f.name for f in dataclasses.fields(srpo.TrainConfig)}
     assert all(set(preset) <= names for preset in srpo.PRESETS.values())

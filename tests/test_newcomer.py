@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import cli
 import families
 from common import util
-from training import checkpoints, evaluation
+from training import checkpoints, evaluation, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
@@ -47,7 +47,7 @@ def test_the_demo_checkpoint_samples_without_flux_as_its_evaluation_did(demo, tm
     byte for byte (and not the untrained model's); a file of another shape is refused in one line."""
     weights = os.path.join(demo, checkpoints.CHECKPOINT.format(2), "diffusion_pytorch_model.safetensors")
     i, out = 1, tmp_path / "x.png"
-    cli.main(["sample", "--transformer", weights, "--prompt", evaluation.EVAL_PROMPTS[i], "--seed", str(i),
+    cli.main(["sample", "--transformer", weights, "--prompt", runtime.EVAL_PROMPTS[i], "--seed", str(i),
                "--steps", "28", *SIZE, "--out", str(out)])
     tile = os.path.join(demo, "eval", "step-{:06d}", f"{i:05d}.png")
     with open(tile.format(2), "rb") as trained, open(tile.format(0), "rb") as untrained:
@@ -66,7 +66,7 @@ def test_score_without_a_model_scores_with_the_demo_reward(demo, capsys):
     with open(os.path.join(demo, "eval.jsonl")) as f:
         scores = json.loads(f.readlines()[-1])["per_prompt"]["hps"]
     capsys.readouterr()
-    for i, prompt in enumerate(evaluation.EVAL_PROMPTS):
+    for i, prompt in enumerate(runtime.EVAL_PROMPTS):
         cli.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt])
         captured = capsys.readouterr()
         assert abs(float(captured.out.split("\t")[0]) - scores[i]) <= 1e-6, (captured.out, scores[i])
@@ -127,6 +127,17 @@ def test_sample_writes_under_runs_by_default(tmp_path, monkeypatch):
     assert os.path.isfile(runs / "sample.png") and os.path.isfile(runs / "samples" / "00000.png")
 
 
+def communicate_or_dump(process, timeout):
+    """(stdout, stderr) of a process started with PYTHONFAULTHANDLER=1; still running `timeout` s later, a failure
+    with its threads' Python stacks (faulthandler prints them on the SIGABRT sent then)."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        stacks = process.communicate(timeout=60)[1]
+        raise AssertionError(f"still running {timeout} s later; its threads then:\n{stacks[-8000:]}") from None
+
+
 def reader_waiting(fifo, process, timeout=300):
     """A write end of the named pipe, opened once a reader waits on it (before: ENXIO): the moment `process` is in
     its open() or read() of the file."""
@@ -155,11 +166,11 @@ def test_ctrl_c_while_train_loads_its_models_is_one_line(flux_folder, tmp_path):
     (tmp_path / "hps.pt").write_bytes(b"never read: the run stops first")
     train = subprocess.Popen([sys.executable, "srpo.py", "train", "--flux", str(folder), "--hps",
                               str(tmp_path / "hps.pt"), *TINY, "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     writer = reader_waiting(config, train)
     try:
         train.send_signal(signal.SIGINT)
-        err = train.communicate(timeout=120)[1].splitlines()
+        err = communicate_or_dump(train, 120)[1].splitlines()
     finally:
         os.close(writer)
     assert train.returncode == 130 and len(err) == 1 and err[0].startswith("stopped: SIGINT"), err

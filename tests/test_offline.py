@@ -64,7 +64,7 @@ def no_rollout(*args):
 
 def tiny_vae(family):
     """The tiny demo's VAE of --family (FLUX.2's holds a 0-d BatchNorm counter, which the cache key hashes too)."""
-    return next(f for f in families.FAMILIES if f.name == family).tiny_frozen_parts("cpu", torch.float32)[0]
+    return next(f for f in families.FAMILIES if f.name == family).tiny_frozen_parts("cpu", torch.float32, "random")[0]
 
 
 @pytest.mark.parametrize("family", ["flux1", "flux2"])

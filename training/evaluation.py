@@ -35,9 +35,6 @@ from reward import REWARDS, tokenizer_folder
 from sampling import sampler
 from training import checkpoints, hacking, runtime
 
-# Held out from the demo's training prompts (runtime.DEMO_PROMPTS); a real run gives --eval-prompts (docs/evaluation.md)
-EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
-                "a watercolor painting of a harbor at sunset", "a close-up portrait of a smiling child")
 GRID_COLUMNS = 8
 
 

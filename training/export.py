@@ -124,25 +124,34 @@ def base_transformer(base, what):
     return sub if os.path.isdir(sub) else base
 
 
-def demo_base(family):
-    """--base demo: the tiny demo's base transformer of the family in float32, built as `train` without --flux
-    builds it (the family's tiny_frozen_parts: random with a fixed seed), what a demo checkpoint was trained from."""
-    *_, load = family.tiny_frozen_parts("cpu", torch.float32)
-    return load("cpu")
+def demo_bases(family=None):
+    """--base demo: each tiny demo's base transformer (of `family`, or of every family), float32, built or read as
+    `train` without --flux starts from it (the family's tiny_frozen_parts), what a demo checkpoint was trained from."""
+    for fam in [family] if family else families.FAMILIES:
+        for demo in fam.demos:
+            *_, load = fam.tiny_frozen_parts("cpu", torch.float32, demo)
+            yield load("cpu")
 
 
-def demo_family(lora_file):
-    """The family whose tiny demo transformer a LoRA file adapts (its layers and shapes, checked on the meta
-    device): a LoRA checkpoint names no family of its own."""
-    for family in families.FAMILIES:
+def demo_base(like):
+    """The tiny demo base of the checkpoint `like` (Weights): the one of its family with its shapes (else the
+    family's first, which open_base then finds the first differing tensor of)."""
+    bases = list(demo_bases(like.family))
+    return next((b for b in bases if in_memory(b).shapes == like.shapes), bases[0])
+
+
+def lora_demo_base(lora_file):
+    """The tiny demo base transformer that a LoRA file adapts (its layers and shapes, checked on the meta device): a
+    LoRA checkpoint names no family or demo of its own."""
+    for model in demo_bases():
         with torch.device("meta"):
-            model = family.model(family.config.preset("tiny"))
+            meta = type(model)(model.cfg)
         try:
-            lora.merge_lora(model, lora_file)
+            lora.merge_lora(meta, lora_file)
         except InputError:
             continue
-        return family
-    raise InputError(f"{lora_file}: adapts neither tiny demo transformer (FLUX.1's, FLUX.2's): --base demo is for a "
+        return model
+    raise InputError(f"{lora_file}: adapts no tiny demo transformer (FLUX.1's, FLUX.2's): --base demo is for a "
                      f"checkpoint of `srpo.py train` without --flux")
 
 
@@ -150,7 +159,7 @@ def open_base(base, like, what):
     """The base's Weights, checked against the checkpoint's (`like`) key by key: a base of another model (other
     widths, depths, no guidance embedding) is one line naming the first tensor that differs."""
     if base == DEMO:
-        weights, path = in_memory(demo_base(like.family), "the tiny demo's base"), "--base demo"
+        weights, path = in_memory(demo_base(like), "the tiny demo's base"), "--base demo"
     else:
         path = base_transformer(base, what)
         family = families.of_transformer(path)
@@ -171,7 +180,7 @@ def merged_model(checkpoint, base, dtype, device="cpu"):
     model."""
     lora_file = os.path.join(checkpoint, lora.LORA_FILE)
     if base == DEMO:
-        return lora.merge_lora(demo_base(demo_family(lora_file)).to(device, dtype), lora_file)
+        return lora.merge_lora(lora_demo_base(lora_file).to(device, dtype), lora_file)
     path = base_transformer(base, f"{checkpoint}: a LoRA checkpoint")
     # a single file's config: FLUX.1-dev's, FLUX.2's read off it
     model = families.of_transformer(path).load(path, None, dtype, device)

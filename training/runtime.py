@@ -42,7 +42,7 @@ from flux_kernels.attention import warm_up
 from reward import CLIP_VOCABULARY, REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
 from sampling.sampler import DEFAULT_PROMPT
-from training import checkpoints, image_data, memory
+from training import checkpoints, image_data, memory, world
 from weights import lora
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,6 +75,9 @@ class RunConfig:
                                "run needs, before anything is loaded: docs/memory.md) says it cannot fit"] = False
     hybrid: Annotated[bool, "under torchrun on several nodes: HYBRID_SHARD, FSDP2 shards within a node and "
                       "replicates across nodes (docs/training.md, several machines)"] = False
+    demo: Annotated[str | None, "without --flux, which tiny demo's models: world (FLUX.1's, trained on the tiny "
+                    "world, its scorer the reward: docs/world.md) or random (built in code, a random reward; "
+                    "--family flux2's only one)"] = None
     family: families.Family = families.FLUX1  # decided once by the command (families.decide): flux's, or the demo's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
     judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
@@ -87,6 +90,17 @@ DEMO_PROMPTS = (DEFAULT_PROMPT, "a portrait of an old fisherman in natural light
                 "a bowl of ripe peaches on a wooden table", "a lighthouse on a cliff at dawn",
                 "a city street in the rain at night", "a honeybee on a sunflower, close-up",
                 "a mountain lake with pine trees", "a cup of coffee on a cafe terrace")
+# Held out from DEMO_PROMPTS; a real run gives --eval-prompts (docs/evaluation.md)
+EVAL_PROMPTS = ("a red bicycle leaning against a brick wall", "an astronaut riding a horse on the moon",
+                "a watercolor painting of a harbor at sunset", "a close-up portrait of a smiling child")
+
+
+def demo_prompts(demo, held_out=False):
+    """The prompts of a run without --prompts (held_out: without --eval-prompts): the tiny world's (world.prompts)
+    in its demo, else a few built-in ones."""
+    if demo == "world":
+        return world.prompts(held_out)
+    return list(EVAL_PROMPTS if held_out else DEMO_PROMPTS)
 
 
 def check_inputs(run, cfg):
@@ -120,7 +134,7 @@ def train_data(run, prompt_file, cfg):
     """(images, prompts) of a run, before any model loads: with --images the folder's ImageSet, every image checked,
     and its captions as the prompts; else (None, --prompts' or the demo's)."""
     if run.images is None:
-        return None, read_prompts(prompt_file) if prompt_file else list(DEMO_PROMPTS)
+        return None, read_prompts(prompt_file) if prompt_file else demo_prompts(run.demo)
     if prompt_file:
         raise InputError("--prompts and --images exclude each other: with --images the prompts are the images' "
                          "captions")
@@ -459,10 +473,10 @@ def ready(family, model, ae, reward, embeddings, prompt_of, cfg, start, folder, 
 
 def frozen_parts(run, dtype, device, weights=torch.float32):
     """(VAE, text encoders, transformer config, load(device) of the transformer in `weights`, fp32 unless LoRA
-    freezes it): the --flux folder's, as its family loads it (families.Family.frozen_parts), or without one the tiny
-    demo's random ones of run.family built in code (the same start on every rank; rank 0's is broadcast under FSDP)."""
+    freezes it): the --flux folder's, as its family loads it (families.Family.frozen_parts), or without one those of
+    run.family's tiny demo run.demo (the same start on every rank; rank 0's is broadcast under FSDP)."""
     if run.flux is None:
-        return run.family.tiny_frozen_parts(device, weights)
+        return run.family.tiny_frozen_parts(device, weights, run.demo)
     return run.family.frozen_parts(run.flux, dtype, device, weights)
 
 

@@ -108,6 +108,18 @@ def captions(labels, leave_out=()):
             for size, bright, colour, shape, ground in zip(*words, strict=True)]
 
 
+def prompts(held_out=False):
+    """The world's prompts for SRPO, without a brightness word (SRP's control words decide it): each (size, colour,
+    shape) on grey, 36 in all. One per colour, its size and shape cycling, is held out (never trained on: the
+    held-out evaluations'); the other 30 are trained on."""
+    combos = [(size, colour, shape) for colour in range(len(COLOURS)) for size in range(len(SIZES))
+              for shape in range(len(SHAPES))]
+    chosen = [c for c in combos if ((c[0], c[2]) == (c[1] % len(SIZES), c[1] % len(SHAPES))) == held_out]
+    labels = {name: np.array([c[k] for c in chosen]) for k, name in enumerate(("size", "colour", "shape"))}
+    labels |= {"brightness": labels["size"] * 0, "background": labels["size"] * 0 + LABELS["background"].index("grey")}
+    return captions(labels, leave_out=("brightness",))
+
+
 def to_tensor(images):
     """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) in [0, 1], the layout of the project's images."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
