@@ -123,3 +123,19 @@ def test_the_judge_learns_the_labels_in_a_small_budget():
     """From scratch, 500 steps of 64 (43 s on a busy core): each label >= 0.95 on held-out images."""
     agreement = world.train_judge(world.JudgeConfig(steps=500)).agreement(*held_out())
     assert min(agreement.values()) >= 0.95, agreement
+
+
+def test_captions_read_back_into_their_labels_and_prompts_leave_out_the_brightness():
+    """labels_of reads each label's word back from a caption (-1 where none is said); the world's prompts are its 36
+    (size, colour, shape) captions on grey without a brightness word, 6 of them (one per colour) held out."""
+    _, labels = world.draw(3, 300)
+    read = world.labels_of(world.captions(labels))
+    assert all(np.array_equal(read[name], labels[name]) for name in world.LABELS)
+    said = world.labels_of(["bright. a large cyan square"])
+    assert {name: int(v[0]) for name, v in said.items()} == {"size": 1, "brightness": 0, "colour": 3, "shape": 1,
+                                                            "background": -1}
+    trained, held_out = world.prompts(), world.prompts(held_out=True)
+    assert len(trained) == 30 and len(held_out) == 6 and not set(trained) & set(held_out)
+    every = world.labels_of(trained + held_out)
+    assert len(set(zip(every["size"], every["colour"], every["shape"], strict=True))) == 36
+    assert (every["brightness"] == -1).all() and sorted(world.labels_of(held_out)["colour"]) == list(range(6))

@@ -108,6 +108,14 @@ def captions(labels, leave_out=()):
             for size, bright, colour, shape, ground in zip(*words, strict=True)]
 
 
+def labels_of(texts):
+    """The labels of captions or prompts as draw_labels gives them ({name: (n,) index into LABELS[name]}), read from
+    their words; -1 where a text says none of a label's words (a prompt that leaves it out)."""
+    words = [set(t.replace(".", " ").split()) for t in texts]
+    return {name: np.array([next((i for i, v in enumerate(values) if v in w), -1) for w in words], dtype=np.int64)
+            for name, values in LABELS.items()}
+
+
 def prompts(held_out=False):
     """The world's prompts for SRPO, without a brightness word (SRP's control words decide it): each (size, colour,
     shape) on grey, 36 in all. One per colour, its size and shape cycling, is held out (never trained on: the
