@@ -130,7 +130,8 @@ def check_tensorboard(out):
 
 def test_tensorboard_holds_every_scalar_and_grid(tmp_path):
     out = str(tmp_path)
-    command_line.main(["train", "--steps", "3", "--save-every", "2", *SMALL, "--tensorboard", "--out", out])
+    command_line.main(["train", "--demo", "random", "--steps", "3", "--save-every", "2", *SMALL, "--tensorboard",
+                       "--out", out])
     assert [line["step"] for line in eval_lines(out)] == [0, 2, 3]  # step 0, every --save-every, the last
     assert len(eval_lines(out)[0]["per_prompt"]["hps"]) == 1  # SMALL's one held-out prompt
     check_tensorboard(out)
@@ -142,8 +143,8 @@ def test_eval_log_holds_the_signs_of_reward_hacking(tmp_path, capsys):
     SSIM 1, above 0 once the model moved); TensorBoard holds the means as eval/NAME; the report says how each moved.
     A run folder without step 0's images resumes with the drift left out, without error."""
     out = str(tmp_path)
-    flags = ["train", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--save-every", "1",
-             "--tensorboard", "--out", out]
+    flags = ["train", "--demo", "random", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0",
+             "--save-every", "1", "--tensorboard", "--out", out]
     command_line.main([*flags, "--steps", "2"])
     report = capsys.readouterr().out
     lines, n = eval_lines(out), len(runtime.EVAL_PROMPTS)
@@ -186,7 +187,8 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
     step 2 to 4 with --eval-every 1: eval.jsonl and TensorBoard hold each step once, the redone step 3 the new
     one."""
     out = str(tmp_path)
-    flags = ["train", *SMALL, "--save-every", "1", "--keep", "3", "--eval-every", "1", "--tensorboard", "--out", out]
+    flags = ["train", "--demo", "random", *SMALL, "--save-every", "1", "--keep", "3", "--eval-every", "1",
+             "--tensorboard", "--out", out]
     command_line.main([*flags, "--steps", "3"])
     shutil.rmtree(os.path.join(out, checkpoints.CHECKPOINT.format(3)))
     with open(os.path.join(out, "eval.jsonl")) as f:
@@ -200,13 +202,13 @@ def test_resumed_run_appends_evaluations_without_duplicates_or_gaps(tmp_path):
 
 def test_a_resume_with_other_eval_prompts_is_refused(tmp_path, capsys):
     out = str(tmp_path / "out")
-    flags = ["train", *SMALL, "--eval-prompts", prompt_file(tmp_path), "--out", out]
+    flags = ["train", "--demo", "random", *SMALL, "--eval-prompts", prompt_file(tmp_path), "--out", out]
     command_line.main([*flags, "--steps", "1"])
     capsys.readouterr()
     other = tmp_path / "other.txt"
     other.write_text("a different prompt\n")
-    code, err = run_cli(["train", *SMALL, "--eval-prompts", str(other), "--out", out, "--steps", "2", "--resume"],
-                        capsys)
+    code, err = run_cli(["train", "--demo", "random", *SMALL, "--eval-prompts", str(other), "--out", out, "--steps",
+                         "2", "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "prompts.txt" in err[0] and "other prompts" in err[0], err
     command_line.main([*flags, "--steps", "2", "--resume"])
     assert [line["step"] for line in eval_lines(out)] == [0, 1, 2]
@@ -216,8 +218,8 @@ def test_two_processes_write_the_eval_log_of_one(tmp_path):
     """3 eval prompts over 2 gloo processes (one of them pads its share) == one process running --batch 2: the
     same steps and per-prompt order, values to 1e-5 (FSDP's sums round differently), step 0 exactly."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    flags = ["train", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "2", *SMALL,
-             "--eval-prompts", prompt_file(tmp_path)]
+    flags = ["train", "--demo", "random", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "2",
+             *SMALL, "--eval-prompts", prompt_file(tmp_path)]
     cli(*TORCHRUN, *flags, "--out", two)
     command_line.main([*flags, "--out", one])
     a, b = eval_lines(one), eval_lines(two)
@@ -232,8 +234,8 @@ def test_two_processes_write_the_eval_log_of_one(tmp_path):
 
 
 def test_without_the_flag_tensorboard_is_never_imported(tmp_path):
-    code = ("import sys, cli; cli.main(['train', '--steps', '1', '--height', '32', '--width', '32', "
-            f"'--rollout-steps', '2', '--samples', '0', '--out', {str(tmp_path)!r}]); "
+    code = ("import sys, cli; cli.main(['train', '--demo', 'random', '--steps', '1', '--height', '32', '--width', "
+            f"'32', '--rollout-steps', '2', '--samples', '0', '--out', {str(tmp_path)!r}]); "
             "print(sorted(m for m in sys.modules if 'tensorboard' in m))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

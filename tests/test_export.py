@@ -420,8 +420,8 @@ def test_the_image_of_an_fp8_export_stays_near_the_bf16_export_s(family, finetun
     images = []
     for to, export_file in (("bfl", export.to_bfl), ("fp8", export.to_fp8)):
         path = export_file(ckpt, str(tmp_path / f"{to}.safetensors"))
-        cli.main(["sample", "--transformer", path, "--steps", "4", "--height", "64", "--width", "48",
-                   "--out", str(tmp_path / f"{to}.png")])
+        cli.main(["sample", "--demo", "random", "--transformer", path, "--steps", "4", "--height", "64", "--width",
+                   "48", "--out", str(tmp_path / f"{to}.png")])
         images.append(np.asarray(Image.open(tmp_path / f"{to}.png")).astype(np.int16))
     difference = np.abs(images[0] - images[1])
     assert 0 < difference.max() <= 3 and difference.mean() <= 0.5, (difference.max(), difference.mean())
@@ -592,8 +592,8 @@ def demo_checkpoints(tmp_path_factory):
     folders = []
     for name, flags in (("full", []), ("lora", ["--lora-rank", "4"])):
         out = str(tmp_path_factory.mktemp(f"demo-{name}"))
-        cli.main(["train", "--steps", "2", "--save-every", "2", "--height", "32", "--width", "32", "--rollout-steps",
-                   "4", "--samples", "1", "--lr", "1e-2", *flags, "--out", out])
+        cli.main(["train", "--demo", "random", "--steps", "2", "--save-every", "2", "--height", "32", "--width", "32",
+                   "--rollout-steps", "4", "--samples", "1", "--lr", "1e-2", *flags, "--out", out])
         folders.append(os.path.join(out, "checkpoint-000002"))
     return folders
 
@@ -601,7 +601,7 @@ def demo_checkpoints(tmp_path_factory):
 def demo_image(folder, name, *flags):
     """`sample` with the tiny demo's models (4 steps, seed 0) -> the 8-bit image."""
     path = str(folder / f"{name}.png")
-    cli.main(["sample", "--steps", "4", "--height", "64", "--width", "48", *flags, "--out", path])
+    cli.main(["sample", "--demo", "random", "--steps", "4", "--height", "64", "--width", "48", *flags, "--out", path])
     return np.asarray(Image.open(path)).astype(np.int16)
 
 

@@ -29,7 +29,7 @@ from training import checkpoints, evaluation
 from weights import flux_weights, lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]
+SMALL = ["--demo", "random", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # as torchrun's workers: the same float rounding in every process
 
@@ -143,7 +143,7 @@ def test_sigterm_stops_sample_prompts_after_an_image_and_a_rerun_completes(tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(12)))
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    args = ["sample", "--prompts", str(prompts), "--steps", "8"]
+    args = ["sample", "--demo", "random", "--prompts", str(prompts), "--steps", "8"]
     cli(*args, "--out", straight)
     code, err = signal_when([sys.executable, "srpo.py", *args, "--out", stopped],
                             lambda: os.path.exists(os.path.join(stopped, "00000.png")), signal.SIGTERM)
@@ -168,7 +168,7 @@ def test_a_failed_image_write_ends_sample_in_one_line(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(sampler, "save_png", disk_full_at_the_second)
     out = str(tmp_path / "out")
-    code, err = run_cli(["sample", "--prompts", str(prompts), "--steps", "2", "--out", out], capsys)
+    code, err = run_cli(["sample", "--demo", "random", "--prompts", str(prompts), "--steps", "2", "--out", out], capsys)
     assert code == 74 and len(err) == 1 and "00001.png" in err[0] and "No space left" in err[0], err
     assert "the same command makes the rest" in err[0]
     assert sorted(os.listdir(out)) == ["00000.png", "images.jsonl"]
@@ -284,7 +284,7 @@ def test_a_real_full_disk_ends_sample_in_one_line(disk, tmp_path, capsys, monkey
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
     out = os.path.join(disk, "out")
-    args = ["sample", "--prompts", str(prompts), "--steps", "2", "--out", out]
+    args = ["sample", "--demo", "random", "--prompts", str(prompts), "--steps", "2", "--out", out]
     full_before(monkeypatch, sampler, "save_png", disk, 0, lambda images, paths: paths[0].endswith("00001.png"))
     line = one_line_and_nothing_half_written(out, capsys, args)
     assert "00001.png" in line and "No space left on device" in line and "makes the rest" in line, line

@@ -166,8 +166,8 @@ def test_a_long_run_starts_without_a_pass_over_every_step(tmp_path, capsys, monk
     my_prompts = runtime.my_prompts
     monkeypatch.setattr(runtime, "my_prompts", lambda *a: calls.append(a[1]) or my_prompts(*a))
     monkeypatch.setattr(srpo, "train", stop)
-    code, err = run_cli(["train", "--steps", "100000", "--eval-every", "100000", "--samples", "0", "--height", "32",
-                         "--width", "32", "--rollout-steps", "2", "--out", tmp_path], capsys)
+    code, err = run_cli(["train", "--demo", "random", "--steps", "100000", "--eval-every", "100000", "--samples", "0",
+                         "--height", "32", "--width", "32", "--rollout-steps", "2", "--out", tmp_path], capsys)
     assert code == 75 and err[-1] == "stopped: stopped before the first step", err
     assert 0 < len(calls) <= len(runtime.DEMO_PROMPTS) + 4096 and max(calls) <= 4096
 

@@ -338,8 +338,9 @@ def test_prompt_file_with_bom_and_crlf_gives_the_same_prompts_and_images(tmp_pat
     assert (tmp_path / "windows.txt").read_bytes().startswith(b"\xef\xbb\xbfa red fox in snow\r\n")
     assert util.read_prompts(str(tmp_path / "windows.txt")) == util.read_prompts(str(tmp_path / "plain.txt")) == prompts
     for name in ("plain", "windows"):
-        cli.main(["sample", "--prompts", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--steps", "2"])
-    cli.main(["sample", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
+        cli.main(["sample", "--demo", "random", "--prompts", str(tmp_path / f"{name}.txt"), "--out",
+                   str(tmp_path / name), "--steps", "2"])
+    cli.main(["sample", "--demo", "random", "--prompt", prompts[0], "--out", str(tmp_path / "one.png"), "--steps", "2"])
     assert (tmp_path / "windows" / "images.jsonl").read_text() == (tmp_path / "plain" / "images.jsonl").read_text()
     for image in ("00000.png", "00001.png"):
         assert (tmp_path / "windows" / image).read_bytes() == (tmp_path / "plain" / image).read_bytes()
@@ -350,7 +351,8 @@ def test_prompt_file_run_resumes_where_it_stopped(tmp_path, capsys):
     """A second run skips the prompts whose images exist (files are written atomically, so an existing file is a
     whole image) and makes the missing ones again, the same bytes."""
     (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
-    args = ["sample", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "s"), "--steps", "2"]
+    args = ["sample", "--demo", "random", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "s"), "--steps",
+            "2"]
     cli.main(args)
     first = {name: (tmp_path / "s" / name).read_bytes() for name in ("00000.png", "00001.png", "00002.png")}
     assert len(set(first.values())) == 3
@@ -369,7 +371,7 @@ def test_prompt_file_is_split_over_torchrun_processes(tmp_path, monkeypatch, cap
     """Under torchrun, process r of w makes lines r, r + w, ... (no process group: prompts are independent) and
     process 0 writes images.jsonl; together they make the single process's images, byte for byte."""
     (tmp_path / "p.txt").write_text("a fox\na bee\na cup\n")
-    sample = ["sample", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--out"]
+    sample = ["sample", "--demo", "random", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--out"]
     cli.main([*sample, str(tmp_path / "one")])
     names = ["00000.png", "00001.png", "00002.png"]
     for rank, made in ((1, ["00001.png"]), (0, ["00000.png", "00002.png"])):
@@ -437,7 +439,7 @@ def test_transformer_file_replaces_weights_like_the_seed_snippet(flux_folder, tm
 
 def test_tiny_default_sample_runs(tmp_path):
     out = str(tmp_path / "tiny.png")
-    cli.main(["sample", "--out", out, "--steps", "3"])
+    cli.main(["sample", "--demo", "random", "--out", out, "--steps", "3"])
     img = read_png(out)
     assert img.shape == (64, 64, 3) and img.std() > 0
 

@@ -265,7 +265,7 @@ def test_a_flux2_demo_checkpoint_samples_without_family(tmp_path, capsys):
     torch.manual_seed(1)  # not the demo's untrained weights
     ckpt = tmp_path / "checkpoint-000002"
     families.FLUX2.save(f2.Flux2(f2.Flux2Config.preset("tiny")), str(ckpt))
-    small = ["--height", "32", "--width", "32", "--steps", "2"]
+    small = ["--demo", "random", "--height", "32", "--width", "32", "--steps", "2"]
     cli.main(["sample", "--transformer", str(ckpt), "--family", "flux2", *small, "--out", str(tmp_path / "a.png")])
     for i, given in enumerate([ckpt, ckpt / "diffusion_pytorch_model.safetensors"]):
         cli.main(["sample", "--transformer", str(given), *small, "--out", str(tmp_path / f"{i}.png")])

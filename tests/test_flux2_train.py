@@ -158,7 +158,8 @@ def test_model_calls_per_step_with_and_without_branch_cfg(tiny2, tmp_path, flags
 
 
 def run_args(out, *flags):
-    return ["train", "--family", "flux2", "--out", str(out), "--steps", "2", "--save-every", "2", *SMALL, *flags]
+    return ["train", "--demo", "random", "--family", "flux2", "--out", str(out), "--steps", "2", "--save-every", "2",
+            *SMALL, *flags]
 
 
 def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path):
@@ -169,7 +170,7 @@ def test_tiny_flux2_demo_trains_and_its_checkpoint_loads_into_diffusers(tmp_path
     command_line.main(run_args(tmp_path))
     (prompt,) = util.read_prompts(SMALL[SMALL.index("--eval-prompts") + 1])
     png = str(tmp_path / "sample.png")
-    command_line.main(["sample", "--family", "flux2", "--transformer", os.path.join(tmp_path,
+    command_line.main(["sample", "--demo", "random", "--family", "flux2", "--transformer", os.path.join(tmp_path,
                        checkpoints.CHECKPOINT.format(2)), "--prompt", prompt, "--seed", "0", "--steps", "28",
                        "--height", "32", "--width", "32", "--out", png])
     tile = [np.asarray(Image.open(tmp_path / "eval" / f"step-{step:06d}" / "00000.png")) for step in (0, 2)]

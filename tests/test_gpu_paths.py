@@ -81,8 +81,8 @@ def test_lora_under_fsdp_keeps_the_frozen_base_in_its_bf16_and_the_adapters_in_f
 
     monkeypatch.setattr(srpo, "train", inspect)
     monkeypatch.setattr(checkpoints, "report", lambda out: None)
-    cli.main(["train", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload", "--steps", "1",
-               "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"])
+    cli.main(["train", "--demo", "random", "--device", "cpu", "--out", str(tmp_path), "--lora-rank", "2", "--offload",
+               "--steps", "1", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "1"])
     frozen = {d for trained, d in dtypes.values() if not trained}
     adapters = {d for trained, d in dtypes.values() if trained}
     assert frozen == {torch.bfloat16} and adapters == {torch.float32}

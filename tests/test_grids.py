@@ -28,8 +28,9 @@ def test_two_processes_write_the_grid_of_one(tmp_path):
     """--samples 3 over 2 gloo processes (rank 1 pads its share with prompt 0) == one process: samples-before.png
     identical pixel for pixel; samples-after.png of the same size (the weights agree to FSDP's rounding only)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    flags = ["train", "--device", "cpu", "--batch", "2", "--steps", "1", "--height", "32", "--width", "32",
-             "--rollout-steps", "4", "--samples", "3", "--eval-prompts", os.path.join(ROOT, "tests", "eval_prompt.txt")]
+    flags = ["train", "--demo", "random", "--device", "cpu", "--batch", "2", "--steps", "1", "--height", "32",
+             "--width", "32", "--rollout-steps", "4", "--samples", "3", "--eval-prompts",
+             os.path.join(ROOT, "tests", "eval_prompt.txt")]
     cli(*TORCHRUN, *flags, "--out", two)
     command_line.main([*flags, "--out", one])
     before = [pixels(os.path.join(out, "samples-before.png")) for out in (one, two)]

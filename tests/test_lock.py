@@ -18,7 +18,7 @@ import cli
 from common import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
+TINY = ["--demo", "random", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
 
 
 def run_cli(args, capsys):
@@ -104,7 +104,8 @@ def test_a_sample_into_a_prompt_folder_another_process_holds_is_refused(tmp_path
     prompts.write_text("a red fox\n")
     os.makedirs(out)
     lock = os.path.join(out, ".lock")
-    command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "1"]
+    command = ["sample", "--demo", "random", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32",
+               "--steps", "1"]
     holding = lock_holder(out)
     with running(holding, lambda: os.path.exists(lock) and os.path.getsize(lock) > 0) as holder:
         code, err = run_cli(command, capsys)
@@ -122,7 +123,8 @@ def test_a_sample_rerun_with_other_settings_is_refused_and_the_same_command_cont
     out, prompts, other = str(tmp_path / "out"), tmp_path / "p.txt", tmp_path / "q.txt"
     prompts.write_text("a red fox\na blue bird\n")
     other.write_text("a green frog\na blue bird\n")
-    command = ["sample", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32", "--steps", "2"]
+    command = ["sample", "--demo", "random", "--prompts", str(prompts), "--out", out, "--height", "32", "--width", "32",
+               "--steps", "2"]
     cli.main(command)
     capsys.readouterr()
     made = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)}

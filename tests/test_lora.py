@@ -184,7 +184,8 @@ def test_flux2_lora_file_loads_into_flux2_klein_pipeline_and_gives_our_transform
 # ----------------------------------------------------------------------------------------------------------------
 # Runs: 2 processes, resume, offload
 
-RUN = ["train", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
+RUN = ["train", "--demo", "random", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "1", "--keep",
+       "2", *SMALL]
 LORA = ["--lora-rank", "4", "--lora-alpha", "8"]
 
 

@@ -76,8 +76,8 @@ def test_training_decodes_checkpointed_and_sampling_does_not(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(srpo, "train", lambda parts, *args: seen.append(parts.ae.decoder.checkpointing))
     monkeypatch.setattr(checkpoints, "report", lambda out: None)
-    cli.main(["train", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32", "--width", "32",
-               "--rollout-steps", "4", "--samples", "1"])
+    cli.main(["train", "--demo", "random", "--device", "cpu", "--out", str(tmp_path), "--steps", "1", "--height", "32",
+               "--width", "32", "--rollout-steps", "4", "--samples", "1"])
     assert seen == [True] and not fm.AutoEncoder(fm.AutoEncoderConfig.preset("tiny")).decoder.checkpointing
 
 

@@ -22,7 +22,8 @@ from training import evaluation, runtime
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox"
-SMALL = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0", "--eval-every", "1000",
+SMALL = ["--demo", "random", "--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0",
+         "--eval-every", "1000",
          "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,8 @@ from common.util import InputError
 from training import checkpoints, memory, runtime
 
 # --batch 4: a multiple of every world size here (2 and 4 processes); a checkpoint after each of the 2 steps
-ARGS = ["train", "--device", "cpu", "--batch", "4", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
+ARGS = ["train", "--demo", "random", "--device", "cpu", "--batch", "4", "--steps", "2", "--save-every", "1", "--keep",
+        "2", *SMALL]
 
 
 def free_port():

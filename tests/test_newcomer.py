@@ -23,7 +23,7 @@ from training import checkpoints, evaluation, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--height", "32", "--width", "32", "--rollout-steps", "4", "--samples", "0"]
-SIZE = ["--height", "32", "--width", "32"]
+SIZE = ["--demo", "random", "--height", "32", "--width", "32"]
 
 
 def run_cli(args, capsys):
@@ -37,7 +37,7 @@ def run_cli(args, capsys):
 def demo(tmp_path_factory):
     """The tiny demo, 2 steps at 32 x 32, evaluated on its 4 built-in held-out prompts at steps 0 and 2."""
     out = str(tmp_path_factory.mktemp("demo"))
-    cli.main(["train", "--steps", "2", "--save-every", "2", *TINY, "--out", out])
+    cli.main(["train", "--demo", "random", "--steps", "2", "--save-every", "2", *TINY, "--out", out])
     return out
 
 
@@ -99,7 +99,8 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
     assert missing.returncode != 0
     (tmp_path / "empty.txt").write_text("\n")
     for flag in ("--eval-prompts", "--prompts"):
-        code, err = run_cli(["train", flag, str(tmp_path / "empty.txt"), *TINY, "--out", str(tmp_path / "x")], capsys)
+        code, err = run_cli(["train", "--demo", "random", flag, str(tmp_path / "empty.txt"), *TINY, "--out",
+                             str(tmp_path / "x")], capsys)
         assert code == util.EXIT_INPUT and len(err) == 1 and "empty.txt: no prompts" in err[0], err
         assert not os.path.exists(tmp_path / "x" / "log.jsonl")
 

@@ -19,7 +19,7 @@ from sampling import flux_sampling
 from training import checkpoints, image_data, runtime
 
 CAPTIONS = ("a red fox in the snow", "a bowl of peaches", "a lighthouse at dawn")
-TINY = ["--height", "32", "--width", "32", "--samples", "0", "--eval-every", "100",
+TINY = ["--demo", "random", "--height", "32", "--width", "32", "--samples", "0", "--eval-every", "100",
         "--eval-prompts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompt.txt")]
 
 

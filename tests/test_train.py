@@ -582,7 +582,8 @@ def cli(*args):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-FSDP_ARGS = ["train", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "1", "--keep", "2", *SMALL]
+FSDP_ARGS = ["train", "--demo", "random", "--device", "cpu", "--batch", "2", "--steps", "2", "--save-every", "1",
+             "--keep", "2", *SMALL]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "srpo.py"]
 
 
@@ -637,15 +638,17 @@ def test_fsdp_resume_reaches_the_weights_of_an_uninterrupted_fsdp_run(fsdp_runs,
 def straight(tmp_path_factory):
     """An uninterrupted 3-step run, checkpoint after every step."""
     out = str(tmp_path_factory.mktemp("straight"))
-    command_line.main(["train", "--steps", "3", "--save-every", "1", "--keep", "3", *SMALL, "--out", out])
+    command_line.main(["train", "--demo", "random", "--steps", "3", "--save-every", "1", "--keep", "3", *SMALL,
+                       "--out", out])
     return out
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path):
     out = str(tmp_path)
-    command_line.main(["train", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
+    command_line.main(["train", "--demo", "random", "--steps", "2", "--save-every", "1", *SMALL, "--out", out])
     assert sorted(checkpoints.complete(out)) == kept_checkpoints(out, 2)  # --keep 1
-    command_line.main(["train", "--steps", "3", "--save-every", "1", *SMALL, "--out", out, "--resume"])
+    command_line.main(["train", "--demo", "random", "--steps", "3", "--save-every", "1", *SMALL, "--out", out,
+                       "--resume"])
     a, b = weights(straight, 3), weights(out, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert log_lines(out) == log_lines(straight)
@@ -713,9 +716,9 @@ def test_official_length_is_19_updates_with_the_words_of_steps_1_to_19(real_args
 
 @pytest.mark.slow
 def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
-    """`python srpo.py train` with no flags (but --out): the whole demo, in a fresh process."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "srpo.py"), "train", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=180)
+    """`python srpo.py train --demo random` with no other flags (but --out): the whole demo, in a fresh process."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "srpo.py"), "train", "--demo", "random", "--out",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     rewards = [line["reward_denoise"] for line in log_lines(str(tmp_path))]
     assert len(rewards) == srpo.PRESETS["demo"]["steps"]
@@ -727,9 +730,10 @@ def test_default_demo_runs_offline_and_the_reward_rises(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_runs_under_torchrun_with_two_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 srpo.py train`, no flags but --out and a shorter run (the whole length is the
-    one-process test's): the demo's --batch is one prompt per process, so it runs under any process count."""
-    cli(*TORCHRUN, "train", "--steps", "3", "--out", str(tmp_path))
+    """`torchrun --nproc_per_node=2 srpo.py train --demo random`, no other flags but --out and a shorter run (the whole
+    length is the one-process test's): the demo's --batch is one prompt per process, so it runs under any process
+    count."""
+    cli(*TORCHRUN, "train", "--demo", "random", "--steps", "3", "--out", str(tmp_path))
     lines = log_lines(str(tmp_path))
     assert len(lines) == 3 and sorted(checkpoints.complete(str(tmp_path))) == kept_checkpoints(str(tmp_path), 3)
     state = util.read_json(os.path.join(str(tmp_path), checkpoints.CHECKPOINT.format(len(lines)), "state.json"))
@@ -773,9 +777,10 @@ def test_batch_must_split_evenly_over_the_processes(tmp_path, capsys, monkeypatc
 
 def test_existing_checkpoints_are_never_overwritten_or_mixed(straight, capsys):
     before = weights(straight, 3)
-    code, err = run_cli(["train", "--steps", "4", *SMALL, "--out", straight], capsys)
+    code, err = run_cli(["train", "--demo", "random", "--steps", "4", *SMALL, "--out", straight], capsys)
     assert code == 2 and len(err) == 1 and "--resume" in err[0] and "step 3" in err[0]
-    code, err = run_cli(["train", "--steps", "4", *SMALL, "--lr", "0.5", "--out", straight, "--resume"], capsys)
+    code, err = run_cli(["train", "--demo", "random", "--steps", "4", *SMALL, "--lr", "0.5", "--out", straight,
+                         "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "lr" in err[0]
     after = weights(straight, 3)
     assert sorted(checkpoints.complete(straight)) == [1, 2, 3] and all(torch.equal(before[k], after[k]) for k in before)
@@ -791,7 +796,7 @@ def test_a_checkpoint_without_a_setting_ran_with_its_default(straight, tmp_path,
     state = util.read_json(path)
     del state["config"]["reward"]
     util.write_json(path, state)
-    args = ["train", "--steps", "4", "--save-every", "1", *SMALL, "--out", out, "--resume"]
+    args = ["train", "--demo", "random", "--steps", "4", "--save-every", "1", *SMALL, "--out", out, "--resume"]
     code, err = run_cli([*args, "--reward", "clip"], capsys)
     assert code == 2 and len(err) == 1 and "reward" in err[0] and "reward=hps" in err[0], err
     command_line.main(args)
@@ -809,7 +814,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
 
     monkeypatch.setattr(HPSReward, "relative_reward", nan_from_step_3)
     out = str(tmp_path)
-    code, err = run_cli(["train", "--steps", "5", "--save-every", "1", "--keep", "5", *SMALL, "--out", out], capsys)
+    code, err = run_cli(["train", "--demo", "random", "--steps", "5", "--save-every", "1", "--keep", "5", *SMALL,
+                         "--out", out], capsys)
     errors = [line for line in err if line.startswith("error: ")]  # after the progress bar's lines
     assert code == util.EXIT_DIVERGED == 65 and len(errors) == 1 and errors[0] == err[-1], err
     for words in ["step 3: not finite: loss nan, reward_denoise nan", "the weights were not updated", "lower --lr",
@@ -955,6 +961,6 @@ def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, caps
 def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
     """`train --reward pickscore` without --flux: the demo on a tiny random PickScore, with PickScore's recipe."""
     out = str(tmp_path)
-    command_line.main(["train", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
+    command_line.main(["train", "--demo", "random", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
     config = util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(2), "state.json"))["config"]
     assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2
