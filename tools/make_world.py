@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.util import atomic_write, write_json
-from training import world
+from training import world, world_scorer
 
 HELD_OUT = 2000  # images the written judge is measured on
 
@@ -62,16 +62,49 @@ def make_judge(out, config):
     return record
 
 
+def make_scorer(out, config):
+    """Train the world's CLIP scorer, write scorer.safetensors and scorer.json into out; the JSON's record, with
+    the held-out measures of the file as load_scorer reads it back."""
+    start = time.perf_counter()
+    scorer = world_scorer.train_scorer(config, log=lambda step, loss: print(f"scorer step {step}: loss {loss:.4f} "
+                                                                            f"({time.perf_counter() - start:.0f} s)",
+                                                                            file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - start
+    path = os.path.join(out, "scorer.safetensors")
+    state = {name: t.contiguous() for name, t in scorer.clip.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=world_scorer.scorer_metadata(config)))
+    record = {"file": "scorer.safetensors", "seed": config.seed, "config": asdict(config),
+              "parameters": sum(t.numel() for t in state.values()), "bytes": os.path.getsize(path),
+              "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "held_out_images": HELD_OUT,
+              "held_out": world_scorer.measure(world_scorer.load_scorer(path), HELD_OUT, config.draw_size),
+              "made_by": "python -m tools.make_world --only scorer", "torch": torch.__version__,
+              "numpy": np.__version__}
+    write_json(os.path.join(out, "scorer.json"), record)
+    return record
+
+
+# --only's part names -> (the make function, its config from the flags)
+PARTS = {"judge": lambda out, args: make_judge(out, world.JudgeConfig(seed=args.seed, steps=args.judge_steps)),
+         "scorer": lambda out, args: make_scorer(out, world_scorer.ScorerConfig(seed=args.seed,
+                                                                                 steps=args.scorer_steps))}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join("data", "world"), help="the folder (default data/world)")
     p.add_argument("--seed", type=int, default=world.JudgeConfig.seed)
     p.add_argument("--judge-steps", type=int, default=world.JudgeConfig.steps)
+    p.add_argument("--scorer-steps", type=int, default=world_scorer.ScorerConfig.steps)
+    p.add_argument("--only", default=",".join(PARTS), help=f"the parts to (re)make, a comma list of {', '.join(PARTS)} "
+                                                          "(default: all)")
     args = p.parse_args(argv)
+    parts = args.only.split(",")
+    if unknown := [part for part in parts if part not in PARTS]:
+        p.error(f"--only: unknown part(s) {', '.join(unknown)} (the parts: {', '.join(PARTS)})")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)  # bit for bit: see the docstring; tiny tensors gain nothing from threads anyway
-    record = make_judge(args.out, world.JudgeConfig(seed=args.seed, steps=args.judge_steps))
-    json.dump(record, sys.stdout, indent=2)
+    records = {part: PARTS[part](args.out, args) for part in parts}
+    json.dump(records, sys.stdout, indent=2)
     print()
 
 
