@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import srpo
@@ -20,6 +21,7 @@ from training import world, world_scorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = Path(__file__).parents[1] / "data" / "world"
+FORMAT_NAME = world_scorer.FORMAT
 TINY = world_scorer.ScorerConfig(steps=2, batch=8, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
                                  embed_dim=16, head_width=16)
 
@@ -74,6 +76,20 @@ def test_training_is_the_seeds_bytes(tmp_path, monkeypatch):
     assert not (tmp_path / "judge.json").exists()  # --only scorer
 
 
+def test_the_written_file_does_not_depend_on_the_metadatas_order(tmp_path):
+    """safetensors writes its metadata in a hash map's order; make_world sorts it, so the bytes are the seed's."""
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.int64)}
+    files = [tmp_path / f"{k}.safetensors" for k in range(4)]
+    for k, path in enumerate(files):
+        items = list({"format": "pt", "layout": FORMAT_NAME, "config": "{}", "z": str(k // 2)}.items())
+        make_world.write_safetensors(str(path), state, dict(items[::-1] if k % 2 else items))
+    assert files[0].read_bytes() == files[1].read_bytes() != files[2].read_bytes() == files[3].read_bytes()
+    header = json.loads(files[0].read_bytes()[8:8 + int.from_bytes(files[0].read_bytes()[:8], "little")])
+    assert list(header["__metadata__"]) == ["config", "format", "layout", "z"]
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["layout"] == FORMAT_NAME and torch.equal(f.get_tensor("b"), state["b"])
+
+
 def test_training_moves_the_weights_and_the_loss_is_finite():
     losses, fresh = [], world_scorer.new_scorer(TINY)
     scorer = world_scorer.train_scorer(TINY, log=lambda step, loss: losses.append(loss))
@@ -108,12 +124,14 @@ def test_the_shipped_scorer_is_its_record(shipped):
 
 
 def test_the_shipped_scorer_reads_held_out_captions_and_orders_srps_reward(shipped):
-    """On 400 held-out 64 x 64 images (measured on 2,000: see data/world/scorer.json): zero-shot over the 72 full
-    captions, every attribute >= 0.95; bright-minus-dark and large-minus-small SRP rewards order >= 0.95 of the
-    (bright, dark) and (large, small) image pairs, and each image's own caption beats the wrong colour's."""
+    """On 400 held-out 64 x 64 images: zero-shot over the 72 full captions, every attribute >= 0.95 (measured: size,
+    brightness, colour 1.000, shape 0.983; on 2,000 images shape 0.979, data/world/scorer.json); the bright-minus-
+    dark and large-minus-small SRP rewards order >= 0.95 of the (bright, dark) and (large, small) image pairs and put
+    >= 0.95 of the images on their side of 0 (measured: 1.000 each); each image's own caption scores above the wrong
+    colour's for >= 0.95 (1.000). A random scorer of the same config reads ~chance on each (shape 0.33, pairs 0.5)."""
     measured = world_scorer.measure(shipped, 400)
     assert min(measured["zero_shot"][name] for name in world_scorer.ATTRIBUTES) >= 0.95, measured
     for pair in ("bright_vs_dark", "large_vs_small"):
-        assert measured[pair]["ordered_pairs"] >= 0.95, measured
+        assert min(measured[pair]["ordered_pairs"], measured[pair]["sign_right"]) >= 0.95, measured
     assert measured["bright_vs_dark"]["mean_bright"] > 0 > measured["bright_vs_dark"]["mean_dark"], measured
     assert measured["right_vs_wrong_colour"]["right_higher"] >= 0.95, measured
