@@ -33,7 +33,7 @@ def test_the_control_caption_is_srpos():
 
 def test_the_captions_trained_on_agree_with_their_images():
     """Each image's caption (full, words left out, or SRP's form) agrees with its image; the near miss that follows
-    some (the other brightness or size) does not; every form occurs, and the same rng gives the same captions."""
+    some (another brightness, size or shape) does not; every form occurs, and the same rng gives the same captions."""
     _, labels = world.draw(2, 400, 64)
     config = world_scorer.ScorerConfig()
     captions = world_scorer.augment(labels, np.random.default_rng(0), config)
