@@ -16,10 +16,10 @@ and loaded as reward.HPSReward by world_scorer.load_scorer. Its JSON adds the he
 per attribute over the 72 full captions, SRP's bright-minus-dark and large-minus-small rewards, and the plain
 score of the right caption against a wrong colour's.
 
-Bit for bit: one thread (a thread count changes the order of the convolutions' sums; two threads were slower for
-the scorer too, on 2 shared cores: 2.7 s a step against 0.7 s for one), the images drawn from seeds, torch's generators
-seeded; the same torch, numpy and CPU kind give the same .safetensors bytes (the JSON's seconds differ). Each run
-writes every part it names again, each from its own seed.
+Bit for bit: one thread (a thread count changes the order of the convolutions' sums; for the scorer two threads
+are 1.5x faster on 2 idle cores, 4x slower on 2 cores shared with other runs), the images drawn from seeds, torch's
+generators seeded, the metadata's keys sorted (write_safetensors); the same torch, numpy and CPU kind give the same
+.safetensors bytes (the JSON's seconds differ). Each run writes every part it names again, each from its own seed.
 
 What the later pieces add here, in this order, each in training/world.py on the project's own classes at tiny sizes
 (a quick plain-PyTorch experiment on 2 cores measured versions of them: the sizes and minutes below):
