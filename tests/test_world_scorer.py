@@ -13,29 +13,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import srpo
 from common.util import InputError
 from reward import HPSReward
 from tools import make_world
 from training import world, world_scorer
+from weights import world_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = Path(__file__).parents[1] / "data" / "world"
-FORMAT_NAME = world_scorer.FORMAT
-TINY = world_scorer.ScorerConfig(steps=2, batch=8, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+FORMAT_NAME = world_weights.FORMAT
+TINY = world_weights.ScorerConfig(steps=2, batch=8, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
                                  embed_dim=16, head_width=16)
-
-
-def test_the_control_caption_is_srpos():
-    for word, prompt in (("bright", "a small red circle on a grey background"), ("Detail", "a cat")):
-        assert world_scorer.control_caption(word, prompt) == srpo.control_caption(word, prompt)
 
 
 def test_the_captions_trained_on_agree_with_their_images():
     """Each image's caption (full, words left out, or SRP's form) agrees with its image; the near miss that follows
     some (another brightness, size or shape) does not; every form occurs, and the same rng gives the same captions."""
     _, labels = world.draw(2, 400, 64)
-    config = world_scorer.ScorerConfig()
+    config = world_weights.ScorerConfig()
     captions = world_scorer.augment(labels, np.random.default_rng(0), config)
     assert captions == world_scorer.augment(labels, np.random.default_rng(0), config)
     images = [i for i, _, _ in captions]
@@ -63,15 +58,15 @@ def test_training_is_the_seeds_bytes(tmp_path, monkeypatch):
     """make_world writes what train_scorer trains: the same seed, the same tensors; another seed, others."""
     monkeypatch.setattr(make_world, "HELD_OUT", 40)  # its measures on fewer held-out images: the test's time
     make_world.main(["--out", str(tmp_path), "--only", "scorer", "--scorer-steps", "2", "--seed", "4"])
-    written = world_scorer.load_scorer(tmp_path / "scorer.safetensors")
+    written = world_weights.load_scorer(tmp_path / "scorer.safetensors")
     assert isinstance(written, HPSReward)
-    config = world_scorer.ScorerConfig(seed=4, steps=2)
+    config = world_weights.ScorerConfig(seed=4, steps=2)
     again, other = world_scorer.train_scorer(config), world_scorer.train_scorer(replace(config, seed=5))
     for name, t in again.clip.state_dict().items():
         assert torch.equal(written.clip.state_dict()[name], t), name
     assert not torch.equal(other.clip.visual_projection.weight, again.clip.visual_projection.weight)
     record = json.loads((tmp_path / "scorer.json").read_text(encoding="utf-8"))
-    assert record["config"] == json.loads(world_scorer.scorer_metadata(config)["config"])
+    assert record["config"] == json.loads(world_weights.scorer_metadata(config)["config"])
     assert record["bytes"] == (tmp_path / "scorer.safetensors").stat().st_size
     assert not (tmp_path / "judge.json").exists()  # --only scorer
 
@@ -91,7 +86,7 @@ def test_the_written_file_does_not_depend_on_the_metadatas_order(tmp_path):
 
 
 def test_training_moves_the_weights_and_the_loss_is_finite():
-    losses, fresh = [], world_scorer.new_scorer(TINY)
+    losses, fresh = [], world_weights.new_scorer(TINY)
     scorer = world_scorer.train_scorer(TINY, log=lambda step, loss: losses.append(loss))
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert not torch.equal(fresh.clip.text_projection.weight, scorer.clip.text_projection.weight)
@@ -102,18 +97,18 @@ def test_the_loader_refuses_what_is_not_a_scorer_in_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     wrong_shapes = tmp_path / "wrong.safetensors"
-    state = world_scorer.new_scorer(TINY).clip.state_dict()
+    state = world_weights.new_scorer(TINY).clip.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, wrong_shapes,
-              metadata=world_scorer.scorer_metadata(replace(TINY, embed_dim=32)))
+              metadata=world_weights.scorer_metadata(replace(TINY, embed_dim=32)))
     for path in (tmp_path / "missing.safetensors", bad, SHIPPED / "judge.safetensors", wrong_shapes):
         with pytest.raises(InputError) as e:
-            world_scorer.load_scorer(path)
+            world_weights.load_scorer(path)
         assert "\n" not in str(e.value) and str(path) in str(e.value), e.value
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return world_scorer.load_scorer(SHIPPED / "scorer.safetensors")
+    return world_weights.load_scorer(SHIPPED / "scorer.safetensors")
 
 
 def test_the_shipped_scorer_is_its_record(shipped):

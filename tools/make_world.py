@@ -12,7 +12,7 @@ the seconds it took, its held-out agreement and the versions that made it.
 The scorer (`--only scorer`, training/world_scorer.py; docs/world.md has its numbers): the world's reward model, a
 tiny transformers CLIPModel of the ViT-H-14 layout (304k parameters, 1.2 MB) on the byte-level tokenizer, trained
 contrastively on 64 x 64 world images and their captions (words left out, SRP's "word. prompt" form, near misses)
-and loaded as reward.HPSReward by world_scorer.load_scorer. Its JSON adds the held-out measures: zero-shot accuracy
+and loaded as reward.HPSReward by world_weights.load_scorer. Its JSON adds the held-out measures: zero-shot accuracy
 per attribute over the 72 full captions, SRP's bright-minus-dark and large-minus-small rewards, and the plain
 score of the right caption against a wrong colour's.
 
@@ -48,6 +48,7 @@ from safetensors.torch import save
 
 from common.util import atomic_write, write_json
 from training import world, world_scorer
+from weights import world_weights
 
 HELD_OUT = 2000  # images the written judge is measured on
 
@@ -99,11 +100,11 @@ def make_scorer(out, config):
     seconds = time.perf_counter() - start
     path = os.path.join(out, "scorer.safetensors")
     state = {name: t.contiguous() for name, t in scorer.clip.state_dict().items()}
-    write_safetensors(path, state, world_scorer.scorer_metadata(config))
+    write_safetensors(path, state, world_weights.scorer_metadata(config))
     record = {"file": "scorer.safetensors", "seed": config.seed, "config": asdict(config),
               "parameters": sum(t.numel() for t in state.values()), "bytes": os.path.getsize(path),
               "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "held_out_images": HELD_OUT,
-              "held_out": world_scorer.measure(world_scorer.load_scorer(path), HELD_OUT, config.draw_size),
+              "held_out": world_scorer.measure(world_weights.load_scorer(path), HELD_OUT, config.draw_size),
               "made_by": "python -m tools.make_world --only scorer", "torch": torch.__version__,
               "numpy": np.__version__}
     write_json(os.path.join(out, "scorer.json"), record)
@@ -112,7 +113,7 @@ def make_scorer(out, config):
 
 # --only's part names -> (the make function, its config from the flags)
 PARTS = {"judge": lambda out, args: make_judge(out, world.JudgeConfig(seed=args.seed, steps=args.judge_steps)),
-         "scorer": lambda out, args: make_scorer(out, world_scorer.ScorerConfig(seed=args.seed,
+         "scorer": lambda out, args: make_scorer(out, world_weights.ScorerConfig(seed=args.seed,
                                                                                  steps=args.scorer_steps))}
 
 
@@ -121,7 +122,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("data", "world"), help="the folder (default data/world)")
     p.add_argument("--seed", type=int, default=world.JudgeConfig.seed)
     p.add_argument("--judge-steps", type=int, default=world.JudgeConfig.steps)
-    p.add_argument("--scorer-steps", type=int, default=world_scorer.ScorerConfig.steps)
+    p.add_argument("--scorer-steps", type=int, default=world_weights.ScorerConfig.steps)
     p.add_argument("--only", default=",".join(PARTS), help=f"the parts to (re)make, a comma list of {', '.join(PARTS)} "
                                                           "(default: all)")
     args = p.parse_args(argv)

@@ -16,73 +16,22 @@ and near-miss captions (one image's caption with another brightness, size or sha
 against dark and large against small are learned sharply, and the shape at all.
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from common.util import InputError, derive_seed, first_line
-from reward import HPSReward
+from common.util import derive_seed
+from srpo import control_caption
 from training import world
-from weights import clip_weights
+from weights.world_weights import new_scorer
 
-FORMAT = "world-scorer"  # the safetensors metadata's "layout": what load_scorer accepts
 ATTRIBUTES = ("size", "brightness", "colour", "shape")  # what a caption may leave out or move to the front
 # What a near miss changes: brightness and size, which SRP's control words will move, and the shape, the hardest
 # to see at 32 x 32 (without shape near misses, at 800 steps, it read 0.89 zero-shot where the rest read 1.00; with
 # them, at 1,200 steps, 0.98: both changed at once)
 NEAR_MISS = ("brightness", "size", "shape")
-
-
-def control_caption(word, prompt):
-    """SRP's caption, "word. prompt": srpo.control_caption's format, said again here because imports run from
-    srpo.py down to training/, not up (tests/test_world_scorer.py checks that the two agree)."""
-    return f"{word}. {prompt}"
-
-
-@dataclass
-class ScorerConfig:
-    seed: int = 0
-    steps: int = 1200  # each on a fresh batch of the world: no image is seen twice
-    batch: int = 128
-    lr: float = 2e-3  # after a linear warm-up, down a half cosine to 0
-    warmup: int = 50
-    weight_decay: float = 0.0
-    vision_width: int = 64
-    vision_layers: int = 3
-    text_width: int = 64
-    text_layers: int = 2
-    embed_dim: int = 64
-    head_width: int = 32  # both towers' attention heads (clip_config's ViT-H-14 widths are 80 and 64)
-    image_size: int = 32  # the vision tower's: hpsv2's preprocessing resizes the 64 x 64 images to it
-    patch_size: int = 4
-    draw_size: int = 64  # the world images' side, trained on as they will be scored
-    leave_out: float = 0.4  # the share of captions with some attribute words left out
-    control: float = 0.4  # the share in SRP's "word. prompt" form
-    near_miss: float = 0.5  # the share of images whose caption, one NEAR_MISS word changed, joins the batch
-
-
-def clip_config(config):
-    """The CLIPConfig of ScorerConfig's widths on the byte-level tokenizer's vocabulary."""
-    return clip_weights.clip_config(
-        config.vision_width, config.vision_layers, config.text_width, config.text_layers, config.embed_dim,
-        vocab_size=HPSReward.tokenizer_class.byte_level().vocab_size, image_size=config.image_size,
-        patch_size=config.patch_size, vision_head_width=config.head_width, text_head_width=config.head_width)
-
-
-def new_scorer(config):
-    """A fresh HPSReward on a CLIPModel initialised from config.seed (transformers' own initialisation)."""
-    from transformers import CLIPModel  # ~4 s to import: only where a model is built
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        clip = CLIPModel(clip_config(config))
-    return HPSReward(clip, HPSReward.tokenizer_class.byte_level())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,31 +191,3 @@ def measure(scorer, n, size=64):
             "bright_vs_dark": relative(scorer, x, labels, "brightness", "bright", "dark"),
             "large_vs_small": relative(scorer, x, labels, "size", "large", "small"),
             "right_vs_wrong_colour": wrong_colour(scorer, x, labels)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The file tools/make_world.py writes
-
-
-def scorer_metadata(config):
-    """The safetensors metadata load_scorer reads back: the layout's name and the ScorerConfig as JSON."""
-    return {"format": "pt", "layout": FORMAT, "config": json.dumps(asdict(config))}
-
-
-def load_scorer(path, device="cpu", dtype=torch.float32):
-    """The HPSReward written by tools/make_world.py: its CLIPModel's weights, its ScorerConfig in the file's
-    metadata, the byte-level tokenizer. A missing file, another file or another layout is a one-line InputError."""
-    remake = "make it: python -m tools.make_world --only scorer"
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("layout") != FORMAT:
-            raise InputError(f"{path}: not the world's scorer (its metadata's layout is {metadata.get('layout')!r}, "
-                             f"expected {FORMAT!r}); {remake}")
-        scorer = new_scorer(ScorerConfig(**json.loads(metadata["config"])))
-        scorer.clip.load_state_dict(load_file(str(path)))
-    except (OSError, SafetensorError) as e:
-        raise InputError(f"{path}: cannot read the world's scorer ({first_line(e)}); {remake}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # its config or its tensors are not this layout's
-        raise InputError(f"{path}: not the world's scorer's layout ({first_line(e)}); {remake}") from None
-    return scorer.to(device=device, dtype=dtype)
