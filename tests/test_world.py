@@ -109,7 +109,7 @@ def test_the_shipped_judge_reads_the_labels_of_held_out_images():
 def test_make_world_writes_the_judge_train_judge_trains(tmp_path):
     """Seeded: the file holds the bytes of the weights a second training of the same config gives, and its
     config comes back from the file."""
-    make_world.main(["--out", str(tmp_path), "--judge-steps", "3", "--seed", "4"])
+    make_world.main(["--out", str(tmp_path), "--only", "judge", "--judge-steps", "3", "--seed", "4"])
     written = world.load_judge(tmp_path / "judge.safetensors")
     again = world.train_judge(world.JudgeConfig(seed=4, steps=3))
     assert written.config == again.config
