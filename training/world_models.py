@@ -291,9 +291,9 @@ def distill_guidance(teacher, config, batches):
 def sample(model, ae, text, prompts, seeds, steps=20, guidance=flux_sampling.GUIDANCE):
     """Images (B, 3, 64, 64) in [0, 1] of the prompts, the i-th from noise seed seeds[i] (FluxPipeline's noise),
     by the project's Euler sampler on FLUX.1-dev's schedule (its mu for 16 tokens) at the guidance scale given."""
-    x = torch.cat([flux_sampling.initial_noise(1, SIZE, SIZE, seed, torch.float32) for seed in seeds])
-    txt, y = text(list(prompts))
-    cond = flux_sampling.conditioning((txt, y), SIZE, SIZE, torch.device("cpu"))
+    device = next(model.parameters()).device
+    x = torch.cat([flux_sampling.initial_noise(1, SIZE, SIZE, seed, torch.float32) for seed in seeds]).to(device)
+    cond = flux_sampling.conditioning(text(list(prompts)), SIZE, SIZE, device)
     x = sampler.euler_sample(model, x, sampler.flux_schedule(steps, x.shape[1]), cond, guidance)
     return sampler.decode_images(ae, x, SIZE, SIZE)
 
