@@ -542,6 +542,11 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def forward(self, prompts):
         """prompts -> (txt (B, max_length, ctx) from T5, y (B, vec) CLIP pooled), both padded to max length."""
+        return self.encode(prompts)
+
+    def encode(self, prompts):
+        """forward's (txt, y), with autograd where the encoders' weights require it: the tiny world trains its
+        encoders with its transformer (training/world_models.py); everywhere else they are frozen."""
         def ids(tokenizer, n):
             out = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
             return out["input_ids"].to(self.t5.device)

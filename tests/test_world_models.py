@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from common.util import InputError
 from tools import make_world
 from training import world, world_models
+from weights import world_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = Path(__file__).parents[1] / "data" / "world"
@@ -41,12 +42,14 @@ def written(tmp_path_factory):
 def test_training_is_seeded_and_the_files_hold_what_it_trains(written):
     """The same config trains the same bytes again; the files load back to those weights and their configs."""
     ae = world_models.train_autoencoder(TINY_AE)
-    model, loaded_ae, text = world_models.load_world(written)
+    model, loaded_ae, text = world_weights.load_world(written)
     assert same_tensors(loaded_ae.state_dict(), ae.state_dict()) and loaded_ae.cfg == ae.cfg
     assert ae.cfg.z_channels == 16 and ae.cfg.scale_factor != 1
-    again = world_models.train_transformer(TINY_TRANSFORMER, ae, world_models.text_encoders(TINY_TRANSFORMER))
+    text_again = world_models.text_encoders(TINY_TRANSFORMER)
+    again = world_models.train_transformer(TINY_TRANSFORMER, ae, text_again)
     assert same_tensors(model.state_dict(), again.state_dict())
-    assert same_tensors(text.state_dict(), world_models.text_encoders(TINY_TRANSFORMER).state_dict())
+    assert same_tensors(text.state_dict(), text_again.state_dict())  # trained with the transformer (train_text)
+    assert not same_tensors(text.state_dict(), world_models.text_encoders(TINY_TRANSFORMER).state_dict())
     other = world_models.train_autoencoder(world_models.AutoEncoderTraining(seed=1, steps=2, batch=2, stats_images=4))
     assert not same_tensors(other.state_dict(), ae.state_dict())
     record = json.loads((written / "transformer.json").read_text(encoding="utf-8"))
@@ -78,19 +81,19 @@ def test_a_missing_or_wrong_file_is_one_line(written, tmp_path, name):
         if other != name:
             (folder / f"{other}.safetensors").write_bytes((written / f"{other}.safetensors").read_bytes())
     with pytest.raises(InputError, match=f"{name}.safetensors: no such file") as missing:
-        world_models.load_world(folder)
+        world_weights.load_world(folder)
     save_file({"x": torch.zeros(2)}, str(folder / f"{name}.safetensors"), metadata={"config": "{}"})
     with pytest.raises(InputError, match=f"{name}.safetensors: not the world's") as wrong:
-        world_models.load_world(folder)
+        world_weights.load_world(folder)
     (folder / f"{name}.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match=f"{name}.safetensors: not a safetensors file") as garbage:
-        world_models.load_world(folder)
+        world_weights.load_world(folder)
     assert all("\n" not in str(e.value) for e in (missing, wrong, garbage))
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return world_models.load_world(SHIPPED)
+    return world_weights.load_world(SHIPPED)
 
 
 def test_the_shipped_autoencoder_reconstructs_held_out_images(shipped):

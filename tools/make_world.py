@@ -108,7 +108,7 @@ def make_scorer(out, config):
 def save_module(out, name, module, config):
     """Write out/name.safetensors (module's weights, its config in the metadata); its path."""
     path = os.path.join(out, f"{name}.safetensors")
-    write_safetensors(path, world_models.state_of(module), world_models.metadata(config))
+    write_safetensors(path, world_models.state_of(module), world_weights.metadata(config))
     return path
 
 
@@ -138,8 +138,8 @@ def make_transformer(out, config, prompts=SAMPLES, steps=SAMPLE_STEPS):
     """Train the transformer on out/autoencoder.safetensors' latents, write transformer.safetensors, the text
     encoders' text.safetensors and transformer.json into out; the JSON's record, with what the shipped judge reads
     in its samples of `prompts` held-out captions at `steps` Euler steps (world_models.judged_samples)."""
-    ae = world_models.read_module(os.path.join(out, "autoencoder.safetensors"), "autoencoder",
-                                  world_models.build_autoencoder)
+    ae = world_weights.read_module(os.path.join(out, "autoencoder.safetensors"), "autoencoder",
+                                  world_weights.build_autoencoder)
     text = world_models.text_encoders(config)
     start = time.perf_counter()
     model = world_models.train_transformer(config, ae, text)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+import flux_model as fm
 from common.util import InputError, first_line
 from reward import HPSReward
 from weights import clip_weights
@@ -88,3 +89,60 @@ def load_scorer(path=SCORER, device="cpu", dtype=torch.float32):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # its config or its tensors are not this layout's
         raise InputError(f"{path}: not the world's scorer's layout ({first_line(e)}); {remake}") from None
     return scorer.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The transformer's, the autoencoder's and the text encoders' files
+
+
+def metadata(config):
+    """The safetensors metadata read_module reads back: the model's config, one key alone, for safetensors writes
+    its metadata in a hash map's order, which differs from one process to the next (the training config is in the
+    JSON beside the file)."""
+    return {"config": json.dumps(config)}
+
+
+def read_module(path, what, build):
+    """build(config) with the file's weights, its config from the file's metadata; one InputError line naming the
+    file when it is missing, not safetensors, or not this layout (a config or a tensor missing, unexpected, or
+    of another shape)."""
+    try:
+        with safe_open(path, "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "null"))
+        state = load_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file (the world's {what}: python -m tools.make_world)") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a safetensors file of the world's {what} ({first_line(e)})") from None
+    try:
+        with torch.random.fork_rng():
+            module = build(config)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except (TypeError, ValueError, KeyError, RuntimeError, InputError) as e:
+        raise InputError(f"{path}: not the world's {what} ({first_line(e)})") from None
+    if missing or unexpected:
+        raise InputError(f"{path}: not the world's {what}: {len(missing)} tensors missing {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}")
+    return module.eval()
+
+
+def build_autoencoder(config):
+    return fm.AutoEncoder(fm.AutoEncoderConfig(**{**config, "ch_mult": tuple(config["ch_mult"])}))
+
+
+def build_transformer(config):
+    return fm.Flux(fm.FluxConfig(**{**config, "axes_dim": tuple(config["axes_dim"])}))
+
+
+def build_text(config):
+    return fm.TextConditioner.tiny(config["context_dim"], config["pooled_dim"], config["max_length"], config["seed"])
+
+
+def load_world(folder=WORLD, device="cpu"):
+    """(transformer, autoencoder, text encoders) of the world's files in folder (data/world), on device, in eval
+    mode and fp32: model(x, ...) as flux_model.Flux, ae.encode / decode on 64 x 64 images in [-1, 1], text(prompts)
+    -> (txt (B, max_length, ctx), y (B, vec)), byte-tokenised."""
+    ae = read_module(f"{folder}/autoencoder.safetensors", "autoencoder", build_autoencoder)
+    model = read_module(f"{folder}/transformer.safetensors", "transformer", build_transformer)
+    text = read_module(f"{folder}/text.safetensors", "text encoders", build_text)
+    return model.to(device), ae.to(device), text.to(device)
