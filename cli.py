@@ -93,8 +93,8 @@ def build_parser():
     score.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` "
                        "reads them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
     reward_flags(score, lambda kind: f"score with {kind.title}: {kind.path_help}")
-    add_flags(score, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop")}, nargs={"relative": 2},
-              metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
+    add_flags(score, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop"), "demo": DEMO_NAMES},
+              nargs={"relative": 2}, metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
     for command in sub.choices.values():  # --help states each range as the error line would
         for action in command._actions:
             if isinstance(action.type, Bounded):
@@ -181,14 +181,14 @@ def config_from_flags(args, world, family):
     over them all. The config checks itself."""
     demo, name = args.flux is None, family.name  # a family's presets are named after it: flux2, flux2-demo, ...
     fits = {name: True, "demo": demo, f"{name}-demo": demo, "lora": bool(args.lora_rank) and not demo,
-            f"{name}-flowbp": not demo and args.method in ("refl", "draft-lv"),
-            f"{name}-refl": not demo and args.method == "refl"}
+            "world": family.demo(args.demo, args.flux) == "world", f"{name}-refl": not demo and args.method == "refl",
+            f"{name}-flowbp": not demo and args.method in ("refl", "draft-lv")}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
         if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):
             defaults |= preset
     if demo:
-        defaults["batch"] = world
+        defaults.setdefault("batch", world)
     values = {}
     for f in fields(srpo.TrainConfig):
         value = getattr(args, f.name)

@@ -151,10 +151,10 @@ class TrainConfig:
         self.lora_alpha = self.lora_alpha or float(self.lora_rank)
 
 
-# Named presets: dicts of TrainConfig values over its defaults (the official FLUX.1-dev HPS run). cli.py applies those
-# that fit the command line in this order, a later one winning, the flags given winning over all: the reward's recipe
-# (--reward) <- the model family's, named after it: flux2 <- flux2-flowbp, flux2-refl (with --flux: --method refl,
-# draft-lv) <- demo (no --flux) <- the family's demo (flux2-demo) <- lora (--lora-rank with --flux).
+# Named presets: dicts of TrainConfig values over its defaults (the official FLUX.1-dev HPS run), applied by cli.py
+# where they fit the command line, in this order (flags given win over all): the reward's (--reward) <- the family's:
+# flux2 <- flux2-flowbp, flux2-refl (--flux with --method refl, draft-lv) <- demo (no --flux) <- the demo's: world,
+# flux2-demo <- lora (--lora-rank with --flux).
 PRESETS = {
     # Each reward's official recipe where it differs from the HPS launch script's (SRPO_training_hpsv2.sh): PickScore's
     # SRPO_training_ps.sh (--train_guidence 2, --train_timestep 5 30, --discount_pos 0.1 0.5, --discount_inv 0.6 0.01).
@@ -166,9 +166,9 @@ PRESETS = {
     "flux2": {"guidance": families.FLUX2.guidance},
     "flux2-flowbp": {"height": 512, "width": 512, "steps": 300, "lr": 1e-5, "grad_clip": 1.0, "rollout_guidance": 4.0},
     "flux2-refl": {"refl_late": 0.56, "refl_grad_scale": 1.0},  # FlowBP's configs/final/flux2: the last 11 of 25 steps
-    # The tiny demo's random models need a far larger step than FLUX.1-dev to move the reward in a minute or two (its
-    # --batch: one prompt per process, cli.py's, so that it runs under torchrun with any number of processes)
+    # The tiny demos need a far larger step than FLUX.1-dev to move in a minute (--batch: one prompt a process)
     "demo": {"lr": 1e-3, "height": 64, "width": 64, "steps": 80, "save_every": 20},
+    "world": {"words": ("bright", "dark"), "lr": 2e-5, "batch": 4, "steps": 40, "save_every": 10},  # docs/world.md
     # The tiny FLUX.2's: at lr 1e-3 its denoise reward and held-out score barely move in 80 steps; at 3e-3 both rise
     "flux2-demo": {"lr": 3e-3},
     # LoRA's first AdamW step moves W by (alpha / r) B A, entries ~lr sqrt(r) / sqrt(3 in) (A ~ U(+-1/sqrt(in))), where

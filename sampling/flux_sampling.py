@@ -6,7 +6,8 @@ sampling/flux2_sampling.py, and families.py holds both in one table).
 - The velocity (Conditioning): one call of the guidance-distilled transformer, the guidance scale an input of its
   guidance embedding; the pooled CLIP vector beside T5's tokens.
 - The folders: a diffusers FluxPipeline folder's VAE, text encoders (fm.TextConditioner: CLIP-L and T5-XXL) and
-  transformer, and the tiny demo's random models built in code.
+  transformer, and the tiny demos' models: the tiny world's (data/world: docs/world.md), or random ones built in
+  code.
 """
 
 import functools
@@ -18,7 +19,7 @@ import torch
 
 import flux_model as fm
 from common.util import InputError, check_folder, to_device
-from weights import flux_weights
+from weights import flux_weights, world_weights
 
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
@@ -83,7 +84,13 @@ def tiny_models(seed=0):
     return model, ae, text
 
 
-DEMOS = {"random": tiny_models}  # the tiny demos without a folder (--demo), the default first
+def world_models(seed=0):
+    """The tiny world's models (docs/world.md): FLUX.1's classes trained on the world's images, read from the files
+    shipped in data/world (trained, so no seed)."""
+    return world_weights.load_world()
+
+
+DEMOS = {"world": world_models, "random": tiny_models}  # the tiny demos without a folder (--demo), the default first
 
 
 def demo_transformer(s, demos, load, dtype, device):

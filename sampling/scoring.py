@@ -12,7 +12,7 @@ import torch
 import reward
 from common import bounds
 from common.util import InputError, check_folder, parse_device, parse_dtype, read_manifest
-from weights import clip_weights
+from weights import clip_weights, world_weights
 
 
 @dataclass
@@ -35,6 +35,8 @@ class ScoreConfig:
                           "centre crop (SRPO training, PickScore default)"] = None
     save_safetensors: Annotated[str | None, "convert --hps to a safetensors file first (later loads are fast and "
                                 "pickle-free), then score from it; IMAGE may be omitted"] = None
+    demo: Annotated[str | None, "without a model flag, the tiny demo scorer: world (the tiny world's reward model, "
+                    "docs/world.md) or random (the random demo's)"] = None
     device: Annotated[str, "cpu, cuda or cuda:N"] = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: Annotated[str | None, "float32, bfloat16 or float16 (default: float32 on every device, as scores print "
                      "with 6 decimals)"] = None
@@ -54,7 +56,8 @@ def score(s, control_caption):
     if inputs is None:  # --save-safetensors alone: converted, nothing to score
         return
     kind, model, tokenizer, paths, prompts = inputs
-    scorer = kind.tiny(device=device, dtype=dtype) if model is None else kind.load(model, tokenizer, device, dtype)
+    scorer = DEMOS[s.demo or "world"](device=device, dtype=dtype) if model is None else kind.load(model, tokenizer,
+                                                                                                  device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
         image = reward.load_image(path)
@@ -76,6 +79,8 @@ def score_inputs(s):
         raise InputError("--manifest lists the images and their prompts: give it without IMAGE and --prompt")
     if s.reward:
         reward.REWARDS[s.reward].check_path(s.model)
+        if s.demo:
+            raise InputError(f"--demo picks the tiny demo scorer: with --{s.reward}, that model scores")
     if s.save_safetensors:
         check_conversion(s.model if s.reward == "hps" else None, s.save_safetensors)
     paths, prompts = read_manifest(s.manifest) if s.manifest else (s.images, [s.prompt] * len(s.images))
@@ -120,10 +125,14 @@ def check_tokenizer(model, tokenizer):
 
 
 def demo_scorer(s):
-    """No model flag: the tiny random HPS scorer that the built-in demo trains with (its eval.jsonl's scores), to
-    try `score` on the demo's images; said on stderr, since its scores mean nothing for real images."""
+    """No model flag: the HPS-class scorer a tiny demo trains with (its eval.jsonl's scores), to try `score` on its
+    images (DEMOS: --demo's, the world's by default); said on stderr, as it knows nothing of real images."""
     if s.tokenizer:
         raise InputError("--tokenizer goes with --hps, --pickscore or --clip (the tiny demo scorer has its own)")
-    print("note: no --hps, --pickscore or --clip: scoring with the tiny random HPS scorer of the built-in demo "
-          "(`srpo.py train` without --flux), whose scores say nothing about real images", file=sys.stderr)
+    print(f"note: no --hps, --pickscore or --clip: scoring with the tiny {s.demo or 'world'} demo's HPS-class scorer "
+          f"(`srpo.py train` without --flux), which knows nothing of real images", file=sys.stderr)
     return reward.HPSReward
+
+
+# score without a model flag: the tiny demos' scorers (--demo), (device, dtype) -> the scorer
+DEMOS = {"world": world_weights.load_scorer, "random": reward.HPSReward.tiny}

@@ -61,16 +61,17 @@ def test_the_demo_checkpoint_samples_without_flux_as_its_evaluation_did(demo, tm
 
 
 def test_score_without_a_model_scores_with_the_demo_reward(demo, capsys):
-    """`score IMAGE --prompt P` with no model flag: the demo's tiny random HPS scorer, said on stderr, and the score
-    of that image in the demo's eval.jsonl."""
+    """`score IMAGE --prompt P --demo random` with no model flag: the random demo's tiny HPS scorer, said on stderr,
+    and the score of that image in the demo's eval.jsonl."""
     with open(os.path.join(demo, "eval.jsonl")) as f:
         scores = json.loads(f.readlines()[-1])["per_prompt"]["hps"]
     capsys.readouterr()
     for i, prompt in enumerate(runtime.EVAL_PROMPTS):
-        cli.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt])
+        cli.main(["score", os.path.join(demo, "eval", "step-000002", f"{i:05d}.png"), "--prompt", prompt, "--demo",
+                  "random"])
         captured = capsys.readouterr()
         assert abs(float(captured.out.split("\t")[0]) - scores[i]) <= 1e-6, (captured.out, scores[i])
-        assert captured.err.count("\n") == 1 and "note: " in captured.err and "tiny random HPS" in captured.err
+        assert captured.err.count("\n") == 1 and "note: " in captured.err and "tiny random demo's" in captured.err
 
 
 def readme_recipe(output):

@@ -43,7 +43,7 @@ from reward import CLIP_VOCABULARY, REWARDS, tokenizer_folder
 from sampling.flux_sampling import encode_prompts
 from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, image_data, memory, world
-from weights import lora
+from weights import lora, world_weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: what it reads and writes, where it runs
@@ -112,6 +112,9 @@ def check_inputs(run, cfg):
         raise InputError(f"--no-branch-cfg drops a classifier-free guidance pass, and the model of {given} makes one "
                          f"pass a velocity (no CFG): nothing for it to do; give one or the other")
     if run.flux is None:
+        if run.demo == "world" and cfg.reward != "hps":
+            raise InputError(f"--reward {cfg.reward}: the tiny world's reward is its own scorer, of HPS's class "
+                             f"(--reward hps; docs/world.md)")
         return
     check_folder(run.flux, "a diffusers FLUX folder")
     kind = REWARDS[cfg.reward]
@@ -534,10 +537,10 @@ def encode_captions(parts, cfg, ranks, captions_of):
 
 
 def load_reward(run, name, device):
-    """The reward model `name` (reward.REWARDS), fp32 weights: in the demo a tiny random one built in code; else
-    from its file or folder, with the CLIP tokenizer of reward_tokenizer."""
+    """The reward model `name` (reward.REWARDS), fp32 weights: in the world demo the world's scorer (HPS's class), in
+    the random one a tiny random one built in code; else from its file or folder, with reward_tokenizer's."""
     if run.flux is None:
-        return REWARDS[name].tiny(device=device)
+        return world_weights.load_scorer(device=device) if run.demo == "world" else REWARDS[name].tiny(device=device)
     return REWARDS[name].load(run.reward_model, reward_tokenizer(run), device)
 
 

@@ -53,7 +53,7 @@ class TransformerTraining:
     num_heads: int = 4  # head_dim 32 = sum(axes_dim)
     depth: int = 2
     depth_single_blocks: int = 2
-    mlp_ratio: float = 2.0
+    mlp_ratio: float = 4.0  # FLUX.1's own (diffusers' FluxTransformer2DModel has no other)
     axes_dim: tuple = (4, 14, 14)  # RoPE over (0, row, col): the text's ids are all 0
     context_dim: int = 64  # the tiny T5's width (txt) and CLIP's (y)
     pooled_dim: int = 64
@@ -61,7 +61,7 @@ class TransformerTraining:
     # background phrase, always grey here, reaches CLIP's pooled vector alone); a text token costs what an image
     # token does, and an image has 16
     images: int = 8000  # the training set, drawn and encoded once
-    steps: int = 1600  # flow matching
+    steps: int = 2400  # flow matching
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 50
