@@ -44,7 +44,7 @@ def errors(module, run, autocast, device):
 def parity(family, dtype, autocast, device):
     """(relative error of the velocity, of the weight gradients): max |triton - sdpa| / max |sdpa|, on the tiny demo's
     models as training builds them (family.tiny_frozen_parts: FLUX.2's text with the negative prompt)."""
-    _, text, _, load = family.tiny_frozen_parts("cpu", dtype)
+    _, text, _, load = family.tiny_frozen_parts("cpu", dtype, "random")
     model = load(device)
     cond = family.conditioning(text(PROMPTS), HEIGHT, WIDTH, device, dtype)
     x = families.noise_of(model)(len(PROMPTS), HEIGHT, WIDTH, 0, torch.float32).to(device, dtype)
