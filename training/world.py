@@ -194,6 +194,12 @@ class Judge(nn.Module):
         return {name: r.double().mean().item() for name, r in right.items()}
 
 
+def cosine_lr(lr, step, steps, warmup=0):
+    """lr_t = lr min(1, (t + 1) / warmup) (1 + cos(pi t / steps)) / 2: a short ramp (none at warmup 0), then a half
+    cosine to 0, the world's models' schedule: the last steps settle rather than jitter."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1)) * (1 + math.cos(math.pi * step / steps)) / 2
+
+
 def train_judge(config):
     """The judge trained by Adam on cross-entropy summed over the labels, each step on a fresh batch of the world
     (seed derived from config.seed and the step) with Gaussian noise of a random std in [0, config.noise], at
@@ -212,7 +218,7 @@ def train_judge(config):
         logits = judge(x)
         loss = sum(nn.functional.cross_entropy(logits[name], torch.from_numpy(labels[name])) for name in LABELS)
         optimizer.zero_grad()
-        optimizer.param_groups[0]["lr"] = config.lr * (1 + math.cos(math.pi * step / config.steps)) / 2
+        optimizer.param_groups[0]["lr"] = cosine_lr(config.lr, step, config.steps)
         loss.backward()
         optimizer.step()
     return judge.eval()

@@ -16,7 +16,6 @@ torch and CPU kind, at the same thread count, give the same bytes.
 """
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -75,11 +74,6 @@ class TransformerTraining:
     guidance_high: float = 5.0
 
 
-def cosine_lr(lr, step, steps, warmup):
-    """lr_t = lr min(1, (t + 1) / warmup) (1 + cos(pi t / steps)) / 2: a short ramp, then a half cosine to 0."""
-    return lr * min(1.0, (step + 1) / max(warmup, 1)) * (1 + math.cos(math.pi * step / steps)) / 2
-
-
 def world_images(seed, n):
     """n world images at SIZE in [-1, 1], (n, 3, 64, 64) float32 (the autoencoder's range), and their labels."""
     images, labels = world.draw(seed, n, SIZE)
@@ -112,7 +106,7 @@ def train_autoencoder(config):
         noise = torch.randn(z.shape, generator=generator)
         loss = F.mse_loss(ae.decode(z + config.latent_noise * z.detach().std() * noise), x)
         optimizer.zero_grad()
-        optimizer.param_groups[0]["lr"] = cosine_lr(config.lr, step, config.steps, config.warmup)
+        optimizer.param_groups[0]["lr"] = world.cosine_lr(config.lr, step, config.steps, config.warmup)
         loss.backward()
         optimizer.step()
     return normalise(ae.eval(), config)
@@ -253,7 +247,7 @@ def train_transformer(config, ae, text):
         guidance = torch.full_like(sigma, config.guidance_low)  # fixed: a random g would be noise in the modulation
         loss = F.mse_loss(velocity(model, x, txt, y, sigma, guidance), target)
         optimizer.zero_grad()
-        optimizer.param_groups[0]["lr"] = cosine_lr(config.lr, step, config.steps, config.warmup)
+        optimizer.param_groups[0]["lr"] = world.cosine_lr(config.lr, step, config.steps, config.warmup)
         loss.backward()
         optimizer.step()
     text.requires_grad_(False)
@@ -280,7 +274,7 @@ def distill_guidance(teacher, config, batches):
             target = v_c + (guidance - 1)[:, None, None] * (v_c - v_u)
         loss = F.mse_loss(velocity(student, x, txt, y, sigma, guidance), target)
         optimizer.zero_grad()
-        optimizer.param_groups[0]["lr"] = cosine_lr(config.distill_lr, step, config.distill_steps, config.warmup)
+        optimizer.param_groups[0]["lr"] = world.cosine_lr(config.distill_lr, step, config.distill_steps, config.warmup)
         loss.backward()
         optimizer.step()
     return student.eval()

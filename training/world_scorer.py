@@ -125,8 +125,7 @@ def train_scorer(config, log=None):
         loss = contrastive_loss(scorer.image_features(world.to_tensor(images)), text_embeddings(scorer, texts, tokens),
                                 clip.logit_scale, match)
         optimizer.zero_grad()
-        warm = min(1.0, (step + 1) / config.warmup)
-        optimizer.param_groups[0]["lr"] = config.lr * warm * (1 + math.cos(math.pi * step / config.steps)) / 2
+        optimizer.param_groups[0]["lr"] = world.cosine_lr(config.lr, step, config.steps, config.warmup)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
