@@ -1,9 +1,9 @@
 """The command line of srpo.py: the parser, the typed configs made from the flags, and the commands. A flag is declared
 once, where its config is: each field of srpo.TrainConfig is a flag of `train`, of sampler.SampleConfig one of
-`sample`, of scoring.ScoreConfig one of `score`, of export.ExportConfig one of `export` (add_flags: the help, range
-and default are the field's), and a default is the config's, or a preset's where it fits the command line
-(srpo.PRESETS: each reward's recipe, FLUX.2's, the tiny demos', LoRA's; sampler.TINY without --flux); the library
-modules take configs, not flags."""
+`sample` (and of `evaluate`, beside evaluate.EvaluateConfig's), of scoring.ScoreConfig one of `score`, of
+export.ExportConfig one of `export` (add_flags: the help, range and default are the field's), and a default is the
+config's, or a preset's where it fits the command line (srpo.PRESETS: each reward's recipe, FLUX.2's, the tiny
+demos', LoRA's; sampler.TINY without --flux); the library modules take configs, not flags."""
 
 import argparse
 import os
@@ -20,7 +20,8 @@ import srpo
 from common import util
 from common.bounds import Bounded, annotation
 from common.util import Diverged, Fault, InputError, Stopped, parse_device, parse_dtype, read_prompts
-from sampling import sampler, scoring
+from sampling import evaluate, sampler, scoring
+from sampling.judges import JUDGES, choose, flag_of
 from training import checkpoints, evaluation, export, runtime
 
 
@@ -55,17 +56,15 @@ updates, as the released checkpoint holds). Presets (srpo.PRESETS) change a few,
 what; a flag you give wins over them all.
 
 Rewards (--reward, the official --reward_model): hps, HPSv2.1 (--hps CKPT); pickscore, PickScore_v1 (--pickscore DIR);
-clip, laion CLIP-ViT-H-14 (--clip DIR). DIR is a local transformers CLIPModel folder; its CLIP tokenizer is the
-folder's own vocab.json + merges.txt when it has them, else --flux's tokenizer/ (the same CLIP vocabulary). As in the
-official script, PickScore and CLIP tokenize captions as CLIPProcessor (padding, truncation to 77) and reward
-exp(logit_scale) / 20 * img . ((1 + k) t+ - t-), "comparable with HPS" (the official README warns that the control
-words, made for HPS, may suit PickScore less). Each reward's launch script sets its defaults (CLIP: HPS's):"""
+clip, laion CLIP-ViT-H-14 (--clip DIR), scored as the official script scores them (docs/reward.md; its README warns
+that the control words, made for HPS, may suit PickScore less). Each reward's launch script sets its defaults (CLIP:
+HPS's):"""
 
 FAMILY_NAMES = tuple(f.name for f in families.FAMILIES)  # --family: the tiny demo's models
 DEMO_NAMES = tuple(dict.fromkeys(demo for f in families.FAMILIES for demo in f.demos))  # --demo: which of them
 def build_parser():
-    """The parser of the four commands."""
-    parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score and export.")
+    """The parser of the five commands."""
+    parser = Parser(prog="srpo.py", description="SRPO on FLUX.1 and FLUX.2: train, sample, score, evaluate, export.")
     sub = parser.add_subparsers(dest="command", required=True)
     sample = sub.add_parser("sample", help="generate images with FLUX.1 or FLUX.2 (or the tiny built-in model)",
                             description="Generate images. Without --flux, a tiny random model built in code runs "
@@ -78,7 +77,8 @@ def build_parser():
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{TRAIN_USAGE}\n\n{recipe_table()}")
     train_flags(train)
-    add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N"}, choices={"demo": DEMO_NAMES})
+    add_flags(train, runtime.RunConfig, metavar={"images": "DIR", "eval_every": "N", "eval_judges": "LIST"},
+              choices={"demo": DEMO_NAMES})
     add_flags(train, srpo.TrainConfig, {f"--reward {name}" if name in reward.REWARDS else name: preset
                                         for name, preset in srpo.PRESETS.items()},
               choices={"reward": tuple(reward.REWARDS), "method": tuple(methods.METHODS)},
@@ -92,14 +92,27 @@ def build_parser():
                            description=scoring.score.__doc__)
     score.add_argument("images", nargs="*", metavar="IMAGE", help="image files, any mode, read as `train --images` "
                        "reads them (transparency on white, 16-bit greyscale scaled, EXIF orientation applied)")
-    reward_flags(score, lambda kind: f"score with {kind.title}: {kind.path_help}")
+    model_flags(score, reward.REWARDS.values(), lambda kind: f"score with {kind.title}: {kind.path_help}")
     add_flags(score, scoring.ScoreConfig, choices={"preprocess": ("hpsv2", "crop"), "demo": DEMO_NAMES},
               nargs={"relative": 2}, metavar={"relative": ("POS", "NEG"), "save_safetensors": "PATH"})
+    evaluate_parser(sub)
     for command in sub.choices.values():  # --help states each range as the error line would
         for action in command._actions:
             if isinstance(action.type, Bounded):
                 action.help += f"; valid: {action.type.describe()}"
     return parser
+
+
+def evaluate_parser(sub):
+    """`evaluate`: sample's flags for the images (not its prompt, seed, batch or output), its own, the judges'."""
+    evaluating = sub.add_parser("evaluate", help="a checkpoint's Table 1 row: sample the prompts, score them with the "
+                                "judges, a table with 95 % intervals", description=evaluate.__doc__)
+    add_flags(evaluating, sampler.SampleConfig, {"tiny": sampler.TINY}, skip=("prompt", "prompts", "seed", "batch",
+              "out"), metavar={"lora": "F"}, choices={"family": FAMILY_NAMES, "demo": DEMO_NAMES})
+    add_flags(evaluating, evaluate.EvaluateConfig, nargs={"compare": 2},
+              metavar={"compare": ("A", "B"), "judges": "LIST", "prompts": "FILE"})
+    device_flags(evaluating, "cpu, cuda or cuda:N")
+    model_flags(evaluating, JUDGES.values(), lambda kind: f"judge {kind.title} (needs --flux): {kind.path_help}")
 
 
 def device_flags(p, device_help):
@@ -114,22 +127,22 @@ def train_flags(p):
     p.add_argument("--family", choices=FAMILY_NAMES, help="the tiny demo's model family (default flux1): flux2 "
                    "trains a random tiny klein-base-like FLUX.2 with a tiny Qwen3, classifier-free guidance on, at "
                    f"--lr {srpo.PRESETS['flux2-demo']['lr']:g} (with --flux, the folder's model_index.json decides)")
-    reward_flags(p, lambda kind: f"--reward {kind.name}: {kind.path_help} (needs --flux)" + (
-        "; with another --reward: a second, independent reward that scores the held-out evaluations"
-        if kind.name == "pickscore" else ""))
+    model_flags(p, JUDGES.values(), lambda kind: f"{kind.title} (needs --flux): {kind.path_help}; the model of " + (
+        f"--reward {kind.name} or " if kind.name in reward.REWARDS else "") + f"--eval-judges {kind.name}")
     p.add_argument("--prompts", help="prompt file, one prompt per line (default: a few built-in prompts)")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line, never trained on: at step "
                    "0, every --eval-every updates and after the last, prompt i is sampled from seed i with 28 Euler "
                    "steps of FluxPipeline's schedule (--flux's scheduler config) at --guidance and --height x "
                    "--width, as `sample --seed i --steps 28` makes it from that step's checkpoint, and scored with "
-                   "the --reward model's plain score (no control words; with --pickscore beside another --reward, "
-                   "PickScore too): OUT/eval.jsonl, OUT/eval/step-N.png (default: 4 built-in prompts)")
+                   "the --reward model's plain score (no control words) and the --eval-judges: OUT/eval.jsonl, "
+                   "OUT/eval/step-N.png (default: the demo's held-out prompts)")
     device_flags(p, "cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
 
-def reward_flags(p, help):
-    """--NAME for each reward model of reward.REWARDS, its file or folder: a new reward gets its flags here."""
-    for kind in reward.REWARDS.values():
+def model_flags(p, kinds, help):
+    """--NAME, its file or folder, for each reward (reward.REWARDS) or judge (sampling/judges) of `kinds` that has
+    its own (SGP-HPS reads --hps): a new reward or judge gets its flag here."""
+    for kind in (kind for kind in kinds if flag_of(kind) == kind.name):
         p.add_argument(f"--{kind.name}", metavar=kind.metavar, help=help(kind))
 
 
@@ -148,14 +161,14 @@ def recipe_table():
     return "\n".join("    " + "".join(cell.ljust(22) for cell in row).rstrip() for row in rows)
 
 
-def add_flags(parser, config, presets=None, **options):
+def add_flags(parser, config, presets=None, skip=(), **options):
     """One flag --name-with-dashes per field of the dataclass `config` that declares a help (`Annotated[type,
     range, help] = default`): its type the range (a Bounded), a bool a switch, a pair two values; default None, so
     that a command can tell a flag given from one left out (config_from), the field's default and each of the
     `presets`' values (dicts of fields, by name) stated in its help. options: argparse's, per field (choices=...)."""
     for f in fields(config):
         flag, text = "--" + f.name.replace("_", "-"), annotation(config, f.name, str)
-        if text is None:  # given its flag another way: device_flags, a positional argument, reward_flags
+        if text is None or f.name in skip:  # given its flag another way (device_flags, reward_flags), or not here
             continue
         if isinstance(f.default, bool):  # an ablation switch, off by default
             parser.add_argument(flag, action="store_true", default=None, help=text)
@@ -199,23 +212,24 @@ def config_from_flags(args, world, family):
 
 def run_config(args, family):
     """runtime.RunConfig from `train`'s flags and its model `family`: the prompts read, the reward's model path
-    picked by --reward."""
+    picked by --reward, the held-out judges (--eval-judges, their files checked: sampling/judges.choose)."""
     name = args.reward or srpo.TrainConfig.reward
     demo = family.demo(args.demo, args.flux)
     prompts = read_prompts(args.eval_prompts) if args.eval_prompts else runtime.demo_prompts(demo, held_out=True)
-    return config_from(runtime.RunConfig, args, family=family, reward_model=getattr(args, name),
-                       judge=args.pickscore if name != "pickscore" else None, eval_prompts=tuple(prompts), demo=demo)
+    models = judge_models(args)
+    if args.flux is None and models:
+        raise InputError(f"--{next(iter(models))} needs --flux (the tiny demo's reward and judges are built in code)")
+    chosen = choose(args.eval_judges, models, args.flux, "--eval-judges", used={name})
+    if name in chosen:
+        raise InputError(f"--eval-judges {name}: it is the training reward, whose held-out score is always there")
+    return config_from(runtime.RunConfig, args, family=family, reward_model=getattr(args, name), judges=chosen,
+                       eval_prompts=tuple(prompts), demo=demo)
 
 
-def check_reward_flags(args, name):
-    """The model flag of --reward, and no other but --pickscore, which beside another --reward scores the held-out
-    evaluations (the tiny demo takes none); runtime.check_inputs then checks the files."""
-    given = [other for other in reward.REWARDS if getattr(args, other)]
-    if args.flux is None and given:
-        raise InputError(f"--{given[0]} needs --flux (the tiny demo scores with a tiny random CLIP built in code)")
-    other = next((other for other in given if other not in (name, "pickscore")), None)
-    if other:
-        raise InputError(f"--{other} is the model of --reward {other}, but --reward is {name} (the default is hps)")
+def judge_models(args):
+    """{flag: path} of the judge model flags given (--hps, --pickscore, --imagereward, ...)."""
+    flags = (flag_of(kind) for kind in JUDGES.values())
+    return {flag: getattr(args, flag.replace("-", "_")) for flag in flags if getattr(args, flag.replace("-", "_"))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +242,7 @@ def cmd_score(args):
     if len(given) > 1:
         raise InputError("give one of --hps CKPT (HPSv2/2.1), --pickscore DIR and --clip DIR")
     model = {"reward": given[0], "model": getattr(args, given[0])} if given else {}
-    scoring.score(config_from(scoring.ScoreConfig, args, model), srpo.control_caption)
+    scoring.score(config_from(scoring.ScoreConfig, args, model))
 
 
 def cmd_train(args):
@@ -237,7 +251,6 @@ def cmd_train(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     family = families.decide(args.flux, args.family)  # decided once: --flux's model_index.json, or the tiny demo's
     cfg = config_from_flags(args, world, family)
-    check_reward_flags(args, cfg.reward)
     run = run_config(args, family)
     runtime.check_inputs(run, cfg)
     images, prompts = runtime.train_data(run, args.prompts, cfg)
@@ -272,11 +285,19 @@ def cmd_sample(args):
     sampler.sample(config_from(sampler.SampleConfig, args, {} if args.flux else sampler.TINY))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export}
+def cmd_evaluate(args):
+    """`srpo.py evaluate`: sampling.evaluate.evaluate, its configs from the flags (the judges' files: their flags)."""
+    e = config_from(evaluate.EvaluateConfig, args, models=judge_models(args))
+    evaluate.evaluate(e, config_from(sampler.SampleConfig, args, {} if args.flux else sampler.TINY,
+                                     prompts=e.prompts))
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv=None):
-    """`python srpo.py train|sample|score|export`: one line on stderr and an exit code for every way a command ends."""
+    """`python srpo.py COMMAND`: one line on stderr and an exit code for every way a command ends."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -146,7 +146,7 @@ class CLIPScorer(torch.nn.Module):
         """SRP reward r_i = c img_i . ((1 + k) txt(positive_captions[i]) - txt(negative_captions[i])),
         c = scale() / srp_divisor; (B,) float32, differentiable in images.
 
-        A str caption is every image's; k is a float or a (B,) tensor. SRPO's captions are srpo.control_caption(word,
+        A str caption is every image's; k is a float or a (B,) tensor. SRPO's captions are control_caption(word,
         prompt), its inversion branch swapping the words.
         """
         batch = images.shape[0]
@@ -156,6 +156,11 @@ class CLIPScorer(torch.nn.Module):
             k = torch.as_tensor(k, dtype=torch.float32, device=self.device).reshape(-1, 1)
         c = self.scale() / self.srp_divisor
         return c * (self.image_features(images, preprocess_mode) * ((1 + k) * t_pos - t_neg)).sum(-1)
+
+
+def control_caption(word, prompt):
+    """The SRP caption, the official format: word + '. ' + prompt."""
+    return f"{word}. {prompt}"
 
 
 def captions_for(captions, batch):

@@ -46,7 +46,7 @@ import families
 from common import bounds
 from common.bounds import Bounded, check_fields
 from common.util import InputError, Stopped, StopSignals, derive_seed, to_device
-from reward import REWARDS
+from reward import REWARDS, control_caption
 from sampling.sampler import autocast, check_size, decode_images, euler_sample
 from training import checkpoints, runtime
 
@@ -186,11 +186,6 @@ def control_words(step, words=None):
     N[step % len(N)]); with the official lists (4 and 5 words) the 20 pairs recur every 20 steps."""
     positive, negative = (w.split(",") for w in words or TrainConfig.words)
     return positive[step % len(positive)], negative[step % len(negative)]
-
-
-def control_caption(word, prompt):
-    """The SRP caption, the official format: word + '. ' + prompt."""
-    return f"{word}. {prompt}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

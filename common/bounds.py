@@ -73,6 +73,7 @@ TOKENS = Bounded(int, 1, 512, why="T5 tokens, FluxPipeline's limit")
 WINDOW_POINTS = Bounded(int, 11, 100_000, why="100 times the official 1000")
 WINDOW = Bounded(int, 0, 1000, why="indices into the grid S of --window-grid steps")
 PROMPTS = Bounded(int, 1, 4096, why="128 times the official 32, each prompt in turn")
+RESAMPLES = Bounded(int, 100, 10_000, why="each draws every prompt: 10,000 of HPDv2's 3,200 take 256 MB")
 LORA_RANK = Bounded(int, 1, 3072, why="at most a layer's smaller side, FLUX.1's width 3072")
 
 

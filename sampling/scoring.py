@@ -43,13 +43,11 @@ class ScoreConfig:
 
 
 @torch.no_grad()
-def score(s, control_caption):
+def score(s):
     """Print one score per image (score, tab, path): the HPS score <img, txt> of L2-normalised CLIP features
     (PickScore, CLIP: times exp(logit_scale)); with --relative POS NEG, SRPO's reward
     c img . ((1 + k) txt('POS. prompt') - txt('NEG. prompt')), c = 1 for HPS and exp(logit_scale) / 20 for
     PickScore and CLIP, as the official script trains with them."""
-    # control_caption(word, prompt) is srpo.py's, the method's caption format: passed in, as imports run from srpo.py
-    # down to sampling/
     device = parse_device(s.device)
     dtype = parse_dtype(s.dtype or "float32", device)  # 6 decimals: fp32
     inputs = score_inputs(s)
@@ -62,7 +60,7 @@ def score(s, control_caption):
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
         image = reward.load_image(path)
         if s.relative:
-            positive, negative = (control_caption(word, prompt) for word in s.relative)
+            positive, negative = (reward.control_caption(word, prompt) for word in s.relative)
             value = scorer.relative_reward(image[None], positive, negative, s.k, s.preprocess)
         else:
             value = scorer.score(image[None], prompt, s.preprocess)

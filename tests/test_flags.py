@@ -19,6 +19,7 @@ import reward
 import srpo
 from common import bounds, util
 from sampling import flux2_sampling, flux_sampling, sampler
+from sampling.judges import JUDGES
 from training import evaluation, runtime
 from weights import clip_weights, flux_weights
 
@@ -76,8 +77,10 @@ def bad_values(command, action, tmp):
              "--manifest": tmp / "no-images.jsonl", "images": tmp / "no.png", "--images": tmp / "no-images",
              "--device": "tpu9", "--dtype": "int8", "--save-safetensors": tmp / "no-folder" / "hps.safetensors",
              "checkpoint": tmp / "no-checkpoint", "--base": tmp / "no-flux", "--words": "bright,,dark",
+             "--eval-judges": "vibes", "--judges": "vibes", "--compare": tmp / "no-evaluation",
              "--out": {"train": tmp / "a-file" / "run", "sample": tmp / "no-folder" / "x.png",
-                       "export": tmp / "no-folder" / "x.safetensors"}.get(command)}
+                       "export": tmp / "no-folder" / "x.safetensors", "evaluate": tmp / "a-file" / "run"}.get(command)}
+    paths |= {f"--{kind.name}": tmp / f"no-{kind.name}" for kind in JUDGES.values()}
     name = (action.option_strings or [action.dest])[0]
     assert paths.get(name) is not None, f"{command} {name}: give it an invalid value here, or list it as free text"
     return [paths[name]]
@@ -104,7 +107,7 @@ def base_command(command, flag, tmp):
         flux_weights.save_transformer(fm.Flux(fm.FluxConfig.preset("tiny")), tmp / "checkpoint")
         kind = ["--to", "lora", "--rank", "2", "--base", tmp / "checkpoint"] if flag in ("--base", "--device") else []
         return ["export", tmp / "checkpoint", "--to", "bfl", *kind, "--out", tmp / "x.safetensors"]
-    return [command, *small, "--out", tmp / ("run" if command == "train" else "x.png")]
+    return [command, *small, "--out", tmp / ("x.png" if command == "sample" else "run")]
 
 
 @pytest.mark.parametrize("command,action", flag_cases(),

@@ -105,9 +105,10 @@ def test_pickscore_as_the_second_judge_is_loaded_in_bf16_on_a_gpu(monkeypatch):
     """--pickscore beside another --reward only scores, without gradient: on a GPU its 0.99 B parameters are bf16
     (2 GB), not fp32 (3.9 GB on every GPU); on a CPU fp32, as before."""
     loads = []
-    monkeypatch.setattr(evaluation.REWARDS["pickscore"], "load", lambda folder, tokenizer, device, dtype=torch.float32:
+    kind = evaluation.judges.JUDGES["pickscore"]
+    monkeypatch.setattr(kind, "load", lambda folder, tokenizer, device, dtype=torch.float32:
                         loads.append((device.type, dtype)))
-    run = runtime.RunConfig(judge="PickScore_v1", out="out")
+    run = runtime.RunConfig(judges={"pickscore": (kind, "PickScore_v1")}, out="out")
     for device in ("cuda", "cpu"):
         evaluation.Watch.for_run(run, srpo.TrainConfig(), runtime.Ranks(0, 1, torch.device(device)))
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]

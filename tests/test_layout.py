@@ -68,7 +68,7 @@ def test_the_top_level_is_the_reading_path():
     assert len(top) <= 12 and set(PACKAGES) <= top, sorted(top)
 
 
-@pytest.mark.parametrize("path, budget", [("srpo.py", 450), ("cli.py", 300), ("README.md", 250)])
+@pytest.mark.parametrize("path, budget", [("srpo.py", 450), ("cli.py", 320), ("README.md", 250)])
 def test_the_reading_files_keep_to_their_budgets(path, budget):
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         assert len(f.readlines()) <= budget, path

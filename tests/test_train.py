@@ -948,7 +948,8 @@ def test_reward_flags_and_folders_give_one_line_errors(real_args, tmp_path, caps
         (reward_args(real_args, "--reward", "pickscore", "--pickscore", str(tmp_path / "none")),
          ["none", "no such folder"]),
         (reward_args(real_args, "--reward", "pickscore"), ["--pickscore is required", "PickScore_v1"]),
-        ([*real_args, "--clip", str(bert)], ["--clip is the model of --reward clip", "--reward is hps"]),
+        ([*real_args, "--clip", str(bert)], ["bert", "expected 'clip'"]),  # beside --reward hps: a judge's model
+        ([*real_args, "--eval-judges", "pickscore"], ["--eval-judges pickscore: give its model, --pickscore DIR"]),
         (["train", "--reward", "pickscore", "--pickscore", str(bert)], ["--pickscore needs --flux"]),
     ]
     for args, words in cases:

@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.util import InputError, atomic_write, read_jsonl, read_prompts, write_text
-from reward import REWARDS, tokenizer_folder
-from sampling import sampler
+from reward import tokenizer_folder
+from sampling import judges, sampler
 from training import checkpoints, hacking, runtime
 
 GRID_COLUMNS = 8
@@ -75,7 +75,7 @@ def sample_and_score(parts, prompts, scorers, schedule, cfg, ranks):
     images = quantized(row).split(cfg.width, dim=3)
     results = []
     for i, image in zip(indices[:own], images, strict=False):
-        scores = {name: scorer.score(image.to(ranks.device), prompts[i]).item()
+        scores = {name: scorer.score(image.to(ranks.device), [prompts[i]]).item()
                   for name, scorer in scorers.items()}
         results.append((i, image[0], scores))
     return results
@@ -129,13 +129,11 @@ class Watch:
 
     @classmethod
     def for_run(cls, run, cfg, ranks):
-        """A run's (runtime.RunConfig): its judge, a PickScore folder beside another --reward, is loaded here, before
-        the training parts, in the frozen parts' dtype (bf16 on GPUs: it scores without gradient, and fp32 would add
-        3.9 GB on each GPU)."""
-        extra = {}
-        if run.judge and cfg.reward != "pickscore":
-            extra["pickscore"] = REWARDS["pickscore"].load(run.judge, tokenizer_folder(run.judge, run.flux),
-                                                           ranks.device, runtime.frozen_dtype(ranks.device))
+        """A run's (runtime.RunConfig): its judges (--eval-judges) are loaded here, before the training parts, in the
+        frozen parts' dtype (bf16 on GPUs: they score without gradient, and fp32 would add 3.9 GB on each GPU for a
+        ViT-H-14 CLIP)."""
+        extra = {name: judges.load(kind, path, path and tokenizer_folder(path, run.flux), run.demo, ranks.device,
+                                   runtime.frozen_dtype(ranks.device)) for name, (kind, path) in run.judges.items()}
         schedule = sampler.read_schedule(run.flux) if run.flux else sampler.FLUX_DEV
         return cls(run.eval_prompts, cfg, run.out, run.eval_every, extra, schedule, run.tensorboard)
 
@@ -236,9 +234,10 @@ class Watch:
 
 def best_saved(records, cfg):
     """(the record of the best saved step, the score's name) over eval.jsonl's records, None if no saved step was
-    evaluated. The score is the independent judge's (PickScore) when there is one, else the training reward
-    model's plain score."""
-    name = "pickscore" if records and "pickscore" in records[0] and cfg.reward != "pickscore" else cfg.reward
+    evaluated. The score is the first independent judge's (--eval-judges) when there is one, else the training
+    reward model's plain score."""
+    others = [name for name in records[0] if name in judges.JUDGES and name != cfg.reward] if records else []
+    name = others[0] if others else cfg.reward
     saved = [r for r in records if name in r and r["step"] and (r["step"] % cfg.save_every == 0
                                                                  or r["step"] == cfg.steps)]
     return (max(saved, key=lambda r: r[name]), name) if saved else None
@@ -249,7 +248,7 @@ def report(out, cfg):
     moved."""
     path = os.path.join(out, "eval.jsonl")
     records = read_jsonl(path)
-    for line in (best_checkpoint(out, path, records, cfg), signs_moved(path, records)):
+    for line in (best_checkpoint(out, path, records, cfg), judges_fell(path, records, cfg), signs_moved(path, records)):
         if line:
             print(line)
 
@@ -266,6 +265,19 @@ def best_checkpoint(out, path, records, cfg):
     return (f"held-out {name} ({path}): best saved checkpoint step {best['step']} ({best[name]:.4f}; "
             f"{folder or f'no longer kept (--keep {cfg.keep})'}); step {records[0]['step']}: {records[0][name]:.4f}, "
             f"step {records[-1]['step']}: {records[-1][name]:.4f}")
+
+
+def judges_fell(path, records, cfg):
+    """The held-out judges that fell from the first evaluation to the last while the training reward's held-out score
+    rose: the sign of reward hacking the peers watch (FlowBP, Flow-GRPO). None without such a judge."""
+    first, last = (records[0], records[-1]) if len(records) > 1 else ({}, {})
+    if cfg.reward not in first or cfg.reward not in last or last[cfg.reward] <= first[cfg.reward]:
+        return None
+    fell = [f"{name} {first[name]:.4f} -> {last[name]:.4f}" for name in first if name in judges.JUDGES
+            and name != cfg.reward and name in last and last[name] < first[name]]
+    return fell and (f"held-out judges that fell while {cfg.reward} rose ({first[cfg.reward]:.4f} -> "
+                     f"{last[cfg.reward]:.4f}), step {first['step']} -> {last['step']} ({path}): {', '.join(fell)}: "
+                     f"the reward may be hacked")
 
 
 def signs_moved(path, records):

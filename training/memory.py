@@ -142,7 +142,7 @@ def preflight_terms(flux_cfg, lora_rank, height, width, text_tokens=TEXT_TOKENS)
     """An estimate without the measured graphs, for one_gpu and per_gpu: the transformer's entries (built on the meta
     device, no weights read), its checkpointed block inputs, blocks x (image + text tokens) x width x 2 bytes (as
     measured: tests/test_memory), and the fp32 reward, a ViT-H-14 CLIP for each of --hps, --pickscore and --clip;
-    the rest of the graphs, the VAE and a --pickscore judge count 0."""
+    the rest of the graphs, the VAE and the --eval-judges count 0."""
     with torch.device("meta"):
         flux = with_lora(families.of_config(flux_cfg).model(flux_cfg), lora_rank)
         scorer = CLIPModel(clip_weights.clip_config(**VIT_H_14))

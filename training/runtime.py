@@ -7,7 +7,7 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, NamedTuple
 
@@ -80,7 +80,13 @@ class RunConfig:
                     "--family flux2's only one)"] = None
     family: families.Family = families.FLUX1  # decided once by the command (families.decide): flux's, or the demo's
     reward_model: str | None = None  # the --reward model's file or folder (--hps, --pickscore or --clip)
-    judge: str | None = None  # a PickScore folder that scores the held-out evaluations beside another --reward
+    eval_judges: Annotated[str | None, "comma-separated judges that score the held-out evaluations beside the "
+                           "training reward, none of them trained on (sampling/judges: hps, pickscore, clip, sgp-hps, "
+                           "imagereward, aesthetic, laion-aesthetic), each from its model flag (--pickscore DIR, "
+                           "--imagereward DIR, ...; without --flux, the tiny demo's); the end report names those that "
+                           "fell while the reward rose (default: each whose model flag is given besides the "
+                           "reward's)"] = None
+    judges: dict = field(default_factory=dict)  # --eval-judges decided: {name: (judge class, its file or None)}
     eval_prompts: tuple = ()  # held-out prompts, never trained on (--eval-prompts FILE's lines)
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)
@@ -121,8 +127,6 @@ def check_inputs(run, cfg):
     if not run.reward_model:
         raise InputError(f"--{kind.name} is required with --flux and --reward {kind.name} (--{kind.name} "
                          f"{kind.metavar}: {kind.path_help})")
-    if run.judge:
-        REWARDS["pickscore"].check_path(run.judge)
     kind.check_path(run.reward_model)
     vocabulary = reward_tokenizer(run)
     if not run.family.clip_tokenizer and not all(os.path.isfile(os.path.join(vocabulary, f)) for f in CLIP_VOCABULARY):

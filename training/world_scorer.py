@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common.util import derive_seed
-from srpo import control_caption
+from reward import control_caption
 from training import world
 from weights.world_weights import new_scorer
 
