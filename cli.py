@@ -280,8 +280,7 @@ def cmd_export(args):
 
 
 def cmd_sample(args):
-    """`srpo.py sample`: the images of sampler.sample, its SampleConfig from the flags (without --flux: TINY's
-    defaults)."""
+    """`srpo.py sample`: sampler.sample, its SampleConfig from the flags (without --flux: TINY's defaults)."""
     sampler.sample(config_from(sampler.SampleConfig, args, {} if args.flux else sampler.TINY))
 
 
@@ -292,8 +291,8 @@ def cmd_evaluate(args):
                                      prompts=e.prompts))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "export": cmd_export,
-            "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "evaluate": cmd_evaluate,
+            "export": cmd_export}
 
 
 def main(argv=None):

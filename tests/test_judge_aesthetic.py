@@ -1,4 +1,4 @@
-"""judges/aesthetic.py against independent references, on random tiny towers saved in the published layouts:
+"""sampling/judges/aesthetic.py against independent references, on random tiny towers saved in the published layouts:
 
 - `aesthetic` (Aesthetic Predictor v2.5) against the package aesthetic-predictor-v2-5 itself (test-only): its
   convert_v2_5_from_siglip reads the same folder (a whole SiglipModel, as google/siglip-so400m-patch14-384 ships,
@@ -47,7 +47,7 @@ from transformers import (
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from common.util import InputError
-from judges.aesthetic import AestheticV25, LaionAesthetic
+from sampling.judges.aesthetic import AestheticV25, LaionAesthetic
 from weights import clip_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

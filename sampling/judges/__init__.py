@@ -20,6 +20,7 @@ import torch
 from common.util import InputError
 from reward import REWARDS, HPSReward, control_caption
 from sampling import scoring
+from sampling.judges.aesthetic import AestheticV25, LaionAesthetic
 
 
 class SGPHPS:
@@ -51,7 +52,7 @@ class SGPHPS:
 
 
 # `srpo.py evaluate --judges NAME,...` and `train --eval-judges NAME,...`; each judge's file comes from --FLAG
-JUDGES = {kind.name: kind for kind in (*REWARDS.values(), SGPHPS)}
+JUDGES = {kind.name: kind for kind in (*REWARDS.values(), SGPHPS, AestheticV25, LaionAesthetic)}
 
 
 def flag_of(kind):

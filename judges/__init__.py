@@ -1,1 +1,0 @@
-"""Judges: image scorers for evaluation."""
