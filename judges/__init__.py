@@ -1,0 +1,1 @@
+"""Judges: image scorers for evaluation."""
