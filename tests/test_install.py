@@ -108,7 +108,8 @@ def test_the_readme_s_commands_and_ci_install_the_tested_set():
     install, test = (" ".join(line.split("#")[0].split())
                      for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[2:4])
     assert install == "pip install -r requirements.txt -c constraints.txt && python srpo.py train"
-    assert test == "pip install -r requirements-dev.txt -c constraints.txt && python -m pytest -q"
+    assert test == ("pip install -r requirements-dev.txt -c constraints.txt && pip install --no-deps -r "
+                    "requirements-nodeps.txt && python -m pytest -q")
     assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()[-1] == test
 
 

@@ -122,3 +122,27 @@ def test_the_claims_tool_measures_what_it_says(capsys):
     world_claims.main(["--seeds", "0", "--runs", "srpo+bright", "--steps", "1", "--per-prompt", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows] == ["| run", "| untrained", "| srpo+bright"]
+
+
+def test_evaluate_gives_the_before_and_after_rows_and_their_difference(default_run, tmp_path, capsys):
+    """`evaluate` of the world's transformer and of the default run's last checkpoint on the held-out prompts, then
+    --compare: each table is the mean of its scores.jsonl, B - A the difference of the means inside its interval.
+    (What the numbers say is docs/world.md's: the plain score of the world's scorer falls, as SRP trains its relative
+    reward with bright / dark, not caption agreement.)"""
+    weights = os.path.join(default_run, "checkpoint-000040", "diffusion_pytorch_model.safetensors")
+    for name, model in (("before", []), ("after", ["--transformer", weights])):
+        cli.main(["evaluate", *model, "--judges", "hps,sgp-hps,aesthetic", "--steps", "28", "--seeds", "2",
+                  "--out", str(tmp_path / name)])
+    capsys.readouterr()
+    cli.main(["evaluate", "--compare", str(tmp_path / "before"), str(tmp_path / "after"), "--out", str(tmp_path)])
+    rows = {}
+    for name in ("before", "after"):
+        with open(tmp_path / name / "scores.jsonl") as f:
+            rows[name] = [json.loads(line) for line in f]
+        assert len(rows[name]) == 2 * len(world.prompts(held_out=True))
+    with open(tmp_path / "compare.csv") as f:
+        table = {line.split(",")[0]: [float(v) for v in line.split(",")[1:]] for line in list(f)[1:]}
+    for judge in ("hps", "sgp-hps", "aesthetic"):
+        means = [np.mean([r[judge] for r in rows[name]]) for name in ("before", "after")]
+        assert table[judge][:3] == pytest.approx([*means, means[1] - means[0]], abs=1e-6)
+    assert all(low <= diff <= high for _, _, diff, low, high in table.values()), table

@@ -77,6 +77,8 @@ def main():
         python = f"{tmp}/venv/bin/python"
         passed = step("install requirements-dev.txt, newest", [python, "-m", "pip", "install", "-q", "-r",
                                                                 "requirements-dev.txt"])
+        passed = passed and step("install requirements-nodeps.txt", [python, "-m", "pip", "install", "-q",
+                                                                    "--no-deps", "-r", "requirements-nodeps.txt"])
         passed = passed and step("demo: python srpo.py train", [python, "srpo.py", "train", "--out", f"{tmp}/run"])
         passed = passed and step(tests, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
                                  + ([] if args.write else ["-m", "not slow"]))

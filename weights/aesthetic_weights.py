@@ -3,7 +3,7 @@ with torch.load(weights_only=True, mmap=True) and checked key by key and shape b
 expects before any tensor is cast, moved or loaded."""
 
 from common.util import InputError
-from weights.clip_weights import _torch_load, check_checkpoint
+from weights.clip_weights import check_checkpoint, torch_state_dict
 
 
 def read_head(path, expected, what):
@@ -11,7 +11,7 @@ def read_head(path, expected, what):
     ({key: shape}) with those shapes; else a one-line InputError naming the file, the first wrong key and both
     shapes, and `what` the file was expected to be."""
     check_checkpoint(path, what)
-    tensors = _torch_load(path)
+    tensors = torch_state_dict(path)
     for key, shape in expected.items():
         if key not in tensors:
             raise InputError(f"{path}: missing key '{key}' {shape} (expected {what})")

@@ -128,7 +128,7 @@ def open_clip_to_hf(shapes):
     return pieces
 
 
-def _torch_load(path):
+def torch_state_dict(path):
     """Tensors of a torch checkpoint, memory-mapped (no copy in RAM), refusing pickled code (weights_only)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -175,7 +175,7 @@ def read_clip_weights(path):
             except (SafetensorError, OSError, ValueError, TypeError) as e:
                 raise InputError(f"{path}: cannot read '{key}' ({first_line(e)})") from None
     else:
-        state_dict = _torch_load(path)
+        state_dict = torch_state_dict(path)
         shapes = {key: tuple(t.shape) for key, t in state_dict.items()}
 
         def read(key, rows):

@@ -21,6 +21,7 @@ from common.util import InputError
 from reward import REWARDS, HPSReward, control_caption
 from sampling import scoring
 from sampling.judges.aesthetic import AestheticV25, LaionAesthetic
+from sampling.judges.imagereward import ImageRewardJudge
 
 
 class SGPHPS:
@@ -52,7 +53,8 @@ class SGPHPS:
 
 
 # `srpo.py evaluate --judges NAME,...` and `train --eval-judges NAME,...`; each judge's file comes from --FLAG
-JUDGES = {kind.name: kind for kind in (*REWARDS.values(), SGPHPS, AestheticV25, LaionAesthetic)}
+JUDGES = {kind.name: kind for kind in (*REWARDS.values(), SGPHPS, ImageRewardJudge, AestheticV25,
+                                             LaionAesthetic)}
 
 
 def flag_of(kind):
