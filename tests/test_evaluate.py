@@ -123,9 +123,13 @@ def test_hpdv2_prompts_are_read_style_by_style(tmp_path, monkeypatch):
     (["--prompts", "hpdv2"], "--prompts hpdv2: the HPDv2 benchmark prompts"),
     (["--compare", "A", "B"], "no scores.jsonl there"),
     (["--pickscore", "x"], "--pickscore is given but no judge of --judges reads it"),
+    (["--judges", "aesthetic", "--aesthetic", "BERT"], "model_type 'bert'"),  # a judge's folder of another layout
+    (["--judges", "imagereward", "--imagereward", "BERT"], "ImageReward"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "EMPTY").write_text("\n \n")
+    (tmp_path / "BERT").mkdir()
+    (tmp_path / "BERT" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setattr(evaluate, "HPDV2_FOLDERS", (str(tmp_path / "none"),))
     monkeypatch.chdir(tmp_path)
     args = args + (["--judges", "hps"] if args[0] == "--pickscore" else [])

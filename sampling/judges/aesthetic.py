@@ -20,46 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from common.util import InputError, check_folder, first_line, load_pretrained, read_json
-from reward import _HF_WEIGHTS, _resize, preprocess
+from reward import _HF_WEIGHTS
+from sampling.judges.parts import ScoreHead, clip_pixels, resize_8bit
 from weights.aesthetic_weights import read_head
 
 # transformers is imported in the functions that build its models and configs: importing it takes ~4 s.
-
-HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # both predictors' head: e -> 1024 -> 128 -> 64 -> 16 -> 1
-
-
-def as_8bit(x):
-    """x in [0, 1] as an 8-bit image stores it: round(255 clamp(x, 0, 1)) / 255."""
-    return (x.clamp(0, 1) * 255).round() / 255
-
-
-def resize_8bit(images, height, width):
-    """(B, 3, H, W) in [0, 1] -> (B, 3, height, width): PIL's bicubic resize of the 8-bit image, as both references
-    resize (their processors take PIL images), in float: as_8bit, then the horizontal pass and the vertical one,
-    each bicubic antialiased (PIL's kernel, a = -0.5) and stored in 8 bits again, as PIL stores its intermediate
-    image (clamped: the overshoot of bicubic at edges is cut between the passes). Equal to PIL's pixels but where a
-    sum lands on a half level and PIL's fixed-point arithmetic rounds it the other way: one level, on up to a few
-    pixels in a thousand, about as many as transformers' torchvision resize differs from PIL on. Not
-    differentiable."""
-    x = as_8bit(images)
-    if x.shape[-1] != width:
-        x = as_8bit(_resize(x, x.shape[-2], width))
-    if x.shape[-2] != height:
-        x = as_8bit(_resize(x, height, width))
-    return x
-
-
-class ScoreHead(torch.nn.Sequential):
-    """Both predictors' scoring MLP: s = L5(L4(L3(L2(L1(e))))), nn.Linear layers of widths HEAD_WIDTHS and no
-    activation between them. The predictors' Dropout layers (identities in eval) stand as nn.Identity at their
-    indices, `linear_at` listing the Linear ones, so that the state_dict keys are the published file's."""
-
-    def __init__(self, width, linear_at):
-        layers = [torch.nn.Identity() for _ in range(linear_at[-1] + 1)]
-        for index, fan_in, fan_out in zip(linear_at, (width, *HEAD_WIDTHS[:-1]), HEAD_WIDTHS, strict=True):
-            layers[index] = torch.nn.Linear(fan_in, fan_out)
-        super().__init__(*layers)
-
 
 class AestheticJudge(torch.nn.Module):
     """A judge s_i = head(e_i / |e_i|), e_i the vision tower's embedding of image i preprocessed as the reference
@@ -234,11 +199,7 @@ class LaionAesthetic(AestheticJudge):
                                 image_size=56, patch_size=14, projection_dim=32)
 
     def pixels(self, images):
-        """resize_8bit to the short side's size, then reward.preprocess's "crop" (its own resize then keeps the
-        size: the same formula for the long side) crops and normalises."""
-        size, (height, width) = self.image_size, images.shape[-2:]
-        long = int(size * max(height, width) / min(height, width))
-        return preprocess(resize_8bit(images, *((size, long) if height <= width else (long, size))), size, "crop")
+        return clip_pixels(images, self.image_size)
 
     def embed(self, pixels):
         return self.vision(pixel_values=pixels).image_embeds

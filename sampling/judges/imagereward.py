@@ -21,18 +21,15 @@ The weights' I/O and key names are weights/blip_weights.py's.
 """
 
 import os
-from itertools import pairwise
 
 import torch
-import torch.nn.functional as F
 
 from common.util import InputError, check_folder, quiet_transformers
-from reward import clip_mean_std
+from sampling.judges.parts import ScoreHead, clip_pixels
 from weights import blip_weights
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.mean, ImageReward.std
 TEXT_LENGTH = 35  # the package tokenizes with padding="max_length", truncation=True, max_length=35
-HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # the package's MLP after its input width (BERT's, 768)
 WEIGHT_FILES = ("ImageReward.safetensors", "ImageReward.pt")
 MED_CONFIG, VOCAB = "med_config.json", "vocab.txt"
 BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -96,8 +93,7 @@ class ImageRewardJudge(torch.nn.Module):
         super().__init__()
         self.vision = BlipVisionModel(vision_config)
         self.text = BlipTextModel(text_config, add_pooling_layer=False)
-        widths = (text_config.hidden_size, *HEAD_WIDTHS)
-        self.head = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in pairwise(widths)))
+        self.head = ScoreHead(text_config.hidden_size, linear_at=(0, 1, 2, 3, 4))
         self.tokenizer = tokenizer
 
     @classmethod
@@ -155,24 +151,11 @@ class ImageRewardJudge(torch.nn.Module):
         return self.head[0].weight.device
 
     def pixels(self, images):
-        """The package's Resize(224, bicubic) + CenterCrop(224) + Normalize as PIL computes them on an 8-bit image,
-        for (B, 3, H, W) images in [0, 1]: the short side to 224, the long one to floor(224 long / short) (none if
-        already so), in PIL's two passes, width then height, each bicubic with antialias (PIL's kernel, a = -0.5)
-        and stored as PIL stores it, clipped and rounded to 8 bits; the centre crop at round((L - 224) / 2); the CLIP
-        mean/std. On 8-bit images this is PIL's result up to its fixed-point weights (1/255 on ~0.1% of the pixels).
-        (B, 3, 224, 224) float32; not differentiable (the rounding)."""
+        """The package's Resize(224, bicubic) + CenterCrop(224) + Normalize, as PIL computes them on the 8-bit image
+        (parts.clip_pixels); (B, 3, 224, 224) float32, not differentiable."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-        x = images.to(self.device).float()
-        size, (h, w) = self.vision.config.image_size, x.shape[-2:]
-        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-        for shape in ((h, new_w), (new_h, new_w)):
-            if shape != tuple(x.shape[-2:]):
-                x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
-                x = torch.floor(x.clamp(0, 1) * 255 + 0.5) / 255
-        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-        mean, std = clip_mean_std(x.device)
-        return (x[..., top: top + size, left: left + size] - mean) / std
+        return clip_pixels(images.to(self.device).float(), self.vision.config.image_size)
 
     def score_pixels(self, pixels, prompts):
         """s_i = (head(BERT(tokens_i, cross = ViT(pixels_i))[0]) - MEAN) / STD for preprocessed pixels; (B,)
