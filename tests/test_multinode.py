@@ -163,3 +163,53 @@ def test_hybrid_memory_is_fsdp_over_one_node():
     dev, h100 = f2.Flux2Config.preset("flux2-dev"), 80 * 2**30 * 0.99
     assert memory.memory_error(dev, srpo.TrainConfig(), flat.shards, False, h100, 2048 * 2**30) is None
     assert memory.memory_error(dev, srpo.TrainConfig(), hybrid.shards, False, h100, 2048 * 2**30) is not None
+
+
+def _load_in_turn(rank, world, store, log, fail):
+    """One of `world` gloo processes of one node: Ranks.in_turn of a load that logs when it starts and ends."""
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    ranks = runtime.Ranks(rank, world, torch.device("cpu"))
+
+    def load():
+        with open(log, "a") as f:
+            f.write(f"start {rank} {time.monotonic()}\n")
+        time.sleep(0.3)
+        if rank == fail:
+            raise InputError(f"process {rank} refuses")
+        with open(log, "a") as f:
+            f.write(f"end {rank} {time.monotonic()}\n")
+        return rank
+
+    try:
+        assert ranks.in_turn(load) == rank
+        outcome = "ok"
+    except InputError as e:
+        outcome = str(e)
+    with open(f"{log}.{rank}", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [None, 1])
+def test_the_processes_of_a_node_load_their_models_in_turn(fail, tmp_path):
+    """Ranks.in_turn over 3 real gloo processes: each load starts after the one before has ended (what a load stages
+    on the host is there once per node), and a refusal on one process is raised on all of them."""
+    log = str(tmp_path / "log")
+    torch.multiprocessing.spawn(_load_in_turn, args=(3, str(tmp_path / "store"), log, fail), nprocs=3)
+    outcomes = []
+    for rank in range(3):
+        with open(f"{log}.{rank}") as f:
+            outcomes.append(f.read())
+    if fail is not None:
+        assert outcomes == ["process 1 refuses"] * 3
+        return
+    assert outcomes == ["ok"] * 3
+    with open(log) as f:
+        events = sorted((float(t), kind, int(rank)) for kind, rank, t in (line.split() for line in f))
+    assert [(kind, rank) for _, kind, rank in events] == [("start", 0), ("end", 0), ("start", 1), ("end", 1),
+                                                          ("start", 2), ("end", 2)]

@@ -208,6 +208,27 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def in_turn(self, load):
+        """load() on this node's processes one after another (torchrun's LOCAL_RANK order, the nodes side by side),
+        so that what a load stages in host memory before it moves to its GPU is held once per node, not once per
+        process: FLUX.2 [dev]'s Mistral-3 is 48 GB in bf16, 384 GB on an 8-GPU node loading at once. A refusal on one
+        process is raised on every one, after the last turn. -> load()'s value."""
+        if self.world == 1:
+            return load()
+        local = int(os.environ.get("LOCAL_RANK", self.rank))
+        value, error = None, None
+        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", self.world))):
+            if turn == local:
+                try:
+                    value = load()
+                except InputError as e:
+                    error = e
+            dist.barrier()
+        error = next((e for e in self.gather(error) if e is not None), None)
+        if error:
+            raise error
+        return value
+
     def main_writes(self, what, write):
         """write() on rank 0; its Fault (or the InputError / Diverged of what it checks first) is raised on every
         rank (the others would wait for rank 0 forever)."""
@@ -426,7 +447,8 @@ def training_parts(run, cfg, prompts, ranks, begin, images=None):
     mine = [p for step in range(start + 1, last + 1) for _, p in my_prompts(prompt_of, step, cfg, ranks)]
     frozen = frozen_dtype(ranks.device)
     base = frozen if cfg.lora_rank else torch.float32
-    ae, text, flux_cfg, load = frozen_parts(run, frozen, ranks.device, base)
+    # each process stages its text encoders on the host before moving them: one process of a node at a time
+    ae, text, flux_cfg, load = ranks.in_turn(lambda: frozen_parts(run, frozen, ranks.device, base))
     ae = ae.to(ranks.device, frozen)
     embeddings = encode_prompts(text, mine + prompts[: cfg.samples] + list(run.eval_prompts))
     del text
