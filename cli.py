@@ -188,13 +188,13 @@ def config_from(config, args, *presets, **decided):
     return config(**{name: value for preset in presets for name, value in preset.items()} | given | decided)
 
 
-def config_from_flags(args, world, family):
+def config_from_flags(args, world, family, demo):
     """TrainConfig from the flags: the srpo.PRESETS that fit the command line and its model `family`, in their order,
     over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
     over them all. The config checks itself."""
     demo, name = args.flux is None, family.name  # a family's presets are named after it: flux2, flux2-demo, ...
     fits = {name: True, "demo": demo, f"{name}-demo": demo, "lora": bool(args.lora_rank) and not demo,
-            "world": family.demo(args.demo, args.flux) == "world", f"{name}-refl": not demo and args.method == "refl",
+            "world": demo == "world", f"{name}-refl": not demo and args.method == "refl",
             f"{name}-flowbp": not demo and args.method in ("refl", "draft-lv")}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
@@ -210,11 +210,10 @@ def config_from_flags(args, world, family):
     return srpo.TrainConfig(**values)
 
 
-def run_config(args, family):
+def run_config(args, family, demo):
     """runtime.RunConfig from `train`'s flags and its model `family`: the prompts read, the reward's model path
     picked by --reward, the held-out judges (--eval-judges, their files checked: sampling/judges.choose)."""
     name = args.reward or srpo.TrainConfig.reward
-    demo = family.demo(args.demo, args.flux)
     prompts = read_prompts(args.eval_prompts) if args.eval_prompts else runtime.demo_prompts(demo, held_out=True)
     models = judge_models(args)
     if args.flux is None and models:
@@ -250,8 +249,8 @@ def cmd_train(args):
     up)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     family = families.decide(args.flux, args.family)  # decided once: --flux's model_index.json, or the tiny demo's
-    cfg = config_from_flags(args, world, family)
-    run = run_config(args, family)
+    demo = family.demo(args.demo, args.flux)  # None with --flux
+    cfg, run = config_from_flags(args, world, family, demo), run_config(args, family, demo)
     runtime.check_inputs(run, cfg)
     images, prompts = runtime.train_data(run, args.prompts, cfg)
     evaluation.check_run(run)

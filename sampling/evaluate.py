@@ -77,17 +77,16 @@ def evaluate(e, s):
                          "--prompts P --seed S --out OUT/images/seed-S`, then evaluate reuses those images")
     if s.flux:
         check_folder(s.flux, "a diffusers-format FLUX.1 or FLUX.2 folder")
-    family = sampler.check_sample_flags(s)
+    demo = sampler.check_sample_flags(s).demo(s.demo, s.flux)  # None with --flux
     chosen = chosen_judges(e, s)
     out = e.out or EVALUATE_FOLDER
     check_writable(out)
     with RunLock(out):
-        prompts = write_prompts(s.prompts, out, family.demo(s.demo, s.flux))
+        prompts = write_prompts(s.prompts, out, demo)
         for seed in range(e.seeds):
             sampler.sample(replace(s, prompts=os.path.join(out, "prompts.txt"), prompt=None, seed=seed, batch=1,
                                    out=os.path.join(out, "images", f"seed-{seed}")))
         rows = image_rows(out, prompts, e.seeds)
-        demo = family.demo(s.demo, s.flux)
         scores = {name: score_all(judges.load(*judge, demo, s.device), rows, name) for name, judge in chosen.items()}
         table = [(name, *bootstrap(per_prompt(rows, values), e.resamples)) for name, values in scores.items()]
         print(write_results(out, rows, scores, table, settings(e, s, chosen, rows)))

@@ -54,8 +54,10 @@ def score(s):
     if inputs is None:  # --save-safetensors alone: converted, nothing to score
         return
     kind, model, tokenizer, paths, prompts = inputs
-    scorer = DEMOS[s.demo or "world"](device=device, dtype=dtype) if model is None else kind.load(model, tokenizer,
-                                                                                                  device, dtype)
+    if model is None:
+        scorer = DEMOS[s.demo or DEFAULT_DEMO](device=device, dtype=dtype)
+    else:
+        scorer = kind.load(model, tokenizer, device, dtype)
     values = []
     for path, prompt in zip(paths, prompts, strict=True):  # one at a time: sizes may differ, thousands may come
         image = reward.load_image(path)
@@ -127,10 +129,11 @@ def demo_scorer(s):
     images (DEMOS: --demo's, the world's by default); said on stderr, as it knows nothing of real images."""
     if s.tokenizer:
         raise InputError("--tokenizer goes with --hps, --pickscore or --clip (the tiny demo scorer has its own)")
-    print(f"note: no --hps, --pickscore or --clip: scoring with the tiny {s.demo or 'world'} demo's HPS-class scorer "
-          f"(`srpo.py train` without --flux), which knows nothing of real images", file=sys.stderr)
+    print(f"note: no --hps, --pickscore or --clip: scoring with the tiny {s.demo or DEFAULT_DEMO} demo's HPS-class "
+          f"scorer (`srpo.py train` without --flux), which knows nothing of real images", file=sys.stderr)
     return reward.HPSReward
 
 
 # score without a model flag: the tiny demos' scorers (--demo), (device, dtype) -> the scorer
 DEMOS = {"world": world_weights.load_scorer, "random": reward.HPSReward.tiny}
+DEFAULT_DEMO = next(iter(DEMOS))

@@ -376,7 +376,8 @@ def test_the_flowbp_presets_fit_a_flux2_folder_s_baselines_only(flux2_folder, me
     on FLUX.1; a flag given wins over them."""
     def config(*flags):
         args = command_line.build_parser().parse_args(["train", "--method", method, *flags])
-        return command_line.config_from_flags(args, 1, families.decide(args.flux, args.family))
+        family = families.decide(args.flux, args.family)
+        return command_line.config_from_flags(args, 1, family, family.demo(args.demo, args.flux))
 
     cfg, default = config("--flux", flux2_folder), srpo.TrainConfig()
     ours = {k: getattr(cfg, k) for k in srpo.PRESETS["flux2-flowbp"] | srpo.PRESETS["flux2-refl"]}

@@ -90,7 +90,8 @@ def test_the_readme_held_out_recipe_gives_prompts_train_takes(tmp_path, capsys):
     subprocess.run(["bash", "-c", readme_recipe(tmp_path / "eval.txt")], cwd=ROOT, check=True, timeout=60)
     args = cli.build_parser().parse_args(["train", "--eval-prompts", str(tmp_path / "eval.txt"), "--out",
                                           str(tmp_path / "run")])
-    run = cli.run_config(args, families.decide(args.flux, args.family))
+    family = families.decide(args.flux, args.family)
+    run = cli.run_config(args, family, family.demo(args.demo, args.flux))
     evaluation.check_run(run)
     prompts = list(run.eval_prompts)
     with open(os.path.join(ROOT, "data", "PartiPrompts.tsv"), encoding="utf-8") as f:

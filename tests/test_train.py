@@ -862,7 +862,8 @@ SHARED_RECIPE = {"lr": 5e-6, "grad_clip": 0.1, "weight_decay": 1e-4, "height": 7
 def train_cfg(*flags, demo=False):
     args = command_line.build_parser().parse_args(["train", *flags])
     assert (args.flux is None) == demo
-    return command_line.config_from_flags(args, 1, families.decide(args.flux, args.family))
+    family = families.decide(args.flux, args.family)
+    return command_line.config_from_flags(args, 1, family, family.demo(args.demo, args.flux))
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_SCRIPTS))
