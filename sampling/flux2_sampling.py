@@ -26,7 +26,7 @@ import torch
 import flux2_model as f2
 from common.util import check_folder, read_json, to_device
 from sampling import flux_sampling
-from weights import flux2_weights
+from weights import flux2_weights, flux_weights
 
 GUIDANCE = 4.0  # Flux2KleinPipeline's (and Flux2Pipeline's) default guidance_scale
 NEGATIVE_PROMPT = ""  # Flux2KleinPipeline's negative prompt for classifier-free guidance, fixed
@@ -115,7 +115,7 @@ def tiny_frozen_parts(device, weights, demo):
     """runtime.frozen_parts of the tiny FLUX.2 demo `demo` (DEMOS): (VAE, text with the negative prompt, transformer
     config, load(device) of the transformer in `weights`)."""
     model, ae, text = DEMOS[demo]()
-    return ae, embedder(text.to(device), cfg=True), model.cfg, functools.partial(model.to, dtype=weights)
+    return ae, embedder(text.to(device), cfg=True), model.cfg, flux_weights.held(model, weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def frozen_parts(flux_dir, dtype, device, weights):
 def tiny_frozen_parts(device, weights, demo):
     """runtime.frozen_parts of the tiny demo `demo` (DEMOS): its models, made or read without a folder."""
     model, ae, text = DEMOS[demo]()
-    return ae, text.to(device), model.cfg, functools.partial(model.to, dtype=weights)
+    return ae, text.to(device), model.cfg, flux_weights.held(model, weights)
 
 
 def sample_models(s, prompts, dtype, device):

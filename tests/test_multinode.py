@@ -133,7 +133,7 @@ def test_hybrid_shards_each_block_over_a_2d_mesh():
         full = fm.Flux(cfg)
         with torch.device("meta"):
             model = fm.Flux(cfg)
-        runtime.fsdp_shard(model, lambda device: full, runtime.Ranks(0, 1, torch.device("cpu"), node=1))
+        runtime.fsdp_shard(model, full.state_dict, runtime.Ranks(0, 1, torch.device("cpu"), node=1))
         for (name, p), want in zip(model.named_parameters(), full.parameters(), strict=True):
             assert p.device_mesh.mesh_dim_names == ("replicate", "shard"), name
             assert p.placements == (Replicate(), Shard(0)) and torch.equal(p.full_tensor(), want), name

@@ -966,3 +966,18 @@ def test_demo_trains_against_a_tiny_clip_reward(tmp_path):
     command_line.main(["train", "--demo", "random", "--reward", "pickscore", "--steps", "2", *SMALL, "--out", out])
     config = util.read_json(os.path.join(out, checkpoints.CHECKPOINT.format(2), "state.json"))["config"]
     assert config["reward"] == "pickscore" and config["window"] == [5, 30] and len(log_lines(out)) == 2
+
+
+def test_a_lazy_state_reads_the_weights_load_transformer_reads_one_tensor_at_a_time(flux_folder):
+    """flux_weights.LAZY: what rank 0 streams into FSDP2's shards (runtime.stream_into) is the loaded model's state,
+    each tensor read when asked and kept by no one (its shards: diffusers' fused-from-three q, k, v included)."""
+    from weights import flux_weights
+
+    sub = os.path.join(flux_folder, "transformer")
+    model = flux_weights.load_transformer(sub)
+    lazy = flux_weights.load_transformer(sub, device=flux_weights.LAZY)
+    state = model.state_dict()
+    assert list(lazy) == list(state) and len(lazy) == len(state)
+    for key, tensor in state.items():
+        assert torch.equal(lazy[key], tensor), key
+    assert lazy[key] is not lazy[key]  # read again, not cached

@@ -15,12 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import fsdp
 from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_model_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import families
 from common import bounds
@@ -44,6 +41,7 @@ from sampling.flux_sampling import encode_prompts
 from sampling.sampler import DEFAULT_PROMPT
 from training import checkpoints, image_data, memory, world
 from weights import lora, world_weights
+from weights.flux_weights import LAZY
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: what it reads and writes, where it runs
@@ -344,7 +342,7 @@ def local_batch(cfg, world):
 # The trained transformer: fp32 master weights, activation checkpointing, FSDP2
 
 
-def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dtype=torch.float32):
+def build_transformer(load, flux_cfg, ranks, attn, adapt=None, dtype=torch.float32):
     """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
     torchrun (or --offload) FSDP2. `load(device)` gives the full model in `dtype` (LoRA's frozen base: bf16 on GPUs);
     under FSDP only rank 0 calls it, and the shards keep that dtype. adapt(model) adds LoRA's adapters (`adapters`,
@@ -353,28 +351,36 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=lambda model: model, dt
         raise InputError(f"LoRA's {dtype} base under FSDP2 (torchrun or --offload) needs PyTorch 2.8 or later (FSDP2 "
                          f"before it refuses fp32 adapters beside it in one group); this is {torch.__version__}: "
                          f"upgrade torch")
+    adapted = adapt or (lambda model: model)
     if not ranks.fsdp:
-        model = adapt(load(ranks.device))
+        model = adapted(load(ranks.device))
     else:
         with torch.device("meta"):  # no memory: the shards are allocated by fsdp_shard
-            model = adapt(families.of_config(flux_cfg).model(flux_cfg).to(dtype))
+            model = adapted(families.of_config(flux_cfg).model(flux_cfg).to(dtype))
     model.set_attention_backend(attn)
     for block in [*model.double_blocks, *model.single_blocks]:
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
     if ranks.fsdp:
-        fsdp_shard(model, lambda device: adapt(load(device)), ranks)
+        # full fine-tuning streams the weights from their files a tensor at a time; LoRA's adapters need the model
+        read = (lambda: loaded_state(load(LAZY))) if adapt is None else lambda: adapted(load("cpu")).state_dict()
+        fsdp_shard(model, read, ranks)
     return model
 
 
-def fsdp_shard(model, load, ranks):
+def loaded_state(loaded):
+    """A load's state: a LazyState as it is, a model's state dict (a load that ignores LAZY gives the model)."""
+    return loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded
+
+
+def fsdp_shard(model, read, ranks):
     """FSDP2: `fully_shard` each block, then the root (embedders, final layer); each rank holds 1/world of the
-    weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights on its CPU and
-    every rank receives its shards by broadcast, so one process reads the files (and its refusal of one is raised on
-    every rank)."""
+    weights, gradients and AdamW state, and gathers one block at a time. Rank 0 reads the weights (read(): a state
+    dict, or a flux_weights.LazyState that reads each tensor when asked) and streams them to every rank's shards
+    (stream_into), so one process reads the files (and its refusal of one is raised on every rank)."""
     full, error = {}, None
     if ranks.main:
         try:
-            full = load("cpu").state_dict()
+            full = read()
         except InputError as e:
             error = e
     error = ranks.from_main(error)
@@ -395,7 +401,23 @@ def fsdp_shard(model, load, ranks):
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     model.to_empty(device="cpu" if ranks.offload else ranks.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    stream_into(model, full, ranks)
+
+
+def stream_into(model, full, ranks):
+    """The sharded model filled from rank 0's `full` one tensor at a time: rank 0 reads it (indexing `full`),
+    broadcasts it whole, and every rank copies its own shard (distribute_tensor's, as FSDP2 shards: each DTensor's
+    placements over its mesh) before the next is read. set_model_state_dict(broadcast_from_rank0) does the same but
+    keeps every tensor rank 0 gave it: 129 GB of host memory for FLUX.2 [dev]'s fp32 weights, one tensor here."""
+    for name, mine in model.state_dict().items():
+        whole = (full[name].to(ranks.device, mine.dtype) if ranks.main else
+                 torch.empty(mine.shape, dtype=mine.dtype, device=ranks.device))
+        if ranks.world > 1:
+            dist.broadcast(whole, src=0)
+        if isinstance(mine, DTensor):
+            whole = distribute_tensor(whole, mine.device_mesh, mine.placements, src_data_rank=None).to_local()
+            mine = mine.to_local()
+        mine.copy_(whole)
 
 
 def hybrid_mesh(ranks):
@@ -520,7 +542,7 @@ def adapters(cfg, folder):
             model.load_state_dict(state["adapters"], strict=False)  # the adapters only: the base is --flux's, unchanged
         return model
 
-    return adapt if cfg.lora_rank else lambda model: model
+    return adapt if cfg.lora_rank else None
 
 
 def optimizer_step(model, opt, totals, step, cfg, ranks):

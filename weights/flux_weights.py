@@ -7,6 +7,7 @@ definition. Loading builds the model on the meta device, checks every key and sh
 from the memory-mapped files straight into its parameter, cast on the way (one copy of the weights in memory)."""
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -153,13 +154,52 @@ def load_into(model_fn, links, sources, where, dtype, device):
         if got != shape:
             raise InputError(f"{where}: {key} has shape {list(got)} but the config expects {list(shape)} "
                              f"(in {sources[key][1]})")
+    if device == LAZY:
+        return LazyState(model, links, sources, where, dtype)
     if torch.device(device).type == "meta":  # a dry run: keys and shapes checked, no weights read
         return model
-    state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device=device)
-             for k, v in model.state_dict().items()}  # a counter (BatchNorm's num_batches_tracked) keeps its type
+    state = {k: allocated(v, dtype, device) for k, v in model.state_dict().items()}
     copy_linked(state, links, sources, where)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def allocated(like, dtype, device):
+    """An empty tensor of like's shape in dtype on device; a counter (BatchNorm's num_batches_tracked) keeps its
+    type."""
+    return torch.empty(like.shape, dtype=dtype if like.is_floating_point() else like.dtype, device=device)
+
+
+LAZY = "lazy"  # load_into's device for a LazyState: the weights read one tensor at a time, when asked
+
+
+def held(model, dtype):
+    """load(device) of a model already in memory (a tiny demo's): the model in dtype on device; LAZY: its state
+    dict."""
+    return lambda device: model.state_dict() if device == LAZY else model.to(device=device, dtype=dtype)
+
+
+class LazyState(Mapping):
+    """A model's state dict whose tensors are read from the mapped files when indexed, one at a time, on the CPU in
+    dtype, and kept by no one here: a process streaming the weights into FSDP2's broadcast holds one tensor, not the
+    model (runtime.stream_into). Keys and shapes were checked by load_into; values are checked as they are read."""
+
+    def __init__(self, model, links, sources, where, dtype):
+        self.meta, self.sources, self.where, self.dtype = model.state_dict(), sources, where, dtype
+        self.links = {}
+        for link in links:
+            self.links.setdefault(link.ours, []).append(link)
+
+    def __getitem__(self, key):
+        state = {key: allocated(self.meta[key], self.dtype, "cpu")}
+        copy_linked(state, self.links[key], self.sources, self.where)
+        return state[key]
+
+    def __iter__(self):
+        return iter(self.meta)
+
+    def __len__(self):
+        return len(self.meta)
 
 
 def copy_linked(state, links, sources, where):
