@@ -101,6 +101,8 @@ def chosen_judges(e, s):
         raise InputError("no judges: give --judges NAME,... with their model flags (e.g. --hps CKPT)")
     tokenizers = {name: scoring.check_tokenizer(path, e.tokenizer or reward.tokenizer_folder(path, s.flux))
                   for name, (kind, path) in chosen.items() if path and judges.flag_of(kind) in reward.REWARDS}
+    for name, folder in tokenizers.items():  # read now (no model): a FLUX.2 folder's tokenizer/ is Qwen's, not CLIP's
+        reward.REWARDS[judges.flag_of(chosen[name][0])].tokenizer_class.from_folder(folder)
     if e.tokenizer and not tokenizers:
         raise InputError(f"--tokenizer {e.tokenizer}: it is the CLIP vocabulary of the --hps, --pickscore or --clip "
                          f"judges, and none is given")

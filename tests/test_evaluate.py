@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import cli
 import srpo
@@ -179,3 +180,16 @@ def test_eval_judges_refusals_are_one_line(tmp_path, capsys):
             cli.main(["train", *args, "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_clip_judge_s_tokenizer_is_read_before_anything_is_sampled(flux2_folder, tmp_path, capsys):
+    """--hps beside a FLUX.2 folder, whose tokenizer/ is Qwen's: no CLIP vocabulary, said before sampling."""
+    save_file(HPSReward.tiny(seed=1).clip.state_dict(), tmp_path / "hps.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["evaluate", "--flux", str(flux2_folder), "--prompts", str(prompts), "--hps",
+                  str(tmp_path / "hps.safetensors"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "vocab.json" in err, err
+    assert not (tmp_path / "out" / "images").exists()
