@@ -191,16 +191,16 @@ def config_from(config, args, *presets, **decided):
 def config_from_flags(args, world, family, demo):
     """TrainConfig from the flags: the srpo.PRESETS that fit the command line and its model `family`, in their order,
     over TrainConfig's defaults (the tiny demo's --batch: one prompt per process of the `world`), and the flags given
-    over them all. The config checks itself."""
-    demo, name = args.flux is None, family.name  # a family's presets are named after it: flux2, flux2-demo, ...
-    fits = {name: True, "demo": demo, f"{name}-demo": demo, "lora": bool(args.lora_rank) and not demo,
-            "world": demo == "world", f"{name}-refl": not demo and args.method == "refl",
-            f"{name}-flowbp": not demo and args.method in ("refl", "draft-lv")}
+    over them all (demo: the tiny demo's name, None with --flux). The config checks itself."""
+    tiny, name = args.flux is None, family.name  # a family's presets are named after it: flux2, flux2-demo, ...
+    fits = {name: True, "demo": tiny, f"{name}-demo": tiny, "lora": bool(args.lora_rank) and not tiny,
+            "world": demo == "world", f"{name}-refl": not tiny and args.method == "refl",
+            f"{name}-flowbp": not tiny and args.method in ("refl", "draft-lv")}
     defaults = {}
     for name, preset in srpo.PRESETS.items():  # a reward's recipe, by its name, fits its --reward
         if fits.get(name, name == (args.reward or srpo.TrainConfig.reward)):
             defaults |= preset
-    if demo:
+    if tiny:
         defaults.setdefault("batch", world)
     values = {}
     for f in fields(srpo.TrainConfig):

@@ -33,7 +33,7 @@ import flux2_model as f2
 import flux_model as fm
 from common.util import InputError
 from training import export
-from weights import flux2_weights, flux_weights, lora
+from weights import flux2_weights, flux_weights, lora, tensor_files
 
 CFG = fm.FluxConfig.preset("tiny")  # hidden 64, 2 double and 2 single blocks
 CFG2 = f2.Flux2Config.preset("tiny")  # hidden 64, 2 double and 2 single blocks, no biases
@@ -171,7 +171,7 @@ def test_streamed_file_is_what_safetensors_reads(tmp_path):
                .bfloat16(), "c.f32": torch.randn(2, 3, generator=g), "d.f16": torch.randn(7, generator=g).half()}
     path = str(tmp_path / "x.safetensors")
     specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    export.write_safetensors(path, specs, lambda k: tensors[k].float(), {"what": "a test"})
+    tensor_files.write_safetensors(path, specs, lambda k: tensors[k].float(), {"what": "a test"})
     back = load_file(path)
     assert back.keys() == tensors.keys()
     assert all(back[k].dtype == v.dtype and torch.equal(back[k].float(), v.float()) for k, v in tensors.items())

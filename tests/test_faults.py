@@ -239,10 +239,10 @@ def one_line_and_nothing_half_written(out, capsys, args, code=util.EXIT_FAULT):
 
 STEP_2 = ["train", "--steps", "6", "--save-every", "2", "--eval-every", "6", *SMALL]
 TARGETS = {  # module, function, bytes left, which call (a file name in its path); the words of the error line
-    # under save_transformer, by the family
-    "weights": (flux_weights, "save_diffusers", 1 << 20, None, "the checkpoint"),
+    # the weights, written a tensor at a time (checkpoints.stream_weights)
+    "weights": (checkpoints, "write_safetensors", 1 << 20, None, "checkpoint-000002/diffusion_pytorch_model"),
     "training.pt": (checkpoints, "save_pt", 1 << 20, checkpoints.CHECKPOINT.format(4), "the checkpoint"),
-    "state.json": (checkpoints, "write_json", 0, None, "the checkpoint"),
+    "state.json": (checkpoints, "write_json", 0, "state.json", "the checkpoint"),
     "log": (checkpoints, "append_log", 0, "log.jsonl", "the log"),
     "eval": (evaluation.Watch, "write", 0, None, "the evaluation of step 0"),
     "grid": (sampler, "save_png", 0, "samples-before.png", "samples-before.png"),

@@ -81,8 +81,7 @@ def random_lora(folder, flux_cfg, rank=4, alpha=8.0, seed=3):
             if n.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     adapters = {n: p.detach() for n, p in model.named_parameters() if n in adapter_names(model)}
-    cfg = srpo.TrainConfig(lora_rank=rank, lora_alpha=alpha)
-    checkpoints.save_weights(adapters, model.cfg, cfg, os.path.join(folder, "lora"))
+    lora.save_lora(adapters, model.cfg, alpha / rank, os.path.join(folder, "lora"))
     return model, os.path.join(folder, "lora")
 
 

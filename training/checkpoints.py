@@ -22,10 +22,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 import families
 from common.util import (
     Diverged,
+    Fault,
     InputError,
     append_line,
     atomic_write,
@@ -38,6 +40,8 @@ from common.util import (
     written,
 )
 from weights import lora
+from weights.flux_weights import to_theirs
+from weights.tensor_files import write_order, write_safetensors
 
 CHECKPOINT = "checkpoint-{:06d}"
 
@@ -71,35 +75,82 @@ def save_checkpoint(model, opt, step, cfg, out, ranks, best=None):
       (torchrun: optimizer/                              AdamW's state as shards, one file per rank; training.pt
                                                          keeps its param groups: see save_shards)
       state.json                                         step and config, written last: it marks the save complete
-    Under FSDP the weights are gathered to rank 0's CPU and rank 0 writes them. Older checkpoints beyond --keep are
-    deleted (but the `best` step's: the held-out evaluations' best, which the end-of-run note names) only after this
-    one is complete, so a crash during a save leaves the previous one loadable, and a failed
-    write (a full disk) removes the incomplete folder and ends the run on every rank with a Fault. Weights that are
-    not finite are never written (check_finite): the run ends as Diverged."""
-    weights = get_model_state_dict(model, options=state_dict_options(ranks))
+    Rank 0 writes the weights a tensor at a time (stream_weights; LoRA's adapters, small, are gathered whole). Older
+    checkpoints beyond --keep are deleted (but the `best` step's: the held-out evaluations' best, which the
+    end-of-run note names) only after this one is complete, so a crash during a save leaves the previous one
+    loadable, and a failed write (a full disk) removes the incomplete folder and ends the run on every rank with a
+    Fault. Weights that are not finite are never written (check_finite): the run ends as Diverged."""
+    adapters = get_model_state_dict(model, options=state_dict_options(ranks)) if cfg.lora_rank else None
+    check_finite(adapters if cfg.lora_rank else model.state_dict(), step, cfg, ranks)
     sharded = ranks.world > 1
     optim = get_optimizer_state_dict(model, opt, options=None if sharded else state_dict_options(ranks))
     folder = os.path.join(out, CHECKPOINT.format(step))
     what = f"the checkpoint {folder}"
-
-    def weights_file():
-        check_finite(weights, step, cfg)
-        save_weights(weights, model.cfg, cfg, folder)
 
     def state_files():
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         state = {"optimizer": {"param_groups": optim["param_groups"]} if sharded else optim,
                  "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
         if cfg.lora_rank:  # the adapters as trained, for resume (their file folds alpha / r into B)
-            state["adapters"] = weights
+            state["adapters"] = adapters
         atomic_write(os.path.join(folder, "training.pt"), functools.partial(save_pt, state))
         write_json(os.path.join(folder, "state.json"), {"step": step, "config": asdict(cfg)})
 
-    ranks.main_writes(what, functools.partial(whole_or_none, folder, weights_file))
+    if cfg.lora_rank:
+        ranks.main_writes(what, functools.partial(whole_or_none, folder, functools.partial(
+            lora.save_lora, adapters, model.cfg, cfg.lora_alpha / cfg.lora_rank, folder)))
+    else:
+        stream_weights(model, folder, what, ranks)
     if sharded:
         save_shards(optim["state"], folder, what, ranks)
     ranks.main_writes(what, functools.partial(whole_or_none, folder, state_files))
     ranks.main_writes(what, functools.partial(prune, out, cfg.keep, best))
+
+
+def stream_weights(model, folder, what, ranks):
+    """folder/diffusion_pytorch_model.safetensors (diffusers' names, along the family's links) and config.json of the
+    whole transformer, a tensor at a time: every rank gathers each of our tensors in turn (an FSDP2 shard's
+    full_tensor(), a collective) and rank 0 writes its diffusers pieces before the next is gathered, so its host
+    holds one tensor, not the model (FLUX.1-dev's fp32 weights are 47.6 GB, FLUX.2 [dev]'s 129). A failed write on
+    rank 0 ends the save on every rank once the others have gathered the rest with it."""
+    family, ours = families.of_config(model.cfg), model.state_dict()
+    links, owner, cache = family.links(model.cfg), {}, {}
+    for link in links:
+        owner[link.theirs] = link.ours
+    shapes = to_theirs({k: torch.empty(v.shape, device="meta") for k, v in ours.items()}, links)
+    specs = [(name, tuple(t.shape), torch.float32) for name, t in shapes.items()]
+
+    made = []
+
+    def piece(name):
+        made.append(name)
+        key = owner[name]
+        if key not in cache:  # each of ours is gathered once: its pieces are next to each other in specs
+            cache.clear()
+            t = ours[key]
+            cache[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
+        return to_theirs({key: cache[key]}, [link for link in links if link.ours == key])[name]
+
+    def write():
+        os.makedirs(folder, exist_ok=True)
+        write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), specs, piece,
+                          {"format": "pt"}, progress=False)
+        write_json(os.path.join(folder, "config.json"), family.to_diffusers(model.cfg))
+
+    error = None
+    if ranks.main:
+        try:
+            whole_or_none(folder, write)
+        except (Fault, OSError) as e:  # a failed write (written() makes OSErrors Faults): the others still gather
+            error = e if isinstance(e, Fault) else Fault(f"could not write {what} ({e.strerror or e})")
+            for name, *_ in write_order(specs)[len(made):]:
+                piece(name)
+    else:
+        for name, *_ in write_order(specs):
+            piece(name)
+    error = ranks.from_main(error)
+    if error:
+        raise error
 
 
 def prune(out, keep, best):
@@ -110,11 +161,11 @@ def prune(out, keep, best):
 
 
 def whole_or_none(folder, write):
-    """write(); a failed write (OSError) removes the checkpoint's folder: no state.json, no checkpoint, and no half
-    of one left either."""
+    """write(); a failed write (an OSError, or the Fault written() makes of one) removes the checkpoint's folder: no
+    state.json, no checkpoint, and no half of one left either."""
     try:
         write()
-    except OSError:
+    except (OSError, Fault):
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
@@ -149,10 +200,14 @@ def save_pt(obj, path):
         torch.save(obj, f)
 
 
-def check_finite(weights, step, cfg):
+def check_finite(weights, step, cfg, ranks):
     """Refuse to save non-finite weights (a too large --lr can overflow them in one update while the loss that
-    update was computed from was finite): the run ends as Diverged, the last checkpoint stays the last finite one."""
-    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    update was computed from was finite): the run ends as Diverged on every rank, the last checkpoint stays the last
+    finite one. Each rank checks what it holds of `weights` (its FSDP2 shards), so nothing is gathered for it."""
+    local = [name for name, t in weights.items()
+             if not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()]
+    found = set().union(*ranks.gather(local))
+    bad = [name for name in weights if name in found] or sorted(found)
     if bad:
         raise Diverged(f"step {step}: the weights after the update are not finite ({len(bad)} of {len(weights)} "
                        f"tensors, e.g. {bad[0]}), so checkpoint {step} was not saved: {LOWER_LR.format(cfg.lr)}")
@@ -160,19 +215,6 @@ def check_finite(weights, step, cfg):
 
 # What to try after a divergence: a resume repeats the run's settings, and with them the same steps.
 LOWER_LR = "try a lower --lr than {:g} in a new run (another --out; --resume keeps the run's settings)"
-
-
-def save_weights(weights, flux_cfg, cfg, folder):
-    """The trained weights: the whole transformer in diffusers format, or LoRA's adapters in the layout diffusers'
-    load_lora_weights reads (weights/lora.py)."""
-    if cfg.lora_rank:
-        lora.save_lora(weights, flux_cfg, cfg.lora_alpha / cfg.lora_rank, folder)
-        return
-    family = families.of_config(flux_cfg)
-    with torch.device("meta"):
-        full = family.model(flux_cfg)
-    full.load_state_dict(weights, assign=True)
-    family.save(full, folder)
 
 
 def read_training_state(folder, lora_rank, mmap=False):

@@ -21,11 +21,11 @@ killed is removed by the next one to the same output."""
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
 import shutil
-import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +42,6 @@ from common.util import (
     RunLock,
     Stopped,
     StopSignals,
-    atomic_write,
     check_folder,
     check_writable,
     write_json,
@@ -52,11 +51,10 @@ from flux2_model import Flux2Config
 from flux_model import FluxConfig
 from training import checkpoints
 from weights import flux_weights, lora
+from weights.tensor_files import write_safetensors
 
 FORMATS = ("bfl", "fp8", "lora", "merged")
 FULL_FILE = "diffusion_pytorch_model.safetensors"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.float8_e4m3fn: "F8_E4M3"}
 FOLDER_FORMATS = ("lora", "merged")  # --out is a folder; bfl and fp8 write one file
 DEMO = "demo"  # --base demo: the tiny demo's base transformer, built in code as `train` without --flux builds it
 
@@ -192,44 +190,6 @@ def checkpoint_weights(checkpoint, base, dtype, device="cpu"):
     if checkpoint_kind(checkpoint) == "lora":
         return in_memory(merged_model(checkpoint, base, dtype, device))
     return open_weights(checkpoint)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing a safetensors file one tensor at a time
-
-
-def write_safetensors(path, specs, make, metadata, signals=None):
-    """Write path as safetensors from specs = [(name, shape, dtype)], calling make(name) for each tensor just
-    before its bytes are written, so memory holds one tensor at a time (safetensors' own save_file needs them all).
-    The format (huggingface/safetensors, "Format"): an 8-byte little-endian header size, a JSON header
-    {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}} padded with spaces to a multiple of 8, then
-    the tensors' bytes back to back. Wider dtypes come first, as safetensors' writer orders them, so every tensor
-    starts at a multiple of its item size. Written atomically (temp file, then rename); a stop signal (signals, a
-    util.StopSignals) ends it before the next tensor."""
-    specs = sorted(specs, key=lambda s: -s[2].itemsize)
-    header, offset = {"__metadata__": metadata}, 0
-    for name, shape, dtype in specs:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-
-    def write(tmp):
-        with open(tmp, "wb") as f, tqdm(total=offset, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-            f.write(struct.pack("<Q", len(text)) + text)
-            for name, shape, dtype in specs:
-                check_stop(signals, path)
-                t = make(name).to(dtype).contiguous()
-                if tuple(t.shape) != tuple(shape):  # the header is written: a wrong size would corrupt the file
-                    raise ValueError(f"{name}: made {list(t.shape)}, the header says {list(shape)}")
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the host's byte order: little-endian
-                bar.update(t.numel() * dtype.itemsize)
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    written(path, lambda: atomic_write(path, write))
-    return path
 
 
 def within(path, folder):
@@ -375,7 +335,8 @@ def to_bfl(checkpoint, out, base=None, dtype=torch.bfloat16, signals=None):
     layout = f"BFL ({weights.family.bfl})"
     narrow = set(weights.shapes) if dtype == torch.float16 else set()  # bf16 has float32's range
     make = in_range(weights, narrow, dtype, "export it in bfloat16 (the default) or float32")
-    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, str(dtype)[6:]), signals)
+    return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, str(dtype)[6:]),
+                             functools.partial(check_stop, signals, out))
 
 
 def to_fp8(checkpoint, out, base=None, signals=None, device="cpu"):
@@ -389,7 +350,7 @@ def to_fp8(checkpoint, out, base=None, signals=None, device="cpu"):
     layout = "BFL names; block linear weights float8_e4m3fn (plain casts, no scales), the rest bfloat16"
     make = in_range(weights, low, torch.float8_e4m3fn, "export it with --to bfl", device)
     return write_safetensors(out, specs, make, export_metadata(weights, checkpoint, layout, "float8_e4m3fn"),
-                             signals)
+                             functools.partial(check_stop, signals, out))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,8 +449,9 @@ def merge(checkpoint, base, out, dtype=torch.bfloat16, signals=None):
     family = families.of_config(model.cfg)
     theirs = flux_weights.to_theirs(model.state_dict(), family.links(model.cfg))
     os.makedirs(out, exist_ok=True)
-    path = write_safetensors(os.path.join(out, FULL_FILE), [(k, t.shape, t.dtype) for k, t in theirs.items()],
-                             lambda k: theirs[k].contiguous(), {"format": "pt"}, signals)
+    path = os.path.join(out, FULL_FILE)
+    write_safetensors(path, [(k, t.shape, t.dtype) for k, t in theirs.items()], lambda k: theirs[k].contiguous(),
+                      {"format": "pt"}, functools.partial(check_stop, signals, path))
     config = os.path.join(out, "config.json")
     written(config, lambda: write_json(config, family.to_diffusers(model.cfg)))
     return path
