@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from references import rel_err
+from safetensors.torch import load_file
 from test_faults import disk, fill  # noqa: F401  disk is a fixture
 from test_train import (  # noqa: F401  fsdp_runs is a fixture
     FSDP_ARGS,
@@ -28,8 +29,10 @@ from test_train import (  # noqa: F401  fsdp_runs is a fixture
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import cli as command_line
+import flux_model as fm
 from common import util
 from training import checkpoints, runtime
+from weights import flux_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,3 +193,63 @@ def test_sigkill_during_a_two_process_save_leaves_the_last_checkpoint_usable(fsd
     x, y = adamw_state(checkpoint(two, 2)), adamw_state(checkpoint(out, 2))
     assert all(torch.equal(x[n][k], y[n][k]) for n in x for k in x[n])
     assert log_lines(out) == log_lines(two)
+
+
+def _stream_two_ranks(rank, world, store, folder, fail_after):
+    """One of 2 gloo processes: the tiny FLUX.1 sharded by fsdp_shard, then stream_weights into folder; rank 0's
+    writer fails with ENOSPC after `fail_after` tensors (None: never). Writes what happened to folder.rank."""
+    import errno
+
+    import torch.distributed as dist
+
+    from common.util import Fault
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    torch.manual_seed(0)
+    full = fm.Flux(fm.FluxConfig.preset("tiny"))
+    with torch.device("meta"):
+        model = fm.Flux(full.cfg)
+    ranks = runtime.Ranks(rank, world, torch.device("cpu"))
+    runtime.fsdp_shard(model, full.state_dict, ranks)
+    if rank == 0 and fail_after is not None:
+        write = checkpoints.write_safetensors
+
+        def failing(path, specs, make, *args, **kwargs):
+            def make_or_fail(name, made=[]):  # noqa: B006  counts across calls
+                made.append(name)
+                if len(made) > fail_after:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return make(name)
+            return write(path, specs, make_or_fail, *args, **kwargs)
+
+        checkpoints.write_safetensors = failing
+    try:
+        checkpoints.stream_weights(model, folder, "the checkpoint", ranks)
+        outcome = "ok"
+    except Fault as e:
+        outcome = f"fault: {e}"
+    with open(f"{folder}.{rank}", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_after", [None, 3])
+def test_stream_weights_over_two_ranks_writes_the_model_or_fails_on_every_rank(fail_after, tmp_path):
+    """stream_weights on 2 real gloo processes: the file is save_transformer's of the unsharded model, tensor for
+    tensor (fused q, k, v split as diffusers keeps them); a full disk on rank 0 after 3 tensors ends both ranks with
+    its Fault (rank 1 finishes its gathers with rank 0, no hang) and leaves no folder."""
+    folder = str(tmp_path / "checkpoint")
+    torch.multiprocessing.spawn(_stream_two_ranks, args=(2, str(tmp_path / "store"), folder, fail_after), nprocs=2)
+    outcomes = []
+    for rank in range(2):
+        with open(f"{folder}.{rank}") as f:
+            outcomes.append(f.read())
+    if fail_after is not None:
+        assert all(o.startswith("fault: could not write") and "No space left on device" in o for o in outcomes)
+        assert not os.path.exists(folder)
+        return
+    assert outcomes == ["ok", "ok"]
+    torch.manual_seed(0)
+    reference = flux_weights.save_transformer(fm.Flux(fm.FluxConfig.preset("tiny")), str(tmp_path / "reference"))
+    ours, theirs = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")), load_file(reference)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
