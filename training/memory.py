@@ -104,13 +104,14 @@ def one_gpu(e):
     rollout's forwards, each branch's forward and the backward's regather; each backward copies its fp32 gradients
     back, and from the step's second backward on FSDP2 waits for that copy and adds it into the host's gradient on
     the CPU (tools.memory_estimate.time_back). Host memory counts the pinned parameters and gradients as the host
-    allocator rounds them (`pinned`; AdamW's state is not pinned). Rank 0 also holds a full copy of the weights
-    while loading, and of weights + AdamW state while saving. Full, resident: no FSDP, the fp32 weights, gradients
-    and AdamW state on the GPU, autocast's bf16 copy of the block computing. Resident, in the rollout (no graphs),
-    autocast's cache holds a bf16 copy of every trained fp32 weight (sampler.autocast): the adapters' for LoRA, all
-    weights for full (none under FSDP2, which gathers bf16). Model calls per prompt: e["calls"], the rollout's
-    forwards and the branches' calls with gradient, each a forward, a recompute and a backward (FSDP2 is assumed to
-    regather and to send gradients back once per call)."""
+    allocator rounds them (`pinned`; AdamW's state is not pinned). While loading, LoRA's bf16 base is held whole
+    (its adapters are made on it; full fine-tuning streams its weights a tensor at a time); while saving, a copy of
+    AdamW's state (the weights stream a tensor at a time: checkpoints.stream_weights). Full, resident: no FSDP, the
+    fp32 weights, gradients and AdamW state on the GPU, autocast's bf16 copy of the block computing. Resident, in
+    the rollout (no graphs), autocast's cache holds a bf16 copy of every trained fp32 weight (sampler.autocast): the
+    adapters' for LoRA, all weights for full (none under FSDP2, which gathers bf16). Model calls per prompt:
+    e["calls"], the rollout's forwards and the branches' calls with gradient, each a forward, a recompute and a
+    backward (FSDP2 is assumed to regather and to send gradients back once per call)."""
     lora_n, base = e["lora params"], e["params"]
     lora_host = pinned(e["base sizes"], 2) + 2 * pinned(e["lora sizes"], 4) + lora_n * 8
     full_host = 2 * pinned(e["base sizes"], 4) + base * 8
@@ -130,7 +131,7 @@ def one_gpu(e):
         "full, resident": (base * STATE_BYTES + fixed + max(graphs + e["block params"] * 2, base * 2), 0, 0, 0,
                            full_flop, 0),
         "full, --offload": (fixed + max(graphs + root + blocks, recompute + root + e["fsdp one"]), full_host,
-                            base * 12, gathers * base * 4, full_flop, branches * base * 4),
+                            base * 8, gathers * base * 4, full_flop, branches * base * 4),
     }
 
 
@@ -156,11 +157,12 @@ def preflight_terms(flux_cfg, lora_rank, height, width, text_tokens=TEXT_TOKENS)
 
 def needs(e, world, offload):
     """(bytes on each GPU, bytes of host memory at its peak) of a run of e's rank on `world` GPUs, or None where no
-    estimate models it (LoRA under torchrun without --offload). FSDP2 over N: rank 0 reads the fp32 transformer to
-    broadcast it (4 bytes a parameter; a save gathers the weights a tensor at a time, and each rank writes its own
-    AdamW shard); one GPU or --offload: one_gpu's."""
+    estimate models it (LoRA under torchrun without --offload). FSDP2 over N: no host memory by the weights (rank 0
+    streams them a tensor at a time into the shards and into a checkpoint, and each rank writes its own AdamW
+    shard; the text encoders, staged one process of a node at a time, are not counted); one GPU or --offload:
+    one_gpu's."""
     if world > 1 and not offload:
-        return None if e["lora rank"] else (per_gpu(e, world) * GB, e["params"] * 4)
+        return None if e["lora rank"] else (per_gpu(e, world) * GB, 0)
     lora_mode = f"LoRA r={e['lora rank']}, " if e["lora rank"] else "full, "
     gpu, host, extra, *_ = one_gpu(e)[lora_mode + ("--offload" if offload else "resident")]
     return gpu, host + extra
