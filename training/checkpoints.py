@@ -113,23 +113,8 @@ def stream_weights(model, folder, what, ranks):
     full_tensor(), a collective) and rank 0 writes its diffusers pieces before the next is gathered, so its host
     holds one tensor, not the model (FLUX.1-dev's fp32 weights are 47.6 GB, FLUX.2 [dev]'s 129). A failed write on
     rank 0 ends the save on every rank once the others have gathered the rest with it."""
-    family, ours = families.of_config(model.cfg), model.state_dict()
-    links, owner, cache = family.links(model.cfg), {}, {}
-    for link in links:
-        owner[link.theirs] = link.ours
-    shapes = to_theirs({k: torch.empty(v.shape, device="meta") for k, v in ours.items()}, links)
-    specs = [(name, tuple(t.shape), torch.float32) for name, t in shapes.items()]
-
-    made = []
-
-    def piece(name):
-        made.append(name)
-        key = owner[name]
-        if key not in cache:  # each of ours is gathered once: its pieces are next to each other in specs
-            cache.clear()
-            t = ours[key]
-            cache[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
-        return to_theirs({key: cache[key]}, [link for link in links if link.ours == key])[name]
+    family = families.of_config(model.cfg)
+    specs, piece, made = diffusers_pieces(model, family)
 
     def write():
         os.makedirs(folder, exist_ok=True)
@@ -151,6 +136,26 @@ def stream_weights(model, folder, what, ranks):
     error = ranks.from_main(error)
     if error:
         raise error
+
+
+def diffusers_pieces(model, family):
+    """(specs, piece, made): the transformer's tensors in diffusers' names as write_safetensors takes them (fp32), and
+    piece(name), which gathers the one of ours it is a piece of (fused q, k, v: three pieces) when it comes first and
+    keeps it for the pieces after, appending each name to `made`. Every rank calls piece in the same order."""
+    ours, links, cache, made = model.state_dict(), family.links(model.cfg), {}, []
+    owner = {link.theirs: link.ours for link in links}
+    shapes = to_theirs({k: torch.empty(v.shape, device="meta") for k, v in ours.items()}, links)
+
+    def piece(name):
+        made.append(name)
+        key = owner[name]
+        if key not in cache:  # each of ours is gathered once: its pieces are next to each other in the specs
+            cache.clear()
+            t = ours[key]
+            cache[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
+        return to_theirs({key: cache[key]}, [link for link in links if link.ours == key])[name]
+
+    return [(name, tuple(t.shape), torch.float32) for name, t in shapes.items()], piece, made
 
 
 def prune(out, keep, best):
