@@ -34,9 +34,20 @@ def randomize(module, std=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            scale = "norm" in name and not name.endswith("bias") and p.ndim == 1  # norm scales stay near 1
+            scale = "norm" in name.lower() and not name.endswith("bias") and p.ndim == 1  # norm scales stay near 1
             p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if scale else 0.0))
     return module
+
+
+def spawned(worker, world, tmp_path, path, *args):
+    """worker(rank, world, store, path, *args) in `world` real processes (torch.multiprocessing.spawn, meeting in a
+    FileStore under tmp_path), each writing what happened to it to path.RANK. -> those outcomes, in rank order."""
+    torch.multiprocessing.spawn(worker, args=(world, str(tmp_path / "store"), path, *args), nprocs=world)
+    outcomes = []
+    for rank in range(world):
+        with open(f"{path}.{rank}") as f:
+            outcomes.append(f.read())
+    return outcomes
 
 
 def diffusers_transformer(cfg, seed=0):

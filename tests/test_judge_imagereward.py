@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 from PIL import Image
+from references import randomize, rel_err
 
 from common.util import InputError
 from reward import CLIP_STD
@@ -32,20 +33,6 @@ VOCAB = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS
 PROMPTS = ["A red cat on the sky, at night!", "café photo of the big house", "",
            "painting " * 30 + "of a dog",  # past 35 tokens: truncated
            "[ENC] the blue moon"]  # the added special token, matched in the text by both tokenizers
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| in float64 (tests/references.py's metric; that module imports diffusers, ~5 s)."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def randomize(module, seed=0, std=0.05):
-    """Every parameter random (norm scales near 1), so that a wrong mapping of any one shows in the scores."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = p.ndim == 1 and name.endswith("weight") and "norm" in name.lower()
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if scale else 0.0))
 
 
 def import_package(mp):

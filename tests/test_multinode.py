@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from references import rel_err
+from references import rel_err, spawned
 from test_sharded_saves import adamw_state
 from test_train import ROOT, SMALL, TORCHRUN, cli, log_lines, weights
 from torch.distributed.tensor import Replicate, Shard
@@ -200,11 +200,7 @@ def test_the_processes_of_a_node_load_their_models_in_turn(fail, tmp_path):
     """Ranks.in_turn over 3 real gloo processes: each load starts after the one before has ended (what a load stages
     on the host is there once per node), and a refusal on one process is raised on all of them."""
     log = str(tmp_path / "log")
-    torch.multiprocessing.spawn(_load_in_turn, args=(3, str(tmp_path / "store"), log, fail), nprocs=3)
-    outcomes = []
-    for rank in range(3):
-        with open(f"{log}.{rank}") as f:
-            outcomes.append(f.read())
+    outcomes = spawned(_load_in_turn, 3, tmp_path, log, fail)
     if fail is not None:
         assert outcomes == ["process 1 refuses"] * 3
         return

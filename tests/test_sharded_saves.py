@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from references import rel_err
+from references import rel_err, spawned
 from safetensors.torch import load_file
 from test_faults import disk, fill  # noqa: F401  disk is a fixture
 from test_train import (  # noqa: F401  fsdp_runs is a fixture
@@ -239,11 +239,7 @@ def test_stream_weights_over_two_ranks_writes_the_model_or_fails_on_every_rank(f
     tensor (fused q, k, v split as diffusers keeps them); a full disk on rank 0 after 3 tensors ends both ranks with
     its Fault (rank 1 finishes its gathers with rank 0, no hang) and leaves no folder."""
     folder = str(tmp_path / "checkpoint")
-    torch.multiprocessing.spawn(_stream_two_ranks, args=(2, str(tmp_path / "store"), folder, fail_after), nprocs=2)
-    outcomes = []
-    for rank in range(2):
-        with open(f"{folder}.{rank}") as f:
-            outcomes.append(f.read())
+    outcomes = spawned(_stream_two_ranks, 2, tmp_path, folder, fail_after)
     if fail_after is not None:
         assert all(o.startswith("fault: could not write") and "No space left on device" in o for o in outcomes)
         assert not os.path.exists(folder)
