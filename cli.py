@@ -227,8 +227,8 @@ def run_config(args, family, demo):
 
 def judge_models(args):
     """{flag: path} of the judge model flags given (--hps, --pickscore, --imagereward, ...)."""
-    flags = (flag_of(kind) for kind in JUDGES.values())
-    return {flag: getattr(args, flag.replace("-", "_")) for flag in flags if getattr(args, flag.replace("-", "_"))}
+    given = {flag: getattr(args, flag.replace("-", "_")) for flag in map(flag_of, JUDGES.values())}
+    return {flag: path for flag, path in given.items() if path}
 
 
 # ----------------------------------------------------------------------------------------------------------------

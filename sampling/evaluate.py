@@ -32,7 +32,7 @@ from common.util import (
     read_prompts,
     write_text,
 )
-from sampling import judges, sampler, scoring
+from sampling import judges, sampler
 from sampling.judges import JUDGES
 
 EVALUATE_FOLDER = os.path.join("runs", "evaluate")
@@ -93,20 +93,16 @@ def evaluate(e, s):
 
 
 def chosen_judges(e, s):
-    """{name: (judge class, its file or folder (None: the tiny demo's), CLIP tokenizer folder or None)}, every file
-    checked before anything loads (without --flux and --judges: all of them, the tiny demo's)."""
-    names = e.judges or (None if s.flux else ",".join(JUDGES))
-    chosen = judges.choose(names, e.models or {}, s.flux)
+    """sampling/judges.choose's judges, every file checked before anything loads (without --flux and --judges: all of
+    them, the tiny demo's); --tokenizer only where a CLIP judge reads it."""
+    chosen = judges.choose(e.judges or (None if s.flux else ",".join(JUDGES)), e.models or {}, s.flux,
+                           tokenizer=e.tokenizer)
     if not chosen:
         raise InputError("no judges: give --judges NAME,... with their model flags (e.g. --hps CKPT)")
-    tokenizers = {name: scoring.check_tokenizer(path, e.tokenizer or reward.tokenizer_folder(path, s.flux))
-                  for name, (kind, path) in chosen.items() if path and judges.flag_of(kind) in reward.REWARDS}
-    for name, folder in tokenizers.items():  # read now (no model): a FLUX.2 folder's tokenizer/ is Qwen's, not CLIP's
-        reward.REWARDS[judges.flag_of(chosen[name][0])].tokenizer_class.from_folder(folder)
-    if e.tokenizer and not tokenizers:
+    if e.tokenizer and not any(tokenizer for *_, tokenizer in chosen.values()):
         raise InputError(f"--tokenizer {e.tokenizer}: it is the CLIP vocabulary of the --hps, --pickscore or --clip "
                          f"judges, and none is given")
-    return {name: (kind, path, tokenizers.get(name)) for name, (kind, path) in chosen.items()}
+    return chosen
 
 
 def write_prompts(path, out, demo):

@@ -108,7 +108,7 @@ def test_pickscore_as_the_second_judge_is_loaded_in_bf16_on_a_gpu(monkeypatch):
     kind = evaluation.judges.JUDGES["pickscore"]
     monkeypatch.setattr(kind, "load", lambda folder, tokenizer, device, dtype=torch.float32:
                         loads.append((device.type, dtype)))
-    run = runtime.RunConfig(judges={"pickscore": (kind, "PickScore_v1")}, out="out")
+    run = runtime.RunConfig(judges={"pickscore": (kind, "PickScore_v1", "PickScore_v1")}, out="out")
     for device in ("cuda", "cpu"):
         evaluation.Watch.for_run(run, srpo.TrainConfig(), runtime.Ranks(0, 1, torch.device(device)))
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]

@@ -4,8 +4,8 @@ coming.
 Direct reward fine-tuning learns to please its reward model: the training reward keeps rising while the images turn
 "oily" or show grid patterns (SRPO issue #22: good at about 10 steps, broken by 20-50; Flow-GRPO and DanceGRPO users
 report the same). The instrument is a view the training does not optimize: prompts it never trains on, sampled at
-inference settings, scored with the reward model's plain score (no control words) and, with --pickscore beside
-another --reward, by an independent reward. While the model learns, the held-out rewards rise with the training
+inference settings, scored with the reward model's plain score (no control words) and by the judges of
+--eval-judges, rewards it is not trained on. While the model learns, the held-out rewards rise with the training
 reward; when it starts to hack, they part: the independent reward flattens or falls while the training reward
 climbs. Pick the checkpoint before the parting.
 
@@ -31,7 +31,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.util import InputError, atomic_write, read_jsonl, read_prompts, write_text
-from reward import tokenizer_folder
 from sampling import judges, sampler
 from training import checkpoints, hacking, runtime
 
@@ -132,8 +131,8 @@ class Watch:
         """A run's (runtime.RunConfig): its judges (--eval-judges) are loaded here, before the training parts, in the
         frozen parts' dtype (bf16 on GPUs: they score without gradient, and fp32 would add 3.9 GB on each GPU for a
         ViT-H-14 CLIP)."""
-        extra = {name: judges.load(kind, path, path and tokenizer_folder(path, run.flux), run.demo, ranks.device,
-                                   runtime.frozen_dtype(ranks.device)) for name, (kind, path) in run.judges.items()}
+        extra = {name: judges.load(*judge, run.demo, ranks.device, runtime.frozen_dtype(ranks.device))
+                 for name, judge in run.judges.items()}
         schedule = sampler.read_schedule(run.flux) if run.flux else sampler.FLUX_DEV
         return cls(run.eval_prompts, cfg, run.out, run.eval_every, extra, schedule, run.tensorboard)
 

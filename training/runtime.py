@@ -84,7 +84,7 @@ class RunConfig:
                            "--imagereward DIR, ...; without --flux, the tiny demo's); the end report names those that "
                            "fell while the reward rose (default: each whose model flag is given besides the "
                            "reward's)"] = None
-    judges: dict = field(default_factory=dict)  # --eval-judges decided: {name: (judge class, its file or None)}
+    judges: dict = field(default_factory=dict)  # --eval-judges decided: sampling/judges.choose's
     eval_prompts: tuple = ()  # held-out prompts, never trained on (--eval-prompts FILE's lines)
     device: str = "cpu"
     attn: str | None = None  # triton | sdpa (None: triton on CUDA)

@@ -18,7 +18,7 @@ A judge whose file is another's (SGP-HPS reads the HPS checkpoint) says so in `f
 import torch
 
 from common.util import InputError
-from reward import REWARDS, HPSReward, control_caption
+from reward import REWARDS, HPSReward, control_caption, tokenizer_folder
 from sampling import scoring
 from sampling.judges.aesthetic import AestheticV25, LaionAesthetic
 from sampling.judges.imagereward import ImageRewardJudge
@@ -62,11 +62,11 @@ def flag_of(kind):
     return getattr(kind, "flag", kind.name)
 
 
-def choose(names, models, flux, given_for="--judges", used=()):
-    """{name: (judge class, its file or folder: None for the tiny demo's)} of the comma-separated `names` (None:
-    every judge whose model flag is in `models` and not `used` elsewhere, SGP-HPS with --hps's), each file checked,
-    nothing loaded. models: {flag: path} of the model flags given; with --flux every judge needs its own, and a flag
-    that neither a judge nor its `used` reads is refused rather than ignored."""
+def choose(names, models, flux, given_for="--judges", used=(), tokenizer=None):
+    """{name: (judge class, its file or folder: None for the tiny demo's, CLIP tokenizer folder or None)} of the
+    comma-separated `names` (None: every judge whose model flag is in `models` and not `used` elsewhere, SGP-HPS with
+    --hps's), each file checked, nothing loaded. models: {flag: path} of the model flags given; with --flux every
+    judge needs its own, and a flag that neither a judge nor its `used` reads is refused rather than ignored."""
     if names is None:
         names = ",".join(n for n, kind in JUDGES.items() if flag_of(kind) in models and flag_of(kind) not in used)
     chosen = {}
@@ -78,11 +78,22 @@ def choose(names, models, flux, given_for="--judges", used=()):
             kind.check_path(models[flag])
         elif flux:
             raise InputError(f"{given_for} {name}: give its model, --{flag} {kind.metavar} ({kind.path_help})")
-        chosen[name] = (kind, models.get(flag))
-    unused = [flag for flag in models if flag not in {*used, *(flag_of(kind) for kind, _ in chosen.values())}]
+        chosen[name] = (kind, models.get(flag), clip_tokenizer(flag, models.get(flag), tokenizer, flux))
+    unused = [flag for flag in models if flag not in {*used, *(flag_of(kind) for kind, *_ in chosen.values())}]
     if unused:
         raise InputError(f"--{unused[0]} is given but no judge of {given_for} reads it")
     return chosen
+
+
+def clip_tokenizer(flag, path, tokenizer, flux):
+    """The CLIP BPE folder of a judge read from a reward's file (--hps, --pickscore, --clip), read now, without a
+    model (a FLUX.2 folder's tokenizer/ is Qwen's): the folder's own vocabulary, else `tokenizer` or --flux's. None
+    for the other judges, which carry their own."""
+    if path is None or flag not in REWARDS:
+        return None
+    folder = scoring.check_tokenizer(path, tokenizer or tokenizer_folder(path, flux))
+    REWARDS[flag].tokenizer_class.from_folder(folder)
+    return folder
 
 
 def load(kind, path, tokenizer, demo, device, dtype=torch.float32):
