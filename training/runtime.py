@@ -344,8 +344,9 @@ def local_batch(cfg, world):
 
 def build_transformer(load, flux_cfg, ranks, attn, adapt=None, dtype=torch.float32):
     """The trained transformer: fp32 weights (the master copy), activation checkpointing on every block, and under
-    torchrun (or --offload) FSDP2. `load(device)` gives the full model in `dtype` (LoRA's frozen base: bf16 on GPUs);
-    under FSDP only rank 0 calls it, and the shards keep that dtype. adapt(model) adds LoRA's adapters (`adapters`,
+    torchrun (or --offload) FSDP2. `load(device)` gives the full model in `dtype` (LoRA's frozen base: bf16 on GPUs),
+    and for device flux_weights.LAZY its state dict read a tensor at a time; under FSDP only rank 0 calls it, and the
+    shards keep that dtype. adapt(model) adds LoRA's adapters (`adapters`,
     fp32), to the loaded and to FSDP's meta model alike."""
     if ranks.fsdp and dtype != torch.float32 and torch.__version__ < "2.8":
         raise InputError(f"LoRA's {dtype} base under FSDP2 (torchrun or --offload) needs PyTorch 2.8 or later (FSDP2 "
@@ -362,14 +363,9 @@ def build_transformer(load, flux_cfg, ranks, attn, adapt=None, dtype=torch.float
         checkpoint(block)  # keep each block's input only; recompute its inside during the backward
     if ranks.fsdp:
         # full fine-tuning streams the weights from their files a tensor at a time; LoRA's adapters need the model
-        read = (lambda: loaded_state(load(LAZY))) if adapt is None else lambda: adapted(load("cpu")).state_dict()
+        read = (lambda: load(LAZY)) if adapt is None else lambda: adapted(load("cpu")).state_dict()
         fsdp_shard(model, read, ranks)
     return model
-
-
-def loaded_state(loaded):
-    """A load's state: a LazyState as it is, a model's state dict (a load that ignores LAZY gives the model)."""
-    return loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded
 
 
 def fsdp_shard(model, read, ranks):
