@@ -37,6 +37,7 @@ from sampling.judges import JUDGES
 
 EVALUATE_FOLDER = os.path.join("runs", "evaluate")
 CHUNK = 8  # images scored at a time
+ROW_KEYS = ("index", "seed", "prompt", "image")  # what scores.jsonl says of an image besides its judges' scores
 # The HPDv2 benchmark (Wu et al. 2023, HPSv2): 800 prompts in each of 4 styles, the prompts of the SRPO paper's Table 1,
 # published as benchmark/STYLE.json in the Hugging Face dataset zhwang/HPDv2; hpsv2 keeps them under HPSV2_CACHE
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -207,7 +208,7 @@ def settings(e, s, chosen, rows):
 
 def write_results(out, rows, scores, table, setup):
     """scores.jsonl (one line per image), table.md, table.csv and settings.json, each written whole. -> the table."""
-    lines = [{k: row[k] for k in ("index", "seed", "prompt", "image")} | {n: v[i] for n, v in scores.items()}
+    lines = [{k: row[k] for k in ROW_KEYS} | {n: v[i] for n, v in scores.items()}
              for i, row in enumerate(rows)]
     write_text(os.path.join(out, "scores.jsonl"), "".join(json.dumps(line) + "\n" for line in lines))
     prompts = len({row["index"] for row in rows})
@@ -228,7 +229,7 @@ def compare(e):
         raise InputError(f"--compare {e.compare[0]} {e.compare[1]}: their images are not of the same prompts and "
                          f"seeds (evaluate both with the same --prompts and --seeds)")
     keys = sorted(a)
-    names = [n for n in a[keys[0]] if n not in ("index", "seed", "prompt", "image") and n in b[keys[0]]]
+    names = [n for n in a[keys[0]] if n not in ROW_KEYS and n in b[keys[0]]]
     rows = [{"index": key[0]} for key in keys]
     table = []
     for name in names:
