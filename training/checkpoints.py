@@ -40,7 +40,7 @@ from common.util import (
     written,
 )
 from weights import lora
-from weights.flux_weights import to_theirs
+from weights.flux_weights import by_ours, to_theirs
 from weights.tensor_files import write_order, write_safetensors
 
 CHECKPOINT = "checkpoint-{:06d}"
@@ -143,7 +143,7 @@ def diffusers_pieces(model, family):
     piece(name), which gathers the one of ours it is a piece of (fused q, k, v: three pieces) when it comes first and
     keeps it for the pieces after, appending each name to `made`. Every rank calls piece in the same order."""
     ours, links, cache, made = model.state_dict(), family.links(model.cfg), {}, []
-    owner = {link.theirs: link.ours for link in links}
+    owner, grouped = {link.theirs: link.ours for link in links}, by_ours(links)
     shapes = to_theirs({k: torch.empty(v.shape, device="meta") for k, v in ours.items()}, links)
 
     def piece(name):
@@ -153,7 +153,7 @@ def diffusers_pieces(model, family):
             cache.clear()
             t = ours[key]
             cache[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
-        return to_theirs({key: cache[key]}, [link for link in links if link.ours == key])[name]
+        return to_theirs({key: cache[key]}, grouped[key])[name]
 
     return [(name, tuple(t.shape), torch.float32) for name, t in shapes.items()], piece, made
 

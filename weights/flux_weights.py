@@ -116,6 +116,14 @@ def identity_links(model, prefix=""):
     return [Link(k, prefix + k) for k in model.state_dict()]
 
 
+def by_ours(links):
+    """{our name: its links}: what reading or writing one of our tensors alone needs (q, k, v: one fused tensor's)."""
+    grouped = {}
+    for link in links:
+        grouped.setdefault(link.ours, []).append(link)
+    return grouped
+
+
 def to_theirs(state, links):
     """Our state dict -> theirs (views where possible: rows of a contiguous tensor need no copy)."""
     pieces = {}
@@ -186,9 +194,7 @@ class LazyState(Mapping):
 
     def __init__(self, model, links, sources, where, dtype):
         self.meta, self.sources, self.where, self.dtype = model.state_dict(), sources, where, dtype
-        self.links = {}
-        for link in links:
-            self.links.setdefault(link.ours, []).append(link)
+        self.links = by_ours(links)
 
     def __getitem__(self, key):
         state = {key: allocated(self.meta[key], self.dtype, "cpu")}
