@@ -36,11 +36,10 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from safetensors.torch import save
 
-from common.util import atomic_write, write_json
+from common.util import write_json
 from training import world, world_models, world_scorer
-from weights import world_weights
+from weights import tensor_files, world_weights
 
 HELD_OUT = 2000  # images the written judge and scorer are measured on
 SAMPLES = 240  # held-out images the autoencoder, and prompts the transformer's samples, are measured on
@@ -48,22 +47,12 @@ SAMPLE_STEPS = 20  # Euler steps of the measured samples
 
 
 def write_safetensors(path, state, metadata):
-    """safetensors.torch.save's file, atomically, its metadata's keys sorted: safetensors (0.8) writes them in the
-    order of a Rust hash map, which changes from one process to the next while the tensors' bytes do not (two runs
-    differed in their header alone), and the file is to be the seed's bytes. The header is padded with spaces to
-    8 bytes, as safetensors pads it; the tensors' offsets count from its end, so they stand."""
-    data = save(state, metadata=metadata)
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    payload = len(text).to_bytes(8, "little") + text + data[8 + length:]
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(payload)
-    atomic_write(path, write)
+    """state's tensors as safetensors, the seed's bytes: tensor_files' writer with the names and the metadata's keys
+    sorted (safetensors' own save writes its metadata in the order of a Rust hash map, which changes from one
+    process to the next: two runs differed in their header alone). The bytes equal safetensors' save_file's
+    otherwise, so files it wrote read the same."""
+    tensor_files.write_safetensors(path, [(name, state[name].shape, state[name].dtype) for name in sorted(state)],
+                                   state.__getitem__, dict(sorted(metadata.items())), progress=False)
 
 
 def make_judge(out, config):

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from common.util import InputError, atomic_write, written
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.float8_e4m3fn: "F8_E4M3"}
+                      torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64"}
 
 
 def open_safetensors(path):
