@@ -6,6 +6,7 @@ config's, or a preset's where it fits the command line (srpo.PRESETS: each rewar
 demos', LoRA's; sampler.TINY without --flux); the library modules take configs, not flags."""
 
 import argparse
+import functools
 import os
 import shlex
 import sys
@@ -287,7 +288,7 @@ def cmd_evaluate(args):
     """`srpo.py evaluate`: sampling.evaluate.evaluate, its configs from the flags (the judges' files: their flags)."""
     e = config_from(evaluate.EvaluateConfig, args, models=judge_models(args))
     evaluate.evaluate(e, config_from(sampler.SampleConfig, args, {} if args.flux else sampler.TINY,
-                                     prompts=e.prompts))
+                                     prompts=e.prompts), functools.partial(runtime.demo_prompts, held_out=True))
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "score": cmd_score, "evaluate": cmd_evaluate,

@@ -68,9 +68,10 @@ class EvaluateConfig:
     models: dict | None = None
 
 
-def evaluate(e, s):
+def evaluate(e, s, held_out):
     """Sample, score, tabulate (or --compare). e: EvaluateConfig; s: sampler.SampleConfig (its prompt, seed, batch
-    and out are set here)."""
+    and out are set here); held_out(demo): the tiny demo's held-out prompts, for a demo run without --prompts (the
+    training side's: cli passes training.runtime's)."""
     if e.compare:
         return compare(e)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -83,7 +84,7 @@ def evaluate(e, s):
     out = e.out or EVALUATE_FOLDER
     check_writable(out)
     with RunLock(out):
-        prompts = write_prompts(s.prompts, out, demo)
+        prompts = write_prompts(s.prompts, out, demo, held_out)
         for seed in range(e.seeds):
             sampler.sample(replace(s, prompts=os.path.join(out, "prompts.txt"), prompt=None, seed=seed, batch=1,
                                    out=os.path.join(out, "images", f"seed-{seed}")))
@@ -106,16 +107,14 @@ def chosen_judges(e, s):
     return chosen
 
 
-def write_prompts(path, out, demo):
+def write_prompts(path, out, demo, held_out):
     """OUT/prompts.txt: the prompts to sample, from --prompts (a file, one per line, or `hpdv2`: the HPDv2 benchmark),
-    or the tiny demo's held-out prompts; a rerun into OUT must sample the same ones."""
-    from training import runtime  # the demo's prompts: only without --prompts
-
+    or the tiny demo's held-out prompts (held_out(demo)); a rerun into OUT must sample the same ones."""
     if path is None and demo is None:
         raise InputError("--prompts FILE is required with --flux (one prompt per line, or hpdv2 for the HPDv2 "
                          "benchmark's 3,200)")
     prompts = (hpdv2_prompts() if path == "hpdv2" else read_prompts(path) if path else
-               list(runtime.demo_prompts(demo, held_out=True)))
+               list(held_out(demo)))
     kept = os.path.join(out, "prompts.txt")
     if os.path.isfile(kept) and read_prompts(kept) != prompts:
         raise InputError(f"{kept}: {out} was evaluated on other prompts: give the same --prompts, or another --out")
