@@ -60,7 +60,7 @@ class TransformerTraining:
     # background phrase, always grey here, reaches CLIP's pooled vector alone); a text token costs what an image
     # token does, and an image has 16
     images: int = 8000  # the training set, drawn and encoded once
-    steps: int = 2400  # flow matching
+    steps: int = 4800  # flow matching
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 50
