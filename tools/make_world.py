@@ -49,8 +49,8 @@ SAMPLE_STEPS = 20  # Euler steps of the measured samples
 def write_safetensors(path, state, metadata):
     """state's tensors as safetensors, the seed's bytes: tensor_files' writer with the names and the metadata's keys
     sorted (safetensors' own save writes its metadata in the order of a Rust hash map, which changes from one
-    process to the next: two runs differed in their header alone). The bytes equal safetensors' save_file's
-    otherwise, so files it wrote read the same."""
+    process to the next: two runs differed in their header alone). The shipped files, written by safetensors' save
+    with the metadata sorted afterwards, come out byte for byte the same."""
     tensor_files.write_safetensors(path, [(name, state[name].shape, state[name].dtype) for name in sorted(state)],
                                    state.__getitem__, dict(sorted(metadata.items())), progress=False)
 
